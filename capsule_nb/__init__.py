@@ -1,0 +1,33 @@
+"""capsule_nb: Capsule's background tasks, inside Jupyter.
+
+``%load_ext capsule_nb`` (or ``import capsule_nb as cpsl``), then
+``@cpsl.task`` / ``.submit()`` / ``await handle.result()``.
+"""
+
+from __future__ import annotations
+
+from . import ui
+from .app import App, configure, get_task, schedule, task
+from .errors import LockedError, TaskCancelled, TaskFailed
+from .handle import TaskHandle
+from .magics import load_ipython_extension, unload_ipython_extension
+from .session import Session, current_session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "LockedError",
+    "Session",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskHandle",
+    "configure",
+    "current_session",
+    "get_task",
+    "load_ipython_extension",
+    "schedule",
+    "task",
+    "ui",
+    "unload_ipython_extension",
+]

@@ -1,0 +1,59 @@
+"""The little that capsule_nb needs from ipykernel, in one place.
+
+A *cell target* is the parent header of the execute request that was
+running when a run was submitted. Messages sent to iopub with that parent
+are appended by JupyterLab to that cell's output, even after the cell has
+finished, which is how a task's ``session.reply`` shows up under the cell
+that submitted it rather than under whatever cell runs now.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+CellTarget = dict[str, Any]
+
+
+def kernel() -> Any | None:
+    """The running ipykernel, or None in a script or terminal IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        return None
+    shell = get_ipython()
+    return getattr(shell, "kernel", None) if shell is not None else None
+
+
+def cell_target() -> CellTarget | None:
+    k = kernel()
+    if k is None:
+        return None
+    try:
+        parent = k.get_parent("shell")
+    except Exception:
+        return None
+    return parent if parent and parent.get("header") else None
+
+
+def emit(target: CellTarget | None, data: dict[str, str]) -> bool:
+    """Show a mime bundle under the cell ``target``; False when there is no kernel.
+
+    Safe from any thread: ipykernel's iopub socket queues sends to its own thread.
+    """
+    k = kernel()
+    if k is None or target is None:
+        return False
+    k.session.send(
+        k.iopub_socket,
+        "display_data",
+        {"data": data, "metadata": {}, "transient": {}},
+        parent=target,
+        ident=k._topic("display_data"),
+    )
+    return True
+
+
+def notebook_name() -> str | None:
+    """The notebook's path when Jupyter tells the kernel (JupyterLab does)."""
+    return os.environ.get("JPY_SESSION_NAME") or None

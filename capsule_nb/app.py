@@ -1,0 +1,169 @@
+"""App: one store, one runtime, and the registry of tasks defined against them.
+
+``cpsl.task`` and friends use a default app whose store is
+``$CAPSULE_NB_HOME`` or ``./.capsule``. Tests and multi-project notebooks
+make their own ``App(home=...)``; apps with different homes share nothing.
+Apps on the same home in one process share the store object (one writer
+thread, one mirror per folder).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import _kernel
+from .handle import TaskHandle
+from .queries import TaskQuery
+from .runtime import Runtime
+from .session import Session, _local_user
+from .store import Store
+from .tasks import Task
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_stores: dict[Path, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def _open_store(home: Path) -> Store:
+    with _stores_lock:
+        key = home.expanduser().resolve()
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = Store(key)
+        return store
+
+
+def _home(home: str | os.PathLike[str] | None) -> Path:
+    if home is not None:
+        return Path(home)
+    env = os.environ.get("CAPSULE_NB_HOME")
+    return Path(env) if env else Path.cwd() / ".capsule"
+
+
+class App:
+    """A named group of tasks with its store."""
+
+    def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *, max_threads: int = 32):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"App name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.store = _open_store(_home(home))
+        self.max_result_bytes = 64 * 2**20
+        self.runtime = Runtime(self, max_threads=max_threads)
+        self._tasks: dict[str, Task] = {}
+        self.tasks = TaskQuery(self)
+        user = _local_user()
+        self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
+        notebook = _kernel.notebook_name()
+        self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
+        self._closed = False
+        atexit.register(self.close)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, home={str(self.store.path)!r})"
+
+    @property
+    def home(self) -> Path:
+        return self.store.path
+
+    # ----------------------------------------------------------- declaring
+
+    def task(self, fn: F | None = None, /, **options: Any) -> Any:
+        """``@app.task`` or ``@app.task(retries=2, lock="report:{report_id}", ...)``."""
+
+        def decorate(function: F) -> Task:
+            task = Task(function, app=self, **options)
+            self._tasks[task.name] = task  # a re-run cell replaces, never doubles
+            return task
+
+        return decorate(fn) if fn is not None else decorate
+
+    def schedule(self, cron: str, **options: Any) -> Callable[[F], Any]:
+        raise NotImplementedError("cron schedules are not built yet (issue: cron schedules)")
+
+    def registered(self, name: str) -> Task | None:
+        return self._tasks.get(name)
+
+    # --------------------------------------------------------------- runs
+
+    def get_task(self, task_id: str) -> TaskHandle | None:
+        """A handle for any run in this app's store, from this kernel or an earlier one."""
+        record = self.store.get_run(task_id)
+        return None if record is None else TaskHandle(self, task_id)
+
+    def load_result(self, record: dict[str, Any]) -> Any:
+        found, value = self.runtime.recent_result(record["task_id"])
+        if found:
+            return value
+        kind = record.get("result_kind")
+        if kind == "payload":
+            return self.store.get_payload(record["task_id"], "result")
+        if kind == "repr":
+            raise ValueError(
+                f"run {record['task_id']}'s result was not kept ({record.get('result_note')}); "
+                f"its repr: {record.get('result_repr')}"
+            )
+        return record.get("result")
+
+    @property
+    def db(self) -> Any:
+        raise NotImplementedError("collections are not built yet (issue: durable store)")
+
+    # ---------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Record live runs as interrupted and flush; called at exit and on unload."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.runtime.shutdown()
+        except Exception:  # at interpreter exit, best effort
+            pass
+
+
+_default: App | None = None
+_default_lock = threading.Lock()
+
+
+def default_app() -> App:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = App()
+        return _default
+
+
+def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | None = None,
+              max_result_bytes: int | None = None) -> App:
+    """Set up the default app (call before defining tasks to move its store)."""
+    global _default
+    with _default_lock:
+        if home is not None or _default is None or max_threads is not None:
+            if _default is not None and home is None:
+                home = _default.home
+            _default = App(home=home, max_threads=max_threads or 32)
+        app = _default
+    if max_result_bytes is not None:
+        if max_result_bytes < 0:
+            raise ValueError(f"max_result_bytes must be >= 0, got {max_result_bytes!r}")
+        app.max_result_bytes = max_result_bytes
+    return app
+
+
+def task(fn: F | None = None, /, **options: Any) -> Any:
+    """``@cpsl.task(retries=0, timeout=0, lock=None, retry_for=None, callback_url=None, process=False)``."""
+    return default_app().task(fn, **options)
+
+
+def schedule(cron: str, **options: Any) -> Callable[[F], Any]:
+    return default_app().schedule(cron, **options)
+
+
+def get_task(task_id: str) -> TaskHandle | None:
+    return default_app().get_task(task_id)

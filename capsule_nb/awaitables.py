@@ -1,0 +1,70 @@
+"""Values that are already computed but may also be awaited.
+
+Capsule code always writes ``await task.submit(...)`` / ``await task.count()``;
+a notebook user often forgets the ``await``. Both must work, so the calls
+do their work at once and return a value that is usable as it is and
+also awaitable (awaiting gives the plain value).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generator
+
+
+class ReadyInt(int):
+    def __await__(self) -> Generator[Any, None, int]:
+        return int(self)
+        yield  # pragma: no cover - makes this a generator
+
+
+class ReadyStr(str):
+    def __await__(self) -> Generator[Any, None, str]:
+        return str(self)
+        yield  # pragma: no cover
+
+
+class ReadyList(list):
+    def __await__(self) -> Generator[Any, None, list]:
+        return list(self)
+        yield  # pragma: no cover
+
+
+class ReadyBool:
+    """``bool`` cannot be subclassed; this is truthy like the bool and awaits to it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bool):
+        self.value = bool(value)
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == other
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self.value
+        yield  # pragma: no cover
+
+
+class ReadyNone:
+    """What a fire-and-forget call (``session.reply``) returns: ``await`` it or not."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return None
+        yield  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+DONE = ReadyNone()

@@ -1,0 +1,46 @@
+"""Parsing of the human delays that ``schedule`` accepts ("30s", "every 5m")."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def parse_delay(value: object, *, what: str = "delay") -> float:
+    """Seconds from "30s" / "5m" / "2h" / "1d", a number of seconds or a timedelta.
+
+    Compound forms such as "1h30m" are refused rather than half-read: a
+    schedule that silently runs at the wrong time is worse than an error.
+    """
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DELAY.fullmatch(value.strip())
+        if not match:
+            raise ValueError(
+                f"bad {what} {value!r}: use a number with one unit, like '30s', '5m', '2h' or '1d'"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise TypeError(f"bad {what} {value!r}: expected a string like '5m', seconds or a timedelta")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"bad {what} {value!r}: must be zero or more seconds")
+    return seconds
+
+
+def parse_when(when: object) -> tuple[float | None, float | None]:
+    """Split ``schedule(when=...)`` into ``(delay, every)`` seconds."""
+    if when is None:
+        return None, None
+    if isinstance(when, str) and when.strip().lower().startswith("every"):
+        every = parse_delay(when.strip()[5:].strip(), what="interval")
+        if every <= 0:
+            raise ValueError(f"bad interval {when!r}: must be more than zero")
+        return None, every
+    return parse_delay(when), None

@@ -1,0 +1,159 @@
+"""TaskHandle: a run id plus a live view of its record.
+
+The handle holds no state of its own beyond the id, so a handle made from
+``get_task(id)`` in a new kernel is as good as the one ``submit`` returned.
+Waiting is event-driven for runs of this process (the store publishes the
+finished record) and polled with backoff for runs owned elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import TYPE_CHECKING, Any, Generator
+
+from .awaitables import ReadyBool, ReadyStr
+from .errors import TaskCancelled, TaskFailed
+from .records import CANCELLED, COMPLETED, FINISHED
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+class TaskHandle:
+    def __init__(self, app: "App", task_id: str, generation: int = 0):
+        self._app = app
+        self.task_id = task_id
+        self._generation = generation
+
+    # ----------------------------------------------------------- the record
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's current record (a copy), without awaiting."""
+        record = self._app.store.get_run(self.task_id)
+        if record is None:
+            raise KeyError(f"run {self.task_id} is not in the store at {self._app.store.path}")
+        return dict(record)
+
+    def _get(self, field: str) -> Any:
+        return self.snapshot().get(field)
+
+    @property
+    def task_name(self) -> str:
+        return self._get("task_name")
+
+    @property
+    def args(self) -> Any:
+        return self._get("args")
+
+    @property
+    def kwargs(self) -> Any:
+        return self._get("kwargs")
+
+    @property
+    def attempt(self) -> int:
+        return self._get("attempt")
+
+    @property
+    def error(self) -> str | None:
+        return self._get("error")
+
+    @property
+    def created_at(self) -> dt.datetime | None:
+        return _datetime(self._get("created_at"))
+
+    @property
+    def started_at(self) -> dt.datetime | None:
+        return _datetime(self._get("started_at"))
+
+    @property
+    def completed_at(self) -> dt.datetime | None:
+        return _datetime(self._get("completed_at"))
+
+    # ------------------------------------------------------------- actions
+
+    def __await__(self) -> Generator[Any, None, "TaskHandle"]:
+        """``await task.submit(...)``: returns once the submit is durable in the store."""
+        yield from self._app.store.flushed(self._generation).__await__()
+        return self
+
+    def status(self) -> ReadyStr:
+        self._app.store.poll()
+        return ReadyStr(self._get("status"))
+
+    def cancel(self) -> ReadyBool:
+        """Stop the run in whatever state it is; for a repeating schedule, stop the repetition."""
+        return ReadyBool(self._app.runtime.cancel(self.task_id))
+
+    def refresh(self) -> ReadyBool:
+        """Push a running run's timeout deadline to now + timeout."""
+        return ReadyBool(self._app.runtime.refresh(self.task_id))
+
+    async def wait(self, timeout: float | None = None) -> str:
+        """Wait until the run is finished; returns the final status."""
+        store = self._app.store
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+
+        def on_change(record: dict[str, Any]) -> None:
+            if record["status"] in FINISHED:
+                loop.call_soon_threadsafe(_resolve, finished)
+
+        unsubscribe = store.events.subscribe(on_change, task_id=self.task_id)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            poll = 0.02
+            while True:
+                record = self.snapshot()
+                if record["status"] in FINISHED:
+                    return record["status"]
+                wait = poll if deadline is None else min(poll, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout}s")
+                try:
+                    await asyncio.wait_for(asyncio.shield(finished), wait)
+                except asyncio.TimeoutError:
+                    store.poll()  # another process may own it
+                    poll = min(poll * 2, 1.0)
+        finally:
+            unsubscribe()
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""
+        status = await self.wait(timeout)
+        record = self.snapshot()
+        if status == COMPLETED:
+            return self._app.load_result(record)
+        if status == CANCELLED:
+            raise TaskCancelled(self.task_id)
+        raise TaskFailed(self.task_id, status, record.get("error"), record.get("traceback"))
+
+    # --------------------------------------------------------------- display
+
+    def __repr__(self) -> str:
+        try:
+            record = self.snapshot()
+        except KeyError:
+            return f"<TaskHandle {self.task_id} (not in store)>"
+        return f"<TaskHandle {record['task_name']} {self.task_id} {record['status']}>"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        from .ui.text import card_text
+
+        printer.text(card_text(self.snapshot()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskHandle) and other.task_id == self.task_id
+
+    def __hash__(self) -> int:
+        return hash(self.task_id)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _datetime(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)

@@ -1,0 +1,72 @@
+"""``%load_ext capsule_nb``: bind the runtime to the kernel and add the magics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from . import capture
+from .app import default_app
+from .records import FINISHED, RUNNING
+from .ui import TaskBoard, TaskCard, display
+from .ui.text import table_text
+
+
+def load_ipython_extension(ip: Any) -> None:
+    app = default_app()
+    try:
+        app.runtime.bind_loop(asyncio.get_running_loop())
+    except RuntimeError:
+        pass  # terminal IPython: the runtime starts its own loop thread when needed
+    capture.install()
+    ip.register_magic_function(_tasks_magic, "line", "tasks")
+    ip.register_magic_function(_task_magic, "line", "task")
+    ip.register_magic_function(_capsule_magic, "line", "capsule")
+    import capsule_nb
+
+    ip.user_ns.setdefault("cpsl", capsule_nb)
+    ip.user_ns.setdefault("session", app.session)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    default_app().runtime.shutdown()
+    capture.uninstall()
+
+
+def _tasks_magic(line: str) -> None:
+    """%tasks [task_name]: the task board."""
+    name = line.strip()
+    display(TaskBoard(filter={"task_name": name} if name else None))
+
+
+def _task_magic(line: str) -> None:
+    """%task <id>: one run's card."""
+    task_id = line.strip()
+    handle = default_app().get_task(task_id)
+    if handle is None:
+        print(f"no run {task_id!r} in {default_app().home}")
+        return
+    display(TaskCard(handle))
+
+
+def capsule_summary() -> str:
+    app = default_app()
+    app.store.poll()
+    runs = [r for r in app.store.runs() if r["app"] == app.name]
+    counts = Counter(r["status"] for r in runs)
+    lines = [f"capsule_nb store: {app.home}", f"app {app.name!r}: {len(runs)} runs"]
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no runs yet")
+    running = sorted((r for r in runs if r["status"] == RUNNING), key=lambda r: r["task_id"])
+    live = [r for r in runs if r["status"] not in FINISHED and r["status"] != RUNNING]
+    lines.append(f"running now ({len(running)}):" if running else "nothing running")
+    if running:
+        lines.append(table_text(running))
+    if live:
+        lines.append(f"waiting ({len(live)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in live[:10]))
+    return "\n".join(lines)
+
+
+def _capsule_magic(line: str) -> None:
+    """%capsule: store path, counts by status, what is running."""
+    print(capsule_summary())

@@ -1,0 +1,268 @@
+"""Sessions: who a run works for, and where its messages go.
+
+In Capsule a session is the chat a task was started from. In a notebook
+the notebook itself is the session: ``%load_ext capsule_nb`` puts it in
+the namespace as ``session``. A run submitted with ``session=`` is
+*bound*: its replies appear on its card and under the cell that submitted
+it. Every method works awaited (Capsule code) and called plainly (a sync
+task or a cell), because each does its work at once and returns an
+already-finished awaitable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import threading
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterable, Iterable, Iterator
+
+from . import _kernel
+from .awaitables import DONE, ReadyNone
+from .context import bound_session, current_run
+
+if TYPE_CHECKING:
+    from .app import App
+    from .handle import TaskHandle
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    email: str | None = None
+    org_id: str | None = None
+    owner_id: str | None = None
+
+
+def _local_user() -> User:
+    try:
+        name = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        name = "owner"
+    return User(id=name, email=None, org_id=None, owner_id=name)
+
+
+class SessionData(MutableMapping):
+    """``session.data``: a small JSON dict kept in the store under the session id."""
+
+    def __init__(self, app: "App", session_id: str):
+        self._app = app
+        self._key = f"session/{session_id}/data"
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, Any]:
+        return dict(self._app.store.get(self._key) or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        from .records import json_safe
+
+        if not json_safe(value)[1]:
+            raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
+        with self._lock:
+            data = self._load()
+            data[key] = value
+            self._app.store.set(self._key, data)
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            data = self._load()
+            del data[key]
+            self._app.store.set(self._key, data)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __repr__(self) -> str:
+        return f"SessionData({self._load()!r})"
+
+
+class Session:
+    """A Capsule session: ``id``, ``user``, ``data``, ``db`` and the messaging calls."""
+
+    def __init__(self, app: "App", id: str, user: User | None = None):
+        self.id = id
+        self.user = user or _local_user()
+        self._app = app
+        self.data = SessionData(app, id)
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, user={self.user.id!r})"
+
+    @property
+    def db(self) -> Any:
+        """The app's document collections: ``session.db.reports`` or ``session.db["reports"]``."""
+        return self._app.db
+
+    @property
+    def cancelled(self) -> bool:
+        """True inside a run that has been asked to stop: a long loop can check it and return."""
+        run = current_run.get()
+        return bool(run is not None and run.stop_reason)
+
+    # -------------------------------------------------------------- messages
+
+    def _post(self, kind: str, text: str, **extra: Any) -> str | None:
+        run = current_run.get()
+        if run is not None:
+            return run.message(kind, str(text), **extra)
+        _kernel.emit(_kernel.cell_target(), render_message(kind, str(text), extra)) or print(
+            render_message(kind, str(text), extra)["text/plain"]
+        )
+        return None
+
+    def reply(self, text: str) -> ReadyNone:
+        """A message to the user: on the run's card and, when bound, under the submitting cell."""
+        self._post("reply", text)
+        return DONE
+
+    def notify(self, text: str, *, detail: str = "") -> ReadyNone:
+        self._post("notify", text, detail=detail)
+        return DONE
+
+    def log(self, text: str) -> ReadyNone:
+        """A line for the card's log; not shown in the cell."""
+        run = current_run.get()
+        if run is not None:
+            run.message("log", str(text))
+        else:
+            print(text)
+        return DONE
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> ReadyNone:
+        """Drive the card's progress bar (``total=None``: an open-ended count)."""
+        if total is not None and total < 0 or done < 0:
+            raise ValueError(f"progress must not be negative: done={done!r}, total={total!r}")
+        run = current_run.get()
+        if run is not None:
+            run.progress(done, total, message)
+        return DONE
+
+    def stream(self, chunks: AsyncIterable[str] | Iterable[str]) -> Any:
+        """Grow one message from ``chunks`` as they come.
+
+        An async iterable gives a coroutine to await (from a sync task the
+        call blocks until the stream ends, on the runtime's loop).
+        """
+        if hasattr(chunks, "__aiter__"):
+            coro = self._stream_async(chunks)  # type: ignore[arg-type]
+            if _on_a_loop():
+                return coro
+            return self._app.runtime.run_coroutine(coro)
+        with self.stream_reply() as out:
+            for chunk in chunks:  # type: ignore[union-attr]
+                out.write(chunk)
+        return DONE
+
+    async def _stream_async(self, chunks: AsyncIterable[str]) -> None:
+        with self.stream_reply() as out:
+            async for chunk in chunks:
+                out.write(chunk)
+
+    @contextlib.contextmanager
+    def stream_reply(self) -> Iterator["StreamReply"]:
+        """``with session.stream_reply() as out: out.write(...)`` (``async with`` works too)."""
+        out = StreamReply(self)
+        try:
+            yield out
+        finally:
+            out.close()
+
+    def show_task(self, handle_or_id: "TaskHandle | str", *, message: str | None = None) -> Any:
+        """Show a live card for a run: in the current cell, or under the submitting cell from a task."""
+        from . import ui
+
+        handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
+        card = ui.TaskCard(handle, message=message)
+        run = current_run.get()
+        if run is not None:
+            run.show(card)
+        else:
+            ui.display(card)
+        return ReadyValue(card)
+
+
+class ReadyValue:
+    """``show_task`` gives the card, awaited or not."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.value
+        yield  # pragma: no cover
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.value, name)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return None  # displaying happened already; do not show it twice
+
+
+class StreamReply:
+    """A message that grows: text written here is appended to one reply."""
+
+    def __init__(self, session: Session):
+        self._session = session
+        self._run = current_run.get()
+        self._id: str | None = None
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        text = str(text)
+        if self._run is not None:
+            if self._id is None:
+                self._id = self._run.message("stream", text)
+            else:
+                self._run.extend_message(self._id, text)
+        else:
+            self._parts.append(text)
+
+    def close(self) -> None:
+        if self._run is None and self._parts:
+            self._session._post("stream", "".join(self._parts))
+            self._parts.clear()
+
+    async def __aenter__(self) -> "StreamReply":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
+    """The mime bundle a message shows as in a cell."""
+    detail = extra.get("detail") or ""
+    if kind == "notify":
+        plain = f"[notify] {text}" + (f" — {detail}" if detail else "")
+        markdown = f"🔔 **{text}**" + (f"  \n{detail}" if detail else "")
+    else:
+        plain, markdown = text, text
+    return {"text/plain": plain, "text/markdown": markdown}
+
+
+def current_session() -> Session:
+    """The session code runs for: the run's own inside a task, else the notebook's."""
+    session = bound_session.get()
+    if session is not None:
+        return session
+    from .app import default_app
+
+    return default_app().session
+
+
+def _on_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,413 @@
+"""Every byte on disk: run records, signed payloads, locks, the change feed.
+
+The store is a diskcache ``Cache`` whose disk class speaks JSON only.
+diskcache's default disk pickles keys and values, so anyone who can write
+the folder could run code in the kernel (CVE-2025-69872); here a pickled
+row is refused. Values that are not JSON (a DataFrame result) go through
+``put_payload``: pickled, then signed with an HMAC key kept in the store
+(mode 0600), and checked before they are ever unpickled.
+
+Writes are write-behind: ``put_run`` updates the in-memory mirror at once
+(readers in this process see it immediately), publishes the change event,
+and queues the record for the writer thread, which commits everything
+queued so far in one SQLite transaction. A burst of thousands of status
+changes is therefore a handful of transactions, and a run that goes
+pending -> running -> completed inside one window is written once.
+``flushed(gen)`` lets ``await submit()`` wait until its record is durable.
+
+Each transaction also appends the changed run ids to a change feed
+(``seq`` + ``chg/<seq>``), which other processes poll to keep their own
+mirror and widgets current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+import diskcache
+from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
+
+from .errors import StoreError
+from .events import EventBus
+from .owners import owner_alive
+from .records import FINISHED
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_loads = json.loads
+
+log = logging.getLogger("capsule_nb")
+
+_RUN = "run/"
+_PAYLOAD = "payload/"
+_LOCK = "lock/"
+_FEED = "chg/"
+_FEED_KEEP = 20_000  # feed entries kept; a reader further behind reloads everything
+_SIG = 32  # bytes of HMAC-SHA256 in front of every payload
+
+
+class _JSONDisk(diskcache.Disk):
+    """Keys are plain strings, values JSON text or signed payload bytes. Never pickle."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise TypeError(f"store keys are str, not {type(key).__name__}")
+        return key, True
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise StoreError("store row with a pickled key refused (not written by capsule_nb)")
+        return key
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
+        if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
+            value = _dumps(value)
+        return super().store(value, read, key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == MODE_PICKLE:
+            raise StoreError("store row holding a pickle refused (not written by capsule_nb)")
+        data = super().fetch(mode, filename, value, read)
+        if mode == MODE_TEXT or (mode == MODE_RAW and type(data) is str):
+            return _loads(data)
+        if mode in (MODE_RAW, MODE_BINARY) and type(data) is bytes:
+            return data
+        return data  # a raw int: the feed counter
+
+
+class Store:
+    """One store folder. Thread-safe; one instance per folder per process."""
+
+    def __init__(self, home: str | os.PathLike[str]):
+        self.path = Path(home).expanduser().resolve()
+        self._prepare_folder()
+        self._key = self._load_key()
+        try:
+            self._cache = diskcache.Cache(
+                str(self.path / "db"),
+                disk=_JSONDisk,
+                eviction_policy="none",
+                size_limit=2**62,
+                statistics=0,
+                tag_index=0,
+                timeout=60,
+            )
+        except Exception as exc:
+            raise StoreError(f"cannot open the capsule_nb store at {self.path}: {exc}") from exc
+        self.events = EventBus()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._dirty: dict[str, Any] = {}
+        self._gen = 0
+        self._flushed = 0
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._own_seqs: set[int] = set()
+        self._closed = False
+        self._seen = 0
+        self._reload()
+        self._writer = threading.Thread(target=self._write_loop, name=f"capsule-store-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_folder(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"capsule_nb store path {self.path} exists and is not a folder")
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the capsule_nb store at {self.path}: {exc.strerror}") from exc
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(f"capsule_nb store path {self.path} is not writable")
+
+    def _load_key(self) -> bytes:
+        key_path = self.path / "secret.key"
+        try:
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            key = key_path.read_bytes()
+            if len(key) != 32:
+                raise StoreError(f"store key {key_path} is damaged (expected 32 bytes)")
+            return key
+        except OSError as exc:
+            raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
+        key = os.urandom(32)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        return key
+
+    def _reload(self) -> None:
+        """Rebuild the mirror from disk (at open, or after falling behind the feed)."""
+        seq = self._cache.get("seq", 0)
+        runs: dict[str, dict[str, Any]] = {}
+        for key in self._cache.iterkeys():
+            if key.startswith(_RUN):
+                record = self._cache.get(key)
+                if record is not None:
+                    runs[record["task_id"]] = record
+        with self._lock:
+            for key in self._dirty:
+                if key.startswith(_RUN) and key[len(_RUN) :] in self._runs:
+                    runs[key[len(_RUN) :]] = self._runs[key[len(_RUN) :]]
+            self._runs = runs
+            self._seen = max(self._seen, seq)
+
+    # ---------------------------------------------------------------- records
+
+    def put_run(self, record: dict[str, Any]) -> int:
+        """Accept a record snapshot; returns the generation to pass to ``flushed``."""
+        with self._lock:
+            self._runs[record["task_id"]] = record
+            self._dirty[_RUN + record["task_id"]] = record
+            self._gen += 1
+            gen = self._gen
+            self._wake.notify()
+        self.events.publish(record)
+        return gen
+
+    def update_run(self, task_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Read-modify-write one record atomically; ``change`` returns the new snapshot or None.
+
+        ``change`` runs under the store's lock, so it must be quick and must
+        not call back into the store.
+        """
+        with self._lock:
+            current = self._runs.get(task_id)
+            if current is None:
+                return None
+            new = change(current)
+            if new is None or new is current:
+                return current
+            self._runs[task_id] = new
+            self._dirty[_RUN + task_id] = new
+            self._gen += 1
+            self._wake.notify()
+        self.events.publish(new)
+        return new
+
+    def get_run(self, task_id: str) -> dict[str, Any] | None:
+        record = self._runs.get(task_id)
+        if record is None:
+            self.poll()
+            record = self._runs.get(task_id)
+        return record
+
+    def runs(self) -> Iterable[dict[str, Any]]:
+        """A snapshot of every run record in the store (all apps)."""
+        with self._lock:
+            return list(self._runs.values())
+
+    def delete_runs(self, task_ids: Iterable[str]) -> None:
+        with self._lock:
+            for task_id in task_ids:
+                self._runs.pop(task_id, None)
+                self._dirty[_RUN + task_id] = None
+                for name in ("result", "args"):
+                    self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = None
+            self._gen += 1
+            self._wake.notify()
+
+    # --------------------------------------------------------------- payloads
+
+    def put_payload(self, task_id: str, name: str, value: Any, *, limit: int | None = None) -> int:
+        """Pickle ``value`` (cloudpickle, so notebook-defined classes work) and sign it; returns its size."""
+        blob = cloudpickle.dumps(value)
+        if limit is not None and len(blob) > limit:
+            raise ValueError(f"{len(blob):,} bytes pickled is over the {limit:,}-byte cap")
+        signed = hmac.new(self._key, blob, hashlib.sha256).digest() + blob
+        with self._lock:
+            self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = signed
+            self._gen += 1
+            self._wake.notify()
+        return len(blob)
+
+    def get_payload(self, task_id: str, name: str) -> Any:
+        key = f"{_PAYLOAD}{task_id}/{name}"
+        with self._lock:
+            signed = self._dirty.get(key)
+        if signed is None:
+            signed = self._cache.get(key)
+        if signed is None:
+            raise KeyError(key)
+        if type(signed) is not bytes or len(signed) < _SIG:
+            raise StoreError(f"payload {key} in {self.path} is not a signed payload; refused")
+        sig, blob = signed[:_SIG], signed[_SIG:]
+        if not hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest()):
+            raise StoreError(f"payload {key} in {self.path} has a bad signature; refused")
+        return pickle.loads(blob)
+
+    # ------------------------------------------------------------ durability
+
+    @property
+    def generation(self) -> int:
+        return self._gen
+
+    def flushed(self, gen: int) -> asyncio.Future[None]:
+        """A future (on the running loop) that resolves once ``gen`` is on disk."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._flushed >= gen:
+                future.set_result(None)
+            else:
+                self._waiters.append((gen, loop, future))
+        return future
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Block until everything accepted so far is on disk."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            gen = self._gen
+            self._wake.notify()
+            while self._flushed < gen and self._writer.is_alive():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"store {self.path} did not flush within {timeout}s")
+                self._wake.wait(remaining)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closed:
+                    self._wake.wait()
+                if not self._dirty and self._closed:
+                    return
+                batch, self._dirty = self._dirty, {}
+                gen = self._gen
+            try:
+                self._commit(batch)
+            except Exception:
+                log.exception("capsule_nb: writing to the store at %s failed; will retry", self.path)
+                with self._lock:
+                    for key, value in batch.items():
+                        self._dirty.setdefault(key, value)
+                time.sleep(0.5)  # back off from a failing disk instead of spinning
+                continue
+            with self._lock:
+                self._flushed = gen
+                ready = [w for w in self._waiters if w[0] <= gen]
+                self._waiters = [w for w in self._waiters if w[0] > gen]
+                self._wake.notify_all()
+            for _, loop, future in ready:
+                try:
+                    loop.call_soon_threadsafe(_resolve, future)
+                except RuntimeError:  # that loop is closed; nobody is waiting any more
+                    pass
+
+    def _commit(self, batch: dict[str, Any]) -> None:
+        cache = self._cache
+        changed = [key[len(_RUN) :] for key in batch if key.startswith(_RUN)]
+        with cache.transact(retry=True):
+            for key, value in batch.items():
+                if value is None:
+                    cache.delete(key)
+                else:
+                    cache.set(key, value)
+            if changed:
+                seq = cache.incr("seq")
+                cache.set(f"{_FEED}{seq:012d}", changed)
+                if seq > _FEED_KEEP and seq % 1000 == 0:
+                    for old in range(seq - _FEED_KEEP - 1000, seq - _FEED_KEEP):
+                        cache.delete(f"{_FEED}{old:012d}")
+                with self._lock:
+                    self._own_seqs.add(seq)
+
+    # ------------------------------------------------------ other processes
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Fold in what other processes wrote since the last poll; returns those records."""
+        seq = self._cache.get("seq", 0)
+        if seq <= self._seen:
+            return []
+        changed: dict[str, dict[str, Any] | None] = {}
+        start = self._seen
+        for n in range(start + 1, seq + 1):
+            with self._lock:
+                if n in self._own_seqs:
+                    self._own_seqs.discard(n)
+                    continue
+            ids = self._cache.get(f"{_FEED}{n:012d}")
+            if ids is None:  # fell behind the feed's window
+                self._reload()
+                return []
+            for task_id in ids:
+                changed[task_id] = None
+        for task_id in changed:
+            changed[task_id] = self._cache.get(_RUN + task_id)
+        fresh = []
+        with self._lock:
+            self._seen = max(self._seen, seq)
+            for task_id, record in changed.items():
+                if _RUN + task_id in self._dirty:
+                    continue  # our own newer write wins until it lands
+                if record is None:
+                    self._runs.pop(task_id, None)
+                else:
+                    self._runs[task_id] = record
+                    fresh.append(record)
+        for record in fresh:
+            self.events.publish(record)
+        return fresh
+
+    # ------------------------------------------------------------------ locks
+
+    def acquire_lock(self, key: str, task_id: str, owner: str) -> str | None:
+        """Take ``key`` for ``task_id`` unless a live, unfinished run holds it.
+
+        Returns ``None`` on success, else the holder's task id. Runs in one
+        SQLite transaction so two processes can never both win.
+        """
+        cache = self._cache
+        with cache.transact(retry=True):
+            held = cache.get(_LOCK + key)
+            if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
+                holder = self._runs.get(held["task_id"]) or cache.get(_RUN + held["task_id"])
+                # No record yet: the holder's write is still in its process's buffer.
+                if holder is None or holder["status"] not in FINISHED:
+                    return held["task_id"]
+            cache.set(_LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
+        return None
+
+    def release_lock(self, key: str, task_id: str) -> None:
+        cache = self._cache
+        with cache.transact(retry=True):
+            held = cache.get(_LOCK + key)
+            if held is not None and held["task_id"] == task_id:
+                cache.delete(_LOCK + key)
+
+    def lock_holder(self, key: str) -> str | None:
+        held = self._cache.get(_LOCK + key)
+        return None if held is None else held["task_id"]
+
+    # --------------------------------------------------------- plain values
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._cache.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._cache.set(key, value)
+
+    # ------------------------------------------------------------------ close
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        self._writer.join(timeout=30)
+        self._cache.close()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,223 @@
+"""``@task``: a function plus its run policy, checked once at decoration.
+
+Everything a submit could get wrong is checked here or at submit: the lock
+template against the signature, the retry policy, the arguments against
+the signature. A task that is going to fail because of how it was declared
+or called never gets as far as a run record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+import random
+import string
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .durations import parse_delay, parse_when
+from .handle import TaskHandle
+from .queries import TaskQuery
+
+if TYPE_CHECKING:
+    from .app import App
+    from .session import Session
+
+ON_LOCK = ("join", "reject", "queue")
+
+
+class Task:
+    """A decorated function. Call it to run inline; ``submit``/``schedule`` to run in the background."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        app: "App",
+        retries: int = 0,
+        timeout: float = 0,
+        lock: str | None = None,
+        retry_for: Iterable[type[BaseException]] | type[BaseException] | None = None,
+        callback_url: str | None = None,
+        process: bool = False,
+        retry_delay: float | str | dt.timedelta = 0,
+        backoff: float = 1.0,
+        name: str | None = None,
+        on_lock: str = "join",
+        display_name: str | None = None,
+    ):
+        if not callable(fn):
+            raise TypeError(f"@task needs a function, got {fn!r}")
+        self.fn = fn
+        self.app = app
+        self.name = name or getattr(fn, "__name__", None) or repr(fn)
+        self.display_name = display_name
+        self.is_async = inspect.iscoroutinefunction(fn)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"@task({self.name}): retries must be a whole number >= 0, got {retries!r}")
+        self.retries = retries
+        self.timeout = parse_delay(timeout, what="timeout") if timeout else 0.0
+        self.retry_delay = parse_delay(retry_delay, what="retry_delay") if retry_delay else 0.0
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 1:
+            raise ValueError(f"@task({self.name}): backoff must be a number >= 1, got {backoff!r}")
+        self.backoff = float(backoff)
+        self.retry_for = _exception_types(retry_for, self.name)
+        if on_lock not in ON_LOCK:
+            raise ValueError(f"@task({self.name}): on_lock must be one of {ON_LOCK}, got {on_lock!r}")
+        self.on_lock = on_lock
+        if callback_url is not None and not str(callback_url).startswith(("http://", "https://")):
+            raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL, got {callback_url!r}")
+        self.callback_url = callback_url
+        if process:
+            raise NotImplementedError(f"@task({self.name}, process=True): process isolation is not built yet")
+        self.process = bool(process)
+        self.signature = inspect.signature(fn)
+        self.session_param = _session_param(self.signature)
+        self.lock = lock
+        if lock is not None:
+            _check_lock_template(lock, self.signature, self.name)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<capsule task {self.name!r}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run inline, exactly like the undecorated function."""
+        return self.fn(*args, **kwargs)
+
+    # ------------------------------------------------------------- running
+
+    def submit(self, *args: Any, session: "Session | None" = None, **kwargs: Any) -> TaskHandle:
+        """Start a run now. Returns its handle at once; ``await`` it to wait until it is durable."""
+        return self._submit(args, kwargs, session=session)
+
+    def schedule(
+        self,
+        when: str | float | dt.timedelta | None = None,
+        *,
+        delay: str | float | dt.timedelta | None = None,
+        at: dt.datetime | None = None,
+        session: "Session | None" = None,
+        **kwargs: Any,
+    ) -> TaskHandle:
+        """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``)."""
+        if when is not None and delay is not None:
+            raise TypeError(f"{self.name}.schedule(): give `when` or `delay`, not both")
+        first_delay, every = parse_when(when)
+        if delay is not None:
+            first_delay = parse_delay(delay)
+        if at is not None:
+            if first_delay is not None:
+                raise TypeError(f"{self.name}.schedule(): give `at` or a delay, not both")
+            if not isinstance(at, dt.datetime):
+                raise TypeError(f"{self.name}.schedule(): `at` must be a datetime, got {at!r}")
+            start = at.timestamp()
+        elif first_delay is not None:
+            start = time.time() + first_delay
+        elif every is not None:
+            start = time.time() + every
+        else:
+            raise TypeError(f"{self.name}.schedule(): say when: a delay like '5m', at=datetime or 'every 5m'")
+        return self._submit((), kwargs, session=session, start_at=start, every=every)
+
+    def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", **when: Any) -> TaskHandle:
+        from . import _kernel
+
+        params = self.bind(args, kwargs)
+        record, gen = self.app.runtime.submit(
+            self, args, kwargs, params, session=session, target=_kernel.cell_target(), **when
+        )
+        return TaskHandle(self.app, record["task_id"], gen)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults included; a TypeError names a bad one."""
+        extra = {self.session_param: None} if self.session_param and self.session_param not in kwargs else {}
+        try:
+            bound = self.signature.bind(*args, **kwargs, **extra)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}.submit(): {exc}") from None
+        bound.apply_defaults()
+        return {k: v for k, v in bound.arguments.items() if k != self.session_param}
+
+    def invoke(self, args: tuple, kwargs: dict, session: "Session") -> Any:
+        """Call the function for a run, handing the session to a ``session`` parameter."""
+        if self.session_param:
+            kwargs = {**kwargs, self.session_param: session}
+        return self.fn(*args, **kwargs)
+
+    def lock_key(self, params: dict[str, Any]) -> str | None:
+        if self.lock is None:
+            return None
+        return string.Formatter().vformat(self.lock, (), params)
+
+    # ---------------------------------------------------------- retry policy
+
+    def should_retry(self, exc: BaseException) -> bool:
+        if not isinstance(exc, Exception):
+            return False
+        return self.retry_for is None or isinstance(exc, self.retry_for)
+
+    def retry_wait(self, attempt: int) -> float:
+        """Delay before attempt ``attempt + 1``: exponential, capped, with equal jitter."""
+        from .runtime import MAX_RETRY_DELAY
+
+        if not self.retry_delay:
+            return 0.0
+        base = min(MAX_RETRY_DELAY, self.retry_delay * self.backoff ** max(0, attempt - 1))
+        return base / 2 + random.uniform(0, base / 2) if self.backoff > 1 else base
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def _query(self) -> TaskQuery:
+        return TaskQuery(self.app, task_name=self.name)
+
+    def find(self, status: str | None = None, limit: int = 100, offset: int = 0, **kwarg_filters: Any):
+        """Runs of this task, newest first (use plainly or ``await``)."""
+        return self._query.find(status=status, limit=limit, offset=offset, **kwarg_filters)
+
+    def count(self, status: str | None = None, **kwarg_filters: Any):
+        return self._query.count(status=status, **kwarg_filters)
+
+    def cancel(self, status: str | None = None, **kwarg_filters: Any):
+        """Cancel matching unfinished runs; returns how many."""
+        return self._query.cancel(status=status, **kwarg_filters)
+
+
+def _session_param(signature: inspect.Signature) -> str | None:
+    from .session import Session
+
+    for name, param in signature.parameters.items():
+        annotation = param.annotation
+        if name == "session" or annotation is Session or "Session" in str(annotation):
+            return name
+    return None
+
+
+def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] | None:
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, type) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = (value,)
+    bad = [x for x in items if not (isinstance(x, type) and issubclass(x, BaseException))]
+    if bad or not items:
+        raise TypeError(f"@task({name}): retry_for must be exception types, got {bad[0] if bad else value!r}")
+    return items
+
+
+def _check_lock_template(template: str, signature: inspect.Signature, name: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"@task({name}): bad lock template {template!r}: {exc}") from None
+    for field in fields:
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if root not in signature.parameters:
+            raise ValueError(
+                f"@task({name}): lock {template!r} names {{{field}}}, which is not a parameter of "
+                f"{name}{signature}"
+            )

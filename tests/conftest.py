@@ -1,0 +1,32 @@
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+import capsule_nb as cpsl
+
+
+@pytest.fixture
+def app(tmp_path: Path):
+    """An App with a store of its own: tests never share state."""
+    application = cpsl.App(home=tmp_path / "store")
+    yield application
+    application.close()
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.005):
+    """Wait for ``predicate()`` to be true, failing after ``timeout`` seconds (no bare sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(interval)
+
+
+def until_sync(predicate, timeout: float = 10.0, interval: float = 0.005):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)

@@ -1,0 +1,438 @@
+"""Tasks end to end in a plain asyncio program: submit, statuses, results, retries, timeouts."""
+
+import asyncio
+import threading
+
+import pytest
+
+import capsule_nb as cpsl
+
+from .conftest import until
+
+
+async def test_async_task_runs_on_the_running_loop_and_returns(app):
+    loops = []
+
+    @app.task
+    async def add(x, y=2):
+        loops.append(asyncio.get_running_loop())
+        return x + y
+
+    handle = await add.submit(1)
+    assert isinstance(handle, cpsl.TaskHandle)
+    assert await handle.result(timeout=5) == 3
+    assert await handle.status() == "completed"
+    assert loops == [asyncio.get_running_loop()]
+    record = handle.snapshot()
+    assert record["args"] == [1] and record["params"] == {"x": 1, "y": 2}
+    assert record["attempt"] == 1 and record["started_at"] <= record["completed_at"]
+
+
+async def test_sync_task_runs_in_a_thread_not_the_loop(app):
+    @app.task()
+    def where():
+        return threading.current_thread().name
+
+    handle = where.submit()
+    assert (await handle.result(timeout=5)).startswith("capsule-task")
+
+
+async def test_submit_without_await_gives_a_handle_and_await_gives_the_same(app):
+    @app.task
+    async def one():
+        return 1
+
+    plain = one.submit()
+    assert isinstance(plain, cpsl.TaskHandle)
+    assert (await plain) is plain
+    assert await plain.wait(5) == "completed"
+
+
+async def test_await_submit_means_the_record_is_on_disk(app, tmp_path):
+    gate = asyncio.Event()
+
+    @app.task
+    async def blocked():
+        await gate.wait()
+
+    handle = await blocked.submit()
+    other = cpsl.App(home=tmp_path / "other")  # a different store proves nothing; read the disk itself
+    other.close()
+    on_disk = app.store._cache.get("run/" + handle.task_id)
+    assert on_disk is not None and on_disk["task_name"] == "blocked"
+    gate.set()
+    assert await handle.wait(5) == "completed"
+
+
+async def test_failure_raises_task_failed_with_the_traceback(app):
+    @app.task
+    def explode(n):
+        raise RuntimeError(f"boom {n}")
+
+    handle = explode.submit(7)
+    with pytest.raises(cpsl.TaskFailed) as info:
+        await handle.result(timeout=5)
+    assert "RuntimeError: boom 7" in str(info.value)
+    assert "raise RuntimeError" in info.value.traceback
+    assert handle.error == "RuntimeError: boom 7"
+
+
+async def test_retries_then_success(app):
+    calls = []
+
+    @app.task(retries=2)
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    handle = flaky.submit()
+    assert await handle.result(timeout=5) == "ok"
+    assert handle.attempt == 3 and len(calls) == 3
+
+
+async def test_retry_status_is_visible_between_attempts(app):
+    seen = []
+
+    @app.task(retries=1, retry_delay="1s")
+    def flaky():
+        seen.append(1)
+        if len(seen) == 1:
+            raise ValueError("first")
+
+    handle = flaky.submit()
+    await until(lambda: handle.snapshot()["status"] == "retry")
+    assert handle.snapshot()["error"] == "ValueError: first"
+    assert await handle.wait(5) == "completed"
+
+
+async def test_retry_for_limits_which_errors_retry(app):
+    calls = []
+
+    @app.task(retries=3, retry_for=[ConnectionError])
+    def picky():
+        calls.append(1)
+        raise KeyError("not retried")
+
+    with pytest.raises(cpsl.TaskFailed):
+        await picky.submit().result(timeout=5)
+    assert len(calls) == 1
+
+
+async def test_backoff_grows_and_is_capped(app):
+    @app.task(retries=5, retry_delay=1, backoff=2)
+    def f():
+        pass
+
+    waits = [f.retry_wait(n) for n in (1, 2, 3, 4)]
+    assert 0.5 <= waits[0] <= 1 and 1 <= waits[1] <= 2 and 2 <= waits[2] <= 4 and 4 <= waits[3] <= 8
+    assert f.retry_wait(100) <= 3600
+
+
+async def test_async_timeout_ends_with_timeout_and_is_not_retried(app):
+    calls = []
+
+    @app.task(timeout=0.2, retries=3)
+    async def sleepy():
+        calls.append(1)
+        await asyncio.sleep(30)
+
+    handle = sleepy.submit()
+    assert await handle.wait(5) == "timeout"
+    assert len(calls) == 1
+    with pytest.raises(cpsl.TaskFailed, match="timeout"):
+        await handle.result()
+
+
+async def test_thread_timeout_stops_a_pure_python_loop(app):
+    stopped = threading.Event()
+
+    @app.task(timeout=0.2)
+    def spin():
+        try:
+            while True:
+                pass
+        finally:
+            stopped.set()
+
+    handle = spin.submit()
+    assert await handle.wait(5) == "timeout"
+    assert stopped.is_set()
+
+
+async def test_refresh_pushes_the_deadline(app):
+    gate = asyncio.Event()
+
+    @app.task(timeout=0.5)
+    async def long():
+        await gate.wait()
+        return "done"
+
+    handle = long.submit()
+    await until(lambda: handle.snapshot()["status"] == "running")
+    first = handle.snapshot()["deadline"]
+    await until(lambda: handle.refresh() and handle.snapshot()["deadline"] > first)
+    gate.set()
+    assert await handle.result(timeout=5) == "done"
+    assert await handle.refresh() is False  # nothing to refresh once finished
+
+
+async def test_cancel_running_async_is_immediate(app):
+    started = asyncio.Event()
+
+    @app.task
+    async def forever():
+        started.set()
+        await asyncio.sleep(3600)
+
+    handle = forever.submit()
+    await started.wait()
+    assert await handle.cancel() is True
+    assert await handle.wait(5) == "cancelled"
+    with pytest.raises(cpsl.TaskCancelled):
+        await handle.result()
+    assert await handle.cancel() is False
+
+
+async def test_cancel_running_thread_raises_inside_it_and_waits_for_it(app):
+    inside = threading.Event()
+    release = threading.Event()
+    cleaned = []
+
+    @app.task
+    def worker(session=None):
+        inside.set()
+        try:
+            while True:
+                pass
+        finally:
+            assert session.cancelled
+            release.wait(5)
+            cleaned.append(True)
+
+    handle = worker.submit()
+    await until(inside.is_set)
+    assert handle.cancel()
+    # The thread is still in its cleanup: the run is not reported cancelled yet.
+    await until(lambda: handle.snapshot()["status"] == "running", timeout=1)
+    release.set()
+    assert await handle.wait(5) == "cancelled"
+    assert cleaned == [True]
+
+
+async def test_cancel_pending_and_scheduled_runs_never_start(app):
+    ran = []
+
+    @app.task
+    def job(n):
+        ran.append(n)
+
+    later = job.schedule(delay="1h", n=1)
+    assert later.snapshot()["status"] == "scheduled"
+    assert later.cancel()
+    assert await later.status() == "cancelled"
+    assert ran == []
+
+
+async def test_schedule_at_and_delay(app):
+    import datetime as dt
+
+    @app.task
+    async def stamp():
+        return "fired"
+
+    soon = stamp.schedule(at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.2))
+    assert soon.snapshot()["status"] == "scheduled"
+    assert await soon.result(timeout=5) == "fired"
+    delayed = await stamp.schedule(delay="0s")
+    assert await delayed.result(timeout=5) == "fired"
+
+
+async def test_every_repeats_until_cancelled(app):
+    @app.task
+    async def tick():
+        return 1
+
+    series = tick.schedule("every 0.1s")
+    await until(lambda: tick.count(status="completed") >= 2)
+    assert series.cancel()
+    await until(lambda: tick.count(status="scheduled") == 0)
+    done = tick.count(status="completed")
+    assert tick.count(status="cancelled") == 1
+    assert tick.count() == done + 1
+
+
+async def test_positional_and_keyword_arguments_are_checked_at_submit(app):
+    @app.task
+    def f(a, b=1, *, c=2):
+        return a + b + c
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'd'"):
+        f.submit(1, d=4)
+    with pytest.raises(TypeError, match="missing a required argument: 'a'"):
+        f.submit()
+    assert await f.submit(1, 2, c=3).result(timeout=5) == 6
+    assert app.tasks.count() == 1  # the bad submits left no record
+
+
+async def test_find_count_cancel_and_app_tasks(app):
+    gate = asyncio.Event()
+
+    @app.task
+    async def report(report_id, region="eu"):
+        await gate.wait()
+        return report_id
+
+    handles = [report.submit(f"r{i}", region="us" if i % 2 else "eu") for i in range(6)]
+    assert await report.count() == 6
+    assert report.count(region="us") == 3
+    found = await report.find(limit=2)
+    assert [h.task_id for h in found] == [handles[5].task_id, handles[4].task_id]
+    assert [h.task_id for h in report.find(limit=2, offset=4)] == [handles[1].task_id, handles[0].task_id]
+    assert await report.cancel(region="us") == 3
+    gate.set()
+    await until(lambda: report.count(status="completed") == 3)
+    assert app.tasks.count(status="cancelled") == 3
+    assert app.tasks.get(handles[0].task_id) == handles[0]
+    assert app.get_task("no-such-run") is None
+    with pytest.raises(ValueError, match="unknown status 'done'"):
+        report.find(status="done")
+
+
+async def test_redefining_a_task_replaces_it(app):
+    @app.task
+    def build():
+        return 1
+
+    @app.task  # the same cell, run again with a new body
+    def build():  # noqa: F811
+        return 2
+
+    assert app.registered("build") is build
+    assert await build.submit().result(timeout=5) == 2
+
+
+async def test_calling_the_task_runs_inline(app):
+    @app.task
+    def double(x):
+        return 2 * x
+
+    @app.task
+    async def adouble(x):
+        return 2 * x
+
+    assert double(4) == 8
+    assert await adouble(4) == 8
+    assert app.tasks.count() == 0
+
+
+async def test_non_json_results_round_trip_through_a_signed_payload(app, tmp_path):
+    from fractions import Fraction
+
+    @app.task
+    def frac():
+        return {Fraction(1, 3): {1, 2}}
+
+    handle = frac.submit()
+    assert await handle.result(timeout=5) == {Fraction(1, 3): {1, 2}}
+    app.store.flush()
+    fresh = cpsl.App(home=app.home)  # same store, read back without this process's memory
+    fresh.runtime._results.clear()
+    app.runtime._results.clear()
+    assert await fresh.get_task(handle.task_id).result() == {Fraction(1, 3): {1, 2}}
+
+
+async def test_results_over_the_cap_keep_only_a_repr(app):
+    app.max_result_bytes = 1000
+
+    @app.task
+    def big():
+        return b"x" * 10_000
+
+    handle = big.submit()
+    await handle.wait(5)
+    record = handle.snapshot()
+    assert record["status"] == "completed" and record["result_kind"] == "repr"
+    assert "cap" in record["result_note"]
+    app.runtime._results.clear()
+    with pytest.raises(ValueError, match="not kept"):
+        await handle.result()
+
+
+async def test_unpicklable_arguments_still_run_in_kernel(app):
+    lock = threading.Lock()
+
+    @app.task
+    def use(obj):
+        return type(obj).__name__
+
+    handle = use.submit(lock)
+    assert await handle.result(timeout=5) == "lock"
+    assert "lock" in handle.snapshot()["args"][0]
+
+
+async def test_submit_from_another_thread_and_from_inside_a_task(app):
+    @app.task
+    async def leaf(n):
+        return n
+
+    @app.task
+    def parent():
+        child = leaf.submit(41)
+        return child.task_id
+
+    handle = parent.submit()
+    child_id = await handle.result(timeout=5)
+    assert await app.get_task(child_id).result(timeout=5) == 41
+    from_thread = []
+    t = threading.Thread(target=lambda: from_thread.append(leaf.submit(5)))
+    t.start()
+    t.join()
+    assert await from_thread[0].result(timeout=5) == 5
+
+
+async def test_callback_url_posts_each_finished_attempt(app):
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    posts = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hook"
+    calls = []
+
+    @app.task(retries=1, callback_url=url)
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("once")
+        return "ok"
+
+    handle = flaky.submit()
+    await handle.wait(5)
+    await until(lambda: len(posts) == 2)
+    server.shutdown()
+    assert [p["status"] for p in posts] == ["retry", "completed"]
+    assert posts[0]["error"] == "ValueError: once" and posts[1]["task_id"] == handle.task_id
+    assert all(set(p) == {"task_id", "status", "duration", "error"} for p in posts)
+
+
+async def test_a_failing_callback_is_not_fatal(app, caplog):
+    @app.task(callback_url="http://127.0.0.1:9/nothing-listens")
+    def fine():
+        return 1
+
+    handle = fine.submit()
+    assert await handle.result(timeout=5) == 1
+    await until(lambda: "callback" in caplog.text, timeout=10)
