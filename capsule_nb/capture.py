@@ -91,7 +91,13 @@ _not_in_runs = _NotInRuns()
 
 
 def install() -> None:
-    """Route output of runs to the runs (idempotent; re-wraps a replaced stream)."""
+    """Route output of runs to the runs (idempotent; re-wraps a stream replaced since).
+
+    Called at every submit, so it has a fast path: something (pytest, a
+    ``capture_output``) may have swapped ``sys.stdout`` since the last run.
+    """
+    if isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream) and _handler in logging.root.handlers:
+        return
     with _install_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)

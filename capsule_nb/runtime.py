@@ -147,7 +147,6 @@ class Runtime:
         self._loop_thread: int | None = None
         self._own_loop_thread: threading.Thread | None = None
         self._results: dict[str, Any] = {}  # recent results of this process, by identity
-        capture.install()
 
     # -------------------------------------------------------------- the loop
 
@@ -206,6 +205,7 @@ class Runtime:
                session: "Session | None", target: dict | None, start_at: float | None = None,
                every: float | None = None, series: str | None = None) -> tuple[dict, int]:
         """Record a new run and start it (or arm its start); returns ``(record, generation)``."""
+        capture.install()
         now = time.time()
         task_id = new_task_id()
         lock_key = task.lock_key(params)

@@ -12,7 +12,6 @@ already-finished awaitable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import threading
 from collections.abc import MutableMapping
@@ -166,14 +165,9 @@ class Session:
             async for chunk in chunks:
                 out.write(chunk)
 
-    @contextlib.contextmanager
-    def stream_reply(self) -> Iterator["StreamReply"]:
+    def stream_reply(self) -> "StreamReply":
         """``with session.stream_reply() as out: out.write(...)`` (``async with`` works too)."""
-        out = StreamReply(self)
-        try:
-            yield out
-        finally:
-            out.close()
+        return StreamReply(self)
 
     def show_task(self, handle_or_id: "TaskHandle | str", *, message: str | None = None) -> Any:
         """Show a live card for a run: in the current cell, or under the submitting cell from a task."""
@@ -231,6 +225,12 @@ class StreamReply:
         if self._run is None and self._parts:
             self._session._post("stream", "".join(self._parts))
             self._parts.clear()
+
+    def __enter__(self) -> "StreamReply":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     async def __aenter__(self) -> "StreamReply":
         return self

@@ -1,0 +1,151 @@
+"""Bad input fails early, names the bad value, and leaves the store as it was."""
+
+import os
+import stat
+
+import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.durations import parse_delay
+from capsule_nb.errors import StoreError
+
+
+def test_lock_placeholder_that_is_no_parameter_fails_at_decoration(app):
+    with pytest.raises(ValueError, match=r"\{report\}.*not a parameter"):
+
+        @app.task(lock="report:{report}")
+        def build(report_id):
+            pass
+
+
+def test_lock_template_filled_from_positional_keyword_and_defaults(app):
+    @app.task(lock="report:{report_id}:{region}")
+    def build(report_id, region="eu"):
+        pass
+
+    assert build.lock_key(build.bind(("r1",), {})) == "report:r1:eu"
+    assert build.lock_key(build.bind((), {"report_id": "r2", "region": "us"})) == "report:r2:us"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"retries": -1}, "retries must be a whole number >= 0, got -1"),
+        ({"retries": 1.5}, "got 1.5"),
+        ({"timeout": -3}, "bad timeout -3"),
+        ({"timeout": "soon"}, "bad timeout 'soon'"),
+        ({"retry_delay": "-5s"}, "bad retry_delay '-5s'"),
+        ({"backoff": 0.5}, "backoff must be a number >= 1, got 0.5"),
+        ({"on_lock": "wait"}, "on_lock must be one of"),
+        ({"callback_url": "ftp://x"}, "callback_url must be an http"),
+    ],
+)
+def test_bad_task_options_name_the_value(app, options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+
+        @app.task(**options)
+        def job():
+            pass
+
+
+@pytest.mark.parametrize("retry_for", [ValueError(), "ValueError", [ValueError, 3], []])
+def test_retry_for_must_be_exception_types(app, retry_for):
+    with pytest.raises(TypeError, match="retry_for must be exception types"):
+
+        @app.task(retry_for=retry_for)
+        def job():
+            pass
+
+
+def test_retry_for_accepts_one_type_or_a_list(app):
+    @app.task(retry_for=KeyError)
+    def one():
+        pass
+
+    @app.task(retry_for=(KeyError, OSError))
+    def two():
+        pass
+
+    assert one.retry_for == (KeyError,) and two.retry_for == (KeyError, OSError)
+
+
+@pytest.mark.parametrize("bad", ["1h30m", "soon", "-5s", "5", "5 minutes", "", "every"])
+def test_bad_delay_strings(app, bad):
+    @app.task
+    def job():
+        pass
+
+    with pytest.raises(ValueError, match="bad"):
+        job.schedule(delay=bad) if bad != "every" else job.schedule(bad)
+    assert app.tasks.count() == 0
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("5m", 300), ("2h", 7200), ("1d", 86400), ("0.5s", 0.5)])
+def test_good_delay_strings(text, seconds):
+    assert parse_delay(text) == seconds
+
+
+def test_schedule_needs_a_time_and_only_one(app):
+    import datetime as dt
+
+    @app.task
+    def job():
+        pass
+
+    with pytest.raises(TypeError, match="say when"):
+        job.schedule()
+    with pytest.raises(TypeError, match="not both"):
+        job.schedule("5m", delay="5m")
+    with pytest.raises(TypeError, match="not both"):
+        job.schedule(delay="5m", at=dt.datetime.now())
+    with pytest.raises(TypeError, match="must be a datetime"):
+        job.schedule(at="tomorrow")
+
+
+def test_unknown_keyword_at_submit_is_a_type_error(app):
+    @app.task
+    def job(a):
+        pass
+
+    with pytest.raises(TypeError, match=r"job.submit\(\): got an unexpected keyword argument 'b'"):
+        job.submit(a=1, b=2)
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    with pytest.raises(StoreError, match=str(path)):
+        cpsl.App(home=path)
+    assert path.read_text() == "x"
+
+
+def test_store_path_that_cannot_be_written(tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere on disk; sysfs refuses even root
+        target = "/sys/capsule_nb_store"
+    else:
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "store")
+    with pytest.raises(StoreError, match=target):
+        cpsl.App(home=target)
+
+
+def test_store_path_under_a_file_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match=str(tmp_path / "file" / "store")):
+        cpsl.App(home=tmp_path / "file" / "store")
+
+
+def test_store_folder_and_key_modes(app):
+    assert stat.S_IMODE(os.stat(app.home).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(app.home / "secret.key").st_mode) == 0o600
+
+
+def test_app_name_must_be_text(tmp_path):
+    with pytest.raises(ValueError, match="App name"):
+        cpsl.App(name="", home=tmp_path)
+
+
+def test_bad_find_arguments(app):
+    with pytest.raises(ValueError, match="limit and offset"):
+        app.tasks.find(limit=-1)

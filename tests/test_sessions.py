@@ -1,0 +1,190 @@
+"""Sessions and output capture: messages are kept with their own run, whatever thread runs it."""
+
+import asyncio
+import logging
+import sys
+import threading
+
+import capsule_nb as cpsl
+
+from .conftest import until
+
+
+def kinds(handle):
+    return [(m["kind"], m["text"]) for m in handle.snapshot()["messages"]]
+
+
+async def test_capsule_style_async_task_with_a_bound_session(app):
+    @app.task(retries=1, timeout=120)
+    async def build_report(session: cpsl.Session | None = None, report_id="daily", duration=0):
+        await session.notify(f"Building {report_id}", detail="step 1")
+        await asyncio.sleep(duration)
+        await session.reply(f"Report {report_id} is ready")
+        return {"report_id": report_id}
+
+    handle = await build_report.submit(session=app.session, report_id="daily")
+    assert await handle.result(timeout=5) == {"report_id": "daily"}
+    assert kinds(handle) == [("notify", "Building daily"), ("reply", "Report daily is ready")]
+    assert handle.snapshot()["messages"][0]["detail"] == "step 1"
+    assert handle.snapshot()["session_id"] == app.session.id
+
+
+async def test_messages_work_plainly_from_a_sync_task(app):
+    @app.task
+    def sync_job(session):
+        session.reply("hello")
+        session.notify("heads up")
+        session.log("a log line")
+        session.progress(3, 10, "three")
+        session.stream(["a", "b", "c"])
+        with session.stream_reply() as out:
+            out.write("x")
+            out.write("y")
+        return cpsl.current_session().id
+
+    handle = sync_job.submit()
+    # unbound: the task still gets a session (owner-only), and its messages go to the record
+    assert await handle.result(timeout=5) == app.owner_session.id
+    assert kinds(handle) == [("reply", "hello"), ("notify", "heads up"), ("log", "a log line"),
+                             ("stream", "abc"), ("stream", "xy")]
+    assert handle.snapshot()["progress"] == {"done": 3, "total": 10, "message": "three"}
+    assert handle.snapshot()["session_id"] is None
+
+
+async def test_async_stream_from_an_async_iterable(app):
+    async def words():
+        for word in ("to ", "be"):
+            yield word
+
+    @app.task
+    async def talk(session):
+        await session.stream(words())
+        async with session.stream_reply() as out:
+            out.write("!")
+
+    handle = talk.submit()
+    await handle.wait(5)
+    assert kinds(handle) == [("stream", "to be"), ("stream", "!")]
+
+
+async def test_async_stream_from_a_sync_task_runs_on_the_loop(app):
+    async def chunks():
+        yield "one "
+        yield "two"
+
+    @app.task
+    def talk(session):
+        session.stream(chunks())
+
+    handle = talk.submit()
+    assert await handle.wait(5) == "completed"
+    assert kinds(handle) == [("stream", "one two")]
+
+
+async def test_current_session_is_the_bound_one_in_async_and_sync_tasks(app):
+    @app.task
+    async def a():
+        return cpsl.current_session().id
+
+    @app.task
+    def s():
+        return cpsl.current_session().id
+
+    for task in (a, s):
+        assert await task.submit(session=app.session).result(timeout=5) == app.session.id
+        assert await task.submit().result(timeout=5) == app.owner_session.id
+
+
+def test_current_session_outside_a_task_is_the_notebook_session():
+    session = cpsl.current_session()
+    assert isinstance(session, cpsl.Session)
+    assert session.id.startswith(("notebook:", "local:"))
+    assert session.user.id and session.user.owner_id == session.user.id
+
+
+async def test_session_data_is_persistent_json(app, tmp_path):
+    app.session.data["theme"] = "dark"
+    again = cpsl.App(home=app.home)
+    assert again.session.data["theme"] == "dark"
+    import pytest
+
+    with pytest.raises(TypeError, match="must be JSON"):
+        app.session.data["bad"] = object()
+
+
+async def test_print_in_concurrent_runs_is_kept_per_run(app):
+    barrier = threading.Barrier(3)
+
+    @app.task
+    def chatty(n):
+        barrier.wait(5)
+        for i in range(50):
+            print(f"run {n} line {i}")
+        print(f"run {n} err", file=sys.stderr)
+
+    @app.task
+    async def achatty(n):
+        for i in range(50):
+            print(f"async {n} line {i}")
+            await asyncio.sleep(0)
+
+    handles = [chatty.submit(n) for n in range(3)] + [achatty.submit(n) for n in range(3)]
+    for handle in handles:
+        assert await handle.wait(5) == "completed"
+    for n, handle in enumerate(handles[:3]):
+        output = handle.snapshot()["output"]
+        stdout = "".join(x["text"] for x in output if x["stream"] == "stdout")
+        assert stdout == "".join(f"run {n} line {i}\n" for i in range(50))
+        assert [x for x in output if x["stream"] == "stderr"] == [{"stream": "stderr", "text": f"run {n} err\n"}]
+    for n, handle in enumerate(handles[3:]):
+        stdout = "".join(x["text"] for x in handle.snapshot()["output"])
+        assert stdout == "".join(f"async {n} line {i}\n" for i in range(50))
+
+
+async def test_print_outside_runs_still_reaches_the_real_stream(app, capsys):
+    @app.task
+    def quiet():
+        print("inside")
+
+    await quiet.submit().wait(5)
+    print("outside")
+    captured = capsys.readouterr()
+    assert "outside" in captured.out and "inside" not in captured.out
+
+
+async def test_logging_in_a_run_is_captured_with_the_run(app, caplog):
+    logger = logging.getLogger("report.builder")
+
+    @app.task
+    def logs():
+        logger.warning("disk almost full")
+
+    handle = logs.submit()
+    await handle.wait(5)
+    output = "".join(x["text"] for x in handle.snapshot()["output"] if x["stream"] == "log")
+    assert "WARNING report.builder: disk almost full" in output
+    assert "disk almost full" not in caplog.text  # other handlers do not see a run's records
+
+
+async def test_show_task_in_a_task_records_it_and_returns_a_card(app):
+    @app.task
+    async def child():
+        return 1
+
+    @app.task
+    async def parent(session):
+        h = child.submit()
+        card = await session.show_task(h, message="child run")
+        return card.task_id == h.task_id
+
+    handle = parent.submit()
+    assert await handle.result(timeout=5) is True
+    assert kinds(handle)[0][0] == "show_task"
+
+
+async def test_progress_rejects_negative_values(app):
+    import pytest
+
+    with pytest.raises(ValueError, match="negative"):
+        app.session.progress(-1)
+    await until(lambda: True)
