@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from . import _kernel, capture
@@ -45,6 +44,7 @@ from .records import (
     new_task_id,
 )
 from .session import render_message
+from .threads import WorkerPool
 from .timers import Timers
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class Runtime:
         self.store = app.store
         self.owner = owner_id()
         self.timers = Timers()
-        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="capsule-task")
+        self._pool = WorkerPool(max_threads)
         self._live: dict[str, Run] = {}
         self._live_lock = threading.Lock()
         self._queued: dict[str, list[Run]] = {}
