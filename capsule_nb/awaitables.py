@@ -8,6 +8,7 @@ also awaitable (awaiting gives the plain value).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Generator
 
 
@@ -68,3 +69,25 @@ class ReadyNone:
 
 
 DONE = ReadyNone()
+
+
+class ReadyValue:
+    """Any other value (``show_task``'s card): use it as it is, or ``await`` it for the value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # pragma: no cover
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.value, name)
+
+
+def resolve(future: "asyncio.Future[None]") -> None:
+    """Set a future's result unless it is done (for ``call_soon_threadsafe``)."""
+    if not future.done():
+        future.set_result(None)

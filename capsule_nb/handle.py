@@ -13,7 +13,7 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any, Generator
 
-from .awaitables import ReadyBool, ReadyStr
+from .awaitables import ReadyBool, ReadyStr, resolve
 from .errors import TaskCancelled, TaskFailed
 from .records import CANCELLED, COMPLETED, FINISHED
 
@@ -98,7 +98,7 @@ class TaskHandle:
 
         def on_change(record: dict[str, Any]) -> None:
             if record["status"] in FINISHED:
-                loop.call_soon_threadsafe(_resolve, finished)
+                loop.call_soon_threadsafe(resolve, finished)
 
         unsubscribe = store.events.subscribe(on_change, task_id=self.task_id)
         try:
@@ -148,11 +148,6 @@ class TaskHandle:
 
     def __hash__(self) -> int:
         return hash(self.task_id)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _datetime(value: float | None) -> dt.datetime | None:

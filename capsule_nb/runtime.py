@@ -140,6 +140,7 @@ class Runtime:
         self.owner = owner_id()
         self.timers = Timers()
         self._pool = WorkerPool(max_threads)
+        self._callbacks = WorkerPool(1, name="capsule-callback")  # one sender keeps posts in order
         self._live: dict[str, Run] = {}
         self._live_lock = threading.Lock()
         self._queued: dict[str, list[Run]] = {}
@@ -449,7 +450,7 @@ class Runtime:
             "duration": (time.time() - started) if started else None,
             "error": record.get("error"),
         }
-        threading.Thread(target=_post_json, args=(url, body), name="capsule-callback", daemon=True).start()
+        self._callbacks.submit(_post_json, url, body)
 
     # --------------------------------------------------------------- locks
 

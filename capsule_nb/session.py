@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterable, Iterable, Iterator
 
 from . import _kernel
-from .awaitables import DONE, ReadyNone
+from .awaitables import DONE, ReadyNone, ReadyValue
 from .context import bound_session, current_run
 
 if TYPE_CHECKING:
@@ -181,25 +181,6 @@ class Session:
         else:
             ui.display(card)
         return ReadyValue(card)
-
-
-class ReadyValue:
-    """``show_task`` gives the card, awaited or not."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __await__(self):  # type: ignore[no-untyped-def]
-        return self.value
-        yield  # pragma: no cover
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.value, name)
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return None  # displaying happened already; do not show it twice
 
 
 class StreamReply:

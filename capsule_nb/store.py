@@ -38,6 +38,7 @@ import cloudpickle
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
+from .awaitables import resolve
 from .errors import StoreError
 from .events import EventBus
 from .owners import owner_alive
@@ -301,7 +302,7 @@ class Store:
                 self._wake.notify_all()
             for _, loop, future in ready:
                 try:
-                    loop.call_soon_threadsafe(_resolve, future)
+                    loop.call_soon_threadsafe(resolve, future)
                 except RuntimeError:  # that loop is closed; nobody is waiting any more
                     pass
 
@@ -406,8 +407,3 @@ class Store:
             self._wake.notify_all()
         self._writer.join(timeout=30)
         self._cache.close()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
