@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import _kernel
+from .collections import Collection, Database
 from .handle import TaskHandle
 from .queries import TaskQuery
 from .runtime import Runtime
@@ -110,9 +111,13 @@ class App:
             )
         return record.get("result")
 
+    def collection(self, name: str) -> Collection:
+        """A document collection in this app's store (the same as ``session.db[name]``)."""
+        return Collection(self.store, name)
+
     @property
-    def db(self) -> Any:
-        raise NotImplementedError("collections are not built yet (issue: durable store)")
+    def db(self) -> Database:
+        return Database(self.store)
 
     # ---------------------------------------------------------- lifecycle
 

@@ -67,12 +67,16 @@ class ReadyNone:
     def __repr__(self) -> str:
         return "None"
 
+    def _ipython_display_(self) -> None:
+        """As the last line of a cell it shows nothing, like None."""
+
 
 DONE = ReadyNone()
 
 
 class ReadyValue:
-    """Any other value (``show_task``'s card): use it as it is, or ``await`` it for the value."""
+    """Any other value (a document, a card, or None): ``await`` it for the value, or use it
+    as it is in sync code, where it stands in for the value (``.value`` is the value itself)."""
 
     __slots__ = ("value",)
 
@@ -85,6 +89,30 @@ class ReadyValue:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.value, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.value[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.value
+
+    def __iter__(self) -> Any:
+        return iter(self.value)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == (other.value if isinstance(other, ReadyValue) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def resolve(future: "asyncio.Future[None]") -> None:

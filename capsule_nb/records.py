@@ -72,7 +72,8 @@ def json_safe(value: Any) -> tuple[Any, bool]:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError):
         return _short_repr(value), False
-    return (value, True) if json.loads(text) == value else (_short_repr(value), False)
+    copy = json.loads(text)  # a copy: later changes to the caller's object do not leak in
+    return (copy, True) if copy == value else (_short_repr(value), False)
 
 
 def _short_repr(value: Any, limit: int = 2000) -> str:

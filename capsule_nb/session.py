@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterable, Iterable, Iterator
 
 from . import _kernel
-from .awaitables import DONE, ReadyNone, ReadyValue
+from .awaitables import DONE, ReadyNone
 from .context import bound_session, current_run
 
 if TYPE_CHECKING:
@@ -169,8 +169,11 @@ class Session:
         """``with session.stream_reply() as out: out.write(...)`` (``async with`` works too)."""
         return StreamReply(self)
 
-    def show_task(self, handle_or_id: "TaskHandle | str", *, message: str | None = None) -> Any:
-        """Show a live card for a run: in the current cell, or under the submitting cell from a task."""
+    def show_task(self, handle_or_id: "TaskHandle | str", *, message: str | None = None) -> ReadyNone:
+        """Show a live card for a run: in the current cell, or under the submitting cell from a task.
+
+        Gives nothing back (awaited or not), so a cell ending with it shows the card once.
+        """
         from . import ui
 
         handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
@@ -180,7 +183,7 @@ class Session:
             run.show(card)
         else:
             ui.display(card)
-        return ReadyValue(card)
+        return DONE
 
 
 class StreamReply:

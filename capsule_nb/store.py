@@ -15,9 +15,9 @@ changes is therefore a handful of transactions, and a run that goes
 pending -> running -> completed inside one window is written once.
 ``flushed(gen)`` lets ``await submit()`` wait until its record is durable.
 
-Each transaction also appends the changed run ids to a change feed
+Each transaction also appends the changed keys to a change feed
 (``seq`` + ``chg/<seq>``), which other processes poll to keep their own
-mirror and widgets current.
+mirror (runs and collection documents) and widgets current.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ log = logging.getLogger("capsule_nb")
 _RUN = "run/"
 _PAYLOAD = "payload/"
 _LOCK = "lock/"
+_DOC = "doc/"
 _FEED = "chg/"
 _FEED_KEEP = 20_000  # feed entries kept; a reader further behind reloads everything
 _SIG = 32  # bytes of HMAC-SHA256 in front of every payload
@@ -109,6 +110,8 @@ class Store:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._runs: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, dict[str, dict[str, Any]]] = {}
+        self._poll_lock = threading.Lock()
         self._dirty: dict[str, Any] = {}
         self._gen = 0
         self._flushed = 0
@@ -152,16 +155,23 @@ class Store:
         """Rebuild the mirror from disk (at open, or after falling behind the feed)."""
         seq = self._cache.get("seq", 0)
         runs: dict[str, dict[str, Any]] = {}
+        docs: dict[str, dict[str, dict[str, Any]]] = {}
         for key in self._cache.iterkeys():
             if key.startswith(_RUN):
                 record = self._cache.get(key)
                 if record is not None:
                     runs[record["task_id"]] = record
+            elif key.startswith(_DOC):
+                doc = self._cache.get(key)
+                if doc is not None:
+                    collection, doc_id = _split_doc_key(key)
+                    docs.setdefault(collection, {})[doc_id] = doc
         with self._lock:
             for key in self._dirty:
                 if key.startswith(_RUN) and key[len(_RUN) :] in self._runs:
                     runs[key[len(_RUN) :]] = self._runs[key[len(_RUN) :]]
             self._runs = runs
+            self._docs = docs
             self._seen = max(self._seen, seq)
 
     # ---------------------------------------------------------------- records
@@ -307,59 +317,94 @@ class Store:
                     pass
 
     def _commit(self, batch: dict[str, Any]) -> None:
-        cache = self._cache
-        changed = [key[len(_RUN) :] for key in batch if key.startswith(_RUN)]
-        with cache.transact(retry=True):
+        with self._cache.transact(retry=True):
             for key, value in batch.items():
                 if value is None:
-                    cache.delete(key)
+                    self._cache.delete(key)
                 else:
-                    cache.set(key, value)
-            if changed:
-                seq = cache.incr("seq")
-                cache.set(f"{_FEED}{seq:012d}", changed)
-                if seq > _FEED_KEEP and seq % 1000 == 0:
-                    for old in range(seq - _FEED_KEEP - 1000, seq - _FEED_KEEP):
-                        cache.delete(f"{_FEED}{old:012d}")
-                with self._lock:
-                    self._own_seqs.add(seq)
+                    self._cache.set(key, value)
+            self._announce([key for key in batch if key.startswith(_RUN)])
+
+    def _announce(self, keys: list[str]) -> None:
+        """Append ``keys`` to the change feed; call inside a transaction."""
+        if not keys:
+            return
+        cache = self._cache
+        seq = cache.incr("seq")
+        cache.set(f"{_FEED}{seq:012d}", keys)
+        if seq > _FEED_KEEP and seq % 1000 == 0:
+            for old in range(seq - _FEED_KEEP - 1000, seq - _FEED_KEEP):
+                cache.delete(f"{_FEED}{old:012d}")
+        with self._lock:
+            self._own_seqs.add(seq)
 
     # ------------------------------------------------------ other processes
 
     def poll(self) -> list[dict[str, Any]]:
-        """Fold in what other processes wrote since the last poll; returns those records."""
-        seq = self._cache.get("seq", 0)
-        if seq <= self._seen:
-            return []
-        changed: dict[str, dict[str, Any] | None] = {}
-        start = self._seen
-        for n in range(start + 1, seq + 1):
-            with self._lock:
-                if n in self._own_seqs:
-                    self._own_seqs.discard(n)
-                    continue
-            ids = self._cache.get(f"{_FEED}{n:012d}")
-            if ids is None:  # fell behind the feed's window
-                self._reload()
+        """Fold in what other processes wrote since the last poll; returns the run records."""
+        with self._poll_lock:
+            seq = self._cache.get("seq", 0)
+            if seq <= self._seen:
                 return []
-            for task_id in ids:
-                changed[task_id] = None
-        for task_id in changed:
-            changed[task_id] = self._cache.get(_RUN + task_id)
-        fresh = []
-        with self._lock:
-            self._seen = max(self._seen, seq)
-            for task_id, record in changed.items():
-                if _RUN + task_id in self._dirty:
-                    continue  # our own newer write wins until it lands
-                if record is None:
-                    self._runs.pop(task_id, None)
-                else:
-                    self._runs[task_id] = record
-                    fresh.append(record)
+            keys: dict[str, Any] = {}
+            for n in range(self._seen + 1, seq + 1):
+                with self._lock:
+                    if n in self._own_seqs:
+                        self._own_seqs.discard(n)
+                        continue
+                changed = self._cache.get(f"{_FEED}{n:012d}")
+                if changed is None:  # fell behind the feed's window
+                    self._reload()
+                    return []
+                keys.update(dict.fromkeys(changed))
+            for key in keys:
+                keys[key] = self._cache.get(key)
+            fresh = []
+            with self._lock:
+                self._seen = max(self._seen, seq)
+                for key, value in keys.items():
+                    if key.startswith(_DOC):
+                        collection, doc_id = _split_doc_key(key)
+                        _apply(self._docs.setdefault(collection, {}), doc_id, value)
+                    elif key not in self._dirty:  # our own newer write wins until it lands
+                        _apply(self._runs, key[len(_RUN) :], value)
+                        if value is not None:
+                            fresh.append(value)
         for record in fresh:
             self.events.publish(record)
         return fresh
+
+    # ------------------------------------------------------------ documents
+
+    def docs(self, collection: str) -> list[dict[str, Any]]:
+        """The documents of ``collection`` in insertion order (a snapshot)."""
+        self.poll()
+        with self._lock:
+            return list(self._docs.get(collection, {}).values())
+
+    def write_docs(self, collection: str, changes: dict[str, Callable[[dict | None], dict | None]]) -> dict[str, dict | None]:
+        """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction.
+
+        Collections are written through, not behind: ``$inc`` from two
+        processes at once must add up, so each change reads the document
+        from disk inside the transaction that writes it.
+        """
+        written: dict[str, dict | None] = {}
+        with self._cache.transact(retry=True):
+            for doc_id, change in changes.items():
+                key = _doc_key(collection, doc_id)
+                new = change(self._cache.get(key))
+                if new is None:
+                    self._cache.delete(key)
+                else:
+                    self._cache.set(key, new)
+                written[doc_id] = new
+            self._announce([_doc_key(collection, doc_id) for doc_id in written])
+        with self._lock:
+            docs = self._docs.setdefault(collection, {})
+            for doc_id, new in written.items():
+                _apply(docs, doc_id, new)
+        return written
 
     # ------------------------------------------------------------------ locks
 
@@ -407,3 +452,19 @@ class Store:
             self._wake.notify_all()
         self._writer.join(timeout=30)
         self._cache.close()
+
+
+def _doc_key(collection: str, doc_id: str) -> str:
+    return f"{_DOC}{collection}/{doc_id}"
+
+
+def _split_doc_key(key: str) -> tuple[str, str]:
+    collection, _, doc_id = key[len(_DOC) :].rpartition("/")
+    return collection, doc_id
+
+
+def _apply(mirror: dict[str, Any], key: str, value: Any) -> None:
+    if value is None:
+        mirror.pop(key, None)
+    else:
+        mirror[key] = value

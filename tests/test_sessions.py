@@ -174,12 +174,13 @@ async def test_show_task_in_a_task_records_it_and_returns_a_card(app):
     @app.task
     async def parent(session):
         h = child.submit()
-        card = await session.show_task(h, message="child run")
-        return card.task_id == h.task_id
+        shown = await session.show_task(h, message="child run")
+        return h.task_id, shown
 
     handle = parent.submit()
-    assert await handle.result(timeout=5) is True
-    assert kinds(handle)[0][0] == "show_task"
+    child_id, shown = await handle.result(timeout=5)
+    assert shown is None
+    assert kinds(handle) == [("show_task", child_id)]
 
 
 async def test_progress_rejects_negative_values(app):

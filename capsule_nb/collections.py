@@ -1,0 +1,268 @@
+"""Document collections: ``session.db.reports``, ``app.collection("reports")``.
+
+A small Mongo-like surface over the store, as Capsule's: equality and
+``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates.
+Reads filter the store's in-memory mirror (kept current across processes
+by the change feed); writes are transactional on disk. Every method does
+its work at once and returns a value usable plainly (sync code, a thread
+task) or awaited (Capsule code).
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .awaitables import ReadyInt, ReadyList, ReadyValue
+from .records import json_safe, new_task_id
+
+if TYPE_CHECKING:
+    from .store import Store
+
+_COMPARE = {
+    "$gt": lambda a, b: a is not None and a > b,
+    "$gte": lambda a, b: a is not None and a >= b,
+    "$lt": lambda a, b: a is not None and a < b,
+    "$lte": lambda a, b: a is not None and a <= b,
+    "$ne": lambda a, b: a != b,
+    "$in": lambda a, b: a in b,
+}
+_UPDATES = ("$set", "$inc", "$unset", "$push")
+_MISSING = object()
+
+
+class Collection:
+    def __init__(self, store: "Store", name: str):
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("_"):
+            raise ValueError(f"bad collection name {name!r}: a non-empty name without '/' or a leading '_'")
+        self._store = store
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<collection {self.name!r}: {len(self._store.docs(self.name))} documents>"
+
+    # ----------------------------------------------------------------- writes
+
+    def insert_one(self, doc: dict[str, Any]) -> ReadyValue:
+        """Store ``doc`` (a copy) with a new ``_id`` and ``id``; gives the stored document."""
+        return ReadyValue(self.insert_many([doc])[0])
+
+    def insert_many(self, docs: Iterable[dict[str, Any]]) -> ReadyList:
+        prepared = [_prepared(doc) for doc in docs]
+        self._store.write_docs(self.name, {d["_id"]: (lambda _, d=d: d) for d in prepared})
+        return ReadyList(copy.deepcopy(prepared))
+
+    def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> ReadyValue:
+        """Update the first match; a plain dict is a patch (``$set``). Gives the new document or None."""
+        operations = _operations(update)
+        _check_filter(filter)
+        for doc in self._store.docs(self.name):
+            if not _matches(doc, filter):
+                continue
+            stale = []
+
+            def change(current: dict | None) -> dict | None:
+                if current is None or not _matches(current, filter):
+                    stale.append(True)  # another process changed it first: try the next match
+                    return current
+                return _updated(current, operations)
+
+            new = self._store.write_docs(self.name, {doc["_id"]: change})[doc["_id"]]
+            if not stale:
+                return ReadyValue(copy.deepcopy(new))
+        return ReadyValue(None)
+
+    def delete_one(self, filter: dict[str, Any]) -> ReadyValue:
+        """Delete the first match; gives True if a document was deleted."""
+        _check_filter(filter)
+        for doc in self._store.docs(self.name):
+            if _matches(doc, filter):
+                self._store.write_docs(self.name, {doc["_id"]: lambda current: None})
+                return ReadyValue(True)
+        return ReadyValue(False)
+
+    # ------------------------------------------------------------------ reads
+
+    def find_one(self, filter: dict[str, Any] | None = None) -> ReadyValue:
+        """The first matching document, or None (``await`` it, or read ``.value`` in sync code)."""
+        found = self.find(filter, limit=1)
+        return ReadyValue(found[0] if found else None)
+
+    def find(self, filter: dict[str, Any] | None = None, limit: int = 0, skip: int = 0,
+             sort: str | list[tuple[str, int]] | None = None) -> ReadyList:
+        """Matching documents (copies) in insertion order or by ``sort``: ``"field"``, ``"-field"``
+        or ``[("field", 1), ("other", -1)]``."""
+        if limit < 0 or skip < 0:
+            raise ValueError(f"limit and skip must be >= 0, got limit={limit!r}, skip={skip!r}")
+        filter = filter or {}
+        _check_filter(filter)
+        docs = [d for d in self._store.docs(self.name) if _matches(d, filter)]
+        for field, direction in reversed(_sort_keys(sort)):
+            docs.sort(key=lambda d: _sortable(d.get(field)), reverse=direction < 0)
+        chosen = docs[skip : skip + limit] if limit else docs[skip:]
+        return ReadyList(copy.deepcopy(chosen))
+
+    def count(self, filter: dict[str, Any] | None = None) -> ReadyInt:
+        filter = filter or {}
+        _check_filter(filter)
+        return ReadyInt(sum(1 for d in self._store.docs(self.name) if _matches(d, filter)))
+
+    # ---------------------------------------------------------------- display
+
+    def _repr_html_(self) -> str:
+        docs = self._store.docs(self.name)[:200]
+        columns: list[str] = ["id"]
+        for doc in docs:
+            columns.extend(k for k in doc if k not in columns and k != "_id")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(d.get(c, '')))}</td>" for c in columns) + "</tr>" for d in docs
+        )
+        return (f"<div><b>{html.escape(self.name)}</b> ({self.count()} documents)"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+
+
+class Database:
+    """``session.db``: collections by attribute or by key."""
+
+    def __init__(self, store: "Store"):
+        self._store = store
+
+    def __getattr__(self, name: str) -> Collection:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return Collection(self._store, name)
+
+    def __getitem__(self, name: str) -> Collection:
+        return Collection(self._store, name)
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise TypeError(f"a document is a dict, not {doc!r}")
+    value, ok = json_safe(doc)
+    if not ok:
+        raise TypeError(f"documents are stored as JSON; this one is not: {doc!r}")
+    value = dict(value)
+    doc_id = value.get("_id") or value.get("id") or new_task_id()
+    if not isinstance(doc_id, str) or "/" in doc_id:
+        raise ValueError(f"document _id must be a string without '/', got {doc_id!r}")
+    value["_id"] = doc_id
+    value.setdefault("id", doc_id)
+    return value
+
+
+def _check_filter(filter: dict[str, Any]) -> None:
+    if not isinstance(filter, dict):
+        raise TypeError(f"a filter is a dict, not {filter!r}")
+    for field, condition in filter.items():
+        if isinstance(condition, dict) and any(k.startswith("$") for k in condition):
+            unknown = [k for k in condition if k not in _COMPARE]
+            if unknown:
+                raise ValueError(f"unknown filter operator {unknown[0]!r} on {field!r}; known: {sorted(_COMPARE)}")
+            if "$in" in condition and not isinstance(condition["$in"], (list, tuple, set)):
+                raise ValueError(f"$in on {field!r} needs a list, got {condition['$in']!r}")
+
+
+def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
+    for field, condition in filter.items():
+        value = _get(doc, field)
+        if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
+            try:
+                if not all(_COMPARE[op](None if value is _MISSING else value, arg) for op, arg in condition.items()):
+                    return False
+            except TypeError:  # comparing unlike types: not a match, as in Mongo
+                return False
+        elif value is _MISSING or value != condition:
+            return False
+    return True
+
+
+def _get(doc: dict[str, Any], field: str) -> Any:
+    value: Any = doc
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not isinstance(update, dict) or not update:
+        raise TypeError(f"an update is a non-empty dict, not {update!r}")
+    operators = [k for k in update if k.startswith("$")]
+    if operators and len(operators) != len(update):
+        raise ValueError(f"update mixes plain keys and operators: {sorted(update)}; use $set for the plain ones")
+    if not operators:
+        return {"$set": update}
+    unknown = [k for k in operators if k not in _UPDATES]
+    if unknown:
+        raise ValueError(f"unknown update operator {unknown[0]!r}; known: {list(_UPDATES)}")
+    for op, fields in update.items():
+        if not isinstance(fields, dict):
+            raise TypeError(f"{op} takes a dict of fields, got {fields!r}")
+        if op == "$inc":
+            bad = {k: v for k, v in fields.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+            if bad:
+                raise TypeError(f"$inc needs numbers, got {bad!r}")
+        if "_id" in fields:
+            raise ValueError("_id cannot be changed")
+    return update
+
+
+def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    new = copy.deepcopy(doc)
+    for op, fields in operations.items():
+        for field, arg in fields.items():
+            *parents, leaf = field.split(".")
+            target = new
+            for part in parents:
+                target = target.setdefault(part, {})
+            if op == "$set":
+                target[leaf] = arg
+            elif op == "$unset":
+                target.pop(leaf, None)
+            elif op == "$inc":
+                current = target.get(leaf, 0)
+                if isinstance(current, bool) or not isinstance(current, (int, float)):
+                    raise TypeError(f"$inc on {field!r}, which holds {current!r}, not a number")
+                target[leaf] = current + arg
+            elif op == "$push":
+                current = target.setdefault(leaf, [])
+                if not isinstance(current, list):
+                    raise TypeError(f"$push on {field!r}, which holds {current!r}, not a list")
+                current.append(arg)
+    value, ok = json_safe(new)
+    if not ok:
+        raise TypeError(f"update would store a value that is not JSON: {operations!r}")
+    return value
+
+
+def _sort_keys(sort: str | list[tuple[str, int]] | None) -> list[tuple[str, int]]:
+    if sort is None:
+        return []
+    if isinstance(sort, str):
+        return [(sort[1:], -1)] if sort.startswith("-") else [(sort, 1)]
+    keys = list(sort)
+    for item in keys:
+        if not (isinstance(item, tuple) and len(item) == 2 and item[1] in (1, -1)):
+            raise ValueError(f"sort takes 'field', '-field' or [('field', 1 or -1)], got {sort!r}")
+    return keys
+
+
+def _sortable(value: Any) -> tuple:
+    """Missing values first, then by type name, then by value (never a TypeError)."""
+    if value is None:
+        return (0, "", 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, "number", value)
+    return (2, type(value).__name__, value if isinstance(value, str) else repr(value))
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
