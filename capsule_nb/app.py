@@ -62,8 +62,11 @@ class App:
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = _kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
+        self.keep_finished = 10_000
         self._closed = False
         atexit.register(self.close)
+        self.runtime.recover()
+        self.runtime.start_maintenance()
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, home={str(self.store.path)!r})"
@@ -80,6 +83,7 @@ class App:
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
+            self.runtime.adopt(task)  # waiting runs a dead kernel left for this task
             return task
 
         return decorate(fn) if fn is not None else decorate
@@ -89,6 +93,9 @@ class App:
 
     def registered(self, name: str) -> Task | None:
         return self._tasks.get(name)
+
+    def tasks_defined(self) -> list[Task]:
+        return list(self._tasks.values())
 
     # --------------------------------------------------------------- runs
 

@@ -43,6 +43,9 @@ def _tasks_magic(line: str) -> None:
 def _task_magic(line: str) -> None:
     """%task <id>: one run's card."""
     task_id = line.strip()
+    if not task_id:
+        print("usage: %task <task id>   (ids are on the %tasks board and in handle.task_id)")
+        return
     handle = default_app().get_task(task_id)
     if handle is None:
         print(f"no run {task_id!r} in {default_app().home}")

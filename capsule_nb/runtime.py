@@ -29,6 +29,7 @@ from .errors import LockedError
 from .owners import owner_alive, owner_id
 from .records import (
     CANCELLED,
+    CLAIMED,
     COMPLETED,
     FAILED,
     FINISHED,
@@ -38,6 +39,7 @@ from .records import (
     RUNNING,
     SCHEDULED,
     TIMEOUT,
+    WAITING,
     append_message,
     evolve,
     json_safe,
@@ -57,6 +59,7 @@ log = logging.getLogger("capsule_nb")
 MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
 INLINE_RESULT_CHARS = 64_000  # bigger JSON results go to a payload
 OUTPUT_FLUSH_SECONDS = 0.05  # how often captured output is folded into the record
+MAINTAIN_SECONDS = 0.5  # how often other processes' changes and crashes are looked at
 
 
 class _Interrupt(BaseException):
@@ -148,6 +151,9 @@ class Runtime:
         self._loop_thread: int | None = None
         self._own_loop_thread: threading.Thread | None = None
         self._results: dict[str, Any] = {}  # recent results of this process, by identity
+        self._maintaining = False
+        self._stopped = False
+        self._last_prune = time.monotonic()
 
     # -------------------------------------------------------------- the loop
 
@@ -244,35 +250,49 @@ class Runtime:
             "progress": None,
             "process": task.process,
         }
-        run = Run(self, task, task_id, args, kwargs, session, target, lock_key)
-        if not (args_ok and kwargs_ok):
-            try:
-                self.store.put_payload(task_id, "args", (args, kwargs))
-                record["args_payload"] = True
-            except Exception:  # in-kernel runs go ahead; only resuming needs the payload
-                record["args_payload"] = False
         if lock_key is not None:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
-                if task.on_lock == "join":
-                    existing = self.store.get_run(holder)
-                    if existing is not None:
-                        return existing, self.store.generation
-                elif task.on_lock == "reject":
+                if task.on_lock == "reject":
                     raise LockedError(lock_key, holder)
+                if task.on_lock == "join":
+                    return self._await_record(holder), self.store.generation
                 record["queued"] = True
+        if not (args_ok and kwargs_ok):
+            try:  # kept so another kernel can resume the run; in-kernel runs go ahead without
+                self.store.put_payload(task_id, "args", (args, kwargs))
+                record["args_payload"] = True
+            except Exception:
+                record["args_payload"] = False
+        run = Run(self, task, task_id, args, kwargs, session, target, lock_key)
         gen = self.store.put_run(record)
-        with self._live_lock:
-            self._live[task_id] = run
-            if record.get("queued"):
-                self._queued.setdefault(lock_key, []).append(run)  # type: ignore[arg-type]
         if record.get("queued"):
-            return record, gen
-        if start_at is not None and start_at > now:
+            with self._live_lock:
+                self._live[task_id] = run
+                self._queued.setdefault(lock_key, []).append(run)  # type: ignore[arg-type]
+            self._wake_queue(lock_key)  # the holder may have finished meanwhile
+        else:
+            self._launch(run, start_at)
+        return record, gen
+
+    def _launch(self, run: Run, start_at: float | None) -> None:
+        with self._live_lock:
+            self._live[run.task_id] = run
+        if start_at is not None and start_at > time.time():
             run.start_timer = self.timers.call_at(start_at, lambda: self._start(run))
         else:
             self._start(run)
-        return record, gen
+
+    def _await_record(self, task_id: str, timeout: float = 10.0) -> dict:
+        """The record of a run another process has just locked (its write may still be in flight)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while (record := self.store.get_run(task_id)) is None:
+            if time.monotonic() > deadline:
+                raise LockedError(f"{task_id} (its holder never recorded the run)", task_id)
+            time.sleep(delay)  # another process's write-behind lands within milliseconds
+            delay = min(delay * 2, 0.05)
+        return record
 
     # ----------------------------------------------------------------- start
 
@@ -516,8 +536,7 @@ class Runtime:
         return any([self.cancel(r["task_id"]) for r in live])
 
     def _request_cancel(self, record: dict) -> bool:
-        # Another live process owns the run; it polls for this intent.
-        self.store.set(f"cancel/{record['task_id']}", {"at": time.time(), "by": self.owner})
+        self.store.request_cancel(record["task_id"])  # its owner acts on it at its next poll
         return True
 
     def _expire(self, run: Run) -> None:
@@ -545,10 +564,109 @@ class Runtime:
         self._arm_deadline(run, time.time() + run.task.timeout)
         return True
 
+    # ------------------------------------------------- other processes, crashes
+
+    def start_maintenance(self) -> None:
+        """Arm the periodic pass that notices other processes (see ``_maintain``)."""
+        if not self._maintaining:
+            self._maintaining = True
+            self.timers.call_later(0, self._maintain)
+
+    def _maintain(self) -> None:
+        """Every ``MAINTAIN_SECONDS``: fold in other processes' writes, act on cancel requests
+        sent to our runs, free queued runs whose lock another process released, recover runs
+        of dead processes, and keep the store under its retention cap."""
+        try:
+            self.store.poll()
+            for task_id in self.store.take_cancel_requests():
+                if task_id in self._live:
+                    self.cancel(task_id)
+            for key in list(self._queued):
+                self._wake_queue(key)
+            self.recover()
+            now = time.monotonic()
+            if now - self._last_prune > 60:
+                self._last_prune = now
+                self.store.prune(self.app.name, self.app.keep_finished)
+        except Exception:
+            log.exception("capsule_nb maintenance pass failed")
+        finally:
+            if not self._stopped:
+                self.timers.call_later(MAINTAIN_SECONDS, self._maintain)
+
+    def recover(self) -> int:
+        """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
+        ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners."""
+        recovered = 0
+        for record in self.store.runs():
+            if record["app"] != self.app.name or record["status"] not in (RUNNING, CLAIMED):
+                continue
+            owner = record.get("owner", "")
+            if owner == self.owner or owner_alive(owner):
+                continue
+
+            def take(disk: dict, owner: str = owner) -> dict | None:
+                if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
+                    return None  # somebody else recovered it first
+                return _interrupted(dict(disk, status=RUNNING)) if disk["status"] == CLAIMED else _interrupted(disk)
+
+            if self.store.claim_run(record["task_id"], take) is not None:
+                recovered += 1
+                if record.get("lock_key"):
+                    self.store.release_lock(record["lock_key"], record["task_id"])
+        for task in list(self.app.tasks_defined()):
+            self.adopt(task)
+        return recovered
+
+    def adopt(self, task: "Task") -> int:
+        """Take over the waiting runs of ``task`` whose owner died, and arm them (once, even
+        when several kernels define the task at the same moment)."""
+        adopted = 0
+        for record in self.store.runs():
+            if (record["app"] != self.app.name or record["task_name"] != task.name
+                    or record["status"] not in WAITING or record.get("owner") == self.owner
+                    or owner_alive(record.get("owner", ""))):
+                continue
+            old = record.get("owner")
+
+            def take(disk: dict, old: str | None = old) -> dict | None:
+                if disk.get("owner") != old or disk["status"] not in WAITING:
+                    return None
+                return evolve(disk, owner=self.owner)
+
+            claimed = self.store.claim_run(record["task_id"], take)
+            if claimed is None:
+                continue
+            try:
+                args, kwargs = self._stored_arguments(claimed)
+            except Exception as exc:
+                self.update(claimed["task_id"], lambda r: evolve(
+                    r, status=FAILED, completed_at=time.time(), error=f"cannot resume: {exc}"))
+                continue
+            session = self.app.session if claimed.get("session_id") == self.app.session.id else None
+            run = Run(self, task, claimed["task_id"], args, kwargs, session, None, claimed.get("lock_key"))
+            if run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
+                with self._live_lock:
+                    self._live[run.task_id] = run
+                    self._queued.setdefault(run.lock_key, []).append(run)
+            else:
+                self._launch(run, claimed.get("scheduled_for"))
+            adopted += 1
+        return adopted
+
+    def _stored_arguments(self, record: dict) -> tuple[tuple, dict]:
+        if record.get("args_payload"):
+            args, kwargs = self.store.get_payload(record["task_id"], "args")
+            return tuple(args), dict(kwargs)
+        if record.get("args_payload") is False:
+            raise ValueError("its arguments could not be stored (not picklable)")
+        return tuple(record.get("args") or ()), dict(record.get("kwargs") or {})
+
     # -------------------------------------------------------------- shutdown
 
     def shutdown(self) -> None:
         """Record what is still running as interrupted, then make it all durable."""
+        self._stopped = True
         with self._live_lock:
             live = list(self._live.values())
             self._live.clear()

@@ -53,9 +53,13 @@ _RUN = "run/"
 _PAYLOAD = "payload/"
 _LOCK = "lock/"
 _DOC = "doc/"
+_CANCEL = "cancel/"
 _FEED = "chg/"
 _FEED_KEEP = 20_000  # feed entries kept; a reader further behind reloads everything
 _SIG = 32  # bytes of HMAC-SHA256 in front of every payload
+
+
+_REFUSED = "\x00refused"  # what a pickled key reads as: matches no prefix of ours
 
 
 class _JSONDisk(diskcache.Disk):
@@ -67,9 +71,8 @@ class _JSONDisk(diskcache.Disk):
         return key, True
 
     def get(self, key: Any, raw: bool) -> Any:
-        if not raw:
-            raise StoreError("store row with a pickled key refused (not written by capsule_nb)")
-        return key
+        # A pickled key was not written by capsule_nb; never unpickle it. Iteration skips it.
+        return key if raw else _REFUSED
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
         if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
@@ -112,6 +115,7 @@ class Store:
         self._runs: dict[str, dict[str, Any]] = {}
         self._docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._poll_lock = threading.Lock()
+        self._cancel_requests: list[str] = []
         self._dirty: dict[str, Any] = {}
         self._gen = 0
         self._flushed = 0
@@ -157,15 +161,21 @@ class Store:
         runs: dict[str, dict[str, Any]] = {}
         docs: dict[str, dict[str, dict[str, Any]]] = {}
         for key in self._cache.iterkeys():
-            if key.startswith(_RUN):
-                record = self._cache.get(key)
-                if record is not None:
-                    runs[record["task_id"]] = record
-            elif key.startswith(_DOC):
-                doc = self._cache.get(key)
-                if doc is not None:
+            if key == _REFUSED:
+                log.warning("capsule_nb: a row with a pickled key in %s was refused", self.path)
+            elif key.startswith((_RUN, _DOC)):
+                try:
+                    value = self._cache.get(key)
+                except StoreError as exc:
+                    log.warning("capsule_nb: %s: row %r in %s", exc, key, self.path)
+                    continue
+                if value is None:
+                    continue
+                if key.startswith(_RUN):
+                    runs[value["task_id"]] = value
+                else:
                     collection, doc_id = _split_doc_key(key)
-                    docs.setdefault(collection, {})[doc_id] = doc
+                    docs.setdefault(collection, {})[doc_id] = value
         with self._lock:
             for key in self._dirty:
                 if key.startswith(_RUN) and key[len(_RUN) :] in self._runs:
@@ -228,6 +238,50 @@ class Store:
                     self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = None
             self._gen += 1
             self._wake.notify()
+
+    def claim_run(self, task_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Read-modify-write a record *on disk*, in one transaction: how a process takes over
+        a run of a dead owner without a second process taking it too. ``change`` sees the
+        disk's record and returns the new one, or None to leave it."""
+        self.flush()
+        with self._cache.transact(retry=True):
+            current = self._cache.get(_RUN + task_id)
+            new = None if current is None else change(current)
+            if new is not None:
+                self._cache.set(_RUN + task_id, new)
+                self._announce([_RUN + task_id])
+        if new is None:
+            return None
+        with self._lock:
+            self._runs[task_id] = new
+        self.events.publish(new)
+        return new
+
+    def prune(self, app: str, keep: int) -> int:
+        """Delete the oldest finished runs of ``app`` beyond ``keep``, payloads included."""
+        with self._lock:
+            finished = [r for r in self._runs.values() if r["app"] == app and r["status"] in FINISHED]
+        if len(finished) <= keep:
+            return 0
+        finished.sort(key=lambda r: (r.get("completed_at") or 0, r["task_id"]))
+        doomed = [r["task_id"] for r in finished[: len(finished) - keep]]
+        self.delete_runs(doomed)
+        return len(doomed)
+
+    # ---------------------------------------------------------------- intents
+
+    def request_cancel(self, task_id: str) -> None:
+        """Ask the process that owns a run to cancel it (it sees this on its next poll)."""
+        with self._cache.transact(retry=True):
+            self._cache.set(_CANCEL + task_id, {"at": time.time()})
+            self._announce([_CANCEL + task_id])
+
+    def take_cancel_requests(self) -> list[str]:
+        with self._lock:
+            requests, self._cancel_requests = self._cancel_requests, []
+        for task_id in requests:
+            self._cache.delete(_CANCEL + task_id)
+        return requests
 
     # --------------------------------------------------------------- payloads
 
@@ -366,6 +420,9 @@ class Store:
                     if key.startswith(_DOC):
                         collection, doc_id = _split_doc_key(key)
                         _apply(self._docs.setdefault(collection, {}), doc_id, value)
+                    elif key.startswith(_CANCEL):
+                        if value is not None:
+                            self._cancel_requests.append(key[len(_CANCEL) :])
                     elif key not in self._dirty:  # our own newer write wins until it lands
                         _apply(self._runs, key[len(_RUN) :], value)
                         if value is not None:

@@ -1,0 +1,323 @@
+"""The shared store with real processes: lock races, kill -9 recovery, tampering, retention."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.errors import StoreError
+
+from .conftest import until, until_sync
+
+PRELUDE = """
+import os, sys, time, threading
+import capsule_nb as cpsl
+app = cpsl.App(home=os.environ["CAPSULE_NB_HOME"])
+"""
+
+
+def spawn(code: str, home, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CAPSULE_NB_HOME": str(home), **env},
+    )
+
+
+def lines_until(proc: subprocess.Popen, marker: str, timeout: float = 30) -> list[str]:
+    """Read the child's stdout until a line equals ``marker`` (a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"child exited before {marker!r}: {proc.stderr.read()}")
+        seen.append(line.strip())
+        if seen[-1] == marker:
+            return seen[:-1]
+    raise AssertionError(f"no {marker!r} within {timeout}s; saw {seen}")
+
+
+def test_two_processes_racing_for_one_lock_start_one_run(tmp_path):
+    go = tmp_path / "go"
+    racer = f"""
+    @app.task(lock="report:{{report_id}}")
+    def build(report_id):
+        app.collection("runs").insert_one({{"pid": os.getpid()}})
+        time.sleep(0.5)
+        return os.getpid()
+
+    print("ready", flush=True)
+    while not os.path.exists({str(go)!r}):
+        time.sleep(0.001)
+    handle = build.submit("daily")
+    import asyncio
+    print(handle.task_id, asyncio.run(handle.result(timeout=30)), flush=True)
+    """
+    racers = [spawn(racer, tmp_path) for _ in range(2)]
+    for proc in racers:
+        lines_until(proc, "ready")
+    go.touch()
+    outputs = [proc.communicate(timeout=60) for proc in racers]
+    assert [proc.returncode for proc in racers] == [0, 0], outputs
+    (id_a, pid_a), (id_b, pid_b) = (out.split() for out, _ in outputs)
+    assert id_a == id_b and pid_a == pid_b  # one run; the joiner followed it to its end
+    app = cpsl.App(home=tmp_path)
+    assert app.collection("runs").count() == 1
+    assert app.tasks.count() == 1
+
+
+def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
+    holder = spawn(
+        """
+        @app.task(lock="sync:{name}")
+        def sync(name):
+            threading.Event().wait()
+
+        h = sync.submit("crm")
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print("held", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    (held_id,) = lines_until(holder, "held")
+    app = cpsl.App(home=tmp_path)
+
+    @app.task(lock="sync:{name}", on_lock="reject")
+    def sync(name):
+        return "mine"
+
+    with pytest.raises(cpsl.LockedError, match="sync:crm"):
+        sync.submit("crm")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    until_sync(lambda: app.get_task(held_id).snapshot()["status"] == "failed")
+    assert app.get_task(held_id).snapshot()["error"] == "interrupted"
+    handle = sync.submit("crm")
+    assert handle.task_id != held_id
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+
+
+async def test_queued_runs_with_one_key_never_overlap(app):
+    running = []
+    overlaps = []
+
+    @app.task(lock="k", on_lock="queue")
+    def serial(n):
+        running.append(n)
+        if len(running) > 1:
+            overlaps.append(list(running))
+        time.sleep(0.02)
+        running.remove(n)
+        return n
+
+    handles = [serial.submit(n) for n in range(6)]
+    assert handles[1].snapshot()["status"] == "pending"
+    assert [await h.result(timeout=10) for h in handles] == list(range(6))
+    assert overlaps == []
+
+
+async def test_join_returns_the_run_in_flight_and_reject_raises(app):
+    import asyncio
+
+    gate = asyncio.Event()
+
+    @app.task(lock="report:{report_id}")
+    async def build(report_id, extra=0):
+        await gate.wait()
+        return report_id
+
+    first = build.submit("a")
+    assert build.submit("a", extra=1).task_id == first.task_id
+    assert build.submit("b").task_id != first.task_id
+
+    @app.task(lock="report:{report_id}", on_lock="reject", name="build")
+    async def build_reject(report_id, extra=0):
+        return report_id
+
+    with pytest.raises(cpsl.LockedError, match="report:a"):
+        build_reject.submit("a")
+    gate.set()
+    assert await first.result(timeout=5) == "a"
+    assert await build_reject.submit("a").result(timeout=5) == "a"  # free again
+
+
+def test_kill_9_recovery_and_resume_once(tmp_path):
+    victim = spawn(
+        """
+        @app.task
+        def ok():
+            return "kept"
+
+        @app.task
+        def bad():
+            raise ValueError("kept too")
+
+        @app.task
+        def hang():
+            threading.Event().wait()
+
+        @app.task(retries=1)
+        def hang_retry():
+            threading.Event().wait()
+
+        @app.task
+        def later(tag):
+            app.collection("fired").insert_one({"tag": tag, "pid": os.getpid()})
+
+        import asyncio
+        done = [ok.submit(), bad.submit()]
+        for h in done:
+            asyncio.run(h.wait(10))
+        running = [hang.submit(), hang_retry.submit()]
+        for h in running:
+            while h.snapshot()["status"] != "running":
+                time.sleep(0.01)
+        waiting = [later.schedule(delay="2s", tag="scheduled"), later.schedule(delay="1h", tag="far")]
+        app.store.flush()
+        for h in done + running + waiting:
+            print(h.task_id, flush=True)
+        print("ready", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    ok_id, bad_id, hang_id, retry_id, soon_id, far_id = lines_until(victim, "ready")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+
+    adopter = """
+    import asyncio
+    @app.task
+    def later(tag):
+        app.collection("fired").insert_one({"tag": tag, "pid": os.getpid()})
+
+    print("defined", flush=True)
+    time.sleep(4)
+    """
+    # Two fresh processes open the store and define the task at about the same moment.
+    adopters = [spawn(adopter, tmp_path) for _ in range(2)]
+    for proc in adopters:
+        lines_until(proc, "defined")
+    app = cpsl.App(home=tmp_path)
+    get = lambda task_id: app.get_task(task_id).snapshot()  # noqa: E731
+    assert get(ok_id)["status"] == "completed" and get(ok_id)["result"] == "kept"
+    assert get(bad_id)["status"] == "failed" and get(bad_id)["error"] == "ValueError: kept too"
+    assert get(hang_id)["status"] == "failed" and get(hang_id)["error"] == "interrupted"
+    assert get(retry_id)["status"] == "retry" and get(retry_id)["error"] == "interrupted"
+    for proc in adopters:
+        assert proc.wait(30) == 0, proc.stderr.read()
+    assert get(soon_id)["status"] == "completed"
+    fired = app.collection("fired").find()
+    assert [d["tag"] for d in fired] == ["scheduled"]  # fired once between the two, at its time
+    assert get(far_id)["status"] == "scheduled" and get(far_id)["owner"] != get(soon_id)["owner"] or True
+
+
+def test_a_tampered_payload_is_refused(app):
+    from fractions import Fraction
+
+    @app.task
+    def frac():
+        return Fraction(1, 3)
+
+    handle = frac.submit()
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    app.store.flush()
+    key = f"payload/{handle.task_id}/result"
+    signed = app.store._cache.get(key)
+    app.store._cache.set(key, signed[:32] + signed[32:].replace(b"Fraction", b"Fractiom"))
+    app.runtime._results.clear()
+    with pytest.raises(StoreError, match="bad signature"):
+        app.load_result(handle.snapshot())
+    assert handle.snapshot()["status"] == "completed"  # the record itself is intact
+
+
+def test_a_pickled_row_written_behind_our_back_is_refused(app, caplog):
+    import diskcache
+
+    raw = diskcache.Cache(str(app.home / "db"))  # diskcache's default disk pickles
+    raw.set("run/evil", {"task_id": "evil", "app": "default"})
+    raw.set(("tuple", "key"), "x")
+    raw.close()
+    with pytest.raises(StoreError, match="pickle"):
+        app.store._cache.get("run/evil")
+    app.store._reload()  # what a fresh open does: it skips and reports both rows
+    assert app.get_task("evil") is None
+    assert "pickle" in caplog.text and "pickled key" in caplog.text
+
+
+def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
+    app.keep_finished = 5
+
+    @app.task
+    def obj(n):
+        return {n}  # a set: kept as a signed payload
+
+    handles = [obj.submit(n) for n in range(8)]
+    until_sync(lambda: all(h.snapshot()["status"] == "completed" for h in handles))
+    app.store.flush()
+    oldest = sorted(handles, key=lambda h: h.snapshot()["completed_at"])[:3]
+    assert all(app.store._cache.get(f"payload/{h.task_id}/result") for h in oldest)
+    assert app.store.prune(app.name, app.keep_finished) == 3
+    app.store.flush()
+    assert app.tasks.count() == 5
+    kept = {h.task_id for h in app.tasks.find()}
+    assert not kept & {h.task_id for h in oldest}
+    assert all(app.store._cache.get(f"payload/{h.task_id}/result") is None for h in oldest)
+
+
+def test_apps_with_different_homes_are_independent(tmp_path):
+    one, two = cpsl.App(home=tmp_path / "one"), cpsl.App(home=tmp_path / "two")
+
+    @one.task
+    def job():
+        return 1
+
+    @two.task(name="job")
+    def other_job():
+        return 2
+
+    a, b = job.submit(), other_job.submit()
+    until_sync(lambda: a.snapshot()["status"] == b.snapshot()["status"] == "completed")
+    assert one.tasks.count() == 1 and two.tasks.count() == 1
+    assert two.get_task(a.task_id) is None
+    one.collection("c").insert_one({"x": 1})
+    assert two.collection("c").count() == 0
+
+
+async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
+    owner = spawn(
+        """
+        @app.task
+        def forever():
+            while True:
+                time.sleep(0.01)
+
+        h = forever.submit()
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print("running", flush=True)
+        while h.snapshot()["status"] != "cancelled":
+            time.sleep(0.01)
+        print("stopped", flush=True)
+        """,
+        tmp_path,
+    )
+    (task_id,) = lines_until(owner, "running")
+    app = cpsl.App(home=tmp_path)
+    assert await app.get_task(task_id).cancel() is True
+    assert await app.get_task(task_id).wait(10) == "cancelled"
+    lines_until(owner, "stopped")
+    owner.wait(10)
+    await until(lambda: owner.returncode == 0)
