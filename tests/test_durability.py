@@ -219,7 +219,8 @@ def test_kill_9_recovery_and_resume_once(tmp_path):
     assert get(soon_id)["status"] == "completed"
     fired = app.collection("fired").find()
     assert [d["tag"] for d in fired] == ["scheduled"]  # fired once between the two, at its time
-    assert get(far_id)["status"] == "scheduled" and get(far_id)["owner"] != get(soon_id)["owner"] or True
+    assert get(far_id)["status"] == "scheduled"  # still waiting for its hour, now owned by an adopter
+    assert f":{victim.pid}:" not in get(far_id)["owner"]
 
 
 def test_a_tampered_payload_is_refused(app):
