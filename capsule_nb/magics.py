@@ -20,6 +20,7 @@ def load_ipython_extension(ip: Any) -> None:
     except RuntimeError:
         pass  # terminal IPython: the runtime starts its own loop thread when needed
     capture.install()
+    app.runtime.start_maintenance()  # again after an unload stopped it
     ip.register_magic_function(_tasks_magic, "line", "tasks")
     ip.register_magic_function(_task_magic, "line", "task")
     ip.register_magic_function(_capsule_magic, "line", "capsule")

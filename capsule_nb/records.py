@@ -57,7 +57,7 @@ def new_task_id() -> str:
 def evolve(record: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """A new snapshot with ``changes``; refuses an illegal status move."""
     status = changes.get("status")
-    if status is not None and status != record["status"]:
+    if status is not None and (status != record["status"] or status in FINISHED):
         if status not in TRANSITIONS[record["status"]]:
             raise ValueError(f"run {record['task_id']}: {record['status']} -> {status} is not allowed")
     new = dict(record)

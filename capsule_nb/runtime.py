@@ -151,8 +151,7 @@ class Runtime:
         self._loop_thread: int | None = None
         self._own_loop_thread: threading.Thread | None = None
         self._results: dict[str, Any] = {}  # recent results of this process, by identity
-        self._maintaining = False
-        self._stopped = False
+        self._maintenance: object | None = None  # the live maintenance loop's token
         self._last_prune = time.monotonic()
 
     # -------------------------------------------------------------- the loop
@@ -425,17 +424,16 @@ class Runtime:
                                scheduled_for=now + retry_in if retry_in else None)
             else:
                 changes = dict(status=FAILED, completed_at=now, error=error, traceback=trace)
+        with run.lock:
+            if run.phase == "done":
+                return  # shutdown already recorded how it ended; the late outcome is dropped
+            run.phase = "waiting" if retry_in is not None else "done"
+            run.aio_task = None
+        record = self.update(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
         if retry_in is not None:
-            with run.lock:
-                run.phase = "waiting"
-                run.aio_task = None
-            record = self.update(run.task_id, lambda r: evolve(r, **changes))
             run.start_timer = self.timers.call_later(retry_in, lambda: self._start(run))
             self._callback(run, record)
             return
-        with run.lock:
-            run.phase = "done"
-        record = self.update(run.task_id, lambda r: evolve(r, **changes))
         self._settle(run, record)
 
     def _settle(self, run: Run, record: dict | None) -> None:
@@ -568,11 +566,11 @@ class Runtime:
 
     def start_maintenance(self) -> None:
         """Arm the periodic pass that notices other processes (see ``_maintain``)."""
-        if not self._maintaining:
-            self._maintaining = True
-            self.timers.call_later(0, self._maintain)
+        if self._maintenance is None:
+            self._maintenance = generation = object()
+            self.timers.call_later(0, lambda: self._maintain(generation))
 
-    def _maintain(self) -> None:
+    def _maintain(self, generation: object) -> None:
         """Every ``MAINTAIN_SECONDS``: fold in other processes' writes, act on cancel requests
         sent to our runs, free queued runs whose lock another process released, recover runs
         of dead processes, and keep the store under its retention cap."""
@@ -591,8 +589,8 @@ class Runtime:
         except Exception:
             log.exception("capsule_nb maintenance pass failed")
         finally:
-            if not self._stopped:
-                self.timers.call_later(MAINTAIN_SECONDS, self._maintain)
+            if self._maintenance is generation:  # not stopped (or restarted) meanwhile
+                self.timers.call_later(MAINTAIN_SECONDS, lambda: self._maintain(generation))
 
     def recover(self) -> int:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
@@ -666,7 +664,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Record what is still running as interrupted, then make it all durable."""
-        self._stopped = True
+        self._maintenance = None
         with self._live_lock:
             live = list(self._live.values())
             self._live.clear()
