@@ -10,6 +10,7 @@ that submitted it rather than under whatever cell runs now.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 CellTarget = dict[str, Any]
@@ -17,6 +18,8 @@ CellTarget = dict[str, Any]
 
 def kernel() -> Any | None:
     """The running ipykernel, or None in a script or terminal IPython."""
+    if "IPython" not in sys.modules:  # a plain script: nothing to look up (on the submit path)
+        return None
     try:
         from IPython import get_ipython
     except ImportError:  # pragma: no cover - IPython comes with ipywidgets

@@ -49,20 +49,21 @@ def _home(home: str | os.PathLike[str] | None) -> Path:
 class App:
     """A named group of tasks with its store."""
 
-    def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *, max_threads: int = 32):
+    def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
+                 max_threads: int = 32, keep_finished: int = 10_000):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
         self.name = name
         self.store = _open_store(_home(home))
         self.max_result_bytes = 64 * 2**20
-        self.runtime = Runtime(self, max_threads=max_threads)
+        self.runtime = Runtime(self, max_threads=_whole("max_threads", max_threads, minimum=1))
         self._tasks: dict[str, Task] = {}
         self.tasks = TaskQuery(self)
         user = _local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = _kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
-        self.keep_finished = 10_000
+        self.keep_finished = _whole("keep_finished", keep_finished)  # older finished runs are pruned
         self._closed = False
         atexit.register(self.close)
         self.runtime.recover()
@@ -152,20 +153,31 @@ def default_app() -> App:
 
 
 def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | None = None,
-              max_result_bytes: int | None = None) -> App:
-    """Set up the default app (call before defining tasks to move its store)."""
+              max_result_bytes: int | None = None, keep_finished: int | None = None) -> App:
+    """Set up the default app and return it.
+
+    ``home`` moves the default app to another store (do it before defining
+    tasks); the others tune it in place: the thread pool size, the largest
+    result kept (bigger ones keep only a repr), finished runs kept per app.
+    """
     global _default
     with _default_lock:
-        if home is not None or _default is None or max_threads is not None:
-            if _default is not None and home is None:
-                home = _default.home
-            _default = App(home=home, max_threads=max_threads or 32)
+        if _default is None or home is not None:
+            _default = App(home=home)
         app = _default
+    if max_threads is not None:
+        app.runtime.max_threads = _whole("max_threads", max_threads, minimum=1)
     if max_result_bytes is not None:
-        if max_result_bytes < 0:
-            raise ValueError(f"max_result_bytes must be >= 0, got {max_result_bytes!r}")
-        app.max_result_bytes = max_result_bytes
+        app.max_result_bytes = _whole("max_result_bytes", max_result_bytes)
+    if keep_finished is not None:
+        app.keep_finished = _whole("keep_finished", keep_finished)
     return app
+
+
+def _whole(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def task(fn: F | None = None, /, **options: Any) -> Any:

@@ -8,7 +8,7 @@ handed to another thread, a widget or the store's writer without copying.
 from __future__ import annotations
 
 import json
-import secrets
+import random
 import time
 from typing import Any
 
@@ -50,8 +50,13 @@ def check_status(status: str | None) -> None:
 
 
 def new_task_id() -> str:
-    """Time-ordered id: sorting ids sorts runs by creation, across processes."""
-    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(5)}"
+    """Time-ordered id: sorting ids sorts runs by creation, across processes.
+
+    40 random bits after the microsecond clock; ``random`` (reseeded after a
+    fork) rather than ``secrets`` because this is on the submit path and an id
+    needs to be unique, not unguessable.
+    """
+    return f"{time.time_ns() // 1000:014x}{random.getrandbits(40):010x}"
 
 
 def evolve(record: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -66,8 +71,13 @@ def evolve(record: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return new
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def json_safe(value: Any) -> tuple[Any, bool]:
-    """``(value, True)`` when the value survives JSON unchanged, else ``(repr, False)``."""
+    """``(a copy of value, True)`` when it survives JSON unchanged, else ``(repr, False)``."""
+    if type(value) in _SCALARS and not (type(value) is float and value != value):  # NaN is not JSON
+        return value, True
     try:
         text = json.dumps(value)
     except (TypeError, ValueError, RecursionError):

@@ -202,6 +202,14 @@ class Runtime:
 
     # --------------------------------------------------------------- records
 
+    @property
+    def max_threads(self) -> int:
+        return self._pool.max_workers
+
+    @max_threads.setter
+    def max_threads(self, value: int) -> None:
+        self._pool.max_workers = value  # the pool grows (or stops growing) from the next submit
+
     def update(self, task_id: str, change: Callable[[dict], dict | None]) -> dict | None:
         return self.store.update_run(task_id, change)
 
@@ -390,9 +398,10 @@ class Runtime:
         return {"result": None, "result_repr": preview, "result_kind": "payload", "result_bytes": size}
 
     def _remember_result(self, task_id: str, value: Any) -> None:
-        self._results[task_id] = value
-        if len(self._results) > 1000:
-            self._results.pop(next(iter(self._results)))
+        with self._live_lock:  # worker threads finish concurrently
+            self._results[task_id] = value
+            if len(self._results) > 1000:
+                self._results.pop(next(iter(self._results)))
 
     def recent_result(self, task_id: str) -> tuple[bool, Any]:
         try:
@@ -530,7 +539,7 @@ class Runtime:
         series = record.get("series")
         if not series:
             return False
-        live = [r for r in self.store.runs() if r.get("series") == series and r["status"] not in FINISHED]
+        live = [r for r in self.store.unfinished_runs() if r.get("series") == series]
         return any([self.cancel(r["task_id"]) for r in live])
 
     def _request_cancel(self, record: dict) -> bool:
@@ -596,7 +605,7 @@ class Runtime:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
         ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners."""
         recovered = 0
-        for record in self.store.runs():
+        for record in self.store.unfinished_runs():
             if record["app"] != self.app.name or record["status"] not in (RUNNING, CLAIMED):
                 continue
             owner = record.get("owner", "")
@@ -620,7 +629,7 @@ class Runtime:
         """Take over the waiting runs of ``task`` whose owner died, and arm them (once, even
         when several kernels define the task at the same moment)."""
         adopted = 0
-        for record in self.store.runs():
+        for record in self.store.unfinished_runs():
             if (record["app"] != self.app.name or record["task_name"] != task.name
                     or record["status"] not in WAITING or record.get("owner") == self.owner
                     or owner_alive(record.get("owner", ""))):

@@ -113,6 +113,7 @@ class Store:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._runs: dict[str, dict[str, Any]] = {}
+        self._unfinished: dict[str, dict[str, Any]] = {}
         self._docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._poll_lock = threading.Lock()
         self._cancel_requests: list[str] = []
@@ -181,6 +182,7 @@ class Store:
                 if key.startswith(_RUN) and key[len(_RUN) :] in self._runs:
                     runs[key[len(_RUN) :]] = self._runs[key[len(_RUN) :]]
             self._runs = runs
+            self._unfinished = {k: r for k, r in runs.items() if r["status"] not in FINISHED}
             self._docs = docs
             self._seen = max(self._seen, seq)
 
@@ -189,7 +191,7 @@ class Store:
     def put_run(self, record: dict[str, Any]) -> int:
         """Accept a record snapshot; returns the generation to pass to ``flushed``."""
         with self._lock:
-            self._runs[record["task_id"]] = record
+            self._mirror(record["task_id"], record)
             self._dirty[_RUN + record["task_id"]] = record
             self._gen += 1
             gen = self._gen
@@ -210,12 +212,29 @@ class Store:
             new = change(current)
             if new is None or new is current:
                 return current
-            self._runs[task_id] = new
+            self._mirror(task_id, new)
             self._dirty[_RUN + task_id] = new
             self._gen += 1
             self._wake.notify()
         self.events.publish(new)
         return new
+
+    def _mirror(self, task_id: str, record: dict[str, Any] | None) -> None:
+        """Set (or drop) a run in the mirror; caller holds ``self._lock``."""
+        if record is None:
+            self._runs.pop(task_id, None)
+            self._unfinished.pop(task_id, None)
+            return
+        self._runs[task_id] = record
+        if record["status"] in FINISHED:
+            self._unfinished.pop(task_id, None)
+        else:
+            self._unfinished[task_id] = record
+
+    def unfinished_runs(self) -> list[dict[str, Any]]:
+        """Runs not finished yet: what recovery and adoption look through (a snapshot)."""
+        with self._lock:
+            return list(self._unfinished.values())
 
     def get_run(self, task_id: str) -> dict[str, Any] | None:
         record = self._runs.get(task_id)
@@ -232,7 +251,7 @@ class Store:
     def delete_runs(self, task_ids: Iterable[str]) -> None:
         with self._lock:
             for task_id in task_ids:
-                self._runs.pop(task_id, None)
+                self._mirror(task_id, None)
                 self._dirty[_RUN + task_id] = None
                 for name in ("result", "args"):
                     self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = None
@@ -253,7 +272,7 @@ class Store:
         if new is None:
             return None
         with self._lock:
-            self._runs[task_id] = new
+            self._mirror(task_id, new)
         self.events.publish(new)
         return new
 
@@ -424,7 +443,7 @@ class Store:
                         if value is not None:
                             self._cancel_requests.append(key[len(_CANCEL) :])
                     elif key not in self._dirty:  # our own newer write wins until it lands
-                        _apply(self._runs, key[len(_RUN) :], value)
+                        self._mirror(key[len(_RUN) :], value)
                         if value is not None:
                             fresh.append(value)
         for record in fresh:

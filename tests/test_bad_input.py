@@ -149,3 +149,14 @@ def test_app_name_must_be_text(tmp_path):
 def test_bad_find_arguments(app):
     with pytest.raises(ValueError, match="limit and offset"):
         app.tasks.find(limit=-1)
+
+
+def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSULE_NB_HOME", str(tmp_path / "default"))
+    app = cpsl.configure(home=tmp_path / "configured", max_threads=4, keep_finished=50, max_result_bytes=1024)
+    assert app.home == (tmp_path / "configured").resolve()
+    assert (app.runtime.max_threads, app.keep_finished, app.max_result_bytes) == (4, 50, 1024)
+    assert cpsl.configure() is app
+    for bad in ({"max_threads": 0}, {"keep_finished": -1}, {"max_result_bytes": "1MB"}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
+            cpsl.configure(**bad)

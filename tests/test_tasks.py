@@ -235,6 +235,23 @@ async def test_cancel_pending_and_scheduled_runs_never_start(app):
     assert ran == []
 
 
+async def test_cancel_a_pending_queued_run_it_never_starts(app):
+    gate = asyncio.Event()
+    ran = []
+
+    @app.task(lock="one", on_lock="queue")
+    async def job(n):
+        ran.append(n)
+        await gate.wait()
+
+    first, second = job.submit(1), job.submit(2)
+    assert second.snapshot()["status"] == "pending"
+    assert await second.cancel() is True
+    gate.set()
+    assert await first.wait(5) == "completed"
+    assert await second.status() == "cancelled" and ran == [1]
+
+
 async def test_schedule_at_and_delay(app):
     import datetime as dt
 
