@@ -20,6 +20,7 @@ from .collections import Collection, Database
 from .handle import TaskHandle
 from .queries import TaskQuery
 from .runtime import Runtime
+from .schedules import Schedule, parse_cron, parse_tz
 from .session import Session, _local_user
 from .store import Store
 from .tasks import Task
@@ -58,6 +59,7 @@ class App:
         self.max_result_bytes = 64 * 2**20
         self.runtime = Runtime(self, max_threads=_whole("max_threads", max_threads, minimum=1))
         self._tasks: dict[str, Task] = {}
+        self._schedules: dict[str, Schedule] = {}
         self.tasks = TaskQuery(self)
         user = _local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
@@ -89,8 +91,28 @@ class App:
 
         return decorate(fn) if fn is not None else decorate
 
-    def schedule(self, cron: str, **options: Any) -> Callable[[F], Any]:
-        raise NotImplementedError("cron schedules are not built yet (issue: cron schedules)")
+    def schedule(self, cron: str, *, tz: str = "UTC", name: str | None = None,
+                 catchup: bool = False) -> Callable[[F], Schedule]:
+        """``@app.schedule("*/5 * * * *", tz="Europe/Paris")``: run a no-argument function on a cron cadence."""
+        parse_cron(cron)  # a bad cron fails here, before there is a function
+        parse_tz(tz)
+
+        def decorate(function: F) -> Schedule:
+            schedule = Schedule(function, app=self, cron=cron, tz=tz, name=name, catchup=catchup)
+            old = self._schedules.get(schedule.name)
+            self._schedules[schedule.name] = schedule  # a re-run cell replaces, never doubles
+            if old is not None:
+                old.stop()
+            schedule.start()
+            return schedule
+
+        return decorate
+
+    def registered_schedule(self, name: str) -> Schedule | None:
+        return self._schedules.get(name)
+
+    def schedules(self) -> list[Schedule]:
+        return list(self._schedules.values())
 
     def registered(self, name: str) -> Task | None:
         return self._tasks.get(name)
@@ -134,6 +156,8 @@ class App:
         if self._closed:
             return
         self._closed = True
+        for schedule in self._schedules.values():
+            schedule.stop()
         try:
             self.runtime.shutdown()
         except Exception:  # at interpreter exit, best effort
@@ -185,8 +209,9 @@ def task(fn: F | None = None, /, **options: Any) -> Any:
     return default_app().task(fn, **options)
 
 
-def schedule(cron: str, **options: Any) -> Callable[[F], Any]:
-    return default_app().schedule(cron, **options)
+def schedule(cron: str, *, tz: str = "UTC", name: str | None = None, catchup: bool = False) -> Callable[[F], Schedule]:
+    """``@cpsl.schedule("*/5 * * * *")``: 5 fields, or 6 with seconds last; ``tz`` any IANA zone."""
+    return default_app().schedule(cron, tz=tz, name=name, catchup=catchup)
 
 
 def get_task(task_id: str) -> TaskHandle | None:

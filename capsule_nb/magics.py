@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from . import capture
-from .app import default_app
+from .app import App, default_app
 from .records import FINISHED, RUNNING
 from .ui import TaskBoard, TaskCard, display
 from .ui.text import table_text
@@ -54,8 +54,9 @@ def _task_magic(line: str) -> None:
     display(TaskCard(handle))
 
 
-def capsule_summary() -> str:
-    app = default_app()
+def capsule_summary(app: App | None = None) -> str:
+    """What ``%capsule`` prints: the store, counts by status, running work, schedules."""
+    app = app or default_app()
     app.store.poll()
     runs = [r for r in app.store.runs() if r["app"] == app.name]
     counts = Counter(r["status"] for r in runs)
@@ -68,6 +69,13 @@ def capsule_summary() -> str:
         lines.append(table_text(running))
     if live:
         lines.append(f"waiting ({len(live)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in live[:10]))
+    schedules = app.schedules()
+    lines.append(f"schedules ({len(schedules)}):" if schedules else "no schedules")
+    for schedule in schedules:
+        when = "paused" if schedule.paused else "next " + schedule.next_runs(1)[0].isoformat(timespec="seconds")
+        skipped = schedule.state().get("skipped", 0)
+        lines.append(f"  {schedule.name:<24} {schedule.cron:<20} {schedule.tz.key:<16} {when}"
+                     + (f"  ({skipped} ticks skipped)" if skipped else ""))
     return "\n".join(lines)
 
 

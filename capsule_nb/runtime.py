@@ -217,7 +217,8 @@ class Runtime:
 
     def submit(self, task: "Task", args: tuple, kwargs: dict, params: dict[str, Any], *,
                session: "Session | None", target: dict | None, start_at: float | None = None,
-               every: float | None = None, series: str | None = None) -> tuple[dict, int]:
+               every: float | None = None, series: str | None = None,
+               extra: dict[str, Any] | None = None) -> tuple[dict, int]:
         """Record a new run and start it (or arm its start); returns ``(record, generation)``."""
         capture.install()
         now = time.time()
@@ -256,6 +257,7 @@ class Runtime:
             "output": [],
             "progress": None,
             "process": task.process,
+            **(extra or {}),
         }
         if lock_key is not None:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -141,19 +142,25 @@ class Store:
             raise StoreError(f"capsule_nb store path {self.path} is not writable")
 
     def _load_key(self) -> bytes:
+        """The store's HMAC key, made on first open. Written to a private temp file and
+        linked into place, so a second process opening a new store at the same moment
+        reads either no key or the whole key, never half of one."""
         key_path = self.path / "secret.key"
-        try:
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            key = key_path.read_bytes()
-            if len(key) != 32:
-                raise StoreError(f"store key {key_path} is damaged (expected 32 bytes)")
-            return key
-        except OSError as exc:
-            raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
-        key = os.urandom(32)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
+        if not key_path.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".key-")  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(os.urandom(32))
+                os.link(tmp, key_path)
+            except FileExistsError:
+                pass  # another process won; use its key
+            except OSError as exc:
+                raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
+            finally:
+                os.unlink(tmp)
+        key = key_path.read_bytes()
+        if len(key) != 32:
+            raise StoreError(f"store key {key_path} is damaged (expected 32 bytes)")
         return key
 
     def _reload(self) -> None:
@@ -513,6 +520,14 @@ class Store:
         return None if held is None else held["task_id"]
 
     # --------------------------------------------------------- plain values
+
+    def update_value(self, key: str, change: Callable[[Any], Any]) -> Any:
+        """Read-modify-write a plain value in one transaction (shared state such as a
+        schedule's last tick); ``change`` gets the value on disk (or None)."""
+        with self._cache.transact(retry=True):
+            new = change(self._cache.get(key))
+            self._cache.set(key, new)
+        return new
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._cache.get(key, default)

@@ -1,0 +1,218 @@
+"""Cron schedules: ``@cpsl.schedule("*/5 * * * *")``.
+
+Each tick is an ordinary run (task name = schedule name), so it has a
+status, output and messages, and shows on the board. What makes a tick
+fire once, on time:
+
+* **Ownership per tick, not per kernel.** Every kernel that defines the
+  schedule arms a timer; at the due time each tries to claim the tick in one
+  store transaction (``last_due`` moves forward only once). The winner
+  submits the run. No leader to elect, and when the kernel that fired dies the
+  others simply keep claiming.
+* **No bursts.** The next due time is computed from *now*, so a tick delayed
+  by a blocking cell or a suspended laptop fires once, and a tick that comes
+  while the previous run is unfinished is skipped (counted in the schedule's
+  state).
+* **Wall clock.** Timers re-check the wall clock at least every 30 s
+  (``timers.MAX_WAIT``), never one long monotonic wait.
+* **DST.** croniter yields a fixed wall time twice in a fall-back hour; a job
+  with a fixed hour fires only at its first occurrence. A time skipped by a
+  spring-forward is shifted by croniter and fires once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+import logging
+import threading
+import zoneinfo
+from typing import TYPE_CHECKING, Any, Callable
+
+from croniter import croniter
+
+from .handle import TaskHandle
+from .queries import TaskQuery
+from .records import FINISHED
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("capsule_nb")
+
+
+def parse_cron(cron: str) -> str:
+    """The cron string, checked: 5 fields, or 6 with seconds last."""
+    if not isinstance(cron, str):
+        raise TypeError(f"a cron schedule is a string like '*/5 * * * *', not {cron!r}")
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"bad cron {cron!r}: expected 5 fields (minute hour day month weekday) or 6 (seconds last)")
+    try:
+        croniter(cron)
+    except Exception as exc:  # croniter's errors say which field
+        raise ValueError(f"bad cron {cron!r}: {exc}") from None
+    return " ".join(fields)
+
+
+def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as 'UTC' or 'Europe/Paris'") from None
+
+
+class Schedule:
+    """A function run on a cron cadence. Call it to run it inline."""
+
+    def __init__(self, fn: Callable[[], Any], *, app: "App", cron: str, tz: str = "UTC",
+                 name: str | None = None, catchup: bool = False):
+        self.cron = parse_cron(cron)
+        self.tz = parse_tz(tz)
+        self.name = name or getattr(fn, "__name__", None) or repr(fn)
+        required = [p.name for p in inspect.signature(fn).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise TypeError(f"@schedule({self.cron!r}): {self.name}() must take no arguments, it requires {required}")
+        self.fn = fn
+        self.app = app
+        self.catchup = bool(catchup)
+        self.task = Task(fn, app=app, name=self.name)
+        self._key = f"sched/{app.name}/{self.name}"
+        self._fixed_hour = not any(c in self.cron.split()[1] for c in "*/,-")
+        self._timer: Any = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else f"next {self.next_runs(1)[0].isoformat()}"
+        return f"<capsule schedule {self.name!r} {self.cron!r} {self.tz.key}, {state}>"
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+    # --------------------------------------------------------------- public
+
+    def next_runs(self, n: int = 5, after: dt.datetime | None = None) -> list[dt.datetime]:
+        """The next ``n`` fire times after ``after`` (default now), in the schedule's time
+        zone, DST repeats left out."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n!r}")
+        out: list[dt.datetime] = []
+        after = dt.datetime.now(self.tz) if after is None else after
+        while len(out) < n:
+            after = self._next_after(after)
+            out.append(after)
+        return out
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.state().get("paused"))
+
+    def pause(self) -> None:
+        """Stop firing (in every kernel on this store) until ``resume()``."""
+        self._update(lambda s: {**s, "paused": True})
+
+    def resume(self) -> None:
+        self._update(lambda s: {**s, "paused": False})
+
+    def state(self) -> dict[str, Any]:
+        """What the store knows: last due time fired, skipped ticks, paused."""
+        return dict(self.app.store.get(self._key) or {})
+
+    @property
+    def runs(self) -> TaskQuery:
+        """The ticks as runs: ``schedule.runs.find()``, ``.count(status=...)``."""
+        return TaskQuery(self.app, task_name=self.name)
+
+    # ------------------------------------------------------------- the clock
+
+    def start(self) -> None:
+        """Arm the first tick (and a catch-up run if asked for and one was missed)."""
+        if self.task.is_async:
+            self.app.runtime.loop  # ticks fire from the timer thread: bind the loop we are defined on
+        now = dt.datetime.now(self.tz)
+        last = self.state().get("last_due")
+        if self.catchup and last is not None:
+            missed = self._next_after(dt.datetime.fromtimestamp(last, self.tz))
+            if missed <= now:
+                latest = missed
+                while (following := self._next_after(latest)) <= now:
+                    latest = following
+                self._fire(latest.timestamp())
+        self._arm(self._next_after(now))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _next_after(self, after: dt.datetime) -> dt.datetime:
+        it = croniter(self.cron, after.astimezone(self.tz))
+        while True:
+            due: dt.datetime = it.get_next(dt.datetime)
+            if self._fixed_hour and _second_of_repeated_hour(due):
+                continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
+            return due
+
+    def _arm(self, due: dt.datetime) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._timer = self.app.runtime.timers.call_at(due.timestamp(), lambda: self._tick(due))
+
+    def _tick(self, due: dt.datetime) -> None:
+        try:
+            self._fire(due.timestamp())
+        except Exception:
+            log.exception("capsule_nb schedule %s: tick at %s failed", self.name, due)
+        finally:  # the next tick after *now*: a late tick never turns into a burst
+            self._arm(self._next_after(max(dt.datetime.now(self.tz), due)))
+
+    def _fire(self, due: float) -> TaskHandle | None:
+        """Claim the tick due at ``due`` (once across kernels) and submit its run."""
+        if self.app.registered_schedule(self.name) is not self:
+            self.stop()  # replaced by a re-run cell
+            return None
+        verdict: dict[str, Any] = {}
+        self.app.store.poll()  # the previous tick may have run in another kernel
+
+        def claim(state: dict[str, Any] | None) -> dict[str, Any]:
+            state = dict(state or {})
+            if state.get("last_due", 0) >= due:
+                verdict["taken"] = True  # another kernel fired this tick
+                return state
+            state["last_due"] = due
+            previous = state.get("last_run") and self.app.store.get_run(state["last_run"])
+            if state.get("paused"):
+                verdict["paused"] = True
+            elif previous and previous["status"] not in FINISHED:
+                state["skipped"] = state.get("skipped", 0) + 1
+                state["last_skipped_at"] = due
+                verdict["skipped"] = previous["task_id"]
+            else:
+                verdict["fire"] = True
+            return state
+
+        self.app.store.update_value(self._key, claim)
+        if not verdict.get("fire"):
+            if verdict.get("skipped"):
+                log.info("capsule_nb schedule %s: tick skipped, run %s still going", self.name, verdict["skipped"])
+            return None
+        record, gen = self.app.runtime.submit(self.task, (), {}, {}, session=None, target=None,
+                                              extra={"schedule": self.cron, "scheduled_for": due})
+        self._update(lambda s: {**s, "last_run": record["task_id"]})
+        return TaskHandle(self.app, record["task_id"], gen)
+
+    def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.app.store.update_value(self._key, lambda s: change(dict(s or {})))
+
+
+def _second_of_repeated_hour(moment: dt.datetime) -> bool:
+    """True for the second occurrence of a wall time that a fall-back hour repeats."""
+    return moment.replace(fold=0).utcoffset() != moment.utcoffset()
+

@@ -1,0 +1,243 @@
+"""Cron schedules: each tick once, on time, as a run; across re-definitions, kernels and DST."""
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from zoneinfo import ZoneInfo
+
+import pytest
+
+import capsule_nb as cpsl
+
+from .conftest import until, until_sync
+from .test_durability import lines_until, spawn
+
+
+def test_each_tick_is_a_run_with_the_schedule_name(app):
+    fired = []
+
+    @app.schedule("* * * * * *", name="heartbeat")
+    def beat():
+        fired.append(time.time())
+        print("beat")
+
+    until_sync(lambda: beat.runs.count(status="completed") >= 2)
+    runs = beat.runs.find()
+    assert {h.task_name for h in runs} == {"heartbeat"}
+    record = runs[-1].snapshot()
+    assert record["schedule"] == "* * * * * *" and record["output"][0]["text"] == "beat\n"
+    assert abs(record["started_at"] - record["scheduled_for"]) < 0.5  # on time
+
+
+async def test_async_body_that_submits_work(app):
+    @app.task
+    async def sync_crm(source):
+        return source
+
+    @app.schedule("* * * * * *")
+    async def every_second():
+        await sync_crm.submit(source="schedule")
+
+    await until(lambda: sync_crm.count(status="completed", source="schedule") >= 1)
+
+
+def test_a_tick_while_the_previous_run_is_going_is_skipped(app):
+    release = threading.Event()
+    starts = []
+
+    @app.schedule("* * * * * *")
+    def slow():
+        starts.append(time.time())
+        release.wait(10)
+
+    until_sync(lambda: slow.state().get("skipped", 0) >= 2)
+    assert len(starts) == 1 and slow.runs.count() == 1
+    release.set()
+    until_sync(lambda: slow.runs.count(status="completed") >= 2)
+
+
+def test_redefining_replaces_the_schedule(app):
+    first, second = [], []
+
+    @app.schedule("* * * * * *", name="job")
+    def job():
+        first.append(1)
+
+    @app.schedule("* * * * * *", name="job")  # the same cell, run again with a new body
+    def job():  # noqa: F811
+        second.append(1)
+
+    until_sync(lambda: len(second) >= 3)
+    assert first == []
+    dues = [h.snapshot()["scheduled_for"] for h in job.runs.find()]
+    assert len(dues) == len(set(dues))  # never two runs for one tick
+
+
+def test_pause_resume_and_next_runs(app):
+    fired = []
+
+    @app.schedule("* * * * * *")
+    def tick():
+        fired.append(1)
+
+    tick.pause()
+    assert tick.paused
+    time_paused = time.time()
+    until_sync(lambda: tick.state().get("last_due", 0) > time_paused + 1.5)  # two ticks passed while paused
+    assert fired == []
+    tick.resume()
+    until_sync(lambda: len(fired) >= 1)
+    upcoming = tick.next_runs(3)
+    assert [b - a for a, b in zip(upcoming, upcoming[1:])] == [dt.timedelta(seconds=1)] * 2
+    assert all(t.tzinfo is not None and t > dt.datetime.now(dt.timezone.utc) for t in upcoming)
+
+
+def test_dst_fall_back_daily_job_fires_once_and_spring_forward_shifts(app):
+    @app.schedule("30 1 * * *", tz="America/New_York")
+    def daily():
+        pass
+
+    ny = ZoneInfo("America/New_York")
+    fall = daily.next_runs(3, after=dt.datetime(2026, 10, 31, 12, tzinfo=ny))
+    assert [t.date().isoformat() for t in fall] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+    @app.schedule("30 2 * * *", tz="America/New_York")
+    def early():
+        pass
+
+    spring = early.next_runs(2, after=dt.datetime(2026, 3, 7, 12, tzinfo=ny))
+    assert [t.isoformat() for t in spring] == ["2026-03-08T03:00:00-04:00", "2026-03-09T02:30:00-04:00"]
+
+    @app.schedule("*/30 * * * *", tz="America/New_York")
+    def half_hourly():
+        pass
+
+    # a job with no fixed hour runs in both copies of the repeated hour: they are real half hours
+    repeated = half_hourly.next_runs(6, after=dt.datetime(2026, 11, 1, 0, 10, tzinfo=ny))
+    assert [t.timestamp() - repeated[0].timestamp() for t in repeated] == [0, 1800, 3600, 5400, 7200, 9000]
+
+
+def test_missed_ticks_are_dropped_or_caught_up_once(app):
+    made = {}
+    for name, catchup in (("dropped", False), ("caught", True)):
+        app.store.update_value(f"sched/{app.name}/{name}", lambda _: {"last_due": time.time() - 7200})
+
+        @app.schedule("0 * * * *", name=name, catchup=catchup)  # hourly: two ticks were missed
+        def job():
+            pass
+
+        made[name] = job
+
+    until_sync(lambda: made["caught"].runs.count(status="completed") == 1)
+    assert made["dropped"].runs.count() == 0
+
+
+async def test_a_blocked_loop_delays_a_tick_which_then_runs_once(app):
+    ran = []
+
+    @app.schedule("* * * * * *")
+    async def on_loop():
+        ran.append(time.time())
+
+    await until(lambda: len(ran) >= 1)
+    before = on_loop.runs.count()
+    time.sleep(3.5)  # the scenario under test: a long cell blocks the loop
+    await until(lambda: on_loop.runs.count(status="completed") >= before + 1)
+    assert on_loop.runs.count() == before + 1  # one run for the blocked stretch, not a burst
+    assert on_loop.state()["skipped"] >= 2
+
+
+@pytest.mark.parametrize(
+    "cron, message",
+    [
+        ("* * * *", "bad cron '\\* \\* \\* \\*': expected 5 fields"),
+        ("61 * * * *", "bad cron '61 \\* \\* \\* \\*'"),
+        ("* * * * xyz", "bad cron '\\* \\* \\* \\* xyz'"),
+        ("* * * * * * *", "expected 5 fields"),
+    ],
+)
+def test_bad_cron_is_a_value_error_naming_it(app, cron, message):
+    with pytest.raises(ValueError, match=message):
+        app.schedule(cron)
+
+
+def test_bad_zone_and_bad_function(app):
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        app.schedule("* * * * *", tz="Mars/Olympus")
+    with pytest.raises(TypeError, match=r"report\(\) must take no arguments, it requires \['day'\]"):
+
+        @app.schedule("* * * * *")
+        def report(day):
+            pass
+
+
+def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
+    kernel = """
+    @app.schedule("* * * * * *", name="shared")
+    def shared():
+        app.collection("ticks").insert_one({"pid": os.getpid()})
+
+    print("defined", flush=True)
+    threading.Event().wait()
+    """
+    procs = [spawn(kernel, tmp_path) for _ in range(2)]
+    for proc in procs:
+        lines_until(proc, "defined")
+    app = cpsl.App(home=tmp_path)
+    ticks = app.collection("ticks")
+    until_sync(lambda: ticks.count() >= 6, timeout=20)
+    firing = {d["pid"] for d in ticks.find()}
+    victim = next(p for p in procs if p.pid in firing)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    survivor = next(p for p in procs if p is not victim)
+    until_sync(lambda: ticks.count({"pid": survivor.pid}) >= 3 and ticks.count() >= 9, timeout=20)
+    survivor.kill()
+    survivor.wait(10)
+    dues = [r["scheduled_for"] for r in app.store.runs() if r["task_name"] == "shared"]
+    assert len(dues) == len(set(dues))  # each tick fired once between the two kernels
+    assert ticks.count() == len([r for r in app.store.runs() if r["task_name"] == "shared"
+                                 and r["status"] == "completed"])
+
+
+def test_capsule_magic_lists_schedules_with_their_next_run(app):
+    from capsule_nb.magics import capsule_summary
+
+    @app.schedule("*/5 * * * *", tz="Europe/Paris", name="digest")
+    def digest():
+        pass
+
+    summary = capsule_summary(app)
+    assert str(app.home) in summary
+    line = next(line for line in summary.splitlines() if "digest" in line)
+    assert "*/5 * * * *" in line and "Europe/Paris" in line
+    assert digest.next_runs(1)[0].isoformat(timespec="seconds") in line
+    digest.pause()
+    assert "paused" in next(line for line in capsule_summary(app).splitlines() if "digest" in line)
+
+
+def test_a_timer_fires_promptly_after_the_wall_clock_jumps(monkeypatch):
+    """A suspended laptop: the wall clock jumps an hour while the monotonic clock stood still."""
+    from capsule_nb import timers
+
+    real = time.time
+    offset = [0.0]
+
+    class Clock:
+        @staticmethod
+        def time():
+            return real() + offset[0]
+
+    monkeypatch.setattr(timers, "MAX_WAIT", 0.05)  # stands in for the 30 s re-check
+    monkeypatch.setattr(timers, "time", Clock)
+    fired = threading.Event()
+    timers.Timers().call_at(real() + 3600, fired.set)
+    assert not fired.wait(0.2)
+    offset[0] = 3600
+    assert fired.wait(2)
