@@ -127,6 +127,18 @@ class App:
         record = self.store.get_run(task_id)
         return None if record is None else TaskHandle(self, task_id)
 
+    def resubmit(self, task_id: str) -> TaskHandle:
+        """Run a finished run's task again with the same arguments (a card's Retry button)."""
+        record = self.store.get_run(task_id)
+        if record is None:
+            raise KeyError(f"no run {task_id!r} in {self.home}")
+        task = self._tasks.get(record["task_name"])
+        if task is None:
+            raise LookupError(f"task {record['task_name']!r} is not defined in this kernel; define it to retry")
+        args, kwargs = self.runtime.stored_arguments(record)
+        session = self.session if record.get("session_id") == self.session.id else None
+        return task.submit(*args, session=session, **kwargs)
+
     def load_result(self, record: dict[str, Any]) -> Any:
         found, value = self.runtime.recent_result(record["task_id"])
         if found:

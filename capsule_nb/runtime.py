@@ -647,7 +647,7 @@ class Runtime:
             if claimed is None:
                 continue
             try:
-                args, kwargs = self._stored_arguments(claimed)
+                args, kwargs = self.stored_arguments(claimed)
             except Exception as exc:
                 self.update(claimed["task_id"], lambda r: evolve(
                     r, status=FAILED, completed_at=time.time(), error=f"cannot resume: {exc}"))
@@ -663,7 +663,8 @@ class Runtime:
             adopted += 1
         return adopted
 
-    def _stored_arguments(self, record: dict) -> tuple[tuple, dict]:
+    def stored_arguments(self, record: dict) -> tuple[tuple, dict]:
+        """A run's call arguments from its record (JSON) or its signed payload."""
         if record.get("args_payload"):
             args, kwargs = self.store.get_payload(record["task_id"], "args")
             return tuple(args), dict(kwargs)

@@ -453,3 +453,27 @@ async def test_a_failing_callback_is_not_fatal(app, caplog):
     handle = fine.submit()
     assert await handle.result(timeout=5) == 1
     await until(lambda: "callback" in caplog.text, timeout=10)
+
+
+async def test_resubmit_runs_a_finished_run_again_with_its_arguments(app):
+    from fractions import Fraction
+
+    calls = []
+
+    @app.task
+    def flaky(x, scale=1):
+        calls.append((x, scale))
+        if len(calls) == 1:
+            raise RuntimeError("first time")
+        return x * scale
+
+    failed = flaky.submit(Fraction(1, 2), scale=4)  # a non-JSON argument comes back from the payload
+    assert await failed.wait(5) == "failed"
+    again = app.resubmit(failed.task_id)
+    assert again.task_id != failed.task_id
+    assert await again.result(timeout=5) == 2
+    assert calls == [(Fraction(1, 2), 4), (Fraction(1, 2), 4)]
+    import pytest
+
+    with pytest.raises(KeyError, match="no run 'nope'"):
+        app.resubmit("nope")
