@@ -81,7 +81,6 @@ class Schedule:
         self.catchup = bool(catchup)
         self.task = Task(fn, app=app, name=self.name)
         self._key = f"sched/{app.name}/{self.name}"
-        self._fixed_hour = not any(c in self.cron.split()[1] for c in "*/,-")
         self._timer: Any = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -134,6 +133,7 @@ class Schedule:
         """Arm the first tick (and a catch-up run if asked for and one was missed)."""
         if self.task.is_async:
             self.app.runtime.loop  # ticks fire from the timer thread: bind the loop we are defined on
+        self._update(lambda s: {**s, "cron": self.cron, "tz": self.tz.key, "catchup": self.catchup})
         now = dt.datetime.now(self.tz)
         last = self.state().get("last_due")
         if self.catchup and last is not None:
@@ -152,12 +152,7 @@ class Schedule:
                 self._timer.cancel()
 
     def _next_after(self, after: dt.datetime) -> dt.datetime:
-        it = croniter(self.cron, after.astimezone(self.tz))
-        while True:
-            due: dt.datetime = it.get_next(dt.datetime)
-            if self._fixed_hour and _second_of_repeated_hour(due):
-                continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
-            return due
+        return next_due(self.cron, self.tz, after)
 
     def _arm(self, due: dt.datetime) -> None:
         with self._lock:
@@ -210,6 +205,17 @@ class Schedule:
 
     def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.app.store.update_value(self._key, lambda s: change(dict(s or {})))
+
+
+def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
+    """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
+    fixed_hour = not any(c in cron.split()[1] for c in "*/,-")
+    it = croniter(cron, after.astimezone(tz))
+    while True:
+        due: dt.datetime = it.get_next(dt.datetime)
+        if fixed_hour and _second_of_repeated_hour(due):
+            continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
+        return due
 
 
 def _second_of_repeated_hour(moment: dt.datetime) -> bool:

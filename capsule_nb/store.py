@@ -529,6 +529,11 @@ class Store:
             self._cache.set(key, new)
         return new
 
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        """Plain values whose key starts with ``prefix`` (a scan: for listings, not hot paths)."""
+        return [(key, self._cache.get(key)) for key in self._cache.iterkeys()
+                if key != _REFUSED and key.startswith(prefix)]
+
     def get(self, key: str, default: Any = None) -> Any:
         return self._cache.get(key, default)
 

@@ -1,0 +1,117 @@
+"""The terminal CLI: tasks, show, cancel (of a live kernel's run), prune, schedules."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import capsule_nb as cpsl
+from capsule_nb.__main__ import main
+
+from .conftest import until_sync
+from .test_durability import lines_until, spawn
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tasks_show_and_json(app, capsys):
+    @app.task
+    def ok(n):
+        print("working", n)
+        return n * 2
+
+    @app.task
+    def bad():
+        raise ValueError("nope")
+
+    a, b = ok.submit(21), bad.submit()
+    until_sync(lambda: a.snapshot()["status"] == "completed" and b.snapshot()["status"] == "failed")
+    app.store.flush()
+    home = str(app.home)
+    code, out, _ = cli(capsys, "--home", home, "tasks")
+    assert code == 0
+    header, *rows = out.strip().splitlines()
+    assert header.split()[:3] == ["TASK", "ID", "NAME"]
+    assert rows[0].split()[:3] == [b.task_id, "bad", "failed"] and rows[1].split()[:3] == [a.task_id, "ok", "completed"]
+    assert cli(capsys, "--home", home, "tasks", "--status", "failed")[1].count("\n") == 2
+    code, out, _ = cli(capsys, "--home", home, "--json", "tasks", "--name", "ok")
+    assert [r["task_id"] for r in json.loads(out)] == [a.task_id]
+    code, out, _ = cli(capsys, "--home", home, "show", a.task_id)
+    assert "result: 42" in out and "| working 21" in out
+    code, out, _ = cli(capsys, "--home", home, "show", b.task_id)
+    assert "error: ValueError: nope" in out and "Traceback" in out
+
+
+def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
+    code, _, err = cli(capsys, "--home", str(app.home), "show", "nope")
+    assert code == 2 and "no run 'nope'" in err
+    code, _, err = cli(capsys, "--home", str(tmp_path / "empty"), "tasks")
+    assert code == 2 and "is not a capsule_nb store" in err
+    assert not (tmp_path / "empty").exists()  # a typo never creates a store
+    code, _, err = cli(capsys, "--home", str(app.home), "tasks", "--status", "done")
+    assert code == 2 and "unknown status 'done'" in err
+
+
+def test_prune_older_than(app, capsys):
+    @app.task
+    def quick():
+        return 1
+
+    handles = [quick.submit() for _ in range(3)]
+    until_sync(lambda: all(h.snapshot()["status"] == "completed" for h in handles))
+    old = handles[0].task_id
+    app.store.update_run(old, lambda r: dict(r, completed_at=time.time() - 8 * 86400))
+    app.store.flush()
+    code, out, _ = cli(capsys, "--home", str(app.home), "prune", "--older-than", "7d")
+    assert code == 0 and "pruned 1 finished runs" in out
+    assert app.get_task(old) is None and app.tasks.count() == 2
+    assert cli(capsys, "--home", str(app.home), "prune", "--older-than", "soon")[0] == 2
+
+
+def test_schedules_listing(app, capsys):
+    @app.schedule("0 9 * * 1", tz="Europe/Paris", name="weekly_digest")
+    def weekly_digest():
+        pass
+
+    code, out, _ = cli(capsys, "--home", str(app.home), "schedules")
+    line = next(line for line in out.splitlines() if line.startswith("weekly_digest"))
+    assert "0 9 * * 1" in line and "Europe/Paris" in line and "T09:00:00+0" in line
+    weekly_digest.pause()
+    rows = json.loads(cli(capsys, "--home", str(app.home), "--json", "schedules")[1])
+    assert rows == [dict(rows[0], name="weekly_digest", paused=True, next=None)]
+
+
+def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
+    owner = spawn(
+        """
+        @app.task
+        def forever():
+            while True:
+                time.sleep(0.01)
+
+        h = forever.submit()
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print("running", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    try:
+        (task_id,) = lines_until(owner, "running")
+        done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(tmp_path), "cancel", task_id],
+                              capture_output=True, text=True, timeout=60, env=os.environ)
+        assert done.returncode == 0, done.stderr
+        assert "its kernel will stop it" in done.stdout
+        app = cpsl.App(home=tmp_path)
+        until_sync(lambda: app.get_task(task_id).status() == "cancelled", timeout=10)
+    finally:
+        owner.kill()
+        owner.wait(10)
