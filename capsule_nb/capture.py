@@ -1,11 +1,14 @@
-"""Per-run capture of stdout, stderr and logging.
+"""Per-run capture of stdout, stderr, logging and tqdm progress bars.
 
 ``sys.stdout``/``sys.stderr`` are wrapped once by a stream that asks the
 ``current_run`` context variable where a write belongs: inside a run it is
 kept with that run (and shown on its card), elsewhere it goes to the
 original stream untouched. A root logging handler does the same for log
 records, so a task's ``logging.info`` never lands in whichever cell
-happens to be executing.
+happens to be executing. A ``tqdm`` bar (``from tqdm import tqdm``) inside
+a run drives the run's progress instead of printing frames: its ``display``
+is wrapped, remembering the run it was created in, because tqdm's monitor
+thread redraws bars from a thread that has no run context.
 """
 
 from __future__ import annotations
@@ -90,12 +93,36 @@ _handler = _RunLogHandler()
 _not_in_runs = _NotInRuns()
 
 
+_NO_RUN = object()
+
+
+def _patch_tqdm() -> None:
+    """Wrap ``tqdm.std.tqdm.display`` once, if tqdm has been imported."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None or getattr(tqdm_std.tqdm.display, "_capsule", False):
+        return
+    original = tqdm_std.tqdm.display
+
+    def display(bar: Any, msg: str | None = None, pos: int | None = None) -> Any:
+        run = bar.__dict__.get("_capsule_run", _NO_RUN)
+        if run is _NO_RUN:
+            run = bar._capsule_run = current_run.get()
+        if run is None:
+            return original(bar, msg, pos)
+        run.progress(bar.n, bar.total, bar.desc or None)
+        return True
+
+    display._capsule = True  # type: ignore[attr-defined]
+    tqdm_std.tqdm.display = display
+
+
 def install() -> None:
     """Route output of runs to the runs (idempotent; re-wraps a stream replaced since).
 
     Called at every submit, so it has a fast path: something (pytest, a
     ``capture_output``) may have swapped ``sys.stdout`` since the last run.
     """
+    _patch_tqdm()
     if isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream) and _handler in logging.root.handlers:
         return
     with _install_lock:
