@@ -1,0 +1,48 @@
+"""Every example notebook runs top to bottom in a real kernel, and does what it says."""
+
+from pathlib import Path
+
+import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.__main__ import run_notebook
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def outputs(nb) -> str:
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            text.append(out.get("text", "") or "".join(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(text)
+
+
+def test_reports_notebook(tmp_path):
+    nb = run_notebook(NOTEBOOKS / "reports.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60)
+    assert "joined the run in flight: True" in outputs(nb)
+    app = cpsl.App(home=tmp_path / "store")
+    assert app.collection("reports").count() == 2
+    assert {h.snapshot()["status"] for h in app.tasks.find()} == {"completed"}
+
+
+def test_schedules_notebook(tmp_path):
+    nb = run_notebook(NOTEBOOKS / "schedules.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60)
+    text = outputs(nb)
+    assert "ticks so far:" in text and "every_two_seconds" in text
+
+
+def test_capsule_compat_notebook(tmp_path):
+    nb = run_notebook(NOTEBOOKS / "capsule_compat.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60)
+    assert "2 reports built" in outputs(nb)
+    app = cpsl.App(home=tmp_path / "store")
+    replies = [m["text"] for h in app.tasks.find() for m in h.snapshot()["messages"] if m["kind"] == "reply"]
+    assert sorted(replies) == ["Report daily is ready", "Report weekly is ready"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebooks_are_saved_without_outputs(name):
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), name
