@@ -169,15 +169,18 @@ def _check_filter(filter: dict[str, Any]) -> None:
 
 
 def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
+    """Mongo's rules: a missing field reads as None (so ``{"x": None}`` matches it),
+    and an order comparison with None or an unlike type is simply not a match."""
     for field, condition in filter.items():
         value = _get(doc, field)
+        value = None if value is _MISSING else value
         if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
             try:
-                if not all(_COMPARE[op](None if value is _MISSING else value, arg) for op, arg in condition.items()):
+                if not all(_COMPARE[op](value, arg) for op, arg in condition.items()):
                     return False
-            except TypeError:  # comparing unlike types: not a match, as in Mongo
+            except TypeError:
                 return False
-        elif value is _MISSING or value != condition:
+        elif value != condition:
             return False
     return True
 

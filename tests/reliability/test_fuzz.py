@@ -1,0 +1,144 @@
+"""Property tests: parsers and the collection language never fail in an undocumented way."""
+
+import math
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capsule_nb.collections import Collection, _matches, _updated
+from capsule_nb.durations import parse_delay, parse_when
+from capsule_nb.schedules import parse_cron
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FAST
+@given(st.one_of(st.text(), st.floats(allow_nan=True), st.integers(), st.none(), st.lists(st.integers())))
+def test_delay_parser_returns_seconds_or_a_documented_error(value):
+    try:
+        seconds = parse_delay(value)
+    except (ValueError, TypeError) as exc:
+        assert repr(value)[:20] in str(exc) or str(value)[:20] in str(exc)  # names the bad value
+    else:
+        assert math.isfinite(seconds) and seconds >= 0
+
+
+@FAST
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from("smhd"))
+def test_delay_parser_reads_every_unit(number, unit):
+    assert parse_delay(f"{number}{unit}") == number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    assert parse_when(f"every {number + 1}{unit}")[1] == (number + 1) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+@FAST
+@given(st.text(alphabet=string.printable, max_size=40))
+def test_cron_parser_raises_only_value_error(text):
+    try:
+        assert parse_cron(text) == " ".join(text.split())
+    except ValueError as exc:
+        assert "bad cron" in str(exc)
+
+
+@FAST
+@given(st.lists(st.sampled_from(["*", "*/5", "1-5", "0", "59", "1,2", "mon", "jan", "L", "?", "61", "-1"]),
+                min_size=4, max_size=7))
+def test_cron_parser_on_cron_like_fields(fields):
+    try:
+        parse_cron(" ".join(fields))
+    except ValueError as exc:
+        assert "bad cron" in str(exc)
+
+
+# ------------------------------------------------------------- collections
+
+values = st.one_of(st.integers(-5, 5), st.sampled_from(["a", "b", "c"]), st.none(), st.booleans())
+docs = st.lists(st.fixed_dictionaries({}, optional={"x": values, "y": values, "tags": st.lists(values, max_size=2)}),
+                max_size=12)
+ops = st.sampled_from(["$gt", "$gte", "$lt", "$lte", "$ne", "$in"])
+
+
+@st.composite
+def filters(draw):
+    out = {}
+    for field in draw(st.lists(st.sampled_from(["x", "y"]), unique=True, max_size=2)):
+        if draw(st.booleans()):
+            out[field] = draw(values)
+        else:
+            op = draw(ops)
+            out[field] = {op: draw(st.lists(values, max_size=3)) if op == "$in" else draw(values)}
+    return out
+
+
+def reference_match(doc, flt):
+    """A deliberately plain model of the filter language (Mongo's: missing reads as None)."""
+    for field, cond in flt.items():
+        value = doc.get(field)
+        if isinstance(cond, dict):
+            (op, arg), = cond.items()
+            if op == "$ne":
+                ok = value != arg
+            elif op == "$in":
+                ok = value in arg
+            elif value is None:
+                ok = False
+            else:
+                try:
+                    ok = {"$gt": value > arg, "$gte": value >= arg, "$lt": value < arg, "$lte": value <= arg}[op]
+                except TypeError:
+                    ok = False
+        else:
+            ok = value == cond
+        if not ok:
+            return False
+    return True
+
+
+@FAST
+@given(docs, filters())
+def test_filters_agree_with_a_reference_model(documents, flt):
+    assert [d for d in documents if _matches(d, flt)] == [d for d in documents if reference_match(d, flt)]
+
+
+@FAST
+@given(st.fixed_dictionaries({"n": st.integers(-100, 100), "tags": st.lists(values, max_size=3)}),
+       st.integers(-10, 10), values)
+def test_update_operators_agree_with_a_reference_model(doc, inc, pushed):
+    new = _updated(doc, {"$inc": {"n": inc}, "$push": {"tags": pushed}, "$set": {"seen": True}, "$unset": {"gone": ""}})
+    assert new == {**doc, "n": doc["n"] + inc, "tags": doc["tags"] + [pushed], "seen": True}
+    assert doc["tags"] is not new["tags"]  # the stored doc is never changed in place
+
+
+@FAST
+@given(st.dictionaries(st.text(max_size=5), st.one_of(st.text(), st.integers(), st.lists(st.integers())), max_size=4))
+def test_collection_round_trips_arbitrary_json_documents(app, document):
+    coll = Collection(app.store, "fuzz")
+    stored = coll.insert_one(document).value
+    assert coll.find_one({"_id": stored["_id"]}).value == stored
+    assert coll.delete_one({"_id": stored["_id"]}).value is True
+
+
+# ------------------------------------------------------------- submit
+
+
+weird = st.one_of(
+    st.integers(), st.floats(allow_nan=True), st.text(), st.binary(max_size=8), st.none(),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.integers(), st.text(max_size=3), max_size=2),
+    st.tuples(st.integers()), st.frozensets(st.integers(), max_size=2), st.complex_numbers(allow_nan=False),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(weird, weird)
+def test_any_argument_is_stored_or_refused_clearly(app, a, b):
+    @app.task(name="fuzzed", lock="k:{a}")
+    def fuzzed(a, b=None):
+        return None
+
+    handle = fuzzed.submit(a, b=b)
+    record = handle.snapshot()
+    assert record["task_name"] == "fuzzed" and len(record["args"]) == 1
+    assert isinstance(record["lock_key"], str)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        fuzzed.submit(a, c=b)
