@@ -115,7 +115,10 @@ class ReadyValue:
         return repr(self.value)
 
 
-def resolve(future: "asyncio.Future[None]") -> None:
-    """Set a future's result unless it is done (for ``call_soon_threadsafe``)."""
+def resolve(future: "asyncio.Future[None]", failure: BaseException | None = None) -> None:
+    """Settle a future unless it is done (for ``call_soon_threadsafe``)."""
     if not future.done():
-        future.set_result(None)
+        if failure is None:
+            future.set_result(None)
+        else:
+            future.set_exception(failure)

@@ -220,6 +220,8 @@ class Runtime:
                every: float | None = None, series: str | None = None,
                extra: dict[str, Any] | None = None) -> tuple[dict, int]:
         """Record a new run and start it (or arm its start); returns ``(record, generation)``."""
+        if self.store.failure is not None:
+            raise self.store.failure  # refuse new work while the disk refuses writes
         capture.install()
         now = time.time()
         task_id = new_task_id()

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import sqlite3
 import tempfile
 import threading
 import time
@@ -124,8 +125,13 @@ class Store:
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._own_seqs: set[int] = set()
         self._closed = False
+        self.failure: StoreError | None = None  # set while the disk refuses writes
         self._seen = 0
-        self._reload()
+        try:
+            self._reload()
+        except sqlite3.DatabaseError as exc:  # a truncated or garbage database file
+            self._cache.close()
+            raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc}") from exc
         self._writer = threading.Thread(target=self._write_loop, name=f"capsule-store-writer", daemon=True)
         self._writer.start()
 
@@ -356,12 +362,14 @@ class Store:
         return future
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Block until everything accepted so far is on disk."""
+        """Block until everything accepted so far is on disk (``StoreError`` while it cannot be)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             gen = self._gen
             self._wake.notify()
             while self._flushed < gen and self._writer.is_alive():
+                if self.failure is not None:
+                    raise self.failure
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"store {self.path} did not flush within {timeout}s")
@@ -378,23 +386,36 @@ class Store:
                 gen = self._gen
             try:
                 self._commit(batch)
-            except Exception:
-                log.exception("capsule_nb: writing to the store at %s failed; will retry", self.path)
+            except Exception as exc:  # a full disk, a read-only folder: keep the batch, report, retry
+                failure = StoreError(f"cannot write to the capsule_nb store at {self.path}: {exc}")
+                if self.failure is None:
+                    log.error("%s; keeping changes in memory and retrying", failure)
                 with self._lock:
+                    self.failure = failure
                     for key, value in batch.items():
                         self._dirty.setdefault(key, value)
+                    failed, self._waiters = self._waiters, []
+                    self._wake.notify_all()
+                self._settle_waiters(failed, failure)
                 time.sleep(0.5)  # back off from a failing disk instead of spinning
                 continue
             with self._lock:
+                if self.failure is not None:
+                    log.warning("capsule_nb: the store at %s is writable again", self.path)
+                self.failure = None
                 self._flushed = gen
                 ready = [w for w in self._waiters if w[0] <= gen]
                 self._waiters = [w for w in self._waiters if w[0] > gen]
                 self._wake.notify_all()
-            for _, loop, future in ready:
-                try:
-                    loop.call_soon_threadsafe(resolve, future)
-                except RuntimeError:  # that loop is closed; nobody is waiting any more
-                    pass
+            self._settle_waiters(ready, None)
+
+    @staticmethod
+    def _settle_waiters(waiters: list, failure: Exception | None) -> None:
+        for _, loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(resolve, future, failure)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
 
     def _commit(self, batch: dict[str, Any]) -> None:
         with self._cache.transact(retry=True):
