@@ -120,6 +120,7 @@ class Store:
         self._poll_lock = threading.Lock()
         self._cancel_requests: list[str] = []
         self._dirty: dict[str, Any] = {}
+        self._inflight: dict[str, Any] = {}  # the batch the writer is committing
         self._gen = 0
         self._flushed = 0
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -332,7 +333,7 @@ class Store:
     def get_payload(self, task_id: str, name: str) -> Any:
         key = f"{_PAYLOAD}{task_id}/{name}"
         with self._lock:
-            signed = self._dirty.get(key)
+            signed = self._dirty.get(key, self._inflight.get(key))
         if signed is None:
             signed = self._cache.get(key)
         if signed is None:
@@ -383,6 +384,7 @@ class Store:
                 if not self._dirty and self._closed:
                     return
                 batch, self._dirty = self._dirty, {}
+                self._inflight = batch  # readable until it is on disk
                 gen = self._gen
             try:
                 self._commit(batch)
@@ -392,6 +394,7 @@ class Store:
                     log.error("%s; keeping changes in memory and retrying", failure)
                 with self._lock:
                     self.failure = failure
+                    self._inflight = {}
                     for key, value in batch.items():
                         self._dirty.setdefault(key, value)
                     failed, self._waiters = self._waiters, []
@@ -403,6 +406,7 @@ class Store:
                 if self.failure is not None:
                     log.warning("capsule_nb: the store at %s is writable again", self.path)
                 self.failure = None
+                self._inflight = {}
                 self._flushed = gen
                 ready = [w for w in self._waiters if w[0] <= gen]
                 self._waiters = [w for w in self._waiters if w[0] > gen]
