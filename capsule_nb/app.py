@@ -86,6 +86,8 @@ class App:
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
+            if task.process and self.runtime.cluster is None:
+                self.runtime.processes.warm(1)  # the first run should not pay a process start
             self.runtime.adopt(task)  # waiting runs a dead kernel left for this task
             return task
 
@@ -188,13 +190,19 @@ def default_app() -> App:
         return _default
 
 
+_UNSET: Any = object()
+
+
 def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | None = None,
-              max_result_bytes: int | None = None, keep_finished: int | None = None) -> App:
+              max_result_bytes: int | None = None, keep_finished: int | None = None,
+              cluster: Any = _UNSET) -> App:
     """Set up the default app and return it.
 
     ``home`` moves the default app to another store (do it before defining
     tasks); the others tune it in place: the thread pool size, the largest
-    result kept (bigger ones keep only a repr), finished runs kept per app.
+    result kept (bigger ones keep only a repr), finished runs kept per app,
+    and ``cluster``: a ``distributed.Client`` that ``process=True`` runs go to
+    (``None``: back to this machine's worker processes).
     """
     global _default
     with _default_lock:
@@ -207,6 +215,8 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
         app.max_result_bytes = _whole("max_result_bytes", max_result_bytes)
     if keep_finished is not None:
         app.keep_finished = _whole("keep_finished", keep_finished)
+    if cluster is not _UNSET:
+        app.runtime.cluster = cluster
     return app
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 import urllib.request
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, NamedTuple
 
 from . import _kernel, capture
 from .context import bound_session, current_run
@@ -66,6 +66,18 @@ class _Interrupt(BaseException):
     """Raised inside a thread run to stop it (BaseException: ``except Exception`` must not swallow it)."""
 
 
+class Failure(NamedTuple):
+    """Why an attempt failed: the exception (for ``retry_for``) and its text for the record."""
+
+    exception: BaseException
+    error: str
+    traceback: str | None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failure":
+        return cls(exc, f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
+
+
 class Run:
     """What this process knows of one run while it is live (the record is the durable part)."""
 
@@ -86,6 +98,7 @@ class Run:
         self.in_function = False
         self.interrupt_sent = False
         self.aio_task: asyncio.Task | None = None
+        self.job: Any = None  # the worker-process job of a process=True run
         self.start_timer: Any = None
         self.deadline_timer: Any = None
         self._out: list[tuple[str, str]] = []
@@ -128,10 +141,13 @@ class Run:
         value = {"done": done, "total": total, "message": message}
         self.runtime.update(self.task_id, lambda r: evolve(r, progress=value))
 
-    def show(self, card: Any) -> None:
-        bundle = {"text/plain": repr(card)}
+    def show(self, card: Any) -> bool:
+        """Record a ``show_task`` message and show ``card`` under the submitting cell
+        (a widget's mime bundle, whose text form stands in where widgets cannot
+        draw); False when the run has no cell to show it in."""
         self.message("show_task", str(getattr(card, "task_id", "")))
-        _kernel.emit(self.target, bundle)
+        bundle = card._repr_mimebundle_()[0] if hasattr(card, "_repr_mimebundle_") else {"text/plain": repr(card)}
+        return _kernel.emit(self.target, bundle)
 
 
 class Runtime:
@@ -147,11 +163,14 @@ class Runtime:
         self._live: dict[str, Run] = {}
         self._live_lock = threading.Lock()
         self._queued: dict[str, list[Run]] = {}
+        self._queue_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._own_loop_thread: threading.Thread | None = None
         self._results: dict[str, Any] = {}  # recent results of this process, by identity
         self._maintenance: object | None = None  # the live maintenance loop's token
+        self._processes: Any = None
+        self._cluster: Any = None
         self._last_prune = time.monotonic()
 
     # -------------------------------------------------------------- the loop
@@ -222,6 +241,10 @@ class Runtime:
         """Record a new run and start it (or arm its start); returns ``(record, generation)``."""
         if self.store.failure is not None:
             raise self.store.failure  # refuse new work while the disk refuses writes
+        if task.process:
+            from .processes import check_picklable
+
+            check_picklable(args, kwargs, task.fn)  # a TypeError naming the value, before any record
         capture.install()
         now = time.time()
         task_id = new_task_id()
@@ -312,7 +335,9 @@ class Runtime:
             if run.phase != "waiting":
                 return
             run.phase = "running"
-        if run.task.is_async:
+        if run.task.process:  # a pool thread waits on the child, so the loop never does
+            self._pool.submit(self._context(run).run, self._process_body, run)
+        elif run.task.is_async:
             ctx = self._context(run)
             self.call_soon(self._spawn, run, ctx)
         else:
@@ -354,7 +379,7 @@ class Runtime:
         except asyncio.CancelledError:
             outcome = ("stop", run.stop_reason or "cancel")
         except BaseException as exc:  # the run's failure is data, not our crash
-            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", exc)
+            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
         else:
             outcome = ("stop", run.stop_reason) if run.stop_reason else ("ok", self._result_fields(run, value))
         self._finish(run, outcome)
@@ -378,10 +403,60 @@ class Runtime:
         except _Interrupt:
             outcome = ("stop", run.stop_reason or "cancel")
         except BaseException as exc:
-            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", exc)
+            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
         else:
             outcome = ("stop", run.stop_reason) if run.stop_reason else ("ok", self._result_fields(run, value))
         self._finish(run, outcome)
+
+    def _process_body(self, run: Run) -> None:
+        """Run in a worker process (or on the Dask cluster) and wait for it, in a pool thread."""
+        from .processes import forward_to, portable_session
+
+        self._mark_running(run)
+        task = run.task
+        session = portable_session(run.session or self.app.owner_session)
+        kwargs = {**run.kwargs, task.session_param: session} if task.session_param else run.kwargs
+        try:
+            job = (self.cluster or self.processes).run(task.fn, run.args, kwargs, on_message=forward_to(run),
+                                                       memory_limit=task.memory_limit, session=session)
+        except Exception as exc:
+            self._finish(run, ("error", Failure.of(exc)))
+            return
+        with run.lock:
+            run.job = job
+            stop = run.stop_reason
+        if stop:
+            job.kill(stop)
+        outcome = job.wait()
+        if run.stop_reason:
+            self._finish(run, ("stop", run.stop_reason))
+        elif outcome.ok:
+            self._finish(run, ("ok", self._result_fields(run, outcome.value)))
+        else:
+            self._finish(run, ("error", Failure(outcome.exception, outcome.error, outcome.traceback)))
+
+    @property
+    def processes(self) -> Any:
+        """The local worker processes of ``process=True`` runs (started on first use)."""
+        with self._live_lock:
+            if self._processes is None:
+                from .processes import ProcessPool
+
+                self._processes = ProcessPool()
+            return self._processes
+
+    @property
+    def cluster(self) -> Any:
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, client: Any) -> None:
+        """Send ``process=True`` runs to a ``distributed.Client`` (None: back to local workers)."""
+        from .dask_backend import DaskBackend
+
+        old, self._cluster = self._cluster, (DaskBackend(client) if client is not None else None)
+        if old is not None:
+            old.shutdown()
 
     # ------------------------------------------------------------ finishing
 
@@ -428,15 +503,14 @@ class Runtime:
             else:
                 changes = dict(status=CANCELLED, completed_at=now, error="cancelled")
         else:
-            error = f"{type(detail).__name__}: {detail}"
-            trace = "".join(traceback.format_exception(detail))
+            failure: Failure = detail
             record = self.store.get_run(run.task_id) or {}
-            if record.get("attempt", 0) < run.task.retries + 1 and run.task.should_retry(detail):
+            if record.get("attempt", 0) < run.task.retries + 1 and run.task.should_retry(failure.exception):
                 retry_in = run.task.retry_wait(record.get("attempt", 1))
-                changes = dict(status=RETRY, error=error, traceback=trace,
+                changes = dict(status=RETRY, error=failure.error, traceback=failure.traceback,
                                scheduled_for=now + retry_in if retry_in else None)
             else:
-                changes = dict(status=FAILED, completed_at=now, error=error, traceback=trace)
+                changes = dict(status=FAILED, completed_at=now, error=failure.error, traceback=failure.traceback)
         with run.lock:
             if run.phase == "done":
                 return  # shutdown already recorded how it ended; the late outcome is dropped
@@ -486,17 +560,23 @@ class Runtime:
     # --------------------------------------------------------------- locks
 
     def _wake_queue(self, key: str) -> None:
-        with self._live_lock:
-            waiting = self._queued.get(key) or []
-            run = waiting[0] if waiting else None
-        if run is None:
-            return
-        if self.store.acquire_lock(key, run.task_id, self.owner) is None:
+        """Start the first run queued on ``key`` if the key is free now.
+
+        Serialized by ``_queue_lock``: a run settling in a task thread and the
+        maintenance pass may both try, and only one may take the key's next run.
+        """
+        with self._queue_lock:
             with self._live_lock:
-                waiting.remove(run)
+                waiting = self._queued.get(key) or []
+                run = waiting[0] if waiting else None
+            if run is None or self.store.acquire_lock(key, run.task_id, self.owner) is not None:
+                return
+            with self._live_lock:
+                if run in waiting:  # a cancel may have taken it out meanwhile
+                    waiting.remove(run)
                 if not waiting:
                     self._queued.pop(key, None)
-            self._start(run)
+        self._start(run)
 
     # ------------------------------------------------------- cancel/refresh
 
@@ -559,7 +639,10 @@ class Runtime:
 
     def _interrupt(self, run: Run) -> None:
         """Stop a running run; caller holds ``run.lock``."""
-        if run.task.is_async:
+        if run.task.process:
+            if run.job is not None:  # else the body sees stop_reason before it starts the job
+                run.job.kill(run.stop_reason or "cancel")
+        elif run.task.is_async:
             if run.aio_task is not None:
                 self.loop.call_soon_threadsafe(run.aio_task.cancel)
         elif run.in_function and run.thread_id is not None:
@@ -688,6 +771,12 @@ class Runtime:
             self.update(run.task_id, _interrupted)
             if run.lock_key is not None:
                 self.store.release_lock(run.lock_key, run.task_id)
+            if run.job is not None:
+                run.job.kill("interrupted")
+        processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown(wait=False)
+        self.cluster = None
         self.store.flush()
 
 

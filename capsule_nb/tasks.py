@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import inspect
 import random
+import re
 import string
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -46,6 +47,7 @@ class Task:
         name: str | None = None,
         on_lock: str = "join",
         display_name: str | None = None,
+        memory_limit: int | str | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"@task needs a function, got {fn!r}")
@@ -69,9 +71,10 @@ class Task:
         if callback_url is not None and not str(callback_url).startswith(("http://", "https://")):
             raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL, got {callback_url!r}")
         self.callback_url = callback_url
-        if process:
-            raise NotImplementedError(f"@task({self.name}, process=True): process isolation is not built yet")
         self.process = bool(process)
+        if memory_limit is not None and not self.process:
+            raise ValueError(f"@task({self.name}): memory_limit needs process=True")
+        self.memory_limit = _parse_size(memory_limit, self.name) if memory_limit is not None else None
         self.signature = inspect.signature(fn)
         self.session_param = _session_param(self.signature)
         self.lock = lock
@@ -183,6 +186,20 @@ class Task:
     def cancel(self, status: str | None = None, **kwarg_filters: Any):
         """Cancel matching unfinished runs; returns how many."""
         return self._query.cancel(status=status, **kwarg_filters)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_size(value: int | str, name: str) -> int:
+    """Bytes from an int or "512MB" / "2GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"@task({name}): memory_limit must be bytes or like '512MB', got {value!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
 def _session_param(signature: inspect.Signature) -> str | None:

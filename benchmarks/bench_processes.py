@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""capsule_nb's process pool side by side with ProcessPoolExecutor (fork).
+
+    python benchmarks/bench_processes.py             # about 20 s on 2 cores
+    python benchmarks/bench_processes.py --n 20000   # longer throughput bursts
+    python benchmarks/bench_processes.py --json out.json
+
+What is measured, for both pools, with as many workers as cores:
+
+* cold first run: a fresh interpreter makes a pool and runs one no-op, the
+  clock running from pool creation to the result (for capsule_nb this
+  includes starting the forkserver). Also, for capsule_nb, a new pool in a
+  process whose forkserver already runs ("cold worker").
+* warm submit-to-start: the pool has run a job already; the time from the
+  submit call to the first line of the function, read with the system-wide
+  monotonic clock in both processes (p50 and p95 of --samples runs, one
+  at a time), and the round trip to the result.
+* no-op runs/s: --n no-op calls submitted in a burst, then all waited on;
+  and --threads threads each submitting and waiting in a loop, as the
+  runtime's worker threads do.
+* CPU-bound: two 0.5 s loops at once against one after the other.
+
+Aims (issue 4): warm submit-to-start p50 under 20 ms; at least 1,000
+no-op process runs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+AIM_START_MS = 20.0
+AIM_RATE = 1000.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def noop() -> None:
+    return None
+
+
+def started_at() -> float:
+    return time.monotonic()
+
+
+def spin(seconds: float) -> int:
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- #
+# The two pools behind one small interface: submit(fn, *args) -> wait() -> value
+# --------------------------------------------------------------------------- #
+
+
+class Capsule:
+    name = "capsule_nb ProcessPool"
+
+    def __init__(self, workers: int):
+        from capsule_nb.processes import ProcessPool
+
+        self.pool = ProcessPool(workers)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        job = self.pool.run(fn, args)
+
+        def wait() -> Any:
+            outcome = job.wait()
+            if not outcome.ok:
+                raise RuntimeError(outcome.error)
+            return outcome.value
+
+        return wait
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class Executor:
+    name = "ProcessPoolExecutor(fork)"
+
+    def __init__(self, workers: int):
+        self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        return self.pool.submit(fn, *args).result
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+POOLS = {"capsule": Capsule, "executor": Executor}
+
+
+# --------------------------------------------------------------------------- #
+# Cases
+# --------------------------------------------------------------------------- #
+
+
+def cold(kind: str, workers: int) -> dict[str, float]:
+    """Run in a fresh interpreter: pool creation to first result; then a second pool (capsule: warm forkserver)."""
+    started = time.perf_counter()
+    pool = POOLS[kind](workers)
+    pool.submit(noop)()
+    first = time.perf_counter() - started
+    pool.close()
+    started = time.perf_counter()
+    again = POOLS[kind](workers)
+    again.submit(noop)()
+    second = time.perf_counter() - started
+    again.close()
+    return {"cold_first_ms": first * 1000, "cold_worker_ms": second * 1000}
+
+
+def cold_in_fresh_interpreter(kind: str, workers: int) -> dict[str, float]:
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
+            f"import bench_processes as b; print(json.dumps(b.cold({kind!r}, {workers})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def warm_latency(pool: Any, samples: int) -> dict[str, float]:
+    pool.submit(noop)()  # warm: workers up
+    starts, trips = [], []
+    for _ in range(samples):
+        t0 = time.monotonic()
+        wait = pool.submit(started_at)
+        begun = wait()
+        t1 = time.monotonic()
+        starts.append((begun - t0) * 1000)
+        trips.append((t1 - t0) * 1000)
+    starts.sort()
+    trips.sort()
+    return {
+        "start_p50_ms": statistics.median(starts),
+        "start_p95_ms": starts[int(len(starts) * 0.95) - 1],
+        "roundtrip_p50_ms": statistics.median(trips),
+    }
+
+
+def burst_rate(pool: Any, n: int) -> float:
+    pool.submit(noop)()
+    started = time.perf_counter()
+    waits = [pool.submit(noop) for _ in range(n)]
+    for wait in waits:
+        wait()
+    return n / (time.perf_counter() - started)
+
+
+def threaded_rate(pool: Any, n: int, threads: int) -> float:
+    pool.submit(noop)()
+    per_thread = n // threads
+
+    def loop() -> None:
+        for _ in range(per_thread):
+            pool.submit(noop)()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    started = time.perf_counter()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return per_thread * threads / (time.perf_counter() - started)
+
+
+def cpu_speedup(pool: Any, seconds: float = 0.5) -> float:
+    pool.submit(noop)()
+    pool.submit(noop)()
+    started = time.perf_counter()
+    pool.submit(spin, seconds)()
+    pool.submit(spin, seconds)()
+    serial = time.perf_counter() - started
+    started = time.perf_counter()
+    waits = [pool.submit(spin, seconds) for _ in range(2)]
+    for wait in waits:
+        wait()
+    parallel = time.perf_counter() - started
+    return serial / parallel
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    results = cold_in_fresh_interpreter(kind, args.workers)
+    pool = POOLS[kind](args.workers)
+    try:
+        results.update(warm_latency(pool, args.samples))
+        results["burst_per_s"] = burst_rate(pool, args.n)
+        results["threaded_per_s"] = threaded_rate(pool, args.n, args.threads)
+        results["cpu_speedup_x"] = cpu_speedup(pool)
+    finally:
+        pool.close()
+    return results
+
+
+ROWS = [
+    ("cold_first_ms", "cold first run (new interpreter), ms", "low"),
+    ("cold_worker_ms", "new pool, warm forkserver/parent, ms", "low"),
+    ("start_p50_ms", "warm submit-to-start p50, ms", "low"),
+    ("start_p95_ms", "warm submit-to-start p95, ms", "low"),
+    ("roundtrip_p50_ms", "warm round trip p50, ms", "low"),
+    ("burst_per_s", "no-op runs/s, burst", "high"),
+    ("threaded_per_s", "no-op runs/s, {threads} threads submit+wait", "high"),
+    ("cpu_speedup_x", "2 CPU-bound runs: serial / parallel", "high"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5000, help="no-op runs per throughput case")
+    parser.add_argument("--samples", type=int, default=300, help="sequential runs for the latency percentiles")
+    parser.add_argument("--threads", type=int, default=8, help="submitting threads in the threaded case")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    print(f"{os.cpu_count()} cores, {args.workers} workers per pool, Python {sys.version.split()[0]}", flush=True)
+    figures = {kind: measure(kind, args) for kind in POOLS}
+    ours, ref = figures["capsule"], figures["executor"]
+    width = 46
+    print(f"\n{'':{width}} {Capsule.name:>24} {Executor.name:>26} {'ratio':>7}")
+    for key, label, better in ROWS:
+        a, b = ours[key], ref[key]
+        ratio = (b / a if better == "low" else a / b) if a and b else float("nan")
+        print(f"{label.format(threads=args.threads):{width}} {a:>24.2f} {b:>26.2f} {ratio:>6.2f}x")
+    print("(ratio > 1: capsule_nb is better)")
+    start_ok = ours["start_p50_ms"] < AIM_START_MS
+    rate_ok = max(ours["burst_per_s"], ours["threaded_per_s"]) >= AIM_RATE
+    print(f"\naim warm submit-to-start p50 < {AIM_START_MS:g} ms: {'ok' if start_ok else '--'}"
+          f" ({ours['start_p50_ms']:.2f} ms)")
+    print(f"aim >= {AIM_RATE:,.0f} no-op runs/s: {'ok' if rate_ok else '--'}"
+          f" ({max(ours['burst_per_s'], ours['threaded_per_s']):,.0f}/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

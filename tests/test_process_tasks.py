@@ -1,0 +1,222 @@
+"""process=True through the task API: isolation, kills, sessions, pickling, and the Dask cluster."""
+
+import asyncio
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import capsule_nb as cpsl
+
+from .conftest import until
+
+jupyter_client = pytest.importorskip("jupyter_client")
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_runs_in_another_process_and_returns(app):
+    @app.task(process=True)
+    def whoami(n):
+        return os.getpid(), n * 2
+
+    pid, value = await whoami.submit(21).result(timeout=60)
+    assert value == 42 and pid != os.getpid()
+
+
+@pytest.mark.parametrize("body, expect", [
+    ("import ctypes; ctypes.string_at(0)", "SIGSEGV"),
+    ("import os; os._exit(3)", "exited with code 3"),
+    ("x = bytearray(512 * 2**20)", "memory limit"),
+])
+async def test_a_crashing_child_fails_its_run_and_the_next_run_works(app, body, expect):
+    @app.task(process=True, retries=1, memory_limit="64MiB", name="crashy")
+    def crashy():
+        exec(body)
+
+    handle = crashy.submit()
+    assert await handle.wait(60) == "failed"
+    record = handle.snapshot()
+    assert expect in record["error"] and record["attempt"] == 2  # retried once, crashed again
+
+    @app.task(process=True, name="fine")
+    def fine():
+        return "still here"
+
+    assert await fine.submit().result(timeout=60) == "still here"
+
+
+async def test_timeout_and_cancel_kill_the_child(app):
+    @app.task(process=True, timeout=1)
+    def stuck(path):
+        with open(path, "w") as fh:
+            fh.write(str(os.getpid()))
+        while True:
+            time.sleep(0.01)
+
+    for how in ("timeout", "cancel"):
+        marker = app.home / f"{how}.pid"
+        handle = stuck.submit(str(marker))
+        await until(lambda: marker.exists() and marker.read_text(), timeout=30)
+        pid = int(marker.read_text())
+        if how == "cancel":
+            started = time.monotonic()
+            assert await handle.cancel() is True
+        else:
+            started = time.monotonic()
+        assert await handle.wait(10) == ("timeout" if how == "timeout" else "cancelled")
+        if how == "cancel":
+            assert time.monotonic() - started < 1.0
+        await until(lambda: pid_gone(pid), timeout=2)
+
+
+async def test_sessions_and_collections_from_the_child(app):
+    @app.task(process=True)
+    def report(session, name):
+        session.notify(f"starting {name}")
+        session.progress(1, 2, "half")
+        session.log("a log line")
+        print("printed in the child")
+        session.db.reports.insert_one({"name": name, "pid": os.getpid()})
+        session.reply("done")
+        return name
+
+    handle = report.submit(name="daily", session=app.session)
+    assert await handle.result(timeout=60) == "daily"
+    record = handle.snapshot()
+    assert [(m["kind"], m["text"]) for m in record["messages"]] == [
+        ("notify", "starting daily"), ("log", "a log line"), ("reply", "done")]
+    assert record["progress"] == {"done": 1, "total": 2, "message": "half"}
+    assert "printed in the child" in "".join(x["text"] for x in record["output"])
+    doc = app.collection("reports").find_one({"name": "daily"})
+    assert doc["pid"] != os.getpid()
+
+
+async def test_pickling_problems_are_clear(app):
+    @app.task(process=True)
+    def takes(value):
+        return type(value).__name__
+
+    with pytest.raises(TypeError, match="value"):
+        takes.submit(threading.Lock())
+    assert app.tasks.count() == 0
+
+    @app.task(process=True)
+    def gives():
+        return threading.Lock()
+
+    handle = gives.submit()
+    assert await handle.wait(60) == "failed"
+    assert "lock" in handle.snapshot()["error"].lower()
+
+    sock = socket.socket()
+    try:
+        uses_socket = app.task(process=True, name="uses_socket")(lambda: sock.getsockname())
+        with pytest.raises(TypeError, match="socket"):
+            uses_socket.submit()
+    finally:
+        sock.close()
+
+
+async def test_locks_retries_and_statuses_as_in_kernel(app):
+    attempts = app.home / "attempts"
+
+    @app.task(process=True, retries=2, lock="job:{key}")
+    def flaky(key, path):
+        with open(path, "a") as fh:
+            fh.write("x")
+        if len(open(path).read()) < 3:
+            raise ConnectionError("try again")
+        return key
+
+    first = flaky.submit("a", str(attempts))
+    joined = flaky.submit("a", str(attempts))
+    assert joined.task_id == first.task_id
+    assert await first.result(timeout=60) == "a"
+    assert first.snapshot()["attempt"] == 3
+
+
+def test_a_notebook_function_with_closures_runs_in_a_process(tmp_path):
+    from capsule_nb.__main__ import kernel_manager
+
+    manager = kernel_manager()
+    manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)})
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive("""
+%load_ext capsule_nb
+import os
+FACTOR = 7
+
+def helper(x):
+    return x * FACTOR
+
+@cpsl.task(process=True)
+def scaled(n):
+    return os.getpid(), [helper(i) for i in range(n)]
+
+pid, values = await scaled.submit(4).result(timeout=60)
+assert pid != os.getpid() and values == [0, 7, 14, 21], (pid, values)
+""", timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+async def test_the_same_tasks_on_a_dask_cluster(app):
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    client = distributed.Client(cluster, asynchronous=False)
+    try:
+        app.runtime.cluster = client
+        attempts = app.home / "dask-attempts"
+
+        @app.task(process=True, retries=1)
+        def where(path):
+            with open(path, "a") as fh:
+                fh.write("x")
+            if len(open(path).read()) < 2:
+                raise ValueError("first attempt fails")
+            return os.getpid()
+
+        handle = where.submit(str(attempts))
+        pid = await handle.result(timeout=120)
+        assert pid != os.getpid() and handle.snapshot()["attempt"] == 2
+
+        @app.task(process=True, timeout=1)
+        def forever():
+            while True:
+                time.sleep(0.01)
+
+        assert await forever.submit().wait(60) == "timeout"
+        running = forever.submit()
+        await until(lambda: running.snapshot()["status"] == "running", timeout=60)
+        assert await running.cancel() is True
+        assert await running.wait(30) == "cancelled"
+    finally:
+        app.runtime.cluster = None
+        client.close()
+        cluster.close()
+
+    @app.task(process=True, name="local_again")
+    def local_again():
+        return "local"
+
+    assert await local_again.submit().result(timeout=60) == "local"
