@@ -54,6 +54,7 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
@@ -373,6 +374,28 @@ class ProcessJob:
         self._settled.set()
 
 
+_starting = threading.local()
+_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _without_main(name: str) -> dict:
+    """multiprocessing's start data, minus "re-run the parent's ``__main__``" for our workers.
+
+    A worker gets each call by value, so it never needs the parent's main
+    module; re-running it would execute a script's top level (its task
+    definitions, its submits) in every worker. Other processes started by
+    this interpreter are left as multiprocessing makes them.
+    """
+    data = _preparation_data(name)
+    if getattr(_starting, "worker", False):
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+multiprocessing.spawn.get_preparation_data = _without_main
+
+
 class _Worker:
     """The parent's handle on one worker process."""
 
@@ -384,7 +407,11 @@ class _Worker:
             target=_worker_main, args=(child_conn, child_faults, os.getpid()),
             name="capsule-process-worker", daemon=False,  # not daemonic: its tasks may start processes
         )
-        self.process.start()
+        _starting.worker = True
+        try:
+            self.process.start()
+        finally:
+            _starting.worker = False
         child_conn.close()
         child_faults.close()
         self.pid: int = self.process.pid  # type: ignore[assignment]

@@ -220,3 +220,28 @@ async def test_the_same_tasks_on_a_dask_cluster(app):
         return "local"
 
     assert await local_again.submit().result(timeout=60) == "local"
+
+
+def test_a_plain_script_without_a_main_guard(tmp_path):
+    """Workers get calls by value: a script's top level never runs again inside them."""
+    import subprocess
+
+    script = tmp_path / "job.py"
+    log = tmp_path / "top-level-runs"
+    script.write_text(f"""
+import asyncio, os
+import capsule_nb as cpsl
+with open({str(log)!r}, "a") as fh:
+    fh.write(f"{{os.getpid()}}\\n")
+
+@cpsl.task(process=True)
+def square(x):
+    return x * x
+
+print(asyncio.run(square.submit(12).result(timeout=60)))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path / "store")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["144"]
+    assert len(log.read_text().split()) == 1
