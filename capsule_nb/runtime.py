@@ -412,12 +412,19 @@ class Runtime:
         """Run in a worker process (or on the Dask cluster) and wait for it, in a pool thread."""
         from .processes import forward_to, portable_session
 
-        self._mark_running(run)
         task = run.task
         session = portable_session(run.session or self.app.owner_session)
         kwargs = {**run.kwargs, task.session_param: session} if task.session_param else run.kwargs
+        forward = forward_to(run)
+
+        def on_message(kind: str, data: dict) -> None:
+            if kind == "started":  # a worker took it: the run (and its timeout) starts now
+                self._mark_running(run)
+            else:
+                forward(kind, data)
+
         try:
-            job = (self.cluster or self.processes).run(task.fn, run.args, kwargs, on_message=forward_to(run),
+            job = (self.cluster or self.processes).run(task.fn, run.args, kwargs, on_message=on_message,
                                                        memory_limit=task.memory_limit, session=session)
         except Exception as exc:
             self._finish(run, ("error", Failure.of(exc)))
