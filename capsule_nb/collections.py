@@ -160,6 +160,9 @@ def _check_filter(filter: dict[str, Any]) -> None:
     if not isinstance(filter, dict):
         raise TypeError(f"a filter is a dict, not {filter!r}")
     for field, condition in filter.items():
+        if field.startswith("$"):
+            raise ValueError(f"unknown filter operator {field!r}: filters are field conditions, "
+                             f"with {sorted(_COMPARE)} inside a field")
         if isinstance(condition, dict) and any(k.startswith("$") for k in condition):
             unknown = [k for k in condition if k not in _COMPARE]
             if unknown:
