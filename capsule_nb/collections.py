@@ -148,8 +148,10 @@ def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
     if not ok:
         raise TypeError(f"documents are stored as JSON; this one is not: {doc!r}")
     value = dict(value)
-    doc_id = value.get("_id") or value.get("id") or new_task_id()
-    if not isinstance(doc_id, str) or "/" in doc_id:
+    doc_id = value.get("_id")
+    if doc_id is None:
+        doc_id = new_task_id()
+    elif not isinstance(doc_id, str) or "/" in doc_id or not doc_id:
         raise ValueError(f"document _id must be a string without '/', got {doc_id!r}")
     value["_id"] = doc_id
     value.setdefault("id", doc_id)
