@@ -686,7 +686,8 @@ class Runtime:
                 self._wake_queue(key)
             self.recover()
             now = time.monotonic()
-            if now - self._last_prune > 60:
+            over = self.store.finished_count() > self.app.keep_finished * 1.1  # a burst: prune now
+            if over or now - self._last_prune > 60:
                 self._last_prune = now
                 self.store.prune(self.app.name, self.app.keep_finished)
         except Exception:

@@ -245,6 +245,11 @@ class Store:
         else:
             self._unfinished[task_id] = record
 
+    def finished_count(self) -> int:
+        """Finished runs in the mirror, all apps (cheap: two sizes)."""
+        with self._lock:
+            return len(self._runs) - len(self._unfinished)
+
     def unfinished_runs(self) -> list[dict[str, Any]]:
         """Runs not finished yet: what recovery and adoption look through (a snapshot)."""
         with self._lock:
