@@ -16,7 +16,7 @@ import contextvars
 import ctypes
 import json
 import logging
-import random
+import os
 import threading
 import time
 import traceback
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("capsule_nb")
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
 INLINE_RESULT_CHARS = 64_000  # bigger JSON results go to a payload
 OUTPUT_FLUSH_SECONDS = 0.05  # how often captured output is folded into the record
@@ -75,7 +76,12 @@ class Failure(NamedTuple):
 
     @classmethod
     def of(cls, exc: BaseException) -> "Failure":
-        return cls(exc, f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
+        """The traceback starts at the task's own code: our frames above it are noise."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        return cls(exc, f"{type(exc).__name__}: {exc}", text)
 
 
 class Run:
@@ -742,8 +748,8 @@ class Runtime:
             try:
                 args, kwargs = self.stored_arguments(claimed)
             except Exception as exc:
-                self.update(claimed["task_id"], lambda r: evolve(
-                    r, status=FAILED, completed_at=time.time(), error=f"cannot resume: {exc}"))
+                error = f"cannot resume: {exc}"
+                self.update(claimed["task_id"], lambda r: evolve(r, status=FAILED, completed_at=time.time(), error=error))
                 continue
             session = self.app.session if claimed.get("session_id") == self.app.session.id else None
             run = Run(self, task, claimed["task_id"], args, kwargs, session, None, claimed.get("lock_key"))

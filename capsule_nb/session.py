@@ -179,10 +179,10 @@ class Session:
         handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
         card = ui.TaskCard(handle, message=message)
         run = current_run.get()
-        if run is not None:
-            run.show(card)
-        else:
+        if run is None:
             ui.display(card)
+        elif not run.show(card):
+            card.close()  # no cell to show it in: the show_task message on the record remains
         return DONE
 
 

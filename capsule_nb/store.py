@@ -133,7 +133,7 @@ class Store:
         except sqlite3.DatabaseError as exc:  # a truncated or garbage database file
             self._cache.close()
             raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc}") from exc
-        self._writer = threading.Thread(target=self._write_loop, name=f"capsule-store-writer", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="capsule-store-writer", daemon=True)
         self._writer.start()
 
     # ------------------------------------------------------------------ setup

@@ -6,8 +6,6 @@ import textwrap
 
 import pytest
 
-import capsule_nb as cpsl
-
 
 async def test_insert_find_update_delete_count_awaited(app):
     reports = app.session.db.reports

@@ -265,7 +265,8 @@ def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
     def obj(n):
         return {n}  # a set: kept as a signed payload
 
-    handles = [obj.submit(n) for n in range(8)]
+    for n in range(8):
+        obj.submit(n)
     until_sync(lambda: len(finished_at) == 8)
     until_sync(lambda: app.tasks.count() == 5)  # the maintenance pass prunes a burst over the cap
     app.store.flush()

@@ -1,6 +1,5 @@
 """process=True through the task API: isolation, kills, sessions, pickling, and the Dask cluster."""
 
-import asyncio
 import os
 import socket
 import sys
@@ -8,8 +7,6 @@ import threading
 import time
 
 import pytest
-
-import capsule_nb as cpsl
 
 from .conftest import until
 

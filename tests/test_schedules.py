@@ -1,12 +1,8 @@
 """Cron schedules: each tick once, on time, as a run; across re-definitions, kernels and DST."""
 
-import asyncio
 import datetime as dt
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from zoneinfo import ZoneInfo

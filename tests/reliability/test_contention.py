@@ -2,7 +2,6 @@
 
 import time
 
-from ..conftest import until_sync
 from ..test_durability import lines_until, spawn
 
 import capsule_nb as cpsl

@@ -3,8 +3,6 @@
 import os
 import time
 
-import capsule_nb as cpsl
-
 from ..conftest import until
 
 

@@ -6,7 +6,6 @@ environment with ipykernel 6.29.x and runs the kernel-facing tests there.
 
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

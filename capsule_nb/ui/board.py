@@ -1,0 +1,133 @@
+"""TaskBoard: every run of an app, in columns by status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from traitlets import Dict, Int, List, TraitError, Unicode, observe, validate
+
+from ..records import check_status
+from . import assets, views
+from .live import LiveWidget
+from .text import board_text
+
+FILTER_KEYS = ("task_name", "session_id", "status")
+
+
+@dataclass(frozen=True)
+class TaskBoardColumn:
+    """A column of the board: a label and the statuses whose runs it holds."""
+
+    label: str
+    statuses: tuple[str, ...]
+
+    def __init__(self, label: str, statuses: Iterable[str]):
+        statuses = (statuses,) if isinstance(statuses, str) else tuple(statuses)
+        for status in statuses:
+            check_status(status)
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "statuses", statuses)
+
+
+DEFAULT_COLUMNS = (
+    TaskBoardColumn("Pending", ("pending", "claimed", "scheduled", "retry")),
+    TaskBoardColumn("Running", ("running",)),
+    TaskBoardColumn("Completed", ("completed",)),
+    TaskBoardColumn("Failed", ("failed", "cancelled", "timeout")),
+)
+
+
+def _clean_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
+    """Known keys only; an empty value (a menu set back to "all") means no condition."""
+    filter = dict(filter or {})
+    unknown = set(filter) - set(FILTER_KEYS)
+    if unknown:
+        raise ValueError(f"TaskBoard filter keys are {FILTER_KEYS}, not {sorted(unknown)}")
+    return {key: value for key, value in filter.items() if value not in (None, "", [], ())}
+
+
+class TaskBoard(LiveWidget):
+    """All runs of an app in columns by status, newest first.
+
+    ONE widget whatever the number of runs: its cards are data (``lanes``, a
+    list synced as one trait and sent only when it differs), at most
+    ``page_size`` per column until "show more" raises that column's limit.
+    Clicking a card opens its details (``selected`` -> ``detail``); the cards'
+    Cancel and Retry work as on a TaskCard.
+    """
+
+    _esm = assets.esm("task_board.js")
+
+    title = Unicode("Tasks").tag(sync=True)
+    filter = Dict().tag(sync=True)  # task_name / session_id / status; the view's menus set it too
+    lanes = List().tag(sync=True)  # per column: {label, statuses, count, limit, cards: [views.summary]}
+    limits = Dict().tag(sync=True)  # column label -> cards shown; "show more" raises it
+    choices = Dict().tag(sync=True)  # what the filter menus offer
+    total = Int(0).tag(sync=True)  # runs matching the filter
+    page_size = Int(50).tag(sync=True)  # cards a column shows at first, and how many "show more" adds
+    selected = Unicode("").tag(sync=True)  # the run in the details pane ("" = none)
+    detail = Dict().tag(sync=True)  # that run as a card: {task_id, title, run, messages, output}
+
+    def __init__(self, *, title: str | None = None, filter: dict[str, Any] | None = None,
+                 columns: Iterable[TaskBoardColumn] | None = None, refresh_ms: int = 5000,
+                 page_size: int = 50, app: Any = None):
+        from ..app import default_app
+
+        self.columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
+        if not self.columns:
+            raise ValueError("a TaskBoard needs at least one column")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a whole number >= 1, got {page_size!r}")
+        app = app or default_app()
+        self._app = app
+        filter = _clean_filter(filter)
+        super().__init__(app, refresh_ms=refresh_ms, title=title or "Tasks", filter=filter, page_size=page_size,
+                         **self._compute(filter, {}, "", page_size))
+
+    # ------------------------------------------------------------------ state
+
+    def _compute(self, filter: dict[str, Any], limits: dict[str, int], selected: str, page: int) -> dict[str, Any]:
+        state = views.board(self._app.store.runs(), app=self._app.name,
+                            columns=[(c.label, c.statuses) for c in self.columns],
+                            filter=filter, limits=limits, page=page)
+        record = self._app.store.get_run(selected) if selected else None
+        state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
+        return state
+
+    def _state(self) -> dict[str, Any]:
+        return self._compute(self.filter, self.limits, self.selected, self.page_size)
+
+    def _subscribe(self) -> None:
+        self._unsubscribe = self._app.store.events.subscribe(self._changed)
+
+    def _changed(self, record: dict[str, Any] | None = None) -> None:
+        if record is None or record["app"] == self._app.name:
+            super()._changed(record)
+
+    @validate("filter")
+    def _valid_filter(self, proposal: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return _clean_filter(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+
+    @observe("filter", "limits", "selected")
+    def _view_changed(self, change: dict[str, Any]) -> None:
+        self._changed()
+
+    def _retried(self, task_id: str, handle: Any) -> None:
+        if self.selected == task_id:
+            self.selected = handle.task_id
+
+    # ------------------------------------------------------------------- text
+
+    def records(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """``[(column label, its runs newest first)]`` under the board's filter."""
+        self._app.store.poll()
+        runs = [r for r in self._app.store.runs() if r["app"] == self._app.name and views.matches(r, self.filter)]
+        runs.sort(key=lambda r: r["task_id"], reverse=True)
+        return [(c.label, [r for r in runs if r["status"] in c.statuses]) for c in self.columns]
+
+    def __repr__(self) -> str:
+        return board_text(self.title, self.records())

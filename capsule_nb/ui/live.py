@@ -1,0 +1,199 @@
+"""The machinery every capsule_nb widget shares: store events in, coalesced state out.
+
+Store events arrive on any thread (a task thread, the store's poller, the
+loop) and may come by the thousand. A listener only marks the widget dirty;
+the first mark arms one flush on the runtime's loop. The flush recomputes
+the widget's traits from the store's mirror, and sends what differs in one
+message (``hold_sync``). A flush runs at once after a quiet spell and then
+at most every ``FLUSH_SECONDS``, so a burst of any size costs a widget about
+ten messages a second, and the last state always gets out.
+
+Everything periodic is a ``loop.call_later`` handle on the runtime's loop:
+the flush, the poll that folds in other kernels' writes every
+``refresh_ms``, and the grace period before a widget nobody sees is closed.
+No widget starts a thread, and ``close()`` leaves no subscriber or timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import anywidget
+from traitlets import Float, Int, Unicode, observe
+
+from . import assets
+
+if TYPE_CHECKING:
+    from ..app import App
+
+log = logging.getLogger("capsule_nb")
+
+ACTIONS = ("cancel", "retry")
+
+
+class LiveWidget(anywidget.AnyWidget):
+    """A widget drawn from run records and kept current as they change."""
+
+    _css = assets.css()
+
+    # Kernel wall time of the last flush: a view counts running clocks on from
+    # it, so a browser whose clock is off still shows the right elapsed time.
+    clock = Float(0.0).tag(sync=True)
+    # What the last Cancel or Retry said, when it could not do what was asked.
+    notice = Unicode("").tag(sync=True)
+    # Counted by the front end (0 opts in): at 0 after being shown, the widget closes.
+    _view_count = Int(0, allow_none=True).tag(sync=True)
+
+    FLUSH_SECONDS = 0.1  # at most 10 state messages a second per widget
+    UNSEEN_SECONDS = 2.0  # a view re-rendered (a moved cell) comes back within this
+
+    def __init__(self, app: "App", *, refresh_ms: int, **state: Any):
+        if isinstance(refresh_ms, bool) or not isinstance(refresh_ms, int) or refresh_ms <= 0:
+            raise ValueError(f"refresh_ms must be a whole number of milliseconds > 0, got {refresh_ms!r}")
+        self._app = app
+        self._runtime = app.runtime
+        self.refresh_ms = refresh_ms
+        self._lock = threading.Lock()
+        self._armed = False  # a flush is due; later events ride along with it
+        self._closed = False
+        self._last_flush = float("-inf")
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        super().__init__(clock=time.time(), **state)
+        self.on_msg(self._on_view_msg)
+        self._subscribe()
+        self._runtime.call_soon(self._arm, "poll", refresh_ms / 1000, self._poll)
+
+    # ------------------------------------------------------- what subclasses say
+
+    def _subscribe(self) -> None:
+        """Listen to the store events this widget shows (``self._unsubscribe`` undoes it)."""
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        """The synced traits as they should be now, computed from the store's mirror."""
+        raise NotImplementedError
+
+    def _retried(self, task_id: str, handle: Any) -> None:
+        """A Retry of ``task_id`` started the run ``handle``."""
+
+    # ----------------------------------------------------------- events -> flush
+
+    def _changed(self, record: dict[str, Any] | None = None) -> None:
+        """A store event (any thread): note it; the next flush picks it up."""
+        with self._lock:
+            if self._armed or self._closed:
+                return
+            self._armed = True
+        try:
+            self._runtime.call_soon(self._arm_flush)
+        except RuntimeError:  # the loop is closed: nothing will show this widget again
+            self.close()
+
+    def _arm_flush(self) -> None:
+        wait = self._last_flush + self.FLUSH_SECONDS - self._runtime.loop.time()
+        self._arm("flush", max(0.0, wait), self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._armed = False
+            if self._closed:
+                return
+        self._last_flush = self._runtime.loop.time()
+        try:
+            state = self._state()
+        except Exception:
+            log.exception("capsule_nb: updating %s failed", type(self).__name__)
+            return
+        changed = {name: value for name, value in state.items() if getattr(self, name) != value}
+        if changed:
+            with self.hold_sync():
+                for name, value in changed.items():
+                    setattr(self, name, value)
+                self.clock = time.time()
+
+    def _poll(self) -> None:
+        """Fold in other kernels' writes; the store publishes them as events."""
+        try:
+            self._app.store.poll()
+        except Exception:
+            log.exception("capsule_nb: polling the store at %s failed", self._app.store.path)
+        self._arm("poll", self.refresh_ms / 1000, self._poll)
+
+    def _arm(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop after ``delay`` seconds (call on the loop)."""
+        if not self._closed:
+            self._timers[name] = self._runtime.loop.call_later(delay, callback)
+
+    # --------------------------------------------------------------- the view
+
+    def _on_view_msg(self, _: Any, content: Any, buffers: Any) -> None:
+        """A click in a view: ``{"action": "cancel" | "retry", "task_id": ...}``.
+
+        Sent as a message, not a trait, because a click is an event: a second
+        click must act again. The comm handler may run off the loop thread
+        (kernels with subshells), so the work is handed to the loop.
+        """
+        if isinstance(content, dict) and content.get("action") in ACTIONS and isinstance(content.get("task_id"), str):
+            self._runtime.call_soon(self._act, content["action"], content["task_id"])
+
+    def _act(self, action: str, task_id: str) -> None:
+        record = self._app.store.get_run(task_id)
+        notice = ""
+        if record is None or record["app"] != self._app.name:
+            notice = f"run {task_id} is not in this app's store"
+        elif action == "cancel":
+            if not self._runtime.cancel(task_id):
+                notice = f"run {task_id} had already finished"
+        else:
+            try:
+                handle = self._app.resubmit(task_id)
+            except Exception as exc:
+                notice = f"cannot retry {record['task_name']}: {exc}"
+            else:
+                self._retried(task_id, handle)
+        self.notice = notice
+
+    @observe("_view_count")
+    def _on_view_count(self, change: dict[str, Any]) -> None:
+        if change["new"] == 0 and (change["old"] or 0) > 0:
+            self._runtime.call_soon(self._arm, "unseen", self.UNSEEN_SECONDS, self._close_if_unseen)
+
+    def _close_if_unseen(self) -> None:
+        if self._view_count == 0:
+            self.close()
+
+    # ------------------------------------------------------------------- close
+
+    def close(self) -> None:
+        """Stop listening, cancel the timers and close the comm (and so every view)."""
+        lock = getattr(self, "_lock", None)  # close() also runs from __del__ of a half-made widget
+        if lock is not None:
+            with lock:
+                closing, self._closed = not self._closed, True
+            if closing:
+                if self._unsubscribe is not None:
+                    self._unsubscribe()
+                    self._unsubscribe = None
+                try:
+                    self._runtime.call_soon(self._cancel_timers)
+                except RuntimeError:  # the loop is closed, and its timers with it
+                    self._timers.clear()
+                self.layout.close()  # every DOMWidget makes a Layout widget, with a comm of its own
+        super().close()
+
+    def _cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))

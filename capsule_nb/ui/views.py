@@ -1,0 +1,159 @@
+"""What the widgets show, as plain JSON-able data (pure: no widgets, no store).
+
+A card is a few small dicts and lists cut from a run record; a board is its
+columns, each with a count and only the newest cards up to a cap. Keeping
+this apart from the widgets keeps the shapes testable without a kernel, and
+keeps what crosses the comm small: a board over 10,000 runs still sends at
+most ``page`` cards a column.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..records import COMPLETED, FINISHED
+
+MESSAGES_SHOWN = 200  # the newest messages a card carries
+OUTPUT_SHOWN = 20_000  # characters of captured output a card carries (the tail)
+NOTE_CHARS = 160  # an error or result on a board card: one line
+
+
+def _can_cancel(status: str) -> bool:
+    return status not in FINISHED
+
+
+def _can_retry(status: str) -> bool:
+    return status in FINISHED and status != COMPLETED
+
+
+def title(record: Mapping[str, Any], message: str | None = None) -> str:
+    return message or record.get("display_name") or record["task_name"]
+
+
+def run(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's head: who, status, attempts, times, progress, error, result."""
+    status = record["status"]
+    return {
+        "task_id": record["task_id"],
+        "task_name": record["task_name"],
+        "status": status,
+        "attempt": record.get("attempt", 0),
+        "max_attempts": record.get("max_attempts", 1),
+        "created_at": record.get("created_at"),
+        "scheduled_for": record.get("scheduled_for"),
+        "started_at": record.get("started_at"),
+        "completed_at": record.get("completed_at"),
+        "progress": record.get("progress"),
+        "error": record.get("error"),
+        "traceback": record.get("traceback"),
+        "result_repr": record.get("result_repr") if status == COMPLETED else None,
+        "result_note": record.get("result_note"),
+        "session_id": record.get("session_id"),
+        "can_cancel": _can_cancel(status),
+        "can_retry": _can_retry(status),
+    }
+
+
+def messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list((record.get("messages") or ())[-MESSAGES_SHOWN:])
+
+
+def output(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The tail of what the run printed, as ``[{stream, text}]``, at most ``OUTPUT_SHOWN`` characters."""
+    chunks = list(record.get("output") or ())
+    tail: list[dict[str, str]] = []
+    room = OUTPUT_SHOWN
+    for chunk in reversed(chunks):
+        text = chunk["text"]
+        if len(text) >= room:
+            tail.append({"stream": chunk["stream"], "text": "…" + text[len(text) - room + 1 :]})
+            break
+        tail.append({"stream": chunk["stream"], "text": text})
+        room -= len(text)
+    tail.reverse()
+    return tail
+
+
+def card(record: Mapping[str, Any], message: str | None = None) -> dict[str, Any]:
+    """Everything a card shows, keyed by the widget trait that carries it."""
+    return {"title": title(record, message), "run": run(record), "messages": messages(record),
+            "output": output(record)}
+
+
+def _note(record: Mapping[str, Any]) -> str | None:
+    text = record.get("error") if record["status"] != COMPLETED else record.get("result_repr")
+    if not text:
+        return None
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= NOTE_CHARS else line[: NOTE_CHARS - 1] + "…"
+
+
+def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A card on the board: one line of name and status, a bar, the error or result."""
+    status = record["status"]
+    progress = record.get("progress")
+    fraction = None
+    if progress and progress.get("total"):
+        fraction = max(0.0, min(1.0, progress["done"] / progress["total"]))
+    return {
+        "task_id": record["task_id"],
+        "title": title(record),
+        "status": status,
+        "attempt": record.get("attempt", 0),
+        "max_attempts": record.get("max_attempts", 1),
+        "started_at": record.get("started_at"),
+        "completed_at": record.get("completed_at"),
+        "progress": fraction,
+        "note": _note(record),
+        "can_cancel": _can_cancel(status),
+        "can_retry": _can_retry(status),
+    }
+
+
+def matches(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
+    """A filter value is one value or a list of accepted values."""
+    for key, wanted in filter.items():
+        value = record.get(key)
+        if value != wanted and not (isinstance(wanted, (list, tuple)) and value in wanted):
+            return False
+    return True
+
+
+def board(records: Iterable[Mapping[str, Any]], *, app: str, columns: Sequence[tuple[str, Sequence[str]]],
+          filter: Mapping[str, Any], limits: Mapping[str, int], page: int) -> dict[str, Any]:
+    """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
+    limit), ``choices`` (values the filter menus offer) and ``total``.
+
+    One pass over the runs; only the cards shown are sorted (``heapq.nlargest``,
+    ids sort by creation), so 10,000 runs cost a few milliseconds.
+    """
+    lane_of = {}
+    for index, (_, statuses) in enumerate(columns):
+        for status in statuses:
+            lane_of.setdefault(status, index)
+    members: list[list[Mapping[str, Any]]] = [[] for _ in columns]
+    names: set[str] = set()
+    sessions: set[str] = set()
+    total = 0
+    for record in records:
+        if record["app"] != app:
+            continue
+        names.add(record["task_name"])
+        if record.get("session_id"):
+            sessions.add(record["session_id"])
+        if not matches(record, filter):
+            continue
+        total += 1
+        index = lane_of.get(record["status"])
+        if index is not None:
+            members[index].append(record)
+    lanes = []
+    for (label, statuses), runs in zip(columns, members):
+        limit = max(page, int(limits.get(label, page)))
+        newest = heapq.nlargest(limit, runs, key=lambda r: r["task_id"])
+        lanes.append({"label": label, "statuses": list(statuses), "count": len(runs), "limit": limit,
+                      "cards": [summary(r) for r in newest]})
+    return {"lanes": lanes, "total": total,
+            "choices": {"task_name": sorted(names), "session_id": sorted(sessions),
+                        "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))}}

@@ -1,0 +1,175 @@
+"""A real JupyterLab and a real Chromium for the browser tests, the UI benchmark and
+the screenshots in docs/img.
+
+``Lab`` starts ``jupyter lab`` on 127.0.0.1 at a free port, with its own
+config, runtime, settings and workspace folders in a temporary directory, no
+token or password, and ``CAPSULE_NB_HOME`` pointing at a store of its own.
+``chromium()`` is the system Chromium (``/usr/bin/chromium``) under
+Playwright; nothing is downloaded.
+
+The one thing to know about driving JupyterLab: a Run All sent before the
+kernel is connected and idle is silently lost, so ``open_notebook`` waits for
+both (the REST API's execution state and the toolbar's status indicator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parent.parent
+DARK = "JupyterLab Dark"
+LIGHT = "JupyterLab Light"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+class Lab:
+    """``with Lab(tmp) as lab:`` a JupyterLab serving ``lab.root`` (notebooks copied there)."""
+
+    def __init__(self, base: Path, *, theme: str = LIGHT, notebooks: tuple[str, ...] = ("widgets.ipynb",)):
+        self.base = Path(base)
+        self.root = self.base / "root"
+        self.home = self.base / "store"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.theme = theme
+        self.notebooks = notebooks
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.base / "lab.log"
+
+    def __enter__(self) -> "Lab":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _settings(self) -> Path:
+        settings = self.base / "settings"
+        _write_json(settings / "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings", {"saveState": True})
+        _write_json(settings / "@jupyterlab/apputils-extension/themes.jupyterlab-settings", {"theme": self.theme})
+        _write_json(settings / "@jupyterlab/apputils-extension/notification.jupyterlab-settings",
+                    {"fetchNews": "false", "checkForUpdates": False})
+        return settings
+
+    def start(self, timeout: float = 60) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in self.notebooks:
+            shutil.copy(REPO / "notebooks" / name, self.root / name)
+        env = dict(os.environ, CAPSULE_NB_HOME=str(self.home), JUPYTER_CONFIG_DIR=str(self.base / "config"),
+                   JUPYTER_RUNTIME_DIR=str(self.base / "runtime"), PYTHONUNBUFFERED="1")
+        env.pop("JPY_SESSION_NAME", None)
+        command = [
+            sys.executable, "-m", "jupyterlab",
+            f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
+            "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.open_browser=False",
+            "--ServerApp.allow_root=True",
+            "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root}",
+            f"--LabApp.user_settings_dir={self._settings()}", f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
+            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ]
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.api("status")
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"JupyterLab did not start; its log:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            self.api("shutdown", method="POST")  # shuts the kernels down with the server
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait(5)
+
+    def api(self, path: str, method: str = "GET") -> Any:
+        body = b"" if method == "POST" else None
+        request = urllib.request.Request(f"{self.url}/api/{path}", method=method, data=body)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def kernel_state(self, notebook: str) -> str | None:
+        """The execution state of the kernel of ``notebook``'s session (None: no session yet)."""
+        for session in self.api("sessions"):
+            if session.get("path") == notebook and session.get("kernel"):
+                return self.api(f"kernels/{session['kernel']['id']}")["execution_state"]
+        return None
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
+    """A page in the system Chromium, headless."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(interval)
+
+
+def open_notebook(page: Any, lab: Lab, notebook: str = "widgets.ipynb", timeout: float = 60) -> None:
+    """Open ``notebook`` and return once its kernel is connected and idle."""
+    page.goto(f"{lab.url}/lab/tree/{notebook}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
+    wait_until(lambda: lab.kernel_state(notebook) == "idle", timeout, f"the kernel of {notebook} to be idle")
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=timeout * 1000)
+
+
+def run_all(page: Any) -> None:
+    """Run > Run All Cells, through the menu as a user would."""
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def save(page: Any) -> None:
+    page.locator(".jp-Notebook").first.click()
+    page.keyboard.press("Control+s")
