@@ -24,21 +24,13 @@ from .context import current_run
 _install_lock = threading.Lock()
 
 
-class _RoutedStream(io.TextIOBase):
+class ProxyStream(io.TextIOBase):
+    """A text stream standing in for ``original`` (``sys.stdout``/``sys.stderr``):
+    subclasses decide where each write goes; the rest is the original's."""
+
     def __init__(self, original: TextIO, name: str):
         self._original = original
         self._name = name
-
-    def write(self, text: str) -> int:
-        run = current_run.get()
-        if run is None:
-            return self._original.write(text)
-        run.capture(self._name, text)
-        return len(text)
-
-    def flush(self) -> None:
-        if current_run.get() is None:
-            self._original.flush()
 
     def writable(self) -> bool:
         return True
@@ -52,6 +44,19 @@ class _RoutedStream(io.TextIOBase):
 
     def fileno(self) -> int:
         return self._original.fileno()
+
+
+class _RoutedStream(ProxyStream):
+    def write(self, text: str) -> int:
+        run = current_run.get()
+        if run is None:
+            return self._original.write(text)
+        run.capture(self._name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if current_run.get() is None:
+            self._original.flush()
 
     def __getattr__(self, name: str) -> Any:  # ipykernel streams have extras
         return getattr(self._original, name)

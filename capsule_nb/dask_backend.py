@@ -47,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
-from .processes import Outcome, ProcessJob, ProcessPool, pickle_call
+from .processes import Job, Outcome, ProcessJob, ProcessPool, pickle_call
 from .processes import _killed as killed_outcome
 
 log = logging.getLogger("capsule_nb")
@@ -58,38 +58,23 @@ MESSAGE_GRACE = 5.0  # seconds a finished job waits for messages still in flight
 OnMessage = Callable[[str, dict], None]
 
 
-class DaskJob:
+class DaskJob(Job):
     """One call on the cluster. Thread-safe; state changes happen on the backend's delivery thread."""
 
     def __init__(self, backend: "DaskBackend", on_message: OnMessage | None):
-        self.id = uuid.uuid4().hex
+        super().__init__()  # self.pid: the child process's, on the Dask worker's host
         self._backend = backend
         self._on_message = on_message
-        self.pid: int | None = None  # the child process's, on the Dask worker's host
         self.worker_address: str | None = None
         self.future: Any = None
         self._lock = threading.Lock()
         self._kill_reason: str | None = None
         self._received = 0
         self._finishing: tuple[Outcome, int] | None = None  # (outcome, messages sent) once the task returned
-        self._outcome: Outcome | None = None
-        self._settled = threading.Event()
 
     def __repr__(self) -> str:
         state = self._outcome.kind if self._outcome else "running"
         return f"<DaskJob {self.id[:8]} {state} pid={self.pid} worker={self.worker_address}>"
-
-    @property
-    def outcome(self) -> Outcome | None:
-        return self._outcome
-
-    def done(self) -> bool:
-        return self._settled.is_set()
-
-    def wait(self, timeout: float | None = None) -> Outcome:
-        if not self._settled.wait(timeout):
-            raise TimeoutError(f"Dask job {self.id} still running after {timeout}s")
-        return self._outcome  # type: ignore[return-value]
 
     def kill(self, reason: str = "killed") -> bool:
         """Stop the job: its child process is killed on the worker; the outcome is ``killed``."""

@@ -50,7 +50,6 @@ import copyreg
 import faulthandler
 import functools
 import inspect
-import io
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -73,6 +72,7 @@ from typing import Any, Callable, Iterator
 
 import cloudpickle
 
+from .capture import ProxyStream
 from .session import Session
 
 log = logging.getLogger("capsule_nb")
@@ -317,24 +317,15 @@ def pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict, session: Any 
 # --------------------------------------------------------------------------- #
 
 
-class ProcessJob:
-    """One call running (or queued) in a worker process. Thread-safe."""
+class Job:
+    """What the runtime holds of a call in another process: wait for its outcome, or kill it.
+    Subclasses settle it (``_settle``) from their delivery thread."""
 
-    def __init__(self, pool: "ProcessPool", payload: bytes, on_message: OnMessage | None, memory_limit: int | None):
+    def __init__(self) -> None:
         self.id = uuid.uuid4().hex
-        self._pool = pool
-        self._payload: bytes | None = payload
-        self._on_message = on_message
-        self.memory_limit = memory_limit
-        self.pid: int | None = None  # the worker's, once the job is handed to one
-        self._worker: _Worker | None = None
-        self._kill_reason: str | None = None
+        self.pid: int | None = None
         self._outcome: Outcome | None = None
         self._settled = threading.Event()
-
-    def __repr__(self) -> str:
-        state = self._outcome.kind if self._outcome else ("running" if self.pid else "queued")
-        return f"<ProcessJob {self.id[:8]} {state} pid={self.pid}>"
 
     @property
     def outcome(self) -> Outcome | None:
@@ -346,8 +337,28 @@ class ProcessJob:
     def wait(self, timeout: float | None = None) -> Outcome:
         """Block until the job has ended; ``TimeoutError`` if ``timeout`` passes first."""
         if not self._settled.wait(timeout):
-            raise TimeoutError(f"process job {self.id} still running after {timeout}s")
+            raise TimeoutError(f"{type(self).__name__} {self.id} still running after {timeout}s")
         return self._outcome  # type: ignore[return-value]
+
+    def kill(self, reason: str = "killed") -> bool:
+        raise NotImplementedError
+
+
+class ProcessJob(Job):
+    """One call running (or queued) in a worker process. Thread-safe."""
+
+    def __init__(self, pool: "ProcessPool", payload: bytes, on_message: OnMessage | None, memory_limit: int | None):
+        super().__init__()
+        self._pool = pool
+        self._payload: bytes | None = payload
+        self._on_message = on_message
+        self.memory_limit = memory_limit  # self.pid: the worker's, once the job is handed to one
+        self._worker: _Worker | None = None
+        self._kill_reason: str | None = None
+
+    def __repr__(self) -> str:
+        state = self._outcome.kind if self._outcome else ("running" if self.pid else "queued")
+        return f"<ProcessJob {self.id[:8]} {state} pid={self.pid}>"
 
     def kill(self, reason: str = "killed") -> bool:
         """``SIGKILL`` the worker running this job (or drop it from the queue).
@@ -804,13 +815,12 @@ class ChildRun:
         self.message("show_task", str(getattr(card, "task_id", "")))
 
 
-class _JobStream(io.TextIOBase):
+class _JobStream(ProxyStream):
     """The worker's ``sys.stdout``/``sys.stderr``: while a job runs, whole lines go to the parent."""
 
     def __init__(self, worker: "_ChildWorker", original: Any, name: str):
+        super().__init__(original, name)
         self._worker = worker
-        self._original = original
-        self._name = name
         self._buffer: list[str] = []
         self._lock = threading.Lock()
 
@@ -834,19 +844,6 @@ class _JobStream(io.TextIOBase):
             self._original.write(text)
         if job_id is None:
             self._original.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self._original, "encoding", "utf-8")
-
-    def fileno(self) -> int:
-        return self._original.fileno()
 
 
 class _JobLogHandler(logging.Handler):
