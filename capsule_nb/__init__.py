@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from . import ui
+from typing import Any
+
 from .app import App, configure, get_task, schedule, task
 from .errors import LockedError, TaskCancelled, TaskFailed
 from .handle import TaskHandle
@@ -14,6 +15,16 @@ from .magics import load_ipython_extension, unload_ipython_extension
 from .session import Session, current_session
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``cpsl.ui`` is imported on first use: the widgets pull in anywidget and
+    ipywidgets, which a script or a worker process does not need."""
+    if name == "ui":
+        import importlib
+
+        return importlib.import_module(".ui", __name__)
+    raise AttributeError(f"module 'capsule_nb' has no attribute {name!r}")
 
 __all__ = [
     "App",

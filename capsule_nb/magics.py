@@ -9,8 +9,6 @@ from typing import Any
 from . import capture
 from .app import App, default_app
 from .records import FINISHED, RUNNING
-from .ui import TaskBoard, TaskCard, display
-from .ui.text import table_text
 
 
 def load_ipython_extension(ip: Any) -> None:
@@ -37,12 +35,16 @@ def unload_ipython_extension(ip: Any) -> None:
 
 def _tasks_magic(line: str) -> None:
     """%tasks [task_name]: the task board."""
+    from .ui import TaskBoard, display
+
     name = line.strip()
     display(TaskBoard(filter={"task_name": name} if name else None))
 
 
 def _task_magic(line: str) -> None:
     """%task <id>: one run's card."""
+    from .ui import TaskCard, display
+
     task_id = line.strip()
     if not task_id:
         print("usage: %task <task id>   (ids are on the %tasks board and in handle.task_id)")
@@ -56,6 +58,8 @@ def _task_magic(line: str) -> None:
 
 def capsule_summary(app: App | None = None) -> str:
     """What ``%capsule`` prints: the store, counts by status, running work, schedules."""
+    from .ui.text import table_text
+
     app = app or default_app()
     app.store.poll()
     runs = [r for r in app.store.runs() if r["app"] == app.name]
