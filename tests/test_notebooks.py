@@ -46,3 +46,13 @@ def test_notebooks_are_saved_without_outputs(name):
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), name
+
+
+def test_cpu_parallel_notebook(tmp_path):
+    nb = run_notebook(NOTEBOOKS / "cpu_parallel.ipynb", tmp_path / "store", cwd=tmp_path, timeout=120)
+    text = outputs(nb)
+    assert "148933 primes below 2,000,000" in text
+    app = cpsl.App(home=tmp_path / "store")
+    risky = {h.snapshot()["params"]["n"]: h.snapshot() for h in app.tasks.find(limit=0) if h.task_name == "risky"}
+    assert risky[2]["status"] == "failed" and "SIGSEGV" in risky[2]["error"]
+    assert [risky[n]["result"] for n in (0, 1, 3, 4)] == [0, 1, 9, 16]
