@@ -166,7 +166,11 @@ class Schedule:
         except Exception:
             log.exception("capsule_nb schedule %s: tick at %s failed", self.name, due)
         finally:  # the next tick after *now*: a late tick never turns into a burst
-            self._arm(self._next_after(max(dt.datetime.now(self.tz), due)))
+            try:
+                self._arm(self._next_after(max(dt.datetime.now(self.tz), due)))
+            except Exception:  # never let one bad computation end the schedule
+                log.exception("capsule_nb schedule %s: could not arm the next tick; retrying in 1 s", self.name)
+                self.app.runtime.timers.call_later(1.0, lambda: self._tick(due))
 
     def _fire(self, due: float) -> TaskHandle | None:
         """Claim the tick due at ``due`` (once across kernels) and submit its run."""
