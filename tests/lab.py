@@ -1,5 +1,5 @@
-"""A real JupyterLab and a real Chromium for the browser tests, the UI benchmark and
-the screenshots in docs/img.
+"""A real JupyterLab (or Voilà) and a real Chromium for the browser tests, the UI
+benchmark and the screenshots in docs/img.
 
 ``Lab`` starts ``jupyter lab`` on 127.0.0.1 at a free port, with its own
 config, runtime, settings and workspace folders in a temporary directory, no
@@ -10,6 +10,10 @@ Playwright; nothing is downloaded.
 The one thing to know about driving JupyterLab: a Run All sent before the
 kernel is connected and idle is silently lost, so ``open_notebook`` waits for
 both (the REST API's execution state and the toolbar's status indicator).
+
+``Voila`` serves one notebook as an app the same way. Each page load starts a
+kernel that runs the notebook; ``stop()`` has Voilà shut its kernels down and
+kills, by pid, any of them still alive after that.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +134,87 @@ class Lab:
             if session.get("path") == notebook and session.get("kernel"):
                 return self.api(f"kernels/{session['kernel']['id']}")["execution_state"]
         return None
+
+
+class Voila:
+    """``with Voila(tmp) as voila:`` ``voila notebooks/<notebook>`` at ``voila.url``, with a store of its own."""
+
+    def __init__(self, base: Path, *, notebook: str = "dashboard.ipynb", theme: str = "light"):
+        self.base = Path(base)
+        self.home = self.base / "store"
+        self.notebook = REPO / "notebooks" / notebook
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.theme = theme
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.base / "voila.log"
+
+    def __enter__(self) -> "Voila":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        env = dict(os.environ, CAPSULE_NB_HOME=str(self.home), JUPYTER_CONFIG_DIR=str(self.base / "config"),
+                   JUPYTER_RUNTIME_DIR=str(self.base / "runtime"), PYTHONUNBUFFERED="1")
+        command = [
+            sys.executable, "-m", "voila", str(self.notebook), "--no-browser", f"--theme={self.theme}",
+            f"--Voila.port={self.port}", "--Voila.port_retries=0", "--Voila.ip=127.0.0.1",
+            f"--Voila.connection_dir_root={self.base}",
+        ]
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:  # a static file: the page itself would start a kernel
+                urllib.request.urlopen(f"{self.url}voila/static/favicon.ico", timeout=5).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"Voilà did not start; its log:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def kernels(self) -> dict[int, bytes]:
+        """Voilà's kernel processes (pid -> command line): each is in a session of its own."""
+        found = {}
+        if self.process is not None:
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                        found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM: Voilà shuts its kernels down and exits; then any kernel still alive is killed."""
+        kernels = self.kernels()
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        for pid, cmdline in kernels.items():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                    os.kill(pid, signal.SIGKILL)
+
+
+def running(pids: Any) -> list[int]:
+    """Which of ``pids`` still run (a zombie does not)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+    return alive
 
 
 @contextlib.contextmanager

@@ -56,3 +56,24 @@ def test_cpu_parallel_notebook(tmp_path):
     risky = {h.snapshot()["params"]["n"]: h.snapshot() for h in app.tasks.find(limit=0) if h.task_name == "risky"}
     assert risky[2]["status"] == "failed" and "SIGSEGV" in risky[2]["error"]
     assert [risky[n]["result"] for n in (0, 1, 3, 4)] == [0, 1, 9, 16]
+
+
+def test_dashboard_notebook(tmp_path):
+    """Run the dashboard, then work its form from one more cell: the build completes and the
+    collection table (refreshed by the board) shows its document."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / "dashboard.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'report_id.value, sections.value = "weekly", 3\n'
+        "submit.click()\n"
+        'print(await build_report.find(report_id="weekly")[0].result())\n'
+        'while "weekly" not in collection.value:\n'
+        "    await asyncio.sleep(0.05)\n"
+        "print(schedules.value)"))
+    nbformat.write(nb, tmp_path / "dashboard.ipynb")
+    text = outputs(run_notebook(tmp_path / "dashboard.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60))
+    assert "{'report_id': 'weekly', 'rows': 600}" in text
+    assert "<td>nightly_reports</td><td><code>0 2 * * *</code> Europe/Paris</td>" in text
+    app = cpsl.App(home=tmp_path / "store")
+    assert [d["sections"] for d in app.collection("reports").find({"report_id": "weekly"})] == [3]
