@@ -10,7 +10,7 @@ import capsule_nb as cpsl
 from capsule_nb.__main__ import main
 
 from .conftest import until_sync
-from .test_durability import lines_until, spawn
+from .test_durability import OWNER_OF_A_RUNNING_RUN, lines_until, spawn
 
 
 def cli(capsys, *argv):
@@ -87,31 +87,15 @@ def test_schedules_listing(app, capsys):
 
 
 def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
-    owner = spawn(
-        """
-        @app.task
-        def forever():
-            while True:
-                time.sleep(0.01)
-
-        h = forever.submit()
-        while h.snapshot()["status"] != "running":
-            time.sleep(0.01)
-        app.store.flush()
-        print(h.task_id, flush=True)
-        print("running", flush=True)
-        threading.Event().wait()
-        """,
-        tmp_path,
-    )
+    owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
     try:
         (task_id,) = lines_until(owner, "running")
         done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(tmp_path), "cancel", task_id],
                               capture_output=True, text=True, timeout=60, env=os.environ)
         assert done.returncode == 0, done.stderr
         assert "its kernel will stop it" in done.stdout
-        app = cpsl.App(home=tmp_path)
-        until_sync(lambda: app.get_task(task_id).status() == "cancelled", timeout=10)
+        lines_until(owner, "stopped")
+        assert cpsl.App(home=tmp_path).get_task(task_id).status() == "cancelled"
     finally:
         owner.kill()
         owner.wait(10)

@@ -12,7 +12,7 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 
-from .conftest import until, until_sync
+from .conftest import until_sync
 
 PRELUDE = """
 import os, sys, time, threading
@@ -297,30 +297,33 @@ def test_apps_with_different_homes_are_independent(tmp_path):
     assert two.collection("c").count() == 0
 
 
-async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
-    owner = spawn(
-        """
-        @app.task
-        def forever():
-            while True:
-                time.sleep(0.01)
+OWNER_OF_A_RUNNING_RUN = """
+@app.task
+def forever():
+    while True:
+        time.sleep(0.01)
 
-        h = forever.submit()
-        while h.snapshot()["status"] != "running":
-            time.sleep(0.01)
-        app.store.flush()
-        print(h.task_id, flush=True)
-        print("running", flush=True)
-        while h.snapshot()["status"] != "cancelled":
-            time.sleep(0.01)
-        print("stopped", flush=True)
-        """,
-        tmp_path,
-    )
-    (task_id,) = lines_until(owner, "running")
-    app = cpsl.App(home=tmp_path)
-    assert await app.get_task(task_id).cancel() is True
-    assert await app.get_task(task_id).wait(10) == "cancelled"
-    lines_until(owner, "stopped")
-    owner.wait(10)
-    await until(lambda: owner.returncode == 0)
+h = forever.submit()
+while h.snapshot()["status"] != "running":
+    time.sleep(0.01)
+app.store.flush()
+print(h.task_id, flush=True)
+print("running", flush=True)
+while h.snapshot()["status"] != "cancelled":
+    time.sleep(0.01)
+print("stopped", flush=True)
+threading.Event().wait()
+"""
+
+
+async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
+    owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
+    try:
+        (task_id,) = lines_until(owner, "running")
+        app = cpsl.App(home=tmp_path)
+        assert await app.get_task(task_id).cancel() is True
+        assert await app.get_task(task_id).wait(10) == "cancelled"
+        lines_until(owner, "stopped")  # the owner saw its own run stop
+    finally:
+        owner.kill()
+        owner.wait(10)

@@ -8,21 +8,9 @@ import time
 
 import pytest
 
-from .conftest import until
+from .conftest import process_gone, until
 
 jupyter_client = pytest.importorskip("jupyter_client")
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 async def test_runs_in_another_process_and_returns(app):
@@ -77,7 +65,7 @@ async def test_timeout_and_cancel_kill_the_child(app):
         assert await handle.wait(10) == ("timeout" if how == "timeout" else "cancelled")
         if how == "cancel":
             assert time.monotonic() - started < 1.0
-        await until(lambda: pid_gone(pid), timeout=2)
+        await until(lambda: process_gone(pid), timeout=2)
 
 
 async def test_sessions_and_collections_from_the_child(app):

@@ -24,7 +24,7 @@ from capsule_nb.processes import (
     portable_session,
 )
 
-from .conftest import until_sync
+from .conftest import process_gone, until_sync
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,6 @@ def pool():
     p = ProcessPool(max_workers=2)
     yield p
     p.shutdown()
-
-
-def gone(pid: int) -> bool:
-    """The PID no longer names a live process (a zombie nobody reaped counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 class Recorder:
@@ -181,7 +168,7 @@ def test_segfault_fails_the_job_with_the_signal_and_where_it_happened(pool):
     assert outcome.message == "worker process died: killed by SIGSEGV"
     assert isinstance(outcome.exception, WorkerCrashed)
     assert "Segmentation fault" in outcome.traceback and "string_at" in outcome.traceback
-    assert gone(outcome.pid)
+    assert process_gone(outcome.pid)
     assert pool.run(sum, ([1, 2],)).wait(30).value == 3
 
 
@@ -198,7 +185,7 @@ def test_memory_limit_fails_the_job_and_the_worker_is_replaced(pool):
     assert outcome.kind == "error"
     assert outcome.error_type == "MemoryError"
     assert "memory limit of 64 MiB exceeded" in outcome.message
-    until_sync(lambda: gone(outcome.pid))  # a worker that ran out of memory is not reused
+    until_sync(lambda: process_gone(outcome.pid))  # a worker that ran out of memory is not reused
     after = pool.run(os.getpid).wait(30)
     assert after.ok and after.value != outcome.pid
     # the limit was for that job only: the same size works without one
@@ -251,8 +238,8 @@ def test_kill_ends_the_job_within_a_second_and_leaves_no_process(pool):
     assert time.monotonic() - started < 1.0
     assert outcome.kind == "killed" and outcome.reason == "timeout"
     assert isinstance(outcome.exception, JobKilled)
-    assert gone(worker)  # reaped before wait() returned
-    until_sync(lambda: gone(grandchild), timeout=1.0)  # its process group went with it
+    assert process_gone(worker)  # reaped before wait() returned
+    until_sync(lambda: process_gone(grandchild), timeout=1.0)  # its process group went with it
     assert job.kill("again") is False
     assert pool.run(os.getpid).wait(30).ok
 
@@ -303,7 +290,7 @@ def test_workers_die_with_their_parent(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     worker = int(out.stdout.split()[0])
-    until_sync(lambda: gone(worker), timeout=5.0)
+    until_sync(lambda: process_gone(worker), timeout=5.0)
 
 
 def test_shutdown_kills_running_jobs_and_refuses_new_ones():
@@ -314,7 +301,7 @@ def test_shutdown_kills_running_jobs_and_refuses_new_ones():
     one.shutdown()
     outcome = job.wait(1.0)
     assert outcome.kind == "killed"
-    assert gone(outcome.pid)
+    assert process_gone(outcome.pid)
     with pytest.raises(RuntimeError, match="shut down"):
         one.run(os.getpid)
 
@@ -546,7 +533,7 @@ def test_dask_kill_stops_the_child_within_a_second(dask_backend):
     outcome = job.wait(timeout=1.0)
     assert time.monotonic() - started < 1.0
     assert outcome.kind == "killed" and outcome.reason == "cancel"
-    until_sync(lambda: gone(pid), timeout=1.0)
+    until_sync(lambda: process_gone(pid), timeout=1.0)
     assert dask_backend.run(os.getpid).wait(60).ok
 
 

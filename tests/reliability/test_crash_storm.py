@@ -3,15 +3,7 @@
 import os
 import time
 
-from ..conftest import until
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from ..conftest import process_gone, until
 
 
 async def test_crash_storm(app):
@@ -47,5 +39,5 @@ async def test_crash_storm(app):
     assert await after.submit().result(timeout=60) == "pool recovered"
     live_workers = set(app.runtime.processes.pids)
     used = {int(p) for p in pids.read_text().split()}
-    await until(lambda: not [p for p in used - live_workers if alive(p)], timeout=10)
+    await until(lambda: not [p for p in used - live_workers if not process_gone(p)], timeout=10)
     print(f"crash storm of 200 process runs: {took:.1f}s, {len(used)} worker processes used")
