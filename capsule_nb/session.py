@@ -109,12 +109,13 @@ class Session:
     # -------------------------------------------------------------- messages
 
     def _post(self, kind: str, text: str, **extra: Any) -> str | None:
+        """In a run: kept with the run. In a cell: shown in the cell (printed outside a kernel)."""
         run = current_run.get()
         if run is not None:
             return run.message(kind, str(text), **extra)
-        _kernel.emit(_kernel.cell_target(), render_message(kind, str(text), extra)) or print(
-            render_message(kind, str(text), extra)["text/plain"]
-        )
+        bundle = render_message(kind, str(text), extra)
+        if not _kernel.emit(_kernel.cell_target(), bundle):
+            print(bundle["text/plain"])
         return None
 
     def reply(self, text: str) -> ReadyNone:

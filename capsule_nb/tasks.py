@@ -207,6 +207,7 @@ def _session_param(signature: inspect.Signature) -> str | None:
 
     for name, param in signature.parameters.items():
         annotation = param.annotation
+        # With ``from __future__ import annotations`` the annotation is the text "cpsl.Session | None".
         if name == "session" or annotation is Session or "Session" in str(annotation):
             return name
     return None
