@@ -149,7 +149,18 @@ class Outcome:
         return None if self.kind == OK else f"{self.error_type}: {self.message}"
 
 
-def _crash_message(exitcode: int | None) -> str:
+# What faulthandler writes for each fatal signal, for when the exit status is lost.
+_FATAL = {"Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Floating point exception": "SIGFPE",
+          "Aborted": "SIGABRT", "Illegal instruction": "SIGILL"}
+
+
+def _crash_message(exitcode: int | None, dump: str = "") -> str:
+    if exitcode in (None, 255):
+        # 255 is what multiprocessing reports when the forkserver's status word for the
+        # child is missing; the child's own faulthandler dump still says how it died.
+        for text, name in _FATAL.items():
+            if f"Fatal Python error: {text}" in dump:
+                return f"worker process died: killed by {name}"
     if exitcode is None:
         return "worker process died (exit status unknown)"
     if exitcode < 0:
@@ -163,7 +174,7 @@ def _crash_message(exitcode: int | None) -> str:
 
 def _crashed(pid: int | None, exitcode: int | None, dump: str, memory_limit: int | None,
              prefix: str = "") -> Outcome:
-    message = prefix + _crash_message(exitcode)
+    message = prefix + _crash_message(exitcode, dump)
     if memory_limit:
         message += f" (it had a memory limit of {_size(memory_limit)}; going over it can end this way)"
     return Outcome(CRASHED, error_type="WorkerCrashed", message=message, traceback=dump,
