@@ -216,6 +216,7 @@ def test_kill_9_recovery_and_resume_once(tmp_path):
     assert get(retry_id)["status"] == "retry" and get(retry_id)["error"] == "interrupted"
     for proc in adopters:
         assert proc.wait(30) == 0, proc.stderr.read()
+    app.store.poll()  # what the adopters wrote after this process last looked
     assert get(soon_id)["status"] == "completed"
     fired = app.collection("fired").find()
     assert [d["tag"] for d in fired] == ["scheduled"]  # fired once between the two, at its time
