@@ -196,10 +196,11 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
     until_sync(lambda: ticks.count({"pid": survivor.pid}) >= 3 and ticks.count() >= 9, timeout=20)
     survivor.kill()
     survivor.wait(10)
+    app.store.poll()
     dues = [r["scheduled_for"] for r in app.store.runs() if r["task_name"] == "shared"]
     assert len(dues) == len(set(dues))  # each tick fired once between the two kernels
-    assert ticks.count() == len([r for r in app.store.runs() if r["task_name"] == "shared"
-                                 and r["status"] == "completed"])
+    completed = len([r for r in app.store.runs() if r["task_name"] == "shared" and r["status"] == "completed"])
+    assert completed <= ticks.count() <= completed + 1  # the survivor may die between a write and its record
 
 
 def test_capsule_magic_lists_schedules_with_their_next_run(app):
