@@ -289,8 +289,10 @@ def test_workers_die_with_their_parent(tmp_path):
     ))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
     worker = int(out.stdout.split()[0])
     until_sync(lambda: process_gone(worker), timeout=5.0)
+    assert process_gone(worker)
 
 
 def test_shutdown_kills_running_jobs_and_refuses_new_ones():

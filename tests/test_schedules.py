@@ -41,6 +41,8 @@ async def test_async_body_that_submits_work(app):
         await sync_crm.submit(source="schedule")
 
     await until(lambda: sync_crm.count(status="completed", source="schedule") >= 1)
+    assert every_second.runs.count() >= 1
+    assert sync_crm.find(status="completed", source="schedule")[0].snapshot()["result"] == "schedule"
 
 
 def test_a_tick_while_the_previous_run_is_going_is_skipped(app):

@@ -285,6 +285,7 @@ async def test_retry_of_a_task_this_kernel_does_not_define_says_why(app):
     await until(lambda: "not defined in this kernel" in card.notice)
     from_view(card, {"action": "format the disk", "task_id": handle.task_id})  # ignored
     from_view(card, "not even a dict")
+    assert app.tasks.count() == 1 and card.task_id == handle.task_id  # no new run, same card
     card.close()
 
 
