@@ -25,12 +25,14 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.005):
         await asyncio.sleep(interval)
 
 
-def until_sync(predicate, timeout: float = 10.0, interval: float = 0.005):
+def until_sync(predicate, timeout: float = 10.0, interval: float = 0.005, what: str = ""):
+    """``until`` for sync code: returns the predicate's first truthy value, fails after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+            raise AssertionError(f"condition not met within {timeout}s: {what or predicate}")
         time.sleep(interval)
+    return value
 
 
 def process_gone(pid: int) -> bool:

@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from .conftest import until_sync
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -232,14 +234,7 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(interval)
+    return until_sync(predicate, timeout, interval, what)
 
 
 def open_notebook(page: Any, lab: Lab, notebook: str = "widgets.ipynb", timeout: float = 60) -> None:
