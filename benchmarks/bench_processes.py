@@ -67,7 +67,7 @@ class Capsule:
     name = "capsule_nb ProcessPool"
 
     def __init__(self, workers: int):
-        from capsule_nb.processes import ProcessPool
+        from capsule_nb.workers.pool import ProcessPool
 
         self.pool = ProcessPool(workers)
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from capsule_nb.__main__ import kernel_manager
+from capsule_nb.demo import kernel_classes
 
 BATCH = """
 hs = [noop.submit() if i % 2 else snoop.submit() for i in range({n})]
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=10_000)
     args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="capsule-soak-")) / "store"
-    manager = kernel_manager()
+    manager = kernel_classes()[0](kernel_name="python3")
     manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(home)})
     client = manager.client()
     client.start_channels()

@@ -25,7 +25,7 @@ import time
 import diskcache
 
 import capsule_nb as cpsl
-from capsule_nb.owners import owner_id
+from capsule_nb.store.owners import owner_id
 
 
 def timed(fn, repeat: int = 1) -> float:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import capsule_nb as cpsl  # noqa: E402
 from capsule_nb import ui  # noqa: E402
-from capsule_nb.records import new_task_id  # noqa: E402
+from capsule_nb.record import new_task_id  # noqa: E402
 from capsule_nb.ui.live import LiveWidget  # noqa: E402
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .app import App, configure, get_task, schedule, task
+from .app import App, configure, current_session, get_task, schedule, task
 from .errors import LockedError, TaskCancelled, TaskFailed
 from .handle import TaskHandle
-from .magics import load_ipython_extension, unload_ipython_extension
-from .session import Session, current_session
+from .notebook import load_ipython_extension, unload_ipython_extension
+from .session import Session
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""App: one store, one runtime, and the registry of tasks defined against them.
+"""App: the wiring of one store, one runtime, and the tasks and schedules defined on them.
 
 ``cpsl.task`` and friends use a default app whose store is
 ``$CAPSULE_NB_HOME`` or ``./.capsule``. Tests and multi-project notebooks
@@ -15,29 +15,24 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import _kernel
+from .checks import whole_number
 from .collections import Collection, Database
+from .cron import parse_cron, parse_tz
+from .engine.runtime import Runtime, Settings
+from .engine.upkeep import stored_arguments
 from .handle import TaskHandle
+from .notebook import kernel
+from .notebook.messages import KernelDisplay
 from .queries import TaskQuery
-from .runtime import Runtime
-from .schedules import Schedule, parse_cron, parse_tz
-from .session import Session, _local_user
-from .store import Store
+from .record import RunRecord
+from .schedules import Schedule
+from .session import Session, local_user
+from .store import open_store
 from .tasks import Task
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_stores: dict[Path, Store] = {}
-_stores_lock = threading.Lock()
-
-
-def _open_store(home: Path) -> Store:
-    with _stores_lock:
-        key = home.expanduser().resolve()
-        store = _stores.get(key)
-        if store is None:
-            store = _stores[key] = Store(key)
-        return store
+EXECUTORS = ("default", "immediate")
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
@@ -48,24 +43,34 @@ def _home(home: str | os.PathLike[str] | None) -> Path:
 
 
 class App:
-    """A named group of tasks with its store."""
+    """A named group of tasks with its store.
+
+    ``executor="immediate"`` runs each submitted run to its end in the
+    caller, with no threads and no timers (retries follow at once, timeouts
+    are not enforced, a run scheduled for later stays ``scheduled``): a mode
+    for tests of task logic, as huey's immediate mode is.
+    """
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
-                 max_threads: int = 32, keep_finished: int = 10_000):
+                 max_threads: int = 32, keep_finished: int = 10_000, executor: str = "default"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.name = name
-        self.store = _open_store(_home(home))
-        self.max_result_bytes = 64 * 2**20
-        self.runtime = Runtime(self, max_threads=_whole("max_threads", max_threads, minimum=1))
+        self.store = open_store(_home(home))
         self._tasks: dict[str, Task] = {}
         self._schedules: dict[str, Schedule] = {}
         self.tasks = TaskQuery(self)
-        user = _local_user()
+        user = local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
-        notebook = _kernel.notebook_name()
+        notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
-        self.keep_finished = _whole("keep_finished", keep_finished)  # older finished runs are pruned
+        settings = Settings(app=name, max_threads=whole_number("max_threads", max_threads, minimum=1),
+                            keep_finished=whole_number("keep_finished", keep_finished),
+                            immediate=executor == "immediate")
+        self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,
+                               session_for=self._session_for, display=KernelDisplay())
         self._closed = False
         atexit.register(self.close)
         self.runtime.recover()
@@ -78,6 +83,27 @@ class App:
     def home(self) -> Path:
         return self.store.path
 
+    @property
+    def keep_finished(self) -> int:
+        """Finished runs kept for this app; older ones are pruned."""
+        return self.runtime.settings.keep_finished
+
+    @keep_finished.setter
+    def keep_finished(self, value: int) -> None:
+        self.runtime.settings.keep_finished = whole_number("keep_finished", value)
+
+    @property
+    def max_result_bytes(self) -> int:
+        """The largest pickled result kept; a bigger one keeps only its repr."""
+        return self.runtime.settings.max_result_bytes
+
+    @max_result_bytes.setter
+    def max_result_bytes(self, value: int) -> None:
+        self.runtime.settings.max_result_bytes = whole_number("max_result_bytes", value)
+
+    def _session_for(self, session_id: str | None) -> Session | None:
+        return self.session if session_id == self.session.id else None
+
     # ----------------------------------------------------------- declaring
 
     def task(self, fn: F | None = None, /, **options: Any) -> Any:
@@ -86,7 +112,7 @@ class App:
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
-            if task.process and self.runtime.cluster is None:
+            if task.process and self.runtime.cluster is None and not self.runtime.settings.immediate:
                 self.runtime.processes.warm(1)  # the first run should not pay a process start
             self.runtime.adopt(task)  # waiting runs a dead kernel left for this task
             return task
@@ -137,23 +163,11 @@ class App:
         task = self._tasks.get(record["task_name"])
         if task is None:
             raise LookupError(f"task {record['task_name']!r} is not defined in this kernel; define it to retry")
-        args, kwargs = self.runtime.stored_arguments(record)
-        session = self.session if record.get("session_id") == self.session.id else None
-        return task.submit(*args, session=session, **kwargs)
+        args, kwargs = stored_arguments(self.store, record)
+        return task.submit(*args, session=self._session_for(record.get("session_id")), **kwargs)
 
-    def load_result(self, record: dict[str, Any]) -> Any:
-        found, value = self.runtime.recent_result(record["task_id"])
-        if found:
-            return value
-        kind = record.get("result_kind")
-        if kind == "payload":
-            return self.store.get_payload(record["task_id"], "result")
-        if kind == "repr":
-            raise ValueError(
-                f"run {record['task_id']}'s result was not kept ({record.get('result_note')}); "
-                f"its repr: {record.get('result_repr')}"
-            )
-        return record.get("result")
+    def load_result(self, record: RunRecord) -> Any:
+        return self.runtime.results.load(record)
 
     def collection(self, name: str) -> Collection:
         """A document collection in this app's store (the same as ``session.db[name]``)."""
@@ -210,20 +224,14 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
             _default = App(home=home)
         app = _default
     if max_threads is not None:
-        app.runtime.max_threads = _whole("max_threads", max_threads, minimum=1)
+        app.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
     if max_result_bytes is not None:
-        app.max_result_bytes = _whole("max_result_bytes", max_result_bytes)
+        app.max_result_bytes = max_result_bytes
     if keep_finished is not None:
-        app.keep_finished = _whole("keep_finished", keep_finished)
+        app.keep_finished = keep_finished
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
     return app
-
-
-def _whole(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return value
 
 
 def task(fn: F | None = None, /, **options: Any) -> Any:
@@ -238,3 +246,10 @@ def schedule(cron: str, *, tz: str = "UTC", name: str | None = None, catchup: bo
 
 def get_task(task_id: str) -> TaskHandle | None:
     return default_app().get_task(task_id)
+
+
+def current_session() -> Session:
+    """The session code runs for: the run's own inside a task, else the notebook's."""
+    from .engine.context import bound_session
+
+    return bound_session.get() or default_app().session

@@ -14,8 +14,9 @@ import copy
 import html
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList, ReadyValue
-from .records import json_safe, new_task_id
+from .record import json_safe, new_task_id
 
 if TYPE_CHECKING:
     from .store import Store
@@ -93,8 +94,8 @@ class Collection:
              sort: str | list[tuple[str, int]] | None = None) -> ReadyList:
         """Matching documents (copies) in insertion order or by ``sort``: ``"field"``, ``"-field"``
         or ``[("field", 1), ("other", -1)]``."""
-        if limit < 0 or skip < 0:
-            raise ValueError(f"limit and skip must be >= 0, got limit={limit!r}, skip={skip!r}")
+        whole_number("limit", limit)
+        whole_number("skip", skip)
         filter = filter or {}
         _check_filter(filter)
         docs = [d for d in self._store.docs(self.name) if _matches(d, filter)]

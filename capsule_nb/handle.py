@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 from .awaitables import ReadyBool, ReadyStr, resolve
 from .errors import TaskCancelled, TaskFailed
-from .records import CANCELLED, COMPLETED, FINISHED
+from .record import CANCELLED, COMPLETED, FINISHED
 
 if TYPE_CHECKING:
     from .app import App
@@ -139,9 +139,9 @@ class TaskHandle:
         return f"<TaskHandle {record['task_name']} {self.task_id} {record['status']}>"
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        from .ui.text import card_text
+        from .ui.text import run_text
 
-        printer.text(card_text(self.snapshot()))
+        printer.text(run_text(self.snapshot()))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TaskHandle) and other.task_id == self.task_id

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList
-from .records import FINISHED, check_status
+from .record import FINISHED, check_status
 
 if TYPE_CHECKING:
     from .app import App
@@ -39,8 +40,8 @@ class TaskQuery:
 
     def find(self, status: str | None = None, limit: int = 100, offset: int = 0, **kwarg_filters: Any) -> ReadyList:
         """Handles of matching runs, newest first."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must be >= 0, got limit={limit!r}, offset={offset!r}")
+        whole_number("limit", limit)
+        whole_number("offset", offset)
         from .handle import TaskHandle
 
         records = sorted(self._matching(status, kwarg_filters), key=lambda r: r["task_id"], reverse=True)

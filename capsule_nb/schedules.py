@@ -15,9 +15,8 @@ fire once, on time:
   state).
 * **Wall clock.** Timers re-check the wall clock at least every 30 s
   (``timers.MAX_WAIT``), never one long monotonic wait.
-* **DST.** croniter yields a fixed wall time twice in a fall-back hour; a job
-  with a fixed hour fires only at its first occurrence. A time skipped by a
-  spring-forward is shifted by croniter and fires once.
+* **DST.** ``cron.next_due`` fires a job with a fixed hour once on the day a
+  wall time repeats or is skipped.
 """
 
 from __future__ import annotations
@@ -27,41 +26,19 @@ import functools
 import inspect
 import logging
 import threading
-import zoneinfo
 from typing import TYPE_CHECKING, Any, Callable
 
-from croniter import croniter
-
+from .checks import whole_number
+from .cron import next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
-from .records import FINISHED
+from .record import FINISHED
 from .tasks import Task
 
 if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("capsule_nb")
-
-
-def parse_cron(cron: str) -> str:
-    """The cron string, checked: 5 fields, or 6 with seconds last."""
-    if not isinstance(cron, str):
-        raise TypeError(f"a cron schedule is a string like '*/5 * * * *', not {cron!r}")
-    fields = cron.split()
-    if len(fields) not in (5, 6):
-        raise ValueError(f"bad cron {cron!r}: expected 5 fields (minute hour day month weekday) or 6 (seconds last)")
-    try:
-        croniter(cron)
-    except Exception as exc:  # croniter's errors say which field
-        raise ValueError(f"bad cron {cron!r}: {exc}") from None
-    return " ".join(fields)
-
-
-def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
-    try:
-        return zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as 'UTC' or 'Europe/Paris'") from None
 
 
 class Schedule:
@@ -98,8 +75,7 @@ class Schedule:
     def next_runs(self, n: int = 5, after: dt.datetime | None = None) -> list[dt.datetime]:
         """The next ``n`` fire times after ``after`` (default now), in the schedule's time
         zone, DST repeats left out."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n!r}")
+        whole_number("n", n)
         out: list[dt.datetime] = []
         after = dt.datetime.now(self.tz) if after is None else after
         while len(out) < n:
@@ -209,20 +185,3 @@ class Schedule:
 
     def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.app.store.update_value(self._key, lambda s: change(dict(s or {})))
-
-
-def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
-    """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
-    fixed_hour = not any(c in cron.split()[1] for c in "*/,-")
-    it = croniter(cron, after.astimezone(tz))
-    while True:
-        due: dt.datetime = it.get_next(dt.datetime)
-        if fixed_hour and _second_of_repeated_hour(due):
-            continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
-        return due
-
-
-def _second_of_repeated_hour(moment: dt.datetime) -> bool:
-    """True for the second occurrence of a wall time that a fall-back hour repeats."""
-    return moment.replace(fold=0).utcoffset() != moment.utcoffset()
-

@@ -7,6 +7,10 @@ the namespace as ``session``. A run submitted with ``session=`` is
 it. Every method works awaited (Capsule code) and called plainly (a sync
 task or a cell), because each does its work at once and returns an
 already-finished awaitable.
+
+A session crosses into a worker process by value (``__reduce__``): there it
+keeps its ``id`` and ``user``, opens the same store by path for ``data``
+and ``db``, and its messages go to the parent through the job's run.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import getpass
 import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable, Iterator
 
-from . import _kernel
 from .awaitables import DONE, ReadyNone
-from .context import bound_session, current_run
+from .collections import Database
+from .engine.context import current_run
+from .notebook import kernel
+from .notebook.messages import render_message
+from .record import json_safe
+from .store import Store, open_store
 
 if TYPE_CHECKING:
     from .app import App
@@ -35,7 +44,7 @@ class User:
     owner_id: str | None = None
 
 
-def _local_user() -> User:
+def local_user() -> User:
     try:
         name = getpass.getuser()
     except Exception:  # no passwd entry in some containers
@@ -46,32 +55,32 @@ def _local_user() -> User:
 class SessionData(MutableMapping):
     """``session.data``: a small JSON dict kept in the store under the session id."""
 
-    def __init__(self, app: "App", session_id: str):
-        self._app = app
+    def __init__(self, store: Callable[[], Store], session_id: str):
+        self._store = store
         self._key = f"session/{session_id}/data"
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, Any]:
-        return dict(self._app.store.get(self._key) or {})
+        return dict(self._store().get(self._key) or {})
 
     def __getitem__(self, key: str) -> Any:
         return self._load()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        from .records import json_safe
+        from .record import json_safe
 
         if not json_safe(value)[1]:
             raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
         with self._lock:
             data = self._load()
             data[key] = value
-            self._app.store.set(self._key, data)
+            self._store().set(self._key, data)
 
     def __delitem__(self, key: str) -> None:
         with self._lock:
             data = self._load()
             del data[key]
-            self._app.store.set(self._key, data)
+            self._store().set(self._key, data)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())
@@ -86,19 +95,27 @@ class SessionData(MutableMapping):
 class Session:
     """A Capsule session: ``id``, ``user``, ``data``, ``db`` and the messaging calls."""
 
-    def __init__(self, app: "App", id: str, user: User | None = None):
+    def __init__(self, app: "App | None", id: str, user: User | None = None, *, home: str | Path | None = None):
         self.id = id
-        self.user = user or _local_user()
-        self._app = app
-        self.data = SessionData(app, id)
+        self.user = user or local_user()
+        self._app = app  # None in a worker process, where only the store (by path) is at hand
+        self._home = Path(home) if home is not None else app.home  # type: ignore[union-attr]
+        self.data = SessionData(self._store, id)
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, user={self.user.id!r})"
 
+    def __reduce__(self) -> tuple:
+        """To a worker process: the same id and user, on the same store by path."""
+        return _detached_session, (self.id, self.user, str(self._home))
+
+    def _store(self) -> Store:
+        return self._app.store if self._app is not None else open_store(self._home)
+
     @property
-    def db(self) -> Any:
+    def db(self) -> Database:
         """The app's document collections: ``session.db.reports`` or ``session.db["reports"]``."""
-        return self._app.db
+        return Database(self._store())
 
     @property
     def cancelled(self) -> bool:
@@ -114,7 +131,7 @@ class Session:
         if run is not None:
             return run.message(kind, str(text), **extra)
         bundle = render_message(kind, str(text), extra)
-        if not _kernel.emit(_kernel.cell_target(), bundle):
+        if not kernel.emit(kernel.cell_target(), bundle):
             print(bundle["text/plain"])
         return None
 
@@ -155,6 +172,8 @@ class Session:
             coro = self._stream_async(chunks)  # type: ignore[arg-type]
             if _on_a_loop():
                 return coro
+            if self._app is None:  # a worker process: no runtime loop to borrow
+                return asyncio.run(coro)
             return self._app.runtime.run_coroutine(coro)
         with self.stream_reply() as out:
             for chunk in chunks:  # type: ignore[union-attr]
@@ -175,14 +194,20 @@ class Session:
 
         Gives nothing back (awaited or not), so a cell ending with it shows the card once.
         """
+        run = current_run.get()
+        if self._app is None:  # a worker process draws no card; the run keeps the show_task message
+            if run is not None:
+                run.show(handle_or_id if isinstance(handle_or_id, str) else handle_or_id.task_id, {})
+            return DONE
         from . import ui
 
         handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
         card = ui.TaskCard(handle, message=message)
-        run = current_run.get()
         if run is None:
             ui.display(card)
-        elif not run.show(card):
+            return DONE
+        bundle = card._repr_mimebundle_()[0] if hasattr(card, "_repr_mimebundle_") else {"text/plain": repr(card)}
+        if not run.show(handle.task_id, bundle):
             card.close()  # no cell to show it in: the show_task message on the record remains
         return DONE
 
@@ -224,25 +249,8 @@ class StreamReply:
         self.close()
 
 
-def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
-    """The mime bundle a message shows as in a cell."""
-    detail = extra.get("detail") or ""
-    if kind == "notify":
-        plain = f"[notify] {text}" + (f" — {detail}" if detail else "")
-        markdown = f"🔔 **{text}**" + (f"  \n{detail}" if detail else "")
-    else:
-        plain, markdown = text, text
-    return {"text/plain": plain, "text/markdown": markdown}
-
-
-def current_session() -> Session:
-    """The session code runs for: the run's own inside a task, else the notebook's."""
-    session = bound_session.get()
-    if session is not None:
-        return session
-    from .app import default_app
-
-    return default_app().session
+def _detached_session(id: str, user: User, home: str) -> Session:
+    return Session(None, id, user, home=home)
 
 
 def _on_a_loop() -> bool:

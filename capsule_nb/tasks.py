@@ -17,6 +17,7 @@ import string
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from .checks import whole_number
 from .durations import parse_delay, parse_when
 from .handle import TaskHandle
 from .queries import TaskQuery
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 ON_LOCK = ("join", "reject", "queue")
+MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
 
 
 class Task:
@@ -56,9 +58,7 @@ class Task:
         self.name = name or getattr(fn, "__name__", None) or repr(fn)
         self.display_name = display_name
         self.is_async = inspect.iscoroutinefunction(fn)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"@task({self.name}): retries must be a whole number >= 0, got {retries!r}")
-        self.retries = retries
+        self.retries = whole_number(f"@task({self.name}): retries", retries)
         self.timeout = parse_delay(timeout, what="timeout") if timeout else 0.0
         self.retry_delay = parse_delay(retry_delay, what="retry_delay") if retry_delay else 0.0
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 1:
@@ -125,11 +125,11 @@ class Task:
         return self._submit((), kwargs, session=session, start_at=start, every=every)
 
     def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", **when: Any) -> TaskHandle:
-        from . import _kernel
+        from .notebook import kernel
 
         params = self.bind(args, kwargs)
         record, gen = self.app.runtime.submit(
-            self, args, kwargs, params, session=session, target=_kernel.cell_target(), **when
+            self, args, kwargs, params, session=session, target=kernel.cell_target(), **when
         )
         return TaskHandle(self.app, record["task_id"], gen)
 
@@ -163,8 +163,6 @@ class Task:
 
     def retry_wait(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``: exponential, capped, with equal jitter."""
-        from .runtime import MAX_RETRY_DELAY
-
         if not self.retry_delay:
             return 0.0
         base = min(MAX_RETRY_DELAY, self.retry_delay * self.backoff ** max(0, attempt - 1))

@@ -46,3 +46,17 @@ def process_gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def worker_pids(pool) -> list[int]:
+    """The pids of a ``ProcessPool``'s workers that are up."""
+    with pool._lock:
+        return sorted(w.pid for w in pool._workers if w.ready)
+
+
+@pytest.fixture
+def logic_app(tmp_path: Path):
+    """An App in immediate mode: a submit runs to its end before it returns (no threads, no timers)."""
+    application = cpsl.App(home=tmp_path / "store", executor="immediate")
+    yield application
+    application.close()

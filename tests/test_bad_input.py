@@ -147,8 +147,10 @@ def test_app_name_must_be_text(tmp_path):
 
 
 def test_bad_find_arguments(app):
-    with pytest.raises(ValueError, match="limit and offset"):
+    with pytest.raises(ValueError, match="limit must be a whole number >= 0, got -1"):
         app.tasks.find(limit=-1)
+    with pytest.raises(ValueError, match="offset must be a whole number >= 0, got 1.5"):
+        app.tasks.find(offset=1.5)
 
 
 def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import sys
 import time
 
 import capsule_nb as cpsl
-from capsule_nb.__main__ import main
+from capsule_nb.cli import main
 
 from .conftest import until_sync
 from .test_durability import OWNER_OF_A_RUNNING_RUN, lines_until, spawn

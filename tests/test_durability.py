@@ -237,7 +237,7 @@ def test_a_tampered_payload_is_refused(app):
     key = f"payload/{handle.task_id}/result"
     signed = app.store._cache.get(key)
     app.store._cache.set(key, signed[:32] + signed[32:].replace(b"Fraction", b"Fractiom"))
-    app.runtime._results.clear()
+    app.runtime.results._recent.clear()
     with pytest.raises(StoreError, match="bad signature"):
         app.load_result(handle.snapshot())
     assert handle.snapshot()["status"] == "completed"  # the record itself is intact

@@ -20,7 +20,10 @@ from typing import Any, Callable
 
 import pytest
 
-from capsule_nb.__main__ import find_notebook, kernel_env, kernel_manager, main, run_notebook
+from capsule_nb.cli import main
+from capsule_nb.demo import find_notebook, kernel_env, run_notebook
+
+from .kernels import kernel_manager
 from capsule_nb.store import Store
 
 REPO = Path(__file__).resolve().parent.parent

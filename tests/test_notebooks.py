@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import capsule_nb as cpsl
-from capsule_nb.__main__ import run_notebook
+from capsule_nb.demo import run_notebook
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -135,7 +135,7 @@ async def test_locks_retries_and_statuses_as_in_kernel(app):
 
 
 def test_a_notebook_function_with_closures_runs_in_a_process(tmp_path):
-    from capsule_nb.__main__ import kernel_manager
+    from .kernels import kernel_manager
 
     manager = kernel_manager()
     manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)})

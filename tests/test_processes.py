@@ -14,17 +14,12 @@ import time
 import pytest
 
 import capsule_nb as cpsl
-from capsule_nb.processes import (
-    ChildSession,
-    JobKilled,
-    ProcessPool,
-    WorkerCrashed,
-    check_picklable,
-    forward_to,
-    portable_session,
-)
+from capsule_nb.engine.executors import forward_to
+from capsule_nb.workers.outcome import JobKilled, WorkerCrashed
+from capsule_nb.workers.pickling import check_picklable
+from capsule_nb.workers.pool import ProcessPool
 
-from .conftest import process_gone, until_sync
+from .conftest import process_gone, until_sync, worker_pids
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +100,7 @@ def test_notebook_function_with_closure_and_globals_runs_in_another_pid(pool):
 def test_small_jobs_reuse_the_same_worker(pool):
     pids = [pool.run(os.getpid).wait(30).value for _ in range(5)]
     assert len(set(pids)) == 1
-    assert pids[0] in pool.pids
+    assert pids[0] in worker_pids(pool)
 
 
 def test_async_function_is_run_to_completion(pool):
@@ -277,7 +272,7 @@ def test_workers_die_with_their_parent(tmp_path):
     script.write_text(textwrap.dedent(
         """
         import os, sys
-        from capsule_nb.processes import ProcessPool
+        from capsule_nb.workers.pool import ProcessPool
         if __name__ == "__main__":
             pool = ProcessPool(1)
             job = pool.run(__import__("time").sleep, (60,))
@@ -317,9 +312,9 @@ def test_prints_logs_and_run_messages_reach_on_message_in_order(pool):
     cell = notebook(
         """
         import logging, sys, threading
-        import capsule_nb.context
+        import capsule_nb.engine.context
         def task():
-            current_run = capsule_nb.context.current_run  # a ContextVar itself does not pickle
+            current_run = capsule_nb.engine.context.current_run  # a ContextVar itself does not pickle
             print("to stdout")
             print("to stderr", file=sys.stderr)
             logging.getLogger("mine").warning("careful")
@@ -371,8 +366,7 @@ class FakeRun:
 def test_session_calls_in_the_child_reach_the_run_and_db_works(pool, tmp_path):
     app = cpsl.App(home=tmp_path / "store")
     try:
-        session = portable_session(app.session)
-        assert isinstance(session, ChildSession)
+        session = app.session  # crosses by value: the same id and user, the store by path
         cell = notebook(
             """
             import capsule_nb as cpsl
@@ -391,7 +385,7 @@ def test_session_calls_in_the_child_reach_the_run_and_db_works(pool, tmp_path):
             """
         )
         run = FakeRun()
-        outcome = pool.run(cell["report"], (3,), {"session": session}, session=session,
+        outcome = pool.run(cell["report"], (3,), session=session, session_param="session",
                            on_message=forward_to(run)).wait(30)
         assert outcome.ok, outcome.traceback
         assert outcome.value == (app.session.id, True)
@@ -481,7 +475,7 @@ def test_bad_memory_limit_is_refused(pool):
 @pytest.fixture(scope="module")
 def dask_backend():
     distributed = pytest.importorskip("distributed")
-    from capsule_nb.dask_backend import DaskBackend
+    from capsule_nb.workers.dask import DaskBackend
 
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                                   dashboard_address=":0") as cluster:  # any free port
@@ -542,11 +536,11 @@ def test_dask_kill_stops_the_child_within_a_second(dask_backend):
 def test_warm_starts_a_worker_the_next_job_uses():
     with ProcessPool(max_workers=2) as fresh:
         fresh.warm(1)
-        until_sync(lambda: len(fresh.pids) == 1)
-        (pid,) = fresh.pids
+        until_sync(lambda: len(worker_pids(fresh)) == 1)
+        (pid,) = worker_pids(fresh)
         assert fresh.run(os.getpid).wait(30).value == pid
         fresh.warm(5)  # capped at max_workers
-        until_sync(lambda: len(fresh.pids) == 2)
+        until_sync(lambda: len(worker_pids(fresh)) == 2)
 
 
 def test_dask_kill_of_a_queued_job_is_immediate(dask_backend):

@@ -206,7 +206,7 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
 
 
 def test_capsule_magic_lists_schedules_with_their_next_run(app):
-    from capsule_nb.magics import capsule_summary
+    from capsule_nb.notebook.magics import capsule_summary
 
     @app.schedule("*/5 * * * *", tz="Europe/Paris", name="digest")
     def digest():
@@ -223,7 +223,7 @@ def test_capsule_magic_lists_schedules_with_their_next_run(app):
 
 def test_a_timer_fires_promptly_after_the_wall_clock_jumps(monkeypatch):
     """A suspended laptop: the wall clock jumps an hour while the monotonic clock stood still."""
-    from capsule_nb import timers
+    from capsule_nb.engine import timers
 
     real = time.time
     offset = [0.0]

@@ -64,8 +64,8 @@ async def test_await_submit_means_the_record_is_on_disk(app, tmp_path):
     assert await handle.wait(5) == "completed"
 
 
-async def test_failure_raises_task_failed_with_the_traceback(app):
-    @app.task
+async def test_failure_raises_task_failed_with_the_traceback(logic_app):
+    @logic_app.task
     def explode(n):
         raise RuntimeError(f"boom {n}")
 
@@ -75,21 +75,6 @@ async def test_failure_raises_task_failed_with_the_traceback(app):
     assert "RuntimeError: boom 7" in str(info.value)
     assert "raise RuntimeError" in info.value.traceback
     assert handle.error == "RuntimeError: boom 7"
-
-
-async def test_retries_then_success(app):
-    calls = []
-
-    @app.task(retries=2)
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("try again")
-        return "ok"
-
-    handle = flaky.submit()
-    assert await handle.result(timeout=5) == "ok"
-    assert handle.attempt == 3 and len(calls) == 3
 
 
 async def test_retry_status_is_visible_between_attempts(app):
@@ -105,19 +90,6 @@ async def test_retry_status_is_visible_between_attempts(app):
     await until(lambda: handle.snapshot()["status"] == "retry")
     assert handle.snapshot()["error"] == "ValueError: first"
     assert await handle.wait(5) == "completed"
-
-
-async def test_retry_for_limits_which_errors_retry(app):
-    calls = []
-
-    @app.task(retries=3, retry_for=[ConnectionError])
-    def picky():
-        calls.append(1)
-        raise KeyError("not retried")
-
-    with pytest.raises(cpsl.TaskFailed):
-        await picky.submit().result(timeout=5)
-    assert len(calls) == 1
 
 
 async def test_backoff_grows_and_is_capped(app):
@@ -280,8 +252,8 @@ async def test_every_repeats_until_cancelled(app):
     assert tick.count() == done + 1
 
 
-async def test_positional_and_keyword_arguments_are_checked_at_submit(app):
-    @app.task
+async def test_positional_and_keyword_arguments_are_checked_at_submit(logic_app):
+    @logic_app.task
     def f(a, b=1, *, c=2):
         return a + b + c
 
@@ -290,7 +262,7 @@ async def test_positional_and_keyword_arguments_are_checked_at_submit(app):
     with pytest.raises(TypeError, match="missing a required argument: 'a'"):
         f.submit()
     assert await f.submit(1, 2, c=3).result(timeout=5) == 6
-    assert app.tasks.count() == 1  # the bad submits left no record
+    assert logic_app.tasks.count() == 1  # the bad submits left no record
 
 
 async def test_find_count_cancel_and_app_tasks(app):
@@ -317,16 +289,16 @@ async def test_find_count_cancel_and_app_tasks(app):
         report.find(status="done")
 
 
-async def test_redefining_a_task_replaces_it(app):
-    @app.task
+async def test_redefining_a_task_replaces_it(logic_app):
+    @logic_app.task
     def build():
         return 1
 
-    @app.task  # the same cell, run again with a new body
+    @logic_app.task  # the same cell, run again with a new body
     def build():  # noqa: F811
         return 2
 
-    assert app.registered("build") is build
+    assert logic_app.registered("build") is build
     assert await build.submit().result(timeout=5) == 2
 
 
@@ -355,8 +327,8 @@ async def test_non_json_results_round_trip_through_a_signed_payload(app, tmp_pat
     assert await handle.result(timeout=5) == {Fraction(1, 3): {1, 2}}
     app.store.flush()
     fresh = cpsl.App(home=app.home)  # same store, read back without this process's memory
-    fresh.runtime._results.clear()
-    app.runtime._results.clear()
+    fresh.runtime.results._recent.clear()
+    app.runtime.results._recent.clear()
     assert await fresh.get_task(handle.task_id).result() == {Fraction(1, 3): {1, 2}}
 
 
@@ -372,7 +344,7 @@ async def test_results_over_the_cap_keep_only_a_repr(app):
     record = handle.snapshot()
     assert record["status"] == "completed" and record["result_kind"] == "repr"
     assert "cap" in record["result_note"]
-    app.runtime._results.clear()
+    app.runtime.results._recent.clear()
     with pytest.raises(ValueError, match="not kept"):
         await handle.result()
 

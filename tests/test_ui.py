@@ -22,7 +22,7 @@ import pytest
 
 import capsule_nb as cpsl
 from capsule_nb import ui
-from capsule_nb.records import new_task_id
+from capsule_nb.record import new_task_id
 from capsule_nb.ui import assets, views
 from capsule_nb.ui.live import LiveWidget
 
@@ -452,7 +452,7 @@ async def test_500_cards_created_and_closed_leave_nothing_behind(app):
 
     assert app.store.events._all == () and dict(app.store.events._by_run) == {}
     assert live_timers(loop) == timers
-    assert all(not w._timers and w.comm is None and w.closed for w in [*cards, board])
+    assert all(not w._timers and w.comm is None and w._closed for w in [*cards, board])
     assert len(ipywidgets.widgets.widget._instances) == widgets
     assert threading.active_count() == threads
 
@@ -469,9 +469,9 @@ async def test_a_widget_nobody_sees_any_more_closes(app, monkeypatch):
     view_sets(card, _view_count=0)  # ... and its cell cleared
     view_sets(card, _view_count=1)  # re-rendered within the grace period: stays
     await asyncio.sleep(0.1)
-    assert not card.closed
+    assert not card._closed
     view_sets(card, _view_count=0)
-    await until(lambda: card.closed)
+    await until(lambda: card._closed)
     assert dict(app.store.events._by_run) == {}
 
 
@@ -513,7 +513,7 @@ async def test_text_forms_and_the_widget_bundle(app, capsys):
 
     shown = ui.TaskCard(handle)
     ui.display(shown)  # no kernel here: the text, once, and the widget is closed
-    assert "report [completed]" in capsys.readouterr().out and shown.closed
+    assert "report [completed]" in capsys.readouterr().out and shown._closed
 
 
 def test_modules_link_their_sibling_imports_and_css_uses_theme_variables():

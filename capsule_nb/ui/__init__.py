@@ -4,16 +4,25 @@
 Both are drawn by the ES modules in ``js/`` from synced traits only, kept
 current by ``live.LiveWidget`` (coalesced, rate-capped, no thread of their
 own), and print as text where there is no widget front end (``text.py``).
+The widgets are imported on first use, so ``ui.text`` (the CLI's) costs no
+anywidget import.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from ..records import STATUSES
-from .board import DEFAULT_COLUMNS, TaskBoard, TaskBoardColumn
-from .card import TaskCard
-from .live import LiveWidget
+from ..record import STATUSES
+
+_WIDGETS = {"TaskCard": ".card", "TaskBoard": ".board", "TaskBoardColumn": ".board",
+            "DEFAULT_COLUMNS": ".board", "LiveWidget": ".live"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WIDGETS:
+        return getattr(importlib.import_module(_WIDGETS[name], __name__), name)
+    raise AttributeError(f"module 'capsule_nb.ui' has no attribute {name!r}")
 
 
 def display(obj: Any) -> None:
@@ -22,7 +31,8 @@ def display(obj: Any) -> None:
     Without a kernel (a script, terminal IPython) nothing can draw a widget,
     so its text form is shown once and a live widget is closed at once.
     """
-    from .. import _kernel
+    from ..notebook import kernel
+    from .live import LiveWidget
 
     try:
         from IPython import get_ipython
@@ -33,7 +43,7 @@ def display(obj: Any) -> None:
         ipy_display(obj)
     else:
         print(repr(obj))
-    if _kernel.kernel() is None and isinstance(obj, LiveWidget):
+    if kernel.kernel() is None and isinstance(obj, LiveWidget):
         obj.close()
 
 

@@ -7,7 +7,8 @@ from typing import Any, Iterable
 
 from traitlets import Dict, Int, List, TraitError, Unicode, observe, validate
 
-from ..records import check_status
+from ..checks import whole_number
+from ..record import check_status
 from . import assets, views
 from .live import LiveWidget
 from .text import board_text
@@ -77,8 +78,7 @@ class TaskBoard(LiveWidget):
         self.columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
         if not self.columns:
             raise ValueError("a TaskBoard needs at least one column")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be a whole number >= 1, got {page_size!r}")
+        whole_number("page_size", page_size, minimum=1)
         app = app or default_app()
         self._app = app
         filter = _clean_filter(filter)

@@ -8,7 +8,7 @@ from traitlets import Dict, List, Unicode
 
 from . import assets, views
 from .live import LiveWidget
-from .text import card_text
+from .text import run_text
 
 if TYPE_CHECKING:
     from ..handle import TaskHandle
@@ -66,6 +66,6 @@ class TaskCard(LiveWidget):
 
     def __repr__(self) -> str:
         try:
-            return card_text(self.handle.snapshot(), self.message)
+            return run_text(self.handle.snapshot(), self.message)
         except KeyError:
             return f"<TaskCard {self.handle.task_id} (not in the store)>"

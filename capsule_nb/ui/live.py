@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import anywidget
 from traitlets import Float, Int, Unicode, observe
 
+from ..checks import whole_number
 from . import assets
 
 if TYPE_CHECKING:
@@ -52,8 +53,7 @@ class LiveWidget(anywidget.AnyWidget):
     UNSEEN_SECONDS = 2.0  # a view re-rendered (a moved cell) comes back within this
 
     def __init__(self, app: "App", *, refresh_ms: int, **state: Any):
-        if isinstance(refresh_ms, bool) or not isinstance(refresh_ms, int) or refresh_ms <= 0:
-            raise ValueError(f"refresh_ms must be a whole number of milliseconds > 0, got {refresh_ms!r}")
+        whole_number("refresh_ms (milliseconds)", refresh_ms, minimum=1)
         self._app = app
         self._runtime = app.runtime
         self.refresh_ms = refresh_ms
@@ -190,10 +190,6 @@ class LiveWidget(anywidget.AnyWidget):
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..records import COMPLETED, FINISHED
+from ..record import COMPLETED, FINISHED
 
 MESSAGES_SHOWN = 200  # the newest messages a card carries
 OUTPUT_SHOWN = 20_000  # characters of captured output a card carries (the tail)

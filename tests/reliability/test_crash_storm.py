@@ -3,7 +3,7 @@
 import os
 import time
 
-from ..conftest import process_gone, until
+from ..conftest import process_gone, until, worker_pids
 
 
 async def test_crash_storm(app):
@@ -37,7 +37,7 @@ async def test_crash_storm(app):
         return "pool recovered"
 
     assert await after.submit().result(timeout=60) == "pool recovered"
-    live_workers = set(app.runtime.processes.pids)
+    live_workers = set(worker_pids(app.runtime.processes))
     used = {int(p) for p in pids.read_text().split()}
     await until(lambda: not [p for p in used - live_workers if not process_gone(p)], timeout=10)
     print(f"crash storm of 200 process runs: {took:.1f}s, {len(used)} worker processes used")

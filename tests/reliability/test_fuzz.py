@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from capsule_nb.collections import Collection, _matches, _updated
 from capsule_nb.durations import parse_delay, parse_when
-from capsule_nb.schedules import parse_cron
+from capsule_nb.cron import parse_cron
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -56,9 +56,9 @@ def test_a_truncated_database_is_a_clear_error(tmp_path):
     app.collection("c").insert_many([{"n": i, "pad": "x" * 500} for i in range(400)])
     app.close()
     app.store.close()
-    from capsule_nb import app as app_module
+    from capsule_nb import store
 
-    app_module._stores.clear()  # a new process would open it afresh
+    store._stores.clear()  # a new process would open it afresh
     db = home / "db" / "cache.db"
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 3])
     for extra in ("cache.db-wal", "cache.db-shm"):

@@ -1,11 +1,4 @@
-"""Every byte on disk: run records, signed payloads, locks, the change feed.
-
-The store is a diskcache ``Cache`` whose disk class speaks JSON only.
-diskcache's default disk pickles keys and values, so anyone who can write
-the folder could run code in the kernel (CVE-2025-69872); here a pickled
-row is refused. Values that are not JSON (a DataFrame result) go through
-``put_payload``: pickled, then signed with an HMAC key kept in the store
-(mode 0600), and checked before they are ever unpickled.
+"""Every byte on disk: run records, signed payloads, locks, documents, the change feed.
 
 Writes are write-behind: ``put_run`` updates the in-memory mirror at once
 (readers in this process see it immediately), publishes the change event,
@@ -15,107 +8,52 @@ changes is therefore a handful of transactions, and a run that goes
 pending -> running -> completed inside one window is written once.
 ``flushed(gen)`` lets ``await submit()`` wait until its record is durable.
 
-Each transaction also appends the changed keys to a change feed
-(``seq`` + ``chg/<seq>``), which other processes poll to keep their own
-mirror (runs and collection documents) and widgets current.
+Each transaction also appends the changed keys to the change feed
+(``feed.py``), which other processes poll to keep their own mirror (runs
+and collection documents) and widgets current. What is kept on disk, and
+how, is ``disk.py``'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
 import os
-import pickle
 import sqlite3
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import cloudpickle
-import diskcache
-from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
-from .awaitables import resolve
-from .errors import StoreError
+from ..awaitables import resolve
+from ..errors import StoreError
+from ..record import FINISHED, RunRecord
+from . import disk
 from .events import EventBus
+from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed, doc_key, split_doc_key
 from .owners import owner_alive
-from .records import FINISHED
-
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-_loads = json.loads
 
 log = logging.getLogger("capsule_nb")
 
-_RUN = "run/"
-_PAYLOAD = "payload/"
-_LOCK = "lock/"
-_DOC = "doc/"
-_CANCEL = "cancel/"
-_FEED = "chg/"
-_FEED_KEEP = 20_000  # feed entries kept; a reader further behind reloads everything
-_SIG = 32  # bytes of HMAC-SHA256 in front of every payload
-
-
-_REFUSED = "\x00refused"  # what a pickled key reads as: matches no prefix of ours
-
-
-class _JSONDisk(diskcache.Disk):
-    """Keys are plain strings, values JSON text or signed payload bytes. Never pickle."""
-
-    def put(self, key: Any) -> tuple[Any, bool]:
-        if type(key) is not str:
-            raise TypeError(f"store keys are str, not {type(key).__name__}")
-        return key, True
-
-    def get(self, key: Any, raw: bool) -> Any:
-        # A pickled key was not written by capsule_nb; never unpickle it. Iteration skips it.
-        return key if raw else _REFUSED
-
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
-        if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
-            value = _dumps(value)
-        return super().store(value, read, key)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if mode == MODE_PICKLE:
-            raise StoreError("store row holding a pickle refused (not written by capsule_nb)")
-        data = super().fetch(mode, filename, value, read)
-        if mode == MODE_TEXT or (mode == MODE_RAW and type(data) is str):
-            return _loads(data)
-        if mode in (MODE_RAW, MODE_BINARY) and type(data) is bytes:
-            return data
-        return data  # a raw int: the feed counter
+Change = Callable[[RunRecord], "RunRecord | None"]
 
 
 class Store:
-    """One store folder. Thread-safe; one instance per folder per process."""
+    """One store folder. Thread-safe; one instance per folder per process (``open_store``)."""
 
     def __init__(self, home: str | os.PathLike[str]):
         self.path = Path(home).expanduser().resolve()
-        self._prepare_folder()
-        self._key = self._load_key()
-        try:
-            self._cache = diskcache.Cache(
-                str(self.path / "db"),
-                disk=_JSONDisk,
-                eviction_policy="none",
-                size_limit=2**62,
-                statistics=0,
-                tag_index=0,
-                timeout=60,
-            )
-        except Exception as exc:
-            raise StoreError(f"cannot open the capsule_nb store at {self.path}: {exc}") from exc
+        disk.prepare_folder(self.path)
+        self._signer = disk.Signer(disk.load_key(self.path), self.path)
+        self._cache = disk.open_cache(self.path)
+        self._feed = Feed(self._cache)
         self.events = EventBus()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._runs: dict[str, dict[str, Any]] = {}
-        self._unfinished: dict[str, dict[str, Any]] = {}
+        self._runs: dict[str, RunRecord] = {}
+        self._unfinished: dict[str, RunRecord] = {}
         self._docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._poll_lock = threading.Lock()
         self._cancel_requests: list[str] = []
@@ -124,10 +62,8 @@ class Store:
         self._gen = 0
         self._flushed = 0
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._own_seqs: set[int] = set()
         self._closed = False
         self.failure: StoreError | None = None  # set while the disk refuses writes
-        self._seen = 0
         try:
             self._reload()
         except sqlite3.DatabaseError as exc:  # a truncated or garbage database file
@@ -136,49 +72,18 @@ class Store:
         self._writer = threading.Thread(target=self._write_loop, name="capsule-store-writer", daemon=True)
         self._writer.start()
 
-    # ------------------------------------------------------------------ setup
-
-    def _prepare_folder(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"capsule_nb store path {self.path} exists and is not a folder")
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the capsule_nb store at {self.path}: {exc.strerror}") from exc
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            raise StoreError(f"capsule_nb store path {self.path} is not writable")
-
-    def _load_key(self) -> bytes:
-        """The store's HMAC key, made on first open. Written to a private temp file and
-        linked into place, so a second process opening a new store at the same moment
-        reads either no key or the whole key, never half of one."""
-        key_path = self.path / "secret.key"
-        if not key_path.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".key-")  # mode 0600
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(os.urandom(32))
-                os.link(tmp, key_path)
-            except FileExistsError:
-                pass  # another process won; use its key
-            except OSError as exc:
-                raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
-            finally:
-                os.unlink(tmp)
-        key = key_path.read_bytes()
-        if len(key) != 32:
-            raise StoreError(f"store key {key_path} is damaged (expected 32 bytes)")
-        return key
+    def __repr__(self) -> str:
+        return f"<Store {self.path}>"
 
     def _reload(self) -> None:
         """Rebuild the mirror from disk (at open, or after falling behind the feed)."""
-        seq = self._cache.get("seq", 0)
-        runs: dict[str, dict[str, Any]] = {}
+        seq = self._feed.head()
+        runs: dict[str, RunRecord] = {}
         docs: dict[str, dict[str, dict[str, Any]]] = {}
         for key in self._cache.iterkeys():
-            if key == _REFUSED:
+            if key == disk.REFUSED:
                 log.warning("capsule_nb: a row with a pickled key in %s was refused", self.path)
-            elif key.startswith((_RUN, _DOC)):
+            elif key.startswith((RUN, DOC)):
                 try:
                     value = self._cache.get(key)
                 except StoreError as exc:
@@ -186,34 +91,34 @@ class Store:
                     continue
                 if value is None:
                     continue
-                if key.startswith(_RUN):
+                if key.startswith(RUN):
                     runs[value["task_id"]] = value
                 else:
-                    collection, doc_id = _split_doc_key(key)
+                    collection, doc_id = split_doc_key(key)
                     docs.setdefault(collection, {})[doc_id] = value
         with self._lock:
             for key in self._dirty:
-                if key.startswith(_RUN) and key[len(_RUN) :] in self._runs:
-                    runs[key[len(_RUN) :]] = self._runs[key[len(_RUN) :]]
+                if key.startswith(RUN) and key[len(RUN) :] in self._runs:
+                    runs[key[len(RUN) :]] = self._runs[key[len(RUN) :]]
             self._runs = runs
             self._unfinished = {k: r for k, r in runs.items() if r["status"] not in FINISHED}
             self._docs = docs
-            self._seen = max(self._seen, seq)
+            self._feed.mark(seq)
 
     # ---------------------------------------------------------------- records
 
-    def put_run(self, record: dict[str, Any]) -> int:
+    def put_run(self, record: RunRecord) -> int:
         """Accept a record snapshot; returns the generation to pass to ``flushed``."""
         with self._lock:
             self._mirror(record["task_id"], record)
-            self._dirty[_RUN + record["task_id"]] = record
+            self._dirty[RUN + record["task_id"]] = record
             self._gen += 1
             gen = self._gen
             self._wake.notify()
         self.events.publish(record)
         return gen
 
-    def update_run(self, task_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+    def update_run(self, task_id: str, change: Change) -> RunRecord | None:
         """Read-modify-write one record atomically; ``change`` returns the new snapshot or None.
 
         ``change`` runs under the store's lock, so it must be quick and must
@@ -227,13 +132,13 @@ class Store:
             if new is None or new is current:
                 return current
             self._mirror(task_id, new)
-            self._dirty[_RUN + task_id] = new
+            self._dirty[RUN + task_id] = new
             self._gen += 1
             self._wake.notify()
         self.events.publish(new)
         return new
 
-    def _mirror(self, task_id: str, record: dict[str, Any] | None) -> None:
+    def _mirror(self, task_id: str, record: RunRecord | None) -> None:
         """Set (or drop) a run in the mirror; caller holds ``self._lock``."""
         if record is None:
             self._runs.pop(task_id, None)
@@ -250,19 +155,19 @@ class Store:
         with self._lock:
             return len(self._runs) - len(self._unfinished)
 
-    def unfinished_runs(self) -> list[dict[str, Any]]:
+    def unfinished_runs(self) -> list[RunRecord]:
         """Runs not finished yet: what recovery and adoption look through (a snapshot)."""
         with self._lock:
             return list(self._unfinished.values())
 
-    def get_run(self, task_id: str) -> dict[str, Any] | None:
+    def get_run(self, task_id: str) -> RunRecord | None:
         record = self._runs.get(task_id)
         if record is None:
             self.poll()
             record = self._runs.get(task_id)
         return record
 
-    def runs(self) -> Iterable[dict[str, Any]]:
+    def runs(self) -> list[RunRecord]:
         """A snapshot of every run record in the store (all apps)."""
         with self._lock:
             return list(self._runs.values())
@@ -271,23 +176,23 @@ class Store:
         with self._lock:
             for task_id in task_ids:
                 self._mirror(task_id, None)
-                self._dirty[_RUN + task_id] = None
+                self._dirty[RUN + task_id] = None
                 for name in ("result", "args"):
-                    self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = None
+                    self._dirty[f"{PAYLOAD}{task_id}/{name}"] = None
             self._gen += 1
             self._wake.notify()
 
-    def claim_run(self, task_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+    def claim_run(self, task_id: str, change: Change) -> RunRecord | None:
         """Read-modify-write a record *on disk*, in one transaction: how a process takes over
         a run of a dead owner without a second process taking it too. ``change`` sees the
         disk's record and returns the new one, or None to leave it."""
         self.flush()
         with self._cache.transact(retry=True):
-            current = self._cache.get(_RUN + task_id)
+            current = self._cache.get(RUN + task_id)
             new = None if current is None else change(current)
             if new is not None:
-                self._cache.set(_RUN + task_id, new)
-                self._announce([_RUN + task_id])
+                self._cache.set(RUN + task_id, new)
+                self._feed.announce([RUN + task_id])
         if new is None:
             return None
         with self._lock:
@@ -311,44 +216,41 @@ class Store:
     def request_cancel(self, task_id: str) -> None:
         """Ask the process that owns a run to cancel it (it sees this on its next poll)."""
         with self._cache.transact(retry=True):
-            self._cache.set(_CANCEL + task_id, {"at": time.time()})
-            self._announce([_CANCEL + task_id])
+            self._cache.set(CANCEL + task_id, {"at": time.time()})
+            self._feed.announce([CANCEL + task_id])
 
     def take_cancel_requests(self) -> list[str]:
         with self._lock:
             requests, self._cancel_requests = self._cancel_requests, []
         for task_id in requests:
-            self._cache.delete(_CANCEL + task_id)
+            self._cache.delete(CANCEL + task_id)
         return requests
 
     # --------------------------------------------------------------- payloads
 
     def put_payload(self, task_id: str, name: str, value: Any, *, limit: int | None = None) -> int:
         """Pickle ``value`` (cloudpickle, so notebook-defined classes work) and sign it; returns its size."""
-        blob = cloudpickle.dumps(value)
+        return self.put_pickled(task_id, name, cloudpickle.dumps(value), limit=limit)
+
+    def put_pickled(self, task_id: str, name: str, blob: bytes, *, limit: int | None = None) -> int:
+        """``put_payload`` for bytes already pickled (a process run's arguments are pickled once)."""
         if limit is not None and len(blob) > limit:
             raise ValueError(f"{len(blob):,} bytes pickled is over the {limit:,}-byte cap")
-        signed = hmac.new(self._key, blob, hashlib.sha256).digest() + blob
         with self._lock:
-            self._dirty[f"{_PAYLOAD}{task_id}/{name}"] = signed
+            self._dirty[f"{PAYLOAD}{task_id}/{name}"] = self._signer.sign(blob)
             self._gen += 1
             self._wake.notify()
         return len(blob)
 
     def get_payload(self, task_id: str, name: str) -> Any:
-        key = f"{_PAYLOAD}{task_id}/{name}"
+        key = f"{PAYLOAD}{task_id}/{name}"
         with self._lock:
             signed = self._dirty.get(key, self._inflight.get(key))
         if signed is None:
             signed = self._cache.get(key)
         if signed is None:
             raise KeyError(key)
-        if type(signed) is not bytes or len(signed) < _SIG:
-            raise StoreError(f"payload {key} in {self.path} is not a signed payload; refused")
-        sig, blob = signed[:_SIG], signed[_SIG:]
-        if not hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest()):
-            raise StoreError(f"payload {key} in {self.path} has a bad signature; refused")
-        return pickle.loads(blob)
+        return self._signer.load(key, signed)
 
     # ------------------------------------------------------------ durability
 
@@ -404,7 +306,7 @@ class Store:
                         self._dirty.setdefault(key, value)
                     failed, self._waiters = self._waiters, []
                     self._wake.notify_all()
-                self._settle_waiters(failed, failure)
+                _settle_waiters(failed, failure)
                 time.sleep(0.5)  # back off from a failing disk instead of spinning
                 continue
             with self._lock:
@@ -416,15 +318,7 @@ class Store:
                 ready = [w for w in self._waiters if w[0] <= gen]
                 self._waiters = [w for w in self._waiters if w[0] > gen]
                 self._wake.notify_all()
-            self._settle_waiters(ready, None)
-
-    @staticmethod
-    def _settle_waiters(waiters: list, failure: Exception | None) -> None:
-        for _, loop, future in waiters:
-            try:
-                loop.call_soon_threadsafe(resolve, future, failure)
-            except RuntimeError:  # that loop is closed; nobody is waiting any more
-                pass
+            _settle_waiters(ready, None)
 
     def _commit(self, batch: dict[str, Any]) -> None:
         with self._cache.transact(retry=True):
@@ -433,54 +327,33 @@ class Store:
                     self._cache.delete(key)
                 else:
                     self._cache.set(key, value)
-            self._announce([key for key in batch if key.startswith(_RUN)])
-
-    def _announce(self, keys: list[str]) -> None:
-        """Append ``keys`` to the change feed; call inside a transaction."""
-        if not keys:
-            return
-        cache = self._cache
-        seq = cache.incr("seq")
-        cache.set(f"{_FEED}{seq:012d}", keys)
-        if seq > _FEED_KEEP and seq % 1000 == 0:
-            for old in range(seq - _FEED_KEEP - 1000, seq - _FEED_KEEP):
-                cache.delete(f"{_FEED}{old:012d}")
-        with self._lock:
-            self._own_seqs.add(seq)
+            self._feed.announce([key for key in batch if key.startswith(RUN)])
 
     # ------------------------------------------------------ other processes
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self) -> list[RunRecord]:
         """Fold in what other processes wrote since the last poll; returns the run records."""
         with self._poll_lock:
-            seq = self._cache.get("seq", 0)
-            if seq <= self._seen:
+            seq, changed = self._feed.changes()
+            if changed is None:  # fell behind the feed's window
+                self._reload()
                 return []
-            keys: dict[str, Any] = {}
-            for n in range(self._seen + 1, seq + 1):
-                with self._lock:
-                    if n in self._own_seqs:
-                        self._own_seqs.discard(n)
-                        continue
-                changed = self._cache.get(f"{_FEED}{n:012d}")
-                if changed is None:  # fell behind the feed's window
-                    self._reload()
-                    return []
-                keys.update(dict.fromkeys(changed))
-            for key in keys:
-                keys[key] = self._cache.get(key)
+            if not changed:
+                self._feed.mark(seq)
+                return []
+            values = {key: self._cache.get(key) for key in changed}
             fresh = []
             with self._lock:
-                self._seen = max(self._seen, seq)
-                for key, value in keys.items():
-                    if key.startswith(_DOC):
-                        collection, doc_id = _split_doc_key(key)
+                self._feed.mark(seq)
+                for key, value in values.items():
+                    if key.startswith(DOC):
+                        collection, doc_id = split_doc_key(key)
                         _apply(self._docs.setdefault(collection, {}), doc_id, value)
-                    elif key.startswith(_CANCEL):
+                    elif key.startswith(CANCEL):
                         if value is not None:
-                            self._cancel_requests.append(key[len(_CANCEL) :])
+                            self._cancel_requests.append(key[len(CANCEL) :])
                     elif key not in self._dirty:  # our own newer write wins until it lands
-                        self._mirror(key[len(_RUN) :], value)
+                        self._mirror(key[len(RUN) :], value)
                         if value is not None:
                             fresh.append(value)
         for record in fresh:
@@ -505,14 +378,14 @@ class Store:
         written: dict[str, dict | None] = {}
         with self._cache.transact(retry=True):
             for doc_id, change in changes.items():
-                key = _doc_key(collection, doc_id)
+                key = doc_key(collection, doc_id)
                 new = change(self._cache.get(key))
                 if new is None:
                     self._cache.delete(key)
                 else:
                     self._cache.set(key, new)
                 written[doc_id] = new
-            self._announce([_doc_key(collection, doc_id) for doc_id in written])
+            self._feed.announce([doc_key(collection, doc_id) for doc_id in written])
         with self._lock:
             docs = self._docs.setdefault(collection, {})
             for doc_id, new in written.items():
@@ -529,25 +402,21 @@ class Store:
         """
         cache = self._cache
         with cache.transact(retry=True):
-            held = cache.get(_LOCK + key)
+            held = cache.get(LOCK + key)
             if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
-                holder = self._runs.get(held["task_id"]) or cache.get(_RUN + held["task_id"])
+                holder = self._runs.get(held["task_id"]) or cache.get(RUN + held["task_id"])
                 # No record yet: the holder's write is still in its process's buffer.
                 if holder is None or holder["status"] not in FINISHED:
                     return held["task_id"]
-            cache.set(_LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
+            cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
         return None
 
     def release_lock(self, key: str, task_id: str) -> None:
         cache = self._cache
         with cache.transact(retry=True):
-            held = cache.get(_LOCK + key)
+            held = cache.get(LOCK + key)
             if held is not None and held["task_id"] == task_id:
-                cache.delete(_LOCK + key)
-
-    def lock_holder(self, key: str) -> str | None:
-        held = self._cache.get(_LOCK + key)
-        return None if held is None else held["task_id"]
+                cache.delete(LOCK + key)
 
     # --------------------------------------------------------- plain values
 
@@ -562,7 +431,7 @@ class Store:
     def items(self, prefix: str) -> list[tuple[str, Any]]:
         """Plain values whose key starts with ``prefix`` (a scan: for listings, not hot paths)."""
         return [(key, self._cache.get(key)) for key in self._cache.iterkeys()
-                if key != _REFUSED and key.startswith(prefix)]
+                if key != disk.REFUSED and key.startswith(prefix)]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._cache.get(key, default)
@@ -580,13 +449,12 @@ class Store:
         self._cache.close()
 
 
-def _doc_key(collection: str, doc_id: str) -> str:
-    return f"{_DOC}{collection}/{doc_id}"
-
-
-def _split_doc_key(key: str) -> tuple[str, str]:
-    collection, _, doc_id = key[len(_DOC) :].rpartition("/")
-    return collection, doc_id
+def _settle_waiters(waiters: list, failure: Exception | None) -> None:
+    for _, loop, future in waiters:
+        try:
+            loop.call_soon_threadsafe(resolve, future, failure)
+        except RuntimeError:  # that loop is closed; nobody is waiting any more
+            pass
 
 
 def _apply(mirror: dict[str, Any], key: str, value: Any) -> None:

@@ -1,41 +1,23 @@
-"""``%load_ext capsule_nb``: bind the runtime to the kernel and add the magics."""
+"""The line magics: ``%tasks``, ``%task <id>``, ``%capsule``."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
-from . import capture
-from .app import App, default_app
-from .records import FINISHED, RUNNING
+from ..app import App, default_app
+from ..record import FINISHED, RUNNING
 
 
-def load_ipython_extension(ip: Any) -> None:
-    app = default_app()
-    try:
-        app.runtime.bind_loop(asyncio.get_running_loop())
-    except RuntimeError:
-        pass  # terminal IPython: the runtime starts its own loop thread when needed
-    capture.install()
-    app.runtime.start_maintenance()  # again after an unload stopped it
+def register(ip: Any) -> None:
     ip.register_magic_function(_tasks_magic, "line", "tasks")
     ip.register_magic_function(_task_magic, "line", "task")
     ip.register_magic_function(_capsule_magic, "line", "capsule")
-    import capsule_nb
-
-    ip.user_ns.setdefault("cpsl", capsule_nb)
-    ip.user_ns.setdefault("session", app.session)
-
-
-def unload_ipython_extension(ip: Any) -> None:
-    default_app().runtime.shutdown()
-    capture.uninstall()
 
 
 def _tasks_magic(line: str) -> None:
     """%tasks [task_name]: the task board."""
-    from .ui import TaskBoard, display
+    from ..ui import TaskBoard, display
 
     name = line.strip()
     display(TaskBoard(filter={"task_name": name} if name else None))
@@ -43,7 +25,7 @@ def _tasks_magic(line: str) -> None:
 
 def _task_magic(line: str) -> None:
     """%task <id>: one run's card."""
-    from .ui import TaskCard, display
+    from ..ui import TaskCard, display
 
     task_id = line.strip()
     if not task_id:
@@ -58,7 +40,7 @@ def _task_magic(line: str) -> None:
 
 def capsule_summary(app: App | None = None) -> str:
     """What ``%capsule`` prints: the store, counts by status, running work, schedules."""
-    from .ui.text import table_text
+    from ..ui.text import table_text
 
     app = app or default_app()
     app.store.poll()

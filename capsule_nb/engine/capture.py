@@ -1,9 +1,10 @@
 """Per-run capture of stdout, stderr, logging and tqdm progress bars.
 
-``sys.stdout``/``sys.stderr`` are wrapped once by a stream that asks the
-``current_run`` context variable where a write belongs: inside a run it is
-kept with that run (and shown on its card), elsewhere it goes to the
-original stream untouched. A root logging handler does the same for log
+``sys.stdout``/``sys.stderr`` are wrapped once by a stream that asks a
+*route* where a write belongs: inside a run it is kept with that run (and
+shown on its card), elsewhere it goes to the original stream untouched. In
+a kernel the route is the ``current_run`` context variable; in a worker
+process it is the job the worker is running, whatever thread prints. A root logging handler does the same for log
 records, so a task's ``logging.info`` never lands in whichever cell
 happens to be executing. A ``tqdm`` bar (``from tqdm import tqdm``) inside
 a run drives the run's progress instead of printing frames: its ``display``
@@ -17,20 +18,33 @@ import io
 import logging
 import sys
 import threading
-from typing import Any, TextIO
+from typing import Any, Callable, Protocol, TextIO
 
 from .context import current_run
 
 _install_lock = threading.Lock()
 
 
-class ProxyStream(io.TextIOBase):
-    """A text stream standing in for ``original`` (``sys.stdout``/``sys.stderr``):
-    subclasses decide where each write goes; the rest is the original's."""
+class Sink(Protocol):
+    """Where a run's output goes: ``engine.run.Run`` here, ``workers.child.ChildRun`` in a worker."""
 
-    def __init__(self, original: TextIO, name: str):
+    def capture(self, stream: str, text: str) -> None: ...
+
+    def flush_output(self) -> None: ...
+
+    def progress(self, done: float, total: float | None, message: str | None) -> None: ...
+
+
+Route = Callable[[], "Sink | None"]
+
+
+class _RoutedStream(io.TextIOBase):
+    """Stands in for ``sys.stdout``/``sys.stderr``: a write inside a run goes to the run."""
+
+    def __init__(self, original: TextIO, name: str, route: Route):
         self._original = original
         self._name = name
+        self._route = route
 
     def writable(self) -> bool:
         return True
@@ -45,18 +59,19 @@ class ProxyStream(io.TextIOBase):
     def fileno(self) -> int:
         return self._original.fileno()
 
-
-class _RoutedStream(ProxyStream):
     def write(self, text: str) -> int:
-        run = current_run.get()
+        run = self._route()
         if run is None:
             return self._original.write(text)
         run.capture(self._name, text)
         return len(text)
 
     def flush(self) -> None:
-        if current_run.get() is None:
+        run = self._route()
+        if run is None:
             self._original.flush()
+        else:
+            run.flush_output()
 
     def __getattr__(self, name: str) -> Any:  # ipykernel streams have extras
         return getattr(self._original, name)
@@ -67,10 +82,11 @@ class _RunLogHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.NOTSET)
+        self.route: Route = current_run.get
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        run = current_run.get()
+        run = self.route()
         if run is not None:
             run.capture("log", self.format(record) + "\n")
         elif logging.lastResort and record.levelno >= logging.lastResort.level and _only_handler(record):
@@ -91,7 +107,7 @@ class _NotInRuns(logging.Filter):
     """Added to the other root handlers: a run's records are already kept with the run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return current_run.get() is None
+        return _handler.route() is None
 
 
 _handler = _RunLogHandler()
@@ -111,7 +127,7 @@ def _patch_tqdm() -> None:
     def display(bar: Any, msg: str | None = None, pos: int | None = None) -> Any:
         run = bar.__dict__.get("_capsule_run", _NO_RUN)
         if run is _NO_RUN:
-            run = bar._capsule_run = current_run.get()
+            run = bar._capsule_run = _handler.route()
         if run is None:
             return original(bar, msg, pos)
         run.progress(bar.n, bar.total, bar.desc or None)
@@ -121,20 +137,25 @@ def _patch_tqdm() -> None:
     tqdm_std.tqdm.display = display
 
 
-def install() -> None:
+def install(route: Route | None = None) -> None:
     """Route output of runs to the runs (idempotent; re-wraps a stream replaced since).
 
-    Called at every submit, so it has a fast path: something (pytest, a
-    ``capture_output``) may have swapped ``sys.stdout`` since the last run.
+    ``route`` says which run a write belongs to (default: the ``current_run``
+    of the writing context). Called at every submit, so it has a fast path:
+    something (pytest, a ``capture_output``) may have swapped ``sys.stdout``
+    since the last run.
     """
     _patch_tqdm()
-    if isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream) and _handler in logging.root.handlers:
+    if (route is None and isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream)
+            and _handler in logging.root.handlers):
         return
     with _install_lock:
+        if route is not None:
+            _handler.route = route
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if stream is not None and not isinstance(stream, _RoutedStream):
-                setattr(sys, name, _RoutedStream(stream, name))
+                setattr(sys, name, _RoutedStream(stream, name, _handler.route))
         root = logging.getLogger()
         if _handler not in root.handlers:
             root.addHandler(_handler)

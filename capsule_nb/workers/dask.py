@@ -47,15 +47,15 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
-from .processes import Job, Outcome, ProcessJob, ProcessPool, pickle_call
-from .processes import _killed as killed_outcome
+from .outcome import Job, OnMessage, Outcome
+from .outcome import killed as killed_outcome
+from .pickling import Call, pickle_call
+from .pool import ProcessJob, ProcessPool
 
 log = logging.getLogger("capsule_nb")
 
 KILL_GRACE = 2.0  # seconds a kill waits for the worker's answer before cancelling the future
 MESSAGE_GRACE = 5.0  # seconds a finished job waits for messages still in flight
-
-OnMessage = Callable[[str, dict], None]
 
 
 class DaskJob(Job):
@@ -68,7 +68,6 @@ class DaskJob(Job):
         self.worker_address: str | None = None
         self.future: Any = None
         self._lock = threading.Lock()
-        self._kill_reason: str | None = None
         self._received = 0
         self._finishing: tuple[Outcome, int] | None = None  # (outcome, messages sent) once the task returned
 
@@ -118,18 +117,18 @@ class DaskBackend:
             on_message: OnMessage | None = None, memory_limit: int | None = None,
             session: Any = None) -> DaskJob:
         """As ``ProcessPool.run``; the ``started`` message also carries the Dask ``worker`` address."""
-        return self.submit_payload(pickle_call(fn, args, kwargs or {}, session), on_message=on_message,
-                                   memory_limit=memory_limit)
+        return self.submit(pickle_call(fn, args, kwargs, session), on_message=on_message,
+                           memory_limit=memory_limit)
 
-    def submit_payload(self, payload: bytes, *, on_message: OnMessage | None = None,
-                       memory_limit: int | None = None) -> DaskJob:
+    def submit(self, call: Call, *, on_message: OnMessage | None = None,
+               memory_limit: int | None = None) -> DaskJob:
         if self._closed:
             raise RuntimeError("this DaskBackend has been shut down")
         job = DaskJob(self, on_message)
         with self._jobs_lock:
             self._jobs[job.id] = job
         job.future = self.client.submit(
-            _run_on_worker, job.id, payload, memory_limit, self.topic,
+            _run_on_worker, job.id, tuple(call), memory_limit, self.topic,
             key=f"capsule-process-{job.id}", pure=False, retries=0,
         )
         job.future.add_done_callback(lambda future: self._inbox.put(("done", job.id, future)))
@@ -238,15 +237,11 @@ class DaskBackend:
 
     def _settle(self, job: DaskJob, outcome: Outcome) -> None:
         with job._lock:
-            if job._outcome is not None:
+            if not job._finish(outcome):
                 return
-            if job._kill_reason is not None:  # a kill wins, as in ProcessPool
-                outcome = killed_outcome(outcome.pid or job.pid, job._kill_reason)
-            job._outcome = outcome
         with self._jobs_lock:
             self._jobs.pop(job.id, None)
         job.future = None  # lets Dask drop the result
-        job._settled.set()
 
 
 # --------------------------------------------------------------------------- #
@@ -282,7 +277,7 @@ def _kill_on_worker(job_id: str) -> bool:
     return job.kill("killed") if job is not None else False
 
 
-def _run_on_worker(job_id: str, payload: bytes, memory_limit: int | None, topic: str) -> tuple[Outcome, int]:
+def _run_on_worker(job_id: str, call: tuple[bytes, bytes], memory_limit: int | None, topic: str) -> tuple[Outcome, int]:
     """The Dask task: run the call in a child process; return ``(outcome, messages sent)``."""
     from distributed import get_worker
 
@@ -299,8 +294,8 @@ def _run_on_worker(job_id: str, payload: bytes, memory_limit: int | None, topic:
     with _lock:
         if job_id in _killed_ids:  # killed while it was queued
             return killed_outcome(None, "killed"), 0
-        job = _live[job_id] = _worker_pool(worker).submit_payload(
-            payload, on_message=forward, memory_limit=memory_limit)
+        job = _live[job_id] = _worker_pool(worker).submit(
+            Call(*call), on_message=forward, memory_limit=memory_limit)
     try:
         outcome = job.wait()
     finally:

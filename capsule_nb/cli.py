@@ -1,0 +1,194 @@
+"""The ``capsule-nb`` command (also ``python -m capsule_nb``).
+
+    capsule-nb demo [--notebook PATH] [--home DIR] [--save PATH]
+    capsule-nb [--home PATH] [--json] tasks [--status S] [--name N] [--limit K]
+    capsule-nb [--home PATH] [--json] show ID
+    capsule-nb [--home PATH] cancel ID
+    capsule-nb [--home PATH] prune --older-than 7d
+    capsule-nb [--home PATH] [--json] schedules
+
+``demo`` executes the quickstart notebook headless (``demo.py``) and exits
+non-zero when a cell of the notebook raises. The others read (or act on) a
+store: ``--home``, else ``$CAPSULE_NB_HOME``, else ``./.capsule``.
+An unknown run id or a folder that is not a store exits with code 2.
+
+Subcommands are argparse sub-parsers, each a ``cmd_<name>(args) -> int``;
+``main(argv)`` returns the exit code, so tests can call it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Sequence
+
+from .demo import cmd_demo
+
+
+class _UsageError(Exception):
+    """Exit code 2 with this message."""
+
+
+def _open(args: argparse.Namespace) -> Any:
+    """The App of the store named by ``--home`` (never creating one on a typo)."""
+    from .app import App, _home
+
+    home = _home(args.home).expanduser().resolve()
+    if not (home / "db" / "cache.db").is_file():
+        raise _UsageError(f"{home} is not a capsule_nb store (no db/cache.db); give --home or set CAPSULE_NB_HOME")
+    return App(home=home)
+
+
+def _run(app: Any, task_id: str) -> dict[str, Any]:
+    record = app.store.get_run(task_id)
+    if record is None:
+        raise _UsageError(f"no run {task_id!r} in {app.home}")
+    return record
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        import json
+
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .record import check_status
+    from .ui.text import table_text
+
+    try:
+        check_status(args.status)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    app = _open(args)
+    records = [r for r in app.store.runs()
+               if (args.status is None or r["status"] == args.status)
+               and (args.name is None or r["task_name"] == args.name)]
+    records.sort(key=lambda r: r["task_id"], reverse=True)
+    records = records[: args.limit] if args.limit else records
+    _emit(args, records, table_text(records) if records else "no runs")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .ui.text import runs_text
+
+    app = _open(args)
+    record = _run(app, args.id)
+    text = runs_text([record])
+    if record.get("traceback"):
+        text += "\n\n" + record["traceback"].rstrip()
+    _emit(args, record, text)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    app = _open(args)
+    record = _run(app, args.id)
+    if record["status"] in ("completed", "failed", "cancelled", "timeout") and not record.get("series"):
+        print(f"run {args.id} already ended {record['status']}")
+        return 1
+    asked = app.runtime.cancel(args.id)
+    owner = record.get("owner", "")
+    where = "its kernel will stop it" if asked and owner != app.runtime.owner else "cancelled"
+    print(f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
+    return 0 if asked else 1
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .durations import parse_delay
+    from .record import FINISHED
+
+    try:
+        age = parse_delay(args.older_than, what="age")
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    app = _open(args)
+    cutoff = time.time() - age
+    doomed = [r["task_id"] for r in app.store.runs()
+              if r["status"] in FINISHED and (r.get("completed_at") or r["created_at"]) < cutoff]
+    app.store.delete_runs(doomed)
+    app.store.flush()
+    print(f"pruned {len(doomed)} finished runs older than {args.older_than}")
+    return 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .cron import next_due, parse_tz
+
+    app = _open(args)
+    rows = []
+    for key, state in app.store.items("sched/"):
+        _, app_name, name = key.split("/", 2)
+        cron, tz = state.get("cron"), state.get("tz", "UTC")
+        upcoming = None
+        if cron and not state.get("paused"):
+            upcoming = next_due(cron, parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
+        last = state.get("last_due")
+        rows.append({"app": app_name, "name": name, "cron": cron, "tz": tz, "paused": bool(state.get("paused")),
+                     "next": upcoming, "last": dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(
+                         timespec="seconds") if last else None, "skipped": state.get("skipped", 0)})
+    lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'NEXT':<26} LAST"] + [
+        f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {('paused' if r['paused'] else r['next'] or '-'):<26} "
+        f"{r['last'] or '-'}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else "") for r in rows]
+    _emit(args, rows, "\n".join(lines) if rows else "no schedules")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsule-nb", description="Capsule-style background tasks for Jupyter notebooks."
+    )
+    parser.add_argument("--home", metavar="PATH", help="the store (default: $CAPSULE_NB_HOME, else ./.capsule)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo", help="run the quickstart notebook headless and show what its tasks did",
+        description="Execute a notebook (default: the bundled quickstart) in a fresh ipykernel "
+                    "of this Python with a temporary store, then print every task run.",
+    )
+    demo.add_argument("--notebook", metavar="PATH", help="the notebook to run (default: the quickstart)")
+    demo.add_argument("--home", metavar="DIR", help="store folder to use and keep (default: a temporary one)")
+    demo.add_argument("--save", metavar="PATH", help="write the executed notebook here")
+    demo.add_argument("--timeout", type=float, default=120, help="seconds one cell may take (default: 120)")
+    demo.set_defaults(func=cmd_demo)
+
+    tasks = commands.add_parser("tasks", help="list runs, newest first, as a table")
+    tasks.add_argument("--status", help="only runs with this status")
+    tasks.add_argument("--name", help="only runs of this task")
+    tasks.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default 50)")
+    tasks.set_defaults(func=cmd_tasks)
+
+    show = commands.add_parser("show", help="one run: record, messages, error, result preview")
+    show.add_argument("id")
+    show.set_defaults(func=cmd_show)
+
+    cancel = commands.add_parser("cancel", help="cancel a run (a live kernel that owns it stops it)")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    prune = commands.add_parser("prune", help="delete finished runs older than an age")
+    prune.add_argument("--older-than", required=True, metavar="AGE", help="like 7d, 12h, 30m")
+    prune.set_defaults(func=cmd_prune)
+
+    schedules = commands.add_parser("schedules", help="the schedules defined on this store, with their next run")
+    schedules.set_defaults(func=cmd_schedules)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _UsageError as exc:
+        print(f"capsule-nb {args.command}: {exc}", file=sys.stderr)
+        return 2
+

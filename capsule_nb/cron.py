@@ -1,0 +1,52 @@
+"""Cron expressions, pure: parse, time zone, next fire time, and the DST rule.
+
+croniter yields a fixed wall time twice in a fall-back hour; a job with a
+fixed hour fires only at its first occurrence. A time skipped by a
+spring-forward is shifted by croniter and fires once. Six fields put the
+seconds last (croniter's rule): ``"* * * * * */2"`` is every two seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+from croniter import croniter
+
+
+def parse_cron(cron: str) -> str:
+    """The cron string, checked: 5 fields, or 6 with seconds last."""
+    if not isinstance(cron, str):
+        raise TypeError(f"a cron schedule is a string like '*/5 * * * *', not {cron!r}")
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"bad cron {cron!r}: expected 5 fields (minute hour day month weekday) or 6 (seconds last)")
+    try:
+        croniter(cron)
+    except Exception as exc:  # croniter's errors say which field
+        raise ValueError(f"bad cron {cron!r}: {exc}") from None
+    return " ".join(fields)
+
+
+def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as 'UTC' or 'Europe/Paris'") from None
+
+
+def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
+    """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
+    fixed_hour = not any(c in cron.split()[1] for c in "*/,-")
+    it = croniter(cron, after.astimezone(tz))
+    while True:
+        due: dt.datetime = it.get_next(dt.datetime)
+        if fixed_hour and _second_of_repeated_hour(due):
+            continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
+        return due
+
+
+def _second_of_repeated_hour(moment: dt.datetime) -> bool:
+    """True for the second occurrence of a wall time that a fall-back hour repeats."""
+    return moment.replace(fold=0).utcoffset() != moment.utcoffset()
+

@@ -1,0 +1,214 @@
+"""The four ways a run executes, each with its way to stop.
+
+| executor    | runs on                                   | a cancel or timeout               |
+|-------------|-------------------------------------------|-----------------------------------|
+| async       | an asyncio task on the runtime's loop     | ``task.cancel()``, at once        |
+| thread      | a daemon worker thread                    | an exception raised in the thread |
+| process     | a worker process (or Dask), a thread waits | ``SIGKILL`` of the worker        |
+| immediate   | the caller, to its end, inside ``submit`` | only asked (``session.cancelled``) |
+
+Each ends an attempt with one ``Outcome`` for ``Runtime.finish``:
+``("ok", result fields)``, ``("stop", "cancel" | "timeout")`` or
+``("error", Failure)``. The immediate executor is for tests: no threads,
+no timers, so a retry follows at once and a timeout is not enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
+
+from .context import bound_session, current_run
+from .run import Failure, Run
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+Outcome = tuple[str, Any]
+
+
+class _Interrupt(BaseException):
+    """Raised inside a thread run to stop it (BaseException: ``except Exception`` must not swallow it)."""
+
+
+class Executor:
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
+
+    def start(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def interrupt(self, run: Run) -> None:
+        """Stop a running run; caller holds ``run.lock`` and has set ``run.stop_reason``."""
+
+    def context(self, run: Run) -> contextvars.Context:
+        ctx = contextvars.copy_context()
+        ctx.run(current_run.set, run)
+        ctx.run(bound_session.set, self.session(run))
+        return ctx
+
+    def session(self, run: Run) -> Any:
+        return run.session or self.runtime.default_session
+
+    def outcome(self, run: Run, call: Callable[[], Any]) -> Outcome:
+        """Call the task (after marking it running) and say how the attempt ended."""
+        self.runtime.mark_running(run)
+        try:
+            if run.stop_reason:
+                raise _Interrupt
+            value = call()
+        except (_Interrupt, asyncio.CancelledError):
+            return "stop", run.stop_reason or "cancel"
+        except BaseException as exc:  # the run's failure is data, not our crash
+            return ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
+        return ("stop", run.stop_reason) if run.stop_reason else ("ok", self.runtime.results.keep(run.task_id, value))
+
+
+class AsyncExecutor(Executor):
+    def start(self, run: Run) -> None:
+        self.runtime.loops.call_soon(self._spawn, run, self.context(run))
+
+    def _spawn(self, run: Run, ctx: contextvars.Context) -> None:
+        run.aio_task = self.runtime.loops.loop.create_task(self._async_body(run), context=ctx)
+
+    async def _async_body(self, run: Run) -> None:
+        self.runtime.mark_running(run)
+        outcome: Outcome
+        try:
+            if run.stop_reason:
+                raise asyncio.CancelledError
+            value = await run.task.invoke(run.args, run.kwargs, self.session(run))
+        except asyncio.CancelledError:
+            outcome = ("stop", run.stop_reason or "cancel")
+        except BaseException as exc:
+            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
+        else:
+            outcome = ("stop", run.stop_reason) if run.stop_reason else ("ok", self.runtime.results.keep(run.task_id, value))
+        self.runtime.finish(run, outcome)
+
+    def interrupt(self, run: Run) -> None:
+        if run.aio_task is not None:
+            self.runtime.loops.loop.call_soon_threadsafe(run.aio_task.cancel)
+
+
+class ThreadExecutor(Executor):
+    def start(self, run: Run) -> None:
+        self.runtime.threads.submit(self.context(run).run, self._body, run)
+
+    def _body(self, run: Run) -> None:
+        self.runtime.finish(run, self.outcome(run, lambda: self._call(run)))
+
+    def _call(self, run: Run) -> Any:
+        try:
+            with run.lock:
+                run.thread_id = threading.get_ident()
+                run.in_function = True
+            if run.stop_reason:
+                raise _Interrupt
+            return run.task.invoke(run.args, run.kwargs, self.session(run))
+        finally:
+            with run.lock:
+                run.in_function = False
+                if run.interrupt_sent:  # drop an interrupt that has not landed yet
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), None)
+
+    def interrupt(self, run: Run) -> None:
+        if run.in_function and run.thread_id is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), ctypes.py_object(_Interrupt))
+            run.interrupt_sent = True
+
+
+class ProcessExecutor(Executor):
+    """A worker process (or the Dask cluster) runs it; a pool thread waits, so the loop never does."""
+
+    def start(self, run: Run) -> None:
+        self.runtime.threads.submit(self.context(run).run, self._body, run)
+
+    def _body(self, run: Run) -> None:
+        forward = forward_to(run)
+
+        def on_message(kind: str, data: dict) -> None:
+            if kind == "started":  # a worker took it: the run (and its timeout) starts now
+                self.runtime.mark_running(run)
+            else:
+                forward(kind, data)
+
+        try:
+            job = self.runtime.backend.submit(run.call, on_message=on_message, memory_limit=run.task.memory_limit)
+        except Exception as exc:
+            self.runtime.finish(run, ("error", Failure.of(exc)))
+            return
+        with run.lock:
+            run.job = job
+            stop = run.stop_reason
+        if stop:
+            job.kill(stop)
+        outcome = job.wait()
+        if run.stop_reason:
+            self.runtime.finish(run, ("stop", run.stop_reason))
+        elif outcome.ok:
+            self.runtime.finish(run, ("ok", self.runtime.results.keep(run.task_id, outcome.value)))
+        else:
+            self.runtime.finish(run, ("error", Failure(outcome.exception, outcome.error, outcome.traceback)))
+
+    def interrupt(self, run: Run) -> None:
+        if run.job is not None:  # else the body sees stop_reason before it starts the job
+            run.job.kill(run.stop_reason or "cancel")
+
+
+class ImmediateExecutor(Executor):
+    """Runs the attempt in the caller, to its end (``App(executor="immediate")``)."""
+
+    def start(self, run: Run) -> None:
+        session = self.session(run)
+        if run.task.is_async:
+            outcome = self.context(run).run(self.outcome, run, lambda: _run_to_end(
+                run.task.invoke(run.args, run.kwargs, session)))
+        else:
+            outcome = self.context(run).run(self.outcome, run, lambda: run.task.invoke(run.args, run.kwargs, session))
+        self.runtime.finish(run, outcome)
+
+
+def _run_to_end(coro: Coroutine) -> Any:
+    """The coroutine's value, in the calling thread. Outside a loop it gets a private loop;
+    inside one (a cell, an async test) it is stepped by hand and must not wait on the loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+    try:
+        while True:
+            if coro.send(None) is not None:
+                coro.close()
+                raise RuntimeError("an immediate-mode async task cannot wait on the event loop it was "
+                                   "submitted from; submit it from sync code, or use the default executor")
+    except StopIteration as stop:
+        return stop.value
+
+
+def forward_to(run: Any) -> Callable[[str, dict], None]:
+    """An ``on_message`` that replays a worker's calls on ``run``.
+
+    The child makes its own message ids (it needs one at once, for
+    ``extend_message``); this maps them to the ids ``run.message`` returns.
+    """
+    ids: dict[str, str] = {}
+
+    def on_message(kind: str, data: dict) -> None:
+        if kind == "capture":
+            run.capture(data["stream"], data["text"])
+        elif kind == "message":
+            ids[data["id"]] = run.message(data["kind"], data["text"], **data.get("extra", {}))
+        elif kind == "extend":
+            run.extend_message(ids.get(data["id"], data["id"]), data["text"])
+        elif kind == "progress":
+            run.progress(data["done"], data["total"], data["message"])
+
+    return on_message

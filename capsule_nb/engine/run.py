@@ -1,0 +1,154 @@
+"""What this process knows of one run while it is live; the record is the durable part.
+
+Task code reaches its ``Run`` through ``context.current_run`` (``print``
+through ``capture``, ``session.reply`` through the session layer), from
+whatever thread it runs on. A run's messages also go to a ``Display``:
+the notebook layer shows them under the cell that submitted the run; a
+script has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from ..record import MAX_OUTPUT_CHARS, RunRecord, append_message, evolve, new_task_id
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+    from ..workers.pickling import Call
+    from .runtime import Runtime
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUT_FLUSH_SECONDS = 0.05  # how often captured output is folded into the record
+
+
+class Display(Protocol):
+    """Where a run's messages show besides its record (``notebook.messages.KernelDisplay``).
+
+    ``target`` is what the display gave the submit as the run's place (a
+    cell); it is None for runs that have none.
+    """
+
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None: ...
+
+    def show(self, target: Any, bundle: dict[str, str]) -> bool: ...
+
+
+class NoDisplay:
+    """A script's display: messages stay on the record."""
+
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None:
+        pass
+
+    def show(self, target: Any, bundle: dict[str, str]) -> bool:
+        return False
+
+
+class Failure(NamedTuple):
+    """Why an attempt failed: the exception (for ``retry_for``) and its text for the record."""
+
+    exception: BaseException
+    error: str
+    traceback: str | None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failure":
+        """The traceback starts at the task's own code: our frames above it are noise."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        return cls(exc, f"{type(exc).__name__}: {exc}", text)
+
+
+class Run:
+    """One live run: its call, where it stands, and how to stop it."""
+
+    def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
+                 session: Any, target: Any, lock_key: str | None, call: "Call | None" = None):
+        self.runtime = runtime
+        self.task = task
+        self.task_id = task_id
+        self.args = args
+        self.kwargs = kwargs
+        self.session = session
+        self.target = target if session is not None else None
+        self.lock_key = lock_key
+        self.call = call  # a process run's pickled call (pickled once, at submit)
+        self.lock = threading.Lock()
+        self.phase = "waiting"  # waiting -> running -> (waiting for a retry) -> done
+        self.stop_reason: str | None = None  # "cancel" or "timeout"
+        self.thread_id: int | None = None
+        self.in_function = False
+        self.interrupt_sent = False
+        self.aio_task: asyncio.Task | None = None
+        self.job: Any = None  # the worker-process job of a process=True run
+        self.start_timer: Any = None
+        self.deadline_timer: Any = None
+        self._out: list[tuple[str, str]] = []
+        self._out_flushed = 0.0
+
+    # Called from task code (any thread) through capture and the session layer.
+
+    def capture(self, stream: str, text: str) -> None:
+        with self.lock:
+            self._out.append((stream, text))
+            due = time.monotonic() - self._out_flushed > OUTPUT_FLUSH_SECONDS
+        if due:
+            self.flush_output()
+
+    def flush_output(self) -> None:
+        with self.lock:
+            chunks, self._out = self._out, []
+            self._out_flushed = time.monotonic()
+        if chunks:
+            self.runtime.update(self.task_id, lambda r: evolve(r, output=_merge_output(r.get("output"), chunks)))
+
+    def message(self, kind: str, text: str, **extra: Any) -> str:
+        message_id = new_task_id()
+        self.runtime.update(
+            self.task_id, lambda r: evolve(r, messages=append_message(r, kind, text, id=message_id, **extra))
+        )
+        if kind != "log":
+            self.runtime.display.message(self.target, kind, text, extra)
+        return message_id
+
+    def extend_message(self, message_id: str, text: str) -> None:
+        def grow(record: RunRecord) -> RunRecord:
+            messages = [dict(m, text=m["text"] + text) if m.get("id") == message_id else m
+                        for m in record.get("messages") or ()]
+            return evolve(record, messages=messages)
+
+        self.runtime.update(self.task_id, grow)
+
+    def progress(self, done: float, total: float | None, message: str | None) -> None:
+        value = {"done": done, "total": total, "message": message}
+        self.runtime.update(self.task_id, lambda r: evolve(r, progress=value))
+
+    def show(self, task_id: str, bundle: dict[str, str]) -> bool:
+        """Record a ``show_task`` message and show ``bundle`` (a card) under the submitting
+        cell; False when the run has no cell to show it in."""
+        self.message("show_task", task_id)
+        return self.runtime.display.show(self.target, bundle)
+
+
+def _merge_output(output: list | None, chunks: list[tuple[str, str]]) -> list[dict]:
+    merged = [dict(x) for x in output or ()]
+    for stream, text in chunks:
+        if merged and merged[-1]["stream"] == stream:
+            merged[-1]["text"] += text
+        else:
+            merged.append({"stream": stream, "text": text})
+    total = sum(len(x["text"]) for x in merged)
+    while total > MAX_OUTPUT_CHARS and merged:
+        cut = min(len(merged[0]["text"]), total - MAX_OUTPUT_CHARS)
+        merged[0]["text"] = "…" + merged[0]["text"][cut + 1 :] if cut < len(merged[0]["text"]) else ""
+        total -= cut
+        if not merged[0]["text"]:
+            merged.pop(0)
+    return merged

@@ -1,0 +1,479 @@
+"""The runtime: where runs start, retry, time out, get cancelled and finish.
+
+Async task functions run as asyncio tasks on the bound loop (the kernel's
+in a notebook); sync ones in a thread pool, so neither blocks the kernel.
+Every method here is safe to call from any thread: record changes go
+through ``Store.update_run`` (atomic), loop work through
+``call_soon_threadsafe``, and deadlines through the timer thread. A thread
+run therefore starts, finishes, times out and is recorded even while a
+long cell keeps the kernel's loop busy.
+
+The runtime takes what it needs and nothing more: a store, its
+``Settings``, a way to list the tasks defined (``tasks``), the sessions a
+run may be bound to, and a ``Display`` for messages. It never sees the App.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from ..errors import LockedError
+from ..record import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    PENDING,
+    RETRY,
+    SCHEDULED,
+    TIMEOUT,
+    RUNNING,
+    RunRecord,
+    evolve,
+    json_safe,
+    new_record,
+    new_task_id,
+)
+from ..store import Store
+from ..store.owners import owner_alive, owner_id
+from . import capture
+from .callbacks import Callbacks
+from .executors import AsyncExecutor, Executor, ImmediateExecutor, Outcome, ProcessExecutor, ThreadExecutor
+from .loop import LoopBinding
+from .results import Results
+from .run import Display, Failure, NoDisplay, Run
+from .threads import WorkerPool
+from .timers import Timers
+from .upkeep import Upkeep, interrupted
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+    from ..workers.pickling import Call
+
+@dataclass
+class Settings:
+    """An app's tunables, read by the runtime at the moment it needs them."""
+
+    app: str
+    max_threads: int = 32
+    keep_finished: int = 10_000  # finished runs kept per app; older ones are pruned
+    max_result_bytes: int = 64 * 2**20  # the largest pickled result kept
+    immediate: bool = False  # run each submit to its end in the caller (tests)
+
+
+class Runtime:
+    """Owns the loop binding, the thread pool, the timers and the live runs of one app."""
+
+    def __init__(self, store: Store, settings: Settings, *, tasks: Callable[[], Iterable["Task"]],
+                 default_session: Any = None, session_for: Callable[[str | None], Any] = lambda _: None,
+                 display: Display | None = None):
+        self.store = store
+        self.settings = settings
+        self.tasks = tasks
+        self.default_session = default_session  # the session of a run submitted without one
+        self.session_for = session_for  # the session to bind a resumed run to, by id
+        self.display: Display = display or NoDisplay()
+        self.owner = owner_id()
+        self.timers = Timers()
+        self.loops = LoopBinding()
+        self.threads = WorkerPool(settings.max_threads)
+        self.results = Results(store, lambda: self.settings.max_result_bytes)
+        self.upkeep = Upkeep(self)
+        self._callbacks = Callbacks()
+        self._live: dict[str, Run] = {}
+        self._live_lock = threading.Lock()
+        self._queued: dict[str, list[Run]] = {}
+        self._queue_lock = threading.Lock()
+        self._processes: Any = None
+        self._cluster: Any = None
+        immediate = ImmediateExecutor(self)
+        self._executors: dict[str, Executor] = {
+            "async": immediate if settings.immediate else AsyncExecutor(self),
+            "thread": immediate if settings.immediate else ThreadExecutor(self),
+            "process": immediate if settings.immediate else ProcessExecutor(self),
+        }
+
+    # ----------------------------------------------------------- plumbing
+
+    @property
+    def loop(self) -> Any:
+        return self.loops.loop
+
+    def bind_loop(self, loop: Any) -> None:
+        self.loops.bind(loop)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.loops.call_soon(callback, *args)
+
+    def run_coroutine(self, coro: Any) -> Any:
+        return self.loops.run_coroutine(coro)
+
+    def update(self, task_id: str, change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
+        return self.store.update_run(task_id, change)
+
+    @property
+    def max_threads(self) -> int:
+        return self.threads.max_workers
+
+    @max_threads.setter
+    def max_threads(self, value: int) -> None:
+        self.settings.max_threads = self.threads.max_workers = value  # the pool grows from the next submit
+
+    def is_live(self, task_id: str) -> bool:
+        return task_id in self._live
+
+    def _executor(self, task: "Task") -> Executor:
+        return self._executors["process" if task.process else "async" if task.is_async else "thread"]
+
+    def pickle_call(self, task: "Task", args: tuple, kwargs: dict, session: Any) -> "Call":
+        """A process run's call, pickled once: a ``TypeError`` names what cannot go to a worker."""
+        from ..workers.pickling import pickle_call
+
+        return pickle_call(task.fn, args, kwargs, session or self.default_session, task.session_param)
+
+    # ---------------------------------------------------------------- submit
+
+    def submit(self, task: "Task", args: tuple, kwargs: dict, params: dict[str, Any], *,
+               session: Any, target: Any, start_at: float | None = None,
+               every: float | None = None, series: str | None = None,
+               extra: dict[str, Any] | None = None) -> tuple[RunRecord, int]:
+        """Record a new run and start it (or arm its start); returns ``(record, generation)``."""
+        if self.store.failure is not None:
+            raise self.store.failure  # refuse new work while the disk refuses writes
+        call = self.pickle_call(task, args, kwargs, session) if task.process else None  # before any record
+        capture.install()
+        now = time.time()
+        task_id = new_task_id()
+        lock_key = task.lock_key(params)
+        stored_args, args_ok = _storable(dict(enumerate(args)))
+        stored_kwargs, kwargs_ok = _storable(kwargs)
+        stored_params, _ = _storable(params)
+        fields = dict(
+            task_id=task_id, app=self.settings.app, task_name=task.name, display_name=task.display_name,
+            status=SCHEDULED if start_at is not None else PENDING,
+            args=list(stored_args.values()), kwargs=stored_kwargs, params=stored_params,
+            created_at=now, scheduled_for=start_at, updated_at=now, max_attempts=task.retries + 1,
+            owner=self.owner, session_id=session.id if session is not None else None, lock_key=lock_key,
+            every=every, series=series or (task_id if every else None), process=task.process,
+        )
+        record = new_record(**{**fields, **(extra or {})})
+        if lock_key is not None:
+            holder = self.store.acquire_lock(lock_key, task_id, self.owner)
+            if holder is not None:
+                if task.on_lock == "reject":
+                    raise LockedError(lock_key, holder)
+                if task.on_lock == "join":
+                    return self._await_record(holder), self.store.generation
+                record["queued"] = True
+        if not (args_ok and kwargs_ok):
+            try:  # kept so another kernel can resume the run; in-kernel runs go ahead without
+                if call is not None:
+                    self.store.put_pickled(task_id, "args", call.arguments)
+                else:
+                    self.store.put_payload(task_id, "args", (args, kwargs))
+                record["args_payload"] = True
+            except Exception:
+                record["args_payload"] = False
+        run = Run(self, task, task_id, args, kwargs, session, target, lock_key, call)
+        gen = self.store.put_run(record)
+        if record.get("queued"):
+            self._enqueue(run)
+            self._wake_queue(run.lock_key)  # the holder may have finished meanwhile
+        else:
+            self._launch(run, start_at)
+        return record, gen
+
+    def resume(self, run: Run, start_at: float | None) -> None:
+        """Arm a run adopted from a dead process (queued again if its lock is taken)."""
+        if run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
+            self._enqueue(run)
+        else:
+            self._launch(run, start_at)
+
+    def _enqueue(self, run: Run) -> None:
+        with self._live_lock:
+            self._live[run.task_id] = run
+            self._queued.setdefault(run.lock_key, []).append(run)  # type: ignore[arg-type]
+
+    def _launch(self, run: Run, start_at: float | None) -> None:
+        with self._live_lock:
+            self._live[run.task_id] = run
+        if start_at is not None and start_at > time.time():
+            if not self.settings.immediate:  # immediate mode has no timers: it stays scheduled
+                run.start_timer = self.timers.call_at(start_at, lambda: self._start(run))
+        else:
+            self._start(run)
+
+    def _await_record(self, task_id: str, timeout: float = 10.0) -> RunRecord:
+        """The record of a run another process has just locked (its write may still be in flight)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while (record := self.store.get_run(task_id)) is None:
+            if time.monotonic() > deadline:
+                raise LockedError(f"{task_id} (its holder never recorded the run)", task_id)
+            time.sleep(delay)  # another process's write-behind lands within milliseconds
+            delay = min(delay * 2, 0.05)
+        return record
+
+    # ----------------------------------------------------------------- start
+
+    def _start(self, run: Run) -> None:
+        with run.lock:
+            if run.phase != "waiting":
+                return
+            run.phase = "running"
+        self._executor(run.task).start(run)
+
+    def mark_running(self, run: Run) -> None:
+        now = time.time()
+
+        def start(record: RunRecord) -> RunRecord:
+            return evolve(record, status=RUNNING, attempt=record["attempt"] + 1, started_at=now,
+                          owner=self.owner, error=None)
+
+        self.update(run.task_id, start)
+        if run.task.timeout and not self.settings.immediate:
+            self._arm_deadline(run, now + run.task.timeout)
+
+    def _arm_deadline(self, run: Run, deadline: float) -> None:
+        old, run.deadline_timer = run.deadline_timer, self.timers.call_at(deadline, lambda: self._expire(run))
+        if old is not None:
+            old.cancel()
+        self.update(run.task_id, lambda r: evolve(r, deadline=deadline))
+
+    # ------------------------------------------------------------ finishing
+
+    def finish(self, run: Run, outcome: Outcome) -> None:
+        """Record how an attempt ended: done, or (for a failure with attempts left) a retry."""
+        run.flush_output()
+        if run.deadline_timer is not None:
+            run.deadline_timer.cancel()
+        kind, detail = outcome
+        now = time.time()
+        retry_in: float | None = None
+        if kind == "ok":
+            changes = dict(status=COMPLETED, completed_at=now, **detail)
+        elif kind == "stop":
+            if detail == "timeout":
+                changes = dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s")
+            else:
+                changes = dict(status=CANCELLED, completed_at=now, error="cancelled")
+        else:
+            failure: Failure = detail
+            record = self.store.get_run(run.task_id) or {}
+            if record.get("attempt", 0) < run.task.retries + 1 and run.task.should_retry(failure.exception):
+                retry_in = 0.0 if self.settings.immediate else run.task.retry_wait(record.get("attempt", 1))
+                changes = dict(status=RETRY, error=failure.error, traceback=failure.traceback,
+                               scheduled_for=now + retry_in if retry_in else None)
+            else:
+                changes = dict(status=FAILED, completed_at=now, error=failure.error, traceback=failure.traceback)
+        with run.lock:
+            if run.phase == "done":
+                return  # shutdown already recorded how it ended; the late outcome is dropped
+            run.phase = "waiting" if retry_in is not None else "done"
+            run.aio_task = None
+        record = self.update(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
+        if retry_in is not None:
+            self._callback(run, record)
+            if self.settings.immediate:
+                self._start(run)
+            else:
+                run.start_timer = self.timers.call_later(retry_in, lambda: self._start(run))
+            return
+        self._settle(run, record)
+
+    def _settle(self, run: Run, record: RunRecord | None) -> None:
+        """After a final status: free the lock, call back, arm the next repeat."""
+        with self._live_lock:
+            self._live.pop(run.task_id, None)
+        if run.lock_key is not None:
+            self.store.release_lock(run.lock_key, run.task_id)
+            self._wake_queue(run.lock_key)
+        if record is None:
+            return
+        self._callback(run, record)
+        if record.get("every") and record["status"] != CANCELLED:
+            self._repeat(run, record)
+
+    def _repeat(self, run: Run, record: RunRecord) -> None:
+        every = record["every"]
+        due = record.get("scheduled_for") or record["created_at"]
+        now = time.time()
+        due += every * max(1, int((now - due) // every) + 1)  # skip slots missed while busy
+        self.submit(run.task, run.args, run.kwargs, record.get("params") or {}, session=run.session,
+                    target=run.target, start_at=due, every=every, series=record.get("series"))
+
+    def _callback(self, run: Run, record: RunRecord | None) -> None:
+        if run.task.callback_url and record is not None:
+            self._callbacks.send(run.task.callback_url, record)
+
+    # --------------------------------------------------------------- locks
+
+    def wake_queues(self) -> None:
+        for key in list(self._queued):
+            self._wake_queue(key)
+
+    def _wake_queue(self, key: str) -> None:
+        """Start the first run queued on ``key`` if the key is free now.
+
+        Serialized by ``_queue_lock``: a run settling in a task thread and the
+        maintenance pass may both try, and only one may take the key's next run.
+        """
+        with self._queue_lock:
+            with self._live_lock:
+                waiting = self._queued.get(key) or []
+                run = waiting[0] if waiting else None
+            if run is None or self.store.acquire_lock(key, run.task_id, self.owner) is not None:
+                return
+            with self._live_lock:
+                if run in waiting:  # a cancel may have taken it out meanwhile
+                    waiting.remove(run)
+                if not waiting:
+                    self._queued.pop(key, None)
+        self._start(run)
+
+    # ------------------------------------------------------- cancel/refresh
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop a run in any state; True if something was cancelled."""
+        with self._live_lock:
+            run = self._live.get(task_id)
+        if run is None:
+            record = self.store.get_run(task_id)
+            if record is None:
+                return False
+            if record["status"] in FINISHED:
+                return self._cancel_series(record)
+            if record.get("owner") != self.owner and owner_alive(record.get("owner", "")):
+                self.store.request_cancel(task_id)  # its owner acts on it at its next poll
+                return True
+            # a run nobody is working on (its owner died): just record the end
+            return self.update(task_id, _cancelled) is not None
+        with run.lock:
+            phase = run.phase
+            if phase == "waiting":
+                run.phase = "done"
+                run.stop_reason = "cancel"
+            elif phase == "running" and not run.stop_reason:
+                run.stop_reason = "cancel"
+                self._executor(run.task).interrupt(run)
+            else:
+                return False
+        if phase == "waiting":
+            if run.start_timer is not None:
+                run.start_timer.cancel()
+            with self._live_lock:
+                queue = self._queued.get(run.lock_key or "", [])
+                if run in queue:
+                    queue.remove(run)
+            record = self.update(task_id, _cancelled)
+            if record is not None and not record.get("queued"):
+                self._settle(run, record)
+            else:
+                with self._live_lock:
+                    self._live.pop(task_id, None)
+        return True
+
+    def _cancel_series(self, record: RunRecord) -> bool:
+        series = record.get("series")
+        if not series:
+            return False
+        live = [r for r in self.store.unfinished_runs() if r.get("series") == series]
+        return any([self.cancel(r["task_id"]) for r in live])
+
+    def _expire(self, run: Run) -> None:
+        with run.lock:
+            if run.phase != "running" or run.stop_reason:
+                return
+            run.stop_reason = "timeout"
+            self._executor(run.task).interrupt(run)
+
+    def refresh(self, task_id: str) -> bool:
+        """Push a running run's deadline to now + timeout (a heartbeat for long work)."""
+        with self._live_lock:
+            run = self._live.get(task_id)
+        if run is None or not run.task.timeout or run.phase != "running":
+            return False
+        self._arm_deadline(run, time.time() + run.task.timeout)
+        return True
+
+    # ------------------------------------------------------ maintenance
+
+    def start_maintenance(self) -> None:
+        self.upkeep.start()
+
+    def recover(self) -> int:
+        return self.upkeep.recover()
+
+    def adopt(self, task: "Task") -> int:
+        return self.upkeep.adopt(task)
+
+    # --------------------------------------------------------- process runs
+
+    @property
+    def processes(self) -> Any:
+        """The local worker processes of ``process=True`` runs (started on first use)."""
+        with self._live_lock:
+            if self._processes is None:
+                from ..workers.pool import ProcessPool
+
+                self._processes = ProcessPool()
+            return self._processes
+
+    @property
+    def backend(self) -> Any:
+        """Where ``process=True`` runs go: the Dask cluster if one is configured, else local workers."""
+        return self._cluster or self.processes
+
+    @property
+    def cluster(self) -> Any:
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, client: Any) -> None:
+        """Send ``process=True`` runs to a ``distributed.Client`` (None: back to local workers)."""
+        from ..workers.dask import DaskBackend
+
+        old, self._cluster = self._cluster, (DaskBackend(client) if client is not None else None)
+        if old is not None:
+            old.shutdown()
+
+    # -------------------------------------------------------------- shutdown
+
+    def shutdown(self) -> None:
+        """Record what is still running as interrupted, then make it all durable."""
+        self.upkeep.stop()
+        with self._live_lock:
+            live = list(self._live.values())
+            self._live.clear()
+        for run in live:
+            with run.lock:
+                run.phase = "done"
+            self.update(run.task_id, interrupted)
+            if run.lock_key is not None:
+                self.store.release_lock(run.lock_key, run.task_id)
+            if run.job is not None:
+                run.job.kill("interrupted")
+        processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.shutdown(wait=False)
+        self.cluster = None
+        self.store.flush()
+
+
+def _storable(values: dict) -> tuple[dict, bool]:
+    """Each value as JSON where it can be, else its repr; and whether all were JSON."""
+    stored, exact = {}, True
+    for key, value in values.items():
+        stored[key], ok = json_safe(value)
+        exact = exact and ok
+    return stored, exact
+
+
+def _cancelled(record: RunRecord) -> RunRecord | None:
+    if record["status"] in FINISHED:
+        return None
+    return evolve(record, status=CANCELLED, completed_at=time.time(), error="cancelled")

@@ -1,0 +1,145 @@
+"""Keeping a store healthy among several processes: the periodic maintenance pass,
+recovery of runs whose process died, adoption of their waiting runs, retention.
+
+Every ``MAINTAIN_SECONDS`` (in the timer thread): fold in other processes'
+writes, act on cancel requests sent to this process's runs, start queued
+runs whose lock another process released, recover runs of dead processes,
+and keep finished runs under the retention cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..record import CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
+from ..store.owners import owner_alive
+from .run import Run
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+    from .runtime import Runtime
+
+log = logging.getLogger("capsule_nb")
+
+MAINTAIN_SECONDS = 0.5  # how often other processes' changes and crashes are looked at
+PRUNE_SECONDS = 60.0  # how often retention is applied when no burst forces it
+
+
+class Upkeep:
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
+        self.store = runtime.store
+        self._generation: object | None = None  # the live pass's token
+        self._last_prune = time.monotonic()
+
+    def start(self) -> None:
+        """Arm the periodic pass (again after ``stop``); nothing in immediate mode."""
+        if self._generation is None and not self.runtime.settings.immediate:
+            self._generation = generation = object()
+            self.runtime.timers.call_later(0, lambda: self._maintain(generation))
+
+    def stop(self) -> None:
+        self._generation = None
+
+    def _maintain(self, generation: object) -> None:
+        runtime = self.runtime
+        try:
+            self.store.poll()
+            for task_id in self.store.take_cancel_requests():
+                if runtime.is_live(task_id):
+                    runtime.cancel(task_id)
+            runtime.wake_queues()
+            self.recover()
+            now = time.monotonic()
+            keep = runtime.settings.keep_finished
+            over = self.store.finished_count() > keep * 1.1  # a burst: prune now
+            if over or now - self._last_prune > PRUNE_SECONDS:
+                self._last_prune = now
+                self.store.prune(runtime.settings.app, keep)
+        except Exception:
+            log.exception("capsule_nb maintenance pass failed")
+        finally:
+            if self._generation is generation:  # not stopped (or restarted) meanwhile
+                runtime.timers.call_later(MAINTAIN_SECONDS, lambda: self._maintain(generation))
+
+    def recover(self) -> int:
+        """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
+        ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners."""
+        recovered = 0
+        app, me = self.runtime.settings.app, self.runtime.owner
+        for record in self.store.unfinished_runs():
+            if record["app"] != app or record["status"] not in (RUNNING, CLAIMED):
+                continue
+            owner = record.get("owner", "")
+            if owner == me or owner_alive(owner):
+                continue
+
+            def take(disk: RunRecord, owner: str = owner) -> RunRecord | None:
+                if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
+                    return None  # somebody else recovered it first
+                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk)
+
+            if self.store.claim_run(record["task_id"], take) is not None:
+                recovered += 1
+                if record.get("lock_key"):
+                    self.store.release_lock(record["lock_key"], record["task_id"])
+        for task in list(self.runtime.tasks()):
+            self.adopt(task)
+        return recovered
+
+    def adopt(self, task: "Task") -> int:
+        """Take over the waiting runs of ``task`` whose owner died, and arm them (once, even
+        when several kernels define the task at the same moment)."""
+        runtime = self.runtime
+        adopted = 0
+        for record in self.store.unfinished_runs():
+            if (record["app"] != runtime.settings.app or record["task_name"] != task.name
+                    or record["status"] not in WAITING or record.get("owner") == runtime.owner
+                    or owner_alive(record.get("owner", ""))):
+                continue
+            old = record.get("owner")
+
+            def take(disk: RunRecord, old: str | None = old) -> RunRecord | None:
+                if disk.get("owner") != old or disk["status"] not in WAITING:
+                    return None
+                return evolve(disk, owner=runtime.owner)
+
+            claimed = self.store.claim_run(record["task_id"], take)
+            if claimed is None:
+                continue
+            try:
+                args, kwargs = stored_arguments(self.store, claimed)
+                session = runtime.session_for(claimed.get("session_id"))
+                call = runtime.pickle_call(task, args, kwargs, session) if task.process else None
+            except Exception as exc:
+                error = f"cannot resume: {exc}"
+                runtime.update(claimed["task_id"], lambda r: evolve(r, status=FAILED, completed_at=time.time(), error=error))
+                continue
+            run = Run(runtime, task, claimed["task_id"], args, kwargs, session, None, claimed.get("lock_key"), call)
+            runtime.resume(run, claimed.get("scheduled_for"))
+            adopted += 1
+        return adopted
+
+
+def stored_arguments(store: Any, record: RunRecord) -> tuple[tuple, dict]:
+    """A run's call arguments from its record (JSON) or its signed payload."""
+    if record.get("args_payload"):
+        args, kwargs = store.get_payload(record["task_id"], "args")
+        return tuple(args), dict(kwargs)
+    if record.get("args_payload") is False:
+        raise ValueError("its arguments could not be stored (not picklable)")
+    return tuple(record.get("args") or ()), dict(record.get("kwargs") or {})
+
+
+def interrupted(record: RunRecord) -> RunRecord | None:
+    """How a run its process left behind is recorded: a running one is retried if it has
+    attempts left, else failed; a waiting one stays as it is, for the next kernel."""
+    if record["status"] in FINISHED:
+        return None
+    if record["status"] == RUNNING and record["attempt"] < record["max_attempts"]:
+        return evolve(record, status=RETRY, error="interrupted")
+    if record["status"] == RUNNING:
+        return evolve(record, status=FAILED, error="interrupted", completed_at=time.time())
+    return None

@@ -1,0 +1,169 @@
+"""Pickling calls for another process, once, with errors that name the bad value.
+
+A call travels as two cloudpickle blobs: the arguments, pickled once at
+submit (the same bytes are kept in the store when the run must be
+resumable, and sent to the worker), and the function with the run's
+session, pickled when the run starts. cloudpickle sends a notebook
+function by value, with the globals it uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any, Callable, Iterator, NamedTuple
+
+import cloudpickle
+
+_SEARCH_DEPTH = 4  # how deep an unpicklable value is looked for inside containers
+_SEARCH_WIDTH = 200  # items looked at per container
+
+
+class Call(NamedTuple):
+    """What a worker needs to run one call: ``function`` is cloudpickle of
+    ``(fn, session, session_param)``, ``arguments`` of ``(args, kwargs)``."""
+
+    function: bytes
+    arguments: bytes
+
+
+def _kind(value: Any) -> str:
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+def _code_globals(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_globals(const)
+
+
+def _parts(value: Any) -> Iterator[tuple[str, Any]]:
+    """The parts of ``value`` that pickling it would pickle, each with how to name it."""
+    if isinstance(value, dict):
+        for key, item in list(value.items())[:_SEARCH_WIDTH]:
+            yield f"[{key!r}]", item
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value[:_SEARCH_WIDTH]):
+            yield f"[{index}]", item
+    elif isinstance(value, (set, frozenset)):
+        for item in list(value)[:_SEARCH_WIDTH]:
+            yield " (an item)", item
+    elif isinstance(value, functools.partial):
+        yield ".func", value.func
+        yield from ((f" (partial argument {i})", a) for i, a in enumerate(value.args))
+        yield from ((f" (partial argument {k!r})", a) for k, a in value.keywords.items())
+    elif isinstance(value, types.MethodType):
+        yield ".__self__", value.__self__
+        yield ".__func__", value.__func__
+    elif isinstance(value, types.FunctionType):
+        code = value.__code__
+        for name, cell in zip(code.co_freevars, value.__closure__ or ()):
+            try:
+                yield f" (closure variable {name!r})", cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        seen = set()
+        for name in _code_globals(code):
+            if name in value.__globals__ and name not in seen:
+                seen.add(name)
+                yield f" (global {name!r})", value.__globals__[name]
+    elif not isinstance(value, (type, types.ModuleType)) and isinstance(getattr(value, "__dict__", None), dict):
+        for name, item in list(vars(value).items())[:_SEARCH_WIDTH]:
+            yield f".{name}", item
+
+
+def _culprit(value: Any, path: str = "", depth: int = 0) -> tuple[str, Any, Exception] | None:
+    """``(path, part, error)`` for the innermost part of ``value`` that does not pickle; None if it pickles."""
+    try:
+        cloudpickle.dumps(value)
+        return None
+    except Exception as exc:
+        error = exc
+    if depth < _SEARCH_DEPTH:
+        for suffix, part in _parts(value):
+            found = _culprit(part, path + suffix, depth + 1)
+            if found is not None:
+                return found
+    return path, value, error
+
+
+def unpicklable(label: str, value: Any) -> str | None:
+    """A sentence naming what in ``value`` cannot be pickled, or None if it pickles."""
+    found = _culprit(value)
+    if found is None:
+        return None
+    path, part, error = found
+    return f"{label}{path} is a {_kind(part)}, which cannot be pickled ({type(error).__name__}: {error})"
+
+
+def check_picklable(args: tuple = (), kwargs: dict | None = None, fn: Callable[..., Any] | None = None) -> None:
+    """Raise ``TypeError`` naming the argument (or the part of ``fn``) that cannot go to a worker.
+
+    Call it at submit. ``fn`` is optional; when given, its parameter names
+    are used in the message and the function itself is checked too (a
+    notebook function goes by value, with the globals it uses).
+    """
+    kwargs = kwargs or {}
+    try:
+        cloudpickle.dumps((fn, args, kwargs))
+        return
+    except Exception as exc:
+        whole = exc
+    names: list[str] = []
+    if fn is not None:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            pass
+    call = f"{_fn_name(fn)}()" if fn is not None else "the call"
+    labelled: list[tuple[str, Any]] = []
+    if fn is not None:
+        labelled.append(("the function", fn))
+    for index, value in enumerate(args):
+        name = f" {names[index]!r}" if index < len(names) else ""
+        labelled.append((f"argument{name} (position {index})", value))
+    for key, value in kwargs.items():
+        labelled.append((f"argument {key!r}", value))
+    for label, value in labelled:
+        problem = unpicklable(label, value)
+        if problem is not None:
+            raise TypeError(f"cannot send {call} to a worker process: {problem}")
+    raise TypeError(f"cannot send {call} to a worker process: {type(whole).__name__}: {whole}")
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def pickle_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """``(args, kwargs)`` as cloudpickle bytes; a ``TypeError`` names a value that cannot go."""
+    try:
+        return cloudpickle.dumps((tuple(args), dict(kwargs)))
+    except Exception:
+        check_picklable(args, kwargs, fn)
+        raise
+
+
+def pickle_call(fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, session: Any = None,
+                session_param: str | None = None, *, arguments: bytes | None = None) -> Call:
+    """The ``Call`` for ``fn(*args, **kwargs)``, or for arguments already pickled (``arguments``).
+
+    ``session`` is bound as the child's session, and handed to the
+    ``session_param`` parameter when there is one. ``TypeError`` names what
+    cannot be pickled.
+    """
+    if arguments is None:
+        arguments = pickle_arguments(fn, args, kwargs or {})
+    try:
+        function = cloudpickle.dumps((fn, session, session_param))
+    except Exception:
+        check_picklable((), {}, fn)
+        if session is not None and (problem := unpicklable("the session", session)):
+            raise TypeError(f"cannot send {_fn_name(fn)}() to a worker process: {problem}") from None
+        raise
+    return Call(function, arguments)

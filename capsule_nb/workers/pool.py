@@ -1,0 +1,445 @@
+"""Worker processes for ``process=True`` runs: crash-isolated, killable, reused.
+
+Why our own small supervisor, over ``multiprocessing``'s forkserver context:
+
+* **Functions from notebook cells.** The call ``(fn, args, kwargs)`` travels
+  as cloudpickle bytes, so a function defined in a cell (``__main__``), its
+  closures and the notebook globals it uses go by value. The standard
+  pools pickle ``fn`` by reference, which cannot find a notebook function.
+* **Not fork.** A kernel runs threads (ours, ipykernel's, the store
+  writer); forking it copies locks held by other threads and can deadlock
+  the child. ``forkserver`` forks workers from a small, single-threaded
+  server started once (with ``capsule_nb.workers.child`` preloaded), so a
+  worker starts in milliseconds without inheriting the kernel's state.
+* **Kill one task.** ``ProcessPoolExecutor`` and ``multiprocessing.Pool``
+  cannot stop one running call: a timeout or cancel must kill exactly the
+  process running it, and a crash must fail exactly that run while the
+  pool carries on. Here each worker runs one job at a time, so
+  ``ProcessJob.kill`` is a ``SIGKILL`` to that worker's process group
+  (each worker calls ``setsid``, so whatever it started dies with it and a
+  kernel interrupt, sent to the kernel's group, never reaches it).
+* **Reuse.** Workers start lazily, up to ``max_workers``, and stay for the
+  next job; a worker that died or was killed is replaced when needed.
+
+One job per worker: the parent sends ``("job", id, function, arguments, memory_limit)``
+over a ``Pipe``; the worker answers with ``("msg", id, kind, data)`` for
+prints and session calls, then ``("done", id, kind, data)``. A reader thread
+per worker (in the parent) forwards messages to the job's ``on_message``
+and settles the job; the worker's death (its pipe or its forkserver status
+sentinel closing) settles a job still in flight as crashed or killed.
+
+What happens inside the worker is ``child.py``.
+
+Limits, on purpose: worker state persists between jobs (module globals, a
+``sys.path`` change, leftover threads), as in any reused worker; the memory
+limit is on address space (``RLIMIT_AS``), counted on top of the idle
+worker's; a worker whose parent dies kills itself (``pidfd`` watch). The
+first worker of a process pays the forkserver's start and its import of
+capsule_nb (a few hundred ms, mostly the UI's imports): ``warm()`` hides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.spawn
+import multiprocessing.util
+import os
+import pickle
+import signal
+import threading
+import weakref
+from collections import deque
+from typing import Any, Callable
+
+from ..checks import whole_number
+from .child import worker_main
+from .outcome import CRASHED, Job, OnMessage, Outcome, WorkerCrashed, crashed, killed, outcome_from
+from .pickling import Call, pickle_call
+
+log = logging.getLogger("capsule_nb")
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+
+
+# --------------------------------------------------------------------------- #
+# Process-wide hooks, installed when the first pool is made (never at import)
+# --------------------------------------------------------------------------- #
+
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+_starting = threading.local()
+_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
+
+
+def _install_hooks() -> None:
+    """What a pool needs of ``multiprocessing``, set up once per process:
+
+    * the forkserver preloads ``capsule_nb.workers.child``, so a new worker is a cheap fork;
+    * our workers skip re-running the parent's ``__main__`` (``_without_main``);
+    * at exit, idle workers are killed before multiprocessing joins its children (a
+      ``Finalize`` with a priority runs first, at interpreter exit and in a Dask worker).
+    """
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        _CONTEXT.set_forkserver_preload(["capsule_nb.workers.child"])
+        original = multiprocessing.spawn.get_preparation_data
+
+        def _without_main(name: str) -> dict:
+            """multiprocessing's start data, minus "re-run the parent's ``__main__``" for our workers.
+
+            A worker gets each call by value, so it never needs the parent's main
+            module; re-running it would execute a script's top level (its task
+            definitions, its submits) in every worker. Other processes started by
+            this interpreter are left as multiprocessing makes them.
+            """
+            data = original(name)
+            if getattr(_starting, "worker", False):
+                data.pop("init_main_from_path", None)
+                data.pop("init_main_from_name", None)
+            return data
+
+        multiprocessing.spawn.get_preparation_data = _without_main
+        multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
+
+
+def _shutdown_all() -> None:
+    for pool in list(_pools):
+        try:
+            pool.shutdown(wait=True)
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- #
+# The parent side
+# --------------------------------------------------------------------------- #
+
+
+class ProcessJob(Job):
+    """One call running (or queued) in a worker process. Thread-safe."""
+
+    def __init__(self, pool: "ProcessPool", call: Call | None, on_message: OnMessage | None,
+                 memory_limit: int | None):
+        super().__init__()
+        self._pool = pool
+        self._call = call
+        self._on_message = on_message
+        self.memory_limit = memory_limit  # self.pid: the worker's, once the job is handed to one
+        self._worker: _Worker | None = None
+
+    def __repr__(self) -> str:
+        state = self._outcome.kind if self._outcome else ("running" if self.pid else "queued")
+        return f"<ProcessJob {self.id[:8]} {state} pid={self.pid}>"
+
+    def kill(self, reason: str = "killed") -> bool:
+        """``SIGKILL`` the worker running this job (or drop it from the queue).
+
+        Returns False if the job had already ended. Otherwise the outcome will
+        be ``killed`` with ``reason``, and ``wait()`` returns once the worker's
+        PID is gone.
+        """
+        return self._pool._kill(self, reason)
+
+    def _deliver(self, kind: str, data: dict) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(kind, data)
+        except Exception:  # a broken forwarder must not break the pool
+            log.exception("capsule_nb: on_message failed for a process job message %r", kind)
+
+    def _settle(self, outcome: Outcome) -> None:
+        """Caller holds the pool lock."""
+        self._call = None
+        self._worker = None
+        self._finish(outcome)
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, pool: "ProcessPool"):
+        self.pool = pool
+        self.conn, child_conn = _CONTEXT.Pipe()
+        self.faults, child_faults = _CONTEXT.Pipe(duplex=False)
+        self.process = _CONTEXT.Process(
+            target=worker_main, args=(child_conn, child_faults, os.getpid()),
+            name="capsule-process-worker", daemon=False,  # not daemonic: its tasks may start processes
+        )
+        _starting.worker = True
+        try:
+            self.process.start()
+        finally:
+            _starting.worker = False
+        child_conn.close()
+        child_faults.close()
+        self.pid: int = self.process.pid  # type: ignore[assignment]
+        self.ready = False
+        self.job: ProcessJob | None = None
+        self.doomed = False  # killed, or asked to go: never handed another job
+        self.reader = threading.Thread(target=self._read, name=f"capsule-process-{self.pid}", daemon=True)
+
+    def send_job(self, job: ProcessJob) -> None:
+        try:
+            call = job._call
+            assert call is not None
+            self.conn.send_bytes(pickle.dumps(("job", job.id, call.function, call.arguments, job.memory_limit),
+                                              protocol=5))
+        except (OSError, ValueError):
+            pass  # it died meanwhile: the reader sees that and settles the job
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group (it leads one once it is ready), else the worker."""
+        self.doomed = True
+        for send in (os.killpg, os.kill):
+            try:
+                send(self.pid, signal.SIGKILL)
+                return
+            except ProcessLookupError:  # no such group (yet): try the process itself
+                continue
+
+    def _read(self) -> None:
+        conn, sentinel = self.conn, self.process.sentinel
+        while True:
+            try:
+                ready = multiprocessing.connection.wait([conn, sentinel])
+                if conn not in ready and not conn.poll(0):  # dead and nothing left to read
+                    break
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            try:
+                self.pool._handle(self, pickle.loads(data))
+            except Exception:
+                log.exception("capsule_nb: bad message from process worker %s", self.pid)
+        self.process.join()  # reaped (by the forkserver) before anyone hears the job ended
+        dump = _read_available(self.faults)
+        self.pool._died(self, self.process.exitcode, dump)
+        self.conn.close()
+        self.faults.close()
+
+
+def _read_available(conn: multiprocessing.connection.Connection) -> str:
+    """What faulthandler wrote to the pipe, without blocking."""
+    fd = conn.fileno()
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+class ProcessPool:
+    """Reused worker processes, one job at a time each. Every method is thread-safe.
+
+    ``run`` returns a ``ProcessJob`` at once; the job waits in a queue when
+    all ``max_workers`` workers are busy. Workers start lazily and stay.
+    """
+
+    def __init__(self, max_workers: int | None = None):
+        self.max_workers = whole_number("max_workers", os.cpu_count() or 1 if max_workers is None else max_workers,
+                                        minimum=1)
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._workers: set[_Worker] = set()
+        self._idle: list[_Worker] = []  # LIFO: the warmest worker takes the next job
+        self._queue: deque[ProcessJob] = deque()
+        self._starting = 0
+        self._closed = False
+        _install_hooks()
+        _pools.add(self)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            busy = sum(1 for w in self._workers if w.job is not None)
+            return (f"<ProcessPool workers={len(self._workers)}/{self.max_workers} busy={busy} "
+                    f"queued={len(self._queue)}>")
+
+    def run(self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, *,
+            on_message: OnMessage | None = None, memory_limit: int | None = None,
+            session: Any = None, session_param: str | None = None) -> ProcessJob:
+        """Run ``fn(*args, **kwargs)`` in a worker; ``TypeError`` (naming the value) if it cannot be pickled.
+
+        ``on_message(kind, data)`` is called, in order, from a pool thread:
+        ``("started", {"pid"})`` when a worker takes the job, then for what
+        the task does: ``("capture", {"stream", "text"})``,
+        ``("message", {"id", "kind", "text", "extra"})``,
+        ``("extend", {"id", "text"})``, ``("progress", {"done", "total",
+        "message"})``; all of them before ``wait()`` returns. ``forward_to(run)``
+        turns these into calls on a runtime ``Run``.
+
+        ``memory_limit`` (bytes): address space the job may add to the idle
+        worker's; going over it raises ``MemoryError`` in the task (or, in
+        code that does not check, kills the worker); either way the run fails
+        saying so. ``session`` is bound as the session in the child, and
+        given to the parameter ``session_param`` when one is named.
+        """
+        return self.submit(pickle_call(fn, args, kwargs, session, session_param), on_message=on_message,
+                           memory_limit=memory_limit)
+
+    def submit(self, call: Call, *, on_message: OnMessage | None = None,
+               memory_limit: int | None = None) -> ProcessJob:
+        """``run`` for a call already pickled with ``pickle_call``."""
+        if memory_limit is not None:
+            whole_number("memory_limit (bytes)", memory_limit, minimum=1)
+        job = ProcessJob(self, call, on_message, memory_limit)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this ProcessPool has been shut down")
+            self._queue.append(job)
+        self._dispatch()
+        return job
+
+    def warm(self, workers: int = 1) -> None:
+        """Start up to ``workers`` idle workers in the background (no waiting).
+
+        The first worker of a kernel costs a forkserver start plus importing
+        capsule_nb there (a few hundred ms); call this when a ``process=True``
+        task is defined so that the first submit finds a worker ready.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            slots = sum(1 for w in self._workers if w.ready) + self._starting
+            count = max(0, min(workers, self.max_workers) - slots)
+            self._starting += count
+        if count:
+            threading.Thread(target=lambda: [self._start_worker() for _ in range(count)],
+                             name="capsule-process-warm", daemon=True).start()
+
+    # ------------------------------------------------------------- internals
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to idle workers; start workers for the rest (up to max_workers)."""
+        handed: list[tuple[_Worker, ProcessJob]] = []
+        with self._lock:
+            while self._queue and self._idle:
+                worker, job = self._idle.pop(), self._queue.popleft()
+                worker.job, job._worker, job.pid = job, worker, worker.pid
+                handed.append((worker, job))
+            to_start = 0
+            if not self._closed:
+                slots = sum(1 for w in self._workers if w.ready) + self._starting  # processes, up or coming
+                to_start = max(0, min(len(self._queue) - self._starting, self.max_workers - slots))
+                self._starting += to_start
+        for worker, job in handed:
+            job._deliver("started", {"pid": worker.pid})
+            worker.send_job(job)
+        for _ in range(to_start):
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        try:
+            with self._start_lock:  # Process.start is not meant to be raced
+                worker = _Worker(self)
+        except Exception as exc:
+            log.exception("capsule_nb: could not start a worker process")
+            with self._lock:
+                self._starting -= 1
+                job = self._queue.popleft() if self._queue and not self._workers else None
+                if job is not None:
+                    message = f"could not start a worker process: {type(exc).__name__}: {exc}"
+                    if isinstance(exc, EOFError):  # the forkserver died, e.g. importing capsule_nb failed
+                        message += " (the forkserver exited; its error went to the kernel's stderr)"
+                    job._settle(Outcome(CRASHED, error_type="WorkerCrashed", message=message,
+                                        exception=WorkerCrashed(message)))
+            return
+        with self._lock:
+            self._workers.add(worker)
+            if self._closed:
+                worker.kill()
+        worker.reader.start()  # after it is in _workers, so its death is always seen there
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        """A message from ``worker`` (on its reader thread)."""
+        tag = message[0]
+        if tag == "ready":
+            with self._lock:
+                self._starting -= 1
+                worker.ready = True
+                if not worker.doomed:
+                    self._idle.append(worker)
+            self._dispatch()
+            return
+        job = worker.job
+        if job is None or message[1] != job.id:
+            return  # a late word about a job that already ended (killed meanwhile)
+        if tag == "msg":
+            job._deliver(message[2], message[3])
+        elif tag == "done":
+            outcome = outcome_from(message[2], message[3], worker.pid)
+            with self._lock:
+                if worker.job is not job:
+                    return
+                worker.job = None
+                job._settle(outcome)
+                if message[4]:
+                    worker.doomed = True  # it exits by itself; its reader then removes it
+                elif not worker.doomed and not self._closed:
+                    self._idle.append(worker)
+            self._dispatch()
+
+    def _died(self, worker: _Worker, exitcode: int | None, dump: str) -> None:
+        """``worker``'s process is gone (and reaped); settle its job, if it had one."""
+        with self._lock:
+            self._workers.discard(worker)
+            if worker in self._idle:
+                self._idle.remove(worker)
+            if not worker.ready:
+                self._starting -= 1
+            job, worker.job = worker.job, None
+            if job is not None:
+                job._settle(crashed(worker.pid, exitcode, dump, job.memory_limit))
+            elif not worker.ready and self._queue and not self._closed:
+                # it never came up: fail one waiting job with why, so a broken setup cannot loop for ever
+                failed = self._queue.popleft()
+                failed._settle(crashed(None, exitcode, dump, None, prefix="could not start a worker: "))
+        self._dispatch()
+
+    def _kill(self, job: ProcessJob, reason: str) -> bool:
+        with self._lock:
+            if job._outcome is not None or job._kill_reason is not None:
+                return False
+            job._kill_reason = reason
+            if job in self._queue:
+                self._queue.remove(job)
+                job._settle(killed(None, reason))
+                return True
+            worker = job._worker
+            if worker is not None:
+                worker.kill()  # under the lock: the worker cannot have moved on to another job
+        return True
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Kill every worker (running jobs end ``killed``, queued ones too); ``run`` raises after."""
+        with self._lock:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+            for job in queued:
+                job._kill_reason = "pool shut down"
+                job._settle(killed(None, "pool shut down"))
+            workers = list(self._workers)
+            for worker in workers:
+                if worker.job is not None and worker.job._kill_reason is None:
+                    worker.job._kill_reason = "pool shut down"
+                worker.kill()
+        if wait:
+            for worker in workers:
+                worker.reader.join(timeout=5)
+
+    def __enter__(self) -> "ProcessPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,168 @@
+"""Task logic in immediate mode (``App(executor="immediate")``): a submit runs to its end
+in the caller, so each check reads the record at once, with no thread and no deadline wait."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import capsule_nb as cpsl
+
+
+def test_a_sync_run_completes_inside_submit_on_the_calling_thread(logic_app):
+    seen = []
+
+    @logic_app.task
+    def add(a, b=1):
+        seen.append(threading.current_thread())
+        print("adding")
+        return a + b
+
+    record = add.submit(2, b=3).snapshot()
+    assert seen == [threading.current_thread()]
+    assert (record["status"], record["result"], record["attempt"]) == ("completed", 5, 1)
+    assert record["output"] == [{"stream": "stdout", "text": "adding\n"}]
+
+
+def test_an_async_run_completes_inside_submit_outside_a_loop(logic_app):
+    @logic_app.task
+    async def double(x, session=None):
+        await session.reply(f"doubling {x}")
+        return x * 2
+
+    record = double.submit(21).snapshot()
+    assert (record["status"], record["result"]) == ("completed", 42)
+    assert [m["text"] for m in record["messages"]] == ["doubling 21"]
+
+
+async def test_an_async_run_inside_a_running_loop_is_stepped_by_hand(logic_app):
+    @logic_app.task
+    async def double(x):
+        return x * 2
+
+    handle = await double.submit(4)
+    assert handle.snapshot()["status"] == "completed" and await handle.result() == 8
+
+
+async def test_an_async_run_that_waits_on_the_loop_fails_clearly(logic_app):
+    import asyncio
+
+    @logic_app.task
+    async def sleepy():
+        await asyncio.sleep(0.01)
+
+    record = sleepy.submit().snapshot()
+    assert record["status"] == "failed" and "cannot wait on the event loop" in record["error"]
+
+
+def test_retries_follow_at_once_until_success(logic_app):
+    calls = []
+
+    @logic_app.task(retries=2, retry_delay="1h")  # the delay is skipped: no timers here
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    record = flaky.submit().snapshot()
+    assert (record["status"], record["attempt"], len(calls), record["result"]) == ("completed", 3, 3, "ok")
+
+
+def test_out_of_attempts_fails_with_the_last_error_and_its_traceback(logic_app):
+    @logic_app.task(retries=1)
+    def explode(n):
+        raise RuntimeError(f"boom {n}")
+
+    record = explode.submit(7).snapshot()
+    assert (record["status"], record["attempt"], record["error"]) == ("failed", 2, "RuntimeError: boom 7")
+    assert "raise RuntimeError" in record["traceback"] and "capsule_nb" not in record["traceback"].splitlines()[1]
+
+
+def test_retry_for_retries_only_the_named_errors(logic_app):
+    calls = []
+
+    @logic_app.task(retries=3, retry_for=[ConnectionError])
+    def picky():
+        calls.append(1)
+        raise KeyError("not retried")
+
+    assert picky.submit().snapshot()["status"] == "failed" and len(calls) == 1
+
+
+def test_a_run_scheduled_for_later_stays_scheduled_and_cancels(logic_app):
+    ran = []
+
+    @logic_app.task
+    def later():
+        ran.append(1)
+
+    handle = later.schedule(delay="1h")
+    assert handle.snapshot()["status"] == "scheduled" and not ran
+    assert handle.cancel() and handle.snapshot()["status"] == "cancelled"
+
+
+def test_lock_queue_starts_the_queued_run_when_the_holder_ends(logic_app):
+    order = []
+
+    @logic_app.task(lock="report:{rid}", on_lock="queue")
+    def report(rid, nested=False):
+        order.append(("start", nested))
+        if not nested:
+            inner = report.submit(rid, nested=True)  # the key is held: it waits
+            order.append(("inner", inner.snapshot()["status"]))
+        order.append(("end", nested))
+
+    report.submit("a")
+    assert order == [("start", False), ("inner", "pending"), ("end", False), ("start", True), ("end", True)]
+    assert logic_app.tasks.count(status="completed") == 2
+
+
+def test_lock_reject_and_join_while_the_key_is_held(logic_app):
+    seen = {}
+
+    @logic_app.task(lock="k:{key}", on_lock="reject")
+    def rejecting(key):
+        with pytest.raises(cpsl.LockedError, match="k:x"):
+            rejecting.submit(key)
+        seen["rejected"] = True
+
+    @logic_app.task(lock="j:{key}")
+    def joining(key, inner=False):
+        if not inner:
+            seen["joined"] = joining.submit(key, inner=True).task_id
+
+    rejecting.submit("x")
+    outer = joining.submit("y")
+    assert seen["rejected"] and seen["joined"] == outer.task_id
+    assert logic_app.tasks.count() == 2
+
+
+def test_find_count_and_arguments_by_name(logic_app):
+    @logic_app.task
+    def report(report_id, region="eu"):
+        return report_id
+
+    handles = [report.submit(f"r{i}", region="us" if i % 2 else "eu") for i in range(4)]
+    assert report.count(region="us") == 2 and report.count(status="completed") == 4
+    assert [h.task_id for h in report.find(limit=2)] == [handles[3].task_id, handles[2].task_id]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'd'"):
+        report.submit("x", d=1)
+    assert report.count() == 4  # the bad submit left no record
+
+
+def test_a_record_refuses_an_unknown_field():
+    from capsule_nb.record import evolve, new_record
+
+    record = new_record(task_id="t1", status="pending")
+    with pytest.raises(TypeError, match="stauts"):
+        evolve(record, stauts="running")
+    with pytest.raises(TypeError, match="colour"):
+        new_record(task_id="t2", colour="red")
+    assert evolve(record, status="running")["status"] == "running"
+
+
+def test_an_unknown_executor_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'eager'"):
+        cpsl.App(home=tmp_path / "s", executor="eager")
