@@ -85,21 +85,13 @@ class App:
 
     @property
     def keep_finished(self) -> int:
-        """Finished runs kept for this app; older ones are pruned."""
+        """Finished runs kept for this app; older ones are pruned (``configure`` sets it)."""
         return self.runtime.settings.keep_finished
-
-    @keep_finished.setter
-    def keep_finished(self, value: int) -> None:
-        self.runtime.settings.keep_finished = whole_number("keep_finished", value)
 
     @property
     def max_result_bytes(self) -> int:
         """The largest pickled result kept; a bigger one keeps only its repr."""
         return self.runtime.settings.max_result_bytes
-
-    @max_result_bytes.setter
-    def max_result_bytes(self, value: int) -> None:
-        self.runtime.settings.max_result_bytes = whole_number("max_result_bytes", value)
 
     def _session_for(self, session_id: str | None) -> Session | None:
         return self.session if session_id == self.session.id else None
@@ -226,9 +218,9 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     if max_threads is not None:
         app.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
     if max_result_bytes is not None:
-        app.max_result_bytes = max_result_bytes
+        app.runtime.settings.max_result_bytes = whole_number("max_result_bytes", max_result_bytes)
     if keep_finished is not None:
-        app.keep_finished = keep_finished
+        app.runtime.settings.keep_finished = whole_number("keep_finished", keep_finished)
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
     return app

@@ -258,7 +258,7 @@ def test_a_pickled_row_written_behind_our_back_is_refused(app, caplog):
 
 
 def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
-    app.keep_finished = 5
+    app.runtime.settings.keep_finished = 5
     finished_at = {}
     app.store.events.subscribe(lambda r: r["status"] == "completed" and finished_at.setdefault(r["task_id"], r["completed_at"]))
 

@@ -13,6 +13,36 @@ from .conftest import process_gone, until
 jupyter_client = pytest.importorskip("jupyter_client")
 
 
+class CountsPickles:
+    """A non-JSON argument that counts how often this process pickles it."""
+
+    pickled = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        type(self).pickled += 1
+        return CountsPickles, (self.value,)
+
+
+async def test_each_argument_is_pickled_once_across_retries_and_the_resumable_copy(app):
+    @app.task(process=True, retries=1)
+    def flaky(box, path):
+        if not os.path.exists(path):  # the first attempt fails, the retry succeeds
+            open(path, "w").close()
+            raise ConnectionError("once")
+        return box.value * 2
+
+    CountsPickles.pickled = 0
+    handle = flaky.submit(CountsPickles(21), str(app.home / "attempted"))
+    assert await handle.result(timeout=60) == 42
+    record = handle.snapshot()
+    assert record["attempt"] == 2 and record["args_payload"] is True  # kept for resuming, and retried
+    assert app.store.get_payload(handle.task_id, "args")[0][0].value == 21
+    assert CountsPickles.pickled == 1
+
+
 async def test_runs_in_another_process_and_returns(app):
     @app.task(process=True)
     def whoami(n):

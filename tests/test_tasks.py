@@ -333,7 +333,7 @@ async def test_non_json_results_round_trip_through_a_signed_payload(app, tmp_pat
 
 
 async def test_results_over_the_cap_keep_only_a_repr(app):
-    app.max_result_bytes = 1000
+    app.runtime.settings.max_result_bytes = 1000
 
     @app.task
     def big():
