@@ -56,8 +56,13 @@ def _count_completed_on_disk(home: str, task_name: str) -> int:
     return done
 
 
-def capsule_throughput(n: int, kind: str, awaited: bool, timeout: float = 60.0) -> dict[str, Any]:
-    """N no-op runs submitted in a burst; the clock stops when all N are completed and flushed."""
+def capsule_throughput(n: int, kind: str, awaited: bool, timeout: float = 60.0,
+                       waits: bool = False) -> dict[str, Any]:
+    """N no-op runs submitted in a burst; the clock stops when all N are completed and flushed.
+
+    ``waits``: completion is seen as users see it, ``await asyncio.gather(*(h.wait() ...))``,
+    instead of from a store subscription.
+    """
     import asyncio
 
     home = tempfile.mkdtemp(prefix="bench-capsule-")
@@ -100,7 +105,11 @@ def capsule_throughput(n: int, kind: str, awaited: bool, timeout: float = 60.0) 
                 handles = [noop.submit() for _ in range(n)]
             t_submitted = time.perf_counter()
             try:
-                await asyncio.wait_for(asyncio.shield(all_done), timeout)
+                if waits:
+                    statuses = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), timeout)
+                    assert set(statuses) == {"completed"}, set(statuses)
+                else:
+                    await asyncio.wait_for(asyncio.shield(all_done), timeout)
             except asyncio.TimeoutError:
                 statuses: dict[str, int] = {}
                 for record in app.store.runs():
@@ -127,6 +136,23 @@ def capsule_throughput(n: int, kind: str, awaited: bool, timeout: float = 60.0) 
         return asyncio.run(main())
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def asyncio_throughput(n: int) -> dict[str, Any]:
+    """The floor: N bare asyncio tasks doing nothing, gathered (no record, no store)."""
+    import asyncio
+
+    async def noop() -> None:
+        pass
+
+    async def main() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(asyncio.ensure_future(noop()) for _ in range(n)))
+        return time.perf_counter() - t0
+
+    seconds = asyncio.run(main())
+    return {"n": n, "seconds": seconds, "rate": n / seconds, "submit_seconds": seconds,
+            "complete_seconds": seconds, "flush_seconds": 0.0, "completed_on_disk": n}
 
 
 def capsule_latency(n: int, kind: str) -> dict[str, Any]:
@@ -333,6 +359,10 @@ CASES: dict[str, tuple[str, str, Callable[[argparse.Namespace], dict[str, Any]]]
                       lambda a: capsule_throughput(a.n, "async", awaited=False)),
     "capsule-async-awaited": ("throughput", "capsule_nb async, gather(await t.submit()) x N",
                               lambda a: capsule_throughput(a.n, "async", awaited=True)),
+    "capsule-async-waits": ("throughput", "capsule_nb async, t.submit() x N, gather(h.wait())",
+                            lambda a: capsule_throughput(a.n, "async", awaited=False, waits=True)),
+    "asyncio-bare": ("throughput", "bare asyncio tasks, gathered (no store)",
+                     lambda a: asyncio_throughput(a.n)),
     "capsule-thread": ("throughput", "capsule_nb thread, t.submit() x N",
                        lambda a: capsule_throughput(a.n, "thread", awaited=False)),
     "capsule-thread-awaited": ("throughput", "capsule_nb thread, gather(await t.submit()) x N",
@@ -417,6 +447,22 @@ def _report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         r = best(name) if group == "throughput" and name in results else None
         if r:
             print(f"  {name:24} {r['submit_seconds']:7.3f} {r['complete_seconds']:7.3f} {r['seconds']:7.3f}")
+
+    waits, plain, bare = (best(n) if n in results else None
+                          for n in ("capsule-async-waits", "capsule-async", "asyncio-bare"))
+    if waits:
+        print()
+        print("  waiting on many runs (the hot path users take):")
+        if plain:
+            x = waits["rate"] / plain["rate"]
+            print(f"    gather(h.wait()) vs the same runs seen from a subscription: {x:.2f}x "
+                  f"{'ok' if x >= 0.8 else '--'} (aim >= 0.8x)")
+        if huey_n:
+            x = waits["rate"] / huey_n["rate"]
+            print(f"    with waits vs SqliteHuey NORMAL: {x:.1f}x {'ok' if x >= AIM_RATIO else '--'} (aim >= 5x)")
+        if bare:
+            x = bare["rate"] / waits["rate"]
+            print(f"    bare asyncio vs capsule_nb with waits: {x:.1f}x {'ok' if x <= 10 else '--'} (aim <= 10x)")
 
     lat_rows = [(n, c) for n, c in CASES.items() if c[0] == "latency" and n in results]
     if lat_rows:

@@ -2,15 +2,16 @@
 
 The handle holds no state of its own beyond the id, so a handle made from
 ``get_task(id)`` in a new kernel is as good as the one ``submit`` returned.
-Waiting is event-driven for runs of this process (the store publishes the
-finished record) and polled with backoff for runs owned elsewhere.
+Waiting is event-driven: the store publishes the finished record, for runs
+of this process as they change and for runs of others when a poll folds
+their writes in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
+import threading
 from typing import TYPE_CHECKING, Any, Generator
 
 from .awaitables import ReadyBool, ReadyStr, resolve
@@ -91,33 +92,38 @@ class TaskHandle:
         return ReadyBool(self._app.runtime.refresh(self.task_id))
 
     async def wait(self, timeout: float | None = None) -> str:
-        """Wait until the run is finished; returns the final status."""
-        store = self._app.store
+        """Wait until the run is finished; returns the final status.
+
+        Waiting costs nothing per waiter: the store's change events wake it.
+        A run another process owns reaches those events through the runtime's
+        watch, one store poll per tick however many runs are waited on.
+        """
+        record = self.snapshot()
+        if record["status"] in FINISHED:
+            return record["status"]
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
+        loop_thread = threading.get_ident()
 
-        def on_change(record: dict[str, Any]) -> None:
-            if record["status"] in FINISHED:
-                loop.call_soon_threadsafe(resolve, finished)
+        def on_change(changed: dict[str, Any]) -> None:  # from whatever thread wrote
+            if changed["status"] in FINISHED:
+                if threading.get_ident() == loop_thread:
+                    resolve(finished)
+                else:
+                    loop.call_soon_threadsafe(resolve, finished)
 
-        unsubscribe = store.events.subscribe(on_change, task_id=self.task_id)
+        unsubscribe = self._app.store.events.subscribe(on_change, task_id=self.task_id)
         try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            poll = 0.02
-            while True:
-                record = self.snapshot()
-                if record["status"] in FINISHED:
-                    return record["status"]
-                wait = poll if deadline is None else min(poll, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout}s")
-                try:
-                    await asyncio.wait_for(asyncio.shield(finished), wait)
-                except asyncio.TimeoutError:
-                    store.poll()  # another process may own it
-                    poll = min(poll * 2, 1.0)
+            with self._app.runtime.watch(record):
+                if self.snapshot()["status"] not in FINISHED:  # it may have ended before we listened
+                    await asyncio.wait_for(finished, timeout)
+        except asyncio.TimeoutError:
+            record = self.snapshot()
+            if record["status"] not in FINISHED:
+                raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout}s") from None
         finally:
             unsubscribe()
+        return self.snapshot()["status"]
 
     async def result(self, timeout: float | None = None) -> Any:
         """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""

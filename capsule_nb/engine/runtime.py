@@ -411,6 +411,10 @@ class Runtime:
     def adopt(self, task: "Task") -> int:
         return self.upkeep.adopt(task)
 
+    def watch(self, record: RunRecord) -> Any:
+        """A context in which another process's changes to ``record``'s run reach the events."""
+        return self.upkeep.watch(record)
+
     # --------------------------------------------------------- process runs
 
     @property

@@ -5,13 +5,19 @@ Every ``MAINTAIN_SECONDS`` (in the timer thread): fold in other processes'
 writes, act on cancel requests sent to this process's runs, start queued
 runs whose lock another process released, recover runs of dead processes,
 and keep finished runs under the retention cap.
+
+While somebody here waits on a run another process owns, a faster *watch*
+polls the store every ``WATCH_SECONDS``: one poll per tick however many
+runs are waited on, and the poll's change events wake the waiters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..record import CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
 from ..store.owners import owner_alive
@@ -25,6 +31,7 @@ log = logging.getLogger("capsule_nb")
 
 MAINTAIN_SECONDS = 0.5  # how often other processes' changes and crashes are looked at
 PRUNE_SECONDS = 60.0  # how often retention is applied when no burst forces it
+WATCH_SECONDS = 0.05  # how often the store is polled while a run owned elsewhere is waited on
 
 
 class Upkeep:
@@ -33,6 +40,9 @@ class Upkeep:
         self.store = runtime.store
         self._generation: object | None = None  # the live pass's token
         self._last_prune = time.monotonic()
+        self._watch_lock = threading.Lock()
+        self._watchers = 0  # waits on runs owned by other processes
+        self._watch_armed = False
 
     def start(self) -> None:
         """Arm the periodic pass (again after ``stop``); nothing in immediate mode."""
@@ -63,6 +73,37 @@ class Upkeep:
         finally:
             if self._generation is generation:  # not stopped (or restarted) meanwhile
                 runtime.timers.call_later(MAINTAIN_SECONDS, lambda: self._maintain(generation))
+
+    @contextlib.contextmanager
+    def watch(self, record: RunRecord) -> Iterator[None]:
+        """While in the block, changes other processes make reach this store's events
+        within ``WATCH_SECONDS``. A run of this process needs nothing: its changes are
+        published as they are made."""
+        if record.get("owner") == self.runtime.owner:
+            yield
+            return
+        with self._watch_lock:
+            self._watchers += 1
+            arm = not self._watch_armed
+            self._watch_armed = True
+        if arm:
+            self.runtime.timers.call_later(WATCH_SECONDS, self._watch_tick)
+        try:
+            yield
+        finally:
+            with self._watch_lock:
+                self._watchers -= 1
+
+    def _watch_tick(self) -> None:
+        with self._watch_lock:
+            if not self._watchers:
+                self._watch_armed = False
+                return
+        try:
+            self.store.poll()
+        except Exception:
+            log.exception("capsule_nb: watching the store at %s failed", self.store.path)
+        self.runtime.timers.call_later(WATCH_SECONDS, self._watch_tick)
 
     def recover(self) -> int:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
