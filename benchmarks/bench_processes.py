@@ -19,9 +19,14 @@ What is measured, for both pools, with as many workers as cores:
   and --threads threads each submitting and waiting in a loop, as the
   runtime's worker threads do.
 * CPU-bound: two 0.5 s loops at once against one after the other.
+* through the task API: ``@app.task(process=True)`` no-op runs, --n of them
+  submitted and then all waited on with ``gather(h.wait())``, against the
+  raw pool's burst rate (each argument pickled once on the way).
+
+Each pool, and the task API, is measured in its own interpreter.
 
 Aims (issue 4): warm submit-to-start p50 under 20 ms; at least 1,000
-no-op process runs/s.
+no-op process runs/s. Issue 15: task-API runs at least 50% of the raw pool's rate.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def noop() -> None:
     return None
+
+
+def echo(i: int) -> int:
+    return i
 
 
 def started_at() -> float:
@@ -191,16 +200,61 @@ def cpu_speedup(pool: Any, seconds: float = 0.5) -> float:
     return serial / parallel
 
 
-def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    results = cold_in_fresh_interpreter(kind, args.workers)
-    pool = POOLS[kind](args.workers)
+def api_rate(n: int, workers: int) -> float:
+    """No-op process=True runs through the task API, submitted in a burst and gathered with waits."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    import capsule_nb as cpsl
+
+    home = tempfile.mkdtemp(prefix="bench-process-api-")
     try:
-        results.update(warm_latency(pool, args.samples))
-        results["burst_per_s"] = burst_rate(pool, args.n)
-        results["threaded_per_s"] = threaded_rate(pool, args.n, args.threads)
+        async def main() -> float:
+            app = cpsl.App(home=home)
+            app.runtime.processes.max_workers = workers
+
+            noop_task = app.task(process=True)(echo)  # by reference, as the raw pool's no-op goes
+
+            await noop_task.submit(-1).result(timeout=60)  # workers up
+            started = time.perf_counter()
+            handles = [noop_task.submit(i) for i in range(n)]
+            statuses = await asyncio.gather(*(h.wait(timeout=120) for h in handles))
+            rate = n / (time.perf_counter() - started)
+            assert set(statuses) == {"completed"}, set(statuses)
+            app.close()
+            return rate
+
+        return asyncio.run(main())
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _in_fresh_interpreter(call: str) -> Any:
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
+            f"import bench_processes as b; print(json.dumps({call}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_here(kind: str, n: int, samples: int, threads: int, workers: int) -> dict[str, float]:
+    pool = POOLS[kind](workers)
+    try:
+        results = warm_latency(pool, samples)
+        results["burst_per_s"] = burst_rate(pool, n)
+        results["threaded_per_s"] = threaded_rate(pool, n, threads)
         results["cpu_speedup_x"] = cpu_speedup(pool)
     finally:
         pool.close()
+    return results
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    results = cold_in_fresh_interpreter(kind, args.workers)
+    results.update(_in_fresh_interpreter(
+        f"b.measure_here({kind!r}, {args.n}, {args.samples}, {args.threads}, {args.workers})"))
     return results
 
 
@@ -241,6 +295,11 @@ def main() -> None:
           f" ({ours['start_p50_ms']:.2f} ms)")
     print(f"aim >= {AIM_RATE:,.0f} no-op runs/s: {'ok' if rate_ok else '--'}"
           f" ({max(ours['burst_per_s'], ours['threaded_per_s']):,.0f}/s)")
+    api = _in_fresh_interpreter(f"b.api_rate({args.n}, {args.workers})")
+    share = api / ours["burst_per_s"]
+    print(f"\nno-op process=True runs/s through the task API (gather of waits): {api:,.0f}"
+          f" = {share:.2f}x the raw pool's burst; aim >= 0.5x: {'ok' if share >= 0.5 else '--'}")
+    figures["api"] = {"per_s": api, "of_raw_pool": share}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

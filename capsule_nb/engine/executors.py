@@ -4,7 +4,7 @@
 |-------------|-------------------------------------------|-----------------------------------|
 | async       | an asyncio task on the runtime's loop     | ``task.cancel()``, at once        |
 | thread      | a daemon worker thread                    | an exception raised in the thread |
-| process     | a worker process (or Dask), a thread waits | ``SIGKILL`` of the worker        |
+| process     | a worker process (or Dask)                | ``SIGKILL`` of the worker         |
 | immediate   | the caller, to its end, inside ``submit`` | only asked (``session.cancelled``) |
 
 Each ends an attempt with one ``Outcome`` for ``Runtime.finish``:
@@ -122,12 +122,10 @@ class ThreadExecutor(Executor):
 
 
 class ProcessExecutor(Executor):
-    """A worker process (or the Dask cluster) runs it; a pool thread waits, so the loop never does."""
+    """A worker process (or the Dask cluster) runs it. No thread waits for it: the job's
+    done callback finishes the run on the back end's delivery thread."""
 
     def start(self, run: Run) -> None:
-        self.runtime.threads.submit(self.context(run).run, self._body, run)
-
-    def _body(self, run: Run) -> None:
         forward = forward_to(run)
 
         def on_message(kind: str, data: dict) -> None:
@@ -146,7 +144,9 @@ class ProcessExecutor(Executor):
             stop = run.stop_reason
         if stop:
             job.kill(stop)
-        outcome = job.wait()
+        job.add_done_callback(lambda outcome: self._ended(run, outcome))
+
+    def _ended(self, run: Run, outcome: Any) -> None:
         if run.stop_reason:
             self.runtime.finish(run, ("stop", run.stop_reason))
         elif outcome.ok:
@@ -155,7 +155,7 @@ class ProcessExecutor(Executor):
             self.runtime.finish(run, ("error", Failure(outcome.exception, outcome.error, outcome.traceback)))
 
     def interrupt(self, run: Run) -> None:
-        if run.job is not None:  # else the body sees stop_reason before it starts the job
+        if run.job is not None:  # else start() sees stop_reason once it has the job
             run.job.kill(run.stop_reason or "cancel")
 
 

@@ -118,6 +118,7 @@ def open_cache(path: Path) -> diskcache.Cache:
             str(path / "db"),
             disk=JSONDisk,
             eviction_policy="none",
+            cull_limit=0,  # nothing here expires or is evicted: skip diskcache's cull query on every set
             size_limit=2**62,
             statistics=0,
             tag_index=0,

@@ -242,6 +242,7 @@ class DaskBackend:
         with self._jobs_lock:
             self._jobs.pop(job.id, None)
         job.future = None  # lets Dask drop the result
+        job._run_callbacks()
 
 
 # --------------------------------------------------------------------------- #

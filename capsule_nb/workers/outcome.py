@@ -7,6 +7,9 @@ it ends ``killed``, whatever the worker said meanwhile (``Job._finish``).
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import pickle
 import signal
 import threading
@@ -17,6 +20,13 @@ from typing import Any, Callable
 OK, ERROR, CRASHED, KILLED = "ok", "error", "crashed", "killed"
 
 OnMessage = Callable[[str, dict], None]
+
+log = logging.getLogger("capsule_nb")
+
+# Job ids: unique across processes (a Dask worker keeps jobs of several kernels), and cheap
+# to make (no system call per job, as uuid4 makes).
+_ID_PREFIX = uuid.uuid4().hex[:12] + "-"
+_ids = itertools.count()
 
 
 class ProcessError(Exception):
@@ -127,11 +137,32 @@ class Job:
     Back ends settle it with ``_finish`` from their delivery thread."""
 
     def __init__(self) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = f"{_ID_PREFIX}{os.getpid():x}-{next(_ids):x}"
         self.pid: int | None = None
         self._outcome: Outcome | None = None
         self._kill_reason: str | None = None  # set once by ``kill``: the job ends ``killed``
         self._settled = threading.Event()
+        self._callbacks: list[Callable[[Outcome], None]] = []
+        self._callbacks_lock = threading.Lock()
+
+    def add_done_callback(self, callback: Callable[[Outcome], None]) -> None:
+        """Call ``callback(outcome)`` once the job has ended: on the back end's delivery
+        thread, or at once if it already has. Nobody has to block a thread on ``wait``."""
+        with self._callbacks_lock:
+            if self._outcome is None:
+                self._callbacks.append(callback)
+                return
+        callback(self._outcome)
+
+    def _run_callbacks(self) -> None:
+        """Call the done callbacks; back ends call this after ``_finish``, holding no lock."""
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self._outcome)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("capsule_nb: a done callback of job %s failed", self.id)
 
     def _finish(self, outcome: Outcome) -> bool:
         """Settle the job, once; False if it already was. A kill wins: a job asked to die

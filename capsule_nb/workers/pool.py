@@ -154,10 +154,11 @@ class ProcessJob(Job):
             log.exception("capsule_nb: on_message failed for a process job message %r", kind)
 
     def _settle(self, outcome: Outcome) -> None:
-        """Caller holds the pool lock."""
+        """Caller holds the pool lock; the pool runs the done callbacks once it lets go of it."""
         self._call = None
         self._worker = None
-        self._finish(outcome)
+        if self._finish(outcome):
+            self._pool._ended.append(self)
 
 
 class _Worker:
@@ -257,6 +258,7 @@ class ProcessPool:
         self._queue: deque[ProcessJob] = deque()
         self._starting = 0
         self._closed = False
+        self._ended: list[ProcessJob] = []  # settled under the lock, callbacks still to run
         _install_hooks()
         _pools.add(self)
 
@@ -336,8 +338,18 @@ class ProcessPool:
         for worker, job in handed:
             job._deliver("started", {"pid": worker.pid})
             worker.send_job(job)
-        for _ in range(to_start):
-            self._start_worker()
+        if to_start:  # a process start takes milliseconds: never on the submitting thread
+            threading.Thread(target=lambda: [self._start_worker() for _ in range(to_start)],
+                             name="capsule-process-start", daemon=True).start()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Run the done callbacks of the jobs settled meanwhile (outside the lock, since a
+        callback may submit the next job)."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+        for job in ended:
+            job._run_callbacks()
 
     def _start_worker(self) -> None:
         try:
@@ -354,6 +366,7 @@ class ProcessPool:
                         message += " (the forkserver exited; its error went to the kernel's stderr)"
                     job._settle(Outcome(CRASHED, error_type="WorkerCrashed", message=message,
                                         exception=WorkerCrashed(message)))
+            self._notify()
             return
         with self._lock:
             self._workers.add(worker)
@@ -415,10 +428,9 @@ class ProcessPool:
             if job in self._queue:
                 self._queue.remove(job)
                 job._settle(killed(None, reason))
-                return True
-            worker = job._worker
-            if worker is not None:
-                worker.kill()  # under the lock: the worker cannot have moved on to another job
+            elif job._worker is not None:
+                job._worker.kill()  # under the lock: the worker cannot have moved on to another job
+        self._notify()
         return True
 
     def shutdown(self, wait: bool = True) -> None:
@@ -434,6 +446,7 @@ class ProcessPool:
                 if worker.job is not None and worker.job._kill_reason is None:
                     worker.job._kill_reason = "pool shut down"
                 worker.kill()
+        self._notify()
         if wait:
             for worker in workers:
                 worker.reader.join(timeout=5)
