@@ -28,9 +28,9 @@ from ..record import (
     FINISHED,
     PENDING,
     RETRY,
+    RUNNING,
     SCHEDULED,
     TIMEOUT,
-    RUNNING,
     RunRecord,
     evolve,
     json_safe,
@@ -39,6 +39,7 @@ from ..record import (
 )
 from ..store import Store
 from ..store.owners import owner_alive, owner_id
+from ..workers.pickling import Call, pickle_call
 from . import capture
 from .callbacks import Callbacks
 from .executors import AsyncExecutor, Executor, ImmediateExecutor, Outcome, ProcessExecutor, ThreadExecutor
@@ -51,7 +52,7 @@ from .upkeep import Upkeep, interrupted
 
 if TYPE_CHECKING:
     from ..tasks import Task
-    from ..workers.pickling import Call
+
 
 @dataclass
 class Settings:
@@ -128,10 +129,8 @@ class Runtime:
     def _executor(self, task: "Task") -> Executor:
         return self._executors["process" if task.process else "async" if task.is_async else "thread"]
 
-    def pickle_call(self, task: "Task", args: tuple, kwargs: dict, session: Any) -> "Call":
+    def pickle_call(self, task: "Task", args: tuple, kwargs: dict, session: Any) -> Call:
         """A process run's call, pickled once: a ``TypeError`` names what cannot go to a worker."""
-        from ..workers.pickling import pickle_call
-
         return pickle_call(task.fn, args, kwargs, session or self.default_session, task.session_param)
 
     # ---------------------------------------------------------------- submit
