@@ -131,10 +131,11 @@ def cold(kind: str, workers: int) -> dict[str, float]:
     return {"cold_first_ms": first * 1000, "cold_worker_ms": second * 1000}
 
 
-def cold_in_fresh_interpreter(kind: str, workers: int) -> dict[str, float]:
+def _in_fresh_interpreter(call: str) -> Any:
+    """``call`` (an expression over this module, as ``b``) evaluated in a new interpreter."""
     code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
-            f"import bench_processes as b; print(json.dumps(b.cold({kind!r}, {workers})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            f"import bench_processes as b; print(json.dumps({call}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -230,15 +231,6 @@ def api_rate(n: int, workers: int) -> float:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _in_fresh_interpreter(call: str) -> Any:
-    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
-            f"import bench_processes as b; print(json.dumps({call}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if out.returncode:
-        raise RuntimeError(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure_here(kind: str, n: int, samples: int, threads: int, workers: int) -> dict[str, float]:
     pool = POOLS[kind](workers)
     try:
@@ -252,7 +244,7 @@ def measure_here(kind: str, n: int, samples: int, threads: int, workers: int) ->
 
 
 def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    results = cold_in_fresh_interpreter(kind, args.workers)
+    results = _in_fresh_interpreter(f"b.cold({kind!r}, {args.workers})")
     results.update(_in_fresh_interpreter(
         f"b.measure_here({kind!r}, {args.n}, {args.samples}, {args.threads}, {args.workers})"))
     return results
