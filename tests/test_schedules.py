@@ -202,7 +202,8 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
     dues = [r["scheduled_for"] for r in app.store.runs() if r["task_name"] == "shared"]
     assert len(dues) == len(set(dues))  # each tick fired once between the two kernels
     completed = len([r for r in app.store.runs() if r["task_name"] == "shared" and r["status"] == "completed"])
-    assert completed <= ticks.count() <= completed + 1  # the survivor may die between a write and its record
+    # each killed kernel (the victim, then the survivor) may die between a tick's write and its record
+    assert completed <= ticks.count() <= completed + 2
 
 
 def test_capsule_magic_lists_schedules_with_their_next_run(app):
