@@ -6,11 +6,13 @@
     capsule-nb [--home PATH] cancel ID
     capsule-nb [--home PATH] prune --older-than 7d
     capsule-nb [--home PATH] [--json] schedules
+    capsule-nb [--home PATH] [--json] doctor [--fix]
 
 ``demo`` executes the quickstart notebook headless (``demo.py``) and exits
 non-zero when a cell of the notebook raises. The others read (or act on) a
 store: ``--home``, else ``$CAPSULE_NB_HOME``, else ``./.capsule``.
-An unknown run id or a folder that is not a store exits with code 2.
+An unknown run id, a folder that is not a store, and a store that cannot be
+used (damaged, or open to other users) exit with code 2 and one line saying why.
 
 Subcommands are argparse sub-parsers, each a ``cmd_<name>(args) -> int``;
 ``main(argv)`` returns the exit code, so tests can call it in-process.
@@ -21,9 +23,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .demo import cmd_demo
+from .errors import StoreError
 
 
 class _UsageError(Exception):
@@ -41,19 +44,25 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _run(app: Any, task_id: str) -> dict[str, Any]:
+    from .store.feed import RUN
+
     record = app.store.get_run(task_id)
+    damage = app.store.problem(RUN + task_id)
+    if record is None and damage:
+        raise _UsageError(f"run {task_id!r} in {app.home} is damaged ({damage}); `capsule-nb doctor` lists it")
     if record is None:
         raise _UsageError(f"no run {task_id!r} in {app.home}")
     return record
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
+    """Print ``data`` as JSON with ``--json``, else ``text`` (made only then, when a function)."""
     if args.json:
         import json
 
         print(json.dumps(data, indent=2, default=str))
     else:
-        print(text)
+        print(text() if callable(text) else text)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -70,7 +79,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
                and (args.name is None or r["task_name"] == args.name)]
     records.sort(key=lambda r: r["task_id"], reverse=True)
     records = records[: args.limit] if args.limit else records
-    _emit(args, records, table_text(records) if records else "no runs")
+    _emit(args, records, lambda: table_text(records) if records else "no runs")
     return 0
 
 
@@ -118,27 +127,66 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from .cron import next_due, parse_tz
-
     app = _open(args)
-    rows = []
-    for key, state in app.store.items("sched/"):
-        _, app_name, name = key.split("/", 2)
-        cron, tz = state.get("cron"), state.get("tz", "UTC")
-        upcoming = None
-        if cron and not state.get("paused"):
-            upcoming = next_due(cron, parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
-        last = state.get("last_due")
-        rows.append({"app": app_name, "name": name, "cron": cron, "tz": tz, "paused": bool(state.get("paused")),
-                     "next": upcoming, "last": dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(
-                         timespec="seconds") if last else None, "skipped": state.get("skipped", 0)})
+    rows = [_schedule_row(key, state) for key, state in app.store.items("sched/")]
     lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'NEXT':<26} LAST"] + [
         f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {('paused' if r['paused'] else r['next'] or '-'):<26} "
         f"{r['last'] or '-'}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else "") for r in rows]
     _emit(args, rows, "\n".join(lines) if rows else "no schedules")
     return 0
+
+
+def _schedule_row(key: str, state: dict[str, Any]) -> dict[str, Any]:
+    """One schedule's line; a value the store holds but cannot use (an impossible cron, an
+    unknown zone) is shown as what is wrong with it, never a crash."""
+    import datetime as dt
+
+    from .cron import next_due, parse_cron, parse_tz
+
+    _, app_name, name = key.split("/", 2)
+    cron, tz, last = state.get("cron"), str(state.get("tz", "UTC")), state.get("last_due")
+    upcoming = None
+    if cron and not state.get("paused"):
+        try:
+            upcoming = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(
+                timespec="seconds")
+        except (TypeError, ValueError) as exc:
+            upcoming = f"bad: {exc}"
+    try:
+        last = dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None
+    except (TypeError, ValueError, OverflowError, OSError):
+        last = f"?{last!r}"
+    return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz,
+            "paused": bool(state.get("paused")), "next": upcoming, "last": last, "skipped": state.get("skipped", 0)}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .app import _home
+    from .store import doctor
+
+    home = _home(args.home).expanduser().resolve()
+    bad = doctor.examine(home)
+    listing = [{"key": row.name, "row": row.row, "problem": row.problem} for row in bad]
+    if args.fix and bad:
+        target, moved = doctor.move_aside(home, bad)
+        _emit(args, {"moved": moved, "to": str(target), "rows": listing},
+              f"moved {moved} bad rows of {home} to {target} (nothing reads it; delete it when done)")
+        return 0
+    _emit(args, listing, lambda: _doctor_text(home, bad))
+    return 1 if bad else 0
+
+
+def _doctor_text(home: Any, bad: list) -> str:
+    from .store.feed import RUN
+    from .ui.text import table_text
+
+    if not bad:
+        return f"no bad rows in {home}"
+    lines = [f"{len(bad)} bad rows in {home}:"] + [f"  {row.name}: {row.problem}" for row in bad]
+    records = [row.value for row in bad if (row.key or "").startswith(RUN) and isinstance(row.value, dict)]
+    if records:
+        lines += ["", "the damaged runs, as far as they can be read:", table_text(records)]
+    return "\n".join(lines + ["", "`capsule-nb doctor --fix` moves them aside"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     schedules = commands.add_parser("schedules", help="the schedules defined on this store, with their next run")
     schedules.set_defaults(func=cmd_schedules)
+
+    check = commands.add_parser("doctor", help="list the store's bad rows (skipped when read); --fix moves them aside")
+    check.add_argument("--fix", action="store_true", help="move the bad rows into quarantine.db in the store folder")
+    check.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -188,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _UsageError as exc:
+    except (_UsageError, StoreError) as exc:  # a store that cannot be used: one line, no traceback
         print(f"capsule-nb {args.command}: {exc}", file=sys.stderr)
         return 2
 

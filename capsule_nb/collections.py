@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import html
+import json
+import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList, ReadyValue
-from .record import json_safe, new_task_id
+from .record import new_task_id, short_repr
 
 if TYPE_CHECKING:
     from .store import Store
@@ -31,6 +33,8 @@ _COMPARE = {
 }
 _UPDATES = ("$set", "$inc", "$unset", "$push")
 _MISSING = object()
+MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap. Every process keeps every document in memory
+MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
 
 
 class Collection:
@@ -144,11 +148,8 @@ class Database:
 
 def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise TypeError(f"a document is a dict, not {doc!r}")
-    value, ok = json_safe(doc)
-    if not ok:
-        raise TypeError(f"documents are stored as JSON; this one is not: {doc!r}")
-    value = dict(value)
+        raise TypeError(f"a document is a dict, not {short_repr(doc, 200)}")
+    value = _stored(doc, "the document")
     doc_id = value.get("_id")
     if doc_id is None:
         doc_id = new_task_id()
@@ -159,10 +160,50 @@ def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
+    """``doc`` as the store keeps it (a JSON copy), or an error that says why it cannot be:
+    not JSON (NaN and Infinity included), nested too deep, or too big."""
+    _check_depth(doc, what)
+    try:
+        text = json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"documents are stored as JSON; {what} is not ({exc}): {short_repr(doc, 200)}") from None
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise ValueError(f"{what} would be {len(text):,} bytes of JSON, over the {MAX_DOCUMENT_BYTES:,}-byte "
+                         f"cap on a document; keep big data in files or task results")
+    copy = json.loads(text)
+    if copy != doc:  # a tuple, a key that is not text: JSON would change it
+        raise TypeError(f"documents are stored as JSON; {what} does not survive it unchanged: {short_repr(doc, 200)}")
+    return copy
+
+
+def _check_depth(value: Any, what: str) -> None:
+    """Refuse nesting past ``MAX_DEPTH`` before anything recurses into it (no RecursionError)."""
+    level, depth = [value] if isinstance(value, (dict, list, tuple)) else [], 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list, tuple))]
+
+
+def _check_path(field: Any, what: str) -> list[str]:
+    """A field name or dotted path, split; names the bad one."""
+    if not isinstance(field, str):
+        raise TypeError(f"{what} names fields with text, got the key {field!r}")
+    parts = field.split(".")
+    if not all(parts):
+        raise ValueError(f"{what}: bad field path {field!r} (an empty part)")
+    return parts
+
+
 def _check_filter(filter: dict[str, Any]) -> None:
     if not isinstance(filter, dict):
-        raise TypeError(f"a filter is a dict, not {filter!r}")
+        raise TypeError(f"a filter is a dict, not {short_repr(filter, 200)}")
+    _check_depth(filter, "the filter")
     for field, condition in filter.items():
+        _check_path(field, "a filter")
         if field.startswith("$"):
             raise ValueError(f"unknown filter operator {field!r}: filters are field conditions, "
                              f"with {sorted(_COMPARE)} inside a field")
@@ -202,24 +243,29 @@ def _get(doc: dict[str, Any], field: str) -> Any:
 
 def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not isinstance(update, dict) or not update:
-        raise TypeError(f"an update is a non-empty dict, not {update!r}")
+        raise TypeError(f"an update is a non-empty dict, not {short_repr(update, 200)}")
+    _check_depth(update, "the update")
+    for key in update:
+        _check_path(key, "an update")
     operators = [k for k in update if k.startswith("$")]
     if operators and len(operators) != len(update):
         raise ValueError(f"update mixes plain keys and operators: {sorted(update)}; use $set for the plain ones")
     if not operators:
-        return {"$set": update}
-    unknown = [k for k in operators if k not in _UPDATES]
+        update = {"$set": update}
+    unknown = [k for k in update if k not in _UPDATES]
     if unknown:
         raise ValueError(f"unknown update operator {unknown[0]!r}; known: {list(_UPDATES)}")
     for op, fields in update.items():
         if not isinstance(fields, dict):
-            raise TypeError(f"{op} takes a dict of fields, got {fields!r}")
+            raise TypeError(f"{op} takes a dict of fields, got {short_repr(fields, 200)}")
+        for field in fields:
+            if _check_path(field, op)[0] == "_id":
+                raise ValueError(f"_id cannot be changed ({op} {field!r})")
         if op == "$inc":
-            bad = {k: v for k, v in fields.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+            bad = {k: v for k, v in fields.items()
+                   if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
             if bad:
-                raise TypeError(f"$inc needs numbers, got {bad!r}")
-        if "_id" in fields:
-            raise ValueError("_id cannot be changed")
+                raise TypeError(f"$inc needs numbers (finite ones), got {bad!r}")
     return update
 
 
@@ -228,9 +274,9 @@ def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict
     for op, fields in operations.items():
         for field, arg in fields.items():
             *parents, leaf = field.split(".")
-            target = new
-            for part in parents:
-                target = target.setdefault(part, {})
+            target = _parent(new, parents, op, field)
+            if target is None:  # $unset of a path that is not there
+                continue
             if op == "$set":
                 target[leaf] = arg
             elif op == "$unset":
@@ -238,17 +284,42 @@ def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict
             elif op == "$inc":
                 current = target.get(leaf, 0)
                 if isinstance(current, bool) or not isinstance(current, (int, float)):
-                    raise TypeError(f"$inc on {field!r}, which holds {current!r}, not a number")
-                target[leaf] = current + arg
+                    raise TypeError(f"$inc on {field!r}, which holds {short_repr(current, 100)}, not a number")
+                target[leaf] = _sum(current, arg, field)
             elif op == "$push":
                 current = target.setdefault(leaf, [])
                 if not isinstance(current, list):
-                    raise TypeError(f"$push on {field!r}, which holds {current!r}, not a list")
+                    raise TypeError(f"$push on {field!r}, which holds {short_repr(current, 100)}, not a list")
                 current.append(arg)
-    value, ok = json_safe(new)
-    if not ok:
-        raise TypeError(f"update would store a value that is not JSON: {operations!r}")
-    return value
+    return _stored(new, "the updated document")
+
+
+def _parent(doc: dict[str, Any], parents: list[str], op: str, field: str) -> dict[str, Any] | None:
+    """The document holding the last part of a dotted ``field`` (made for a write; None when
+    ``$unset`` finds nothing there); a part that holds something other than a document is
+    an error naming it, as in MongoDB."""
+    target = doc
+    for depth, part in enumerate(parents):
+        inner = target.get(part)
+        if inner is None and part not in target:
+            if op == "$unset":
+                return None
+            inner = target[part] = {}
+        if not isinstance(inner, dict):
+            path = ".".join(parents[: depth + 1])
+            raise ValueError(f"{op} {field!r}: {path!r} holds {short_repr(inner, 100)}, not a document")
+        target = inner
+    return target
+
+
+def _sum(current: int | float, arg: int | float, field: str) -> int | float:
+    try:
+        total = current + arg
+    except OverflowError:  # a huge int and a float
+        total = math.inf
+    if isinstance(total, float) and not math.isfinite(total):
+        raise ValueError(f"$inc on {field!r}: {current!r} + {arg!r} overflows (JSON has no Infinity); nothing stored")
+    return total
 
 
 def _sort_keys(sort: str | list[tuple[str, int]] | None) -> list[tuple[str, int]]:
@@ -256,7 +327,10 @@ def _sort_keys(sort: str | list[tuple[str, int]] | None) -> list[tuple[str, int]
         return []
     if isinstance(sort, str):
         return [(sort[1:], -1)] if sort.startswith("-") else [(sort, 1)]
-    keys = list(sort)
+    try:
+        keys = list(sort)
+    except TypeError:
+        raise TypeError(f"sort takes 'field', '-field' or [('field', 1 or -1)], got {sort!r}") from None
     for item in keys:
         if not (isinstance(item, tuple) and len(item) == 2 and item[1] in (1, -1)):
             raise ValueError(f"sort takes 'field', '-field' or [('field', 1 or -1)], got {sort!r}")

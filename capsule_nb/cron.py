@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import zoneinfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 
 def parse_cron(cron: str) -> str:
@@ -25,6 +25,10 @@ def parse_cron(cron: str) -> str:
         croniter(cron)
     except Exception as exc:  # croniter's errors say which field
         raise ValueError(f"bad cron {cron!r}: {exc}") from None
+    try:  # each field can be right and the date still never come: "0 0 30 2 *"
+        croniter(cron, dt.datetime.now(dt.timezone.utc)).get_next(dt.datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"bad cron {cron!r}: it never fires (no date matches its day and month)") from None
     return " ".join(fields)
 
 

@@ -8,6 +8,7 @@ import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+MIN_INTERVAL = 1.0  # seconds between repeats: as often as a cron seconds field allows, never a busy loop
 
 
 def parse_delay(value: object, *, what: str = "delay") -> float:
@@ -40,7 +41,7 @@ def parse_when(when: object) -> tuple[float | None, float | None]:
         return None, None
     if isinstance(when, str) and when.strip().lower().startswith("every"):
         every = parse_delay(when.strip()[5:].strip(), what="interval")
-        if every <= 0:
-            raise ValueError(f"bad interval {when!r}: must be more than zero")
+        if every < MIN_INTERVAL:
+            raise ValueError(f"bad interval {when!r}: repeats must be at least {MIN_INTERVAL:g} s apart")
         return None, every
     return parse_delay(when), None

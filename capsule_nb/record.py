@@ -45,6 +45,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 MAX_MESSAGES = 1000
+MAX_MESSAGE_CHARS = 64_000  # one message's text (and each text beside it, such as a notify's detail)
+MAX_MESSAGES_CHARS = 1_000_000  # all of a run's messages together
 MAX_OUTPUT_CHARS = 200_000
 
 
@@ -83,6 +85,7 @@ class RunRecord(TypedDict, total=False):
     series: str | None  # the first run of a repeating series
     schedule: str  # the cron of a schedule's tick
     messages: list[dict[str, Any]]
+    messages_dropped: int  # the oldest messages dropped past MAX_MESSAGES or MAX_MESSAGES_CHARS
     output: list[dict[str, Any]]
     progress: dict[str, Any] | None
     process: bool
@@ -104,6 +107,54 @@ def new_record(**fields: Any) -> RunRecord:
 
 _NULLABLE = ("display_name", "scheduled_for", "started_at", "completed_at", "error", "traceback", "result",
              "result_repr", "result_kind", "session_id", "lock_key", "every", "series", "progress")
+
+
+# What a record read from disk must look like before any module may use it: the fields
+# every record has, then the types of the others (null allowed). ``validate`` checks it.
+_REQUIRED = {"task_id": "text", "app": "text", "task_name": "text", "status": "text",
+             "attempt": "int", "max_attempts": "int", "created_at": "number"}
+_OPTIONAL = {"display_name": "text", "args": "list", "kwargs": "dict", "params": "dict", "args_payload": "bool",
+             "scheduled_for": "number", "started_at": "number", "completed_at": "number", "updated_at": "number",
+             "deadline": "number", "error": "text", "traceback": "text", "result_repr": "text",
+             "result_kind": "text", "result_note": "text", "result_bytes": "int", "owner": "text",
+             "session_id": "text", "lock_key": "text", "queued": "bool", "every": "number", "series": "text",
+             "schedule": "text", "messages": "list", "messages_dropped": "int", "output": "list",
+             "progress": "dict", "process": "bool"}
+_KINDS = {"text": {str}, "int": {int}, "number": {int, float}, "bool": {bool}, "list": {list}, "dict": {dict}}
+
+
+def validate(record: Any, task_id: str | None = None) -> str | None:
+    """What is wrong with ``record`` (read from disk) as a run record, or None when nothing is.
+
+    The store keeps a row only when this says nothing, so every other module
+    can index a record's fields without guarding each one: a row that a bug,
+    a crash or a person left malformed is set aside, never a crash.
+    """
+    if type(record) is not dict:
+        return f"a run record is a JSON object, not {type(record).__name__}"
+    for field, kind in _REQUIRED.items():
+        if field not in record:
+            return f"it has no {field!r} field"
+        if field == "status" and (type(record[field]) is not str or record[field] not in STATUSES):
+            return f"status {short_repr(record[field], 60)} is not a known status"
+        if type(record[field]) not in _KINDS[kind]:
+            return f"{field} is {short_repr(record[field], 60)}, not {kind}"
+    if task_id is not None and record["task_id"] != task_id:
+        return f"its task_id {record['task_id']!r} is not the one in its key ({task_id!r})"
+    for field, kind in _OPTIONAL.items():
+        value = record.get(field)
+        if value is not None and type(value) not in _KINDS[kind]:
+            return f"{field} is {short_repr(value, 60)}, not {kind} or null"
+    for field, name in (("messages", "kind"), ("output", "stream")):
+        for item in record.get(field) or ():
+            if type(item) is not dict or type(item.get(name)) is not str or type(item.get("text")) is not str:
+                return f"{field} holds {short_repr(item, 60)}, not {{{name}: text, text: text}}"
+    progress = record.get("progress")
+    number = _KINDS["number"]
+    if progress is not None and not (type(progress.get("done")) in number
+                                     and (progress.get("total") is None or type(progress["total"]) in number)):
+        return f"progress is {short_repr(progress, 60)}, not {{done: number, total: number or null}}"
+    return None
 
 
 def check_status(status: str | None) -> None:
@@ -159,8 +210,49 @@ def short_repr(value: Any, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def append_message(record: RunRecord, kind: str, text: str, **extra: Any) -> list[dict[str, Any]]:
-    """The record's message list with one more entry (oldest dropped past the cap)."""
-    messages = list(record.get("messages") or ())
-    messages.append({"kind": kind, "text": text, "at": time.time(), **extra})
-    return messages[-MAX_MESSAGES:]
+def add_message(record: RunRecord, kind: str, text: str, **extra: Any) -> dict[str, Any]:
+    """The changes (``messages``, ``messages_dropped``) that add one message within the caps.
+
+    A message is a reply a task sends as it goes: it must not grow a record
+    (kept in memory by every process, rewritten at each change) without
+    bound. A text over ``MAX_MESSAGE_CHARS`` is cut and the message marked
+    ``truncated``; past ``MAX_MESSAGES`` messages or ``MAX_MESSAGES_CHARS``
+    characters in all, the oldest go, counted in ``messages_dropped``.
+    """
+    entry = {"kind": kind, "text": text, "at": time.time(), **extra}
+    for name, value in list(entry.items()):
+        if type(value) is str and len(value) > MAX_MESSAGE_CHARS:
+            entry[name] = capped_text(value)
+            entry["truncated"] = True
+    return _within_caps(record, [*(record.get("messages") or ()), entry])
+
+
+def grow_message(record: RunRecord, message_id: str, text: str) -> dict[str, Any]:
+    """The changes that append ``text`` to the message ``message_id`` (a streamed reply),
+    within the same caps: a message that reached its cap takes no more text."""
+    messages = []
+    for m in record.get("messages") or ():
+        if m.get("id") == message_id and not m.get("truncated"):
+            grown = m["text"] + text
+            cut = len(grown) > MAX_MESSAGE_CHARS
+            m = dict(m, text=capped_text(grown), truncated=True) if cut else dict(m, text=grown)
+        messages.append(m)
+    return _within_caps(record, messages)
+
+
+def capped_text(text: str) -> str:
+    """``text``, or its first ``MAX_MESSAGE_CHARS`` characters and a note of how much was cut."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}… [cut: {len(text) - MAX_MESSAGE_CHARS:,} more characters]"
+
+
+def _within_caps(record: RunRecord, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    sizes = [sum(len(v) for v in m.values() if type(v) is str) for m in messages]
+    total, drop = sum(sizes), max(0, len(messages) - MAX_MESSAGES)
+    total -= sum(sizes[:drop])
+    while total > MAX_MESSAGES_CHARS and drop < len(messages) - 1:  # the newest always stays
+        total -= sizes[drop]
+        drop += 1
+    dropped = (record.get("messages_dropped") or 0) + drop
+    return {"messages": messages[drop:], "messages_dropped": dropped}

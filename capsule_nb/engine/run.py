@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from ..record import MAX_OUTPUT_CHARS, RunRecord, append_message, evolve, new_task_id
+from ..record import MAX_OUTPUT_CHARS, add_message, capped_text, evolve, grow_message, new_task_id
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -111,20 +111,13 @@ class Run:
 
     def message(self, kind: str, text: str, **extra: Any) -> str:
         message_id = new_task_id()
-        self.runtime.update(
-            self.task_id, lambda r: evolve(r, messages=append_message(r, kind, text, id=message_id, **extra))
-        )
+        self.runtime.update(self.task_id, lambda r: evolve(r, **add_message(r, kind, text, id=message_id, **extra)))
         if kind != "log":
-            self.runtime.display.message(self.target, kind, text, extra)
+            self.runtime.display.message(self.target, kind, capped_text(text), extra)
         return message_id
 
     def extend_message(self, message_id: str, text: str) -> None:
-        def grow(record: RunRecord) -> RunRecord:
-            messages = [dict(m, text=m["text"] + text) if m.get("id") == message_id else m
-                        for m in record.get("messages") or ()]
-            return evolve(record, messages=messages)
-
-        self.runtime.update(self.task_id, grow)
+        self.runtime.update(self.task_id, lambda r: evolve(r, **grow_message(r, message_id, text)))
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

@@ -1,11 +1,13 @@
-"""What the store's folder holds on disk, and the rules that keep it safe to read.
+"""What the store's rows hold on disk, and the rules that keep them safe to read.
 
 diskcache's default disk pickles keys and values, so anyone who can write
 the folder could run code in the kernel (CVE-2025-69872). ``JSONDisk``
-speaks JSON only and refuses a pickled row. Values that are not JSON (a
-DataFrame result) travel as *signed payloads*: cloudpickle bytes behind an
-HMAC-SHA256 of them, made with a key that lives in the folder (mode 0600)
-and checked before anything is unpickled.
+speaks JSON only. It refuses a pickled row, a row that is not readable
+JSON, and a row whose value file is not one diskcache made inside the
+folder (such a file is neither read nor, when the row goes, deleted).
+Values that are not JSON (a DataFrame result) travel as *signed payloads*:
+cloudpickle bytes behind an HMAC-SHA256 of them, made with the store's key
+(``folder.py``) and checked before anything is unpickled.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import pickle
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,11 @@ _loads = json.loads
 
 SIGNATURE_BYTES = 32  # HMAC-SHA256 in front of every payload
 REFUSED = "\x00refused"  # what a pickled key reads as: matches no prefix of ours
+# diskcache keeps a big value in a file it names "ab/cd/<28 hex>.val" under its folder. The
+# name is a column of the row, so a row written behind our back could name any file.
+_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val".replace("/", re.escape(os.sep)))
+
+log = logging.getLogger("capsule_nb")
 
 
 class JSONDisk(diskcache.Disk):
@@ -51,45 +59,37 @@ class JSONDisk(diskcache.Disk):
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
         if mode == MODE_PICKLE:
             raise StoreError("store row holding a pickle refused (not written by capsule_nb)")
-        data = super().fetch(mode, filename, value, read)
+        if filename is not None or mode in (MODE_BINARY, MODE_TEXT):
+            if not self.inside(filename):
+                raise StoreError(f"store row naming the value file {filename!r}, outside the store, refused")
+        try:
+            data = super().fetch(mode, filename, value, read)
+        except OSError as exc:
+            raise StoreError(f"value file {filename} of a store row cannot be read: {exc.strerror}") from None
         if mode == MODE_TEXT or (mode == MODE_RAW and type(data) is str):
-            return _loads(data)
+            try:
+                return _loads(data)
+            except (ValueError, RecursionError) as exc:  # broken text, or nesting too deep to read
+                raise StoreError(f"store row is not readable JSON ({type(exc).__name__}: {exc})") from None
         return data  # signed payload bytes, or a raw int (the feed counter)
 
+    def remove(self, file_path: Any) -> None:
+        """diskcache removes a row's value file (and its empty parent folders) when the row goes;
+        only ever one of its own, inside the store."""
+        if self.inside(file_path):
+            super().remove(file_path)
+        else:
+            log.warning("capsule_nb: a store row named the value file %r, outside %s; left it alone",
+                        file_path, self._directory)
 
-def prepare_folder(path: Path) -> None:
-    """Create the store folder (0700) or check an existing one; errors name the path."""
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"capsule_nb store path {path} exists and is not a folder")
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the capsule_nb store at {path}: {exc.strerror}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StoreError(f"capsule_nb store path {path} is not writable")
-
-
-def load_key(folder: Path) -> bytes:
-    """The store's HMAC key, made on first open. Written to a private temp file and
-    linked into place, so a second process opening a new store at the same moment
-    reads either no key or the whole key, never half of one."""
-    key_path = folder / "secret.key"
-    if not key_path.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".key-")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(32))
-            os.link(tmp, key_path)
-        except FileExistsError:
-            pass  # another process won; use its key
-        except OSError as exc:
-            raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
-        finally:
-            os.unlink(tmp)
-    key = key_path.read_bytes()
-    if len(key) != 32:
-        raise StoreError(f"store key {key_path} is damaged (expected 32 bytes)")
-    return key
+    def inside(self, filename: Any) -> bool:
+        """Whether ``filename`` is a value file diskcache could have made in this folder:
+        its own shape (``ab/cd/<28 hex>.val``, so no absolute path and no ``..``), and no
+        symlink on the way out of the folder."""
+        if type(filename) is not str or not _VALUE_FILE.fullmatch(filename):
+            return False
+        real = os.path.realpath(self._directory)
+        return os.path.realpath(os.path.join(real, filename)).startswith(real + os.sep)
 
 
 class Signer:
@@ -102,14 +102,17 @@ class Signer:
     def sign(self, blob: bytes) -> bytes:
         return hmac.new(self._key, blob, hashlib.sha256).digest() + blob
 
+    def signed_by_us(self, signed: bytes) -> bool:
+        sig, blob = signed[:SIGNATURE_BYTES], signed[SIGNATURE_BYTES:]
+        return hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest())
+
     def load(self, name: str, signed: Any) -> Any:
         """Unpickle ``signed`` if, and only if, its signature is ours."""
         if type(signed) is not bytes or len(signed) < SIGNATURE_BYTES:
             raise StoreError(f"payload {name} in {self._where} is not a signed payload; refused")
-        sig, blob = signed[:SIGNATURE_BYTES], signed[SIGNATURE_BYTES:]
-        if not hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest()):
+        if not self.signed_by_us(signed):
             raise StoreError(f"payload {name} in {self._where} has a bad signature; refused")
-        return pickle.loads(blob)
+        return pickle.loads(signed[SIGNATURE_BYTES:])
 
 
 def open_cache(path: Path) -> diskcache.Cache:

@@ -4,8 +4,9 @@ Every transaction that changes shared rows appends the keys it changed
 under ``chg/<seq>`` (``seq`` is a counter row). A reader remembers the last
 ``seq`` it folded in; ``changes()`` reads the entries after it (one ``get``
 when nothing changed). A reader that fell behind the kept window is told to
-reload everything. Entries this process wrote itself are skipped: its
-mirror already has them.
+reload everything, and so is one that finds an entry it cannot read (the
+reload moves its position past it, so a bad entry never stops the feed).
+Entries this process wrote itself are skipped: its mirror already has them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import threading
 
 import diskcache
 
+from ..errors import StoreError
+
 RUN = "run/"
 PAYLOAD = "payload/"
 LOCK = "lock/"
 DOC = "doc/"
 CANCEL = "cancel/"
-_ENTRY = "chg/"
+ENTRY = "chg/"
 KEEP = 20_000  # entries kept; a reader further behind reloads everything
 
 
@@ -47,15 +50,22 @@ class Feed:
             return
         cache = self._cache
         seq = cache.incr("seq")
-        cache.set(f"{_ENTRY}{seq:012d}", keys)
+        cache.set(f"{ENTRY}{seq:012d}", keys)
         if seq > KEEP and seq % 1000 == 0:
             for old in range(seq - KEEP - 1000, seq - KEEP):
-                cache.delete(f"{_ENTRY}{old:012d}")
+                cache.delete(f"{ENTRY}{old:012d}")
         with self._lock:
             self._own.add(seq)
 
     def head(self) -> int:
-        return self._cache.get("seq", 0)
+        try:
+            seq = self._cache.get("seq", 0)
+        except StoreError:
+            seq = None
+        if type(seq) is not int:
+            raise StoreError("the store's change-feed counter (row 'seq') is damaged; "
+                             "`capsule-nb doctor --fix` moves it aside")
+        return seq
 
     def changes(self) -> tuple[int, list[str] | None]:
         """``(seq, keys other processes changed since the last read)``; keys is None when
@@ -68,9 +78,12 @@ class Feed:
                 if n in self._own:
                     self._own.discard(n)
                     continue
-            changed = self._cache.get(f"{_ENTRY}{n:012d}")
-            if changed is None:
-                return seq, None
+            try:
+                changed = self._cache.get(f"{ENTRY}{n:012d}")
+            except StoreError:  # not ours (a pickle, broken JSON): reload past it
+                changed = None
+            if type(changed) is not list or not all(type(k) is str for k in changed):
+                return seq, None  # gone from the window, or not a list of keys: reload everything
             keys.update(dict.fromkeys(changed))
         return seq, list(keys)
 

@@ -30,10 +30,11 @@ import cloudpickle
 from ..awaitables import resolve
 from ..errors import StoreError
 from ..record import FINISHED, RunRecord
-from . import disk
+from . import disk, folder
 from .events import EventBus
 from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed, doc_key, split_doc_key
 from .owners import owner_alive
+from .rows import Rows
 
 log = logging.getLogger("capsule_nb")
 
@@ -45,9 +46,10 @@ class Store:
 
     def __init__(self, home: str | os.PathLike[str]):
         self.path = Path(home).expanduser().resolve()
-        disk.prepare_folder(self.path)
-        self._signer = disk.Signer(disk.load_key(self.path), self.path)
+        folder.prepare_folder(self.path)
+        self._signer = disk.Signer(folder.load_key(self.path), self.path)
         self._cache = disk.open_cache(self.path)
+        self._rows = Rows(self._cache, self.path)  # every read of a row goes through it
         self._feed = Feed(self._cache)
         self.events = EventBus()
         self._lock = threading.Lock()
@@ -66,7 +68,7 @@ class Store:
         self.failure: StoreError | None = None  # set while the disk refuses writes
         try:
             self._reload()
-        except sqlite3.DatabaseError as exc:  # a truncated or garbage database file
+        except (sqlite3.DatabaseError, StoreError) as exc:  # a garbage database file, a broken feed counter
             self._cache.close()
             raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc}") from exc
         self._writer = threading.Thread(target=self._write_loop, name="capsule-store-writer", daemon=True)
@@ -84,11 +86,7 @@ class Store:
             if key == disk.REFUSED:
                 log.warning("capsule_nb: a row with a pickled key in %s was refused", self.path)
             elif key.startswith((RUN, DOC)):
-                try:
-                    value = self._cache.get(key)
-                except StoreError as exc:
-                    log.warning("capsule_nb: %s: row %r in %s", exc, key, self.path)
-                    continue
+                value = self._rows.read(key)  # a bad row is skipped, with a warning naming it
                 if value is None:
                     continue
                 if key.startswith(RUN):
@@ -188,7 +186,7 @@ class Store:
         disk's record and returns the new one, or None to leave it."""
         self.flush()
         with self._cache.transact(retry=True):
-            current = self._cache.get(RUN + task_id)
+            current = self._rows.read(RUN + task_id)
             new = None if current is None else change(current)
             if new is not None:
                 self._cache.set(RUN + task_id, new)
@@ -247,7 +245,10 @@ class Store:
         with self._lock:
             signed = self._dirty.get(key, self._inflight.get(key))
         if signed is None:
-            signed = self._cache.get(key)
+            try:
+                signed = self._cache.get(key)
+            except StoreError as exc:
+                raise StoreError(f"payload {key} in {self.path}: {exc}") from None
         if signed is None:
             raise KeyError(key)
         return self._signer.load(key, signed)
@@ -341,7 +342,7 @@ class Store:
             if not changed:
                 self._feed.mark(seq)
                 return []
-            values = {key: self._cache.get(key) for key in changed}
+            values = {key: self._rows.read(key) for key in changed}
             fresh = []
             with self._lock:
                 self._feed.mark(seq)
@@ -352,7 +353,7 @@ class Store:
                     elif key.startswith(CANCEL):
                         if value is not None:
                             self._cancel_requests.append(key[len(CANCEL) :])
-                    elif key not in self._dirty:  # our own newer write wins until it lands
+                    elif key.startswith(RUN) and key not in self._dirty:  # our own newer write wins
                         self._mirror(key[len(RUN) :], value)
                         if value is not None:
                             fresh.append(value)
@@ -379,7 +380,7 @@ class Store:
         with self._cache.transact(retry=True):
             for doc_id, change in changes.items():
                 key = doc_key(collection, doc_id)
-                new = change(self._cache.get(key))
+                new = change(self._rows.read(key))
                 if new is None:
                     self._cache.delete(key)
                 else:
@@ -402,9 +403,9 @@ class Store:
         """
         cache = self._cache
         with cache.transact(retry=True):
-            held = cache.get(LOCK + key)
+            held = self._rows.read(LOCK + key)
             if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
-                holder = self._runs.get(held["task_id"]) or cache.get(RUN + held["task_id"])
+                holder = self._runs.get(held["task_id"]) or self._rows.read(RUN + held["task_id"])
                 # No record yet: the holder's write is still in its process's buffer.
                 if holder is None or holder["status"] not in FINISHED:
                     return held["task_id"]
@@ -414,7 +415,7 @@ class Store:
     def release_lock(self, key: str, task_id: str) -> None:
         cache = self._cache
         with cache.transact(retry=True):
-            held = cache.get(LOCK + key)
+            held = self._rows.read(LOCK + key)
             if held is not None and held["task_id"] == task_id:
                 cache.delete(LOCK + key)
 
@@ -424,17 +425,23 @@ class Store:
         """Read-modify-write a plain value in one transaction (shared state such as a
         schedule's last tick); ``change`` gets the value on disk (or None)."""
         with self._cache.transact(retry=True):
-            new = change(self._cache.get(key))
+            new = change(self._rows.read(key))
             self._cache.set(key, new)
         return new
 
     def items(self, prefix: str) -> list[tuple[str, Any]]:
         """Plain values whose key starts with ``prefix`` (a scan: for listings, not hot paths)."""
-        return [(key, self._cache.get(key)) for key in self._cache.iterkeys()
-                if key != disk.REFUSED and key.startswith(prefix)]
+        found = [(key, self._rows.read(key)) for key in self._cache.iterkeys()
+                 if key != disk.REFUSED and key.startswith(prefix)]
+        return [(key, value) for key, value in found if value is not None]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._cache.get(key, default)
+        value = self._rows.read(key)
+        return default if value is None else value
+
+    def problem(self, key: str) -> str | None:
+        """Why the row ``key`` was skipped in this process (None: it was not)."""
+        return self._rows.bad.get(key)
 
     def set(self, key: str, value: Any) -> None:
         self._cache.set(key, value)

@@ -1,12 +1,30 @@
 """Text forms of runs, cards and boards: terminal IPython, plain ``repr``, the magics, the CLI.
 
 Pure functions of run records, so the CLI can use them without the widgets.
+They render any dict, even one a damaged store produced (``capsule-nb
+doctor`` shows such records with them): a field of the wrong type is shown
+as ``?`` and its value, never a crash.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any, Iterable
+
+from ..record import short_repr
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _shown(value: Any, kind: type | tuple[type, ...] = str) -> str:
+    """``value`` as text when it has the type the field should have; else ``?`` and its repr."""
+    if value is None:
+        return "-"
+    if isinstance(value, kind) and not isinstance(value, bool) or kind is bool and type(value) is bool:
+        return str(value)
+    return "?" + short_repr(value, 40)
 
 
 def elapsed(record: dict[str, Any]) -> str:
@@ -15,6 +33,8 @@ def elapsed(record: dict[str, Any]) -> str:
     if not start:
         return "-"
     end = record.get("completed_at") or time.time()
+    if not (_number(start) and _number(end)):
+        return "?"
     seconds = max(0.0, end - start)
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
@@ -24,39 +44,48 @@ def _one_line(text: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _items(value: Any) -> list[dict[str, Any]]:
+    """The dicts of a list field (messages, output); anything else in it is left out."""
+    return [x for x in value if isinstance(x, dict)] if isinstance(value, list) else []
+
+
 def run_text(record: dict[str, Any], message: str | None = None, *, messages: int | None = 5,
              output_lines: int = 3) -> str:
     """A few lines that say what a run is doing or did: the newest ``messages`` (None: all)
     and the last ``output_lines`` of what it printed."""
-    name = message or record.get("display_name") or record["task_name"]
+    name = message or record.get("display_name") or _shown(record.get("task_name"))
     lines = [
-        f"{name} [{record['status']}]  run {record['task_id']}",
-        f"  attempt {record['attempt']}/{record['max_attempts']}  elapsed {elapsed(record)}",
+        f"{_one_line(name)} [{_shown(record.get('status'))}]  run {_shown(record.get('task_id'))}",
+        f"  attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
+        f"  elapsed {elapsed(record)}",
     ]
     progress = record.get("progress")
-    if progress:
-        total = progress.get("total")
-        done = progress["done"]
-        bar = f"{done}/{total}" if total else f"{done}"
-        lines.append(f"  progress {bar}" + (f"  {progress['message']}" if progress.get("message") else ""))
-    shown = record.get("messages") or []
+    if isinstance(progress, dict):
+        total, done = progress.get("total"), _shown(progress.get("done"), (int, float))
+        bar = f"{done}/{_shown(total, (int, float))}" if total else done
+        lines.append(f"  progress {bar}" + (f"  {_one_line(progress['message'])}" if progress.get("message") else ""))
+    elif progress is not None:
+        lines.append(f"  progress {_shown(progress, dict)}")
+    shown = _items(record.get("messages"))
+    if record.get("messages_dropped"):
+        lines.append(f"  ({_shown(record['messages_dropped'], int)} older messages dropped)")
     for item in shown[-messages:] if messages is not None else shown:
-        detail = f" ({item['detail']})" if item.get("detail") else ""
-        lines.append(f"  {item['kind']}: {_one_line(item['text'])}{detail}")
-    output = "".join(x["text"] for x in record.get("output") or ())
+        detail = f" ({_one_line(item['detail'])})" if item.get("detail") else ""
+        lines.append(f"  {_shown(item.get('kind'))}: {_one_line(item.get('text'))}{detail}")
+    output = "".join(str(x.get("text", "")) for x in _items(record.get("output")))
     if output:
         tail = output.rstrip().splitlines()[-output_lines:]
         lines.extend(f"  | {line}" for line in tail)
     if record.get("error"):
         lines.append(f"  error: {_one_line(record['error'])}")
-    if record["status"] == "completed" and record.get("result_repr") is not None:
+    if record.get("status") == "completed" and record.get("result_repr") is not None:
         lines.append(f"  result: {_one_line(record['result_repr'])}")
     return "\n".join(lines)
 
 
 def runs_text(records: Iterable[dict[str, Any]]) -> str:
     """Every run in full, oldest first (the CLI's ``show`` and the demo's report)."""
-    ordered = sorted(records, key=lambda r: r["task_id"])
+    ordered = sorted(records, key=lambda r: str(r.get("task_id")))
     if not ordered:
         return "no task runs were recorded"
     return "\n".join(run_text(r, messages=None, output_lines=5) for r in ordered)
@@ -66,8 +95,9 @@ def board_text(title: str, columns: Iterable[tuple[str, list[dict[str, Any]]]], 
     lines = [title]
     for label, records in columns:
         lines.append(f"{label} ({len(records)})")
-        for record in records[:per_column]:
-            lines.append(f"  {record['task_name']:<24} {record['status']:<10} {record['task_id']}  {elapsed(record)}")
+        for r in records[:per_column]:
+            lines.append(f"  {_shown(r.get('task_name')):<24} {_shown(r.get('status')):<10} "
+                         f"{_shown(r.get('task_id'))}  {elapsed(r)}")
         if len(records) > per_column:
             lines.append(f"  … {len(records) - per_column} more")
     return "\n".join(lines)
@@ -77,7 +107,8 @@ def table_text(records: list[dict[str, Any]]) -> str:
     """An aligned table of runs (``%tasks`` and the CLI)."""
     rows = [("TASK ID", "NAME", "STATUS", "ATTEMPT", "ELAPSED", "ERROR")]
     for r in records:
-        rows.append((r["task_id"], r["task_name"], r["status"], f"{r['attempt']}/{r['max_attempts']}",
-                     elapsed(r), (r.get("error") or "")[:60]))
+        rows.append((_shown(r.get("task_id")), _one_line(_shown(r.get("task_name")), 60), _shown(r.get("status")),
+                     f"{_shown(r.get('attempt'), int)}/{_shown(r.get('max_attempts'), int)}",
+                     elapsed(r), _one_line(r.get("error") or "", 60)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,123 @@
+"""The store's folder and its key: who may read and write them, checked at every open.
+
+Whoever can write the folder can write a key of their own, sign a pickle
+with it and have it run at the next ``result()``; whoever can read the key
+can forge payloads. So a store is used only when it is private to the
+user who opens it:
+
+* the folder belongs to the user and nobody else may write it. One that
+  others may only *read* (a ``mkdir`` under umask 022) is made private
+  (0700) with a warning: nobody else could have changed it, so it is safe
+  to keep. One that others may write is refused: it may already hold
+  their key or their rows;
+* ``secret.key`` is a regular file (not a symlink, not even one into the
+  folder), belongs to the user, and has no group or other bits at all.
+
+Every refusal is a ``StoreError`` that names the path and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import StoreError
+
+log = logging.getLogger("capsule_nb")
+
+KEY_BYTES = 32
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+_OTHERS_ANY = 0o077
+
+
+def prepare_folder(path: Path) -> None:
+    """Create the store folder (0700) or check an existing one; errors name the path."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"capsule_nb store path {path} exists and is not a folder")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the capsule_nb store at {path}: {exc.strerror}") from exc
+    _check_folder(path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"capsule_nb store path {path} is not writable")
+
+
+def _check_folder(path: Path) -> None:
+    info = os.stat(path)
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.getuid():
+        raise StoreError(
+            f"capsule_nb store folder {path} belongs to user id {info.st_uid}, not to you ({os.getuid()}): "
+            f"its owner could change what this process loads. Use a store folder of your own "
+            f"(--home, CAPSULE_NB_HOME or App(home=...))")
+    if mode & _OTHERS_WRITE:
+        raise StoreError(
+            f"capsule_nb store folder {path} is writable by other users (mode {mode:04o}): anyone who can "
+            f"write it can make this process run their code, so it is not used. If you trust everything in "
+            f"it, make it private with `chmod 700 {path}`; otherwise delete it and start a new store")
+    if mode & _OTHERS_ANY:
+        os.chmod(path, mode & ~_OTHERS_ANY)
+        log.warning("capsule_nb: the store folder %s was readable by other users (mode %04o); "
+                    "made it private (%04o)", path, mode, mode & ~_OTHERS_ANY)
+
+
+def load_key(folder: Path) -> bytes:
+    """The store's HMAC key, made on first open. Written to a private temp file and
+    linked into place, so a second process opening a new store at the same moment
+    reads either no key or the whole key, never half of one."""
+    key_path = folder / "secret.key"
+    if not os.path.lexists(key_path):  # lexists: a dangling symlink is not "no key"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(KEY_BYTES))
+            os.link(tmp, key_path)
+        except FileExistsError:
+            pass  # another process won; use its key
+        except OSError as exc:
+            raise StoreError(f"cannot write the store key at {key_path}: {exc.strerror}") from exc
+        finally:
+            os.unlink(tmp)
+    _check_key(key_path)
+    try:
+        fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StoreError(f"cannot read the store key {key_path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        key = fh.read(KEY_BYTES + 1)
+    if len(key) != KEY_BYTES:
+        raise StoreError(f"store key {key_path} is damaged (expected {KEY_BYTES} bytes, found {len(key)})")
+    return key
+
+
+def _check_key(key_path: Path) -> None:
+    info = os.lstat(key_path)
+    mode = stat.S_IMODE(info.st_mode)
+    renew = (f"Remove it (`rm {key_path}`) and a new key is made at the next open; results kept as "
+             f"signed payloads (not JSON) then cannot be read back")
+    if stat.S_ISLNK(info.st_mode):
+        target = os.readlink(key_path)
+        where = "" if os.path.exists(key_path) else ", which does not exist"
+        raise StoreError(
+            f"capsule_nb store key {key_path} is a symbolic link (to {target}{where}); the key must be a "
+            f"regular file inside the store, so a link is refused. Put the real key file in its place "
+            f"(mode 0600), or: {renew}")
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"capsule_nb store key {key_path} is not a regular file. {renew}")
+    if info.st_uid != os.getuid():
+        raise StoreError(
+            f"capsule_nb store key {key_path} belongs to user id {info.st_uid}, not to you ({os.getuid()}), "
+            f"so it may be someone else's key. {renew}")
+    if mode & _OTHERS_WRITE:
+        raise StoreError(
+            f"capsule_nb store key {key_path} is writable by other users (mode {mode:04o}), so it may have "
+            f"been replaced. {renew}")
+    if mode & _OTHERS_ANY:
+        raise StoreError(
+            f"capsule_nb store key {key_path} is readable by other users (mode {mode:04o}): anyone who read "
+            f"it can forge payloads this process would unpickle. If nobody else could have read it, "
+            f"`chmod 600 {key_path}`; otherwise: {renew}")

@@ -1,0 +1,78 @@
+"""Rows as they are found on disk: what the store may use, and what it sets aside.
+
+A store is shared by processes, versions and people, so a row can be
+anything: a pickle, broken JSON, a list where a record belongs, a record
+without a status. One such row must not lock out the store. ``Rows.read``
+gives a row's value only when it has the shape its key promises; any other
+row reads as missing, with one warning per key naming it, and is listed by
+``capsule-nb doctor`` (``doctor.py``), which can move it aside.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from ..errors import StoreError
+from ..record import short_repr, validate
+from .disk import SIGNATURE_BYTES
+from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, split_doc_key
+
+log = logging.getLogger("capsule_nb")
+
+SCHEDULE = "sched/"
+
+
+def problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as the row ``key``, or None."""
+    if key.startswith(RUN):
+        return validate(value, key[len(RUN):])
+    if key.startswith(DOC):
+        doc_id = split_doc_key(key)[1]
+        if type(value) is not dict or value.get("_id") != doc_id:
+            return f"a document is a JSON object whose _id is {doc_id!r}, not {short_repr(value, 60)}"
+    elif key.startswith(LOCK):
+        if type(value) is not dict or not all(type(value.get(k)) is str for k in ("task_id", "owner")):
+            return f"a lock is {{task_id, owner}}, not {short_repr(value, 60)}"
+    elif key.startswith((CANCEL, SCHEDULE)):
+        if type(value) is not dict:
+            return f"expected a JSON object, not {short_repr(value, 60)}"
+    elif key.startswith(ENTRY):
+        if type(value) is not list or not all(type(k) is str for k in value):
+            return f"a change-feed entry is a list of keys, not {short_repr(value, 60)}"
+    elif key.startswith(PAYLOAD):
+        if type(value) is not bytes or len(value) < SIGNATURE_BYTES:
+            return f"a payload is signed bytes, not {short_repr(value, 60)}"
+    elif key == "seq" and type(value) is not int:
+        return f"the change-feed counter is a whole number, not {short_repr(value, 60)}"
+    return None
+
+
+class Rows:
+    """Reads rows for one store; a bad row reads as None and is remembered in ``bad``."""
+
+    def __init__(self, cache: diskcache.Cache, where: Path):
+        self._cache = cache
+        self._where = where
+        self.bad: dict[str, str] = {}  # key -> what is wrong with it (rows skipped in this process)
+
+    def read(self, key: str) -> Any:
+        try:
+            value = self._cache.get(key)
+        except StoreError as exc:  # a pickle, broken JSON, a value file outside the store
+            return self._skip(key, str(exc))
+        wrong = None if value is None else problem(key, value)
+        if wrong is not None:
+            return self._skip(key, wrong)
+        self.bad.pop(key, None)
+        return value
+
+    def _skip(self, key: str, wrong: str) -> None:
+        if self.bad.get(key) != wrong:  # one warning per key (and per new problem), not one per poll
+            log.warning("capsule_nb: row %r in %s skipped: %s (`capsule-nb doctor` lists bad rows "
+                        "and can move them aside)", key, self._where, wrong)
+        self.bad[key] = wrong
+        return None

@@ -1,0 +1,652 @@
+"""A store that was tampered with, corrupted or shared too widely (issue 17).
+
+Each test reproduces one way in which a store, a callback server or a
+caller was hostile or unlucky, and checks that capsule_nb refuses what is
+unsafe, sets aside what is broken, and keeps working. Rows "written behind
+our back" go in with sqlite3 or a plain diskcache Cache, as another program
+would write them. The tests hold as root (CI): loose modes are made with
+os.chmod, links with os.symlink, and ownership compares st_uid with getuid.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import diskcache
+import pytest
+from diskcache.core import MODE_BINARY, MODE_RAW, MODE_TEXT
+
+import capsule_nb as cpsl
+from capsule_nb.cli import main
+from capsule_nb.errors import StoreError
+from capsule_nb.record import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_MESSAGES_CHARS, new_record, new_task_id
+from capsule_nb.store.store import Store
+
+from ..conftest import until, until_sync
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def good_store(home, runs=1):
+    """A store holding ``runs`` completed runs, written by capsule_nb itself; returns their ids."""
+    store = Store(home)
+    now = time.time()
+    ids = []
+    for n in range(runs):
+        ids.append(new_task_id())
+        store.put_run(new_record(task_id=ids[-1], app="default", task_name="job", status="completed",
+                                 attempt=1, max_attempts=1, created_at=now, started_at=now, completed_at=now,
+                                 updated_at=now, owner="gone", result=n, result_kind="json", result_repr=str(n)))
+    store.flush()
+    store.close()
+    return ids
+
+
+def raw_row(home, key, value, *, mode=MODE_RAW, filename=None, raw=1):
+    """Write one row as another program would: straight into SQLite, no capsule_nb code."""
+    now = time.time()
+    with sqlite3.connect(home / "db" / "cache.db", timeout=30) as db:
+        db.execute("INSERT OR REPLACE INTO Cache (key, raw, store_time, expire_time, access_time, access_count, "
+                   "tag, size, mode, filename, value) VALUES (?, ?, ?, NULL, ?, 0, NULL, 0, ?, ?, ?)",
+                   (key, raw, now, now, mode, filename, value))
+    db.close()
+
+
+def record_json(task_id, **changes):
+    now = time.time()
+    record = new_record(task_id=task_id, app="default", task_name="job", status="completed", attempt=1,
+                        max_attempts=1, created_at=now, started_at=now, completed_at=now, updated_at=now)
+    return json.dumps({**record, **changes})
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def warnings_naming(caplog, key):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and repr(key) in r.getMessage()]
+
+
+# ---------------------------------------------- 1. a loose store folder or key
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_folder_others_can_write_is_refused_with_the_fix(tmp_path, mode):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chmod(home, mode)
+    with pytest.raises(StoreError) as refused:
+        cpsl.App(home=home)
+    assert str(home) in str(refused.value) and f"chmod 700 {home}" in str(refused.value)
+    assert stat.S_IMODE(os.stat(home).st_mode) == mode  # refused, not silently changed
+
+
+def test_a_co_user_key_and_signed_pickle_in_a_loose_folder_never_run(tmp_path):
+    """The attack of the issue: a co-user who can write the folder plants their own key and
+    a pickle signed with it as a run's result. The store is refused before anything loads."""
+    import hashlib
+    import hmac
+
+    home = tmp_path / "store"
+    (task_id,) = good_store(home)
+    os.chmod(home, 0o777)
+    marker = tmp_path / "pwned"
+    theirs = os.urandom(32)
+    (home / "secret.key").unlink()
+    (home / "secret.key").write_bytes(theirs)
+    os.chmod(home / "secret.key", 0o600)
+    blob = pickle.dumps(type("Boom", (), {"__reduce__": lambda self: (os.system, (f"touch {marker}",))})())
+    raw_row(home, f"payload/{task_id}/result", hmac.new(theirs, blob, hashlib.sha256).digest() + blob)
+    raw_row(home, f"run/{task_id}", record_json(task_id, result_kind="payload"))
+    with pytest.raises(StoreError, match="writable by other users"):
+        cpsl.App(home=home)
+    assert not marker.exists()
+
+
+def test_a_folder_others_can_only_read_is_made_private_and_says_so(tmp_path, caplog):
+    home = tmp_path / "store"
+    (task_id,) = good_store(home)
+    os.chmod(home, 0o755)  # what `mkdir` makes under umask 022
+    app = cpsl.App(home=home)
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert any("made it private" in r.getMessage() and str(home) in r.getMessage() for r in caplog.records)
+    assert app.get_task(task_id).snapshot()["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode, says", [(0o644, "readable by other users"), (0o640, "readable by other users"),
+                                        (0o622, "writable by other users")])
+def test_a_key_others_can_read_or_write_is_refused(tmp_path, mode, says):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chmod(home / "secret.key", mode)
+    with pytest.raises(StoreError, match=says) as refused:
+        cpsl.App(home=home)
+    assert str(home / "secret.key") in str(refused.value)
+
+
+def test_a_symlinked_key_is_refused_even_a_dangling_one(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    elsewhere = tmp_path / "their.key"
+    elsewhere.write_bytes(os.urandom(32))
+    os.chmod(elsewhere, 0o600)
+    (home / "secret.key").unlink()
+    os.symlink(elsewhere, home / "secret.key")
+    with pytest.raises(StoreError, match="is a symbolic link") as refused:
+        cpsl.App(home=home)
+    assert str(elsewhere) in str(refused.value)
+    elsewhere.unlink()  # now the link dangles: still a clear StoreError, not FileNotFoundError
+    with pytest.raises(StoreError, match="does not exist") as refused:
+        cpsl.App(home=home)
+    assert str(home / "secret.key") in str(refused.value) and "rm " in str(refused.value)
+    assert os.path.islink(home / "secret.key")  # never replaced behind the user's back
+
+
+def test_a_key_that_is_not_a_regular_file_is_refused(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    (home / "secret.key").unlink()
+    (home / "secret.key").mkdir(mode=0o700)
+    with pytest.raises(StoreError, match="not a regular file"):
+        cpsl.App(home=home)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_folder_or_key_of_another_user_is_refused(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chown(home / "secret.key", 4321, 4321)
+    with pytest.raises(StoreError, match="belongs to user id 4321"):
+        cpsl.App(home=home)
+    os.chown(home / "secret.key", os.getuid(), os.getgid())
+    os.chown(home, 4321, 4321)
+    with pytest.raises(StoreError, match=f"{home} belongs to user id 4321"):
+        cpsl.App(home=home)
+
+
+def test_the_cli_refuses_a_loose_store_with_exit_2_and_one_line(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chmod(home, 0o777)
+    done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(home), "tasks"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "writable by other users" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------ 2. value files outside the store
+
+
+def test_a_row_naming_a_file_outside_the_store_is_never_read(tmp_path, caplog, capsys):
+    home = tmp_path / "store"
+    good_store(home)
+    victim = tmp_path / "victim" / "private.json"
+    victim.parent.mkdir()
+    task_id = new_task_id()
+    victim.write_text(record_json(task_id, result_repr="the victim's secret"))
+    raw_row(home, f"run/{task_id}", None, mode=MODE_TEXT, filename=str(victim))
+    app = cpsl.App(home=home)
+    assert app.get_task(task_id) is None
+    assert warnings_naming(caplog, f"run/{task_id}") and "outside the store" in caplog.text
+    code, out, err = cli(capsys, "--home", str(home), "show", task_id)
+    assert code == 2 and "damaged" in err and "secret" not in out + err
+    relative = os.path.relpath(victim, home / "db")  # "../../victim/private.json"
+    raw_row(home, f"run/{task_id}", None, mode=MODE_TEXT, filename=relative)
+    assert doctor_rows(home) == [(f"run/{task_id}", True)]
+
+
+def doctor_rows(home):
+    from capsule_nb.store import doctor
+
+    return [(row.key, "outside the store" in row.problem) for row in doctor.examine(home)]
+
+
+def test_prune_and_doctor_never_delete_a_file_outside_the_store(tmp_path, capsys):
+    """A finished run whose payload row names a file outside: ``prune`` deletes the run and its
+    rows, and diskcache would remove the named file and its empty parent folders."""
+    home = tmp_path / "store"
+    first, second = good_store(home, runs=2)
+    victim = tmp_path / "victim" / "deep" / "keep.bin"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"important")
+    raw_row(home, f"payload/{first}/result", None, mode=MODE_BINARY, filename=str(victim))
+    raw_row(home, f"payload/{second}/result", None, mode=MODE_BINARY, filename="../../victim/deep/keep.bin")
+    app = cpsl.App(home=home)
+    with pytest.raises(StoreError, match="outside the store"):
+        app.store.get_payload(first, "result")  # what result() of a payload run reads
+    code, out, _ = cli(capsys, "--home", str(home), "prune", "--older-than", "0s")
+    assert code == 0 and "pruned 2" in out
+    assert victim.read_bytes() == b"important"
+    assert app.store.get(f"payload/{first}/result") is None  # the rows are gone, the file is not
+    raw_row(home, "payload/x/result", None, mode=MODE_BINARY, filename=str(victim))
+    code, out, _ = cli(capsys, "--home", str(home), "doctor", "--fix")
+    assert code == 0 and "moved 1" in out and victim.read_bytes() == b"important"
+
+
+def test_big_values_still_live_in_files_inside_the_store(app):
+    """The confinement keeps diskcache's own value files working (a big record, a big payload)."""
+    from fractions import Fraction
+
+    @app.task
+    def big():
+        print("x" * 100_000)
+        return [Fraction(1, 3)] * 20_000
+
+    handle = big.submit()
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    app.store.flush()
+    assert len(list((app.home / "db").rglob("*.val"))) == 2  # diskcache kept both as files
+    assert app.store.get(f"run/{handle.task_id}")["output"][0]["text"].startswith("x" * 1000)
+    assert app.store.get_payload(handle.task_id, "result")[0] == Fraction(1, 3)
+
+
+# --------------------------------------------------- 3. malformed rows
+
+
+BAD_RUNS = {
+    "no status": lambda k: json.dumps({k: v for k, v in json.loads(record_json(k)).items() if k != "status"}),
+    "no task_id": lambda k: json.dumps({f: v for f, v in json.loads(record_json(k)).items() if f != "task_id"}),
+    "a list": lambda k: json.dumps([1, 2, 3]),
+    "broken JSON": lambda k: '{"task_id": "' + k + '", "status": ',
+    "status 5": lambda k: record_json(k, status=5),
+    "started yesterday": lambda k: record_json(k, started_at="yesterday"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_RUNS))
+def test_a_malformed_run_row_is_skipped_with_one_warning_and_doctor_moves_it(tmp_path, caplog, capsys, what):
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    bad = new_task_id()
+    raw_row(home, f"run/{bad}", BAD_RUNS[what](bad))
+    app = cpsl.App(home=home)
+    for _ in range(3):
+        app.store.poll()
+    assert [r["task_id"] for r in app.store.runs()] == [good]
+    assert len(warnings_naming(caplog, f"run/{bad}")) == 1
+    code, out, _ = cli(capsys, "--home", str(home), "--json", "tasks")
+    assert code == 0 and [r["task_id"] for r in json.loads(out)] == [good]
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    assert code == 1 and f"run/{bad}" in out and "--fix" in out
+    code, out, _ = cli(capsys, "--home", str(home), "doctor", "--fix")
+    assert code == 0 and "moved 1" in out
+    with sqlite3.connect(home / "quarantine.db") as kept:
+        assert kept.execute("SELECT key, problem FROM moved").fetchall()[0][0] == f"run/{bad}"
+    assert cli(capsys, "--home", str(home), "doctor")[0] == 0
+    assert stat.S_IMODE(os.stat(home / "quarantine.db").st_mode) & 0o077 == 0
+
+
+def test_a_pickled_key_and_a_pickled_row_are_listed_and_moved(tmp_path, capsys):
+    home = tmp_path / "store"
+    good_store(home)
+    raw_row(home, pickle.dumps(("run/x",)), json.dumps({}), raw=0)
+    raw_row(home, "run/y", pickle.dumps({"task_id": "y"}), mode=4)
+    code, out, _ = cli(capsys, "--home", str(home), "--json", "doctor")
+    listed = json.loads(out)
+    assert code == 1 and {r["key"] for r in listed} == {"<pickled key, row %d>" % listed[0]["row"], "run/y"}
+    assert cli(capsys, "--home", str(home), "doctor", "--fix")[0] == 0
+    assert cli(capsys, "--home", str(home), "doctor")[0] == 0
+
+
+def foreign_writer(home):
+    """Another program on the store: diskcache with its default (pickling) disk."""
+    return diskcache.Cache(str(home / "db"))
+
+
+def announce(foreign, keys_json):
+    """Append a change-feed entry the way capsule_nb does, its keys given as JSON text."""
+    with foreign.transact():
+        seq = foreign.incr("seq")
+        foreign.set(f"chg/{seq:012d}", keys_json)
+
+
+def test_a_pickled_row_or_entry_in_the_change_feed_never_stops_poll(app, caplog):
+    foreign = foreign_writer(app.home)
+    foreign.set("run/evil", {"task_id": "evil"})  # a pickle under a run key
+    announce(foreign, '["run/evil"]')
+    for _ in range(3):
+        app.store.poll()  # raised on every call, for ever, before
+    assert len(warnings_naming(caplog, "run/evil")) == 1
+    with foreign.transact():  # an entry that is itself a pickle
+        seq = foreign.incr("seq")
+        foreign.set(f"chg/{seq:012d}", ["run/evil"])
+    app.store.poll()
+    later = new_task_id()
+    foreign.set(f"run/{later}", record_json(later))  # a good row, written after the bad ones
+    announce(foreign, json.dumps([f"run/{later}"]))
+    until_sync(lambda: app.store.poll() is not None and app.get_task(later) is not None)
+    foreign.close()
+
+
+def test_bad_lock_schedule_and_document_rows_do_not_break_their_users(app, capsys):
+    foreign = foreign_writer(app.home)
+    foreign.set("lock/report:1", '["not", "a", "lock"]')
+    foreign.set("sched/default/tick", '"not a schedule"')
+    foreign.set("doc/items/a", '{"_id": "b"}')
+    foreign.close()
+
+    @app.task(lock="report:{n}")
+    def report(n):
+        return n
+
+    handle = report.submit(1)
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    assert cli(capsys, "--home", str(app.home), "schedules")[:2] == (0, "no schedules\n")
+    items = app.collection("items")
+    assert items.update_one({"_id": "a"}, {"$set": {"x": 1}}).value is None
+    assert items.insert_one({"_id": "a", "x": 2}).value["x"] == 2  # the bad row is simply replaced
+
+
+# ------------------------------------------------------------- 4. callbacks
+
+
+class _Servers:
+    """Local HTTP endpoints for callbacks, each stopping by itself after ``lifetime`` seconds."""
+
+    def __init__(self, lifetime=20.0):
+        self.lifetime = lifetime
+        self.closed_after = []  # seconds a drip connection lasted until the client gave up
+        self.posts = []
+        self._stop = []
+
+    def fast(self):
+        posts = self.posts
+
+        class Hook(BaseHTTPRequestHandler):
+            def do_POST(self):
+                posts.append((time.monotonic(), json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Timer(self.lifetime, server.shutdown).start()
+        self._stop.append(server.shutdown)
+        return f"http://127.0.0.1:{server.server_port}/hook"
+
+    def slow(self, drip_every=None):
+        """Accepts, reads the request, then answers one byte every ``drip_every`` seconds
+        (never, if None), until the client closes or its lifetime ends."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(self.lifetime)
+        ends = time.monotonic() + self.lifetime
+
+        def serve():
+            with listener:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(0.2)
+                    request = b""
+                    while not _whole_request(request) and time.monotonic() < ends:
+                        with contextlib.suppress(socket.timeout):
+                            request += conn.recv(65536)
+                    start = time.monotonic()
+                    answer = iter(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    next_byte = start + (drip_every or self.lifetime)
+                    while time.monotonic() < ends:
+                        try:
+                            if conn.recv(1) == b"":  # the client closed
+                                break
+                        except socket.timeout:
+                            pass
+                        except OSError:
+                            break
+                        if time.monotonic() >= next_byte:
+                            next_byte += drip_every
+                            try:
+                                conn.sendall(bytes([next(answer, 32)]))
+                            except OSError:
+                                break
+                    self.closed_after.append(time.monotonic() - start)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/slow"
+
+    def close(self):
+        for stop in self._stop:
+            stop()
+
+
+def _whole_request(data):
+    head, blank, body = data.partition(b"\r\n\r\n")
+    if not blank:
+        return False
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return len(body) >= length
+
+
+def test_a_callback_server_dripping_one_byte_every_2s_is_timed_out(app, caplog):
+    from capsule_nb.engine.callbacks import TIMEOUT_SECONDS
+
+    servers = _Servers()
+    url = servers.slow(drip_every=2.0)
+
+    @app.task(callback_url=url)
+    def done():
+        return 1
+
+    done.submit()
+    until_sync(lambda: servers.closed_after, timeout=TIMEOUT_SECONDS + 10)
+    assert servers.closed_after[0] < TIMEOUT_SECONDS + 2  # the whole request, not each read, is bounded
+    until_sync(lambda: f"no complete answer within {TIMEOUT_SECONDS:g} s" in caplog.text)
+    servers.close()
+
+
+async def test_a_hung_callback_endpoint_does_not_hold_up_the_others(app):
+    servers = _Servers()
+    hung, fast = servers.slow(), servers.fast()
+
+    @app.task(callback_url=hung)
+    def stuck_hook():
+        return 1
+
+    @app.task(callback_url=fast)
+    def good_hook(n):
+        return n
+
+    stuck_hook.submit()
+    await until(lambda: stuck_hook.count(status="completed") == 1)
+    sent = time.monotonic()
+    handles = [good_hook.submit(n) for n in range(3)]
+    await until(lambda: len(servers.posts) == 3, timeout=4)  # the hung one holds its post for 5 s
+    assert all(at - sent < 3 for at, _ in servers.posts)
+    assert [body["task_id"] for _, body in servers.posts] == [h.task_id for h in handles]  # in order
+    await until(lambda: servers.closed_after, timeout=10)  # and the hung one is given up in time
+    servers.close()
+
+
+# ------------------------------------------------------------ 5. sizes
+
+
+def test_replies_are_capped_per_message_and_per_run_and_the_record_says_so(logic_app):
+    @logic_app.task
+    def chatty(session):
+        for n in range(20):
+            session.reply(str(n % 10) * 200_000)  # 20 replies of 200,000 characters
+
+    record = chatty.submit().snapshot()
+    kept = record["messages"]
+    assert all(m["truncated"] and len(m["text"]) < MAX_MESSAGE_CHARS + 100 for m in kept)
+    assert kept[-1]["text"].startswith("9" * MAX_MESSAGE_CHARS) and kept[-1]["text"].endswith(
+        "[cut: 136,000 more characters]")
+    assert sum(len(m["text"]) for m in kept) <= MAX_MESSAGES_CHARS
+    assert record["messages_dropped"] == 20 - len(kept) > 0
+    assert len(json.dumps(record)) < MAX_MESSAGES_CHARS * 1.1
+
+
+def test_the_message_count_cap_still_holds_and_is_counted(logic_app):
+    @logic_app.task
+    def ticks(session):
+        for _ in range(MAX_MESSAGES + 50):
+            session.log("tick")
+
+    record = ticks.submit().snapshot()
+    assert len(record["messages"]) == MAX_MESSAGES and record["messages_dropped"] == 50
+
+
+def test_a_streamed_reply_stops_growing_at_the_cap(logic_app):
+    @logic_app.task
+    def stream(session):
+        with session.stream_reply() as out:
+            for _ in range(100):
+                out.write("y" * 10_000)
+
+    (message,) = stream.submit().snapshot()["messages"]
+    assert message["truncated"] and MAX_MESSAGE_CHARS <= len(message["text"]) < MAX_MESSAGE_CHARS + 100
+
+
+def test_a_document_over_the_size_cap_is_refused_and_nothing_changes(app):
+    from capsule_nb.collections import MAX_DOCUMENT_BYTES
+
+    items = app.collection("items")
+    with pytest.raises(ValueError, match=f"over the {MAX_DOCUMENT_BYTES:,}-byte cap"):
+        items.insert_one({"blob": "x" * MAX_DOCUMENT_BYTES})
+    assert items.count() == 0
+    items.insert_one({"_id": "a", "blob": "x" * (MAX_DOCUMENT_BYTES // 2)})
+    with pytest.raises(ValueError, match="cap on a document"):
+        items.update_one({"_id": "a"}, {"$push": {"more": "y" * (MAX_DOCUMENT_BYTES // 2)}})
+    assert "more" not in items.find_one({"_id": "a"})
+
+
+# ------------------------------------------------------ 6. impossible cron
+
+
+def test_an_impossible_cron_is_refused_at_decoration_and_nothing_is_saved(app, capsys):
+    with pytest.raises(ValueError, match=r"bad cron '0 0 30 2 \*': it never fires"):
+        @app.schedule("0 0 30 2 *")
+        def never():
+            pass
+
+    assert app.store.items("sched/") == [] and app.schedules() == []
+    assert cli(capsys, "--home", str(app.home), "schedules")[:2] == (0, "no schedules\n")
+
+
+def test_the_schedules_listing_survives_a_stored_impossible_cron(app, capsys):
+    app.store.update_value("sched/default/old", lambda _: {"cron": "0 0 30 2 *", "tz": "Mars/Base",
+                                                             "last_due": "yesterday"})
+    code, out, _ = cli(capsys, "--home", str(app.home), "schedules")
+    assert code == 0 and "old" in out and "bad:" in out
+    code, out, _ = cli(capsys, "--home", str(app.home), "--json", "schedules")
+    assert code == 0 and json.loads(out)[0]["next"].startswith("bad: bad cron")
+
+
+# ----------------------------------------------------------- 7. the CLI
+
+
+def test_the_cli_renders_records_of_wrong_types_and_marks_them(tmp_path, capsys):
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    five, yesterday = new_task_id(), new_task_id()
+    raw_row(home, f"run/{five}", record_json(five, status=5))
+    raw_row(home, f"run/{yesterday}", record_json(yesterday, started_at="yesterday", attempt="one"))
+    code, out, _ = cli(capsys, "--home", str(home), "tasks")
+    assert code == 0 and good in out and five not in out
+    code, _, err = cli(capsys, "--home", str(home), "show", five)
+    assert code == 2 and "damaged (status 5 is not a known status)" in err
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    table = out[out.index("TASK ID"):]
+    assert code == 1 and "?5" in table and "?'one'/1" in table  # shown, and marked
+    row = next(line for line in table.splitlines() if line.startswith(yesterday))
+    assert row.split()[-1] == "?"  # elapsed of "yesterday" cannot be computed
+
+
+def test_json_output_does_not_build_the_text_table(app, capsys, monkeypatch):
+    import capsule_nb.ui.text
+
+    @app.task
+    def job():
+        return 1
+
+    handle = job.submit()
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+
+    def refuse(records):
+        raise AssertionError("the text table was built for --json")
+
+    monkeypatch.setattr(capsule_nb.ui.text, "table_text", refuse)
+    code, out, _ = cli(capsys, "--home", str(app.home), "--json", "tasks")
+    assert code == 0 and len(json.loads(out)) == 1
+
+
+def test_a_corrupt_store_exits_2_with_a_clean_message(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    for name in os.listdir(home / "db"):
+        if name.startswith("cache.db-"):
+            os.unlink(home / "db" / name)
+    (home / "db" / "cache.db").write_bytes(b"this is not a database" * 1000)
+    done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(home), "tasks"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("capsule-nb tasks: cannot") and str(home) in done.stderr
+
+
+# ------------------------------------------------------ 8. clear errors
+
+
+@pytest.mark.parametrize("call, error, says", [
+    (lambda c: c.find({1: "x"}), TypeError, "got the key 1"),
+    (lambda c: c.find(sort=5), TypeError, "got 5"),
+    (lambda c: c.update_one({}, {"$set": {"_id.x": 1}}), ValueError, r"_id cannot be changed \(\$set '_id.x'\)"),
+    (lambda c: c.update_one({}, {"$set": {"name.first": "x"}}), ValueError, "'name' holds 'Ada', not a document"),
+    (lambda c: c.update_one({}, {"$inc": {"n": 1e308}}), ValueError, "overflows"),
+    (lambda c: c.update_one({}, {"$set": {"n": float("inf")}}), TypeError, "stored as JSON"),
+    (lambda c: c.update_one({}, {"$inc": {"n": float("nan")}}), TypeError, "finite"),
+    (lambda c: c.update_one({}, {"$set": {"a..b": 1}}), ValueError, "an empty part"),
+])
+def test_bad_collection_calls_name_the_value_and_store_nothing(app, call, error, says):
+    items = app.collection("items")
+    items.insert_one({"_id": "a", "name": "Ada", "n": 1e308})
+    with pytest.raises(error, match=says):
+        call(items)
+    assert items.find() == [{"_id": "a", "id": "a", "name": "Ada", "n": 1e308}]
+
+
+def test_a_100k_deep_document_or_filter_is_a_clear_error(app):
+    deep = {}
+    inner = deep
+    for _ in range(100_000):
+        inner["a"] = {}
+        inner = inner["a"]
+    items = app.collection("items")
+    with pytest.raises(ValueError, match="nested more than 100 levels deep"):
+        items.insert_one(deep)
+    with pytest.raises(ValueError, match="nested more than 100 levels deep"):
+        items.find({"a": deep})
+    with pytest.raises(ValueError, match="nested more than 100 levels deep"):
+        items.insert_one({"list": [[[[x] for x in range(3)]]], **{"a": deep}})
+    assert items.count() == 0
+
+
+# ------------------------------------------------------ 9. repeat interval
+
+
+def test_a_repeat_faster_than_a_second_is_refused(logic_app):
+    @logic_app.task
+    def tick():
+        return 1
+
+    with pytest.raises(ValueError, match=r"'every 0.0001s': repeats must be at least 1 s apart"):
+        tick.schedule("every 0.0001s")
+    assert tick.count() == 0
+    assert tick.schedule("every 1s").snapshot()["every"] == 1.0
