@@ -13,6 +13,7 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any, Generator
 
+from . import portable
 from .awaitables import ReadyBool, ReadyStr, resolve
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
@@ -42,6 +43,16 @@ class TaskHandle:
     @property
     def task_name(self) -> str:
         return self._get("task_name")
+
+    @property
+    def display_name(self) -> str:
+        """The name the run shows under: ``submit(display_name=...)``, else the task's; "" when none was given."""
+        return self._get("display_name") or ""
+
+    @property
+    def session_id(self) -> str:
+        """The id of the session the run is bound to; "" for a run submitted without one (as Capsule)."""
+        return self._get("session_id") or ""
 
     @property
     def args(self) -> Any:
@@ -92,6 +103,7 @@ class TaskHandle:
 
     async def wait(self, timeout: float | None = None) -> str:
         """Wait until the run is finished; returns the final status."""
+        portable.note("wait_result")
         store = self._app.store
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
@@ -121,6 +133,7 @@ class TaskHandle:
 
     async def result(self, timeout: float | None = None) -> Any:
         """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""
+        portable.note("wait_result")
         status = await self.wait(timeout)
         record = self.snapshot()
         if status == COMPLETED:
