@@ -3,13 +3,25 @@
 The engine hands every message of a bound run to a ``Display``; in a kernel
 it is ``KernelDisplay``, which sends the message to iopub with the parent
 header of the cell that submitted the run, so it appears under that cell.
+The session layer uses the same display for messages sent from a cell.
+
+Each message is one output with a display id, so it can change in place:
+
+* a stream (``session.stream``, ``stream_reply``) is one output that an
+  ``update_display_data`` redraws with the whole text at each chunk;
+* a notification replaces the session's previous one under the same cell, as
+  Capsule's replace-in-place notification block does.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from . import kernel
+
+NOTICES_KEPT = 10_000  # (session, cell) notification outputs remembered for replacing in place
 
 
 def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
@@ -26,8 +38,30 @@ def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str
 class KernelDisplay:
     """``engine.run.Display`` for a Jupyter kernel (a script has no kernel: it shows nothing)."""
 
-    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None:
-        kernel.emit(target, render_message(kind, text, extra))
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
+
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
+                session_id: str | None = None) -> bool:
+        bundle = render_message(kind, text, extra)
+        if kind != "notify":
+            return kernel.emit(target, bundle, display_id=_display_id(message_id))
+        notice = f"capsule-notify-{session_id}-{kernel.cell_id(target)}"
+        with self._lock:  # two notifications at once still make one output (emit only queues a send)
+            if not kernel.emit(target, bundle, display_id=notice, update=notice in self._notices):
+                return False
+            self._notices[notice] = None
+            while len(self._notices) > NOTICES_KEPT:
+                self._notices.popitem(last=False)
+        return True
+
+    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+        return kernel.emit(target, render_message(kind, text, extra), display_id=_display_id(message_id), update=True)
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return kernel.emit(target, bundle)
+
+
+def _display_id(message_id: str) -> str:
+    return f"capsule-message-{message_id}"
