@@ -74,10 +74,11 @@ def board_text(title: str, columns: Iterable[tuple[str, list[dict[str, Any]]]], 
 
 
 def table_text(records: list[dict[str, Any]]) -> str:
-    """An aligned table of runs (``%tasks`` and the CLI)."""
-    rows = [("TASK ID", "NAME", "STATUS", "ATTEMPT", "ELAPSED", "ERROR")]
+    """An aligned table of runs (``%capsule`` and the CLI); an APP column when they are of several apps."""
+    several = len({r.get("app") for r in records}) > 1
+    rows = [("TASK ID", "NAME", *(("APP",) if several else ()), "STATUS", "ATTEMPT", "ELAPSED", "ERROR")]
     for r in records:
-        rows.append((r["task_id"], r["task_name"], r["status"], f"{r['attempt']}/{r['max_attempts']}",
-                     elapsed(r), (r.get("error") or "")[:60]))
+        rows.append((r["task_id"], r["task_name"], *((str(r.get("app")),) if several else ()), r["status"],
+                     f"{r['attempt']}/{r['max_attempts']}", elapsed(r), (r.get("error") or "")[:60]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
