@@ -544,10 +544,10 @@ def redrawn(cell: Cell) -> list[tuple[str | None, str]]:
             for m in cell.messages if m["msg_type"] == "update_display_data"]
 
 
-def final_text(cell: Cell, display_id: str) -> str:
-    """What the output ``display_id`` shows once every update has landed."""
+def final_text(cell: Cell, display_id: str | None) -> str | None:
+    """What the output ``display_id`` shows after the updates that have landed (None: no such output)."""
     texts = [text for i, text in shown(cell) + redrawn(cell) if i == display_id]
-    return texts[-1]
+    return texts[-1] if texts else None
 
 
 def test_apps_runs_on_the_magics_and_board_in_a_kernel(nb: Kernel):
@@ -604,6 +604,8 @@ def test_a_stream_grows_one_output_in_place_while_another_cell_runs(nb: Kernel):
     assert busy.stdout == "completed\n" and busy.displays == [] and redrawn(busy) == []
     nb.wait_for(lambda: len(shown(submitting)) == 3 and final_text(submitting, shown(submitting)[-1][0]) == "The end.",
                 10, "the last chunk")
+    nb.wait_for(lambda: final_text(submitting, shown(submitting)[1][0]) == "Once upon a time there was a notebook ",
+                10, "the whole story")
     outputs = shown(submitting)
     assert [text for _, text in outputs] == ["[notify] writing…", "Once ", "The "]  # three outputs, no more
     notice, story, ending = (display_id for display_id, _ in outputs)
@@ -611,7 +613,7 @@ def test_a_stream_grows_one_output_in_place_while_another_cell_runs(nb: Kernel):
     assert final_text(submitting, story) == "Once upon a time there was a notebook "
     assert final_text(submitting, ending) == "The end."
     assert final_text(submitting, notice) == "[notify] done"  # the second notification replaced the first
-    assert len([i for i, _ in redrawn(submitting) if i == story]) == 7  # one redraw per chunk after the first
+    assert 1 <= len([i for i, _ in redrawn(submitting) if i == story]) <= 7  # at most one per chunk after the first
 
     def is_update(m: dict[str, Any]) -> bool:
         return m["msg_type"] == "update_display_data"
@@ -641,10 +643,10 @@ def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
     )
     submitting = nb.run("handle = await crunch_embeddings.submit(session=session, batch_id='b1')")
     assert nb.value("await handle.wait(60)") == "completed"
-    nb.wait_for(lambda: len(redrawn(submitting)) == 2, 10, "two redraws")
+    whole = "batch b1 part 0; batch b1 part 1; batch b1 part 2; "
+    nb.wait_for(lambda: shown(submitting) and final_text(submitting, shown(submitting)[0][0]) == whole, 10, whole)
     ((display_id, first),) = shown(submitting)
-    assert first == "batch b1 part 0; " and display_id is not None
-    assert final_text(submitting, display_id) == "batch b1 part 0; batch b1 part 1; batch b1 part 2; "
+    assert first == "batch b1 part 0; " and display_id is not None and redrawn(submitting)
 
     cell = nb.run(
         """
@@ -659,7 +661,13 @@ def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
     )
     (notice, one), (story, streamed) = shown(cell)
     assert (one, streamed) == ("[notify] one", "streamed ")
-    assert final_text(cell, notice) == "[notify] two" and final_text(cell, story) == "streamed from a cell "
+    nb.wait_for(lambda: final_text(cell, story) == "streamed from a cell ", 10, "the cell's whole stream")
+    assert final_text(cell, notice) == "[notify] two"
+
+    burst = nb.run("with session.stream_reply() as out:\n    for i in range(2000):\n        out.write(f'{i} ')")
+    whole = "".join(f"{i} " for i in range(2000))
+    nb.wait_for(lambda: final_text(burst, shown(burst)[0][0]) == whole, 10, "the burst's whole text")
+    assert len(shown(burst)) == 1 and len(redrawn(burst)) <= 10  # coalesced: not 1,999 ever longer messages
 
 
 def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):

@@ -8,7 +8,10 @@ The session layer uses the same display for messages sent from a cell.
 Each message is one output with a display id, so it can change in place:
 
 * a stream (``session.stream``, ``stream_reply``) is one output that an
-  ``update_display_data`` redraws with the whole text at each chunk;
+  ``update_display_data`` redraws with the whole text so far: at once after a
+  quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
+  goes out (a token stream of thousands of chunks is a few redraws a second,
+  not thousands of ever longer messages);
 * a notification replaces the session's previous one under the same cell, as
   Capsule's replace-in-place notification block does.
 """
@@ -16,12 +19,14 @@ Each message is one output with a display id, so it can change in place:
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
 from . import kernel
 
 NOTICES_KEPT = 10_000  # (session, cell) notification outputs remembered for replacing in place
+REDRAW_SECONDS = 0.05  # a growing message is redrawn at most 20 times a second
 
 
 def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
@@ -41,6 +46,8 @@ class KernelDisplay:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
+        self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it was last redrawn
+        self._due: dict[str, tuple[Any, dict[str, str]]] = {}  # display id -> the newest redraw, waiting
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool:
@@ -57,7 +64,35 @@ class KernelDisplay:
         return True
 
     def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
-        return kernel.emit(target, render_message(kind, text, extra), display_id=_display_id(message_id), update=True)
+        if kernel.kernel() is None or target is None:
+            return False
+        display_id, bundle = _display_id(message_id), render_message(kind, text, extra)
+        with self._lock:
+            if display_id in self._due:  # a redraw is armed: it takes this newer text
+                self._due[display_id] = (target, bundle)
+                return True
+            wait = self._redrawn.get(display_id, float("-inf")) + REDRAW_SECONDS - time.monotonic()
+            if wait > 0:
+                self._due[display_id] = (target, bundle)
+                timer = threading.Timer(wait, self._redraw, (display_id,))
+                timer.daemon = True
+                timer.start()
+                return True
+            self._mark_redrawn(display_id)
+            return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
+
+    def _redraw(self, display_id: str) -> None:
+        with self._lock:
+            target, bundle = self._due.pop(display_id)
+            self._mark_redrawn(display_id)
+            kernel.emit(target, bundle, display_id=display_id, update=True)
+
+    def _mark_redrawn(self, display_id: str) -> None:
+        """Caller holds ``self._lock``."""
+        self._redrawn[display_id] = time.monotonic()
+        self._redrawn.move_to_end(display_id)
+        while len(self._redrawn) > NOTICES_KEPT:
+            self._redrawn.popitem(last=False)
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return kernel.emit(target, bundle)
