@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .app import App, configure, current_session, get_task, schedule, task
+from .app import App, Image, configure, current_session, get_task, schedule, task
 from .errors import LockedError, TaskCancelled, TaskFailed
 from .handle import TaskHandle
 from .notebook import load_ipython_extension, unload_ipython_extension
@@ -28,6 +28,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "App",
+    "Image",
     "LockedError",
     "Session",
     "TaskCancelled",

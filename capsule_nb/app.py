@@ -10,13 +10,18 @@ thread, one mirror per folder).
 from __future__ import annotations
 
 import atexit
+import contextvars
+import functools
+import inspect
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from . import portable as _portable
 from .checks import whole_number
-from .collections import Collection, Database
+from .collections import Collection, Database, TableSpec
 from .cron import parse_cron, parse_tz
 from .engine.runtime import Runtime, Settings
 from .engine.upkeep import stored_arguments
@@ -28,7 +33,7 @@ from .record import RunRecord
 from .schedules import Schedule
 from .session import Session, local_user
 from .store import open_store
-from .tasks import Task
+from .tasks import Task, note_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,25 +47,53 @@ def _home(home: str | os.PathLike[str] | None) -> Path:
     return Path(env) if env else Path.cwd() / ".capsule"
 
 
+class Image:
+    """Capsule's container image: ``cpsl.Image(python_packages=[...])``, and its chained
+    ``.add_...(...)`` steps. Accepted so Capsule app templates run unchanged; it does
+    nothing locally, where the notebook's own environment is the image."""
+
+    def __init__(self, *args: Any, **options: Any):
+        self.args = args
+        self.options = options
+        self.steps: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., "Image"]:
+        if not name.startswith(("add_", "with_")):
+            raise AttributeError(f"'Image' object has no attribute {name!r}")
+
+        def step(*args: Any, **options: Any) -> "Image":
+            self.steps.append((name, args, options))
+            return self
+
+        return step
+
+    def __repr__(self) -> str:
+        return f"Image({', '.join(f'{k}={v!r}' for k, v in self.options.items())})  # not used locally"
+
+
 class App:
     """A named group of tasks with its store.
 
-    ``executor="immediate"`` runs each submitted run to its end in the
+    ``image`` (a ``cpsl.Image``) is accepted as Capsule's ``App`` takes it and
+    does nothing locally. ``executor="immediate"`` runs each submitted run to its end in the
     caller, with no threads and no timers (retries follow at once, timeouts
     are not enforced, a run scheduled for later stays ``scheduled``): a mode
     for tests of task logic, as huey's immediate mode is.
     """
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
-                 max_threads: int = 32, keep_finished: int = 10_000, executor: str = "default"):
+                 image: Any = None, max_threads: int = 32, keep_finished: int = 10_000,
+                 executor: str = "default"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.name = name
+        self.image = image
         self.store = open_store(_home(home))
         self._tasks: dict[str, Task] = {}
         self._schedules: dict[str, Schedule] = {}
+        self._pages: dict[str, Callable[..., Any]] = {}
         self.tasks = TaskQuery(self)
         user = local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
@@ -72,6 +105,7 @@ class App:
         self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,
                                session_for=self._session_for, display=KernelDisplay())
         self._closed = False
+        _apps[(str(self.store.path), name)] = self
         atexit.register(self.close)
         self.runtime.recover()
         self.runtime.start_maintenance()
@@ -96,6 +130,20 @@ class App:
     def _session_for(self, session_id: str | None) -> Session | None:
         return self.session if session_id == self.session.id else None
 
+    def for_run(self, record: RunRecord) -> "App":
+        """The app of this process that owns ``record`` (its tasks, its runtime): the record's app on
+        this store when it is defined here, else this one. Boards show every app of a store, so a
+        Cancel or Retry on one must reach the runtime that runs it."""
+        if record.get("app") == self.name:
+            return self
+        other = _apps.get((str(self.store.path), record.get("app", "")))
+        return other if other is not None and not other._closed else self
+
+    def apps_on_store(self) -> list["App"]:
+        """The apps of this process on this app's store, by name (``%capsule`` lists their schedules)."""
+        path = str(self.store.path)
+        return sorted((a for (p, _), a in list(_apps.items()) if p == path and not a._closed), key=lambda a: a.name)
+
     # ----------------------------------------------------------- declaring
 
     def task(self, fn: F | None = None, /, **options: Any) -> Any:
@@ -103,6 +151,7 @@ class App:
 
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
+            note_options(task, options)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
             if task.process and self.runtime.cluster is None and not self.runtime.settings.immediate:
                 self.runtime.processes.warm(1)  # the first run should not pay a process start
@@ -116,6 +165,7 @@ class App:
         """``@app.schedule("*/5 * * * *", tz="Europe/Paris")``: run a no-argument function on a cron cadence."""
         parse_cron(cron)  # a bad cron fails here, before there is a function
         parse_tz(tz)
+        _note_schedule(cron, tz, name, catchup)
 
         def decorate(function: F) -> Schedule:
             schedule = Schedule(function, app=self, cron=cron, tz=tz, name=name, catchup=catchup)
@@ -127,6 +177,32 @@ class App:
             return schedule
 
         return decorate
+
+    def page(self, title: str, icon: str | None = None) -> Callable[[F], F]:
+        """``@app.page("Tasks", icon="layout-grid")``: a Capsule page. In a notebook, call the
+        function: its result (``cpsl.ui.Page([...])``) shows its components stacked, and the
+        boards in it read this app's store. ``icon`` has no effect locally."""
+        if not isinstance(title, str) or not title:
+            raise ValueError(f"a page needs a title, got {title!r}")
+
+        def decorate(function: F) -> F:
+            if inspect.iscoroutinefunction(function):
+                async def render(*args: Any, **kwargs: Any) -> Any:
+                    with _using(self):
+                        return await function(*args, **kwargs)
+            else:
+                def render(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                    with _using(self):
+                        return function(*args, **kwargs)
+            page = functools.wraps(function)(render)
+            page.title, page.icon = title, icon  # type: ignore[attr-defined]
+            self._pages[title] = page  # a re-run cell replaces, never doubles
+            return page  # type: ignore[return-value]
+
+        return decorate
+
+    def pages(self) -> dict[str, Callable[..., Any]]:
+        return dict(self._pages)
 
     def registered_schedule(self, name: str) -> Schedule | None:
         return self._schedules.get(name)
@@ -145,25 +221,34 @@ class App:
     def get_task(self, task_id: str) -> TaskHandle | None:
         """A handle for any run in this app's store, from this kernel or an earlier one."""
         record = self.store.get_run(task_id)
-        return None if record is None else TaskHandle(self, task_id)
+        return None if record is None else TaskHandle(self.for_run(record), task_id)
 
     def resubmit(self, task_id: str) -> TaskHandle:
         """Run a finished run's task again with the same arguments (a card's Retry button)."""
         record = self.store.get_run(task_id)
         if record is None:
             raise KeyError(f"no run {task_id!r} in {self.home}")
-        task = self._tasks.get(record["task_name"])
+        owner = self.for_run(record)
+        task = owner._tasks.get(record["task_name"]) if owner.name == record["app"] else None
         if task is None:
-            raise LookupError(f"task {record['task_name']!r} is not defined in this kernel; define it to retry")
+            raise LookupError(f"task {record['task_name']!r} of app {record['app']!r} is not defined in this "
+                              "kernel; define it to retry")
         args, kwargs = stored_arguments(self.store, record)
-        return task.submit(*args, session=self._session_for(record.get("session_id")), **kwargs)
+        return task.submit(*args, session=owner._session_for(record.get("session_id")), **kwargs)
 
     def load_result(self, record: RunRecord) -> Any:
         return self.runtime.results.load(record)
 
-    def collection(self, name: str) -> Collection:
-        """A document collection in this app's store (the same as ``session.db[name]``)."""
-        return Collection(self.store, name)
+    def collection(self, name: str, *, columns: list[Any] | None = None, scope: str = "app",
+                   sortable: bool = False, filterable: bool = False, paginate: int = 0) -> Collection:
+        """A document collection in this app's store (the same as ``session.db[name]``).
+
+        Capsule's options are accepted: ``columns`` (names, or ``{"key", "label"}``) and
+        ``paginate`` shape the table a collection displays as; ``scope`` is checked, but a
+        notebook has one user and one owner, so every scope is the same collection here."""
+        spec = TableSpec(columns, scope, sortable, filterable, paginate)
+        declared = columns is not None or paginate or sortable or filterable or scope != "app"
+        return Collection(self.store, name, spec if declared else None)
 
     @property
     def db(self) -> Database:
@@ -184,8 +269,38 @@ class App:
             pass
 
 
+def _note_schedule(cron: str, tz: str, name: str | None, catchup: bool) -> None:
+    """Portable mode: what Capsule's ``@app.schedule(cron)`` has not."""
+    if tz != "UTC":
+        _portable.note("cron_tz")
+    if len(str(cron).split()) == 6:
+        _portable.note("cron_seconds")
+    if name is not None or catchup:
+        _portable.note("schedule_options")
+
+
 _default: App | None = None
 _default_lock = threading.Lock()
+_apps: "weakref.WeakValueDictionary[tuple[str, str], App]" = weakref.WeakValueDictionary()
+_in_use: contextvars.ContextVar[App | None] = contextvars.ContextVar("capsule_nb_page_app", default=None)
+
+
+class _using:
+    """While a page function runs, widgets made without an app belong to the page's app."""
+
+    def __init__(self, app: App):
+        self._app = app
+
+    def __enter__(self) -> None:
+        self._token = _in_use.set(self._app)
+
+    def __exit__(self, *exc: Any) -> None:
+        _in_use.reset(self._token)
+
+
+def app_in_use() -> App:
+    """The app a widget made without one shows: the page's inside a page function, else the default."""
+    return _in_use.get() or default_app()
 
 
 def default_app() -> App:
@@ -201,15 +316,19 @@ _UNSET: Any = object()
 
 def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | None = None,
               max_result_bytes: int | None = None, keep_finished: int | None = None,
-              cluster: Any = _UNSET) -> App:
+              cluster: Any = _UNSET, portable: bool | None = None) -> App:
     """Set up the default app and return it.
 
     ``home`` moves the default app to another store (do it before defining
     tasks); the others tune it in place: the thread pool size, the largest
     result kept (bigger ones keep only a repr), finished runs kept per app,
     and ``cluster``: a ``distributed.Client`` that ``process=True`` runs go to
-    (``None``: back to this machine's worker processes).
+    (``None``: back to this machine's worker processes). ``portable=True``
+    makes each capsule_nb-only extension warn once with the Capsule way to
+    write it (for the whole process).
     """
+    if portable is not None:
+        _portable.set_portable(portable)
     global _default
     with _default_lock:
         if _default is None or home is not None:
@@ -237,6 +356,7 @@ def schedule(cron: str, *, tz: str = "UTC", name: str | None = None, catchup: bo
 
 
 def get_task(task_id: str) -> TaskHandle | None:
+    _portable.note("get_task")
     return default_app().get_task(task_id)
 
 

@@ -1,18 +1,22 @@
 """The ``capsule-nb`` command (also ``python -m capsule_nb``).
 
     capsule-nb demo [--notebook PATH] [--home DIR] [--save PATH]
-    capsule-nb [--home PATH] [--json] tasks [--status S] [--name N] [--limit K]
-    capsule-nb [--home PATH] [--json] show ID
-    capsule-nb [--home PATH] cancel ID
-    capsule-nb [--home PATH] prune --older-than 7d
-    capsule-nb [--home PATH] [--json] schedules
-    capsule-nb [--home PATH] [--json] doctor [--fix]
+    capsule-nb tasks [--status S] [--name N] [--app A] [--limit K] [--home PATH] [--json]
+    capsule-nb show ID [--home PATH] [--json]
+    capsule-nb cancel ID [--home PATH]
+    capsule-nb prune --older-than 7d [--home PATH]
+    capsule-nb schedules [--home PATH] [--json]
+    capsule-nb doctor [--fix] [--home PATH] [--json]
+    capsule-nb check NOTEBOOK...
 
 ``demo`` executes the quickstart notebook headless (``demo.py``) and exits
-non-zero when a cell of the notebook raises. The others read (or act on) a
-store: ``--home``, else ``$CAPSULE_NB_HOME``, else ``./.capsule``.
-An unknown run id, a folder that is not a store, and a store that cannot be
-used (damaged, or open to other users) exit with code 2 and one line saying why.
+non-zero when a cell of the notebook raises. ``check`` lists a notebook's
+capsule_nb-only extensions (``portcheck.py``). The others read (or act on) a
+store: ``--home``, else ``$CAPSULE_NB_HOME``, else ``./.capsule``; ``--home``
+and ``--json`` go before or after the command. They show every app on the
+store. An unknown run id, a folder that is not a store, and a store that
+cannot be used (damaged, or open to other users) exit with code 2 and one
+line saying why.
 
 Subcommands are argparse sub-parsers, each a ``cmd_<name>(args) -> int``;
 ``main(argv)`` returns the exit code, so tests can call it in-process.
@@ -35,11 +39,15 @@ class _UsageError(Exception):
 
 def _open(args: argparse.Namespace) -> Any:
     """The App of the store named by ``--home`` (never creating one on a typo)."""
+    import os
+
     from .app import App, _home
 
     home = _home(args.home).expanduser().resolve()
     if not (home / "db" / "cache.db").is_file():
-        raise _UsageError(f"{home} is not a capsule_nb store (no db/cache.db); give --home or set CAPSULE_NB_HOME")
+        named_by = ("given by --home" if args.home else "from CAPSULE_NB_HOME" if os.environ.get("CAPSULE_NB_HOME")
+                    else "the default; give --home or set CAPSULE_NB_HOME")
+        raise _UsageError(f"{home} is not a capsule_nb store (no db/cache.db; {named_by})")
     return App(home=home)
 
 
@@ -76,7 +84,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     app = _open(args)
     records = [r for r in app.store.runs()
                if (args.status is None or r["status"] == args.status)
-               and (args.name is None or r["task_name"] == args.name)]
+               and (args.name is None or r["task_name"] == args.name)
+               and (args.app is None or r["app"] == args.app)]
     records.sort(key=lambda r: r["task_id"], reverse=True)
     records = records[: args.limit] if args.limit else records
     _emit(args, records, lambda: table_text(records) if records else "no runs")
@@ -189,12 +198,24 @@ def _doctor_text(home: Any, bad: list) -> str:
     return "\n".join(lines + ["", "`capsule-nb doctor --fix` moves them aside"])
 
 
+def _store_options(parser: argparse.ArgumentParser, *, json: bool = True, top: bool = False) -> None:
+    """``--home`` and ``--json``, on the main parser and on each store command: a value given
+    after the command wins, and a command that is not given one keeps the main parser's."""
+    unset = None if top else argparse.SUPPRESS
+    parser.add_argument("--home", metavar="PATH", default=unset,
+                        help="the store (default: $CAPSULE_NB_HOME, else ./.capsule)")
+    if json:
+        parser.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
+                            help="print JSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .portcheck import add_parser as add_check
+
     parser = argparse.ArgumentParser(
         prog="capsule-nb", description="Capsule-style background tasks for Jupyter notebooks."
     )
-    parser.add_argument("--home", metavar="PATH", help="the store (default: $CAPSULE_NB_HOME, else ./.capsule)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _store_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -209,30 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=120, help="seconds one cell may take (default: 120)")
     demo.set_defaults(func=cmd_demo)
 
-    tasks = commands.add_parser("tasks", help="list runs, newest first, as a table")
+    tasks = commands.add_parser("tasks", help="list runs of every app, newest first, as a table")
     tasks.add_argument("--status", help="only runs with this status")
     tasks.add_argument("--name", help="only runs of this task")
+    tasks.add_argument("--app", help="only runs of this app (default: every app on the store)")
     tasks.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default 50)")
+    _store_options(tasks)
     tasks.set_defaults(func=cmd_tasks)
 
     show = commands.add_parser("show", help="one run: record, messages, error, result preview")
     show.add_argument("id")
+    _store_options(show)
     show.set_defaults(func=cmd_show)
 
     cancel = commands.add_parser("cancel", help="cancel a run (a live kernel that owns it stops it)")
     cancel.add_argument("id")
+    _store_options(cancel, json=False)
     cancel.set_defaults(func=cmd_cancel)
 
     prune = commands.add_parser("prune", help="delete finished runs older than an age")
     prune.add_argument("--older-than", required=True, metavar="AGE", help="like 7d, 12h, 30m")
+    _store_options(prune, json=False)
     prune.set_defaults(func=cmd_prune)
 
     schedules = commands.add_parser("schedules", help="the schedules defined on this store, with their next run")
+    _store_options(schedules)
     schedules.set_defaults(func=cmd_schedules)
 
-    check = commands.add_parser("doctor", help="list the store's bad rows (skipped when read); --fix moves them aside")
-    check.add_argument("--fix", action="store_true", help="move the bad rows into quarantine.db in the store folder")
-    check.set_defaults(func=cmd_doctor)
+    doctor = commands.add_parser("doctor", help="list the store's bad rows (skipped when read); --fix moves them aside")
+    doctor.add_argument("--fix", action="store_true", help="move the bad rows into quarantine.db in the store folder")
+    _store_options(doctor)
+    doctor.set_defaults(func=cmd_doctor)
+
+    add_check(commands)
     return parser
 
 

@@ -35,14 +35,37 @@ _UPDATES = ("$set", "$inc", "$unset", "$push")
 _MISSING = object()
 MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap. Every process keeps every document in memory
 MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
+SCOPES = ("app", "user", "owner", "session")
+TABLE_ROWS = 200  # rows a collection's table shows when it declares no ``paginate``
+
+# What ``app.collection(name, columns=...)`` declared, by (store folder, name): how the table shows it.
+_declared: dict[tuple[str, str], "TableSpec"] = {}
+
+
+class TableSpec:
+    """Capsule's collection options. Locally they shape the table display only; ``scope`` is
+    checked and kept, but one notebook has one user and one owner, so every scope is one
+    collection in the store."""
+
+    def __init__(self, columns: Iterable[Any] | None = None, scope: str = "app", sortable: bool = False,
+                 filterable: bool = False, paginate: int = 0):
+        if scope not in SCOPES:
+            raise ValueError(f"collection scope must be one of {SCOPES}, got {scope!r}")
+        self.columns = [_column(c) for c in columns] if columns is not None else None
+        self.scope = scope
+        self.sortable = bool(sortable)
+        self.filterable = bool(filterable)
+        self.paginate = whole_number("paginate", paginate)
 
 
 class Collection:
-    def __init__(self, store: "Store", name: str):
+    def __init__(self, store: "Store", name: str, spec: TableSpec | None = None):
         if not isinstance(name, str) or not name or "/" in name or name.startswith("_"):
             raise ValueError(f"bad collection name {name!r}: a non-empty name without '/' or a leading '_'")
         self._store = store
         self.name = name
+        if spec is not None:
+            _declared[(str(store.path), name)] = spec
 
     def __repr__(self) -> str:
         return f"<collection {self.name!r}: {len(self._store.docs(self.name))} documents>"
@@ -95,8 +118,9 @@ class Collection:
         return ReadyValue(found[0] if found else None)
 
     def find(self, filter: dict[str, Any] | None = None, limit: int = 0, skip: int = 0,
-             sort: str | list[tuple[str, int]] | None = None) -> ReadyList:
-        """Matching documents (copies) in insertion order or by ``sort``: ``"field"``, ``"-field"``
+             sort: str | list[tuple[str, int]] | dict[str, int] | None = None) -> ReadyList:
+        """Matching documents (copies) in insertion order or by ``sort``: Capsule's
+        ``{"field": 1, "other": -1}`` (keys in order), ``"field"``, ``"-field"``
         or ``[("field", 1), ("other", -1)]``."""
         whole_number("limit", limit)
         whole_number("skip", skip)
@@ -116,15 +140,22 @@ class Collection:
     # ---------------------------------------------------------------- display
 
     def _repr_html_(self) -> str:
-        docs = self._store.docs(self.name)[:200]
-        columns: list[str] = ["id"]
-        for doc in docs:
-            columns.extend(k for k in doc if k not in columns and k != "_id")
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(d.get(c, '')))}</td>" for c in columns) + "</tr>" for d in docs
-        )
-        return (f"<div><b>{html.escape(self.name)}</b> ({self.count()} documents)"
+        """A table: the declared ``columns`` (key and label) in order, else every key seen."""
+        spec = _declared.get((str(self._store.path), self.name))
+        total = self.count()
+        docs = self._store.docs(self.name)[: spec.paginate if spec and spec.paginate else TABLE_ROWS]
+        if spec is not None and spec.columns is not None:
+            columns = spec.columns
+        else:
+            keys: list[str] = ["id"]
+            for doc in docs:
+                keys.extend(k for k in doc if k not in keys and k != "_id")
+            columns = [(k, k) for k in keys]
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(_shown(d, key)))}</td>" for key, _ in columns)
+                       + "</tr>" for d in docs)
+        shown = f"{len(docs)} of {total} documents" if len(docs) < total else f"{total} documents"
+        return (f"<div><b>{html.escape(self.name)}</b> ({shown})"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
 
 
@@ -322,18 +353,20 @@ def _sum(current: int | float, arg: int | float, field: str) -> int | float:
     return total
 
 
-def _sort_keys(sort: str | list[tuple[str, int]] | None) -> list[tuple[str, int]]:
+def _sort_keys(sort: str | list[tuple[str, int]] | dict[str, int] | None) -> list[tuple[str, int]]:
     if sort is None:
         return []
     if isinstance(sort, str):
         return [(sort[1:], -1)] if sort.startswith("-") else [(sort, 1)]
     try:
-        keys = list(sort)
+        keys = list(sort.items()) if isinstance(sort, dict) else list(sort)
     except TypeError:
-        raise TypeError(f"sort takes 'field', '-field' or [('field', 1 or -1)], got {sort!r}") from None
+        raise TypeError(f"sort takes 'field', '-field', {{'field': 1 or -1, ...}} or [('field', 1 or -1)], "
+                        f"got {sort!r}") from None
     for item in keys:
         if not (isinstance(item, tuple) and len(item) == 2 and item[1] in (1, -1)):
-            raise ValueError(f"sort takes 'field', '-field' or [('field', 1 or -1)], got {sort!r}")
+            raise ValueError(f"sort takes {{'field': 1 or -1, ...}}, 'field', '-field' or [('field', 1 or -1)], "
+                             f"got {sort!r}")
     return keys
 
 
@@ -344,6 +377,22 @@ def _sortable(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, "number", value)
     return (2, type(value).__name__, value if isinstance(value, str) else repr(value))
+
+
+def _column(column: Any) -> tuple[str, str]:
+    """``(key, label)`` of a column given as a name, a ``{"key", "label"}`` dict or a Column-like object."""
+    if isinstance(column, str):
+        return column, column
+    key = column.get("key") if isinstance(column, dict) else getattr(column, "key", None)
+    label = column.get("label") if isinstance(column, dict) else getattr(column, "label", None)
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a collection column is a field name, or has a 'key'; got {column!r}")
+    return key, label or key
+
+
+def _shown(doc: dict[str, Any], key: str) -> Any:
+    value = _get(doc, key)
+    return "" if value is _MISSING else value
 
 
 def _cell(value: Any) -> str:

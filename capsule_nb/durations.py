@@ -1,4 +1,8 @@
-"""Parsing of the human delays that ``schedule`` accepts ("30s", "every 5m")."""
+"""Parsing of the human delays that ``schedule`` accepts ("30s", "10 minutes", "every 5m").
+
+The words are the Capsule SDK's (one number, one unit, any case), plus a
+decimal number ("0.5s"), which the SDK does not take.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
+_EVERY = re.compile(r"(?:repeat\s+)?every\b", re.IGNORECASE)
 MIN_INTERVAL = 1.0  # seconds between repeats: as often as a cron seconds field allows, never a busy loop
 
 
 def parse_delay(value: object, *, what: str = "delay") -> float:
-    """Seconds from "30s" / "5m" / "2h" / "1d", a number of seconds or a timedelta.
+    """Seconds from "30s" / "10 minutes" / "2hr" / "1 day", a number of seconds or a timedelta.
 
     Compound forms such as "1h30m" are refused rather than half-read: a
     schedule that silently runs at the wrong time is worse than an error.
@@ -22,12 +27,12 @@ def parse_delay(value: object, *, what: str = "delay") -> float:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DELAY.fullmatch(value.strip())
+        match = _DELAY.fullmatch(value.strip().lower())
         if not match:
             raise ValueError(
-                f"bad {what} {value!r}: use a number with one unit, like '30s', '5m', '2h' or '1d'"
+                f"bad {what} {value!r}: use a number with one unit, like '30s', '5m', '2h', '1d' or '10 minutes'"
             )
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(match.group(1)) * _UNITS[match.group(2)[0]]
     else:
         raise TypeError(f"bad {what} {value!r}: expected a string like '5m', seconds or a timedelta")
     if not math.isfinite(seconds) or seconds < 0:
@@ -36,11 +41,12 @@ def parse_delay(value: object, *, what: str = "delay") -> float:
 
 
 def parse_when(when: object) -> tuple[float | None, float | None]:
-    """Split ``schedule(when=...)`` into ``(delay, every)`` seconds."""
+    """Split ``schedule(when=...)`` into ``(delay, every)`` seconds ("every 5m" or "repeat every 5m" repeats)."""
     if when is None:
         return None, None
-    if isinstance(when, str) and when.strip().lower().startswith("every"):
-        every = parse_delay(when.strip()[5:].strip(), what="interval")
+    repeat = _EVERY.match(when.strip()) if isinstance(when, str) else None
+    if repeat:
+        every = parse_delay(when.strip()[repeat.end():].strip(), what="interval")
         if every < MIN_INTERVAL:
             raise ValueError(f"bad interval {when!r}: repeats must be at least {MIN_INTERVAL:g} s apart")
         return None, every

@@ -14,6 +14,7 @@ import datetime as dt
 import threading
 from typing import TYPE_CHECKING, Any, Generator
 
+from . import portable
 from .awaitables import ReadyBool, ReadyStr, resolve
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
@@ -43,6 +44,16 @@ class TaskHandle:
     @property
     def task_name(self) -> str:
         return self._get("task_name")
+
+    @property
+    def display_name(self) -> str:
+        """The name the run shows under: ``submit(display_name=...)``, else the task's; "" when none was given."""
+        return self._get("display_name") or ""
+
+    @property
+    def session_id(self) -> str:
+        """The id of the session the run is bound to; "" for a run submitted without one (as Capsule)."""
+        return self._get("session_id") or ""
 
     @property
     def args(self) -> Any:
@@ -98,6 +109,7 @@ class TaskHandle:
         A run another process owns reaches those events through the runtime's
         watch, one store poll per tick however many runs are waited on.
         """
+        portable.note("wait_result")
         record = self.snapshot()
         if record["status"] in FINISHED:
             return record["status"]
@@ -127,6 +139,7 @@ class TaskHandle:
 
     async def result(self, timeout: float | None = None) -> Any:
         """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""
+        portable.note("wait_result")
         status = await self.wait(timeout)
         record = self.snapshot()
         if status == COMPLETED:

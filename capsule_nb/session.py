@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable, Iterator
 
+from . import portable
 from .awaitables import DONE, ReadyNone
 from .collections import Database
 from .engine.context import current_run
 from .notebook import kernel
 from .notebook.messages import render_message
-from .record import json_safe
+from .record import json_safe, new_task_id
 from .store import Store, open_store
 
 if TYPE_CHECKING:
@@ -125,15 +126,23 @@ class Session:
 
     # -------------------------------------------------------------- messages
 
-    def _post(self, kind: str, text: str, **extra: Any) -> str | None:
+    def _post(self, kind: str, text: str, **extra: Any) -> None:
         """In a run: kept with the run. In a cell: shown in the cell (printed outside a kernel)."""
         run = current_run.get()
         if run is not None:
-            return run.message(kind, str(text), **extra)
-        bundle = render_message(kind, str(text), extra)
-        if not kernel.emit(kernel.cell_target(), bundle):
-            print(bundle["text/plain"])
-        return None
+            run.message(kind, str(text), **extra)
+        elif not self._show(kernel.cell_target(), kind, str(text), extra, new_task_id()):
+            print(render_message(kind, str(text), extra)["text/plain"])
+
+    def _show(self, target: Any, kind: str, text: str, extra: dict[str, Any], message_id: str,
+              update: bool = False) -> bool:
+        """A message from a cell, through the app's display (the one a run's messages take)."""
+        if self._app is None:
+            return False
+        display = self._app.runtime.display
+        if update:
+            return display.update(target, kind, text, extra, message_id=message_id)
+        return display.message(target, kind, text, extra, message_id=message_id, session_id=self.id)
 
     def reply(self, text: str) -> ReadyNone:
         """A message to the user: on the run's card and, when bound, under the submitting cell."""
@@ -146,6 +155,7 @@ class Session:
 
     def log(self, text: str) -> ReadyNone:
         """A line for the card's log; not shown in the cell."""
+        portable.note("progress_log")
         run = current_run.get()
         if run is not None:
             run.message("log", str(text))
@@ -157,6 +167,7 @@ class Session:
         """Drive the card's progress bar (``total=None``: an open-ended count)."""
         if total is not None and total < 0 or done < 0:
             raise ValueError(f"progress must not be negative: done={done!r}, total={total!r}")
+        portable.note("progress_log")
         run = current_run.get()
         if run is not None:
             run.progress(done, total, message)
@@ -202,6 +213,8 @@ class Session:
         from . import ui
 
         handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
+        if handle is None:
+            raise KeyError(f"show_task: no run {handle_or_id!r} in the store at {self._app.home}")
         card = ui.TaskCard(handle, message=message)
         if run is None:
             ui.display(card)
@@ -213,13 +226,20 @@ class Session:
 
 
 class StreamReply:
-    """A message that grows: text written here is appended to one reply."""
+    """A message that grows: text written here is appended to one reply.
+
+    In a run the reply grows on the run's record and, for a bound run, in
+    place under the submitting cell. In a cell it is one output that grows in
+    place; outside a kernel it is printed whole when the stream closes.
+    """
 
     def __init__(self, session: Session):
         self._session = session
         self._run = current_run.get()
+        self._target = kernel.cell_target() if self._run is None else None
         self._id: str | None = None
         self._parts: list[str] = []
+        self._shown = False  # the cell output exists (a kernel is there)
 
     def write(self, text: str) -> None:
         text = str(text)
@@ -228,12 +248,17 @@ class StreamReply:
                 self._id = self._run.message("stream", text)
             else:
                 self._run.extend_message(self._id, text)
-        else:
-            self._parts.append(text)
+            return
+        self._parts.append(text)
+        if self._id is None:
+            self._id = new_task_id()
+            self._shown = self._session._show(self._target, "stream", text, {}, self._id)
+        elif self._shown:
+            self._session._show(self._target, "stream", "".join(self._parts), {}, self._id, update=True)
 
     def close(self) -> None:
-        if self._run is None and self._parts:
-            self._session._post("stream", "".join(self._parts))
+        if self._run is None and self._parts and not self._shown:
+            print(render_message("stream", "".join(self._parts), {})["text/plain"])
             self._parts.clear()
 
     def __enter__(self) -> "StreamReply":

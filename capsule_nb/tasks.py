@@ -8,15 +8,19 @@ or called never gets as far as a run record.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import datetime as dt
 import functools
 import inspect
 import random
 import re
 import string
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from . import portable
 from .checks import whole_number
 from .durations import parse_delay, parse_when
 from .handle import TaskHandle
@@ -31,7 +35,7 @@ MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
 
 
 class Task:
-    """A decorated function. Call it to run inline; ``submit``/``schedule`` to run in the background."""
+    """A decorated function. ``await`` a call to run it inline; ``submit``/``schedule`` to run in the background."""
 
     def __init__(
         self,
@@ -77,6 +81,7 @@ class Task:
         self.memory_limit = _parse_size(memory_limit, self.name) if memory_limit is not None else None
         self.signature = inspect.signature(fn)
         self.session_param = _session_param(self.signature)
+        self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         self.lock = lock
         if lock is not None:
             _check_lock_template(lock, self.signature, self.name)
@@ -86,14 +91,21 @@ class Task:
         return f"<capsule task {self.name!r}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run inline, exactly like the undecorated function."""
-        return self.fn(*args, **kwargs)
+        """``await task(x=1)``: run the function inline, no queue and no handle, as Capsule's
+        task descriptor does. The call is always awaitable; a sync function runs in the
+        loop's executor, so it does not block the loop. The plain function is ``task.fn``."""
+        if self.is_async:
+            return self.fn(*args, **kwargs)
+        return _in_executor(functools.partial(self.fn, *args, **kwargs))
 
     # ------------------------------------------------------------- running
 
-    def submit(self, *args: Any, session: "Session | None" = None, **kwargs: Any) -> TaskHandle:
-        """Start a run now. Returns its handle at once; ``await`` it to wait until it is durable."""
-        return self._submit(args, kwargs, session=session)
+    def submit(self, *args: Any, session: "Session | None" = None, display_name: str | None = None,
+               **kwargs: Any) -> TaskHandle:
+        """Start a run now. Returns its handle at once; ``await`` it to wait until it is durable.
+
+        ``display_name`` names this run on its card and the board (Capsule's ``submit`` has it)."""
+        return self._submit(args, kwargs, session=session, display_name=display_name)
 
     def schedule(
         self,
@@ -102,9 +114,11 @@ class Task:
         delay: str | float | dt.timedelta | None = None,
         at: dt.datetime | None = None,
         session: "Session | None" = None,
+        display_name: str | None = None,
         **kwargs: Any,
     ) -> TaskHandle:
         """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``)."""
+        _note_when(when, delay, at)
         if when is not None and delay is not None:
             raise TypeError(f"{self.name}.schedule(): give `when` or `delay`, not both")
         first_delay, every = parse_when(when)
@@ -122,26 +136,41 @@ class Task:
             start = time.time() + every
         else:
             raise TypeError(f"{self.name}.schedule(): say when: a delay like '5m', at=datetime or 'every 5m'")
-        return self._submit((), kwargs, session=session, start_at=start, every=every)
+        return self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
 
-    def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", **when: Any) -> TaskHandle:
+    def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", display_name: str | None,
+                **when: Any) -> TaskHandle:
+        from .engine.context import current_run
         from .notebook import kernel
 
+        if args:
+            portable.note("positional")
         params = self.bind(args, kwargs)
+        if display_name is not None and not isinstance(display_name, str):
+            raise TypeError(f"{self.name}.submit(): display_name must be a string, got {display_name!r}")
+        extra = {"display_name": display_name} if display_name else None
+        run = current_run.get()  # a submit from inside a run shows under the cell that run shows under
+        target = getattr(run, "target", None) if run is not None else kernel.cell_target()
         record, gen = self.app.runtime.submit(
-            self, args, kwargs, params, session=session, target=kernel.cell_target(), **when
+            self, args, kwargs, params, session=session, target=target, extra=extra, **when
         )
         return TaskHandle(self.app, record["task_id"], gen)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The call's arguments by parameter name, defaults included; a TypeError names a bad one."""
+        """The call's arguments by parameter name, defaults included; a TypeError names a bad one.
+
+        What lands in ``**kwargs`` is spread out by name, so a lock template and
+        ``find(user_id=...)`` see a submit's keywords as Capsule does."""
         extra = {self.session_param: None} if self.session_param and self.session_param not in kwargs else {}
         try:
             bound = self.signature.bind(*args, **kwargs, **extra)
         except TypeError as exc:
             raise TypeError(f"{self.name}.submit(): {exc}") from None
         bound.apply_defaults()
-        return {k: v for k, v in bound.arguments.items() if k != self.session_param}
+        params = {k: v for k, v in bound.arguments.items() if k not in (self.session_param, self.var_keyword)}
+        if self.var_keyword:
+            params.update(bound.arguments.get(self.var_keyword) or {})
+        return params
 
     def invoke(self, args: tuple, kwargs: dict, session: "Session") -> Any:
         """Call the function for a run, handing the session to a ``session`` parameter."""
@@ -150,9 +179,10 @@ class Task:
         return self.fn(*args, **kwargs)
 
     def lock_key(self, params: dict[str, Any]) -> str | None:
+        """The template filled from the call; with ``**kwargs`` a keyword not given reads as "" (Capsule's rule)."""
         if self.lock is None:
             return None
-        return string.Formatter().vformat(self.lock, (), params)
+        return string.Formatter().vformat(self.lock, (), _Blank(params) if self.var_keyword else params)
 
     # ---------------------------------------------------------- retry policy
 
@@ -174,16 +204,17 @@ class Task:
     def _query(self) -> TaskQuery:
         return TaskQuery(self.app, task_name=self.name)
 
-    def find(self, status: str | None = None, limit: int = 100, offset: int = 0, **kwarg_filters: Any):
+    def find(self, status: str | None = None, session_id: str | None = None, limit: int = 100, offset: int = 0,
+             **kwarg_filters: Any):
         """Runs of this task, newest first (use plainly or ``await``)."""
-        return self._query.find(status=status, limit=limit, offset=offset, **kwarg_filters)
+        return self._query.find(status=status, session_id=session_id, limit=limit, offset=offset, **kwarg_filters)
 
-    def count(self, status: str | None = None, **kwarg_filters: Any):
-        return self._query.count(status=status, **kwarg_filters)
+    def count(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any):
+        return self._query.count(status=status, session_id=session_id, **kwarg_filters)
 
-    def cancel(self, status: str | None = None, **kwarg_filters: Any):
+    def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any):
         """Cancel matching unfinished runs; returns how many."""
-        return self._query.cancel(status=status, **kwarg_filters)
+        return self._query.cancel(status=status, session_id=session_id, **kwarg_filters)
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B)?", re.IGNORECASE)
@@ -225,11 +256,54 @@ def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] |
     return items
 
 
+class _Blank(dict):
+    """Lock fields of a ``**kwargs`` task: a keyword the submit did not give is ""."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+async def _in_executor(call: Callable[[], Any]) -> Any:
+    """A sync task called inline: in the loop's executor, with the caller's context (its run, its session)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(None, context.run, call)
+
+
+def note_options(task: Task, options: dict[str, Any]) -> None:
+    """Portable mode: the ``@task`` options a user gave that Capsule's decorator has not."""
+    if {"retry_delay", "backoff"} & options.keys():
+        portable.note("retry_policy")
+    if "on_lock" in options:
+        portable.note("on_lock")
+    if {"name", "display_name", "memory_limit"} & options.keys():
+        portable.note("task_options")
+    if isinstance(options.get("timeout"), (str, dt.timedelta)):
+        portable.note("timeout_text")
+    if task.process and getattr(task.fn, "__module__", None) == "__main__" and _in_ipython():
+        portable.note("process_cell")
+
+
+def _in_ipython() -> bool:
+    """A cell's ``__main__``, not a script's (Capsule imports a script's functions as they are)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None
+
+
+def _note_when(when: Any, delay: Any, at: Any) -> None:
+    """Portable mode: the ways to say when that Capsule's ``schedule`` has not."""
+    if at is not None:
+        portable.note("schedule_at")
+    if any(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (when, delay)):
+        portable.note("delay_number")
+
+
 def _check_lock_template(template: str, signature: inspect.Signature, name: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise ValueError(f"@task({name}): bad lock template {template!r}: {exc}") from None
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return  # filled from the submit's keywords, as Capsule does
     for field in fields:
         root = field.split(".", 1)[0].split("[", 1)[0]
         if root not in signature.parameters:

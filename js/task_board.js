@@ -5,7 +5,7 @@
 // selected, and sends Cancel and Retry clicks as messages.
 import { actions, badge, elapsed, h, kernelClock, notice, progressBar, renderCard, tickClocks } from "./task_card.js";
 
-const MENUS = [["task_name", "task"], ["session_id", "session"], ["status", "status"]];
+const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
 
 function save(model, name, value) {
   model.set(name, value);
@@ -15,7 +15,9 @@ function save(model, name, value) {
 function menus(model) {
   const filter = model.get("filter");
   const choices = model.get("choices");
-  return MENUS.map(([key, label]) => {
+  // The app menu only where the store holds more than one app.
+  const shown = MENUS.filter(([key]) => key !== "app" || (choices.app ?? []).length > 1 || filter.app);
+  return shown.map(([key, label]) => {
     const values = new Set(choices[key] ?? []);
     if (filter[key]) values.add(filter[key]); // a filter set in Python stays visible
     const select = h("select", {

@@ -69,7 +69,7 @@ def test_retry_for_accepts_one_type_or_a_list(app):
     assert one.retry_for == (KeyError,) and two.retry_for == (KeyError, OSError)
 
 
-@pytest.mark.parametrize("bad", ["1h30m", "soon", "-5s", "5", "5 minutes", "", "every"])
+@pytest.mark.parametrize("bad", ["1h30m", "soon", "-5s", "5", "5 fortnights", "", "every", "repeat 5m"])
 def test_bad_delay_strings(app, bad):
     @app.task
     def job():

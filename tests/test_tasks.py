@@ -303,16 +303,20 @@ async def test_redefining_a_task_replaces_it(logic_app):
 
 
 async def test_calling_the_task_runs_inline(app):
+    """As Capsule's task descriptor: the call is always awaited; a sync function runs in an executor."""
+    import threading
+
     @app.task
     def double(x):
-        return 2 * x
+        return 2 * x, threading.current_thread() is threading.main_thread()
 
     @app.task
     async def adouble(x):
         return 2 * x
 
-    assert double(4) == 8
+    assert await double(4) == (8, False)
     assert await adouble(4) == 8
+    assert double.fn(4) == (8, True)  # the plain function stays reachable
     assert app.tasks.count() == 0
 
 

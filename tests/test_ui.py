@@ -315,31 +315,37 @@ async def test_board_columns_counts_and_filters(app):
     put_runs(app, 1, task_name="parse", status="running")
     put_runs(app, 1, task_name="parse", status="retry")
     put_runs(app, 1, task_name="parse", status="scheduled")
-    other = cpsl.App("other", home=app.home)  # another app on the same store: not on this board
+    other = cpsl.App("other", home=app.home)  # another app on the same store: on the board, unless filtered
     put_runs(other, 4, task_name="elsewhere")
-
-    board = ui.TaskBoard(app=app)
-    assert counts(board) == {"Pending": 2, "Running": 1, "Completed": 3, "Failed": 2}
-    assert board.total == 8
-    assert board.choices["task_name"] == ["fetch", "parse"] and board.choices["session_id"] == ["s1", "s2"]
-    assert board.choices["status"][:4] == ["pending", "claimed", "scheduled", "retry"]
 
     def board_of(**options):
         made = ui.TaskBoard(app=app, **options)
         boards.append(made)
         return made
 
-    boards = [board]
+    boards = []
+    everything = board_of()
+    assert counts(everything) == {"Pending": 2, "Running": 1, "Completed": 7, "Failed": 2}
+    assert everything.choices["app"] == ["default", "other"]
+    assert counts(board_of(filter={"app": "other"})) == {"Pending": 0, "Running": 0, "Completed": 4, "Failed": 0}
+    board = board_of(filter={"app": "default"})
+    assert counts(board) == {"Pending": 2, "Running": 1, "Completed": 3, "Failed": 2}
+    assert board.total == 8
+    assert board.choices["task_name"] == ["elsewhere", "fetch", "parse"] and board.choices["session_id"] == ["s1", "s2"]
+    assert board.choices["status"][:4] == ["pending", "claimed", "scheduled", "retry"]
+    assert counts(board_of(filter={"app": "default", "task_name": "parse"})) == {
+        "Pending": 2, "Running": 1, "Completed": 0, "Failed": 0}
     assert counts(board_of(filter={"task_name": "parse"})) == {"Pending": 2, "Running": 1, "Completed": 0, "Failed": 0}
     assert counts(board_of(filter={"session_id": "s2"}))["Failed"] == 2
     assert board_of(filter={"status": "retry"}).total == 1
     assert board_of(filter={"status": ["retry", "running"]}).total == 2
     custom = board_of(title="Fetches", columns=[ui.TaskBoardColumn("Done", ["completed", "failed"])])
-    assert [(x["label"], x["count"]) for x in custom.lanes] == [("Done", 5)] and custom.title == "Fetches"
+    assert [(x["label"], x["count"]) for x in custom.lanes] == [("Done", 9)] and custom.title == "Fetches"
 
     view_sets(board, filter={"task_name": "fetch", "status": ""})  # a menu back on "all" drops its key
     await until(lambda: board.total == 5)
     assert board.filter == {"task_name": "fetch"}
+    other.close()
     with pytest.raises(ValueError, match="filter keys"):
         ui.TaskBoard(app=app, filter={"owner": "me"})
     with pytest.raises(ValueError, match="unknown status"):

@@ -31,10 +31,16 @@ class Display(Protocol):
     """Where a run's messages show besides its record (``notebook.messages.KernelDisplay``).
 
     ``target`` is what the display gave the submit as the run's place (a
-    cell); it is None for runs that have none.
+    cell); it is None for runs that have none. A message is shown once under
+    its ``message_id``; ``update`` redraws it in place with its whole text when
+    it grows (a stream). ``session_id`` lets a display keep one notification
+    per session. Each returns False when there was nowhere to show it.
     """
 
-    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None: ...
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
+                session_id: str | None = None) -> bool: ...
+
+    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool: ...
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool: ...
 
@@ -42,11 +48,18 @@ class Display(Protocol):
 class NoDisplay:
     """A script's display: messages stay on the record."""
 
-    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None:
-        pass
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
+                session_id: str | None = None) -> bool:
+        return False
+
+    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+        return False
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return False
+
+
+NOT_SHOWN = frozenset({"log", "show_task"})  # kept on the record only: a card shows them, a cell does not
 
 
 class Failure(NamedTuple):
@@ -112,12 +125,18 @@ class Run:
     def message(self, kind: str, text: str, **extra: Any) -> str:
         message_id = new_task_id()
         self.runtime.update(self.task_id, lambda r: evolve(r, **add_message(r, kind, text, id=message_id, **extra)))
-        if kind != "log":
-            self.runtime.display.message(self.target, kind, capped_text(text), extra)
+        if kind not in NOT_SHOWN:
+            self.runtime.display.message(self.target, kind, capped_text(text), extra, message_id=message_id,
+                                         session_id=getattr(self.session, "id", None))
         return message_id
 
     def extend_message(self, message_id: str, text: str) -> None:
-        self.runtime.update(self.task_id, lambda r: evolve(r, **grow_message(r, message_id, text)))
+        """Grow a message (a stream) on the record, and redraw it in place in the cell."""
+        record = self.runtime.update(self.task_id, lambda r: evolve(r, **grow_message(r, message_id, text)))
+        message = next((m for m in (record or {}).get("messages") or () if m.get("id") == message_id), None)
+        if message is not None and message["kind"] not in NOT_SHOWN:
+            extra = {k: v for k, v in message.items() if k not in ("kind", "text", "at", "id", "truncated")}
+            self.runtime.display.update(self.target, message["kind"], message["text"], extra, message_id=message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

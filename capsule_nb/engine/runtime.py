@@ -165,7 +165,10 @@ class Runtime:
                 if task.on_lock == "reject":
                     raise LockedError(lock_key, holder)
                 if task.on_lock == "join":
-                    return self._await_record(holder), self.store.generation
+                    held = self._await_record(holder)
+                    if (held["app"], held["task_name"]) == (self.settings.app, task.name):
+                        return held, self.store.generation
+                    # another task holds the key: never hand its run out; wait for the key instead
                 record["queued"] = True
         if not (args_ok and kwargs_ok):
             try:  # kept so another kernel can resume the run; in-kernel runs go ahead without
@@ -303,7 +306,8 @@ class Runtime:
         now = time.time()
         due += every * max(1, int((now - due) // every) + 1)  # skip slots missed while busy
         self.submit(run.task, run.args, run.kwargs, record.get("params") or {}, session=run.session,
-                    target=run.target, start_at=due, every=every, series=record.get("series"))
+                    target=run.target, start_at=due, every=every, series=record.get("series"),
+                    extra={"display_name": record.get("display_name")})
 
     def _callback(self, run: Run, record: RunRecord | None) -> None:
         if run.task.callback_url and record is not None:

@@ -39,22 +39,32 @@ def cell_target() -> CellTarget | None:
     return parent if parent and parent.get("header") else None
 
 
-def emit(target: CellTarget | None, data: dict[str, str]) -> bool:
+def emit(target: CellTarget | None, data: dict[str, str], *, display_id: str | None = None,
+         update: bool = False) -> bool:
     """Show a mime bundle under the cell ``target``; False when there is no kernel.
 
+    With a ``display_id`` the output can be redrawn in place later:
+    ``update=True`` sends ``update_display_data``, which the front end applies
+    to the output with that id wherever it is, even while another cell runs.
     Safe from any thread: ipykernel's iopub socket queues sends to its own thread.
     """
     k = kernel()
     if k is None or target is None:
         return False
+    kind = "update_display_data" if update else "display_data"
     k.session.send(
         k.iopub_socket,
-        "display_data",
-        {"data": data, "metadata": {}, "transient": {}},
+        kind,
+        {"data": data, "metadata": {}, "transient": {"display_id": display_id} if display_id else {}},
         parent=target,
-        ident=k._topic("display_data"),
+        ident=k._topic(kind),
     )
     return True
+
+
+def cell_id(target: CellTarget | None) -> str:
+    """The execute request's id: what tells one cell's outputs from another's."""
+    return str((target or {}).get("header", {}).get("msg_id", ""))
 
 
 def notebook_name() -> str | None:

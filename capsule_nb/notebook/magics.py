@@ -1,11 +1,16 @@
-"""The line magics: ``%tasks``, ``%task <id>``, ``%capsule``."""
+"""The line magics: ``%tasks``, ``%task <id>``, ``%capsule`` (and ``%capsule portable on|off``).
+
+Each shows every app on the store: a notebook may define tasks on
+``cpsl.App(name=...)`` apps besides the default one.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
-from ..app import App, default_app
+from ..app import App, configure, default_app
+from ..portable import is_portable
 from ..record import FINISHED, RUNNING
 
 
@@ -16,7 +21,7 @@ def register(ip: Any) -> None:
 
 
 def _tasks_magic(line: str) -> None:
-    """%tasks [task_name]: the task board."""
+    """%tasks [task_name]: the task board (every app on the store)."""
     from ..ui import TaskBoard, display
 
     name = line.strip()
@@ -39,15 +44,18 @@ def _task_magic(line: str) -> None:
 
 
 def capsule_summary(app: App | None = None) -> str:
-    """What ``%capsule`` prints: the store, counts by status, running work, schedules."""
+    """What ``%capsule`` prints: the store, each app's counts by status, running work, schedules."""
     from ..ui.text import table_text
 
     app = app or default_app()
     app.store.poll()
-    runs = [r for r in app.store.runs() if r["app"] == app.name]
-    counts = Counter(r["status"] for r in runs)
-    lines = [f"capsule_nb store: {app.home}", f"app {app.name!r}: {len(runs)} runs"]
-    lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no runs yet")
+    runs = list(app.store.runs())
+    lines = [f"capsule_nb store: {app.home}"]
+    apps = sorted({r["app"] for r in runs} | {a.name for a in app.apps_on_store()})
+    for name in apps:
+        counts = Counter(r["status"] for r in runs if r["app"] == name)
+        lines.append(f"app {name!r}: {sum(counts.values())} runs")
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no runs yet")
     running = sorted((r for r in runs if r["status"] == RUNNING), key=lambda r: r["task_id"])
     live = [r for r in runs if r["status"] not in FINISHED and r["status"] != RUNNING]
     lines.append(f"running now ({len(running)}):" if running else "nothing running")
@@ -55,7 +63,7 @@ def capsule_summary(app: App | None = None) -> str:
         lines.append(table_text(running))
     if live:
         lines.append(f"waiting ({len(live)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in live[:10]))
-    schedules = app.schedules()
+    schedules = [s for a in app.apps_on_store() for s in a.schedules()]
     lines.append(f"schedules ({len(schedules)}):" if schedules else "no schedules")
     for schedule in schedules:
         when = "paused" if schedule.paused else "next " + schedule.next_runs(1)[0].isoformat(timespec="seconds")
@@ -66,5 +74,15 @@ def capsule_summary(app: App | None = None) -> str:
 
 
 def _capsule_magic(line: str) -> None:
-    """%capsule: store path, counts by status, what is running."""
-    print(capsule_summary())
+    """%capsule: store path, counts by status, what is running. %capsule portable on|off:
+    warn once for each capsule_nb-only extension used, with the Capsule way to write it."""
+    words = line.split()
+    if not words:
+        print(capsule_summary())
+    elif words[0] == "portable" and len(words) <= 2 and (words[1:] or ["on"])[0] in ("on", "off"):
+        on = (words[1:] or ["on"])[0] == "on"
+        configure(portable=on)
+        print("portable mode " + ("on: capsule_nb-only extensions warn once, with the Capsule way"
+                                  if is_portable() else "off"))
+    else:
+        print("usage: %capsule   |   %capsule portable on|off")

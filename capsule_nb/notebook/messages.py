@@ -3,13 +3,30 @@
 The engine hands every message of a bound run to a ``Display``; in a kernel
 it is ``KernelDisplay``, which sends the message to iopub with the parent
 header of the cell that submitted the run, so it appears under that cell.
+The session layer uses the same display for messages sent from a cell.
+
+Each message is one output with a display id, so it can change in place:
+
+* a stream (``session.stream``, ``stream_reply``) is one output that an
+  ``update_display_data`` redraws with the whole text so far: at once after a
+  quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
+  goes out (a token stream of thousands of chunks is a few redraws a second,
+  not thousands of ever longer messages);
+* a notification replaces the session's previous one under the same cell, as
+  Capsule's replace-in-place notification block does.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from . import kernel
+
+NOTICES_KEPT = 10_000  # (session, cell) notification outputs remembered for replacing in place
+REDRAW_SECONDS = 0.05  # a growing message is redrawn at most 20 times a second
 
 
 def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
@@ -26,8 +43,60 @@ def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str
 class KernelDisplay:
     """``engine.run.Display`` for a Jupyter kernel (a script has no kernel: it shows nothing)."""
 
-    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any]) -> None:
-        kernel.emit(target, render_message(kind, text, extra))
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
+        self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it was last redrawn
+        self._due: dict[str, tuple[Any, dict[str, str]]] = {}  # display id -> the newest redraw, waiting
+
+    def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
+                session_id: str | None = None) -> bool:
+        bundle = render_message(kind, text, extra)
+        if kind != "notify":
+            return kernel.emit(target, bundle, display_id=_display_id(message_id))
+        notice = f"capsule-notify-{session_id}-{kernel.cell_id(target)}"
+        with self._lock:  # two notifications at once still make one output (emit only queues a send)
+            if not kernel.emit(target, bundle, display_id=notice, update=notice in self._notices):
+                return False
+            self._notices[notice] = None
+            while len(self._notices) > NOTICES_KEPT:
+                self._notices.popitem(last=False)
+        return True
+
+    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+        if kernel.kernel() is None or target is None:
+            return False
+        display_id, bundle = _display_id(message_id), render_message(kind, text, extra)
+        with self._lock:
+            if display_id in self._due:  # a redraw is armed: it takes this newer text
+                self._due[display_id] = (target, bundle)
+                return True
+            wait = self._redrawn.get(display_id, float("-inf")) + REDRAW_SECONDS - time.monotonic()
+            if wait > 0:
+                self._due[display_id] = (target, bundle)
+                timer = threading.Timer(wait, self._redraw, (display_id,))
+                timer.daemon = True
+                timer.start()
+                return True
+            self._mark_redrawn(display_id)
+            return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
+
+    def _redraw(self, display_id: str) -> None:
+        with self._lock:
+            target, bundle = self._due.pop(display_id)
+            self._mark_redrawn(display_id)
+            kernel.emit(target, bundle, display_id=display_id, update=True)
+
+    def _mark_redrawn(self, display_id: str) -> None:
+        """Caller holds ``self._lock``."""
+        self._redrawn[display_id] = time.monotonic()
+        self._redrawn.move_to_end(display_id)
+        while len(self._redrawn) > NOTICES_KEPT:
+            self._redrawn.popitem(last=False)
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return kernel.emit(target, bundle)
+
+
+def _display_id(message_id: str) -> str:
+    return f"capsule-message-{message_id}"

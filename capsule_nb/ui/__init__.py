@@ -1,6 +1,7 @@
 """Task cards and the task board: anywidget widgets over the run records.
 
-``TaskCard`` shows one run, ``TaskBoard`` all runs of an app in columns.
+``TaskCard`` shows one run, ``TaskBoard`` all runs of a store in columns;
+``Page`` and ``Divider`` stack them as a Capsule page function returns them.
 Both are drawn by the ES modules in ``js/`` from synced traits only, kept
 current by ``live.LiveWidget`` (coalesced, rate-capped, no thread of their
 own), and print as text where there is no widget front end (``text.py``).
@@ -16,7 +17,7 @@ from typing import Any
 from ..record import STATUSES
 
 _WIDGETS = {"TaskCard": ".card", "TaskBoard": ".board", "TaskBoardColumn": ".board",
-            "DEFAULT_COLUMNS": ".board", "LiveWidget": ".live"}
+            "DEFAULT_COLUMNS": ".board", "LiveWidget": ".live", "Page": ".page", "Divider": ".page"}
 
 
 def __getattr__(name: str) -> Any:
@@ -33,6 +34,7 @@ def display(obj: Any) -> None:
     """
     from ..notebook import kernel
     from .live import LiveWidget
+    from .page import Page
 
     try:
         from IPython import get_ipython
@@ -43,8 +45,8 @@ def display(obj: Any) -> None:
         ipy_display(obj)
     else:
         print(repr(obj))
-    if kernel.kernel() is None and isinstance(obj, LiveWidget):
+    if kernel.kernel() is None and isinstance(obj, (LiveWidget, Page)):
         obj.close()
 
 
-__all__ = ["TaskCard", "TaskBoard", "TaskBoardColumn", "DEFAULT_COLUMNS", "STATUSES", "display"]
+__all__ = ["TaskCard", "TaskBoard", "TaskBoardColumn", "DEFAULT_COLUMNS", "Page", "Divider", "STATUSES", "display"]

@@ -1,4 +1,4 @@
-"""TaskBoard: every run of an app, in columns by status."""
+"""TaskBoard: every run of a store (of every app on it), in columns by status."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from . import assets, views
 from .live import LiveWidget
 from .text import board_text
 
-FILTER_KEYS = ("task_name", "session_id", "status")
+FILTER_KEYS = ("app", "task_name", "session_id", "status")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ def _clean_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class TaskBoard(LiveWidget):
-    """All runs of an app in columns by status, newest first.
+    """All runs of a store in columns by status, newest first: every app's, unless
+    ``filter={"app": name}`` narrows it (as ``task_name``, ``session_id`` and ``status`` do).
 
     ONE widget whatever the number of runs: its cards are data (``lanes``, a
     list synced as one trait and sent only when it differs), at most
@@ -61,7 +62,7 @@ class TaskBoard(LiveWidget):
     _esm = assets.esm("task_board.js")
 
     title = Unicode("Tasks").tag(sync=True)
-    filter = Dict().tag(sync=True)  # task_name / session_id / status; the view's menus set it too
+    filter = Dict().tag(sync=True)  # app / task_name / session_id / status; the view's menus set it too
     lanes = List().tag(sync=True)  # per column: {label, statuses, count, limit, cards: [views.summary]}
     limits = Dict().tag(sync=True)  # column label -> cards shown; "show more" raises it
     choices = Dict().tag(sync=True)  # what the filter menus offer
@@ -73,13 +74,13 @@ class TaskBoard(LiveWidget):
     def __init__(self, *, title: str | None = None, filter: dict[str, Any] | None = None,
                  columns: Iterable[TaskBoardColumn] | None = None, refresh_ms: int = 5000,
                  page_size: int = 50, app: Any = None):
-        from ..app import default_app
+        from ..app import app_in_use
 
         self.columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
         if not self.columns:
             raise ValueError("a TaskBoard needs at least one column")
         whole_number("page_size", page_size, minimum=1)
-        app = app or default_app()
+        app = app or app_in_use()
         self._app = app
         filter = _clean_filter(filter)
         super().__init__(app, refresh_ms=refresh_ms, title=title or "Tasks", filter=filter, page_size=page_size,
@@ -88,8 +89,7 @@ class TaskBoard(LiveWidget):
     # ------------------------------------------------------------------ state
 
     def _compute(self, filter: dict[str, Any], limits: dict[str, int], selected: str, page: int) -> dict[str, Any]:
-        state = views.board(self._app.store.runs(), app=self._app.name,
-                            columns=[(c.label, c.statuses) for c in self.columns],
+        state = views.board(self._app.store.runs(), columns=[(c.label, c.statuses) for c in self.columns],
                             filter=filter, limits=limits, page=page)
         record = self._app.store.get_run(selected) if selected else None
         state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
@@ -100,10 +100,6 @@ class TaskBoard(LiveWidget):
 
     def _subscribe(self) -> None:
         self._unsubscribe = self._app.store.events.subscribe(self._changed)
-
-    def _changed(self, record: dict[str, Any] | None = None) -> None:
-        if record is None or record["app"] == self._app.name:
-            super()._changed(record)
 
     @validate("filter")
     def _valid_filter(self, proposal: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +121,7 @@ class TaskBoard(LiveWidget):
     def records(self) -> list[tuple[str, list[dict[str, Any]]]]:
         """``[(column label, its runs newest first)]`` under the board's filter."""
         self._app.store.poll()
-        runs = [r for r in self._app.store.runs() if r["app"] == self._app.name and views.matches(r, self.filter)]
+        runs = [r for r in self._app.store.runs() if views.matches(r, self.filter)]
         runs.sort(key=lambda r: r["task_id"], reverse=True)
         return [(c.label, [r for r in runs if r["status"] in c.statuses]) for c in self.columns]
 

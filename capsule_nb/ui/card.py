@@ -32,11 +32,11 @@ class TaskCard(LiveWidget):
 
     def __init__(self, handle: "TaskHandle | str", message: str | None = None, *, refresh_ms: int = 5000):
         if isinstance(handle, str):
-            from ..app import default_app
+            from ..app import app_in_use
 
-            found = default_app().get_task(handle)
+            found = app_in_use().get_task(handle)
             if found is None:
-                raise KeyError(f"no run {handle!r} in {default_app().home}")
+                raise KeyError(f"no run {handle!r} in {app_in_use().home}")
             handle = found
         self.handle = handle
         self.message = message

@@ -144,10 +144,10 @@ class LiveWidget(anywidget.AnyWidget):
     def _act(self, action: str, task_id: str) -> None:
         record = self._app.store.get_run(task_id)
         notice = ""
-        if record is None or record["app"] != self._app.name:
-            notice = f"run {task_id} is not in this app's store"
+        if record is None:
+            notice = f"run {task_id} is not in this store"
         elif action == "cancel":
-            if not self._runtime.cancel(task_id):
+            if not self._app.for_run(record).runtime.cancel(task_id):
                 notice = f"run {task_id} had already finished"
         else:
             try:

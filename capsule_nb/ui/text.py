@@ -104,10 +104,12 @@ def board_text(title: str, columns: Iterable[tuple[str, list[dict[str, Any]]]], 
 
 
 def table_text(records: list[dict[str, Any]]) -> str:
-    """An aligned table of runs (``%tasks`` and the CLI)."""
-    rows = [("TASK ID", "NAME", "STATUS", "ATTEMPT", "ELAPSED", "ERROR")]
+    """An aligned table of runs (``%capsule`` and the CLI); an APP column when they are of several apps."""
+    several = len({str(r.get("app")) for r in records}) > 1
+    rows = [("TASK ID", "NAME", *(("APP",) if several else ()), "STATUS", "ATTEMPT", "ELAPSED", "ERROR")]
     for r in records:
-        rows.append((_shown(r.get("task_id")), _one_line(_shown(r.get("task_name")), 60), _shown(r.get("status")),
+        rows.append((_shown(r.get("task_id")), _one_line(_shown(r.get("task_name")), 60),
+                     *((_shown(r.get("app")),) if several else ()), _shown(r.get("status")),
                      f"{_shown(r.get('attempt'), int)}/{_shown(r.get('max_attempts'), int)}",
                      elapsed(r), _one_line(r.get("error") or "", 60)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

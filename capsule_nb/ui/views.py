@@ -120,7 +120,7 @@ def matches(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
     return True
 
 
-def board(records: Iterable[Mapping[str, Any]], *, app: str, columns: Sequence[tuple[str, Sequence[str]]],
+def board(records: Iterable[Mapping[str, Any]], *, columns: Sequence[tuple[str, Sequence[str]]],
           filter: Mapping[str, Any], limits: Mapping[str, int], page: int) -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
     limit), ``choices`` (values the filter menus offer) and ``total``.
@@ -133,12 +133,12 @@ def board(records: Iterable[Mapping[str, Any]], *, app: str, columns: Sequence[t
         for status in statuses:
             lane_of.setdefault(status, index)
     members: list[list[Mapping[str, Any]]] = [[] for _ in columns]
+    apps: set[str] = set()
     names: set[str] = set()
     sessions: set[str] = set()
     total = 0
     for record in records:
-        if record["app"] != app:
-            continue
+        apps.add(record["app"])
         names.add(record["task_name"])
         if record.get("session_id"):
             sessions.add(record["session_id"])
@@ -155,5 +155,5 @@ def board(records: Iterable[Mapping[str, Any]], *, app: str, columns: Sequence[t
         lanes.append({"label": label, "statuses": list(statuses), "count": len(runs), "limit": limit,
                       "cards": [summary(r) for r in newest]})
     return {"lanes": lanes, "total": total,
-            "choices": {"task_name": sorted(names), "session_id": sorted(sessions),
+            "choices": {"app": sorted(apps), "task_name": sorted(names), "session_id": sorted(sessions),
                         "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))}}

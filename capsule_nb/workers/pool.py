@@ -107,6 +107,11 @@ def _install_hooks() -> None:
         multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
 
 
+def _may_start_children() -> bool:
+    process = multiprocessing.current_process()
+    return not process.daemon and not getattr(process, "_inheriting", False)
+
+
 def _shutdown_all() -> None:
     for pool in list(_pools):
         try:
@@ -309,7 +314,14 @@ class ProcessPool:
         The first worker of a kernel costs a forkserver start plus importing
         capsule_nb there (a few hundred ms); call this when a ``process=True``
         task is defined so that the first submit finds a worker ready.
+
+        Only a hint, so it does nothing where this process may not start
+        children: a daemonic process (a Dask worker importing a script's
+        ``__main__`` to start up) or one still bootstrapping. A submit there
+        would fail its run, saying why; a warm-up says nothing.
         """
+        if not _may_start_children():
+            return
         with self._lock:
             if self._closed:
                 return

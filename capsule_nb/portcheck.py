@@ -1,0 +1,225 @@
+"""``capsule-nb check notebook.ipynb``: the lines of a prototype that will not port to Capsule.
+
+Reads a notebook (or a ``.py`` file) without running it and lists, cell by
+cell, each capsule_nb-only extension it uses (the codes and advice of
+``portable.EXTENSIONS``, which portable mode warns about at run time).
+Exits 1 when it found any, 0 when the code is plain Capsule, 2 when the
+file cannot be read.
+
+It reads the code, so it sees what is written, not what runs: a task is a
+function decorated with ``@<something>.task`` (or ``@task``), a handle is a
+name bound to what such a task's ``submit``/``schedule``/``find`` gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .portable import advice
+
+HANDLE_CALLS = ("submit", "schedule", "find")
+
+
+@dataclass(frozen=True)
+class Finding:
+    cell: int  # 1-based, among code cells and in order; 1 for a .py file
+    line: int  # 1-based, in the cell
+    code: str  # a key of ``portable.EXTENSIONS``
+    source: str  # the line, stripped
+
+    def text(self) -> str:
+        return f"cell {self.cell}, line {self.line}: {self.source}\n    {advice(self.code)}"
+
+
+def code_cells(path: Path) -> list[str]:
+    """The code of each code cell of a notebook, or the whole of a .py file as one cell."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".ipynb":
+        return [text]
+    cells = json.loads(text).get("cells", [])
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in cells if c.get("cell_type") == "code"]
+
+
+def _parse(source: str) -> ast.Module | None:
+    """A cell as Python, top-level ``await`` allowed. A line magic or shell line (``%...``,
+    ``!...``) reads as ``pass``, so line numbers stay the cell's; a cell magic is not Python."""
+    if source.lstrip().startswith("%%"):
+        return None
+    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.splitlines()]
+    try:
+        return compile("\n".join(lines), "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
+    """Every extension used in ``cells``, in order. Tasks and handles are known across cells."""
+    trees = [(_parse(src), src.splitlines()) for src in cells]
+    tasks: set[str] = set()
+    for tree, _ in trees:
+        if tree is not None:
+            tasks |= {fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and any(_decorator(d)[0] == "task" for d in fn.decorator_list)}
+    handles = _handle_names([t for t, _ in trees if t is not None], tasks)
+    found: list[Finding] = []
+    for number, (tree, lines) in enumerate(trees, start=1):
+        if tree is None:
+            continue
+        for line, code in sorted(set(_uses(tree, tasks, handles, notebook))):
+            source = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+            found.append(Finding(number, line, code, source))
+    return found
+
+
+def _decorator(node: ast.expr) -> tuple[str | None, ast.Call | None]:
+    """``("task" | "schedule" | other, the call)`` for ``@x.task(...)``, ``@task``, ``@app.schedule(...)``."""
+    call = node if isinstance(node, ast.Call) else None
+    target = call.func if call is not None else node
+    name = target.attr if isinstance(target, ast.Attribute) else target.id if isinstance(target, ast.Name) else None
+    return name, call
+
+
+def _keywords(call: ast.Call | None) -> dict[str, ast.expr]:
+    return {k.arg: k.value for k in call.keywords if k.arg} if call is not None else {}
+
+
+def _constant(node: ast.expr | None) -> Any:
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def _receiver(call: ast.Call) -> tuple[str | None, str | None]:
+    """``("t", "submit")`` for ``t.submit(...)``."""
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        owner = func.value.id if isinstance(func.value, ast.Name) else None
+        return owner, func.attr
+    return None, func.id if isinstance(func, ast.Name) else None
+
+
+def _gives_handles(node: ast.AST, tasks: set[str], handles: set[str]) -> bool:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Call):
+            owner, method = _receiver(sub)
+            if (owner in tasks and method in HANDLE_CALLS) or method == "get_task":
+                return True
+        if isinstance(sub, ast.Name) and sub.id in handles:
+            return True
+    return False
+
+
+def _handle_names(trees: list[ast.Module], tasks: set[str]) -> set[str]:
+    """Names bound to handles (or lists of them), followed through ``for`` loops, to a fixed point."""
+    handles: set[str] = set()
+    while True:
+        before = len(handles)
+        for tree in trees:
+            for node in ast.walk(tree):
+                pairs: list[tuple[ast.AST, ast.AST]] = []
+                if isinstance(node, ast.Assign):
+                    pairs = [(t, node.value) for t in node.targets]
+                elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and node.value is not None:
+                    pairs = [(node.target, node.value)]
+                elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+                    pairs = [(node.target, node.iter)]
+                for target, value in pairs:
+                    if _gives_handles(value, tasks, handles):
+                        handles |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        if len(handles) == before:
+            return handles
+
+
+def _uses(tree: ast.Module, tasks: set[str], handles: set[str], notebook: bool) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for decorator in node.decorator_list:
+                yield from _decorator_uses(decorator, notebook)
+        elif isinstance(node, ast.Call):
+            yield from _call_uses(node, tasks, handles)
+
+
+def _decorator_uses(decorator: ast.expr, notebook: bool) -> Iterator[tuple[int, str]]:
+    kind, call = _decorator(decorator)
+    options = _keywords(call)
+    line = decorator.lineno
+    if kind == "task":
+        if {"retry_delay", "backoff"} & options.keys():
+            yield line, "retry_policy"
+        if "on_lock" in options:
+            yield line, "on_lock"
+        if {"name", "display_name", "memory_limit"} & options.keys():
+            yield line, "task_options"
+        if isinstance(_constant(options.get("timeout")), str):
+            yield line, "timeout_text"
+        if notebook and _constant(options.get("process")) is True:
+            yield line, "process_cell"
+    elif kind == "schedule" and call is not None:
+        if "tz" in options and _constant(options["tz"]) != "UTC":
+            yield line, "cron_tz"
+        cron = _constant(call.args[0]) if call.args else _constant(options.get("cron"))
+        if isinstance(cron, str) and len(cron.split()) == 6:
+            yield line, "cron_seconds"
+        if {"name", "catchup"} & options.keys():
+            yield line, "schedule_options"
+
+
+def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[tuple[int, str]]:
+    owner, method = _receiver(call)
+    line = call.lineno
+    if owner in tasks and method in ("submit", "schedule"):
+        options = _keywords(call)
+        if method == "submit" and call.args:
+            yield line, "positional"
+        if method == "schedule":
+            if "at" in options:
+                yield line, "schedule_at"
+            delays = [*call.args[:1], *(v for k, v in options.items() if k in ("when", "delay"))]
+            if any(isinstance(_constant(d), (int, float)) and not isinstance(_constant(d), bool) for d in delays):
+                yield line, "delay_number"
+    elif method in ("wait", "result") and isinstance(call.func, ast.Attribute):
+        if _gives_handles(call.func.value, tasks, handles):
+            yield line, "wait_result"
+    elif method in ("progress", "log") and owner == "session":
+        yield line, "progress_log"
+    if method == "get_task":
+        yield line, "get_task"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``capsule-nb check PATH...``: list the capsule_nb-only extensions, cell by cell."""
+    total = 0
+    for name in args.paths:
+        path = Path(name)
+        try:
+            cells = code_cells(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"capsule-nb check: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        found = check_cells(cells, notebook=path.suffix == ".ipynb")
+        total += len(found)
+        if not found:
+            print(f"{path}: plain Capsule code, no capsule_nb-only extensions")
+            continue
+        cells_hit = len({f.cell for f in found})
+        print(f"{path}: {len(found)} capsule_nb-only extension(s) in {cells_hit} cell(s)")
+        for finding in found:
+            print("  " + finding.text())
+    return 1 if total else 0
+
+
+def add_parser(commands: Any) -> None:
+    check = commands.add_parser(
+        "check", help="list the capsule_nb-only extensions a notebook uses, cell by cell (exit 1 if any)",
+        description="Read notebooks (or .py files) without running them and list each capsule_nb-only "
+                    "extension they use, with the way to write it for Capsule. Exit code 1 when any is found.",
+    )
+    check.add_argument("paths", nargs="+", metavar="NOTEBOOK")
+    check.set_defaults(func=cmd_check)
+

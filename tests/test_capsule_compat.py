@@ -1,0 +1,767 @@
+"""Capsule's own code runs unchanged: only ``import cpsl`` becomes ``import capsule_nb as cpsl``.
+
+Each test uses the code of the Capsule docs or SDK; the comment above it names
+the page (the ids are those of /work/shared/reference/capsule_api.md: D1 is
+docs.capsule.new/features/tasks-and-schedules, D4 tutorials/tasks-and-schedules,
+D5 reference/decorators, D8 reference/collections-and-settings, G1/G2 the
+capsule-examples guide and templates, SDK the ``cpsl`` package's docstrings).
+What a kernel does (streams, display ids, magics, pages in a cell) is checked
+in a real ipykernel, driven over ZMQ as in ``test_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+import capsule_nb as cpsl
+import capsule_nb.app
+from capsule_nb.cli import main
+from capsule_nb.demo import run_notebook
+from capsule_nb.notebook.magics import capsule_summary
+from capsule_nb.portable import EXTENSIONS, PortabilityWarning
+from capsule_nb.ui import views
+
+from .conftest import until, until_sync
+from .test_kernel import Cell, Kernel, wait_on_disk
+
+REPO = Path(__file__).resolve().parent.parent
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture
+def capsule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A process set up as Capsule code finds it: ``cpsl.App(name=...)`` with no home lands on the
+    store of ``$CAPSULE_NB_HOME``, which the default app (``cpsl.ui.TaskBoard()``) uses too."""
+    home = tmp_path / "store"
+    monkeypatch.setenv("CAPSULE_NB_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(capsule_nb.app, "_default", None)
+    yield home
+    for app in list(capsule_nb.app._apps.values()):
+        if app.home == home:
+            app.close()
+
+
+# ------------------------------------------------------------------ 1, 12: apps
+
+
+async def test_an_apps_runs_show_on_every_board_and_summary_and_filter_by_app(capsule, capsys):
+    # D1, with the App of every Capsule template (G2)
+    image = cpsl.Image(python_packages=["httpx"]).add_commands(["echo hi"])
+    app = cpsl.App(name="my-app", image=image)
+
+    @app.task(retries=2, timeout=300)
+    async def sync_threads(owner_id: str):
+        return {"synced": 25, "owner_id": owner_id}
+
+    session = cpsl.current_session()
+    handle = await sync_threads.submit(owner_id=session.user.owner_id)
+    assert await handle.result(timeout=10) == {"synced": 25, "owner_id": session.user.owner_id}
+
+    board = cpsl.ui.TaskBoard(title="Background work")  # D2
+    narrowed = cpsl.ui.TaskBoard(filter={"app": "default"})
+    mine = cpsl.ui.TaskBoard(filter={"app": "my-app"})
+    try:
+        assert board.total == 1 and mine.total == 1 and narrowed.total == 0
+        assert "sync_threads" in repr(board) and handle.task_id in repr(board)
+        assert board.choices["app"] == ["my-app"]
+    finally:
+        for made in (board, narrowed, mine):
+            made.close()
+    summary = capsule_summary()
+    assert "app 'my-app': 1 runs" in summary and "completed 1" in summary
+    app.store.flush()
+    assert main(["tasks", "--json"]) == 0  # the store of $CAPSULE_NB_HOME, every app
+    assert [r["app"] for r in json.loads(capsys.readouterr().out)] == ["my-app"]
+    assert main(["tasks", "--app", "default"]) == 0 and capsys.readouterr().out.strip() == "no runs"
+    assert app.image is image and "not used locally" in repr(image)
+
+
+# ------------------------------------------------------------------ 3: delays
+
+
+@pytest.mark.parametrize("delay, seconds", [("10 minutes", 600), ("1 hour", 3600), ("2hr", 7200),
+                                            ("5 sec", 5), ("5M", 300), ("1 day", 86400), ("30m", 1800)])
+async def test_the_sdks_delay_words(capsule, delay, seconds):
+    app = cpsl.App(name="my-app")
+
+    # D4: build_report, scheduled as its message handler does (delay = the words after "schedule ")
+    @app.task(retries=1, timeout=120, lock="report:{report_id}")
+    async def build_report(session: cpsl.Session | None = None, report_id: str = "daily", duration: int = 5):
+        await asyncio.sleep(duration)
+        return {"report_id": report_id, "ok": True}
+
+    session = cpsl.current_session()
+    before = time.time()
+    handle = await build_report.schedule(session=session, delay=delay, report_id="scheduled", duration=5)
+    assert await handle.status() == "scheduled"
+    assert before + seconds <= handle.snapshot()["scheduled_for"] <= time.time() + seconds
+    assert await handle.cancel() is True
+
+
+async def test_repeat_every_and_the_errors_the_sdk_also_gives(capsule):
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def my_task(session: cpsl.Session | None = None):
+        return "ran"
+
+    session = cpsl.current_session()
+    # SDK docstring: handle = await my_task.schedule("every 5m", session=session); also "repeat every 5m"
+    for when in ("every 5m", "repeat every 5m"):
+        handle = await my_task.schedule(when, session=session)
+        assert handle.snapshot()["every"] == 300 and await handle.status() == "scheduled"
+        assert await handle.cancel() is True
+    for bad in ("1h30m", "-5m", "5 weeks", "every -5m"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad.removeprefix("every ")))):
+            await my_task.schedule(delay=bad) if not bad.startswith("every") else await my_task.schedule(bad)
+    assert await my_task.count() == 2
+
+
+# ------------------------------------------------------- 4: display_name, session_id
+
+
+async def test_display_name_and_session_id_on_handles_and_queries(capsule):
+    app = cpsl.App(name="my-app")
+    gate = asyncio.Event()
+
+    # SDK docstring: send_email, submitted with a session
+    @app.task(retries=2, timeout=60)
+    async def send_email(session: cpsl.Session, to: str, body: str):
+        await gate.wait()
+
+    session = cpsl.current_session()
+    other = cpsl.Session(app, id="chat-42")
+    handle = await send_email.submit(session=session, display_name="Welcome mail", to="a@b.c", body="Hi")
+    later = await send_email.schedule("every 1h", session=other, display_name="Digest", to="d@e.f", body="Yo")
+    unbound = await send_email.submit(session=None, to="g@h.i", body="Hey")
+    status = await handle.status()
+    assert status in ("pending", "running")
+    assert (handle.display_name, handle.session_id) == ("Welcome mail", session.id)
+    assert (later.display_name, later.session_id) == ("Digest", "chat-42")
+    assert (unbound.display_name, unbound.session_id) == ("", "")
+
+    # GUIDE: find(status=None, session_id=None, limit=100, offset=0, **kwargs)
+    assert [h.task_id for h in await send_email.find(session_id=session.id)] == [handle.task_id]
+    assert await send_email.find(session_id="chat-42") == [later]
+    assert await send_email.count(session_id=session.id) == 1 and await app.tasks.count(session_id="nobody") == 0
+    assert await send_email.find(session_id=session.id, to="a@b.c") == [handle]
+    assert await send_email.cancel(session_id="chat-42") == 1
+    assert await later.status() == "cancelled" and await handle.status() in ("pending", "running")
+    gate.set()
+    await handle.wait(10)
+    await unbound.wait(10)
+    assert views.summary(handle.snapshot())["title"] == "Welcome mail"
+
+
+# ------------------------------------------------------------------ 5: inline calls
+
+
+async def test_calling_a_task_directly_runs_it_inline(capsule):
+    import threading
+
+    app = cpsl.App(name="my-app")
+    seen = []
+
+    # G2 background-agent template: the schedule awaits the task descriptor inline
+    @app.task(retries=1, timeout=120)
+    async def monitor_topic(topic: str, session: cpsl.Session | None = None):
+        seen.append(topic)
+        return topic.upper()
+
+    @app.schedule("0 14 * * *")
+    async def daily_monitor():
+        await monitor_topic("daily product signals")
+
+    @app.task()
+    def double(x: int) -> int:  # a sync task: Capsule runs it in an executor
+        seen.append(threading.current_thread() is threading.main_thread())
+        return 2 * x
+
+    await daily_monitor()
+    assert await double(x=21) == 42
+    assert await monitor_topic(topic="launch") == "LAUNCH"
+    assert seen == ["daily product signals", False, "launch"]
+    assert double.fn(x=1) == 2 and await app.tasks.count() == 0  # no queue, no handle
+
+
+# ------------------------------------------------------------------ 6: collections
+
+
+async def test_collections_take_capsules_options_and_dict_sort(capsule):
+    app = cpsl.App(name="my-app")
+    # GUIDE: App.collection(name, *, columns, scope, sortable, filterable, paginate)
+    threads = app.collection("threads", columns=["subject", "sender", {"key": "status", "label": "State"}],
+                             scope="app", sortable=True, filterable=True, paginate=2)
+    # D8, as written
+    created = await threads.insert_one({"subject": "Renewal review", "sender": "ops@example.com",
+                                        "status": "needs-review", "priority": "high"})
+    row = await threads.find_one({"_id": created["_id"]})
+    await threads.insert_many([
+        {"subject": "Invoice", "sender": "billing@example.com", "status": "needs-review", "priority": "low"},
+        {"subject": "Access", "sender": "it@example.com", "status": "needs-review", "priority": "high"},
+    ])
+    rows = await threads.find({"status": "needs-review"}, limit=25, sort={"priority": 1})
+    count = await threads.count()
+    thread_id = created["_id"]
+    await threads.update_one({"_id": thread_id}, {"status": "waiting"})
+    await threads.update_one({"_id": thread_id}, {"$inc": {"review_count": 1}})
+
+    assert row["subject"] == "Renewal review" and count == 3
+    assert [r["priority"] for r in rows] == ["high", "high", "low"]
+    two_keys = await threads.find(sort={"priority": 1, "subject": -1})
+    assert [r["subject"] for r in two_keys] == ["Renewal review", "Access", "Invoice"]
+    assert (await threads.find_one({"_id": thread_id}))["review_count"] == 1
+    table = app.collection("threads")._repr_html_()  # declared once, the table keeps its columns
+    assert re.findall(r"<th>(.*?)</th>", table) == ["subject", "sender", "State"]
+    assert "2 of 3 documents" in table and "priority" not in table
+    with pytest.raises(ValueError, match="'team'"):
+        app.collection("threads", scope="team")
+    with pytest.raises(ValueError, match="sort takes"):
+        await threads.find(sort={"priority": "up"})
+
+
+# ------------------------------------------------------------------ 7: show_task
+
+
+async def test_show_task_of_an_unknown_id_names_the_id_and_the_store(capsule):
+    session = cpsl.current_session()
+    with pytest.raises(KeyError, match=f"no-such-id.*{re.escape(str(capsule))}"):
+        await session.show_task("no-such-id")
+
+
+# ------------------------------------------------------------------ 8: locks
+
+
+async def test_lock_templates_and_which_run_a_submit_may_join(capsule):
+    app = cpsl.App(name="my-app")
+    gate = asyncio.Event()
+
+    # D5: 'Lock template like "user:{user_id}"', on a task that takes **kwargs
+    @app.task(lock="user:{user_id}")
+    async def refresh_user(**kwargs):
+        await gate.wait()
+        return kwargs.get("user_id")
+
+    first = await refresh_user.submit(user_id="u1")
+    again = await refresh_user.submit(user_id="u1")
+    other_user = await refresh_user.submit(user_id="u2")
+    nobody = await refresh_user.submit()
+    assert again == first and other_user != first  # the same task and key: joins
+    assert [h.snapshot()["lock_key"] for h in (first, other_user, nobody)] == ["user:u1", "user:u2", "user:"]
+    assert await refresh_user.find(user_id="u2") == [other_user]
+
+    # D5 worked flow: sync_threads holds "mailbox:sync"; another task declares the same template
+    @app.task(retries=2, lock="mailbox:sync")
+    async def sync_threads(session: cpsl.Session | None = None):
+        await gate.wait()
+        return "threads"
+
+    @app.task(lock="mailbox:sync")
+    async def sync_labels(session: cpsl.Session | None = None):
+        return "labels"
+
+    @app.task(lock="mailbox:sync", on_lock="reject")
+    async def sync_drafts(session: cpsl.Session | None = None):
+        return "drafts"
+
+    threads = await sync_threads.submit()
+    labels = await sync_labels.submit()
+    assert labels != threads and await labels.status() == "pending"  # waits its turn
+    with pytest.raises(cpsl.LockedError):
+        await sync_drafts.submit()
+    gate.set()
+    assert await threads.result(timeout=10) == "threads"
+    assert await labels.result(timeout=10) == "labels"  # its own value, never the other task's
+    assert labels.snapshot()["started_at"] >= threads.snapshot()["completed_at"]
+    assert await first.result(timeout=10) == "u1"
+
+
+def test_a_kwargs_lock_template_still_checks_named_parameters(capsule):
+    app = cpsl.App(name="my-app")
+    with pytest.raises(ValueError, match="report_id"):
+        @app.task(lock="report:{report_id}")
+        async def build_report(session: cpsl.Session | None = None, day: str = "monday"):
+            pass
+
+
+# ------------------------------------------------------------------ 10: the CLI
+
+
+def test_cli_options_go_before_or_after_the_command(capsule, capsys, tmp_path):
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    def probe(n: int) -> int:
+        return n
+
+    handle = probe.submit(n=1)
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    app.store.flush()
+    home = str(app.home)
+    outputs = []
+    for argv in (["tasks", "--home", home, "--json"], ["--home", home, "--json", "tasks"],
+                 ["--home", "/nowhere", "tasks", "--home", home, "--json"], ["--json", "tasks", "--home", home]):
+        assert main(argv) == 0, argv
+        outputs.append([r["task_id"] for r in json.loads(capsys.readouterr().out)])
+    assert outputs == [[handle.task_id]] * 4
+    assert main(["show", handle.task_id, "--home", home]) == 0 and "probe [completed]" in capsys.readouterr().out
+    assert main(["tasks", "--home", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a capsule_nb store" in err and "given by --home" in err and "give --home" not in err
+
+
+# ------------------------------------------------------------------ 11: Dask
+
+
+DASK_SCRIPT = """
+import asyncio
+import capsule_nb as cpsl
+import distributed
+
+@cpsl.task(process=True)
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    client = distributed.Client(cluster)
+    cpsl.configure(cluster=client)
+    print(asyncio.run(square.submit(7).result(timeout=60)))
+    cpsl.configure(cluster=None)
+    client.close()
+    cluster.close()
+"""
+
+
+def test_a_clean_dask_run_logs_no_traceback(tmp_path):
+    """Dask starts its workers by importing the script's main module: the task defined there must not
+    try to warm worker processes in a daemonic Dask worker."""
+    pytest.importorskip("distributed")
+    script = tmp_path / "job.py"
+    script.write_text(DASK_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path / "store")})
+    assert done.returncode == 0 and done.stdout.split() == ["49"], done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "could not start" not in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------- 13: the tasks page
+
+
+async def test_the_docs_tasks_page_stacks_live_boards(capsule):
+    app = cpsl.App(name="my-app", image=cpsl.Image())
+
+    @app.task(retries=1, timeout=120, lock="report:{report_id}")
+    async def build_report(session: cpsl.Session | None = None, report_id: str = "daily", duration: int = 5):
+        await asyncio.sleep(duration)
+        return {"report_id": report_id, "ok": True}
+
+    # D4, as written
+    @app.page("Tasks", icon="layout-grid")
+    def tasks_page():
+        return cpsl.ui.Page(
+            [
+                cpsl.ui.TaskBoard(title="All tasks", refresh_ms=3000),
+                cpsl.ui.Divider(),
+                cpsl.ui.TaskBoard(
+                    title="report_only",
+                    filter={"task_name": "build_report"},
+                    columns=[
+                        cpsl.ui.TaskBoardColumn("Queued", ["pending", "scheduled", "retry"]),
+                        cpsl.ui.TaskBoardColumn("Running", ["running"]),
+                        cpsl.ui.TaskBoardColumn("Done", ["completed"]),
+                        cpsl.ui.TaskBoardColumn("Failed", ["failed", "cancelled", "timeout"]),
+                    ],
+                    refresh_ms=3000,
+                ),
+            ]
+        )
+
+    page = tasks_page()
+    try:
+        everything, divider, reports = page.children
+        assert (everything.title, reports.title) == ("All tasks", "report_only")
+        assert isinstance(divider, cpsl.ui.Divider) and everything._app is app
+        assert app.pages()["Tasks"].icon == "layout-grid"
+        handle = await build_report.submit(report_id="daily", duration=0)
+        await handle.wait(10)
+        await until(lambda: [x["count"] for x in reports.lanes] == [0, 0, 1, 0] and everything.total == 1)
+        text = repr(page)
+        assert text.index("All tasks") < text.index("─" * 10) < text.index("report_only")
+    finally:
+        page.close()
+    assert everything._closed and reports._closed
+
+
+# --------------------------------------------------------- beyond: portable mode
+
+
+async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsule):
+    app = cpsl.App(name="my-app")
+    cpsl.configure(portable=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+
+            # D4's task, as Capsule has it: no warning
+            @app.task(retries=1, timeout=120, lock="report:{report_id}")
+            async def build_report(session: cpsl.Session | None = None, report_id: str = "daily",
+                                   duration: int = 5):
+                return {"report_id": report_id, "ok": True}
+
+            handle = await build_report.submit(report_id="daily", duration=0)
+            later = await build_report.schedule(delay="10m", report_id="weekly")
+            await handle.status()
+            await later.cancel()
+            plain = len(caught)
+
+            @app.task(retries=2, retry_delay="1s", backoff=2, on_lock="queue", lock="feed:{feed}")
+            def parse(feed: str) -> int:
+                return len(feed)
+
+            first = parse.submit("daily")
+            parse.submit("weekly")  # the same extension again: no second warning
+            assert await first.result(timeout=10) == 5
+            parse.schedule(at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1), feed="x")
+
+            @app.schedule("*/10 * * * * *", tz="Europe/Paris")
+            def tick():
+                pass
+
+            tick.stop()
+        messages = [str(w.message) for w in caught[plain:] if w.category is PortabilityWarning]
+    finally:
+        cpsl.configure(portable=False)
+    assert plain == 0
+    expected = ["retry_policy", "on_lock", "positional", "wait_result", "schedule_at", "cron_tz", "cron_seconds"]
+    assert messages == [EXTENSIONS[code][0] + " is a capsule_nb extension, not Capsule's. The Capsule way: "
+                        + EXTENSIONS[code][1] for code in expected]
+    assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
+
+
+def _notebook(path: Path, *cells: str) -> Path:
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(textwrap.dedent(c)) for c in cells]),
+                   path)
+    return path
+
+
+D4_TASK = """
+@app.task(retries=1, timeout=120, lock="report:{report_id}")
+async def build_report(
+    session: cpsl.Session | None = None,
+    report_id: str = "daily",
+    duration: int = 5,
+):
+    if session is not None:
+        await session.notify(f"[{report_id}] starting")
+    await asyncio.sleep(duration)
+    if session is not None:
+        await session.reply(f"[{report_id}] finished after {duration}s")
+    return {"report_id": report_id, "ok": True}
+"""
+
+
+def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
+    prototype = _notebook(
+        tmp_path / "prototype.ipynb",
+        "%load_ext capsule_nb\nimport asyncio, datetime\nimport capsule_nb as cpsl\napp = cpsl.App(name='my-app')",
+        D4_TASK,
+        'handle = await build_report.submit(session=session, report_id="daily", duration=5)\n'
+        "await session.show_task(handle, message='Building daily report…')",
+        """
+        @app.task(retries=2, retry_delay="1s", backoff=2)
+        def parse(feed: str) -> int:
+            return len(feed)
+
+        runs = [parse.submit(f) for f in ("a", "bb")]
+        print([await h.result() for h in runs])
+        """,
+        '@app.schedule("*/10 * * * * *", tz="Europe/Paris")\ndef tick():\n    pass',
+        "later = build_report.schedule(at=datetime.datetime.now() + datetime.timedelta(hours=1))\n"
+        "print(await handle.status(), await later.wait())",
+        "this is not python",
+    )
+    assert main(["check", str(prototype)]) == 1
+    out = capsys.readouterr().out
+    found = re.findall(r"cell (\d+), line (\d+): (.*)\n    (.*)", out)
+    where = [(int(cell), int(line), source) for cell, line, source, _ in found]
+    assert where == [(4, 2, '@app.task(retries=2, retry_delay="1s", backoff=2)'),
+                     (4, 6, 'runs = [parse.submit(f) for f in ("a", "bb")]'),
+                     (4, 7, "print([await h.result() for h in runs])"),
+                     (5, 1, '@app.schedule("*/10 * * * * *", tz="Europe/Paris")'),
+                     (5, 1, '@app.schedule("*/10 * * * * *", tz="Europe/Paris")'),
+                     (6, 1, "later = build_report.schedule(at=datetime.datetime.now() + datetime.timedelta(hours=1))"),
+                     (6, 2, "print(await handle.status(), await later.wait())")]
+    assert "7 capsule_nb-only extension(s) in 3 cell(s)" in out
+    assert "The Capsule way: pass task arguments by keyword" in out
+
+    plain = _notebook(tmp_path / "plain.ipynb", "import asyncio\nimport capsule_nb as cpsl\napp = cpsl.App(name='x')",
+                      D4_TASK, 'handle = await build_report.submit(report_id="daily", duration=5)\n'
+                               "print(await handle.status())")
+    done = subprocess.run([sys.executable, "-m", "capsule_nb", "check", str(plain)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "no capsule_nb-only extensions" in done.stdout, done.stdout + done.stderr
+    assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
+
+
+# ========================================================== in a real kernel
+
+
+@pytest.fixture(scope="module")
+def nb(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("compat")
+    k = Kernel(base / "store", cwd=base)
+    k.run("%load_ext capsule_nb\nimport asyncio\nimport capsule_nb as cpsl")
+    yield k
+    k.close()
+
+
+def shown(cell: Cell) -> list[tuple[str | None, str]]:
+    """``(display id, text/plain)`` of each new output under the cell."""
+    return [(m["content"].get("transient", {}).get("display_id"), m["content"]["data"].get("text/plain", ""))
+            for m in cell.messages if m["msg_type"] == "display_data"]
+
+
+def redrawn(cell: Cell) -> list[tuple[str | None, str]]:
+    """``(display id, text/plain)`` of each in-place update sent with the cell as parent."""
+    return [(m["content"]["transient"]["display_id"], m["content"]["data"].get("text/plain", ""))
+            for m in cell.messages if m["msg_type"] == "update_display_data"]
+
+
+def final_text(cell: Cell, display_id: str | None) -> str | None:
+    """What the output ``display_id`` shows after the updates that have landed (None: no such output)."""
+    texts = [text for i, text in shown(cell) + redrawn(cell) if i == display_id]
+    return texts[-1] if texts else None
+
+
+def test_apps_runs_on_the_magics_and_board_in_a_kernel(nb: Kernel):
+    nb.run(
+        """
+        image = cpsl.Image(python_packages=["httpx"])
+        app = cpsl.App(name="my-app", image=image)
+
+        @app.task(retries=2, timeout=300)
+        async def sync_threads(owner_id: str):
+            return {"synced": 25, "owner_id": owner_id}
+        """
+    )
+    nb.run("handle = await sync_threads.submit(owner_id=session.user.owner_id)\n"
+           "await session.show_task(handle, message='Sync started')")
+    task_id = nb.value("handle.task_id")
+    wait_on_disk(nb, task_id, {"completed"})
+    board = "\n".join(nb.run("%tasks").displays)
+    assert "sync_threads" in board and task_id in board
+    assert "sync_threads" in "\n".join(nb.run("cpsl.ui.TaskBoard(title='Background work')").results)
+    assert "sync_threads" not in "\n".join(nb.run("cpsl.ui.TaskBoard(filter={'app': 'default'})").results)
+    summary = nb.run("%capsule").stdout
+    assert "app 'my-app': 1 runs" in summary and "app 'default'" in summary
+
+
+STORY_TASK = """
+async def words(text):
+    for word in text.split(" "):
+        yield word + " "
+        await asyncio.sleep(0.02)
+
+go = asyncio.Event()
+
+@app.task(timeout=60)
+async def tell_story(session: cpsl.Session | None = None):
+    await go.wait()
+    if session is not None:
+        await session.notify("writing…")
+    await session.stream(words("Once upon a time there was a notebook"))
+    async with session.stream_reply() as out:
+        for part in ["The ", "end", "."]:
+            out.write(part)
+            await asyncio.sleep(0.02)
+    await session.notify("done")
+    return "told"
+"""
+
+
+def test_a_stream_grows_one_output_in_place_while_another_cell_runs(nb: Kernel):
+    nb.run("app = cpsl.App(name='chat-app', image=cpsl.Image())\n" + STORY_TASK)
+    submitting = nb.run("handle = await tell_story.submit(session=session)")
+    busy = nb.run("go.set()\nwhile await handle.status() not in ('completed', 'failed', 'timeout'):\n"
+                  "    await asyncio.sleep(0.02)\nprint(await handle.status())")
+    assert busy.stdout == "completed\n" and busy.displays == [] and redrawn(busy) == []
+    nb.wait_for(lambda: len(shown(submitting)) == 3 and final_text(submitting, shown(submitting)[-1][0]) == "The end.",
+                10, "the last chunk")
+    nb.wait_for(lambda: final_text(submitting, shown(submitting)[1][0]) == "Once upon a time there was a notebook ",
+                10, "the whole story")
+    outputs = shown(submitting)
+    assert [text for _, text in outputs] == ["[notify] writing…", "Once ", "The "]  # three outputs, no more
+    notice, story, ending = (display_id for display_id, _ in outputs)
+    assert len({notice, story, ending}) == 3 and None not in (notice, story, ending)
+    assert final_text(submitting, story) == "Once upon a time there was a notebook "
+    assert final_text(submitting, ending) == "The end."
+    assert final_text(submitting, notice) == "[notify] done"  # the second notification replaced the first
+    assert 1 <= len([i for i, _ in redrawn(submitting) if i == story]) <= 7  # at most one per chunk after the first
+
+    def is_update(m: dict[str, Any]) -> bool:
+        return m["msg_type"] == "update_display_data"
+
+    def idle(m: dict[str, Any]) -> bool:
+        return m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+
+    assert submitting.index(idle) < submitting.index(is_update) < busy.index(idle)  # while the other cell ran
+    record = nb.value("handle.snapshot()['messages']")
+    assert [(m["kind"], m["text"]) for m in record] == [
+        ("notify", "writing…"), ("stream", "Once upon a time there was a notebook "), ("stream", "The end."),
+        ("notify", "done")]
+
+
+def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
+    nb.run(
+        """
+        app = cpsl.App(name="batch-app")
+
+        @app.task(process=True, timeout=300)
+        async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
+            async with session.stream_reply() as out:
+                for part in range(3):
+                    out.write(f"batch {batch_id} part {part}; ")
+            return batch_id
+        """
+    )
+    submitting = nb.run("handle = await crunch_embeddings.submit(session=session, batch_id='b1')")
+    assert nb.value("await handle.wait(60)") == "completed"
+    whole = "batch b1 part 0; batch b1 part 1; batch b1 part 2; "
+    nb.wait_for(lambda: shown(submitting) and final_text(submitting, shown(submitting)[0][0]) == whole, 10, whole)
+    ((display_id, first),) = shown(submitting)
+    assert first == "batch b1 part 0; " and display_id is not None and redrawn(submitting)
+
+    cell = nb.run(
+        """
+        async def words(text):
+            for word in text.split(" "):
+                yield word + " "
+
+        await session.notify("one")
+        await session.notify("two")
+        await session.stream(words("streamed from a cell"))
+        """
+    )
+    (notice, one), (story, streamed) = shown(cell)
+    assert (one, streamed) == ("[notify] one", "streamed ")
+    nb.wait_for(lambda: final_text(cell, story) == "streamed from a cell ", 10, "the cell's whole stream")
+    assert final_text(cell, notice) == "[notify] two"
+
+    burst = nb.run("with session.stream_reply() as out:\n    for i in range(2000):\n        out.write(f'{i} ')")
+    whole = "".join(f"{i} " for i in range(2000))
+    nb.wait_for(lambda: final_text(burst, shown(burst)[0][0]) == whole, 10, "the burst's whole text")
+    assert len(shown(burst)) == 1 and len(redrawn(burst)) <= 10  # coalesced: not 1,999 ever longer messages
+
+
+def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):
+    nb.run(
+        """
+        app = cpsl.App(name="mail-app")
+        threads = app.collection("threads")
+
+        @app.task(retries=2, timeout=300, lock="mailbox:sync")
+        async def sync_threads(session: cpsl.Session | None = None):
+            if session:
+                await session.notify("Syncing mailbox...")
+            await threads.insert_one(
+                {
+                    "subject": "Renewal review",
+                    "sender": "ops@example.com",
+                    "status": "needs-review",
+                    "priority": "high",
+                }
+            )
+            return {"synced": 1}
+
+        @app.task()
+        async def handle_sync(session: cpsl.Session | None = None):
+            handle = await sync_threads.submit(session=session)
+            await session.show_task(handle, message="Mailbox sync started")
+            return handle.task_id
+        """
+    )
+    submitting = nb.run("outer = await handle_sync.submit(session=session)")
+    child = nb.value("await outer.result(30)")
+    wait_on_disk(nb, child, {"completed"})
+    nb.wait_for(lambda: any("Syncing mailbox" in text for text in submitting.displays), 10, "the notification")
+    texts = submitting.displays
+    cards = [text for text in texts if text.startswith("Mailbox sync started [")]
+    assert len(cards) == 1 and child in cards[0]
+    assert not [t for t in texts if child in t and t not in cards]  # no bare run id above the card
+    markdown = [m["content"]["data"].get("text/markdown") for m in submitting.messages
+                if m["msg_type"] == "display_data"]
+    assert child not in markdown
+    missing = nb.run("await session.show_task('no-such-id')", allow_error=True)
+    assert missing.error["ename"] == "KeyError" and "no-such-id" in missing.error["evalue"]
+    assert str(nb.home) in missing.error["evalue"]
+
+
+def test_the_tasks_page_shows_in_a_cell(nb: Kernel):
+    nb.run("app = cpsl.App(name='page-app')\n" + D4_TASK)
+    cell = nb.run(
+        """
+        @app.page("Tasks", icon="list-check")
+        def tasks_page():
+            return cpsl.ui.Page([cpsl.ui.TaskBoard(title="Tasks"), cpsl.ui.Divider(),
+                                 cpsl.ui.TaskBoard(title="Reports", filter={"task_name": "build_report"})])
+
+        tasks_page()
+        """
+    )
+    (result,) = [m["content"]["data"] for m in cell.messages if m["msg_type"] == "execute_result"]
+    assert WIDGET_VIEW in result
+    text = result["text/plain"]
+    assert text.index("Tasks") < text.index("─" * 10) < text.index("Reports")
+
+
+def test_portable_mode_from_the_magic(nb: Kernel):
+    assert "portable mode on" in nb.run("%capsule portable on").stdout
+    try:
+        cell = nb.run("@cpsl.task(process=True)\ndef crunch(n):\n    return n * n\n\nh = crunch.submit(3)")
+        again = nb.run("h2 = crunch.submit(4)")
+    finally:
+        assert "portable mode off" in nb.run("%capsule portable off").stdout
+    warned = cell.stream("stderr")
+    assert "PortabilityWarning" in warned
+    assert EXTENSIONS["process_cell"][1] in warned and EXTENSIONS["positional"][1] in warned
+    assert again.stream("stderr") == ""
+    assert "usage: %capsule" in nb.run("%capsule portable maybe").stdout
+
+
+# ----------------------------------------------------------- 9: docs as pasted
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_doc_python_blocks_run_as_pasted(doc, tmp_path):
+    blocks = python_blocks(REPO / doc)
+    assert len(blocks) >= 2
+    path = _notebook(tmp_path / "doc.ipynb", *blocks)
+    executed = run_notebook(path, tmp_path / "store", cwd=tmp_path, timeout=60)  # raises if a cell does
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for cell in executed.cells for o in cell.outputs)
+    assert not [o for cell in executed.cells for o in cell.outputs if o.output_type == "error"]
+    if doc == "README.md":
+        assert "{'report_id': 'daily', 'rows': 42}" in text
+    else:
+        assert "42 4" in text and "{'report_id': 'daily', 'ok': True}" in text and "PortabilityWarning" in text
