@@ -214,7 +214,9 @@ class App:
         return self._tasks.get(name)
 
     def tasks_defined(self) -> list[Task]:
-        return list(self._tasks.values())
+        """What this kernel can run, so what it adopts from a dead one: its tasks and its
+        schedules' ticks (a tick claimed by a kernel that died before it started)."""
+        return [*self._tasks.values(), *(s.task for s in self._schedules.values())]
 
     # --------------------------------------------------------------- runs
 

@@ -111,8 +111,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"run {args.id} already ended {record['status']}")
         return 1
     asked = app.runtime.cancel(args.id)
-    owner = record.get("owner", "")
-    where = "its kernel will stop it" if asked and owner != app.runtime.owner else "cancelled"
+    now = (app.store.get_run(args.id) or {}).get("status")
+    where = "cancelled" if now == "cancelled" else "its kernel will stop it"  # a live owner was asked
     print(f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
     return 0 if asked else 1
 

@@ -9,6 +9,12 @@ fire once, on time:
   store transaction (``last_due`` moves forward only once). The winner
   submits the run. No leader to elect, and when the kernel that fired dies the
   others simply keep claiming.
+* **A claim is kept.** The claim names its kernel (``claimed_by``), and the
+  tick counts as settled (``settled_due``) only once its run is on disk (or it
+  was skipped or paused). A kernel
+  that lost the claim watches it; if the claimant dies first, the watcher (or
+  the next tick's claimant) takes the claim over and submits the run, unless
+  the run turns out to be on disk after all.
 * **No bursts.** The next due time is computed from *now*, so a tick delayed
   by a blocking cell or a suspended laptop fires once, and a tick that comes
   while the previous run is unfinished is skipped (counted in the schedule's
@@ -26,6 +32,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
@@ -33,12 +40,15 @@ from .cron import next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
 from .record import FINISHED
+from .store.owners import owner_alive
 from .tasks import Task
 
 if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("capsule_nb")
+
+WATCH_SECONDS = 1.0  # how often a kernel that lost a claim looks whether the claimant recorded the run
 
 
 class Schedule:
@@ -154,6 +164,7 @@ class Schedule:
             self.stop()  # replaced by a re-run cell
             return None
         verdict: dict[str, Any] = {}
+        me = self.app.runtime.owner
         self.app.store.poll()  # the previous tick may have run in another kernel
 
         def claim(state: dict[str, Any] | None) -> dict[str, Any]:
@@ -161,7 +172,9 @@ class Schedule:
             if state.get("last_due", 0) >= due:
                 verdict["taken"] = True  # another kernel fired this tick
                 return state
-            state["last_due"] = due
+            if _lost(state):
+                verdict["lost"] = state["last_due"]
+            state.update(last_due=due, claimed_by=me)
             previous = state.get("last_run") and self.app.store.get_run(state["last_run"])
             if state.get("paused"):
                 verdict["paused"] = True
@@ -171,17 +184,71 @@ class Schedule:
                 verdict["skipped"] = previous["task_id"]
             else:
                 verdict["fire"] = True
+            if not verdict.get("fire"):
+                state["settled_due"] = due  # nothing to record: nothing to take over
             return state
 
         self.app.store.update_value(self._key, claim)
+        if verdict.get("lost"):
+            self._rescue(verdict["lost"])
+        if verdict.get("taken"):
+            self.app.runtime.timers.call_later(WATCH_SECONDS, lambda: self._watch(due))
         if not verdict.get("fire"):
             if verdict.get("skipped"):
                 log.info("capsule_nb schedule %s: tick skipped, run %s still going", self.name, verdict["skipped"])
             return None
+        return self._submit(due)
+
+    def _submit(self, due: float) -> TaskHandle:
         record, gen = self.app.runtime.submit(self.task, (), {}, {}, session=None, target=None,
                                               extra={"schedule": self.cron, "scheduled_for": due})
-        self._update(lambda s: {**s, "last_run": record["task_id"]})
+        self.app.store.flush()  # on disk before the tick counts as fired: a kill now loses nothing
+        self._update(lambda s: {**s, "last_run": record["task_id"], "settled_due": max(s.get("settled_due", 0), due)})
         return TaskHandle(self.app, record["task_id"], gen)
+
+    def _watch(self, due: float) -> None:
+        """Another kernel claimed ``due``: once it has recorded the run, or the next tick is due
+        (its claimant looks at this claim), nothing to do; if the claimant died first, take over."""
+        next_due = self._next_after(dt.datetime.fromtimestamp(due, self.tz)).timestamp()
+        if self._stopped or time.time() >= next_due:
+            return
+        try:
+            state = self.state()
+            if state.get("last_due") != due or state.get("settled_due", 0) >= due:
+                return
+            if not _lost(state):
+                self.app.runtime.timers.call_later(WATCH_SECONDS, lambda: self._watch(due))
+                return
+            taken = {}
+
+            def take_over(current: dict[str, Any]) -> dict[str, Any]:
+                if current.get("last_due") == due and _lost(current):
+                    taken["due"] = due
+                    return {**current, "claimed_by": self.app.runtime.owner}
+                return current
+
+            self._update(take_over)
+            if taken:
+                self._rescue(due)
+        except Exception:
+            log.exception("capsule_nb schedule %s: watching the tick at %s failed", self.name, due)
+
+    def _rescue(self, due: float) -> None:
+        """Submit the run of a tick whose claimant died, unless its run reached the disk."""
+        self.app.store.poll()
+        if any(r["task_name"] == self.name and r["app"] == self.app.name and r.get("scheduled_for") == due
+               for r in self.app.store.runs()):
+            self._update(lambda s: {**s, "settled_due": max(s.get("settled_due", 0), due)})
+            return
+        log.info("capsule_nb schedule %s: the kernel that claimed the tick at %s died; running it here", self.name, due)
+        self._submit(due)
 
     def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.app.store.update_value(self._key, lambda s: change(dict(s or {})))
+
+
+def _lost(state: dict[str, Any]) -> bool:
+    """The tick last claimed was never recorded, and the kernel that claimed it is dead."""
+    claimant = state.get("claimed_by")
+    return (claimant is not None and state.get("last_due") is not None
+            and state.get("settled_due", 0) < state["last_due"] and not owner_alive(claimant))

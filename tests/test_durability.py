@@ -12,7 +12,7 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 
-from .conftest import until_sync
+from .conftest import until, until_sync
 
 PRELUDE = """
 import os, sys, time, threading
@@ -328,3 +328,61 @@ async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
     finally:
         owner.kill()
         owner.wait(10)
+
+
+async def test_cancel_through_a_second_app_on_the_same_home_stops_the_run(tmp_path):
+    """Two apps on one home in one process share the store and the owner id: a cancel asked
+    of either stops the run where it really runs, not just its record."""
+    import asyncio
+
+    first, second = cpsl.App(home=tmp_path), cpsl.App("other", home=tmp_path)
+    stopped = asyncio.Event()
+
+    @first.task
+    async def forever():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.set()
+
+    handle = forever.submit()
+    await until(lambda: handle.snapshot()["status"] == "running")
+    assert await second.get_task(handle.task_id).cancel() is True
+    await asyncio.wait_for(stopped.wait(), 5)  # the coroutine itself was cancelled
+    assert await handle.wait(5) == "cancelled"
+    first.close()
+    second.close()
+
+
+def test_cancel_of_a_dead_owners_waiting_runs_settles_them_at_once(tmp_path):
+    victim = spawn(
+        """
+        @app.task(lock="k", on_lock="queue")
+        def later(tag):
+            app.collection("fired").insert_one({"tag": tag})
+
+        waiting = [later.schedule(delay="1h", tag="scheduled"), later.submit(tag="queued")]
+        app.store.flush()
+        print(*(h.task_id for h in waiting), flush=True)
+        print("ready", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    (ids,) = lines_until(victim, "ready")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    app = cpsl.App(home=tmp_path)
+    handles = [app.get_task(task_id) for task_id in ids.split()]
+    assert [h.snapshot()["status"] for h in handles] == ["scheduled", "pending"]
+    assert [h.cancel() for h in handles] == [True, True]
+    assert [h.snapshot()["status"] for h in handles] == ["cancelled", "cancelled"]  # nobody needed to act
+
+    @app.task(lock="k", on_lock="reject")
+    def later(tag):
+        app.collection("fired").insert_one({"tag": tag})
+
+    later.submit(tag="after")  # the lock the scheduled run held is free
+    until_sync(lambda: app.collection("fired").count() == 1)
+    assert [d["tag"] for d in app.collection("fired").find()] == ["after"]
+    app.close()

@@ -206,6 +206,97 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
     assert completed <= ticks.count() <= completed + 2
 
 
+def test_a_tick_left_pending_by_a_killed_kernel_runs_in_another(tmp_path):
+    """The kernel that claimed a tick dies before the run started (its one thread was busy):
+    another kernel defining the schedule adopts the run, as it would a task's."""
+    claimant = spawn(
+        """
+        app.runtime.max_threads = 1
+
+        @app.task
+        def block():
+            threading.Event().wait()
+
+        blocker = block.submit()
+        while blocker.snapshot()["status"] != "running":
+            time.sleep(0.01)
+
+        @app.schedule("* * * * * *", name="shared")
+        def shared():
+            app.collection("ticks").insert_one({"pid": os.getpid()})
+
+        while not (ticks := [r for r in app.store.runs() if r["task_name"] == "shared"]):
+            time.sleep(0.01)
+        shared.stop()
+        app.store.flush()
+        print(ticks[0]["task_id"], ticks[0]["status"], flush=True)
+        print("claimed", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    (line,) = lines_until(claimant, "claimed")
+    tick_id, status = line.split()
+    assert status == "pending"  # claimed and recorded, waiting for the busy thread
+    os.kill(claimant.pid, signal.SIGKILL)
+    claimant.wait(10)
+    app = cpsl.App(home=tmp_path)
+
+    @app.schedule("0 0 1 1 *", name="shared")  # the same schedule, defined in another kernel
+    def shared():
+        app.collection("ticks").insert_one({"pid": os.getpid()})
+
+    until_sync(lambda: app.get_task(tick_id).status() == "completed", timeout=10)
+    assert [d["pid"] for d in app.collection("ticks").find()] == [os.getpid()]
+    app.close()
+
+
+def _dead_owner(tmp_path) -> str:
+    """The owner id of a process that has exited, as a killed kernel's would be."""
+    proc = spawn("from capsule_nb.store.owners import owner_id\nprint(owner_id(), flush=True)", tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    return out.strip()
+
+
+def _ticks_at(app, due: float) -> list[dict]:
+    app.store.poll()
+    return [r for r in app.store.runs() if r["task_name"] == "shared" and r["scheduled_for"] == due]
+
+
+def test_a_tick_claimed_by_a_kernel_that_died_before_recording_it_runs_in_a_watcher(tmp_path):
+    """What a kill just after a claim leaves on disk: the tick claimed, its run nowhere. The
+    kernel that found the tick taken watches the claim and, the claimant dead, runs it once."""
+    dead = _dead_owner(tmp_path)
+    app = cpsl.App(home=tmp_path)
+    due = float(int(time.time()) + 3)
+    app.store.update_value("sched/default/shared", lambda s: {**(s or {}), "last_due": due, "claimed_by": dead})
+
+    @app.schedule(f"* * * * * {int(due) % 60}", name="shared")  # due now, then in a minute
+    def shared():
+        return "ran"
+
+    until_sync(lambda: [r["status"] for r in _ticks_at(app, due)] == ["completed"], timeout=15)
+    state = until_sync(lambda: shared.state().get("settled_due") == due and shared.state())
+    assert state["claimed_by"] == app.runtime.owner
+    app.close()
+
+
+def test_the_next_claimant_runs_a_tick_whose_claimant_died_before_recording_it(tmp_path):
+    dead = _dead_owner(tmp_path)
+    app = cpsl.App(home=tmp_path)
+    lost = float(int(time.time()) - 2)
+    app.store.update_value("sched/default/shared", lambda s: {**(s or {}), "last_due": lost, "claimed_by": dead})
+
+    @app.schedule("* * * * * *", name="shared")
+    def shared():
+        return "ran"
+
+    until_sync(lambda: [r["status"] for r in _ticks_at(app, lost)] == ["completed"], timeout=15)
+    until_sync(lambda: shared.runs.count(status="completed") >= 3, timeout=15)  # and it goes on ticking
+    assert len(_ticks_at(app, lost)) == 1
+    app.close()
+
+
 def test_capsule_magic_lists_schedules_with_their_next_run(app):
     from capsule_nb.notebook.magics import capsule_summary
 

@@ -243,6 +243,36 @@ async def test_cancel_from_the_card_and_from_another_thread(app):
     board.close()
 
 
+async def test_cancel_on_a_board_stops_runs_another_process_owns(tmp_path):
+    """Cancel clicked on a board for another process's async, thread and process runs, one at
+    a time, while three idle processes share the store: each stops, and the board shows it."""
+    from .reliability.test_cancel_across_processes import IDLE, OWNER
+    from .test_durability import lines_until, spawn
+
+    owner = spawn(OWNER, tmp_path, PIDS=str(tmp_path / "pids"))
+    idle = [spawn(IDLE, tmp_path) for _ in range(3)]
+    app = cpsl.App(home=tmp_path)
+    board = ui.TaskBoard(app=app)
+    try:
+        for proc in idle:
+            lines_until(proc, "ready")
+        ids = lines_until(owner, "running", timeout=60)[0].split()
+        await until(lambda: lane(board, "Running")["count"] == 3)
+        assert all(card["can_cancel"] for card in lane(board, "Running")["cards"])
+        for n, task_id in enumerate(ids, 1):
+            from_view(board, {"action": "cancel", "task_id": task_id})
+            assert await app.get_task(task_id).wait(10) == "cancelled"
+            await until(lambda n=n: lane(board, "Failed")["count"] == n)
+        lines_until(owner, "stopped")  # the owner stopped its own runs
+        assert lane(board, "Running")["count"] == 0 and board.notice == ""
+    finally:
+        board.close()
+        app.close()
+        for proc in [owner, *idle]:
+            proc.kill()
+            proc.wait(10)
+
+
 async def test_retry_resubmits_and_the_card_follows_the_new_run(app):
     attempts = []
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -48,10 +49,15 @@ from .results import Results
 from .run import Display, Failure, NoDisplay, Run
 from .threads import WorkerPool
 from .timers import Timers
-from .upkeep import Upkeep, interrupted
+from .upkeep import Upkeep, cancelled, interrupted
 
 if TYPE_CHECKING:
     from ..tasks import Task
+
+
+# Every runtime of this process. Apps on one home share a store and an owner id, so a run
+# live in one app's runtime is cancelled through that runtime, whichever app is asked.
+_runtimes: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Runtime:
         self.threads = WorkerPool(settings.max_threads)
         self.results = Results(store, lambda: self.settings.max_result_bytes)
         self.upkeep = Upkeep(self)
+        _runtimes.add(self)
         self._callbacks = Callbacks()
         self._live: dict[str, Run] = {}
         self._live_lock = threading.Lock()
@@ -125,6 +132,12 @@ class Runtime:
 
     def is_live(self, task_id: str) -> bool:
         return task_id in self._live
+
+    def holder(self, task_id: str) -> "Runtime | None":
+        """The runtime of this process working on ``task_id`` (this one first), if any."""
+        if self.is_live(task_id):
+            return self
+        return next((r for r in list(_runtimes) if r.store is self.store and r.is_live(task_id)), None)
 
     def _executor(self, task: "Task") -> Executor:
         return self._executors["process" if task.process else "async" if task.is_async else "thread"]
@@ -341,20 +354,14 @@ class Runtime:
     # ------------------------------------------------------- cancel/refresh
 
     def cancel(self, task_id: str) -> bool:
-        """Stop a run in any state; True if something was cancelled."""
+        """Stop a run in any state; True if it was stopped, or if its owner (another live
+        process) was asked to stop it: the owner does at its next maintenance pass, and a
+        request its owner dies before answering settles the run as ``cancelled``."""
         with self._live_lock:
             run = self._live.get(task_id)
         if run is None:
-            record = self.store.get_run(task_id)
-            if record is None:
-                return False
-            if record["status"] in FINISHED:
-                return self._cancel_series(record)
-            if record.get("owner") != self.owner and owner_alive(record.get("owner", "")):
-                self.store.request_cancel(task_id)  # its owner acts on it at its next poll
-                return True
-            # a run nobody is working on (its owner died): just record the end
-            return self.update(task_id, _cancelled) is not None
+            holder = self.holder(task_id)
+            return holder.cancel(task_id) if holder is not None else self._cancel_elsewhere(task_id)
         with run.lock:
             phase = run.phase
             if phase == "waiting":
@@ -372,13 +379,40 @@ class Runtime:
                 queue = self._queued.get(run.lock_key or "", [])
                 if run in queue:
                     queue.remove(run)
-            record = self.update(task_id, _cancelled)
+            record = self.update(task_id, cancelled)
             if record is not None and not record.get("queued"):
                 self._settle(run, record)
             else:
                 with self._live_lock:
                     self._live.pop(task_id, None)
         return True
+
+    def _cancel_elsewhere(self, task_id: str) -> bool:
+        """Cancel a run no runtime of this process is working on: ask its live owner, or,
+        when nobody works on it (its owner died, or this process let it go), record the end
+        on disk, where a process adopting it at the same moment cannot also take it."""
+        for _ in range(3):  # an adoption between our look and our claim: look again
+            record = self.store.get_run(task_id)
+            if record is None:
+                return False
+            if record["status"] in FINISHED:
+                return self._cancel_series(record)
+            owner = record.get("owner", "")
+            if owner != self.owner and owner_alive(owner):
+                self.store.request_cancel(task_id)
+                return True
+
+            def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
+                return cancelled(disk) if disk.get("owner", "") == owner else None
+
+            claimed = self.store.claim_run(task_id, settle)
+            if claimed is not None:
+                if claimed.get("lock_key"):
+                    self.store.release_lock(claimed["lock_key"], task_id)
+                    self.wake_queues()
+                return True
+            self.store.poll()
+        return False
 
     def _cancel_series(self, record: RunRecord) -> bool:
         series = record.get("series")
@@ -478,9 +512,3 @@ def _storable(values: dict) -> tuple[dict, bool]:
         stored[key], ok = json_safe(value)
         exact = exact and ok
     return stored, exact
-
-
-def _cancelled(record: RunRecord) -> RunRecord | None:
-    if record["status"] in FINISHED:
-        return None
-    return evolve(record, status=CANCELLED, completed_at=time.time(), error="cancelled")

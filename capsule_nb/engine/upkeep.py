@@ -2,9 +2,15 @@
 recovery of runs whose process died, adoption of their waiting runs, retention.
 
 Every ``MAINTAIN_SECONDS`` (in the timer thread): fold in other processes'
-writes, act on cancel requests sent to this process's runs, start queued
-runs whose lock another process released, recover runs of dead processes,
-and keep finished runs under the retention cap.
+writes, answer cancel requests, start queued runs whose lock another process
+released, recover runs of dead processes, and keep finished runs under the
+retention cap.
+
+A cancel request (``Store.request_cancel``) is seen by every process on the
+store and consumed by none but the one that can answer it: the run's owner
+stops the run and drops the request once the run has finished; a process that
+finds the owner dead records the run ``cancelled``. Recovery and adoption read
+the request too, so a run asked to stop is never retried or resumed.
 
 While somebody here waits on a run another process owns, a faster *watch*
 polls the store every ``WATCH_SECONDS``: one poll per tick however many
@@ -19,7 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..record import CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
+from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
 from ..store.owners import owner_alive
 from .run import Run
 
@@ -32,6 +38,9 @@ log = logging.getLogger("capsule_nb")
 MAINTAIN_SECONDS = 0.5  # how often other processes' changes and crashes are looked at
 PRUNE_SECONDS = 60.0  # how often retention is applied when no burst forces it
 WATCH_SECONDS = 0.05  # how often the store is polled while a run owned elsewhere is waited on
+# A run this process owns but no runtime of it works on is, for a moment, one being submitted
+# or adopted; past this it is one this process let go (its app closed), and a request settles it.
+LET_GO_SECONDS = 5.0
 
 
 class Upkeep:
@@ -57,9 +66,7 @@ class Upkeep:
         runtime = self.runtime
         try:
             self.store.poll()
-            for task_id in self.store.take_cancel_requests():
-                if runtime.is_live(task_id):
-                    runtime.cancel(task_id)
+            self.answer_cancel_requests()
             runtime.wake_queues()
             self.recover()
             now = time.monotonic()
@@ -105,6 +112,22 @@ class Upkeep:
             log.exception("capsule_nb: watching the store at %s failed", self.store.path)
         self.runtime.timers.call_later(WATCH_SECONDS, self._watch_tick)
 
+    def answer_cancel_requests(self) -> None:
+        """Act on the cancel requests this process can answer; leave the others on disk."""
+        runtime = self.runtime
+        for task_id, seen in self.store.cancel_requests().items():
+            record = self.store.get_run(task_id)
+            if record is None or record["status"] in FINISHED:
+                self.store.drop_cancel_request(task_id)  # answered (or the run was pruned)
+                continue
+            holder = runtime.holder(task_id)
+            owner = record.get("owner", "")
+            if holder is runtime:
+                runtime.cancel(task_id)  # the request stays until the run has stopped: a kill meanwhile still finds it
+            elif holder is None and (owner == runtime.owner and time.monotonic() - seen > LET_GO_SECONDS
+                                     or owner != runtime.owner and not owner_alive(owner)):
+                runtime.cancel(task_id)  # nobody works on it: recorded cancelled on disk
+
     def recover(self) -> int:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
         ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners."""
@@ -117,9 +140,11 @@ class Upkeep:
             if owner == me or owner_alive(owner):
                 continue
 
-            def take(disk: RunRecord, owner: str = owner) -> RunRecord | None:
+            def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
                 if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
                     return None  # somebody else recovered it first
+                if requested:  # it was asked to stop: stopped it is
+                    return cancelled(disk)
                 return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk)
 
             if self.store.claim_run(record["task_id"], take) is not None:
@@ -142,13 +167,17 @@ class Upkeep:
                 continue
             old = record.get("owner")
 
-            def take(disk: RunRecord, old: str | None = old) -> RunRecord | None:
+            def take(disk: RunRecord, requested: bool, old: str | None = old) -> RunRecord | None:
                 if disk.get("owner") != old or disk["status"] not in WAITING:
                     return None
-                return evolve(disk, owner=runtime.owner)
+                return cancelled(disk) if requested else evolve(disk, owner=runtime.owner)
 
             claimed = self.store.claim_run(record["task_id"], take)
             if claimed is None:
+                continue
+            if claimed["status"] == CANCELLED:
+                if claimed.get("lock_key"):
+                    self.store.release_lock(claimed["lock_key"], claimed["task_id"])
                 continue
             try:
                 args, kwargs = stored_arguments(self.store, claimed)
@@ -184,3 +213,10 @@ def interrupted(record: RunRecord) -> RunRecord | None:
     if record["status"] == RUNNING:
         return evolve(record, status=FAILED, error="interrupted", completed_at=time.time())
     return None
+
+
+def cancelled(record: RunRecord) -> RunRecord | None:
+    """How a run that was asked to stop, and has stopped (or never started), is recorded."""
+    if record["status"] in FINISHED:
+        return None
+    return evolve(record, status=CANCELLED, completed_at=time.time(), error="cancelled")

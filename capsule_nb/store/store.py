@@ -39,6 +39,7 @@ from .rows import Rows
 log = logging.getLogger("capsule_nb")
 
 Change = Callable[[RunRecord], "RunRecord | None"]
+Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
 
 class Store:
@@ -58,7 +59,7 @@ class Store:
         self._unfinished: dict[str, RunRecord] = {}
         self._docs: dict[str, dict[str, dict[str, Any]]] = {}
         self._poll_lock = threading.Lock()
-        self._cancel_requests: list[str] = []
+        self._cancel_requests: dict[str, float] = {}  # task id -> when this process first saw it
         self._dirty: dict[str, Any] = {}
         self._inflight: dict[str, Any] = {}  # the batch the writer is committing
         self._gen = 0
@@ -82,9 +83,12 @@ class Store:
         seq = self._feed.head()
         runs: dict[str, RunRecord] = {}
         docs: dict[str, dict[str, dict[str, Any]]] = {}
+        requests: list[str] = []
         for key in self._cache.iterkeys():
             if key == disk.REFUSED:
                 log.warning("capsule_nb: a row with a pickled key in %s was refused", self.path)
+            elif key.startswith(CANCEL):
+                requests.append(key[len(CANCEL) :])
             elif key.startswith((RUN, DOC)):
                 value = self._rows.read(key)  # a bad row is skipped, with a warning naming it
                 if value is None:
@@ -101,6 +105,9 @@ class Store:
             self._runs = runs
             self._unfinished = {k: r for k, r in runs.items() if r["status"] not in FINISHED}
             self._docs = docs
+            now = time.monotonic()
+            for task_id in requests:
+                self._cancel_requests.setdefault(task_id, now)
             self._feed.mark(seq)
 
     # ---------------------------------------------------------------- records
@@ -177,24 +184,35 @@ class Store:
                 self._dirty[RUN + task_id] = None
                 for name in ("result", "args"):
                     self._dirty[f"{PAYLOAD}{task_id}/{name}"] = None
+                self._dirty[CANCEL + task_id] = None
+                self._cancel_requests.pop(task_id, None)
             self._gen += 1
             self._wake.notify()
 
-    def claim_run(self, task_id: str, change: Change) -> RunRecord | None:
+    def claim_run(self, task_id: str, change: Claim) -> RunRecord | None:
         """Read-modify-write a record *on disk*, in one transaction: how a process takes over
-        a run of a dead owner without a second process taking it too. ``change`` sees the
-        disk's record and returns the new one, or None to leave it."""
+        a run of a dead owner without a second process taking it too.
+
+        ``change(record, cancel_requested)`` sees the disk's record and whether a cancel
+        request for the run is on disk, and returns the new record, or None to leave it.
+        A finished record drops the run's cancel request in the same transaction.
+        """
         self.flush()
         with self._cache.transact(retry=True):
             current = self._rows.read(RUN + task_id)
-            new = None if current is None else change(current)
+            requested = self._rows.read(CANCEL + task_id) is not None
+            new = None if current is None else change(current, requested)
             if new is not None:
                 self._cache.set(RUN + task_id, new)
+                if requested and new["status"] in FINISHED:
+                    self._cache.delete(CANCEL + task_id)
                 self._feed.announce([RUN + task_id])
         if new is None:
             return None
         with self._lock:
             self._mirror(task_id, new)
+            if new["status"] in FINISHED:
+                self._cancel_requests.pop(task_id, None)
         self.events.publish(new)
         return new
 
@@ -212,17 +230,26 @@ class Store:
     # ---------------------------------------------------------------- intents
 
     def request_cancel(self, task_id: str) -> None:
-        """Ask the process that owns a run to cancel it (it sees this on its next poll)."""
+        """Ask the process that owns a run to cancel it. The request is a row on disk that
+        every process learns of from the feed (or at open), and only the owner (once the run
+        has stopped) or a process that finds the owner dead may drop it."""
         with self._cache.transact(retry=True):
             self._cache.set(CANCEL + task_id, {"at": time.time()})
             self._feed.announce([CANCEL + task_id])
-
-    def take_cancel_requests(self) -> list[str]:
         with self._lock:
-            requests, self._cancel_requests = self._cancel_requests, []
-        for task_id in requests:
-            self._cache.delete(CANCEL + task_id)
-        return requests
+            self._cancel_requests.setdefault(task_id, time.monotonic())
+
+    def cancel_requests(self) -> dict[str, float]:
+        """Outstanding cancel requests: ``{task_id: when this process first saw it}``
+        (``time.monotonic``). Reading them consumes nothing."""
+        with self._lock:
+            return dict(self._cancel_requests)
+
+    def drop_cancel_request(self, task_id: str) -> None:
+        """Forget a request that has been answered: its run is finished (or gone)."""
+        with self._lock:
+            self._cancel_requests.pop(task_id, None)
+        self._cache.delete(CANCEL + task_id)
 
     # --------------------------------------------------------------- payloads
 
@@ -352,7 +379,7 @@ class Store:
                         _apply(self._docs.setdefault(collection, {}), doc_id, value)
                     elif key.startswith(CANCEL):
                         if value is not None:
-                            self._cancel_requests.append(key[len(CANCEL) :])
+                            self._cancel_requests.setdefault(key[len(CANCEL) :], time.monotonic())
                     elif key.startswith(RUN) and key not in self._dirty:  # our own newer write wins
                         self._mirror(key[len(RUN) :], value)
                         if value is not None:
