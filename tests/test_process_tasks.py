@@ -98,6 +98,25 @@ async def test_timeout_and_cancel_kill_the_child(app):
         await until(lambda: process_gone(pid), timeout=2)
 
 
+async def test_cancel_a_run_waiting_for_a_worker_while_all_are_busy(app):
+    app.runtime.processes.max_workers = 1
+
+    @app.task(process=True)
+    def hold(path):
+        open(path, "w").close()
+        while True:
+            time.sleep(0.01)
+
+    marker = app.home / "busy"
+    busy = hold.submit(str(marker))
+    await until(marker.exists, timeout=30)
+    waiting = hold.submit(str(app.home / "never"))  # no worker free: it waits in the pool's queue
+    assert await waiting.cancel() is True
+    assert await waiting.wait(5) == "cancelled" and not (app.home / "never").exists()
+    assert await busy.cancel() is True
+    assert await busy.wait(5) == "cancelled"
+
+
 async def test_sessions_and_collections_from_the_child(app):
     @app.task(process=True)
     def report(session, name):

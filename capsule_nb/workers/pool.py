@@ -442,7 +442,9 @@ class ProcessPool:
                 job._settle(killed(None, reason))
             elif job._worker is not None:
                 job._worker.kill()  # under the lock: the worker cannot have moved on to another job
-        self._notify()
+        # Not on this thread: whoever kills may hold a lock that the job's done callback takes
+        # (the runtime cancels a run holding the run's lock).
+        threading.Thread(target=self._notify, name="capsule-process-killed", daemon=True).start()
         return True
 
     def shutdown(self, wait: bool = True) -> None:
