@@ -8,6 +8,19 @@ import pytest
 import capsule_nb as cpsl
 
 
+@pytest.fixture(autouse=True)
+def no_stray_children():
+    """Kill what a test spawned (``test_durability.spawn``) and left running, pass or fail."""
+    yield
+    from .test_durability import SPAWNED
+
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.fixture
 def app(tmp_path: Path):
     """An App with a store of its own: tests never share state."""

@@ -21,12 +21,19 @@ app = cpsl.App(home=os.environ["CAPSULE_NB_HOME"])
 """
 
 
+SPAWNED: list[subprocess.Popen] = []
+
+
 def spawn(code: str, home, **env) -> subprocess.Popen:
-    return subprocess.Popen(
+    """A child process running ``code``; one still running when its test ends is killed
+    (conftest's ``no_stray_children``), so a failing test leaves no process behind."""
+    proc = subprocess.Popen(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CAPSULE_NB_HOME": str(home), **env},
     )
+    SPAWNED.append(proc)
+    return proc
 
 
 def lines_until(proc: subprocess.Popen, marker: str, timeout: float = 30) -> list[str]:
