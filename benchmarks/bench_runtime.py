@@ -38,7 +38,7 @@ AIM_RATIO = 5.0  # at least 5x SqliteHuey
 def _capsule_app(home: str):
     import capsule_nb as cpsl
 
-    return cpsl.App(name="bench", home=home)
+    return cpsl.App(name="bench", home=home, keep_finished=10**9)  # count every run on disk: no retention
 
 
 def _count_completed_on_disk(home: str, task_name: str) -> int:
