@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 
 import capsule_nb as cpsl  # noqa: E402
 from capsule_nb import ui  # noqa: E402
-from capsule_nb.record import new_task_id  # noqa: E402
 from capsule_nb.ui.live import LiveWidget  # noqa: E402
 
 
@@ -120,25 +119,6 @@ async def bench_burst(n: int, seconds: float) -> None:
         app.close()
 
 
-def fill_store(home: Path, n: int) -> cpsl.App:
-    """``n`` finished and running runs written straight into a store."""
-    app = cpsl.App(home=home)
-    now = time.time()
-    statuses = ["completed"] * 7 + ["failed", "cancelled", "running"]
-    for i in range(n):
-        status = statuses[i % len(statuses)]
-        app.store.put_run({
-            "task_id": new_task_id(), "app": app.name, "task_name": f"job_{i % 12}", "display_name": None,
-            "status": status, "attempt": 1, "max_attempts": 2, "created_at": now, "started_at": now - 3,
-            "completed_at": None if status == "running" else now, "session_id": f"session-{i % 3}",
-            "messages": [], "output": [], "progress": {"done": i % 7, "total": 7, "message": None},
-            "error": "ValueError: bad row" if status == "failed" else None,
-            "result_repr": repr({"rows": i}) if status == "completed" else None,
-        })
-    app.store.flush()
-    return app
-
-
 PAGE = """<!doctype html><html><body><div id="root"></div><script type="module">
 const state = %s;
 const handlers = {};
@@ -160,7 +140,7 @@ requestAnimationFrame(() => { window.renderMs = performance.now() - started; });
 
 
 def bench_standalone(n: int) -> None:
-    from tests.lab import chromium
+    from tests.lab import chromium, fill_store
 
     with tempfile.TemporaryDirectory() as home:
         app = fill_store(Path(home), n)
@@ -185,7 +165,7 @@ def bench_lab(n: int) -> None:
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    from tests.lab import Lab, chromium, open_notebook, wait_until
+    from tests.lab import Lab, chromium, fill_store, open_notebook, wait_until
 
     with tempfile.TemporaryDirectory() as base, Lab(Path(base), notebooks=()) as lab:
         fill_store(lab.home, n).close()
