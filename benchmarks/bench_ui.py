@@ -11,9 +11,12 @@ a board over 10,000 runs draws in Chromium.
    is what a browser would receive. Printed: store events, comm messages,
    messages per second, and events per message (the coalescing ratio).
    Aim: at most ``1 / LiveWidget.FLUSH_SECONDS`` (10) messages a second.
-2. **Standalone render.** The board's state over N runs (``board.get_state()``)
-   is drawn by js/task_board.js in headless Chromium, with a stand-in for
-   anywidget's model: the front end's own cost, without JupyterLab.
+2. **Standalone render and update.** The board's state over N runs
+   (``board.get_state()``) is drawn by js/task_board.js in headless Chromium,
+   with a stand-in for anywidget's model: the front end's own cost, without
+   JupyterLab. Then 50 updates arrive (a new run at the top of Completed, a
+   running run's bar moves): the time each takes, and how many cards were
+   made anew (in place, keyed by run id: one per update, the new run).
 3. **In JupyterLab.** A real JupyterLab, a notebook whose cell is
    ``cpsl.ui.TaskBoard()`` over a store of N runs: from Shift+Enter to the
    board's cards on screen (kernel, comm, widget manager and drawing).
@@ -136,6 +139,31 @@ const widget = (await import(url)).default;
 widget.render({ model, el: document.getElementById("root") });
 document.body.offsetHeight;  // force style and layout
 requestAnimationFrame(() => { window.renderMs = performance.now() - started; });
+
+// Updates as the kernel sends them: a whole new `lanes` list, one run new, one bar moved.
+let made = 0;
+new MutationObserver((changes) => {
+  for (const change of changes) {
+    for (const node of change.addedNodes) {
+      made += node.matches?.(".cnb-mini") ? 1 : node.querySelectorAll?.(".cnb-mini").length ?? 0;
+    }
+  }
+}).observe(document.getElementById("root"), { childList: true, subtree: true });
+window.update = (k) => {
+  const lanes = structuredClone(state.lanes);
+  const done = lanes.find((lane) => lane.label === "Completed");
+  const fresh = { ...done.cards[0], task_id: `ffffffffffff${String(k).padStart(12, "0")}` };
+  done.cards = [fresh, ...done.cards.slice(0, -1)];
+  done.count += 1;
+  const running = lanes.find((lane) => lane.label === "Running");
+  if (running.cards.length) running.cards[0] = { ...running.cards[0], progress: (k %% 10) / 10 };
+  state.lanes = lanes;
+  const before = performance.now();
+  for (const handler of handlers["change:lanes"] ?? []) handler();
+  document.body.offsetHeight;
+  return performance.now() - before;
+};
+window.made = () => made;
 </script></body></html>"""
 
 
@@ -157,8 +185,13 @@ def bench_standalone(n: int) -> None:
         page.wait_for_function("window.renderMs !== undefined", timeout=30_000)
         render_ms = page.evaluate("window.renderMs")
         cards = page.locator(".cnb-mini").count()
+        made = page.evaluate("window.made()")
+        times = sorted(page.evaluate(f"window.update({k})") for k in range(50))
+        made = page.evaluate("window.made()") - made
     print(f"standalone: board over {n:,} runs: state {python_ms:.0f} ms in Python "
           f"({len(json.dumps(state)) / 1024:.0f} KiB), {cards} cards drawn in {render_ms:.0f} ms in Chromium")
+    print(f"  50 updates: median {times[25]:.1f} ms, slowest {times[-1]:.1f} ms each; "
+          f"{made / 50:.1f} cards made anew per update (of {cards} shown)")
 
 
 def bench_lab(n: int) -> None:

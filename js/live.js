@@ -204,15 +204,19 @@ export function askCard(home, task_id) {
     answer && answer.cards ? { card: answer.cards[task_id] ?? null, now: answer.now } : null);
 }
 
-/** Ask again every `ms` while `wanted()` (the view is not live and still shown). */
-export function keepAsking(ask, wanted, ms = 5000) {
+/**
+ * `ask()` now and again every `ms` for as long as it says there is more to
+ * learn (true): a server that cannot answer is not asked again and again.
+ * Returns the stop (the view is gone).
+ */
+export function keepAsking(ask, ms = 5000) {
   let timer = null;
   let stopped = false;
   const round = async () => {
     timer = null;
-    if (stopped || !wanted()) return;
-    await ask();
-    if (!stopped && wanted()) timer = setTimeout(round, ms);
+    if (stopped) return;
+    const again = await ask();
+    if (again && !stopped) timer = setTimeout(round, ms);
   };
   round();
   return () => {

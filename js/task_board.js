@@ -10,9 +10,10 @@
 // pressed in the columns, or moves over them, the columns hold still
 // (live.js holdStill) and catch up after. When the kernel is gone the board
 // says so and shows what the store says (ui/server.py).
-import { actions, attempts, badge, elapsed, h, keepActions, kernelClock, notice, progressBar, renderCard, staleNote,
-  tickClocks } from "./task_card.js";
-import { askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+import {
+  actions, askServer, attempts, badge, clockTime, counted, elapsed, follow, h, holdStill, keepActions, keepAsking,
+  keepScroll, kernelClock, notice, progressBar, renderCard, saveOurs, staleNote, staleText, tickClocks,
+} from "./task_card.js";
 
 const MENUS = [["task_name", "task"], ["session_id", "session"], ["status", "status"]];
 
@@ -50,7 +51,9 @@ function menus(state, set) {
         set("filter", next);
       },
     }, h("option", { value: "", textContent: `all` }),
-      [...values].map((v) => h("option", { value: v, textContent: names.get(v), title: v, selected: v === filter[key] })));
+      [...values].map((v) => h("option", {
+        value: v, textContent: names.get(v), title: v, selected: v === filter[key],
+      })));
     return h("label", { className: "cnb-filter" }, `${label} `, select);
   });
 }
@@ -59,13 +62,13 @@ function menus(state, set) {
 function who(card) {
   const at = card.started_at ?? card.created_at;
   const text = [card.said, at && clockTime(at), card.task_id.slice(-6)].filter(Boolean).join(" · ");
-  const full = [`run ${card.task_id}`, at && `${card.started_at ? "started" : "queued"} ${new Date(at * 1000).toLocaleString()}`,
-    card.said].filter(Boolean).join(" · ");
+  const when = at && `${card.started_at ? "started" : "queued"} ${new Date(at * 1000).toLocaleString()}`;
+  const full = [`run ${card.task_id}`, when, card.said].filter(Boolean).join(" · ");
   return h("div", { className: "cnb-who", textContent: text, title: full });
 }
 
 /** The inside of a mini card (the <li> itself stays, and so does its focus). */
-function miniParts(card, { lead, act, live, frozenAt }) {
+function miniParts(card, { lead, act, live }) {
   const attempt = card.max_attempts > 1 && attempts(card, true);
   const noteClass = card.status === "failed" || card.status === "timeout" ? "cnb-note cnb-error" : "cnb-note";
   return [
@@ -73,7 +76,7 @@ function miniParts(card, { lead, act, live, frozenAt }) {
       h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(card.status)),
     who(card),
     h("div", { className: "cnb-head cnb-meta" },
-      elapsed(card, lead, live ? null : frozenAt),
+      elapsed(card, lead, live),
       attempt && h("span", { textContent: attempt }),
       actions(card, act, live)),
     card.progress != null && progressBar(card.progress, card.status),
@@ -97,7 +100,7 @@ function miniCard(card, context) {
 
 function patchMini(mini, card, context) {
   const selected = context.selected === card.task_id;
-  const key = JSON.stringify([card, selected, context.live, context.live ? 0 : context.frozenAt, context.epoch]);
+  const key = JSON.stringify([card, selected, context.live, context.epoch]);
   if (key === mini.key) return;
   mini.key = key;
   mini.node.className = `cnb-mini cnb-is-${card.status}${selected ? " cnb-selected" : ""}`;
@@ -172,13 +175,13 @@ export default {
       const view = { app: model.get("source")?.app ?? "default", columns, filter: model.get("filter"),
         limits: model.get("limits"), page: model.get("page_size"), selected: model.get("selected") };
       const answer = await askServer("board", { home: model.get("source")?.home ?? "", view: JSON.stringify(view) });
-      if (answer) {
-        asked = answer;
-        redrawAll();
-      }
+      if (!answer) return false;
+      asked = answer;
+      redrawAll();
+      return !answer.missing; // other kernels may still be changing the store
     };
     const askWhileNotLive = () => {
-      stopAsking = keepAsking(ask, () => !liveness.live());
+      stopAsking = keepAsking(ask);
     };
 
     const title = h("span", { className: "cnb-board-title" });
@@ -188,23 +191,25 @@ export default {
     const lanesRoot = h("div", { className: "cnb-lanes" });
     const detail = h("div", { className: "cnb-detail" });
     const footer = h("div");
-    el.replaceChildren(h("div", { className: "cnb-board-head" }, title, total, filters), stale, lanesRoot, detail, footer);
+    const head = h("div", { className: "cnb-board-head" }, title, total, filters);
+    el.replaceChildren(head, stale, lanesRoot, detail, footer);
 
     const lanes = new Map(); // label -> lane
     const context = {
-      state, set, act, lead: 0, live: true, frozenAt: null, selected: "",
+      state, set, act, lead: 0, live: true, selected: "",
       epoch: 0, // raised by a notice: every card is drawn afresh, and a refused button comes back
       column: (label) => state("lanes").find((c) => c.label === label),
       select: (task_id) => set("selected", state("selected") === task_id ? "" : task_id),
     };
-    const frozenAt = () => (asked && !liveness.live() ? asked.now : model.get("clock"));
 
     const drawTitle = () => (title.textContent = model.get("title"));
     const drawTotal = () => (total.textContent = `${state("total")} run${state("total") === 1 ? "" : "s"}`);
     const drawMenus = () => filters.replaceChildren(...menus(state, set)); // not on every update: a menu may be open
-    const drawStale = () => stale.replaceChildren(...(liveness.live() ? [] : [staleNote(staleText(liveness.why(), asked))]));
+    const drawStale = () =>
+      stale.replaceChildren(...(liveness.live() ? [] : [staleNote(staleText(liveness.why(), asked))]));
     const drawLanes = () => {
-      Object.assign(context, { lead: lead(), live: liveness.live(), frozenAt: frozenAt(), selected: state("selected") });
+      Object.assign(context, { lead: lead(), live: liveness.live() });
+      context.selected = state("selected");
       const columns = state("lanes");
       if (columns.map((c) => c.label).join("\n") !== [...lanes.keys()].join("\n")) {
         lanes.clear();
@@ -218,13 +223,16 @@ export default {
       const card = state("detail");
       const selected = state("selected");
       if (!card.run || card.task_id !== selected) return detail.replaceChildren();
-      const live = liveness.live();
+      const old = detail.querySelector(".cnb-card");
+      const drawn = renderCard(card, { lead: lead(), ui, act, live: liveness.live() });
+      const fresh = keepActions(old, drawn);
+      const restoreScroll = keepScroll(old, fresh);
       detail.replaceChildren(
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
           h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") })),
-        keepActions(detail.querySelector(".cnb-card"),
-          renderCard(card, { lead: lead(), ui, act, live, frozenAt: frozenAt() })));
+        fresh);
+      restoreScroll();
     };
     const holdDetail = holdStill(detail, drawDetail);
     const drawNotice = () => {

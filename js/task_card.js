@@ -3,7 +3,10 @@
 // as a message, {action, task_id}. When the kernel behind the model is gone
 // (live.js), the card says so, stops its clock, disables its buttons and
 // shows what the store says instead. The pieces are exported for the board.
-import { askCard, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+import { askCard, askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+
+// The board takes these from here, so a board's module carries live.js once.
+export { askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText };
 
 /** document.createElement with properties and children (null/false skipped). */
 export function h(tag, props = {}, ...children) {
@@ -23,15 +26,21 @@ const kernelNow = (lead) => Date.now() / 1000 - lead;
 
 /**
  * A run's elapsed time. It ticks (see tickClocks) while the run has started and
- * not ended, unless `frozenAt` is given: a view that is not live shows the time
- * up to then, and no clock that runs on.
+ * not ended, in a live view. A view that is not live cannot know that the run
+ * still goes: it says when the run started, and no clock runs on.
  */
-export function elapsed(run, lead, frozenAt = null) {
+export function elapsed(run, lead, live = true) {
   const node = h("span", { className: "cnb-elapsed" });
-  const ticking = run.started_at && !run.completed_at && frozenAt == null;
-  if (ticking) node.dataset.since = run.started_at;
-  const end = run.completed_at ?? frozenAt ?? kernelNow(lead);
-  node.textContent = run.started_at ? seconds(Math.max(0, end - run.started_at)) : "not started";
+  if (!run.started_at) {
+    node.textContent = "not started";
+  } else if (run.completed_at) {
+    node.textContent = seconds(Math.max(0, run.completed_at - run.started_at));
+  } else if (live) {
+    node.dataset.since = run.started_at;
+    node.textContent = seconds(Math.max(0, kernelNow(lead) - run.started_at));
+  } else {
+    node.textContent = `since ${clockTime(run.started_at)}`;
+  }
   return node;
 }
 
@@ -110,6 +119,26 @@ export function keepActions(old, fresh) {
   return fresh;
 }
 
+const SCROLLERS = [".cnb-messages", ".cnb-output", ".cnb-traceback pre"];
+
+/**
+ * Carry the scroll of `old`'s lists over to `fresh` (call the result once `fresh`
+ * is in the page): one scrolled to its end follows new lines, like a terminal,
+ * and one the reader scrolled stays where it is. Output starts at its end.
+ */
+export function keepScroll(old, fresh) {
+  const restores = SCROLLERS.map((selector) => {
+    const before = old?.querySelector(selector);
+    const after = fresh.querySelector(selector);
+    if (!after) return null;
+    const follow = before ? before.scrollTop + before.clientHeight >= before.scrollHeight - 4
+      : selector === ".cnb-output";
+    const top = before?.scrollTop ?? 0;
+    return () => (after.scrollTop = follow ? after.scrollHeight : top);
+  });
+  return () => restores.forEach((restore) => restore?.());
+}
+
 function message(m) {
   const text = m.kind === "show_task" ? `showed run ${m.text}` : m.text;
   return h("li", { className: `cnb-message cnb-${m.kind}` },
@@ -124,10 +153,10 @@ export const staleNote = (text) => h("div", { className: "cnb-stale", role: "sta
 /**
  * The card itself, from {title, run, messages, output}. `ui` keeps what the
  * reader opened (the traceback) across redraws; `act(action, task_id)` sends
- * a click. With `live` false the buttons are disabled and the clock stands
- * at `frozenAt`.
+ * a click. With `live` false the buttons are disabled and no clock runs.
  */
-export function renderCard({ title, run, messages = [], output = [] }, { lead, ui, act, live = true, frozenAt = null }) {
+export function renderCard({ title, run, messages = [], output = [] },
+  { lead, ui, act, live = true }) {
   const p = run.progress;
   const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
   const fraction = p && p.total ? Math.min(1, Math.max(0, p.done / p.total)) : null;
@@ -144,7 +173,7 @@ export function renderCard({ title, run, messages = [], output = [] }, { lead, u
       badge(run.status),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
       startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
-      elapsed(run, lead, live ? null : frozenAt),
+      elapsed(run, lead, live),
       actions(run, act, live)),
     h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}` }),
     p && h("div", { className: "cnb-progress-row" },
@@ -174,15 +203,15 @@ export default {
     const [lead, stopClock] = kernelClock(model);
     let asked = null; // what the store said, once the kernel is gone
     let stopAsking = () => {};
-    const ask = async () => {
+    const ask = async () => { // true while the run may still change
       const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
-      if (answer) {
-        asked = answer.card ? answer : { missing: true };
-        hold.request();
-      }
+      if (!answer) return false;
+      asked = answer.card ? answer : { missing: true };
+      hold.request();
+      return Boolean(answer.card && !answer.card.run.completed_at);
     };
     const askWhileNotLive = () => {
-      stopAsking = keepAsking(ask, () => !liveness.live() && !asked?.card?.run?.completed_at);
+      stopAsking = keepAsking(ask);
     };
     const liveness = follow(model, () => {
       hold.request();
@@ -193,24 +222,16 @@ export default {
 
     const draw = () => {
       const live = liveness.live();
-      let run = model.get("run");
-      let card = { title: model.get("title"), run, messages: model.get("messages"), output: model.get("output") };
-      let frozenAt = model.get("clock");
       const fromStore = !live && asked?.card;
-      if (fromStore) {
-        card = { ...fromStore, title: card.title || fromStore.title };
-        run = card.run;
-        frozenAt = fromStore.orphaned ? frozenAt : asked.now;
-      }
-      if (!run.task_id) return;
-      const scroller = el.querySelector(".cnb-output");
-      const atBottom = !scroller || scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - 4;
+      const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
+      const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
+      if (!card.run.task_id) return;
       const old = el.querySelector(".cnb-card");
-      const fresh = keepActions(old, renderCard(card, { lead: lead(), ui, act, live, frozenAt }));
+      const fresh = keepActions(old, renderCard(card, { lead: lead(), ui, act, live }));
+      const restoreScroll = keepScroll(old, fresh);
       const stale = !live && staleNote(staleText(liveness.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
       el.replaceChildren(...[stale, fresh, notice(model.get("notice"))].filter(Boolean));
-      const output = el.querySelector(".cnb-output");
-      if (output && atBottom) output.scrollTop = output.scrollHeight; // follow the output like a terminal
+      restoreScroll();
     };
     const hold = holdStill(el, draw);
     hold.request();

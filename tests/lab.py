@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,11 @@ from typing import Any, Iterator
 from .conftest import until_sync
 
 CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# Errors that are JupyterLab's or Notebook 7's own, not the widgets': the debugger's state request
+# cut short when a kernel goes; and Notebook 7 (7.6.5) loading its settings on a notebook page,
+# which it does in a bare `jupyter notebook` with a notebook of `print(1)`.
+NOT_OURS = re.compile(r"Could not restore the debugger state|^Cannot read properties of undefined \(reading 'schema'\)$")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO = Path(__file__).resolve().parent.parent
@@ -321,3 +327,25 @@ def fill_store(home: Path, n: int, statuses: tuple[str, ...] = ("completed",) * 
         })
     app.store.flush()
     return app
+
+
+def watch(page: Any, problems: list[str]) -> None:
+    """Note every page error and console error of ``page`` in ``problems`` (but ``NOT_OURS``)."""
+    page.on("pageerror", lambda error: NOT_OURS.search(str(error)) or problems.append(f"page error: {error}"))
+    page.on("console", lambda m: m.type == "error" and not NOT_OURS.search(m.text)
+            and problems.append(f"console error: {m.text}"))
+
+
+@contextlib.contextmanager
+def screenshots_on_failure(page: Any, name: str, parts: dict[str, Any] | None = None) -> Iterator[None]:
+    """On a failure, ``page`` (and each element of ``parts``: name -> locator) as PNGs in tests/artifacts/."""
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"{name}-page.png"), full_page=True)
+            for part, locator in (parts or {}).items():
+                for i, element in enumerate(locator.all()):
+                    element.screenshot(path=str(ARTIFACTS / f"{name}-{part}{i}.png"))
+        raise

@@ -11,17 +11,15 @@ the run under the pointer and no other, and a click opens that run's details.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from .lab import CHROMIUM, Lab, chromium, fill_store, open_notebook, run_all, wait_until, write_notebook
+from .lab import (CHROMIUM, Lab, chromium, fill_store, open_notebook, run_all, screenshots_on_failure, wait_until,
+                  watch, write_notebook)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 HELD = 24
 
 NOTEBOOK = (
@@ -59,8 +57,7 @@ class Churn:
     def __init__(self, lab: Lab, page: Any):
         self.lab, self.page = lab, page
         self.problems: list[str] = []
-        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
-        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"))
+        watch(page, self.problems)
         self.board = page.locator(".cnb-board")
 
     def lane(self, label: str) -> Any:
@@ -97,15 +94,8 @@ class Churn:
         finally:
             app.close()
 
-    @contextlib.contextmanager
-    def screenshots_on_failure(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                self.board.screenshot(path=str(ARTIFACTS / f"churn-{name}.png"))
-            raise
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, f"churn-{name}", {"board": self.board})
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,19 @@ screenshots of the cards and the board go to tests/artifacts/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from .lab import CHROMIUM, Lab, chromium, open_notebook, run_all, save, wait_until
+from .lab import CHROMIUM, Lab, chromium, open_notebook, run_all, save, screenshots_on_failure, wait_until, watch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = "widgets.ipynb"
 CARD = ".cnb:not(.cnb-board) > .cnb-card"
-# JupyterLab's own, not the widgets': its debugger's state request cut short when a kernel goes.
-LAB_NOISE = re.compile(r"Could not restore the debugger state")
 
 # Every element of the widgets with text of its own: its text color against what is behind it,
 # composited through every translucent layer (WCAG 2 contrast ratio).
@@ -75,9 +70,7 @@ class Scenario:
         self.progress_seen: list[int] = []
         self.statuses_seen: list[str] = []
         self.page_errors: list[str] = []
-        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
-        page.on("console", lambda m: m.type == "error" and not LAB_NOISE.search(m.text)
-                and self.page_errors.append(f"console error: {m.text}"))
+        watch(page, self.page_errors)
 
     def card(self, title: str) -> Any:
         return self.page.locator(CARD, has=self.page.locator(".cnb-title", has_text=title))
@@ -85,18 +78,9 @@ class Scenario:
     def task_id(self, title: str) -> str:
         return self.card(title).locator(".cnb-sub").inner_text().split("·")[-1].strip()
 
-    @contextlib.contextmanager
-    def screenshots_on_failure(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                self.page.screenshot(path=str(ARTIFACTS / f"{name}-page.png"))
-                for i, card in enumerate(self.page.locator(CARD).all()):
-                    card.screenshot(path=str(ARTIFACTS / f"{name}-card{i}.png"))
-                self.page.locator(".cnb-board").first.screenshot(path=str(ARTIFACTS / f"{name}-board.png"))
-            raise
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, name, {"card": self.page.locator(CARD),
+                                                         "board": self.page.locator(".cnb-board")})
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +221,8 @@ def test_text_wraps_and_says_all_of_itself_in_a_narrow_window(scenario: Scenario
             for title in board.locator(".cnb-mini .cnb-title").all():
                 assert title.get_attribute("title") == title.inner_text() and "…" not in title.inner_text()
                 assert title.evaluate("el => el.scrollWidth <= el.clientWidth + 1"), title.inner_text()
+                one_line = "el => el.offsetHeight < 1.5 * parseFloat(getComputedStyle(el).lineHeight)"
+                assert title.evaluate(one_line), f"{title.inner_text()} broken over lines with room to spare"
             note = board.locator(".cnb-mini.cnb-is-failed .cnb-note", has_text="malformed")
             assert note.get_attribute("title") == "ValueError: https://example.com/feed returned malformed XML"
             crunches = board.locator(".cnb-mini", has=page.locator(".cnb-title", has_text="crunch"))
@@ -269,13 +255,17 @@ def test_text_contrast_is_at_least_4_5_to_1_in_light_and_dark(scenario: Scenario
         page.locator(".lm-Menu-itemLabel", has_text="JupyterLab Light").first.click()
 
 
-def test_the_saved_notebook_keeps_the_widget_state(scenario: Scenario) -> None:
+def test_the_saved_notebook_keeps_the_widget_state_with_default_settings(scenario: Scenario) -> None:
+    """"Save Widget State Automatically" is off (JupyterLab's default): capsule_nb's widgets are kept anyway."""
     with scenario.screenshots_on_failure("save"):
         save(scenario.page)
         path = scenario.lab.root / NOTEBOOK
 
         def saved_state() -> dict | None:
-            widgets = json.loads(path.read_text()).get("metadata", {}).get("widgets", {})
+            try:
+                widgets = json.loads(path.read_text()).get("metadata", {}).get("widgets", {})
+            except ValueError:  # read while JupyterLab writes it
+                return None
             return widgets.get("application/vnd.jupyter.widget-state+json", {}).get("state")
 
         state = wait_until(saved_state, 15, "the widget state in the saved notebook")
@@ -284,6 +274,7 @@ def test_the_saved_notebook_keeps_the_widget_state(scenario: Scenario) -> None:
         assert {"Crunching numbers", "Waiting for data", "Parsing the feed", "All runs"} <= titles
         card = next(s for s in ours if s.get("title") == "Crunching numbers")
         assert card["run"]["status"] == "completed" and re.search(r"export default", card["_esm"])
+        assert all(s["_capsule_saved"] for s in ours)  # drawn from the notebook, they say they are not live
 
 
 def test_nothing_threw_in_the_page_and_closing_the_tab_says_nothing(scenario: Scenario) -> None:

@@ -13,7 +13,9 @@ watched: no page error, no console error, no "Cannot send" anywhere.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -21,15 +23,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, save, wait_until,
-                  write_notebook)
+from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, save, screenshots_on_failure,
+                  wait_until, watch, write_notebook)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CARD = ".cnb:not(.cnb-board) > .cnb-card"
-# JupyterLab's own, not the widgets': its debugger's state request, cut short by a kernel restart.
-LAB_NOISE = re.compile(r"Could not restore the debugger state")
 
 SETUP = """%load_ext capsule_nb
 import asyncio
@@ -53,6 +52,7 @@ class Day:
         self.lab = lab
         self.browser = first_page.context.browser
         self.page = first_page
+        self.pages = {"": first_page}
         self.problems: list[str] = []
         self.watch(first_page)
         self.app = capsule_nb.App(home=lab.home)
@@ -68,12 +68,11 @@ class Day:
         self.app.store.flush()
 
     def watch(self, page: Any) -> None:
-        page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
-        page.on("console", lambda m: m.type == "error" and not LAB_NOISE.search(m.text)
-                and self.problems.append(f"console error: {m.text}"))
+        watch(page, self.problems)
 
-    def new_page(self) -> Any:
-        self.page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+    def new_page(self, name: str = "") -> Any:
+        """A new browser tab (kept by ``name`` in ``pages``)."""
+        self.page = self.pages[name] = self.browser.new_page(viewport={"width": 1400, "height": 1000})
         self.watch(self.page)
         return self.page
 
@@ -90,15 +89,8 @@ class Day:
         self.app.store.poll()
         return self.app.store.get_run(task_id)["status"]
 
-    @contextlib.contextmanager
-    def screenshots_on_failure(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                self.page.screenshot(path=str(ARTIFACTS / f"kernel-{name}.png"), full_page=True)
-            raise
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, f"kernel-{name}")
 
 
 @pytest.fixture(scope="module")
@@ -251,10 +243,11 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
     lab = day.lab
     write_notebook(lab.root / "maker.ipynb", SETUP,
                    'made = slow.submit("made next door", session=session)\n'
-                   'session.show_task(made, message="Made next door")')
+                   'session.show_task(made, message="Made next door")',
+                   'doomed = slow.submit("doomed")\nsession.show_task(doomed, message="Dies with its kernel")')
     write_notebook(lab.root / "watcher.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
                    'cpsl.ui.TaskBoard(title="Watching", refresh_ms=500)')
-    maker = day.new_page()
+    maker = day.new_page("maker")
     with day.screenshots_on_failure("two-notebooks"):
         open_notebook(maker, lab, "maker.ipynb", workspace="maker")
         run_all(maker)
@@ -262,7 +255,7 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
         made.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
         made_id = made.locator(".cnb-sub").inner_text().split("·")[-1].strip()
 
-        watcher = day.new_page()
+        watcher = day.new_page("watcher")
         open_notebook(watcher, lab, "watcher.ipynb", workspace="watcher")
         run_all(watcher)
         mini = watcher.locator(f".cnb-board .cnb-mini[data-task-id='{made_id}']")
@@ -277,6 +270,33 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
         mini.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
         assert time.monotonic() - started < 5  # refresh_ms is 0.5 s
         assert day.status(made_id) == "cancelled"
+
+
+def kernel_pid(lab: Lab, notebook: str) -> int:
+    """The process of ``notebook``'s kernel (its command line names its connection file)."""
+    marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker in cmdline.read_bytes() and b"ipykernel" in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+    raise LookupError(f"no kernel process for {notebook}")
+
+
+def test_a_kernel_that_dies_is_said_at_once_and_the_store_tells_what_became_of_its_run(day: Day) -> None:
+    maker = day.page = day.pages["maker"]
+    with day.screenshots_on_failure("death"):
+        doomed = day.card("Dies with its kernel", maker)
+        doomed.locator(".cnb-badge", has_text="running").wait_for(timeout=10_000)
+        doomed_id = doomed.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        os.kill(kernel_pid(day.lab, "maker.ipynb"), signal.SIGKILL)
+        day.wrapper("Dies with its kernel", maker).locator(".cnb-stale", has_text="Not live").wait_for(timeout=10_000)
+        assert all(button.is_disabled() for button in doomed.locator("button").all())
+        # Another process on the store (the watcher's kernel, this test's App) recovers the run
+        # of the dead kernel; the card shows what the store says, with the clock stopped.
+        wait_until(lambda: day.status(doomed_id) == "failed", 15, "the doomed run recovered")
+        doomed.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        assert "interrupted" in doomed.locator(".cnb-error").inner_text()
+        assert not elapsed_ticks(doomed, 2.2)
 
 
 def test_nothing_threw_and_nothing_complained(day: Day) -> None:

@@ -7,46 +7,29 @@ server serves the module; notebooks/widgets.ipynb is run as a user would.
 
 from __future__ import annotations
 
-import contextlib
-import re
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from .lab import CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, wait_until
+from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, screenshots_on_failure, wait_until,
+                  watch)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CARD = ".cnb:not(.cnb-board) > .cnb-card"
-# Notebook 7's own, not the widgets': its notebook page throws this while loading its settings, in a
-# bare `jupyter notebook` with a notebook of `print(1)` (7.6.5); and JupyterLab's debugger, cut short
-# by a kernel restart.
-NOT_OURS = re.compile(r"^Cannot read properties of undefined \(reading 'schema'\)$|Could not restore the debugger state")
 
 
 class Page:
     def __init__(self, lab: Lab, page: Any):
         self.lab, self.page = lab, page
         self.problems: list[str] = []
-        page.on("pageerror", lambda error: NOT_OURS.search(str(error))
-                or self.problems.append(f"page error: {error}"))
-        page.on("console", lambda m: m.type == "error" and not NOT_OURS.search(m.text)
-                and self.problems.append(f"console error: {m.text}"))
+        watch(page, self.problems)
 
     def card(self, title: str) -> Any:
         return self.page.locator(CARD, has=self.page.locator(".cnb-title", has_text=title))
 
-    @contextlib.contextmanager
-    def screenshots_on_failure(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                self.page.screenshot(path=str(ARTIFACTS / f"notebook7-{name}.png"), full_page=True)
-            raise
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, f"notebook7-{name}")
 
 
 @pytest.fixture(scope="module")
