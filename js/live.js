@@ -288,8 +288,12 @@ export function holdStill(root, draw, { hover = false, rest = 1500 } = {}) {
   };
 }
 
-/** "14:02:07" in the reader's locale. */
-export const clockTime = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
+// Made once: a formatter per call (toLocaleTimeString) costs more than drawing a card.
+const TIME = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+const DATE_TIME = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+
+/** "14:02:07" in the reader's locale (`dated`: with the day). */
+export const clockTime = (seconds, dated = false) => (dated ? DATE_TIME : TIME).format(seconds * 1000);
 
 /** What a view that is not live says above what it shows. */
 export function staleText(why, asked) {

@@ -62,7 +62,7 @@ function menus(state, set) {
 function who(card) {
   const at = card.started_at ?? card.created_at;
   const text = [card.said, at && clockTime(at), card.task_id.slice(-6)].filter(Boolean).join(" · ");
-  const when = at && `${card.started_at ? "started" : "queued"} ${new Date(at * 1000).toLocaleString()}`;
+  const when = at && `${card.started_at ? "started" : "queued"} ${clockTime(at, true)}`;
   const full = [`run ${card.task_id}`, when, card.said].filter(Boolean).join(" · ");
   return h("div", { className: "cnb-who", textContent: text, title: full });
 }
