@@ -25,11 +25,21 @@ const MENUS = [["task_name", "task"], ["session_id", "session"], ["status", "sta
 export function labels(key, values) {
   const shown = new Map(values.map((v) => [v, v]));
   if (key !== "session_id") return shown;
-  const parts = (v) => v.slice(v.indexOf(":") + 1).split("/").filter(Boolean);
-  for (let depth = 1; depth <= 8; depth++) {
-    for (const v of values) shown.set(v, parts(v).slice(-depth).join("/") || v);
-    const seen = [...shown.values()];
-    if (new Set(seen).size === seen.length) break;
+  const parts = (v) => {
+    const path = v.slice(v.indexOf(":") + 1);
+    return path.includes("/") ? path.split("/").filter(Boolean) : [v]; // "local:ana" stays as it is
+  };
+  const depth = new Map(values.map((v) => [v, 1]));
+  for (let round = 0; round < 8; round++) {
+    const named = new Map(); // label -> the values it would name
+    for (const v of values) {
+      const label = parts(v).slice(-depth.get(v)).join("/");
+      shown.set(v, label);
+      named.set(label, [...(named.get(label) ?? []), v]);
+    }
+    const clashing = [...named.values()].filter((same) => same.length > 1).flat();
+    if (!clashing.length) break;
+    for (const v of clashing) depth.set(v, depth.get(v) + 1);
   }
   return shown;
 }
