@@ -11,9 +11,12 @@ a board over 10,000 runs draws in Chromium.
    is what a browser would receive. Printed: store events, comm messages,
    messages per second, and events per message (the coalescing ratio).
    Aim: at most ``1 / LiveWidget.FLUSH_SECONDS`` (10) messages a second.
-2. **Standalone render.** The board's state over N runs (``board.get_state()``)
-   is drawn by js/task_board.js in headless Chromium, with a stand-in for
-   anywidget's model: the front end's own cost, without JupyterLab.
+2. **Standalone render and update.** The board's state over N runs
+   (``board.get_state()``) is drawn by js/task_board.js in headless Chromium,
+   with a stand-in for anywidget's model: the front end's own cost, without
+   JupyterLab. Then 50 updates arrive (a new run at the top of Completed, a
+   running run's bar moves): the time each takes, and how many cards were
+   made anew (in place, keyed by run id: one per update, the new run).
 3. **In JupyterLab.** A real JupyterLab, a notebook whose cell is
    ``cpsl.ui.TaskBoard()`` over a store of N runs: from Shift+Enter to the
    board's cards on screen (kernel, comm, widget manager and drawing).
@@ -37,7 +40,6 @@ sys.path.insert(0, str(REPO))
 
 import capsule_nb as cpsl  # noqa: E402
 from capsule_nb import ui  # noqa: E402
-from capsule_nb.record import new_task_id  # noqa: E402
 from capsule_nb.ui.live import LiveWidget  # noqa: E402
 
 
@@ -120,25 +122,6 @@ async def bench_burst(n: int, seconds: float) -> None:
         app.close()
 
 
-def fill_store(home: Path, n: int) -> cpsl.App:
-    """``n`` finished and running runs written straight into a store."""
-    app = cpsl.App(home=home)
-    now = time.time()
-    statuses = ["completed"] * 7 + ["failed", "cancelled", "running"]
-    for i in range(n):
-        status = statuses[i % len(statuses)]
-        app.store.put_run({
-            "task_id": new_task_id(), "app": app.name, "task_name": f"job_{i % 12}", "display_name": None,
-            "status": status, "attempt": 1, "max_attempts": 2, "created_at": now, "started_at": now - 3,
-            "completed_at": None if status == "running" else now, "session_id": f"session-{i % 3}",
-            "messages": [], "output": [], "progress": {"done": i % 7, "total": 7, "message": None},
-            "error": "ValueError: bad row" if status == "failed" else None,
-            "result_repr": repr({"rows": i}) if status == "completed" else None,
-        })
-    app.store.flush()
-    return app
-
-
 PAGE = """<!doctype html><html><body><div id="root"></div><script type="module">
 const state = %s;
 const handlers = {};
@@ -156,11 +139,36 @@ const widget = (await import(url)).default;
 widget.render({ model, el: document.getElementById("root") });
 document.body.offsetHeight;  // force style and layout
 requestAnimationFrame(() => { window.renderMs = performance.now() - started; });
+
+// Updates as the kernel sends them: a whole new `lanes` list, one run new, one bar moved.
+let made = 0;
+new MutationObserver((changes) => {
+  for (const change of changes) {
+    for (const node of change.addedNodes) {
+      made += node.matches?.(".cnb-mini") ? 1 : node.querySelectorAll?.(".cnb-mini").length ?? 0;
+    }
+  }
+}).observe(document.getElementById("root"), { childList: true, subtree: true });
+window.update = (k) => {
+  const lanes = structuredClone(state.lanes);
+  const done = lanes.find((lane) => lane.label === "Completed");
+  const fresh = { ...done.cards[0], task_id: `ffffffffffff${String(k).padStart(12, "0")}` };
+  done.cards = [fresh, ...done.cards.slice(0, -1)];
+  done.count += 1;
+  const running = lanes.find((lane) => lane.label === "Running");
+  if (running.cards.length) running.cards[0] = { ...running.cards[0], progress: (k %% 10) / 10 };
+  state.lanes = lanes;
+  const before = performance.now();
+  for (const handler of handlers["change:lanes"] ?? []) handler();
+  document.body.offsetHeight;
+  return performance.now() - before;
+};
+window.made = () => made;
 </script></body></html>"""
 
 
 def bench_standalone(n: int) -> None:
-    from tests.lab import chromium
+    from tests.lab import chromium, fill_store
 
     with tempfile.TemporaryDirectory() as home:
         app = fill_store(Path(home), n)
@@ -177,15 +185,20 @@ def bench_standalone(n: int) -> None:
         page.wait_for_function("window.renderMs !== undefined", timeout=30_000)
         render_ms = page.evaluate("window.renderMs")
         cards = page.locator(".cnb-mini").count()
+        made = page.evaluate("window.made()")
+        times = sorted(page.evaluate(f"window.update({k})") for k in range(50))
+        made = page.evaluate("window.made()") - made
     print(f"standalone: board over {n:,} runs: state {python_ms:.0f} ms in Python "
           f"({len(json.dumps(state)) / 1024:.0f} KiB), {cards} cards drawn in {render_ms:.0f} ms in Chromium")
+    print(f"  50 updates: median {times[25]:.1f} ms, slowest {times[-1]:.1f} ms each; "
+          f"{made / 50:.1f} cards made anew per update (of {cards} shown)")
 
 
 def bench_lab(n: int) -> None:
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    from tests.lab import Lab, chromium, open_notebook, wait_until
+    from tests.lab import Lab, chromium, fill_store, open_notebook, wait_until
 
     with tempfile.TemporaryDirectory() as base, Lab(Path(base), notebooks=()) as lab:
         fill_store(lab.home, n).close()

@@ -1,78 +1,164 @@
 // The task board: a column per status group, newest runs first, a cap per
 // column with "show more", filter menus, and a details pane for one run.
 // Drawn from traits only (title, filter, lanes, limits, choices, total,
-// selected, detail, notice, clock); the view sets filter, limits and
+// selected, detail, notice, clock, source); the view sets filter, limits and
 // selected, and sends Cancel and Retry clicks as messages.
-import { actions, badge, elapsed, h, kernelClock, notice, progressBar, renderCard, tickClocks } from "./task_card.js";
+//
+// Updates happen in place, keyed by run id: a run's node stays while the run
+// stays in its column, so a scrolled column keeps its place, focus stays, and
+// the button under a press is the one released on. While the pointer is
+// pressed in the columns, or moves over them, the columns hold still
+// (live.js holdStill) and catch up after. When the kernel is gone the board
+// says so and shows what the store says (ui/server.py).
+import {
+  actions, askServer, attempts, badge, clockTime, counted, elapsed, follow, h, holdStill, keepActions, keepAsking,
+  keepScroll, kernelClock, notice, progressBar, renderCard, saveOurs, staleNote, staleText, tickClocks,
+} from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
 
-function save(model, name, value) {
-  model.set(name, value);
-  model.save_changes();
+/**
+ * How a reader knows a filter value: a session's notebook by its name
+ * ("notebook:/home/ana/q3/report.ipynb" -> "report.ipynb"), with as much of its
+ * folder as tells two of the same name apart.
+ */
+export function labels(key, values) {
+  const shown = new Map(values.map((v) => [v, v]));
+  if (key !== "session_id") return shown;
+  const parts = (v) => {
+    const path = v.slice(v.indexOf(":") + 1);
+    return path.includes("/") ? path.split("/").filter(Boolean) : [v]; // "local:ana" stays as it is
+  };
+  const depth = new Map(values.map((v) => [v, 1]));
+  for (let round = 0; round < 8; round++) {
+    const named = new Map(); // label -> the values it would name
+    for (const v of values) {
+      const label = parts(v).slice(-depth.get(v)).join("/");
+      shown.set(v, label);
+      named.set(label, [...(named.get(label) ?? []), v]);
+    }
+    const clashing = [...named.values()].filter((same) => same.length > 1).flat();
+    if (!clashing.length) break;
+    for (const v of clashing) depth.set(v, depth.get(v) + 1);
+  }
+  return shown;
 }
 
-function menus(model) {
-  const filter = model.get("filter");
-  const choices = model.get("choices");
+function menus(state, set) {
+  const filter = state("filter");
+  const choices = state("choices");
   // The app menu only where the store holds more than one app.
   const shown = MENUS.filter(([key]) => key !== "app" || (choices.app ?? []).length > 1 || filter.app);
   return shown.map(([key, label]) => {
     const values = new Set(choices[key] ?? []);
     if (filter[key]) values.add(filter[key]); // a filter set in Python stays visible
+    const names = labels(key, [...values]);
     const select = h("select", {
       className: "cnb-select",
-      title: `filter by ${key}`,
+      title: filter[key] ? `${key}: ${filter[key]}` : `filter by ${key}`,
       onchange: (event) => {
-        const next = { ...model.get("filter") };
+        const next = { ...state("filter") };
         if (event.currentTarget.value) next[key] = event.currentTarget.value;
         else delete next[key];
-        save(model, "filter", next);
+        set("filter", next);
       },
     }, h("option", { value: "", textContent: `all` }),
-      [...values].map((v) => h("option", { value: v, textContent: v, selected: v === filter[key] })));
+      [...values].map((v) => h("option", {
+        value: v, textContent: names.get(v), title: v, selected: v === filter[key],
+      })));
     return h("label", { className: "cnb-filter" }, `${label} `, select);
   });
 }
 
-function miniCard(card, { model, lead, act }) {
-  const selected = model.get("selected") === card.task_id;
-  return h("li", {
-    className: `cnb-mini cnb-is-${card.status}${selected ? " cnb-selected" : ""}`,
-    tabIndex: 0,
-    title: `run ${card.task_id}: show details`,
-    onclick: () => save(model, "selected", selected ? "" : card.task_id),
-    onkeydown: (event) => event.key === "Enter" && event.currentTarget.click(),
-  },
-  h("div", { className: "cnb-head" },
-    h("span", { className: "cnb-title", textContent: card.title }), badge(card.status)),
-  h("div", { className: "cnb-head cnb-meta" },
-    elapsed(card, lead),
-    card.max_attempts > 1 && h("span", { textContent: `attempt ${card.attempt}/${card.max_attempts}` }),
-    actions(card, act)),
-  card.progress != null && progressBar(card.progress, card.status),
-  card.note && h("div", {
-    className: card.status === "completed" ? "cnb-note" : "cnb-note cnb-error",
-    textContent: card.note,
-  }));
+/** What tells runs of one task apart: what it last said, when it started, its id's tail. */
+function who(card) {
+  const at = card.started_at ?? card.created_at;
+  const text = [card.said, at && clockTime(at), card.task_id.slice(-6)].filter(Boolean).join(" · ");
+  const when = at && `${card.started_at ? "started" : "queued"} ${clockTime(at, true)}`;
+  const full = [`run ${card.task_id}`, when, card.said].filter(Boolean).join(" · ");
+  return h("div", { className: "cnb-who", textContent: text, title: full });
 }
 
-function lane(column, context) {
-  const { model } = context;
+/** The inside of a mini card (the <li> itself stays, and so does its focus). */
+function miniParts(card, { lead, act, live }) {
+  const attempt = card.max_attempts > 1 && attempts(card, true);
+  const noteClass = card.status === "failed" || card.status === "timeout" ? "cnb-note cnb-error" : "cnb-note";
+  return [
+    h("div", { className: "cnb-head" },
+      h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(card.status)),
+    who(card),
+    h("div", { className: "cnb-head cnb-meta" },
+      elapsed(card, lead, live),
+      attempt && h("span", { textContent: attempt }),
+      actions(card, act, live)),
+    card.progress != null && progressBar(card.progress, card.status),
+    card.note && h("div", { className: noteClass, textContent: card.note, title: card.note }),
+  ];
+}
+
+/** One mini card: created once per run and column, patched when what it shows changes. */
+function miniCard(card, context) {
+  const node = h("li", {
+    tabIndex: 0,
+    title: `run ${card.task_id}: show details`,
+    onclick: () => context.select(node.dataset.taskId),
+    onkeydown: (event) => event.key === "Enter" && event.target === node && node.click(),
+  });
+  node.dataset.taskId = card.task_id;
+  const mini = { node, key: "" };
+  patchMini(mini, card, context);
+  return mini;
+}
+
+function patchMini(mini, card, context) {
+  const selected = context.selected === card.task_id;
+  const key = JSON.stringify([card, selected, context.live, context.epoch]);
+  if (key === mini.key) return;
+  mini.key = key;
+  mini.node.className = `cnb-mini cnb-is-${card.status}${selected ? " cnb-selected" : ""}`;
+  const fresh = h("div", {}, miniParts(card, context));
+  keepActions(mini.node, fresh);
+  mini.node.replaceChildren(...fresh.childNodes);
+}
+
+/** A column: made once, its cards updated in place. */
+function makeLane(label, context) {
+  const count = h("span", { className: "cnb-count" });
+  const list = h("ol", { className: "cnb-lane-cards" });
+  const more = h("button", {
+    className: "cnb-button cnb-more",
+    onclick: () => {
+      const limits = context.state("limits");
+      const limit = (context.column(label)?.limit ?? 0) + context.state("page_size");
+      context.set("limits", { ...limits, [label]: limit });
+    },
+  });
+  const root = h("section", { className: "cnb-lane" },
+    h("header", { className: "cnb-lane-head" }, h("span", { textContent: label }), count),
+    list, more);
+  return { root, count, list, more, minis: new Map() };
+}
+
+function updateLane(lane, column, context) {
+  lane.count.textContent = column.count;
+  const wanted = new Set(column.cards.map((card) => card.task_id));
+  for (const [id, mini] of lane.minis) { // first the runs that left, so no node that stays moves
+    if (!wanted.has(id)) {
+      mini.node.remove();
+      lane.minis.delete(id);
+    }
+  }
+  let cursor = lane.list.firstChild;
+  for (const card of column.cards) { // newest first; a new run goes in where it belongs
+    let mini = lane.minis.get(card.task_id);
+    if (mini) patchMini(mini, card, context);
+    else lane.minis.set(card.task_id, (mini = miniCard(card, context)));
+    if (mini.node === cursor) cursor = cursor.nextSibling;
+    else lane.list.insertBefore(mini.node, cursor);
+  }
   const hidden = column.count - column.cards.length;
-  return h("section", { className: "cnb-lane" },
-    h("header", { className: "cnb-lane-head" },
-      h("span", { textContent: column.label }),
-      h("span", { className: "cnb-count", textContent: column.count })),
-    h("ol", { className: "cnb-lane-cards" }, column.cards.map((card) => miniCard(card, context))),
-    hidden > 0 && h("button", {
-      className: "cnb-button cnb-more",
-      textContent: `Show more (${hidden} more)`,
-      onclick: () => {
-        const limit = column.limit + model.get("page_size");
-        save(model, "limits", { ...model.get("limits"), [column.label]: limit });
-      },
-    }));
+  lane.more.hidden = hidden <= 0;
+  lane.more.textContent = `Show more (${hidden} more)`;
 }
 
 export default {
@@ -80,49 +166,122 @@ export default {
     el.classList.add("cnb", "cnb-board");
     const ui = {};
     const [lead, stopClock] = kernelClock(model);
-    const act = (action, task_id) => model.send({ action, task_id });
+    let asked = null; // what the store said, once the kernel is gone
+    let stopAsking = () => {};
+    const liveness = follow(model, () => {
+      redrawAll();
+      askWhileNotLive();
+    });
+    saveOurs(model);
+
+    // Traits, or what the store said in their place once the kernel is gone.
+    const state = (name) => (!liveness.live() && asked && name in asked ? asked[name] : model.get(name));
+    const set = (name, value) => {
+      model.set(name, value);
+      if (liveness.live()) model.save_changes();
+      else ask(); // nobody else will compute what this changes
+    };
+    const act = (action, task_id) => liveness.send({ action, task_id });
+    const ask = async () => {
+      const columns = (asked?.lanes ?? model.get("lanes")).map((lane) => [lane.label, lane.statuses]);
+      const view = { columns, filter: model.get("filter"),
+        limits: model.get("limits"), page: model.get("page_size"), selected: model.get("selected") };
+      const answer = await askServer("board", { home: model.get("source")?.home ?? "", view: JSON.stringify(view) });
+      if (!answer) return false;
+      asked = answer;
+      redrawAll();
+      return !answer.missing; // other kernels may still be changing the store
+    };
+    const askWhileNotLive = () => {
+      stopAsking = keepAsking(ask);
+    };
+
     const title = h("span", { className: "cnb-board-title" });
     const total = h("span", { className: "cnb-meta cnb-total" });
     const filters = h("span", { className: "cnb-filters" });
-    const lanes = h("div", { className: "cnb-lanes" });
+    const stale = h("div");
+    const lanesRoot = h("div", { className: "cnb-lanes" });
     const detail = h("div", { className: "cnb-detail" });
     const footer = h("div");
-    el.replaceChildren(h("div", { className: "cnb-board-head" }, title, total, filters), lanes, detail, footer);
+    const head = h("div", { className: "cnb-board-head" }, title, total, filters);
+    el.replaceChildren(head, stale, lanesRoot, detail, footer);
+
+    const lanes = new Map(); // label -> lane
+    const context = {
+      state, set, act, lead: 0, live: true, selected: "",
+      epoch: 0, // raised by a notice: every card is drawn afresh, and a refused button comes back
+      column: (label) => state("lanes").find((c) => c.label === label),
+      select: (task_id) => set("selected", state("selected") === task_id ? "" : task_id),
+    };
 
     const drawTitle = () => (title.textContent = model.get("title"));
-    const drawTotal = () => (total.textContent = `${model.get("total")} run${model.get("total") === 1 ? "" : "s"}`);
-    const drawMenus = () => filters.replaceChildren(...menus(model)); // not on every update: a menu may be open
+    const drawTotal = () => (total.textContent = `${state("total")} run${state("total") === 1 ? "" : "s"}`);
+    const drawMenus = () => filters.replaceChildren(...menus(state, set)); // not on every update: a menu may be open
+    const drawStale = () =>
+      stale.replaceChildren(...(liveness.live() ? [] : [staleNote(staleText(liveness.why(), asked))]));
     const drawLanes = () => {
-      const columns = model.get("lanes");
-      lanes.style.gridTemplateColumns = `repeat(${columns.length}, minmax(0, 1fr))`;
-      lanes.replaceChildren(...columns.map((column) => lane(column, { model, lead: lead(), act })));
+      Object.assign(context, { lead: lead(), live: liveness.live() });
+      context.selected = state("selected");
+      const columns = state("lanes");
+      if (columns.map((c) => c.label).join("\n") !== [...lanes.keys()].join("\n")) {
+        lanes.clear();
+        for (const column of columns) lanes.set(column.label, makeLane(column.label, context));
+        lanesRoot.replaceChildren(...[...lanes.values()].map((lane) => lane.root));
+      }
+      for (const column of columns) updateLane(lanes.get(column.label), column, context);
     };
+    const hold = holdStill(lanesRoot, drawLanes, { hover: true });
     const drawDetail = () => {
-      const card = model.get("detail");
-      if (!card.run) return detail.replaceChildren();
+      const card = state("detail");
+      const selected = state("selected");
+      if (!card.run || card.task_id !== selected) return detail.replaceChildren();
+      const old = detail.querySelector(".cnb-card");
+      const drawn = renderCard(card, { lead: lead(), ui, act, live: liveness.live() });
+      const fresh = keepActions(old, drawn);
+      const restoreScroll = keepScroll(old, fresh);
       detail.replaceChildren(
         h("div", { className: "cnb-detail-head" },
-          h("span", { className: "cnb-label", textContent: "Run details" }),
-          h("button", { className: "cnb-button", textContent: "Close", onclick: () => save(model, "selected", "") })),
-        renderCard(card, { lead: lead(), ui, act }));
+          h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
+          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") })),
+        fresh);
+      restoreScroll();
     };
-    const drawNotice = () => footer.replaceChildren(notice(model.get("notice")));
+    const holdDetail = holdStill(detail, drawDetail);
+    const drawNotice = () => {
+      context.epoch += 1;
+      footer.replaceChildren(notice(model.get("notice")));
+    };
+    function redrawAll() {
+      drawStale();
+      drawTotal();
+      drawMenus();
+      hold.request();
+      holdDetail.request();
+    }
 
     const listeners = [
       ["change:title", drawTitle],
       ["change:total", drawTotal],
       ["change:filter change:choices", drawMenus],
-      ["change:lanes change:selected change:notice", drawLanes], // a redraw re-enables a refused button
-      ["change:detail", drawDetail],
       ["change:notice", drawNotice],
+      ["change:lanes change:selected change:notice", hold.request],
+      ["change:detail change:selected", holdDetail.request],
     ];
+    drawStale();
     for (const [events, draw] of listeners) {
       draw();
       model.on(events, draw);
     }
+    if (!liveness.live()) askWhileNotLive();
+    const hidden = counted(liveness);
     const stopTicking = tickClocks(el, lead);
     return () => {
+      hidden();
       for (const [events, draw] of listeners) model.off(events, draw);
+      hold.release();
+      holdDetail.release();
+      liveness.dispose();
+      stopAsking();
       stopClock();
       stopTicking();
     };

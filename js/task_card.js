@@ -1,6 +1,12 @@
 // A run's card. Everything drawn comes from the model's traits (title, run,
-// messages, output, notice, clock); a Cancel or Retry click goes back as a
-// message, {action, task_id}. The pieces are exported for the board.
+// messages, output, notice, clock, source); a Cancel or Retry click goes back
+// as a message, {action, task_id}. When the kernel behind the model is gone
+// (live.js), the card says so, stops its clock, disables its buttons and
+// shows what the store says instead. The pieces are exported for the board.
+import { askCard, askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+
+// The board takes these from here, so a board's module carries live.js once.
+export { askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText };
 
 /** document.createElement with properties and children (null/false skipped). */
 export function h(tag, props = {}, ...children) {
@@ -18,12 +24,23 @@ export function seconds(s) {
 /** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
 const kernelNow = (lead) => Date.now() / 1000 - lead;
 
-/** A run's elapsed time; ticks (see tickClocks) while it has started and not ended. */
-export function elapsed(run, lead) {
+/**
+ * A run's elapsed time. It ticks (see tickClocks) while the run has started and
+ * not ended, in a live view. A view that is not live cannot know that the run
+ * still goes: it says when the run started, and no clock runs on.
+ */
+export function elapsed(run, lead, live = true) {
   const node = h("span", { className: "cnb-elapsed" });
-  if (run.started_at && !run.completed_at) node.dataset.since = run.started_at;
-  const end = run.completed_at ?? kernelNow(lead);
-  node.textContent = run.started_at ? seconds(Math.max(0, end - run.started_at)) : "not started";
+  if (!run.started_at) {
+    node.textContent = "not started";
+  } else if (run.completed_at) {
+    node.textContent = seconds(Math.max(0, run.completed_at - run.started_at));
+  } else if (live) {
+    node.dataset.since = run.started_at;
+    node.textContent = seconds(Math.max(0, kernelNow(lead) - run.started_at));
+  } else {
+    node.textContent = `since ${clockTime(run.started_at)}`;
+  }
   return node;
 }
 
@@ -61,21 +78,65 @@ export function progressBar(fraction, status) {
   return bar;
 }
 
-/** Cancel while unfinished, Retry when finished without success. */
-export function actions(run, act) {
+/** "attempt 2 of 3"; nothing before a first attempt (a scheduled run has made none). */
+export function attempts(run, short = false) {
+  if (!run.attempt) return null;
+  return short ? `attempt ${run.attempt}/${run.max_attempts}` : `attempt ${run.attempt} of ${run.max_attempts}`;
+}
+
+/**
+ * Cancel while unfinished, Retry when finished without success; disabled when
+ * `live` is false (nothing could carry the click). The span's `data-key` says
+ * what it holds, so a redraw can keep the very same buttons (keepActions).
+ */
+export function actions(run, act, live = true) {
   const button = (label, action) =>
     h("button", {
       className: `cnb-button cnb-${action}`,
       textContent: label,
+      disabled: !live,
+      title: live ? `${label} run ${run.task_id}` : `${label} needs the kernel that drew this`,
       onclick: (event) => {
         event.stopPropagation();
         event.currentTarget.disabled = true; // until the new state arrives
         act(action, run.task_id);
       },
     });
-  return h("span", { className: "cnb-actions" },
+  const span = h("span", { className: "cnb-actions" },
     run.can_cancel && button("Cancel", "cancel"),
     run.can_retry && button("Retry", "retry"));
+  span.dataset.key = `${run.task_id} ${run.can_cancel} ${run.can_retry} ${live}`;
+  return span;
+}
+
+/** Put the buttons of `old` back into `fresh` when they are the same: a press or a focus on them survives a redraw. */
+export function keepActions(old, fresh) {
+  const before = old?.querySelector(".cnb-actions");
+  const after = fresh.querySelector(".cnb-actions");
+  if (before && after && before.dataset.key === after.dataset.key && !before.querySelector(":disabled")) {
+    after.replaceWith(before);
+  }
+  return fresh;
+}
+
+const SCROLLERS = [".cnb-messages", ".cnb-output", ".cnb-traceback pre"];
+
+/**
+ * Carry the scroll of `old`'s lists over to `fresh` (call the result once `fresh`
+ * is in the page): one scrolled to its end follows new lines, like a terminal,
+ * and one the reader scrolled stays where it is. Output starts at its end.
+ */
+export function keepScroll(old, fresh) {
+  const restores = SCROLLERS.map((selector) => {
+    const before = old?.querySelector(selector);
+    const after = fresh.querySelector(selector);
+    if (!after) return null;
+    const follow = before ? before.scrollTop + before.clientHeight >= before.scrollHeight - 4
+      : selector === ".cnb-output";
+    const top = before?.scrollTop ?? 0;
+    return () => (after.scrollTop = follow ? after.scrollHeight : top);
+  });
+  return () => restores.forEach((restore) => restore?.());
 }
 
 function message(m) {
@@ -86,30 +147,34 @@ function message(m) {
     m.detail && h("span", { className: "cnb-message-detail", textContent: m.detail }));
 }
 
+/** The line that says a view is not live, and why. */
+export const staleNote = (text) => h("div", { className: "cnb-stale", role: "status", textContent: text });
+
 /**
  * The card itself, from {title, run, messages, output}. `ui` keeps what the
- * reader opened (the traceback) across redraws; `act(action, task_id)` sends a click.
+ * reader opened (the traceback) across redraws; `act(action, task_id)` sends
+ * a click. With `live` false the buttons are disabled and no clock runs.
  */
-export function renderCard({ title, run, messages = [], output = [] }, { lead, ui, act }) {
+export function renderCard({ title, run, messages = [], output = [] },
+  { lead, ui, act, live = true }) {
   const p = run.progress;
   const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
   const fraction = p && p.total ? Math.min(1, Math.max(0, p.done / p.total)) : null;
-  const attempts = `attempt ${run.attempt} of ${run.max_attempts}`;
+  const attempt = attempts(run);
   const trace = run.traceback && h("details", {
     className: "cnb-traceback",
     open: ui.traceback ?? false,
     ontoggle: (event) => (ui.traceback = event.currentTarget.open),
   }, h("summary", { textContent: "Traceback" }), h("pre", { textContent: run.traceback }));
 
-  return h("div", { className: `cnb-card cnb-is-${run.status}` },
+  return h("div", { className: `cnb-card cnb-is-${run.status}${live ? "" : " cnb-not-live"}` },
     h("div", { className: "cnb-head" },
-      h("span", { className: "cnb-title", textContent: title }),
+      h("span", { className: "cnb-title", textContent: title, title }),
       badge(run.status),
-      h("span", { className: "cnb-meta", textContent: attempts }),
-      startsAt && h("span", { className: "cnb-meta",
-        textContent: `starts ${new Date(startsAt * 1000).toLocaleTimeString()}` }),
-      elapsed(run, lead),
-      actions(run, act)),
+      attempt && h("span", { className: "cnb-meta", textContent: attempt }),
+      startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
+      elapsed(run, lead, live),
+      actions(run, act, live)),
     h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}` }),
     p && h("div", { className: "cnb-progress-row" },
       fraction != null && progressBar(fraction, run.status),
@@ -129,27 +194,57 @@ export function renderCard({ title, run, messages = [], output = [] }, { lead, u
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */
 export const notice = (text) => h("div", { className: "cnb-notice", textContent: text ?? "" });
 
+const ORPHANED = " The process that ran it is gone: the next kernel to open this store records it as interrupted.";
+
 export default {
   render({ model, el }) {
     el.classList.add("cnb");
     const ui = {};
     const [lead, stopClock] = kernelClock(model);
-    const act = (action, task_id) => model.send({ action, task_id });
-    const draw = () => {
-      const run = model.get("run");
-      if (!run.task_id) return;
-      const card = { title: model.get("title"), run, messages: model.get("messages"), output: model.get("output") };
-      const scroller = el.querySelector(".cnb-output");
-      const atBottom = !scroller || scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - 4;
-      el.replaceChildren(renderCard(card, { lead: lead(), ui, act }), notice(model.get("notice")));
-      const fresh = el.querySelector(".cnb-output");
-      if (fresh && atBottom) fresh.scrollTop = fresh.scrollHeight; // follow the output like a terminal
+    let asked = null; // what the store said, once the kernel is gone
+    let stopAsking = () => {};
+    const ask = async () => { // true while the run may still change
+      const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
+      if (!answer) return false;
+      asked = answer.card ? answer : { missing: true };
+      hold.request();
+      return Boolean(answer.card && !answer.card.run.completed_at);
     };
-    draw();
-    model.on("change", draw);
+    const askWhileNotLive = () => {
+      stopAsking = keepAsking(ask);
+    };
+    const liveness = follow(model, () => {
+      hold.request();
+      askWhileNotLive();
+    });
+    saveOurs(model);
+    const act = (action, task_id) => liveness.send({ action, task_id });
+
+    const draw = () => {
+      const live = liveness.live();
+      const fromStore = !live && asked?.card;
+      const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
+      const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
+      if (!card.run.task_id) return;
+      const old = el.querySelector(".cnb-card");
+      const fresh = keepActions(old, renderCard(card, { lead: lead(), ui, act, live }));
+      const restoreScroll = keepScroll(old, fresh);
+      const stale = !live && staleNote(staleText(liveness.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
+      el.replaceChildren(...[stale, fresh, notice(model.get("notice"))].filter(Boolean));
+      restoreScroll();
+    };
+    const hold = holdStill(el, draw);
+    hold.request();
+    model.on("change", hold.request);
+    if (!liveness.live()) askWhileNotLive();
+    const hidden = counted(liveness);
     const stopTicking = tickClocks(el, lead);
     return () => {
-      model.off("change", draw);
+      hidden();
+      model.off("change", hold.request);
+      hold.release();
+      liveness.dispose();
+      stopAsking();
       stopClock();
       stopTicking();
     };

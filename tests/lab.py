@@ -1,10 +1,12 @@
-"""A real JupyterLab (or Voilà) and a real Chromium for the browser tests, the UI
-benchmark and the screenshots in docs/img.
+"""A real JupyterLab (or Notebook 7, or Voilà) and a real Chromium for the browser
+tests, the UI benchmark and the screenshots in docs/img.
 
-``Lab`` starts ``jupyter lab`` on 127.0.0.1 at a free port, with its own
-config, runtime, settings and workspace folders in a temporary directory, no
-token or password, and ``CAPSULE_NB_HOME`` pointing at a store of its own.
-``chromium()`` is the system Chromium (``/usr/bin/chromium``) under
+``Lab`` starts ``jupyter lab`` (``app="notebook"``: ``jupyter notebook``, the
+Notebook 7 interface) on 127.0.0.1 at a free port, with its own config,
+runtime, settings and workspace folders in a temporary directory, no token
+or password, JupyterLab's default settings (widget state is not saved unless
+``save_widget_state=True``), and ``CAPSULE_NB_HOME`` pointing at a store of
+its own. ``chromium()`` is the system Chromium (``/usr/bin/chromium``) under
 Playwright; nothing is downloaded.
 
 The one thing to know about driving JupyterLab: a Run All sent before the
@@ -21,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +38,11 @@ from typing import Any, Iterator
 from .conftest import until_sync
 
 CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# Errors that are JupyterLab's or Notebook 7's own, not the widgets': the debugger's state request
+# cut short when a kernel goes; and Notebook 7 (7.6.5) loading its settings on a notebook page,
+# which it does in a bare `jupyter notebook` with a notebook of `print(1)`.
+NOT_OURS = re.compile(r"Could not restore the debugger state|^Cannot read properties of undefined \(reading 'schema'\)$")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +64,12 @@ def _write_json(path: Path, value: Any) -> None:
 class Lab:
     """``with Lab(tmp) as lab:`` a JupyterLab serving ``lab.root`` (notebooks copied there)."""
 
-    def __init__(self, base: Path, *, theme: str = LIGHT, notebooks: tuple[str, ...] = ("widgets.ipynb",)):
+    def __init__(self, base: Path, *, theme: str = LIGHT, notebooks: tuple[str, ...] = ("widgets.ipynb",),
+                 app: str = "lab", save_widget_state: bool = False):
+        if app not in ("lab", "notebook"):
+            raise ValueError(f"app is 'lab' or 'notebook', not {app!r}")
+        self.app = app
+        self.save_widget_state = save_widget_state
         self.base = Path(base)
         self.root = self.base / "root"
         self.home = self.base / "store"
@@ -75,7 +89,8 @@ class Lab:
 
     def _settings(self) -> Path:
         settings = self.base / "settings"
-        _write_json(settings / "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings", {"saveState": True})
+        if self.save_widget_state:  # "Save Widget State Automatically", off by default
+            _write_json(settings / "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings", {"saveState": True})
         _write_json(settings / "@jupyterlab/apputils-extension/themes.jupyterlab-settings", {"theme": self.theme})
         _write_json(settings / "@jupyterlab/apputils-extension/notification.jupyterlab-settings",
                     {"fetchNews": "false", "checkForUpdates": False})
@@ -88,15 +103,17 @@ class Lab:
         env = dict(os.environ, CAPSULE_NB_HOME=str(self.home), JUPYTER_CONFIG_DIR=str(self.base / "config"),
                    JUPYTER_RUNTIME_DIR=str(self.base / "runtime"), PYTHONUNBUFFERED="1")
         env.pop("JPY_SESSION_NAME", None)
+        app = "LabApp" if self.app == "lab" else "JupyterNotebookApp"
         command = [
-            sys.executable, "-m", "jupyterlab",
+            sys.executable, "-m", "jupyterlab" if self.app == "lab" else "notebook",
             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
             "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.open_browser=False",
             "--ServerApp.allow_root=True",
             "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root}",
-            f"--LabApp.user_settings_dir={self._settings()}", f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
-            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--{app}.user_settings_dir={self._settings()}", f"--{app}.workspaces_dir={self.base / 'workspaces'}",
         ]
+        if self.app == "lab":
+            command += ["--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -130,12 +147,23 @@ class Lab:
             body = response.read()
         return json.loads(body) if body else None
 
-    def kernel_state(self, notebook: str) -> str | None:
-        """The execution state of the kernel of ``notebook``'s session (None: no session yet)."""
+    def kernel_id(self, notebook: str) -> str | None:
         for session in self.api("sessions"):
             if session.get("path") == notebook and session.get("kernel"):
-                return self.api(f"kernels/{session['kernel']['id']}")["execution_state"]
+                return session["kernel"]["id"]
         return None
+
+    def kernel_state(self, notebook: str) -> str | None:
+        """The execution state of the kernel of ``notebook``'s session (None: no session yet)."""
+        kernel = self.kernel_id(notebook)
+        with contextlib.suppress(urllib.error.HTTPError):  # shut down between the two requests
+            return self.api(f"kernels/{kernel}")["execution_state"] if kernel else None
+        return None
+
+    def shut_down_kernels(self) -> None:
+        """What the Running panel's "Shut Down All" does: every kernel, through the REST API."""
+        for kernel in self.api("kernels"):
+            self.api(f"kernels/{kernel['id']}", method="DELETE")
 
 
 class Voila:
@@ -237,12 +265,17 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1)
     return until_sync(predicate, timeout, interval, what)
 
 
-def open_notebook(page: Any, lab: Lab, notebook: str = "widgets.ipynb", timeout: float = 60) -> None:
-    """Open ``notebook`` and return once its kernel is connected and idle."""
-    page.goto(f"{lab.url}/lab/tree/{notebook}")
+def open_notebook(page: Any, lab: Lab, notebook: str = "widgets.ipynb", timeout: float = 60,
+                  workspace: str | None = None) -> None:
+    """Open ``notebook`` and return once its kernel is connected and idle. A JupyterLab
+    ``workspace`` of its own keeps the page from reopening what other pages had open."""
+    if lab.app == "notebook":
+        page.goto(f"{lab.url}/notebooks/{notebook}")
+    else:
+        page.goto(f"{lab.url}/lab/{f'workspaces/{workspace}/' if workspace else ''}tree/{notebook}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
     wait_until(lambda: lab.kernel_state(notebook) == "idle", timeout, f"the kernel of {notebook} to be idle")
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=timeout * 1000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']:visible", timeout=timeout * 1000)
 
 
 def run_all(page: Any) -> None:
@@ -254,3 +287,65 @@ def run_all(page: Any) -> None:
 def save(page: Any) -> None:
     page.locator(".jp-Notebook").first.click()
     page.keyboard.press("Control+s")
+
+
+def write_notebook(path: Path, *cells: str) -> None:
+    """A notebook of code cells (the Python 3 kernel), for a test to open."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    notebook = new_notebook(cells=[new_code_cell(source) for source in cells],
+                            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                     "language": "python"}})
+    nbformat.write(notebook, path)
+
+
+def restart_kernel(page: Any) -> None:
+    """Kernel > Restart Kernel…, and Restart in the dialog, as a user would."""
+    page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel…").first.click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+
+
+def fill_store(home: Path, n: int, statuses: tuple[str, ...] = ("completed",) * 7 + ("failed", "cancelled", "running"),
+               ) -> Any:
+    """An ``App`` on ``home`` whose store holds ``n`` more runs, written straight in (statuses in turn)."""
+    import capsule_nb
+    from capsule_nb.record import new_task_id
+
+    app = capsule_nb.App(home=home)
+    now = time.time()
+    for i in range(n):
+        status = statuses[i % len(statuses)]
+        app.store.put_run({
+            "task_id": new_task_id(), "app": app.name, "task_name": f"job_{i % 12}", "display_name": None,
+            "status": status, "attempt": 1, "max_attempts": 2, "created_at": now, "started_at": now - 3,
+            "completed_at": None if status == "running" else now, "session_id": f"session-{i % 3}",
+            "messages": [], "output": [], "progress": {"done": i % 7, "total": 7, "message": None},
+            "error": "ValueError: bad row" if status == "failed" else None,
+            "result_repr": repr({"rows": i}) if status == "completed" else None,
+        })
+    app.store.flush()
+    return app
+
+
+def watch(page: Any, problems: list[str]) -> None:
+    """Note every page error and console error of ``page`` in ``problems`` (but ``NOT_OURS``)."""
+    page.on("pageerror", lambda error: NOT_OURS.search(str(error)) or problems.append(f"page error: {error}"))
+    page.on("console", lambda m: m.type == "error" and not NOT_OURS.search(m.text)
+            and problems.append(f"console error: {m.text}"))
+
+
+@contextlib.contextmanager
+def screenshots_on_failure(page: Any, name: str, parts: dict[str, Any] | None = None) -> Iterator[None]:
+    """On a failure, ``page`` (and each element of ``parts``: name -> locator) as PNGs in tests/artifacts/."""
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"{name}-page.png"), full_page=True)
+            for part, locator in (parts or {}).items():
+                for i, element in enumerate(locator.all()):
+                    element.screenshot(path=str(ARTIFACTS / f"{name}-{part}{i}.png"))
+        raise

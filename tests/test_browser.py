@@ -4,28 +4,63 @@ One JupyterLab and one page serve the module (``scenario``): the notebook is
 opened, its kernel awaited until connected and idle, and Run All clicked.
 The tests then read what a user sees, click what a user clicks, and check
 the store from this process with ``capsule_nb.App(home=...)``: they run in
-file order, as the user's session would. On a failure, screenshots of the
-cards and the board go to tests/artifacts/.
+file order, as the user's session would. JupyterLab keeps its default
+settings (widget state is not saved automatically). On a failure,
+screenshots of the cards and the board go to tests/artifacts/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from .lab import CHROMIUM, Lab, chromium, open_notebook, run_all, save, wait_until
+from .lab import CHROMIUM, Lab, chromium, open_notebook, run_all, save, screenshots_on_failure, wait_until, watch
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = "widgets.ipynb"
 CARD = ".cnb:not(.cnb-board) > .cnb-card"
+
+# Every element of the widgets with text of its own: its text color against what is behind it,
+# composited through every translucent layer (WCAG 2 contrast ratio).
+CONTRAST = """root => {
+  const parse = (text) => {
+    const m = text.match(/^(?:rgba?|color)\\((?:srgb )?([^)]*)\\)$/);
+    if (!m) return null;
+    const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+    const scale = text.startsWith("color(") ? 1 : 255;
+    return [p[0] / scale, p[1] / scale, p[2] / scale, p.length > 3 ? p[3] : 1];
+  };
+  const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3])).concat([1]);
+  const behind = (node) => {
+    const layers = [];
+    for (let n = node; n; n = n.parentElement) {
+      const c = parse(getComputedStyle(n).backgroundColor);
+      if (c && c[3] > 0) layers.push(c);
+      if (c && c[3] >= 1) break;
+    }
+    return layers.reverse().reduce((under, layer) => over(layer, under), [1, 1, 1, 1]);
+  };
+  const lum = (c) => {
+    const [r, g, b] = c.slice(0, 3).map((v) => (v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4));
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const found = [];
+  for (const node of root.querySelectorAll(".cnb *")) {
+    const own = [...node.childNodes].some((c) => c.nodeType === 3 && c.textContent.trim());
+    if (!own || !node.getClientRects().length || node.closest(":disabled, option")) continue;
+    const back = behind(node);
+    const text = over(parse(getComputedStyle(node).color), back);
+    const [a, b] = [lum(text), lum(back)].sort((x, y) => y - x);
+    found.push({ what: `${node.className || node.tagName}: ${node.textContent.trim().slice(0, 30)}`,
+                 ratio: (a + 0.05) / (b + 0.05) });
+  }
+  return found;
+}"""
 
 
 class Scenario:
@@ -35,7 +70,7 @@ class Scenario:
         self.progress_seen: list[int] = []
         self.statuses_seen: list[str] = []
         self.page_errors: list[str] = []
-        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
+        watch(page, self.page_errors)
 
     def card(self, title: str) -> Any:
         return self.page.locator(CARD, has=self.page.locator(".cnb-title", has_text=title))
@@ -43,18 +78,9 @@ class Scenario:
     def task_id(self, title: str) -> str:
         return self.card(title).locator(".cnb-sub").inner_text().split("·")[-1].strip()
 
-    @contextlib.contextmanager
-    def screenshots_on_failure(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            ARTIFACTS.mkdir(exist_ok=True)
-            with contextlib.suppress(Exception):
-                self.page.screenshot(path=str(ARTIFACTS / f"{name}-page.png"))
-                for i, card in enumerate(self.page.locator(CARD).all()):
-                    card.screenshot(path=str(ARTIFACTS / f"{name}-card{i}.png"))
-                self.page.locator(".cnb-board").first.screenshot(path=str(ARTIFACTS / f"{name}-board.png"))
-            raise
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, name, {"card": self.page.locator(CARD),
+                                                         "board": self.page.locator(".cnb-board")})
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +169,9 @@ def test_the_board_shows_the_runs_in_their_columns(scenario: Scenario) -> None:
             return sorted(lane(label).locator(".cnb-mini .cnb-title").all_inner_texts())
 
         wait_until(lambda: titles("Failed") == ["parse_feed", "wait_for_data"], 10, "the failed column")
-        assert titles("Completed") == ["crunch"] and titles("Running") == [] and titles("Pending") == []
+        assert titles("Completed") == ["crunch"] and titles("Running") == [] and titles("Pending") == ["crunch"]
         assert [lane(x).locator(".cnb-count").inner_text() for x in ("Pending", "Running", "Completed", "Failed")] \
-            == ["0", "0", "1", "2"]
+            == ["1", "0", "1", "2"]
         assert board.locator(".cnb-board-title").inner_text() == "All runs"
 
         lane("Completed").locator(".cnb-mini").first.click()  # the details view
@@ -158,13 +184,88 @@ def test_the_board_shows_the_runs_in_their_columns(scenario: Scenario) -> None:
         assert board.locator(".cnb-total").inner_text() == "1 run"
 
 
-def test_the_saved_notebook_keeps_the_widget_state(scenario: Scenario) -> None:
+def test_a_scheduled_card_says_when_it_starts_not_attempt_0(scenario: Scenario) -> None:
+    with scenario.screenshots_on_failure("scheduled"):
+        card = scenario.card("Crunching later")
+        card.locator(".cnb-badge", has_text="scheduled").wait_for(timeout=10_000)
+        text = card.inner_text()
+        assert "starts " in text and "attempt" not in text, text
+        assert card.locator("button", has_text="Cancel").is_enabled()
+
+
+def test_cancelled_runs_look_neutral_not_failed(scenario: Scenario) -> None:
+    with scenario.screenshots_on_failure("neutral"):
+        board = scenario.page.locator(".cnb-board")
+        board.locator("select[title^='task_name']").select_option("")  # the filter back to all
+        cancelled = board.locator(".cnb-mini.cnb-is-cancelled")
+        cancelled.wait_for(timeout=10_000)
+        failed = board.locator(".cnb-mini.cnb-is-failed")
+        color = "el => getComputedStyle(el).color"
+        assert cancelled.locator(".cnb-note.cnb-error").count() == 0
+        assert cancelled.locator(".cnb-note").evaluate(color) != failed.locator(".cnb-note").evaluate(color)
+        card = scenario.card("Waiting for data")
+        assert card.locator(".cnb-error").evaluate(color) != scenario.card("Parsing the feed").locator(
+            ".cnb-error").evaluate(color)
+
+
+def test_text_wraps_and_says_all_of_itself_in_a_narrow_window(scenario: Scenario) -> None:
+    """1000 px wide with the file browser open: no name cut to "cr…", the whole text on hover,
+    and runs of one task told apart (what they said, when they started, their id)."""
+    page = scenario.page
+    with scenario.screenshots_on_failure("narrow"):
+        page.set_viewport_size({"width": 1000, "height": 900})
+        try:
+            assert page.locator(".jp-FileBrowser").is_visible()
+            board = page.locator(".cnb-board")
+            board.scroll_into_view_if_needed()
+            for title in board.locator(".cnb-mini .cnb-title").all():
+                assert title.get_attribute("title") == title.inner_text() and "…" not in title.inner_text()
+                assert title.evaluate("el => el.scrollWidth <= el.clientWidth + 1"), title.inner_text()
+                one_line = "el => el.offsetHeight < 1.5 * parseFloat(getComputedStyle(el).lineHeight)"
+                assert title.evaluate(one_line), f"{title.inner_text()} broken over lines with room to spare"
+            note = board.locator(".cnb-mini.cnb-is-failed .cnb-note", has_text="malformed")
+            assert note.get_attribute("title") == "ValueError: https://example.com/feed returned malformed XML"
+            crunches = board.locator(".cnb-mini", has=page.locator(".cnb-title", has_text="crunch"))
+            who = crunches.locator(".cnb-who").all_inner_texts()
+            assert len(who) == 2 and len(set(who)) == 2, who  # two runs of one task, told apart
+            ids = crunches.evaluate_all("nodes => nodes.map(n => n.dataset.taskId.slice(-6))")
+            assert all(i in w for i, w in zip(ids, who)), (ids, who)
+            options = board.locator("select[title='filter by session_id'] option")
+            assert options.all_inner_texts() == ["all", "widgets.ipynb"]
+            assert options.nth(1).get_attribute("title").startswith("notebook:")
+        finally:
+            page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_text_contrast_is_at_least_4_5_to_1_in_light_and_dark(scenario: Scenario) -> None:
+    page = scenario.page
+    with scenario.screenshots_on_failure("contrast"):
+        for theme, light in (("JupyterLab Light", "true"), ("JupyterLab Dark", "false")):
+            page.locator(".lm-MenuBar-itemLabel", has_text="Settings").first.click()
+            page.locator(".lm-Menu-itemLabel", has_text="Theme").first.hover()
+            page.locator(".lm-Menu-itemLabel", has_text=theme).first.click()
+            wait_until(lambda: page.evaluate("document.body.dataset.jpThemeLight") == light, 15, f"the {theme} theme")
+            page.wait_for_timeout(500)  # the theme's stylesheet applied
+            measured = page.evaluate(CONTRAST, page.locator("body").element_handle())
+            assert len(measured) > 50
+            low = [m for m in measured if m["ratio"] < 4.5]
+            assert low == [], f"{theme}: {low}"
+        page.locator(".lm-MenuBar-itemLabel", has_text="Settings").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Theme").first.hover()
+        page.locator(".lm-Menu-itemLabel", has_text="JupyterLab Light").first.click()
+
+
+def test_the_saved_notebook_keeps_the_widget_state_with_default_settings(scenario: Scenario) -> None:
+    """"Save Widget State Automatically" is off (JupyterLab's default): capsule_nb's widgets are kept anyway."""
     with scenario.screenshots_on_failure("save"):
         save(scenario.page)
         path = scenario.lab.root / NOTEBOOK
 
         def saved_state() -> dict | None:
-            widgets = json.loads(path.read_text()).get("metadata", {}).get("widgets", {})
+            try:
+                widgets = json.loads(path.read_text()).get("metadata", {}).get("widgets", {})
+            except ValueError:  # read while JupyterLab writes it
+                return None
             return widgets.get("application/vnd.jupyter.widget-state+json", {}).get("state")
 
         state = wait_until(saved_state, 15, "the widget state in the saved notebook")
@@ -173,7 +274,12 @@ def test_the_saved_notebook_keeps_the_widget_state(scenario: Scenario) -> None:
         assert {"Crunching numbers", "Waiting for data", "Parsing the feed", "All runs"} <= titles
         card = next(s for s in ours if s.get("title") == "Crunching numbers")
         assert card["run"]["status"] == "completed" and re.search(r"export default", card["_esm"])
+        assert all(s["_capsule_saved"] for s in ours)  # drawn from the notebook, they say they are not live
 
 
-def test_nothing_threw_in_the_page(scenario: Scenario) -> None:
+def test_nothing_threw_in_the_page_and_closing_the_tab_says_nothing(scenario: Scenario) -> None:
+    page = scenario.page
+    page.locator(".lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").first.click()  # the notebook's tab
+    page.locator(".jp-Notebook").wait_for(state="detached", timeout=10_000)
+    page.wait_for_timeout(1000)
     assert scenario.page_errors == []

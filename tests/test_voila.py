@@ -11,6 +11,7 @@ tests/artifacts/.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ def test_the_dashboard_submits_a_build_that_reaches_completed(tmp_path: Path) ->
                 assert kernels
                 schedules = page.locator(".widget-html", has_text="Schedules").inner_text()
                 assert "nightly_reports" in schedules and "Europe/Paris" in schedules, schedules
+                text = page.locator("body").inner_text()  # what the app's users read: no notes for developers
+                assert "Report operations" in text and not re.search(r"Open this notebook|voila |Run All", text)
 
                 task_id = submit_from_the_form(page, "weekly", 6)
                 completed = board.locator(".cnb-lane", has=page.locator(".cnb-lane-head", has_text="Completed"))

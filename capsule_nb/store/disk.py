@@ -115,6 +115,11 @@ class Signer:
         return pickle.loads(signed[SIGNATURE_BYTES:])
 
 
+def has_store(path: Path) -> bool:
+    """Whether ``path`` holds a store already (a reader that must not create one asks)."""
+    return (path / "db" / "cache.db").is_file() and (path / "secret.key").is_file()
+
+
 def open_cache(path: Path) -> diskcache.Cache:
     try:
         return diskcache.Cache(

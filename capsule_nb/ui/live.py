@@ -12,6 +12,12 @@ Everything periodic is a ``loop.call_later`` handle on the runtime's loop:
 the flush, the poll that folds in other kernels' writes every
 ``refresh_ms``, and the grace period before a widget nobody sees is closed.
 No widget starts a thread, and ``close()`` leaves no subscriber or timer.
+
+Views say when they are shown and hidden with custom messages, not with
+ipywidgets' ``_view_count`` trait: a view removed because its tab closed
+or its kernel went away would sync that trait over a dead connection (one
+"Could not send widget sync message" per widget), while a view sends a
+message only when its kernel is there to get it (``js/live.js``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import anywidget
-from traitlets import Float, Int, Unicode, observe
+from traitlets import Dict, Float, Unicode
 
 from ..checks import whole_number
 from . import assets
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("capsule_nb")
 
 ACTIONS = ("cancel", "retry")
+VIEW_STEPS = {"shown": 1, "hidden": -1}
 
 
 class LiveWidget(anywidget.AnyWidget):
@@ -46,8 +53,9 @@ class LiveWidget(anywidget.AnyWidget):
     clock = Float(0.0).tag(sync=True)
     # What the last Cancel or Retry said, when it could not do what was asked.
     notice = Unicode("").tag(sync=True)
-    # Counted by the front end (0 opts in): at 0 after being shown, the widget closes.
-    _view_count = Int(0, allow_none=True).tag(sync=True)
+    # Where the records live ({home, app}): a view whose kernel is gone asks the
+    # Jupyter server for them there (ui/server.py). Sent once, with the first state.
+    source = Dict().tag(sync=True)
 
     FLUSH_SECONDS = 0.1  # at most 10 state messages a second per widget
     UNSEEN_SECONDS = 2.0  # a view re-rendered (a moved cell) comes back within this
@@ -63,7 +71,8 @@ class LiveWidget(anywidget.AnyWidget):
         self._last_flush = float("-inf")
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._unsubscribe: Callable[[], None] | None = None
-        super().__init__(clock=time.time(), **state)
+        self._views = 0  # views that said "shown" and not yet "hidden"
+        super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name}, **state)
         self.on_msg(self._on_view_msg)
         self._subscribe()
         self._runtime.call_soon(self._arm, "poll", refresh_ms / 1000, self._poll)
@@ -132,14 +141,19 @@ class LiveWidget(anywidget.AnyWidget):
     # --------------------------------------------------------------- the view
 
     def _on_view_msg(self, _: Any, content: Any, buffers: Any) -> None:
-        """A click in a view: ``{"action": "cancel" | "retry", "task_id": ...}``.
+        """A click in a view: ``{"action": "cancel" | "retry", "task_id": ...}``; or a view
+        shown or hidden: ``{"view": "shown" | "hidden"}``.
 
         Sent as a message, not a trait, because a click is an event: a second
         click must act again. The comm handler may run off the loop thread
         (kernels with subshells), so the work is handed to the loop.
         """
-        if isinstance(content, dict) and content.get("action") in ACTIONS and isinstance(content.get("task_id"), str):
+        if not isinstance(content, dict):
+            return
+        if content.get("action") in ACTIONS and isinstance(content.get("task_id"), str):
             self._runtime.call_soon(self._act, content["action"], content["task_id"])
+        elif content.get("view") in VIEW_STEPS:
+            self._runtime.call_soon(self._counted, VIEW_STEPS[content["view"]])
 
     def _act(self, action: str, task_id: str) -> None:
         record = self._app.store.get_run(task_id)
@@ -158,13 +172,14 @@ class LiveWidget(anywidget.AnyWidget):
                 self._retried(task_id, handle)
         self.notice = notice
 
-    @observe("_view_count")
-    def _on_view_count(self, change: dict[str, Any]) -> None:
-        if change["new"] == 0 and (change["old"] or 0) > 0:
-            self._runtime.call_soon(self._arm, "unseen", self.UNSEEN_SECONDS, self._close_if_unseen)
+    def _counted(self, step: int) -> None:
+        """A view was shown (+1) or hidden (-1); none left: close after a grace period."""
+        self._views = max(0, self._views + step)
+        if step < 0 and self._views == 0:
+            self._arm("unseen", self.UNSEEN_SECONDS, self._close_if_unseen)
 
     def _close_if_unseen(self) -> None:
-        if self._view_count == 0:
+        if self._views == 0:
             self.close()
 
     # ------------------------------------------------------------------- close

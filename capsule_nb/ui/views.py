@@ -17,6 +17,7 @@ from ..record import COMPLETED, FINISHED
 MESSAGES_SHOWN = 200  # the newest messages a card carries
 OUTPUT_SHOWN = 20_000  # characters of captured output a card carries (the tail)
 NOTE_CHARS = 160  # an error or result on a board card: one line
+SAID_KINDS = ("reply", "notify")  # what a run says that tells its card apart (not every log line)
 
 
 def _can_cancel(status: str) -> bool:
@@ -81,16 +82,33 @@ def card(record: Mapping[str, Any], message: str | None = None) -> dict[str, Any
             "output": output(record)}
 
 
-def _note(record: Mapping[str, Any]) -> str | None:
-    text = record.get("error") if record["status"] != COMPLETED else record.get("result_repr")
-    if not text:
+def _line(text: Any) -> str | None:
+    """The first line of ``text``, cut to ``NOTE_CHARS``; None when there is none."""
+    lines = str(text).strip().splitlines() if text else []
+    if not lines:
         return None
-    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return line if len(line) <= NOTE_CHARS else line[: NOTE_CHARS - 1] + "…"
+    return lines[0] if len(lines[0]) <= NOTE_CHARS else lines[0][: NOTE_CHARS - 1] + "…"
+
+
+def _note(record: Mapping[str, Any]) -> str | None:
+    return _line(record.get("error") if record["status"] != COMPLETED else record.get("result_repr"))
+
+
+def _said(record: Mapping[str, Any]) -> str | None:
+    """What tells this run apart from others of its task: its progress message, else
+    the newest reply or notify (a display name, when set, is already its title)."""
+    progress = record.get("progress") or {}
+    if progress.get("message"):
+        return _line(progress["message"])
+    for message in reversed(record.get("messages") or ()):
+        if message.get("kind") in SAID_KINDS:
+            return _line(message.get("text"))
+    return None
 
 
 def summary(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A card on the board: one line of name and status, a bar, the error or result."""
+    """A card on the board: name and status; what it last said, when it started and its
+    id (runs of one task look alike otherwise); a bar; the error or result."""
     status = record["status"]
     progress = record.get("progress")
     fraction = None
@@ -102,9 +120,11 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "status": status,
         "attempt": record.get("attempt", 0),
         "max_attempts": record.get("max_attempts", 1),
+        "created_at": record.get("created_at"),
         "started_at": record.get("started_at"),
         "completed_at": record.get("completed_at"),
         "progress": fraction,
+        "said": _said(record),
         "note": _note(record),
         "can_cancel": _can_cancel(status),
         "can_retry": _can_retry(status),

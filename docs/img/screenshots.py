@@ -28,7 +28,8 @@ def shoot(theme: str, name: str) -> None:
     with tempfile.TemporaryDirectory() as base, Lab(Path(base), theme=theme) as lab, chromium(1200, 900) as page:
         open_notebook(page, lab)
         run_all(page)
-        card = page.locator(".cnb:not(.cnb-board) > .cnb-card", has=page.locator(".cnb-title", has_text="Crunching"))
+        title = page.locator(".cnb-title", has_text="Crunching numbers")
+        card = page.locator(".cnb:not(.cnb-board) > .cnb-card", has=title)
         bar = card.locator("[role=progressbar]")
         bar.wait_for(timeout=60_000)
         wait_until(lambda: int(bar.get_attribute("aria-valuenow") or 0) >= 50, 30, "the run halfway")

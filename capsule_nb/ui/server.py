@@ -1,0 +1,142 @@
+"""The Jupyter server's side of the widgets: what a view asks when its kernel is gone.
+
+A card or a board draws from its widget model, which only the kernel that
+made it keeps current. When that kernel restarts, dies or is shut down, or
+when a saved notebook is reopened (the view drawn from saved widget state),
+the view still knows its store and its runs (the ``source`` and ``task_id``
+traits), and asks this extension what the store says now:
+
+    GET {base_url}capsule-nb/api/cards?home=<store>&ids=<id>,<id>
+    GET {base_url}capsule-nb/api/board?home=<store>&view=<json: app, columns, filter, limits, page, selected>
+
+That is Capsule's own model for a page without a live session: the
+renderer fetches the data, statelessly. The answers have the shapes the
+widgets' traits have (``views.py``), so a view draws them the same way.
+
+``pip install capsule_nb`` enables it: the wheel puts
+``etc/jupyter/jupyter_server_config.d/capsule_nb.json`` in the environment.
+It reads stores that already exist, through the store layer, and never
+writes; it imports no widget (``ui/__init__`` loads the widgets lazily).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..record import CLAIMED, RUNNING
+from ..store import open_store
+from ..store.disk import has_store
+from ..store.owners import owner_alive
+from . import views
+
+ROUTE = "capsule-nb/api/(cards|board)"
+MAX_IDS = 500  # cards asked for in one request (a page of reopened cards)
+
+
+def _store(home: str) -> Any:
+    """This process's store at ``home``, current with other processes' writes."""
+    path = Path(home).expanduser()
+    if not home or not path.is_absolute() or not has_store(path):
+        raise LookupError(f"no capsule_nb store at {home!r}")
+    store = open_store(path)
+    store.poll()
+    return store
+
+
+def orphaned(record: dict[str, Any]) -> bool:
+    """A run marked running whose process is gone: the next runtime to open the
+    store records it as interrupted (or retries it); until then it is not running."""
+    return record["status"] in (RUNNING, CLAIMED) and not owner_alive(record.get("owner", ""))
+
+
+def cards(home: str, ids: list[str]) -> dict[str, Any]:
+    """``{task_id: card}`` for the ids the store still has (views.card, plus ``orphaned``)."""
+    store = _store(home)
+    found = {}
+    for task_id in ids:
+        record = store.get_run(task_id)
+        if record is not None:
+            found[task_id] = {"task_id": task_id, **views.card(record), "orphaned": orphaned(record)}
+    return {"cards": found, "now": time.time()}
+
+
+def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
+    """A board's traits (lanes, total, choices, detail) as its kernel would compute them."""
+    store = _store(home)
+    columns = [(label, list(statuses)) for label, statuses in view["columns"]]
+    state = views.board(store.runs(), columns=columns, filter=view.get("filter") or {},
+                        limits=view.get("limits") or {}, page=int(view.get("page") or 50))
+    selected = view.get("selected") or ""
+    record = store.get_run(selected) if selected else None
+    state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
+    return {**state, "now": time.time()}
+
+
+def _board_view(text: str) -> dict[str, Any]:
+    """The ``view`` argument, checked: a bad one is a 400 that says what is wrong."""
+    try:
+        view = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"view is not JSON: {exc}") from None
+    if not isinstance(view, dict):
+        raise ValueError("view is a JSON object")
+    columns = view.get("columns")
+    if not isinstance(columns, list) or not all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], list) for c in columns):
+        raise ValueError("view 'columns' is a list of [label, [statuses]]")
+    for name in ("filter", "limits"):
+        if not isinstance(view.get(name) or {}, dict):
+            raise ValueError(f"view {name!r} is an object")
+    return view
+
+
+def _answer(what: str, arguments: dict[str, list[bytes]]) -> dict[str, Any]:
+    def argument(name: str) -> str:
+        return arguments.get(name, [b""])[0].decode("utf-8", "replace")
+
+    if what == "cards":
+        ids = [i for i in argument("ids").split(",") if i][:MAX_IDS]
+        return cards(argument("home"), ids)
+    return board(argument("home"), _board_view(argument("view")))
+
+
+def _handler() -> type:
+    """The tornado handler (jupyter_server is imported only by a server that loads us)."""
+    from jupyter_server.auth.decorator import authorized
+    from jupyter_server.base.handlers import APIHandler
+    from tornado import web
+
+    class RunsHandler(APIHandler):
+        auth_resource = "capsule_nb"
+
+        @web.authenticated
+        @authorized
+        async def get(self, what: str) -> None:
+            try:
+                reply = await asyncio.to_thread(_answer, what, self.request.query_arguments)
+            except LookupError as exc:  # a store that is gone: an answer, not an error page
+                reply = {"missing": str(exc)}
+            except ValueError as exc:
+                raise web.HTTPError(400, str(exc)) from None
+            self.set_header("Content-Type", "application/json")
+            self.set_header("Cache-Control", "no-store")
+            self.finish(json.dumps(reply))
+
+    return RunsHandler
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": __name__}]
+
+
+def _load_jupyter_server_extension(serverapp: Any) -> None:
+    from jupyter_server.utils import url_path_join
+
+    web_app = serverapp.web_app
+    route = url_path_join(web_app.settings["base_url"], ROUTE)
+    web_app.add_handlers(".*$", [(route, _handler())])
+    serverapp.log.debug("capsule_nb: serving run records at %s", route)

@@ -1,0 +1,304 @@
+// What a view knows about the kernel behind its model, and what it does when
+// that kernel is gone.
+//
+// A widget model is kept current by the kernel that made it. When that kernel
+// restarts, dies or is shut down, or the model was drawn from a saved notebook
+// (nothing behind it at all), the view says so at once: not live, the last
+// state it had, clocks stopped, buttons disabled, and nothing sent (a send
+// into a dead connection is an error in the page). Then it asks the Jupyter
+// server's capsule_nb extension (ui/server.py) what the store says now.
+//
+// Only public pieces of the widget manager are used (kernel, context,
+// get_state_sync, has_model), each checked before use: where one is missing
+// (Voila, another front end) the view simply assumes its kernel lives.
+
+const GONE = new Set(["restarting", "autorestarting", "dead", "terminating"]);
+const STATE = "application/vnd.jupyter.widget-state+json";
+
+// Set in the state saveOurs() writes: a model that has it was drawn from a
+// saved notebook, not by a kernel.
+export const SAVED = "_capsule_saved";
+
+export const REASONS = {
+  restarted: "its kernel restarted",
+  stopped: "its kernel stopped",
+  saved: "drawn from the saved notebook",
+};
+
+/** Connect `slot` to a Lumino signal if there is one; returns the disconnect. */
+function on(signal, slot) {
+  if (!signal || typeof signal.connect !== "function") return () => {};
+  signal.connect(slot);
+  return () => signal.disconnect(slot);
+}
+
+/**
+ * Follow the kernel behind `model`. `changed()` runs once, when it goes.
+ * Returns { live(), why(), send(content), dispose() }; send() is a no-op
+ * (false) once the kernel is gone, and never throws.
+ */
+export function follow(model, changed) {
+  const manager = model.widget_manager;
+  let why = model.get(SAVED) ? "saved" : "";
+  let stops = [];
+  const lose = (reason) => {
+    if (why) return;
+    why = reason;
+    stops.forEach((stop) => stop());
+    stops = [];
+    changed();
+  };
+  const kernel = manager?.kernel;
+  if (!why && kernel) {
+    if (kernel.isDisposed || GONE.has(kernel.status)) why = "stopped";
+    stops.push(on(kernel.statusChanged, (_, status) => {
+      if (GONE.has(status)) lose(status === "dead" || status === "terminating" ? "stopped" : "restarted");
+    }));
+    stops.push(on(kernel.disposed, () => lose("stopped")));
+    stops.push(on(manager.context?.sessionContext?.kernelChanged, () => lose("stopped")));
+  }
+  const connected = () => !why && !(kernel && (kernel.isDisposed || kernel.connectionStatus === "disconnected"));
+  return {
+    live: () => !why,
+    why: () => why,
+    send(content) {
+      if (!connected()) return false;
+      try {
+        model.send(content);
+        return true;
+      } catch {
+        return false; // the connection went between the check and the send
+      }
+    },
+    dispose() {
+      stops.forEach((stop) => stop());
+      stops = [];
+    },
+  };
+}
+
+/**
+ * Tell the kernel a view is shown, and hidden again when it goes. Not sent
+ * when the kernel is gone, and so never an error when a tab closes (the
+ * connection is gone by the time its views are removed).
+ */
+export function counted(liveness) {
+  liveness.send({ view: "shown" });
+  return () => liveness.send({ view: "hidden" });
+}
+
+// ------------------------------------------------------- saving our state
+
+const isOurs = (entry) =>
+  String(entry?.state?._anywidget_id ?? "").startsWith("capsule_nb.");
+
+/** The model ids an entry's state points at ("IPY_MODEL_<id>": its layout). */
+function references(entry) {
+  const found = [];
+  for (const value of Object.values(entry?.state ?? {})) {
+    for (const item of Array.isArray(value) ? value : [value]) {
+      if (typeof item === "string" && item.startsWith("IPY_MODEL_")) found.push(item.slice(10));
+    }
+  }
+  return found;
+}
+
+const saving = (globalThis.__capsuleNbSaving ??= new WeakMap()); // manager -> kept entries
+
+/**
+ * Keep capsule_nb's widgets in the notebook when it is saved, whatever the
+ * "Save Widget State Automatically" setting says: a reopened notebook then
+ * draws each card and board as it last was (marked SAVED, so not live) where
+ * it would otherwise say "model not found". Other widgets are left as the
+ * setting says. One hook per notebook, however many views.
+ */
+export function saveOurs(model) {
+  const manager = model.widget_manager;
+  const context = manager?.context;
+  if (!context?.saveState || !context.model?.setMetadata || typeof manager.get_state_sync !== "function"
+      || typeof manager.has_model !== "function" || saving.has(manager)) return;
+  const kept = {}; // id -> entry: ours and what they point at, as last seen live
+  saving.set(manager, kept);
+
+  const capture = () => {
+    let state;
+    try {
+      state = manager.get_state_sync({ drop_defaults: true }).state; // live models only
+    } catch {
+      return;
+    }
+    for (const [id, entry] of Object.entries(state)) {
+      if (!isOurs(entry)) continue;
+      kept[id] = { ...entry, state: { ...entry.state, [SAVED]: true } };
+      for (const ref of references(entry)) if (state[ref]) kept[ref] = state[ref];
+    }
+  };
+  const write = () => {
+    capture();
+    const widgets = context.model.getMetadata("widgets") ?? {};
+    const saved = widgets[STATE] ?? { version_major: 2, version_minor: 0, state: {} };
+    const state = { ...saved.state };
+    for (const [id, entry] of Object.entries(state)) { // ours from an earlier save, gone since
+      if (isOurs(entry) && !manager.has_model(id)) {
+        delete state[id];
+        for (const ref of references(entry)) delete state[ref];
+      }
+    }
+    for (const [id, entry] of Object.entries(kept)) {
+      if (manager.has_model(id)) state[id] = entry;
+      else delete kept[id];
+    }
+    context.model.setMetadata("widgets", { ...widgets, [STATE]: { ...saved, state } });
+  };
+  // A restart makes every model not live (and so left out of get_state_sync):
+  // note them first, while the manager still counts them live.
+  on(context.sessionContext?.statusChanged, (_, status) => GONE.has(status) && capture());
+  on(context.saveState, (_, phase) => phase === "started" && write());
+}
+
+// ------------------------------------------------------ asking the server
+
+let config;
+function pageConfig() {
+  if (config === undefined) {
+    try {
+      config = JSON.parse(document.getElementById("jupyter-config-data")?.textContent ?? "null");
+    } catch {
+      config = null;
+    }
+  }
+  return config;
+}
+
+/** GET capsule-nb/api/<what> from the Jupyter server; null when it cannot answer. */
+export async function askServer(what, params) {
+  const page = pageConfig();
+  if (!page) return null;
+  const url = new URL(`${page.baseUrl ?? "/"}capsule-nb/api/${what}`, location.origin);
+  for (const [key, value] of Object.entries(params)) url.searchParams.set(key, value);
+  const headers = page.token ? { Authorization: `token ${page.token}` } : {};
+  try {
+    const response = await fetch(url, { headers, credentials: "same-origin", cache: "no-store" });
+    return response.ok ? await response.json() : null;
+  } catch {
+    return null;
+  }
+}
+
+const batches = new Map(); // store -> { ids: Set, waiting: [resolve] }
+
+/** The store's card for `task_id`, asked with every other card asking in the same tick. */
+export function askCard(home, task_id) {
+  let batch = batches.get(home);
+  if (!batch) {
+    batch = { ids: new Set(), waiting: [] };
+    batches.set(home, batch);
+    setTimeout(async () => {
+      batches.delete(home);
+      const answer = await askServer("cards", { home, ids: [...batch.ids].join(",") });
+      for (const resolve of batch.waiting) resolve(answer);
+    }, 0);
+  }
+  batch.ids.add(task_id);
+  return new Promise((resolve) => batch.waiting.push(resolve)).then((answer) =>
+    answer && answer.cards ? { card: answer.cards[task_id] ?? null, now: answer.now } : null);
+}
+
+/**
+ * `ask()` now and again every `ms` for as long as it says there is more to
+ * learn (true): a server that cannot answer is not asked again and again.
+ * Returns the stop (the view is gone).
+ */
+export function keepAsking(ask, ms = 5000) {
+  let timer = null;
+  let stopped = false;
+  const round = async () => {
+    timer = null;
+    if (stopped) return;
+    const again = await ask();
+    if (again && !stopped) timer = setTimeout(round, ms);
+  };
+  round();
+  return () => {
+    stopped = true;
+    if (timer) clearTimeout(timer);
+  };
+}
+
+// ------------------------------------------------------------ holding still
+
+/**
+ * Hold a view's redraws while the pointer is pressed in `root` (so the
+ * button under it is the one released on) and, with `hover`, while it moves
+ * over `root` and for `rest` ms after (so what is under it stays put).
+ * Returns { request(): draw now or when let go, release() }.
+ */
+export function holdStill(root, draw, { hover = false, rest = 1500 } = {}) {
+  let pressed = false;
+  let hovering = false;
+  let pending = false;
+  let restTimer = null;
+  const held = () => pressed || hovering;
+  const flush = () => {
+    if (pending && !held()) {
+      pending = false;
+      draw();
+    }
+  };
+  const request = () => {
+    if (held()) pending = true;
+    else draw();
+  };
+  const down = () => (pressed = true);
+  const up = () => {
+    if (!pressed) return;
+    pressed = false;
+    setTimeout(flush, 0); // after the click this press makes has been handled
+  };
+  const moved = () => {
+    hovering = true;
+    clearTimeout(restTimer);
+    restTimer = setTimeout(() => {
+      hovering = false;
+      flush();
+    }, rest);
+  };
+  const left = () => {
+    clearTimeout(restTimer);
+    hovering = false;
+    flush();
+  };
+  root.addEventListener("pointerdown", down);
+  window.addEventListener("pointerup", up, true);
+  window.addEventListener("pointercancel", up, true);
+  if (hover) {
+    root.addEventListener("pointermove", moved);
+    root.addEventListener("pointerleave", left);
+  }
+  return {
+    request,
+    release() {
+      clearTimeout(restTimer);
+      root.removeEventListener("pointerdown", down);
+      window.removeEventListener("pointerup", up, true);
+      window.removeEventListener("pointercancel", up, true);
+      root.removeEventListener("pointermove", moved);
+      root.removeEventListener("pointerleave", left);
+    },
+  };
+}
+
+// Made once: a formatter per call (toLocaleTimeString) costs more than drawing a card.
+const TIME = new Intl.DateTimeFormat(undefined, { timeStyle: "medium" });
+const DATE_TIME = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
+
+/** "14:02:07" in the reader's locale (`dated`: with the day). */
+export const clockTime = (seconds, dated = false) => (dated ? DATE_TIME : TIME).format(seconds * 1000);
+
+/** What a view that is not live says above what it shows. */
+export function staleText(why, asked) {
+  const head = `Not live: ${REASONS[why] ?? "its kernel is gone"}.`;
+  if (!asked) return `${head} Showing the last state it received.`;
+  if (asked.missing) return `${head} The store no longer has this; showing the last state it received.`;
+  return `${head} Showing the store as of ${clockTime(asked.now)}.`;
+}

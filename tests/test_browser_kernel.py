@@ -1,0 +1,303 @@
+"""Cards and boards through what a JupyterLab day does to their kernel, in a real JupyterLab
+and a real Chromium, with JupyterLab's default settings (widget state not saved).
+
+One JupyterLab serves the module; the tests run in file order, as a user's day
+would: a reload mid-run, a closed and reopened tab, a kernel restart while a card
+and a board show running runs, save + shut down + reopen, and two notebooks on
+one store. One run is held by this test process (an ``App`` on the same store):
+it stays running while the notebook's kernel comes and goes, and finishes while
+the notebook is closed, as another kernel's run would. Every page's console is
+watched: no page error, no console error, no "Cannot send" anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, save, screenshots_on_failure,
+                  wait_until, watch, write_notebook)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
+
+CARD = ".cnb:not(.cnb-board) > .cnb-card"
+
+SETUP = """%load_ext capsule_nb
+import asyncio
+
+import capsule_nb as cpsl
+
+
+@cpsl.task
+async def slow(label: str, session=None):
+    await session.notify(f"{label} is waiting")
+    await asyncio.sleep(3600)
+"""
+
+
+class Day:
+    """The JupyterLab, the browser, the test's own App and run, and what every page said."""
+
+    def __init__(self, lab: Lab, first_page: Any):
+        import capsule_nb
+
+        self.lab = lab
+        self.browser = first_page.context.browser
+        self.page = first_page
+        self.pages = {"": first_page}
+        self.problems: list[str] = []
+        self.watch(first_page)
+        self.app = capsule_nb.App(home=lab.home)
+        self.gate = threading.Event()
+
+        @self.app.task
+        def outside(label: str) -> str:
+            self.gate.wait(600)
+            return f"{label} done"
+
+        self.outside = outside.submit("the outside run")
+        wait_until(lambda: self.outside.snapshot()["status"] == "running", 10, "the test's run running")
+        self.app.store.flush()
+
+    def watch(self, page: Any) -> None:
+        watch(page, self.problems)
+
+    def new_page(self, name: str = "") -> Any:
+        """A new browser tab (kept by ``name`` in ``pages``)."""
+        self.page = self.pages[name] = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.watch(self.page)
+        return self.page
+
+    def card(self, title: str, page: Any = None) -> Any:
+        page = page or self.page
+        return page.locator(CARD, has=page.locator(".cnb-title", has_text=title))
+
+    def wrapper(self, title: str, page: Any = None) -> Any:
+        """A card with what is around it in its view (the "not live" line)."""
+        page = page or self.page
+        return page.locator(".cnb:not(.cnb-board)", has=page.locator(".cnb-card .cnb-title", has_text=title))
+
+    def status(self, task_id: str) -> str:
+        self.app.store.poll()
+        return self.app.store.get_run(task_id)["status"]
+
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, f"kernel-{name}")
+
+
+@pytest.fixture(scope="module")
+def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
+    with Lab(tmp_path_factory.mktemp("lab"), notebooks=()) as lab, chromium() as page:
+        today = Day(lab, page)
+        write_notebook(lab.root / "life.ipynb", SETUP,
+                       'held = slow.submit("held")\nsession.show_task(held, message="Held by this kernel")',
+                       'spare = slow.submit("spare")\nsession.show_task(spare, message="Cancel me")',
+                       f'cpsl.ui.TaskCard("{today.outside.task_id}", message="Held by the test")',
+                       'cpsl.ui.TaskBoard(title="Everything", refresh_ms=500)')
+        try:
+            yield today
+        finally:
+            today.gate.set()
+            today.app.close()
+
+
+def elapsed_ticks(card: Any, seconds: float = 2.5) -> bool:
+    """Whether the card's clock moves over ``seconds``."""
+    before = card.locator(".cnb-elapsed").first.inner_text()
+    time.sleep(seconds)
+    return card.locator(".cnb-elapsed").first.inner_text() != before
+
+
+def save_and_wait(day: Day, notebook: str) -> None:
+    path = day.lab.root / notebook
+    before = path.stat().st_mtime_ns
+    save(day.page)
+    wait_until(lambda: path.stat().st_mtime_ns != before and "_capsule_saved" in path.read_text(), 15,
+               f"{notebook} saved")
+
+
+def open_life(day: Day, page: Any) -> None:
+    open_notebook(page, day.lab, "life.ipynb")
+    day.card("Held by this kernel", page).locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+
+
+def test_reload_mid_run_brings_the_cards_and_the_board_back_live(day: Day) -> None:
+    with day.screenshots_on_failure("reload"):
+        open_notebook(day.page, day.lab, "life.ipynb")
+        run_all(day.page)
+        for title in ("Held by this kernel", "Cancel me", "Held by the test"):
+            day.card(title).locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        board = day.page.locator(".cnb-board")
+        running = board.locator(".cnb-lane", has=day.page.locator(".cnb-lane-head", has_text="Running"))
+        wait_until(lambda: running.locator(".cnb-mini").count() == 3, 15, "three runs in Running")
+        save_and_wait(day, "life.ipynb")  # what autosave does: a reload draws the notebook on disk
+
+        day.page.reload()
+        card = day.card("Held by this kernel")
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        assert elapsed_ticks(card), "the clock of a live card counts on after a reload"
+        assert day.page.locator(".cnb-stale").count() == 0
+        wait_until(lambda: running.locator(".cnb-mini").count() == 3, 15, "the board back, live")
+        assert day.page.get_by_text("model not found").count() == 0
+
+
+def test_close_and_reopen_the_tab_and_the_cards_still_act(day: Day) -> None:
+    with day.screenshots_on_failure("reopen-tab"):
+        day.page.close()  # the browser tab; the kernel lives on
+        page = day.new_page()
+        time.sleep(3)  # longer than a widget's grace period once unseen: it must not have closed
+        open_life(day, page)
+
+        # The notebook's own tab in JupyterLab, closed and opened again.
+        page.locator(".lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").first.click()
+        page.locator(".jp-Notebook").wait_for(state="detached", timeout=10_000)
+        time.sleep(3)
+        page.locator(".jp-DirListing-item", has_text="life.ipynb").dblclick()
+        day.card("Cancel me").locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
+
+        task_id = day.card("Cancel me").locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        day.card("Cancel me").locator("button", has_text="Cancel").click()
+        day.card("Cancel me").locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
+        wait_until(lambda: day.status(task_id) == "cancelled", 10, "the run cancelled in the store")
+        assert page.locator(".cnb-stale").count() == 0
+
+
+def test_a_kernel_restart_makes_cards_and_board_say_so_at_once(day: Day) -> None:
+    page = day.page
+    with day.screenshots_on_failure("restart"):
+        held = day.card("Held by this kernel")
+        held_id = held.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        assert elapsed_ticks(held, 1.5)
+        restart_kernel(page)
+        started = time.monotonic()
+        for title in ("Held by this kernel", "Held by the test"):
+            day.wrapper(title).locator(".cnb-stale", has_text="Not live: its kernel restarted").wait_for(timeout=5_000)
+        board = page.locator(".cnb-board")
+        board.locator(".cnb-stale", has_text="Not live").wait_for(timeout=5_000)
+        said = time.monotonic() - started
+
+        # Clocks stopped, buttons disabled: on the cards and on the board.
+        outside = day.card("Held by the test")
+        assert not elapsed_ticks(outside, 2.2)
+        assert outside.locator("button", has_text="Cancel").is_disabled()
+        minis = board.locator(".cnb-mini", has=page.locator(".cnb-badge", has_text="running"))
+        assert minis.count() >= 1
+        assert all(b.is_disabled() for b in board.locator(".cnb-mini button").all())
+
+        # What the store says: the restarted kernel recorded its run as interrupted on the way out.
+        wait_until(lambda: day.status(held_id) == "failed", 15, "the held run failed in the store")
+        held.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        assert "interrupted" in held.locator(".cnb-error").inner_text()
+        assert "Showing the store as of" in day.wrapper("Held by the test").locator(".cnb-stale").inner_text()
+        assert outside.locator(".cnb-badge").inner_text() == "running"  # still running, in this test's process
+        assert said < 5, f"the views said they were not live after {said:.1f}s"
+
+
+def test_save_shut_down_and_reopen_shows_the_last_state_and_what_finished(day: Day) -> None:
+    with day.screenshots_on_failure("reopen"):
+        page = day.page
+        run_all(page)  # the restarted kernel draws everything again, live
+        card = day.card("Held by this kernel")
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        day.card("Held by the test").locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
+        wait_until(lambda: page.locator(".cnb-stale").count() == 0, 30, "every view live again")
+        held_id = card.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        save_and_wait(day, "life.ipynb")
+
+        for session in day.lab.api("sessions"):  # the Running panel's Shut Down
+            day.lab.api(f"sessions/{session['id']}", method="DELETE")
+        day.wrapper("Held by this kernel").locator(".cnb-stale", has_text="its kernel stopped").wait_for(timeout=10_000)
+        page.close()
+        day.gate.set()  # the test's run finishes while the notebook is closed
+        wait_until(lambda: day.status(day.outside.task_id) == "completed", 15, "the test's run completed")
+
+        page = day.new_page()
+        open_notebook(page, day.lab, "life.ipynb")  # a new kernel, which has run nothing
+        outside = day.card("Held by the test")
+        outside.locator(".cnb-badge", has_text="completed").wait_for(timeout=30_000)
+        assert outside.locator(".cnb-result").inner_text() == "result 'the outside run done'"
+        held = day.card("Held by this kernel")
+        held.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        assert day.status(held_id) == "failed"
+        for title in ("Held by this kernel", "Held by the test"):
+            assert "Not live: drawn from the saved notebook" in day.wrapper(title).locator(".cnb-stale").inner_text()
+        board = page.locator(".cnb-board")
+        board.locator(".cnb-stale", has_text="drawn from the saved notebook").wait_for(timeout=10_000)
+        completed = board.locator(".cnb-lane", has=page.locator(".cnb-lane-head", has_text="Completed"))
+        completed.locator(f".cnb-mini[data-task-id='{day.outside.task_id}']").wait_for(timeout=15_000)
+        assert page.get_by_text("model not found").count() == 0
+        assert page.get_by_text("Error displaying widget").count() == 0
+
+
+def test_two_notebooks_on_one_store(day: Day) -> None:
+    """One notebook makes a run; another's board shows it at once and follows it to its end.
+    (Cancel from the other notebook's board is issue 16's: a cancel request to another kernel.)"""
+    lab = day.lab
+    write_notebook(lab.root / "maker.ipynb", SETUP,
+                   'made = slow.submit("made next door", session=session)\n'
+                   'session.show_task(made, message="Made next door")',
+                   'doomed = slow.submit("doomed")\nsession.show_task(doomed, message="Dies with its kernel")')
+    write_notebook(lab.root / "watcher.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                   'cpsl.ui.TaskBoard(title="Watching", refresh_ms=500)')
+    maker = day.new_page("maker")
+    with day.screenshots_on_failure("two-notebooks"):
+        open_notebook(maker, lab, "maker.ipynb", workspace="maker")
+        run_all(maker)
+        made = day.card("Made next door", maker)
+        made.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        made_id = made.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+
+        watcher = day.new_page("watcher")
+        open_notebook(watcher, lab, "watcher.ipynb", workspace="watcher")
+        run_all(watcher)
+        mini = watcher.locator(f".cnb-board .cnb-mini[data-task-id='{made_id}']")
+        mini.locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
+        assert "made next door is waiting" in mini.locator(".cnb-who").inner_text()
+        options = watcher.locator("select[title='filter by session_id'] option").all_inner_texts()
+        assert "maker.ipynb" in options and not any(re.search(r"^notebook:|/", o) for o in options), options
+
+        made.locator("button", has_text="Cancel").click()  # in the notebook that made it
+        made.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
+        started = time.monotonic()
+        mini.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
+        assert time.monotonic() - started < 5  # refresh_ms is 0.5 s
+        assert day.status(made_id) == "cancelled"
+
+
+def kernel_pid(lab: Lab, notebook: str) -> int:
+    """The process of ``notebook``'s kernel (its command line names its connection file)."""
+    marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker in cmdline.read_bytes() and b"ipykernel" in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+    raise LookupError(f"no kernel process for {notebook}")
+
+
+def test_a_kernel_that_dies_is_said_at_once_and_the_store_tells_what_became_of_its_run(day: Day) -> None:
+    maker = day.page = day.pages["maker"]
+    with day.screenshots_on_failure("death"):
+        doomed = day.card("Dies with its kernel", maker)
+        doomed.locator(".cnb-badge", has_text="running").wait_for(timeout=10_000)
+        doomed_id = doomed.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        os.kill(kernel_pid(day.lab, "maker.ipynb"), signal.SIGKILL)
+        day.wrapper("Dies with its kernel", maker).locator(".cnb-stale", has_text="Not live").wait_for(timeout=10_000)
+        assert all(button.is_disabled() for button in doomed.locator("button").all())
+        # Another process on the store (the watcher's kernel, this test's App) recovers the run
+        # of the dead kernel; the card shows what the store says, with the clock stopped.
+        wait_until(lambda: day.status(doomed_id) == "failed", 15, "the doomed run recovered")
+        doomed.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        assert "interrupted" in doomed.locator(".cnb-error").inner_text()
+        assert not elapsed_ticks(doomed, 2.2)
+
+
+def test_nothing_threw_and_nothing_complained(day: Day) -> None:
+    assert day.problems == []

@@ -1,0 +1,80 @@
+"""The same cards and board in Notebook 7 (``jupyter notebook``), in a real Chromium.
+
+Notebook 7 is JupyterLab's pieces in a one-notebook page: the widgets must
+draw, update, cancel and say when their kernel restarted there too. One
+server serves the module; notebooks/widgets.ipynb is run as a user would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, screenshots_on_failure, wait_until,
+                  watch)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
+
+CARD = ".cnb:not(.cnb-board) > .cnb-card"
+
+
+class Page:
+    def __init__(self, lab: Lab, page: Any):
+        self.lab, self.page = lab, page
+        self.problems: list[str] = []
+        watch(page, self.problems)
+
+    def card(self, title: str) -> Any:
+        return self.page.locator(CARD, has=self.page.locator(".cnb-title", has_text=title))
+
+    def screenshots_on_failure(self, name: str) -> Any:
+        return screenshots_on_failure(self.page, f"notebook7-{name}")
+
+
+@pytest.fixture(scope="module")
+def nb7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
+    with Lab(tmp_path_factory.mktemp("nb7"), app="notebook") as lab, chromium() as page:
+        scene = Page(lab, page)
+        with scene.screenshots_on_failure("startup"):
+            open_notebook(page, lab, "widgets.ipynb")
+            run_all(page)
+            scene.card("Crunching numbers").locator(".cnb-badge", has_text="completed").wait_for(timeout=60_000)
+        yield scene
+
+
+def test_a_card_and_the_board_draw_and_update_in_notebook_7(nb7: Page) -> None:
+    with nb7.screenshots_on_failure("card"):
+        card = nb7.card("Crunching numbers")
+        assert card.locator(".cnb-result").inner_text() == "result {'steps': 12, 'total': 650}"
+        assert "attempt 1 of 1" in card.inner_text()
+        nb7.card("Parsing the feed").locator(".cnb-badge", has_text="failed").wait_for(timeout=30_000)
+        board = nb7.page.locator(".cnb-board")
+        board.scroll_into_view_if_needed()
+        completed = board.locator(".cnb-lane", has=nb7.page.locator(".cnb-lane-head", has_text="Completed"))
+        completed.locator(".cnb-mini", has_text="crunch").wait_for(timeout=15_000)
+        completed.locator(".cnb-mini").first.click()
+        board.locator(".cnb-detail .cnb-result").wait_for(timeout=10_000)
+
+
+def test_cancel_works_in_notebook_7(nb7: Page) -> None:
+    with nb7.screenshots_on_failure("cancel"):
+        card = nb7.card("Waiting for data")
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
+        card.locator("button", has_text="Cancel").click(delay=120)
+        card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
+        failed = nb7.page.locator(".cnb-board .cnb-lane", has=nb7.page.locator(".cnb-lane-head", has_text="Failed"))
+        failed.locator(".cnb-mini.cnb-is-cancelled").wait_for(timeout=10_000)
+
+
+def test_a_kernel_restart_in_notebook_7_makes_the_views_say_so(nb7: Page) -> None:
+    with nb7.screenshots_on_failure("restart"):
+        restart_kernel(nb7.page)
+        for view in (nb7.page.locator(".cnb:not(.cnb-board)").first, nb7.page.locator(".cnb-board")):
+            view.locator(".cnb-stale", has_text="Not live: its kernel restarted").wait_for(timeout=5_000)
+        assert all(b.is_disabled() for b in nb7.page.locator(".cnb button.cnb-retry").all())
+        wait_until(lambda: nb7.lab.kernel_state("widgets.ipynb") == "idle", 30, "the restarted kernel idle")
+
+
+def test_nothing_threw_and_nothing_complained(nb7: Page) -> None:
+    assert nb7.problems == []

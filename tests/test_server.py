@@ -1,0 +1,152 @@
+"""The Jupyter server extension (capsule_nb.ui.server): what a view whose kernel is gone asks.
+
+A real ``jupyter server`` with a token, started in this environment, where
+``pip install`` of the package enabled the extension; requests go over HTTP
+as the browser's would. A run whose process was SIGKILLed is reported as
+orphaned, from the record its dead owner left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.ui import server
+
+from .conftest import process_gone, until_sync
+from .lab import _free_port
+
+TOKEN = "capsule-test-token"
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_RUNTIME_DIR=str(base / "runtime"))
+        (base / "root").mkdir()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", f"--ServerApp.port={self.port}", "--ServerApp.ip=127.0.0.1",
+             "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}", "--ServerApp.open_browser=False",
+             f"--ServerApp.root_dir={base / 'root'}", "--ServerApp.allow_root=True"],
+            env=env, stdout=subprocess.DEVNULL, stderr=(base / "server.log").open("wb"), start_new_session=True)
+        until_sync(self._up, 60, 0.2, "the Jupyter server to answer")
+
+    def _up(self) -> bool:
+        try:
+            self.get("api/status")
+            return True
+        except OSError:
+            assert self.process.poll() is None, "the Jupyter server exited"
+            return False
+
+    def get(self, path: str, token: str | None = TOKEN, **params: str) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        request = urllib.request.Request(f"{self.url}/{path}{query}",
+                                         headers={"Authorization": f"token {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("server"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_pip_install_enabled_the_extension() -> None:
+    listed = subprocess.run([sys.executable, "-m", "jupyter", "server", "extension", "list"],
+                            capture_output=True, text=True, timeout=60)
+    lines = (listed.stdout + listed.stderr).splitlines()
+    assert any("capsule_nb.ui.server" in line and "enabled" in line for line in lines), lines
+    assert any("capsule_nb.ui.server" in line and "OK" in line for line in lines), lines
+
+
+def test_the_server_answers_a_cards_record_and_a_board(jupyter: Server, tmp_path: Path) -> None:
+    app = cpsl.App(home=tmp_path / "store")
+    try:
+        @app.task
+        async def report(rows: int, session=None):
+            await session.notify(f"counting {rows} rows")
+            return {"rows": rows}
+
+        done = report.submit(42)
+        until_sync(lambda: done.snapshot()["status"] == "completed", 10)
+        app.store.flush()
+        home = str(app.home)
+
+        answer = jupyter.get("capsule-nb/api/cards", home=home, ids=f"{done.task_id},nope")
+        card = answer["cards"][done.task_id]
+        assert list(answer["cards"]) == [done.task_id] and answer["now"] > 0
+        assert card["run"]["status"] == "completed" and card["run"]["result_repr"] == "{'rows': 42}"
+        assert card["messages"][0]["text"] == "counting 42 rows" and card["orphaned"] is False
+
+        view = {"app": app.name, "columns": [["Done", ["completed"]], ["Other", ["failed", "running"]]],
+                "filter": {"task_name": "report"}, "limits": {}, "page": 10, "selected": done.task_id}
+        board = jupyter.get("capsule-nb/api/board", home=home, view=json.dumps(view))
+        assert [(lane["label"], lane["count"]) for lane in board["lanes"]] == [("Done", 1), ("Other", 0)]
+        assert board["lanes"][0]["cards"][0]["said"] == "counting 42 rows"
+        assert board["detail"]["task_id"] == done.task_id and board["total"] == 1
+    finally:
+        app.close()
+
+
+def test_the_server_refuses_what_it_should(jupyter: Server, tmp_path: Path) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        jupyter.get("capsule-nb/api/cards", token=None, home=str(tmp_path), ids="x")
+    assert refused.value.code == 403  # no token, no records
+    nowhere = tmp_path / "not-a-store"
+    assert "no capsule_nb store" in jupyter.get("capsule-nb/api/cards", home=str(nowhere), ids="x")["missing"]
+    assert not nowhere.exists()  # asking never makes a store
+    app = cpsl.App(home=tmp_path / "store")
+    app.close()
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        jupyter.get("capsule-nb/api/board", home=str(app.home), view=json.dumps({"app": "default", "columns": "x"}))
+    assert bad.value.code == 400 and "columns" in bad.value.read().decode()
+
+
+def test_a_run_whose_process_died_is_reported_orphaned(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import asyncio, time
+        import capsule_nb as cpsl
+        app = cpsl.App(home={str(tmp_path / "store")!r})
+
+        @app.task
+        async def stuck():
+            await asyncio.sleep(3600)
+
+        h = stuck.submit()
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        time.sleep(3600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        task_id = child.stdout.readline().strip()
+        assert server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]["orphaned"] is False
+    finally:
+        child.kill()
+        child.wait(10)
+    until_sync(lambda: process_gone(child.pid), 10)
+    card = server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]
+    assert card["run"]["status"] == "running" and card["orphaned"] is True
