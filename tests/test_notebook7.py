@@ -63,8 +63,12 @@ def test_cancel_works_in_notebook_7(nb7: Page) -> None:
         card.locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
         card.locator("button", has_text="Cancel").click(delay=120)
         card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
+        assert card.locator(".cnb-badge").inner_text().strip() == "cancelled"
+        assert card.locator("button", has_text="Cancel").count() == 0 or card.locator(
+            "button", has_text="Cancel").is_disabled()  # nothing left to cancel
         failed = nb7.page.locator(".cnb-board .cnb-lane", has=nb7.page.locator(".cnb-lane-head", has_text="Failed"))
-        failed.locator(".cnb-mini.cnb-is-cancelled").wait_for(timeout=10_000)
+        failed.locator(".cnb-mini.cnb-is-cancelled").first.wait_for(timeout=10_000)
+        assert failed.locator(".cnb-mini.cnb-is-cancelled").count() >= 1  # on the board too, drawn neutral
 
 
 def test_a_kernel_restart_in_notebook_7_makes_the_views_say_so(nb7: Page) -> None:
