@@ -63,8 +63,17 @@ class Executor:
         except (_Interrupt, asyncio.CancelledError):
             return "stop", run.stop_reason or "cancel"
         except BaseException as exc:  # the run's failure is data, not our crash
-            return ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
-        return ("stop", run.stop_reason) if run.stop_reason else ("ok", self.runtime.results.keep(run.task_id, value))
+            return self.ended(run, error=exc)
+        return self.ended(run, value)
+
+    def ended(self, run: Run, value: Any = None, *, error: BaseException | None = None) -> Outcome:
+        """How an attempt that returned ``value`` (or raised ``error``) ended: a stop asked
+        for meanwhile wins over what the function did."""
+        if run.stop_reason:
+            return "stop", run.stop_reason
+        if error is not None:
+            return "error", Failure.of(error)
+        return "ok", self.runtime.results.keep(run.task_id, value)
 
 
 class AsyncExecutor(Executor):
@@ -84,9 +93,9 @@ class AsyncExecutor(Executor):
         except asyncio.CancelledError:
             outcome = ("stop", run.stop_reason or "cancel")
         except BaseException as exc:
-            outcome = ("stop", run.stop_reason) if run.stop_reason else ("error", Failure.of(exc))
+            outcome = self.ended(run, error=exc)
         else:
-            outcome = ("stop", run.stop_reason) if run.stop_reason else ("ok", self.runtime.results.keep(run.task_id, value))
+            outcome = self.ended(run, value)
         self.runtime.finish(run, outcome)
 
     def interrupt(self, run: Run) -> None:
@@ -144,9 +153,9 @@ class ProcessExecutor(Executor):
             stop = run.stop_reason
         if stop:
             job.kill(stop)
-        job.add_done_callback(lambda outcome: self._ended(run, outcome))
+        job.add_done_callback(lambda outcome: self._job_ended(run, outcome))
 
-    def _ended(self, run: Run, outcome: Any) -> None:
+    def _job_ended(self, run: Run, outcome: Any) -> None:
         if run.stop_reason:
             self.runtime.finish(run, ("stop", run.stop_reason))
         elif outcome.ok:
