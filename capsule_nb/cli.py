@@ -82,12 +82,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     app = _open(args)
-    records = [r for r in app.store.runs()
-               if (args.status is None or r["status"] == args.status)
-               and (args.name is None or r["task_name"] == args.name)
-               and (args.app is None or r["app"] == args.app)]
-    records.sort(key=lambda r: r["task_id"], reverse=True)
-    records = records[: args.limit] if args.limit else records
+    where = {column: value for column, value in (("status", args.status), ("task_name", args.name), ("app", args.app))
+             if value is not None}
+    records = app.store.runs(where, limit=args.limit or None)
     _emit(args, records, lambda: table_text(records) if records else "no runs")
     return 0
 
@@ -119,19 +116,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .durations import parse_delay
-    from .record import FINISHED
 
     try:
         age = parse_delay(args.older_than, what="age")
     except (TypeError, ValueError) as exc:
         raise _UsageError(str(exc)) from None
     app = _open(args)
-    cutoff = time.time() - age
-    doomed = [r["task_id"] for r in app.store.runs()
-              if r["status"] in FINISHED and (r.get("completed_at") or r["created_at"]) < cutoff]
-    app.store.delete_runs(doomed)
+    pruned = app.store.prune(None, before=time.time() - age)
     app.store.flush()
-    print(f"pruned {len(doomed)} finished runs older than {args.older_than}")
+    print(f"pruned {pruned} finished runs older than {args.older_than}")
     return 0
 
 

@@ -1,17 +1,18 @@
 """Queries over run records: ``task.find/count/cancel`` and ``app.tasks``.
 
-They read the store's in-memory mirror (kept current with other processes
-through the change feed), so they are cheap enough to call from a widget
-refresh. Each returns a value usable as it is or awaited, as in Capsule.
+They read the store's indexed run table (what every process has written),
+so a page of the newest runs, or a count, costs the same with a million
+runs of history as with ten. Each returns a value usable as it is or
+awaited, as in Capsule.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList
-from .record import FINISHED, check_status
+from .record import check_status
 
 if TYPE_CHECKING:
     from .app import App
@@ -25,23 +26,19 @@ class TaskQuery:
         self._app = app
         self._task_name = task_name
 
-    def _matching(self, status: str | None, session_id: Any, filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Runs with this status, of this session (an id or a ``Session``; "" as None: any), whose
-        arguments match ``filters``."""
+    def _where(self, status: str | None, session_id: Any) -> dict[str, Any]:
+        """The runs' columns to match: this app (and task), this status, this session (an id
+        or a ``Session``; "" as None: any)."""
         check_status(status)
         session_id = getattr(session_id, "id", session_id)
-        self._app.store.poll()
-        name, app = self._task_name, self._app.name
-        for record in self._app.store.runs():
-            if record["app"] != app or (name is not None and record["task_name"] != name):
-                continue
-            if status is not None and record["status"] != status:
-                continue
-            if session_id and record.get("session_id") != session_id:
-                continue
-            params = record.get("params") or {}
-            if all(k in params and params[k] == v for k, v in filters.items()):
-                yield record
+        where: dict[str, Any] = {"app": self._app.name}
+        if self._task_name is not None:
+            where["task_name"] = self._task_name
+        if status is not None:
+            where["status"] = status
+        if session_id:
+            where["session_id"] = session_id
+        return where
 
     def find(self, status: str | None = None, session_id: str | None = None, limit: int = 100, offset: int = 0,
              **kwarg_filters: Any) -> ReadyList:
@@ -50,16 +47,19 @@ class TaskQuery:
         whole_number("offset", offset)
         from .handle import TaskHandle
 
-        records = sorted(self._matching(status, session_id, kwarg_filters), key=lambda r: r["task_id"], reverse=True)
-        chosen = records[offset : offset + limit] if limit else records[offset:]
-        return ReadyList(TaskHandle(self._app, r["task_id"]) for r in chosen)
+        records = self._app.store.runs(self._where(status, session_id), keep=_arguments(kwarg_filters),
+                                       limit=limit or None, offset=offset)
+        return ReadyList(TaskHandle(self._app, r["task_id"]) for r in records)
 
     def count(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
-        return ReadyInt(sum(1 for _ in self._matching(status, session_id, kwarg_filters)))
+        return ReadyInt(self._app.store.count_runs(self._where(status, session_id), keep=_arguments(kwarg_filters)))
 
     def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
         """Cancel matching unfinished runs; returns how many were cancelled."""
-        live = [r["task_id"] for r in self._matching(status, session_id, kwarg_filters) if r["status"] not in FINISHED]
+        where, keep = self._where(status, session_id), _arguments(kwarg_filters)
+        self._app.store.poll()  # runs other processes started lately
+        live = [r["task_id"] for r in self._app.store.unfinished_runs()
+                if all(r.get(k) == v for k, v in where.items()) and (keep is None or keep(r))]
         return ReadyInt(sum(1 for task_id in live if self._app.runtime.cancel(task_id)))
 
     def get(self, task_id: str) -> "TaskHandle | None":
@@ -68,3 +68,15 @@ class TaskQuery:
     def __repr__(self) -> str:
         scope = f"task {self._task_name!r}" if self._task_name else f"app {self._app.name!r}"
         return f"<runs of {scope}: {self.count()}>"
+
+
+def _arguments(filters: dict[str, Any]) -> Callable[[dict[str, Any]], bool] | None:
+    """A test of a run's arguments (``find(city="Paris")``), or None when there is none."""
+    if not filters:
+        return None
+
+    def keep(record: dict[str, Any]) -> bool:
+        params = record.get("params") or {}
+        return all(k in params and params[k] == v for k, v in filters.items())
+
+    return keep

@@ -235,9 +235,7 @@ class Schedule:
 
     def _rescue(self, due: float) -> None:
         """Submit the run of a tick whose claimant died, unless its run reached the disk."""
-        self.app.store.poll()
-        if any(r["task_name"] == self.name and r["app"] == self.app.name and r.get("scheduled_for") == due
-               for r in self.app.store.runs()):
+        if self.app.store.runs({"app": self.app.name, "task_name": self.name, "scheduled_for": due}, limit=1):
             self._update(lambda s: {**s, "settled_due": max(s.get("settled_due", 0), due)})
             return
         log.info("capsule_nb schedule %s: the kernel that claimed the tick at %s died; running it here", self.name, due)

@@ -1,5 +1,8 @@
 import asyncio
+import contextlib
+import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -36,6 +39,13 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.005):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         await asyncio.sleep(interval)
+
+
+def record_on_disk(home: Path, task_id: str) -> dict | None:
+    """A run's record as the disk has it, read over a connection of our own (no capsule_nb code)."""
+    with contextlib.closing(sqlite3.connect(Path(home) / "db" / "cache.db", timeout=30)) as db:
+        row = db.execute("SELECT record FROM capsule_runs WHERE task_id = ?", (task_id,)).fetchone()
+    return None if row is None else json.loads(row[0])
 
 
 def until_sync(predicate, timeout: float = 10.0, interval: float = 0.005, what: str = ""):

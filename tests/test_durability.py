@@ -11,6 +11,7 @@ import pytest
 
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
+from capsule_nb.store.store import Store
 
 from .conftest import until, until_sync
 
@@ -259,9 +260,12 @@ def test_a_pickled_row_written_behind_our_back_is_refused(app, caplog):
     raw.close()
     with pytest.raises(StoreError, match="pickle"):
         app.store._cache.get("run/evil")
-    app.store._reload()  # what a fresh open does: it skips and reports both rows
-    assert app.get_task("evil") is None
-    assert "pickle" in caplog.text and "pickled key" in caplog.text
+    again = Store(app.home)  # a fresh open moves run rows of older stores into the run table: not this one
+    try:
+        assert again.get_run("evil") is None and app.get_task("evil") is None
+        assert "pickle" in caplog.text  # skipped with a warning, left for `capsule-nb doctor`
+    finally:
+        again.close()
 
 
 def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
@@ -283,7 +287,7 @@ def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
     assert kept == set(finished_at) - set(oldest)
     assert all(app.store._cache.get(f"payload/{task_id}/result") is None for task_id in oldest)
     assert all(app.store._cache.get(f"payload/{task_id}/result") is not None for task_id in kept)
-    assert app.store.prune(app.name, app.keep_finished) == 0
+    assert app.store.prune(app.name, keep=app.keep_finished) == 0
 
 
 def test_apps_with_different_homes_are_independent(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 import capsule_nb as cpsl
 
-from .conftest import until
+from .conftest import record_on_disk, until
 
 
 async def test_async_task_runs_on_the_running_loop_and_returns(app):
@@ -58,7 +58,7 @@ async def test_await_submit_means_the_record_is_on_disk(app, tmp_path):
     handle = await blocked.submit()
     other = cpsl.App(home=tmp_path / "other")  # a different store proves nothing; read the disk itself
     other.close()
-    on_disk = app.store._cache.get("run/" + handle.task_id)
+    on_disk = record_on_disk(app.home, handle.task_id)
     assert on_disk is not None and on_disk["task_name"] == "blocked"
     gate.set()
     assert await handle.wait(5) == "completed"

@@ -71,10 +71,11 @@ class Upkeep:
             self.recover()
             now = time.monotonic()
             keep = runtime.settings.keep_finished
-            over = self.store.finished_count() > keep * 1.1  # a burst: prune now
+            app = runtime.settings.app
+            over = self.store.finished_count(app) > keep * 1.1  # a burst: prune now
             if over or now - self._last_prune > PRUNE_SECONDS:
                 self._last_prune = now
-                self.store.prune(runtime.settings.app, keep)
+                self.store.prune(app, keep=keep)
         except Exception:
             log.exception("capsule_nb maintenance pass failed")
         finally:

@@ -6,12 +6,11 @@ Each shows every app on the store: a notebook may define tasks on
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from ..app import App, configure, default_app
 from ..portable import is_portable
-from ..record import FINISHED, RUNNING
+from ..record import RUNNING
 
 
 def register(ip: Any) -> None:
@@ -49,15 +48,17 @@ def capsule_summary(app: App | None = None) -> str:
 
     app = app or default_app()
     app.store.poll()
-    runs = list(app.store.runs())
+    by_app: dict[str, dict[str, int]] = {}
+    for (name, status), n in app.store.run_counts(by=("app", "status")).items():
+        by_app.setdefault(name, {})[status] = n
     lines = [f"capsule_nb store: {app.home}"]
-    apps = sorted({r["app"] for r in runs} | {a.name for a in app.apps_on_store()})
-    for name in apps:
-        counts = Counter(r["status"] for r in runs if r["app"] == name)
+    for name in sorted(set(by_app) | {a.name for a in app.apps_on_store()}):
+        counts = by_app.get(name, {})
         lines.append(f"app {name!r}: {sum(counts.values())} runs")
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no runs yet")
-    running = sorted((r for r in runs if r["status"] == RUNNING), key=lambda r: r["task_id"])
-    live = [r for r in runs if r["status"] not in FINISHED and r["status"] != RUNNING]
+    unfinished = sorted(app.store.unfinished_runs(), key=lambda r: r["task_id"])
+    running = [r for r in unfinished if r["status"] == RUNNING]
+    live = [r for r in unfinished if r["status"] != RUNNING]
     lines.append(f"running now ({len(running)}):" if running else "nothing running")
     if running:
         lines.append(table_text(running))

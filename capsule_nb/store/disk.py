@@ -27,7 +27,7 @@ from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
 from ..errors import StoreError
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
 
 SIGNATURE_BYTES = 32  # HMAC-SHA256 in front of every payload
@@ -53,7 +53,7 @@ class JSONDisk(diskcache.Disk):
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
         if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
-            value = _dumps(value)
+            value = dumps(value)
         return super().store(value, read, key)
 
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:

@@ -64,11 +64,33 @@ class Rows:
             value = self._cache.get(key)
         except StoreError as exc:  # a pickle, broken JSON, a value file outside the store
             return self._skip(key, str(exc))
-        wrong = None if value is None else problem(key, value)
+        return None if value is None else self.check(key, value)
+
+    def check(self, key: str, value: Any, wrong: str | None = None) -> Any:
+        """``value`` if it has the shape ``key`` promises (and nothing else is ``wrong``), else None."""
+        wrong = wrong or problem(key, value)
         if wrong is not None:
             return self._skip(key, wrong)
         self.bad.pop(key, None)
         return value
+
+    def scan(self, prefix: str, *, after: str | None = None, limit: int = -1) -> list[tuple[str, Any]]:
+        """``[(key, value)]`` of the rows whose key starts with ``prefix`` (after the key
+        ``after``), in key order, in one query on diskcache's key index; a bad row reads
+        as None. Listings use it instead of walking every key in the store."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self._cache._sql(
+            "SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
+            (after or prefix, end, limit)).fetchall()  # (the bare prefix is no key of ours)
+        found = []
+        for key, mode, filename, raw in rows:
+            try:
+                value = self._cache.disk.fetch(mode, filename, raw, False)
+            except StoreError as exc:
+                found.append((key, self._skip(key, str(exc))))
+                continue
+            found.append((key, self.check(key, value)))
+        return found
 
     def _skip(self, key: str, wrong: str) -> None:
         if self.bad.get(key) != wrong:  # one warning per key (and per new problem), not one per poll

@@ -1,17 +1,18 @@
 """Every byte on disk: run records, signed payloads, locks, documents, the change feed.
 
-Writes are write-behind: ``put_run`` updates the in-memory mirror at once
-(readers in this process see it immediately), publishes the change event,
-and queues the record for the writer thread, which commits everything
-queued so far in one SQLite transaction. A burst of thousands of status
-changes is therefore a handful of transactions, and a run that goes
-pending -> running -> completed inside one window is written once.
-``flushed(gen)`` lets ``await submit()`` wait until its record is durable.
+Writes to runs and payloads are write-behind (``writer.py``): a change is
+in memory at once, published as an event, and durable a moment later.
+
+Memory holds what is live: the runs not finished yet (what recovery,
+adoption and waiters look at), the runs this process changed lately, and
+what is not on disk yet. Finished runs are read from their indexed table
+(``runs.py``) when asked for, so a store with a million runs of history
+opens, lists and counts like an empty one.
 
 Each transaction also appends the changed keys to the change feed
-(``feed.py``), which other processes poll to keep their own mirror (runs
-and collection documents) and widgets current. What is kept on disk, and
-how, is ``disk.py``'s business.
+(``feed.py``), which other processes poll to keep their live runs, their
+collections and their widgets current. What is kept on disk, and how, is
+``disk.py``'s business.
 """
 
 from __future__ import annotations
@@ -22,24 +23,30 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import cloudpickle
 
-from ..awaitables import resolve
 from ..errors import StoreError
 from ..record import FINISHED, RunRecord
 from . import disk, folder
+from .documents import Documents
 from .events import EventBus
-from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed, doc_key, split_doc_key
+from .feed import CANCEL, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
 from .rows import Rows
+from .runs import RunTable
+from .writer import NOT_QUEUED, WriteBehind
 
 log = logging.getLogger("capsule_nb")
 
 Change = Callable[[RunRecord], "RunRecord | None"]
 Claim = Callable[[RunRecord, bool], "RunRecord | None"]
+
+RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
+_NOT_HELD = object()
 
 
 class Store:
@@ -52,63 +59,46 @@ class Store:
         self._cache = disk.open_cache(self.path)
         self._rows = Rows(self._cache, self.path)  # every read of a row goes through it
         self._feed = Feed(self._cache)
+        self._documents = Documents(self._cache, self._rows, self._feed)
         self.events = EventBus()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._runs: dict[str, RunRecord] = {}
         self._unfinished: dict[str, RunRecord] = {}
-        self._docs: dict[str, dict[str, dict[str, Any]]] = {}
+        self._recent: OrderedDict[str, RunRecord] = OrderedDict()
         self._poll_lock = threading.Lock()
         self._cancel_requests: dict[str, float] = {}  # task id -> when this process first saw it
-        self._dirty: dict[str, Any] = {}
-        self._inflight: dict[str, Any] = {}  # the batch the writer is committing
-        self._gen = 0
-        self._flushed = 0
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._closed = False
-        self.failure: StoreError | None = None  # set while the disk refuses writes
+        self._writes = WriteBehind(self._lock, self._commit, self.path)  # idle until something is queued
         try:
+            self._runs = RunTable(self._cache, self._rows.check)
+            moved = self._runs.migrate(lambda prefix, after, n: self._rows.scan(prefix, after=after, limit=n),
+                                       self._cache.delete)
+            if moved:
+                log.info("capsule_nb: moved %d run records of %s into their table", moved, self.path)
             self._reload()
         except (sqlite3.DatabaseError, StoreError) as exc:  # a garbage database file, a broken feed counter
+            self._writes.close()
             self._cache.close()
             raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc}") from exc
-        self._writer = threading.Thread(target=self._write_loop, name="capsule-store-writer", daemon=True)
-        self._writer.start()
 
     def __repr__(self) -> str:
         return f"<Store {self.path}>"
 
     def _reload(self) -> None:
-        """Rebuild the mirror from disk (at open, or after falling behind the feed)."""
+        """Read what is live from disk (at open, or after falling behind the feed)."""
         seq = self._feed.head()
-        runs: dict[str, RunRecord] = {}
-        docs: dict[str, dict[str, dict[str, Any]]] = {}
-        requests: list[str] = []
-        for key in self._cache.iterkeys():
-            if key == disk.REFUSED:
-                log.warning("capsule_nb: a row with a pickled key in %s was refused", self.path)
-            elif key.startswith(CANCEL):
-                requests.append(key[len(CANCEL) :])
-            elif key.startswith((RUN, DOC)):
-                value = self._rows.read(key)  # a bad row is skipped, with a warning naming it
-                if value is None:
-                    continue
-                if key.startswith(RUN):
-                    runs[value["task_id"]] = value
-                else:
-                    collection, doc_id = split_doc_key(key)
-                    docs.setdefault(collection, {})[doc_id] = value
+        unfinished = {r["task_id"]: r for r in self._runs.unfinished()}
+        requests = [key[len(CANCEL) :] for key, value in self._rows.scan(CANCEL) if value is not None]
         with self._lock:
-            for key in self._dirty:
-                if key.startswith(RUN) and key[len(RUN) :] in self._runs:
-                    runs[key[len(RUN) :]] = self._runs[key[len(RUN) :]]
-            self._runs = runs
-            self._unfinished = {k: r for k, r in runs.items() if r["status"] not in FINISHED}
-            self._docs = docs
+            for key, record in self._writes.queued():  # our own unwritten changes are newer
+                if key.startswith(RUN):
+                    unfinished.pop(key[len(RUN) :], None)
+                    if record is not None and record["status"] not in FINISHED:
+                        unfinished[record["task_id"]] = record
+            self._unfinished = unfinished
             now = time.monotonic()
             for task_id in requests:
                 self._cancel_requests.setdefault(task_id, now)
             self._feed.mark(seq)
+        self._documents.forget()
 
     # ---------------------------------------------------------------- records
 
@@ -116,10 +106,7 @@ class Store:
         """Accept a record snapshot; returns the generation to pass to ``flushed``."""
         with self._lock:
             self._mirror(record["task_id"], record)
-            self._dirty[RUN + record["task_id"]] = record
-            self._gen += 1
-            gen = self._gen
-            self._wake.notify()
+            gen = self._writes.queue({RUN + record["task_id"]: record})
         self.events.publish(record)
         return gen
 
@@ -130,35 +117,42 @@ class Store:
         not call back into the store.
         """
         with self._lock:
-            current = self._runs.get(task_id)
+            current = self._held(task_id)
+            if current is _NOT_HELD:  # a finished run this process has not seen lately
+                current = self._runs.get(task_id)
             if current is None:
                 return None
             new = change(current)
             if new is None or new is current:
                 return current
             self._mirror(task_id, new)
-            self._dirty[RUN + task_id] = new
-            self._gen += 1
-            self._wake.notify()
+            self._writes.queue({RUN + task_id: new})
         self.events.publish(new)
         return new
 
+    def _held(self, task_id: str) -> Any:
+        """This process's newest copy of a run: live, not written yet, or touched lately;
+        None when it is deleted, ``_NOT_HELD`` when only the disk knows. Caller holds the lock."""
+        record = self._unfinished.get(task_id)
+        if record is not None:
+            return record
+        record = self._writes.held(RUN + task_id)
+        return self._recent.get(task_id, _NOT_HELD) if record is NOT_QUEUED else record
+
     def _mirror(self, task_id: str, record: RunRecord | None) -> None:
-        """Set (or drop) a run in the mirror; caller holds ``self._lock``."""
+        """Set (or drop) a run in memory; caller holds ``self._lock``."""
         if record is None:
-            self._runs.pop(task_id, None)
             self._unfinished.pop(task_id, None)
-            return
-        self._runs[task_id] = record
-        if record["status"] in FINISHED:
+            self._recent.pop(task_id, None)
+        elif record["status"] in FINISHED:
             self._unfinished.pop(task_id, None)
+            self._recent[task_id] = record
+            self._recent.move_to_end(task_id)
+            if len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
         else:
             self._unfinished[task_id] = record
-
-    def finished_count(self) -> int:
-        """Finished runs in the mirror, all apps (cheap: two sizes)."""
-        with self._lock:
-            return len(self._runs) - len(self._unfinished)
+            self._recent.pop(task_id, None)
 
     def unfinished_runs(self) -> list[RunRecord]:
         """Runs not finished yet: what recovery and adoption look through (a snapshot)."""
@@ -166,28 +160,24 @@ class Store:
             return list(self._unfinished.values())
 
     def get_run(self, task_id: str) -> RunRecord | None:
-        record = self._runs.get(task_id)
-        if record is None:
-            self.poll()
-            record = self._runs.get(task_id)
-        return record
-
-    def runs(self) -> list[RunRecord]:
-        """A snapshot of every run record in the store (all apps)."""
         with self._lock:
-            return list(self._runs.values())
+            record = self._held(task_id)
+        if record is not _NOT_HELD:
+            return record
+        record = self._runs.get(task_id)
+        if record is not None and record["status"] in FINISHED:
+            with self._lock:
+                if self._held(task_id) is _NOT_HELD:
+                    self._mirror(task_id, record)
+        return record
 
     def delete_runs(self, task_ids: Iterable[str]) -> None:
         with self._lock:
             for task_id in task_ids:
                 self._mirror(task_id, None)
-                self._dirty[RUN + task_id] = None
-                for name in ("result", "args"):
-                    self._dirty[f"{PAYLOAD}{task_id}/{name}"] = None
-                self._dirty[CANCEL + task_id] = None
+                self._writes.queue({RUN + task_id: None, f"{PAYLOAD}{task_id}/result": None,
+                                    f"{PAYLOAD}{task_id}/args": None, CANCEL + task_id: None})
                 self._cancel_requests.pop(task_id, None)
-            self._gen += 1
-            self._wake.notify()
 
     def claim_run(self, task_id: str, change: Claim) -> RunRecord | None:
         """Read-modify-write a record *on disk*, in one transaction: how a process takes over
@@ -199,11 +189,11 @@ class Store:
         """
         self.flush()
         with self._cache.transact(retry=True):
-            current = self._rows.read(RUN + task_id)
+            current = self._runs.get(task_id)
             requested = self._rows.read(CANCEL + task_id) is not None
             new = None if current is None else change(current, requested)
             if new is not None:
-                self._cache.set(RUN + task_id, new)
+                self._runs.write([new], [])
                 if requested and new["status"] in FINISHED:
                     self._cache.delete(CANCEL + task_id)
                 self._feed.announce([RUN + task_id])
@@ -216,16 +206,55 @@ class Store:
         self.events.publish(new)
         return new
 
-    def prune(self, app: str, keep: int) -> int:
-        """Delete the oldest finished runs of ``app`` beyond ``keep``, payloads included."""
-        with self._lock:
-            finished = [r for r in self._runs.values() if r["app"] == app and r["status"] in FINISHED]
-        if len(finished) <= keep:
-            return 0
-        finished.sort(key=lambda r: (r.get("completed_at") or 0, r["task_id"]))
-        doomed = [r["task_id"] for r in finished[: len(finished) - keep]]
+    def prune(self, app: str | None, *, keep: int | None = None, before: float | None = None) -> int:
+        """Delete the finished runs of ``app`` (None: of every app) beyond the ``keep`` newest,
+        or finished before the Unix time ``before``, payloads included."""
+        doomed = self._runs.oldest_finished(app, keep=keep, before=before)
         self.delete_runs(doomed)
         return len(doomed)
+
+    # ---------------------------------------------------------------- queries
+    # They read the table, after this process's own writes have reached it.
+
+    def runs(self, where: Mapping[str, Any] | None = None, *, keep: Callable[[RunRecord], bool] | None = None,
+             limit: int | None = None, offset: int = 0) -> list[RunRecord]:
+        """Runs whose columns match ``where`` (``{app, task_name, status, session_id,
+        scheduled_for: a value or a list}``) and ``keep`` (a test in Python), newest first."""
+        self._settle()
+        return self._runs.select(where or {}, keep=keep, limit=limit, offset=offset)
+
+    def count_runs(self, where: Mapping[str, Any] | None = None, *,
+                   keep: Callable[[RunRecord], bool] | None = None) -> int:
+        """How many runs ``runs(where, keep=keep)`` would give; without ``keep``, from the counts
+        kept beside the table, so as cheap for a million runs as for ten."""
+        where = where or {}
+        if keep is not None or "scheduled_for" in where:
+            return len(self.runs(where, keep=keep))
+        self._settle()
+        return sum(self._runs.counts(where).values())
+
+    def run_counts(self, where: Mapping[str, Any] | None = None, by: Sequence[str] = ("status",)) -> dict[tuple[str, ...], int]:
+        """``{(values of the columns by): how many runs}`` among the runs matching ``where``."""
+        self._settle()
+        return self._runs.counts(where or {}, by)
+
+    def run_values(self, column: str) -> list[str]:
+        """Every app, task name or session id (``column``) that has runs."""
+        self._settle()
+        return self._runs.values(column)
+
+    def finished_count(self, app: str) -> int:
+        """Finished runs of ``app`` on disk (retention's trigger)."""
+        return sum(self._runs.counts({"app": app, "status": sorted(FINISHED)}).values())
+
+    def _settle(self) -> None:
+        """Let a query see this process's own writes: wait for the writer, unless the disk
+        refuses them (then the query answers from what is on disk)."""
+        if not self._writes.idle:
+            try:
+                self.flush()
+            except (StoreError, TimeoutError):
+                pass
 
     # ---------------------------------------------------------------- intents
 
@@ -262,16 +291,14 @@ class Store:
         if limit is not None and len(blob) > limit:
             raise ValueError(f"{len(blob):,} bytes pickled is over the {limit:,}-byte cap")
         with self._lock:
-            self._dirty[f"{PAYLOAD}{task_id}/{name}"] = self._signer.sign(blob)
-            self._gen += 1
-            self._wake.notify()
+            self._writes.queue({f"{PAYLOAD}{task_id}/{name}": self._signer.sign(blob)})
         return len(blob)
 
     def get_payload(self, task_id: str, name: str) -> Any:
         key = f"{PAYLOAD}{task_id}/{name}"
         with self._lock:
-            signed = self._dirty.get(key, self._inflight.get(key))
-        if signed is None:
+            signed = self._writes.held(key)
+        if signed is NOT_QUEUED or signed is None:
             try:
                 signed = self._cache.get(key)
             except StoreError as exc:
@@ -284,78 +311,34 @@ class Store:
 
     @property
     def generation(self) -> int:
-        return self._gen
+        return self._writes.generation
+
+    @property
+    def failure(self) -> StoreError | None:
+        """Why the disk refuses writes, while it does (changes stay queued meanwhile)."""
+        return self._writes.failure
 
     def flushed(self, gen: int) -> asyncio.Future[None]:
         """A future (on the running loop) that resolves once ``gen`` is on disk."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._flushed >= gen:
-                future.set_result(None)
-            else:
-                self._waiters.append((gen, loop, future))
-        return future
+        return self._writes.flushed(gen)
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Block until everything accepted so far is on disk (``StoreError`` while it cannot be)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            gen = self._gen
-            self._wake.notify()
-            while self._flushed < gen and self._writer.is_alive():
-                if self.failure is not None:
-                    raise self.failure
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"store {self.path} did not flush within {timeout}s")
-                self._wake.wait(remaining)
-
-    def _write_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._dirty and not self._closed:
-                    self._wake.wait()
-                if not self._dirty and self._closed:
-                    return
-                batch, self._dirty = self._dirty, {}
-                self._inflight = batch  # readable until it is on disk
-                gen = self._gen
-            try:
-                self._commit(batch)
-            except Exception as exc:  # a full disk, a read-only folder: keep the batch, report, retry
-                failure = StoreError(f"cannot write to the capsule_nb store at {self.path}: {exc}")
-                if self.failure is None:
-                    log.error("%s; keeping changes in memory and retrying", failure)
-                with self._lock:
-                    self.failure = failure
-                    self._inflight = {}
-                    for key, value in batch.items():
-                        self._dirty.setdefault(key, value)
-                    failed, self._waiters = self._waiters, []
-                    self._wake.notify_all()
-                _settle_waiters(failed, failure)
-                time.sleep(0.5)  # back off from a failing disk instead of spinning
-                continue
-            with self._lock:
-                if self.failure is not None:
-                    log.warning("capsule_nb: the store at %s is writable again", self.path)
-                self.failure = None
-                self._inflight = {}
-                self._flushed = gen
-                ready = [w for w in self._waiters if w[0] <= gen]
-                self._waiters = [w for w in self._waiters if w[0] > gen]
-                self._wake.notify_all()
-            _settle_waiters(ready, None)
+        self._writes.flush(timeout)
 
     def _commit(self, batch: dict[str, Any]) -> None:
+        runs = [key for key in batch if key.startswith(RUN)]
         with self._cache.transact(retry=True):
+            self._runs.write([batch[key] for key in runs if batch[key] is not None],
+                             [key[len(RUN) :] for key in runs if batch[key] is None])
             for key, value in batch.items():
+                if key.startswith(RUN):
+                    continue
                 if value is None:
                     self._cache.delete(key)
                 else:
                     self._cache.set(key, value)
-            self._feed.announce([key for key in batch if key.startswith(RUN)])
+            self._feed.announce(runs)
 
     # ------------------------------------------------------ other processes
 
@@ -369,21 +352,24 @@ class Store:
             if not changed:
                 self._feed.mark(seq)
                 return []
-            values = {key: self._rows.read(key) for key in changed}
+            run_ids = [key[len(RUN) :] for key in changed if key.startswith(RUN)]
+            records = self._runs.get_many(run_ids)
+            requests = [key[len(CANCEL) :] for key in changed
+                        if key.startswith(CANCEL) and self._rows.read(key) is not None]
+            self._documents.fold(changed)
             fresh = []
             with self._lock:
                 self._feed.mark(seq)
-                for key, value in values.items():
-                    if key.startswith(DOC):
-                        collection, doc_id = split_doc_key(key)
-                        _apply(self._docs.setdefault(collection, {}), doc_id, value)
-                    elif key.startswith(CANCEL):
-                        if value is not None:
-                            self._cancel_requests.setdefault(key[len(CANCEL) :], time.monotonic())
-                    elif key.startswith(RUN) and key not in self._dirty:  # our own newer write wins
-                        self._mirror(key[len(RUN) :], value)
-                        if value is not None:
-                            fresh.append(value)
+                now = time.monotonic()
+                for task_id in requests:
+                    self._cancel_requests.setdefault(task_id, now)
+                for task_id in run_ids:
+                    if self._writes.held(RUN + task_id) is not NOT_QUEUED:  # our own newer write wins
+                        continue
+                    record = records.get(task_id)
+                    self._mirror(task_id, record)
+                    if record is not None:
+                        fresh.append(record)
         for record in fresh:
             self.events.publish(record)
         return fresh
@@ -391,34 +377,14 @@ class Store:
     # ------------------------------------------------------------ documents
 
     def docs(self, collection: str) -> list[dict[str, Any]]:
-        """The documents of ``collection`` in insertion order (a snapshot)."""
+        """The documents of ``collection`` (a snapshot, current with other processes)."""
         self.poll()
-        with self._lock:
-            return list(self._docs.get(collection, {}).values())
+        return self._documents.docs(collection)
 
     def write_docs(self, collection: str, changes: dict[str, Callable[[dict | None], dict | None]]) -> dict[str, dict | None]:
-        """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction.
-
-        Collections are written through, not behind: ``$inc`` from two
-        processes at once must add up, so each change reads the document
-        from disk inside the transaction that writes it.
-        """
-        written: dict[str, dict | None] = {}
-        with self._cache.transact(retry=True):
-            for doc_id, change in changes.items():
-                key = doc_key(collection, doc_id)
-                new = change(self._rows.read(key))
-                if new is None:
-                    self._cache.delete(key)
-                else:
-                    self._cache.set(key, new)
-                written[doc_id] = new
-            self._feed.announce([doc_key(collection, doc_id) for doc_id in written])
-        with self._lock:
-            docs = self._docs.setdefault(collection, {})
-            for doc_id, new in written.items():
-                _apply(docs, doc_id, new)
-        return written
+        """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction,
+        each change reading the document on disk (``$inc`` from two processes adds up)."""
+        return self._documents.write(collection, changes)
 
     # ------------------------------------------------------------------ locks
 
@@ -432,7 +398,7 @@ class Store:
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
             if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
-                holder = self._runs.get(held["task_id"]) or self._rows.read(RUN + held["task_id"])
+                holder = self.get_run(held["task_id"])
                 # No record yet: the holder's write is still in its process's buffer.
                 if holder is None or holder["status"] not in FINISHED:
                     return held["task_id"]
@@ -457,10 +423,8 @@ class Store:
         return new
 
     def items(self, prefix: str) -> list[tuple[str, Any]]:
-        """Plain values whose key starts with ``prefix`` (a scan: for listings, not hot paths)."""
-        found = [(key, self._rows.read(key)) for key in self._cache.iterkeys()
-                 if key != disk.REFUSED and key.startswith(prefix)]
-        return [(key, value) for key, value in found if value is not None]
+        """Plain values whose key starts with ``prefix``, in key order."""
+        return [(key, value) for key, value in self._rows.scan(prefix) if value is not None]
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self._rows.read(key)
@@ -476,23 +440,6 @@ class Store:
     # ------------------------------------------------------------------ close
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._wake.notify_all()
-        self._writer.join(timeout=30)
+        self._writes.close()
         self._cache.close()
 
-
-def _settle_waiters(waiters: list, failure: Exception | None) -> None:
-    for _, loop, future in waiters:
-        try:
-            loop.call_soon_threadsafe(resolve, future, failure)
-        except RuntimeError:  # that loop is closed; nobody is waiting any more
-            pass
-
-
-def _apply(mirror: dict[str, Any], key: str, value: Any) -> None:
-    if value is None:
-        mirror.pop(key, None)
-    else:
-        mirror[key] = value

@@ -89,7 +89,7 @@ class TaskBoard(LiveWidget):
     # ------------------------------------------------------------------ state
 
     def _compute(self, filter: dict[str, Any], limits: dict[str, int], selected: str, page: int) -> dict[str, Any]:
-        state = views.board(self._app.store.runs(), columns=[(c.label, c.statuses) for c in self.columns],
+        state = views.board(self._app.store, columns=[(c.label, c.statuses) for c in self.columns],
                             filter=filter, limits=limits, page=page)
         record = self._app.store.get_run(selected) if selected else None
         state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
@@ -118,12 +118,10 @@ class TaskBoard(LiveWidget):
 
     # ------------------------------------------------------------------- text
 
-    def records(self) -> list[tuple[str, list[dict[str, Any]]]]:
-        """``[(column label, its runs newest first)]`` under the board's filter."""
-        self._app.store.poll()
-        runs = [r for r in self._app.store.runs() if views.matches(r, self.filter)]
-        runs.sort(key=lambda r: r["task_id"], reverse=True)
-        return [(c.label, [r for r in runs if r["status"] in c.statuses]) for c in self.columns]
+    def _lanes(self, per_column: int = 5) -> list[dict[str, Any]]:
+        """The board's columns under its filter, with the newest ``per_column`` cards each."""
+        return views.board(self._app.store, columns=[(c.label, c.statuses) for c in self.columns],
+                           filter=self.filter, limits={}, page=per_column)["lanes"]
 
     def __repr__(self) -> str:
-        return board_text(self.title, self.records())
+        return board_text(self.title, self._lanes())

@@ -68,7 +68,7 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
     """A board's traits (lanes, total, choices, detail) as its kernel would compute them."""
     store = _store(home)
     columns = [(label, list(statuses)) for label, statuses in view["columns"]]
-    state = views.board(store.runs(), columns=columns, filter=view.get("filter") or {},
+    state = views.board(store, columns=columns, filter=view.get("filter") or {},
                         limits=view.get("limits") or {}, page=int(view.get("page") or 50))
     selected = view.get("selected") or ""
     record = store.get_run(selected) if selected else None

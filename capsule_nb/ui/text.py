@@ -91,15 +91,16 @@ def runs_text(records: Iterable[dict[str, Any]]) -> str:
     return "\n".join(run_text(r, messages=None, output_lines=5) for r in ordered)
 
 
-def board_text(title: str, columns: Iterable[tuple[str, list[dict[str, Any]]]], per_column: int = 5) -> str:
+def board_text(title: str, lanes: Iterable[dict[str, Any]]) -> str:
+    """A board as text: each lane (``views.board``) with its count and newest cards."""
     lines = [title]
-    for label, records in columns:
-        lines.append(f"{label} ({len(records)})")
-        for r in records[:per_column]:
-            lines.append(f"  {_shown(r.get('task_name')):<24} {_shown(r.get('status')):<10} "
-                         f"{_shown(r.get('task_id'))}  {elapsed(r)}")
-        if len(records) > per_column:
-            lines.append(f"  … {len(records) - per_column} more")
+    for lane in lanes:
+        lines.append(f"{lane['label']} ({lane['count']})")
+        for card in lane["cards"]:
+            lines.append(f"  {_shown(card.get('title')):<24} {_shown(card.get('status')):<10} "
+                         f"{_shown(card.get('task_id'))}  {elapsed(card)}")
+        if lane["count"] > len(lane["cards"]):
+            lines.append(f"  … {lane['count'] - len(lane['cards'])} more")
     return "\n".join(lines)
 
 

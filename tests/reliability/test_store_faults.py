@@ -8,7 +8,7 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 
-from ..conftest import until
+from ..conftest import record_on_disk, until
 
 
 @pytest.mark.parametrize("fault", [
@@ -38,7 +38,7 @@ async def test_a_disk_that_refuses_writes_then_recovers(app, monkeypatch, fault)
     monkeypatch.setattr(app.store._cache, "set", real_set)  # the disk is repaired
     await until(lambda: app.store.failure is None, timeout=5)
     app.store.flush()
-    assert app.store._cache.get("run/" + during.task_id)["task_name"] == "work"
+    assert record_on_disk(app.home, during.task_id)["task_name"] == "work"
     assert await during.result(timeout=5) == 2
     assert await work.submit(4).result(timeout=5) == 4
 

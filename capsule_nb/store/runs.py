@@ -1,0 +1,242 @@
+"""Run records in their own indexed SQLite table, so history costs nothing until asked for.
+
+The table lives in diskcache's database file and is written on diskcache's
+own connection, so one transaction can change a run, its payloads, its
+cancel request and the change feed together, as before. Each row keeps
+the record as JSON text (the JSON-only rule holds) beside the few fields
+that queries filter on, copied out as columns with indexes behind them:
+a page of the newest failed runs of a task is an index walk, not a scan.
+
+``capsule_run_counts`` is kept by triggers inside the same transactions,
+so counts by app, task, session and status, a board's lanes and its
+filter menus are a read of a few small rows however long the history is.
+
+Stores made before this table (records as diskcache rows ``run/<id>``)
+are moved into it once, at open (``migrate``), a batch per transaction,
+so two processes opening an old store at once move each record once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import diskcache
+
+from ..record import FINISHED, RunRecord
+from .disk import dumps
+from .feed import RUN
+
+COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what ``where`` may name
+_FINISHED = tuple(sorted(FINISHED))
+_BATCH = 500  # rows per statement when asking for many ids (SQLite's variable limit is far above)
+
+_ADD_NEW = ("INSERT INTO capsule_run_counts VALUES (new.app, new.task_name, coalesce(new.session_id, ''), "
+            "new.status, 1) ON CONFLICT (app, task_name, session_id, status) DO UPDATE SET n = n + 1;")
+_REMOVE_OLD = ("UPDATE capsule_run_counts SET n = n - 1 WHERE app = old.app AND task_name = old.task_name "
+               "AND session_id = coalesce(old.session_id, '') AND status = old.status;")
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS capsule_runs (
+        task_id TEXT NOT NULL UNIQUE,
+        app TEXT NOT NULL,
+        task_name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        session_id TEXT,
+        scheduled_for REAL,
+        finished_at REAL,
+        record TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS capsule_runs_by_status ON capsule_runs (status, task_id)",
+    "CREATE INDEX IF NOT EXISTS capsule_runs_by_task ON capsule_runs (app, task_name, task_id)",
+    "CREATE INDEX IF NOT EXISTS capsule_runs_by_task_status ON capsule_runs (app, task_name, status, task_id)",
+    "CREATE INDEX IF NOT EXISTS capsule_runs_by_session ON capsule_runs (session_id, task_id) "
+    "WHERE session_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS capsule_runs_by_age ON capsule_runs (app, finished_at) WHERE finished_at IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS capsule_run_counts (
+        app TEXT NOT NULL,
+        task_name TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (app, task_name, session_id, status)) WITHOUT ROWID""",
+    f"CREATE TRIGGER IF NOT EXISTS capsule_runs_counted AFTER INSERT ON capsule_runs BEGIN {_ADD_NEW} END",
+    f"CREATE TRIGGER IF NOT EXISTS capsule_runs_uncounted AFTER DELETE ON capsule_runs BEGIN {_REMOVE_OLD} END",
+    "CREATE TRIGGER IF NOT EXISTS capsule_runs_recounted AFTER UPDATE OF app, task_name, session_id, status "
+    "ON capsule_runs WHEN old.status IS NOT new.status OR old.app IS NOT new.app "
+    "OR old.task_name IS NOT new.task_name OR old.session_id IS NOT new.session_id "
+    f"BEGIN {_REMOVE_OLD} {_ADD_NEW} END",
+)
+
+_UPSERT = (
+    "INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, record) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET app = excluded.app, "
+    "task_name = excluded.task_name, status = excluded.status, session_id = excluded.session_id, "
+    "scheduled_for = excluded.scheduled_for, finished_at = excluded.finished_at, record = excluded.record"
+)
+
+
+def _row(record: RunRecord) -> tuple[Any, ...]:
+    finished = record["status"] in FINISHED
+    return (record["task_id"], record["app"], record["task_name"], record["status"], record.get("session_id"),
+            record.get("scheduled_for"),
+            (record.get("completed_at") or record.get("created_at")) if finished else None, dumps(record))
+
+
+def _where(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """SQL for ``{column: value or list of values}``; an empty list matches nothing."""
+    clauses, args = [], []
+    for column, wanted in where.items():
+        if column not in COLUMNS:
+            raise ValueError(f"runs cannot be filtered by {column!r}; by one of {COLUMNS}")
+        if isinstance(wanted, (list, tuple, set, frozenset)):
+            wanted = list(wanted)
+            clauses.append(f"{column} IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+            args.extend(wanted)
+        elif wanted is None:
+            clauses.append(f"{column} IS NULL")
+        else:
+            clauses.append(f"{column} = ?")
+            args.append(wanted)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+class RunTable:
+    """The run records of one store. ``read(key, value, wrong)`` (``rows.Rows.check``) gives
+    a record, or None for a row that is not one (skipped and reported, never a crash)."""
+
+    def __init__(self, cache: diskcache.Cache, read: Callable[[str, Any, str | None], Any]):
+        self._cache = cache
+        self._read = read
+        with cache.transact(retry=True):  # (``executescript`` would commit on its own)
+            for statement in _SCHEMA:
+                self._sql()(statement)
+
+    def _sql(self) -> Callable[..., sqlite3.Cursor]:
+        """This thread's diskcache connection: inside ``cache.transact()`` our statements
+        join its transaction (diskcache keeps one connection per thread)."""
+        return self._cache._sql
+
+    def _records(self, rows: Iterable[tuple[str, str]]) -> Iterator[RunRecord]:
+        for task_id, text in rows:
+            try:
+                value, wrong = json.loads(text), None
+            except (TypeError, ValueError, RecursionError) as exc:
+                value, wrong = None, f"its record is not readable JSON ({type(exc).__name__}: {exc})"
+            record = self._read(RUN + task_id, value, wrong)
+            if record is not None:
+                yield record
+
+    # ---------------------------------------------------------------- writes
+
+    def write(self, upserts: Sequence[RunRecord], deletes: Sequence[str]) -> None:
+        """Call inside ``cache.transact()``."""
+        sql = self._cache._con
+        if upserts:
+            sql.executemany(_UPSERT, [_row(r) for r in upserts])
+        if deletes:
+            sql.executemany("DELETE FROM capsule_runs WHERE task_id = ?", [(i,) for i in deletes])
+
+    # ----------------------------------------------------------------- reads
+
+    def get(self, task_id: str) -> RunRecord | None:
+        rows = self._sql()("SELECT task_id, record FROM capsule_runs WHERE task_id = ?", (task_id,)).fetchall()
+        return next(self._records(rows), None)
+
+    def get_many(self, task_ids: Sequence[str]) -> dict[str, RunRecord]:
+        found: dict[str, RunRecord] = {}
+        for start in range(0, len(task_ids), _BATCH):
+            chunk = list(task_ids[start : start + _BATCH])
+            rows = self._sql()(f"SELECT task_id, record FROM capsule_runs WHERE task_id IN "
+                               f"({', '.join('?' * len(chunk))})", chunk).fetchall()
+            found.update((r["task_id"], r) for r in self._records(rows))
+        return found
+
+    def select(self, where: Mapping[str, Any], *, keep: Callable[[RunRecord], bool] | None = None,
+               limit: int | None = None, offset: int = 0) -> list[RunRecord]:
+        """Matching records, newest first; ``keep`` filters further in Python (on arguments).
+        With no ``keep`` the page is cut in SQL; with one, rows stream until the page is full."""
+        clause, args = _where(where)
+        query = f"SELECT task_id, record FROM capsule_runs{clause} ORDER BY task_id DESC"
+        if keep is None and limit is not None:
+            return list(self._records(self._sql()(query + " LIMIT ? OFFSET ?", (*args, limit, offset))))
+        chosen: list[RunRecord] = []
+        skip = offset
+        for record in self._records(self._sql()(query, args)):
+            if keep is not None and not keep(record):
+                continue
+            if skip:
+                skip -= 1
+                continue
+            chosen.append(record)
+            if limit is not None and len(chosen) >= limit:
+                break
+        return chosen
+
+    def unfinished(self) -> list[RunRecord]:
+        marks = ", ".join("?" * len(_FINISHED))
+        statuses = [s for (s,) in self._sql()(
+            f"SELECT DISTINCT status FROM capsule_run_counts WHERE n > 0 AND status NOT IN ({marks})",
+            _FINISHED).fetchall()]
+        return self.select({"status": statuses}) if statuses else []
+
+    def counts(self, where: Mapping[str, Any], by: Sequence[str] = ("status",)) -> dict[tuple[str, ...], int]:
+        """``{(values of by): runs}`` from the counts the triggers keep (no scan of the runs)."""
+        if "scheduled_for" in where or "scheduled_for" in by:
+            raise ValueError("runs are counted by app, task_name, session_id and status")
+        where = {k: ("" if v is None else v) for k, v in where.items()}
+        clause, args = _where(where)
+        group = ", ".join(by)
+        rows = self._sql()(f"SELECT {group}, sum(n) FROM capsule_run_counts{clause} GROUP BY {group} "
+                           f"HAVING sum(n) > 0", args).fetchall()
+        return {tuple(row[:-1]): row[-1] for row in rows}
+
+    def values(self, column: str) -> list[str]:
+        """The values ``column`` (app, task_name or session_id) takes in runs that exist."""
+        if column not in ("app", "task_name", "session_id"):
+            raise ValueError(f"no list of values for {column!r}")
+        rows = self._sql()(f"SELECT DISTINCT {column} FROM capsule_run_counts WHERE n > 0 AND {column} != '' "
+                           f"ORDER BY {column}").fetchall()
+        return [value for (value,) in rows]
+
+    def oldest_finished(self, app: str | None, *, keep: int | None = None, before: float | None = None) -> list[str]:
+        """Ids of finished runs (of ``app``, or all) beyond the ``keep`` newest, or finished
+        before ``before``: what retention and ``capsule-nb prune`` delete."""
+        where = {"app": app} if app is not None else {}
+        doomed: list[str] = []
+        if keep is not None:
+            total = sum(self.counts({**where, "status": list(_FINISHED)}, by=("app",)).values())
+            if total > keep:
+                clause, args = _where(where)
+                clause = clause + (" AND" if clause else " WHERE") + " finished_at IS NOT NULL"
+                doomed += [i for (i,) in self._sql()(
+                    f"SELECT task_id FROM capsule_runs{clause} ORDER BY finished_at, task_id LIMIT ?",
+                    (*args, total - keep)).fetchall()]
+        if before is not None:
+            clause, args = _where(where)
+            clause = clause + (" AND" if clause else " WHERE") + " finished_at < ?"
+            doomed += [i for (i,) in self._sql()(f"SELECT task_id FROM capsule_runs{clause}",
+                                                  (*args, before)).fetchall()]
+        return list(dict.fromkeys(doomed))
+
+    # ------------------------------------------------------------- migration
+
+    def migrate(self, rows: Callable[[str, str | None, int], list[tuple[str, Any]]],
+                delete: Callable[[str], None]) -> int:
+        """Move records kept as diskcache rows (stores made before this table) into it;
+        returns how many moved. ``rows(prefix, after, n)`` reads the next ``n`` rows
+        after key ``after``; a bad row is skipped (and stays, for ``capsule-nb doctor``)."""
+        moved, after = 0, None
+        while True:
+            with self._cache.transact(retry=True):
+                batch = rows(RUN, after, 2000)
+                if not batch:
+                    return moved
+                after = batch[-1][0]
+                good = [value for _, value in batch if value is not None]
+                self._cache._con.executemany(_UPSERT.split(" ON CONFLICT")[0] + " ON CONFLICT (task_id) DO NOTHING",
+                                             [_row(r) for r in good])
+                for key, value in batch:
+                    if value is not None:
+                        delete(key)
+                moved += len(good)
+

@@ -1,0 +1,149 @@
+"""The write-behind queue: changes accepted in memory, made durable by one thread.
+
+``queue`` takes changes at once (readers in this process see them through
+``held`` until they are on disk) and wakes the writer thread, which commits
+everything queued so far in one transaction. A burst of thousands of
+status changes is therefore a handful of transactions, and a run that goes
+pending -> running -> completed inside one window is written once.
+``flushed(gen)`` lets ``await submit()`` wait until its record is durable.
+A disk that refuses writes keeps the changes queued, sets ``failure`` and
+is retried; nothing accepted is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..awaitables import resolve
+from ..errors import StoreError
+
+log = logging.getLogger("capsule_nb")
+
+NOT_QUEUED = object()  # what ``held`` gives for a key with no change waiting
+
+
+class WriteBehind:
+    """Shares the store's lock: the store changes its memory and queues the change
+    under one lock, so a reader never sees one without the other."""
+
+    def __init__(self, lock: threading.Lock, commit: Callable[[dict[str, Any]], None], where: Path):
+        self._wake = threading.Condition(lock)
+        self._lock = lock
+        self._commit = commit
+        self._where = where
+        self._dirty: dict[str, Any] = {}
+        self._inflight: dict[str, Any] = {}  # the batch being committed: readable until it is on disk
+        self.generation = 0
+        self._flushed = 0
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._closed = False
+        self.failure: StoreError | None = None  # set while the disk refuses writes
+        self._thread = threading.Thread(target=self._loop, name="capsule-store-writer", daemon=True)
+        self._thread.start()
+
+    # The caller holds the store's lock for these three.
+
+    def queue(self, changes: dict[str, Any]) -> int:
+        """Accept ``{key: value, or None to delete}``; returns the generation to pass to ``flushed``."""
+        self._dirty.update(changes)
+        self.generation += 1
+        self._wake.notify()
+        return self.generation
+
+    def held(self, key: str) -> Any:
+        """The newest value queued for ``key`` and not yet on disk, else ``NOT_QUEUED``."""
+        for pending in (self._dirty, self._inflight):
+            if key in pending:
+                return pending[key]
+        return NOT_QUEUED
+
+    def queued(self) -> Iterator[tuple[str, Any]]:
+        """Every change not on disk yet, oldest first."""
+        yield from self._inflight.items()
+        yield from self._dirty.items()
+
+    @property
+    def idle(self) -> bool:
+        return not self._dirty and not self._inflight
+
+    def flushed(self, gen: int) -> asyncio.Future[None]:
+        """A future (on the running loop) that resolves once ``gen`` is on disk."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._flushed >= gen:
+                future.set_result(None)
+            else:
+                self._waiters.append((gen, loop, future))
+        return future
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Block until everything accepted so far is on disk (``StoreError`` while it cannot be)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            gen = self.generation
+            self._wake.notify()
+            while self._flushed < gen and self._thread.is_alive():
+                if self.failure is not None:
+                    raise self.failure
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"store {self._where} did not flush within {timeout}s")
+                self._wake.wait(remaining)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closed:
+                    self._wake.wait()
+                if not self._dirty and self._closed:
+                    return
+                batch, self._dirty = self._dirty, {}
+                self._inflight = batch
+                gen = self.generation
+            try:
+                self._commit(batch)
+            except Exception as exc:  # a full disk, a read-only folder: keep the batch, report, retry
+                failure = StoreError(f"cannot write to the capsule_nb store at {self._where}: {exc}")
+                if self.failure is None:
+                    log.error("%s; keeping changes in memory and retrying", failure)
+                with self._lock:
+                    self.failure = failure
+                    self._inflight = {}
+                    for key, value in batch.items():
+                        self._dirty.setdefault(key, value)
+                    failed, self._waiters = self._waiters, []
+                    self._wake.notify_all()
+                _settle(failed, failure)
+                time.sleep(0.5)  # back off from a failing disk instead of spinning
+                continue
+            with self._lock:
+                if self.failure is not None:
+                    log.warning("capsule_nb: the store at %s is writable again", self._where)
+                self.failure = None
+                self._inflight = {}
+                self._flushed = gen
+                ready = [w for w in self._waiters if w[0] <= gen]
+                self._waiters = [w for w in self._waiters if w[0] > gen]
+                self._wake.notify_all()
+            _settle(ready, None)
+
+
+def _settle(waiters: list, failure: Exception | None) -> None:
+    for _, loop, future in waiters:
+        try:
+            loop.call_soon_threadsafe(resolve, future, failure)
+        except RuntimeError:  # that loop is closed; nobody is waiting any more
+            pass
