@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Generator
 
 from . import portable
@@ -28,14 +29,17 @@ class TaskHandle:
         self._app = app
         self.task_id = task_id
         self._generation = generation
+        self._final: dict[str, Any] | None = None  # the finished record, once seen: retention may prune it
 
     # ----------------------------------------------------------- the record
 
     def snapshot(self) -> dict[str, Any]:
         """The run's current record (a copy), without awaiting."""
-        record = self._app.store.get_run(self.task_id)
+        record = self._app.store.get_run(self.task_id) or self._final
         if record is None:
             raise KeyError(f"run {self.task_id} is not in the store at {self._app.store.path}")
+        if record["status"] in FINISHED:
+            self._final = record  # records are immutable snapshots: keeping one costs no copy
         return dict(record)
 
     def _get(self, field: str) -> Any:
@@ -119,6 +123,7 @@ class TaskHandle:
 
         def on_change(changed: dict[str, Any]) -> None:  # from whatever thread wrote
             if changed["status"] in FINISHED:
+                self._final = changed
                 if threading.get_ident() == loop_thread:
                     resolve(finished)
                 else:
@@ -167,6 +172,25 @@ class TaskHandle:
 
     def __hash__(self) -> int:
         return hash(self.task_id)
+
+
+class Submitted:
+    """The handles submits returned, held weakly: each learns its run's final record as it is
+    published, so waiting on a run that retention pruned first still tells how it ended."""
+
+    def __init__(self, events: Any):
+        self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
+        self.close = events.subscribe(self._published)
+
+    def add(self, handle: TaskHandle) -> TaskHandle:
+        self._handles[handle.task_id] = handle
+        return handle
+
+    def _published(self, record: dict[str, Any]) -> None:
+        if record["status"] in FINISHED:
+            handle = self._handles.get(record["task_id"])
+            if handle is not None:
+                handle._final = record
 
 
 def _datetime(value: float | None) -> dt.datetime | None:

@@ -1,5 +1,6 @@
 """The shared store with real processes: lock races, kill -9 recovery, tampering, retention."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -288,6 +289,21 @@ def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
     assert all(app.store._cache.get(f"payload/{task_id}/result") is None for task_id in oldest)
     assert all(app.store._cache.get(f"payload/{task_id}/result") is not None for task_id in kept)
     assert app.store.prune(app.name, keep=app.keep_finished) == 0
+
+
+async def test_waiters_get_the_final_status_of_runs_retention_prunes_first(app):
+    """Fan out far past keep_finished, then wait on every run: a run pruned before its
+    waiter looked still reports how it ended (and its JSON result), never a KeyError."""
+    app.runtime.settings.keep_finished = 5
+
+    @app.task
+    async def square(n):
+        return n * n
+
+    handles = [square.submit(n) for n in range(300)]
+    await until(lambda: app.tasks.count() <= 6, timeout=20)  # the maintenance pass pruned the burst
+    assert await asyncio.gather(*(h.wait() for h in handles)) == ["completed"] * 300
+    assert [await h.result() for h in handles] == [n * n for n in range(300)]
 
 
 def test_apps_with_different_homes_are_independent(tmp_path):

@@ -52,7 +52,11 @@ class Results:
                 return self._recent[task_id]
         kind = record.get("result_kind")
         if kind == "payload":
-            return self._store.get_payload(task_id, "result")
+            try:
+                return self._store.get_payload(task_id, "result")
+            except KeyError:
+                raise ValueError(f"run {task_id}'s result is no longer in the store: retention pruned the "
+                                 f"run (keep_finished); its repr: {record.get('result_repr')}") from None
         if kind == "repr":
             raise ValueError(
                 f"run {task_id}'s result was not kept ({record.get('result_note')}); "
