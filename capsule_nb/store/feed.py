@@ -23,7 +23,8 @@ LOCK = "lock/"
 DOC = "doc/"
 CANCEL = "cancel/"
 ENTRY = "chg/"
-KEEP = 20_000  # entries kept; a reader further behind reloads everything
+KEEP = 2_000  # entries kept; a reader further behind reloads what is live (cheap: a few indexed reads)
+PRUNE_EVERY = 100  # entries dropped at a time, so the feed's rows stay within KEEP + PRUNE_EVERY
 
 
 def doc_key(collection: str, doc_id: str) -> str:
@@ -51,8 +52,8 @@ class Feed:
         cache = self._cache
         seq = cache.incr("seq")
         cache.set(f"{ENTRY}{seq:012d}", keys)
-        if seq > KEEP and seq % 1000 == 0:
-            for old in range(seq - KEEP - 1000, seq - KEEP):
+        if seq > KEEP and seq % PRUNE_EVERY == 0:
+            for old in range(seq - KEEP - PRUNE_EVERY, seq - KEEP):
                 cache.delete(f"{ENTRY}{old:012d}")
         with self._lock:
             self._own.add(seq)

@@ -83,9 +83,12 @@ class Store:
         return f"<Store {self.path}>"
 
     def _reload(self) -> None:
-        """Read what is live from disk (at open, or after falling behind the feed)."""
+        """Read what is live from disk (at open, or after falling behind the feed). Runs that
+        ended meanwhile are published, so their waiters and widgets learn of it."""
         seq = self._feed.head()
         unfinished = {r["task_id"]: r for r in self._runs.unfinished()}
+        with self._lock:
+            gone = [task_id for task_id in self._unfinished if task_id not in unfinished]
         requests = [key[len(CANCEL) :] for key, value in self._rows.scan(CANCEL) if value is not None]
         with self._lock:
             for key, record in self._writes.queued():  # our own unwritten changes are newer
@@ -99,6 +102,8 @@ class Store:
                 self._cancel_requests.setdefault(task_id, now)
             self._feed.mark(seq)
         self._documents.forget()
+        for record in self._runs.get_many(gone).values():
+            self.events.publish(record)
 
     # ---------------------------------------------------------------- records
 

@@ -1,0 +1,158 @@
+"""History costs nothing (issue 14): what the run table answers is what a scan would.
+
+Speed and memory are measured in benchmarks/bench_history.py; these tests
+check that the indexed answers (find, count, boards, the CLI, what other
+processes learn) are the same as going through every record, and that the
+change feed stays bounded.
+"""
+
+import asyncio
+import json
+import random
+import sqlite3
+
+import capsule_nb as cpsl
+from capsule_nb.cli import main
+from capsule_nb.store import feed
+from capsule_nb.store.store import Store
+from capsule_nb.ui.board import TaskBoard
+
+from .conftest import until
+
+
+def _newest(records, n=None):
+    ordered = sorted(records, key=lambda r: r["task_id"], reverse=True)
+    return ordered if n is None else ordered[:n]
+
+
+async def test_find_count_board_and_cli_agree_with_every_record(tmp_path, capsys):
+    """Two apps, three tasks, sessions, retries that fail: every way of asking gives what
+    filtering all the records by hand gives, and counts follow status changes and deletes."""
+    alpha, beta = cpsl.App("alpha", home=tmp_path), cpsl.App("beta", home=tmp_path)
+    seen = {}
+    alpha.store.events.subscribe(lambda r: seen.__setitem__(r["task_id"], r))
+
+    @alpha.task
+    async def ingest(n, fail=False):
+        if fail:
+            raise ValueError(n)
+        return n
+
+    @alpha.task
+    async def report(n):
+        return n
+
+    @beta.task
+    async def sync(n, fail=False):
+        if fail:
+            raise ValueError(n)
+
+    session = cpsl.Session(alpha, id="chat:1")
+    rng = random.Random(14)
+    handles = []
+    for n in range(300):
+        kind = rng.choice(["ingest", "report", "sync"])
+        if kind == "ingest":
+            handles.append(ingest.submit(n, fail=rng.random() < 0.3, session=session if n % 3 == 0 else None))
+        elif kind == "report":
+            handles.append(report.submit(n))
+        else:
+            handles.append(sync.submit(n, fail=rng.random() < 0.3))
+    await asyncio.gather(*(h.wait() for h in handles))
+    alpha.store.delete_runs([h.task_id for h in handles[:20]])  # deletes leave the counts right too
+    everything = [r for task_id, r in seen.items() if task_id not in {h.task_id for h in handles[:20]}]
+
+    def expect(**where):
+        return [r for r in everything if all(r.get(k) == v for k, v in where.items())]
+
+    for status in ("completed", "failed"):
+        mine = expect(app="alpha", task_name="ingest", status=status)
+        assert await ingest.count(status=status) == len(mine)
+        found = await ingest.find(status=status, limit=7, offset=2)
+        assert [h.task_id for h in found] == [r["task_id"] for r in _newest(mine)[2:9]]
+        assert await beta.tasks.count(status=status) == len(expect(app="beta", status=status))
+    in_session = expect(app="alpha", task_name="ingest", session_id="chat:1")
+    assert await ingest.count(session_id=session) == len(in_session)
+    assert [h.task_id for h in await ingest.find(session_id="chat:1", limit=0)] == \
+        [r["task_id"] for r in _newest(in_session)]
+    assert await ingest.count(fail=True) == len([r for r in expect(task_name="ingest")
+                                                if r["params"].get("fail") is True])
+
+    board = TaskBoard(app=alpha, filter={"app": "beta"}, page_size=5)
+    lanes = {lane["label"]: lane for lane in board.lanes}
+    assert board.total == len(expect(app="beta"))
+    assert lanes["Failed"]["count"] == len(expect(app="beta", status="failed"))
+    assert [c["task_id"] for c in lanes["Completed"]["cards"]] == \
+        [r["task_id"] for r in _newest(expect(app="beta", status="completed"), 5)]
+    assert board.choices["app"] == ["alpha", "beta"]
+    assert board.choices["task_name"] == ["ingest", "report", "sync"]
+    assert board.choices["session_id"] == ["chat:1"]
+    board.close()
+
+    assert main(["--home", str(tmp_path), "--json", "tasks", "--status", "failed", "--limit", "10"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["task_id"] for r in listed] == [r["task_id"] for r in _newest(expect(status="failed"), 10)]
+    alpha.close()
+    beta.close()
+
+
+def test_counts_kept_by_triggers_match_the_rows(tmp_path):
+    """Whatever wrote the rows, the counts beside the table are the rows' own counts."""
+    app = cpsl.App(home=tmp_path, executor="immediate")
+
+    @app.task
+    def job(n):
+        if n % 4 == 0:
+            raise ValueError(n)
+
+    for n in range(40):
+        job.submit(n)
+    app.store.flush()
+    with sqlite3.connect(tmp_path / "db" / "cache.db") as db:
+        real = dict(db.execute("SELECT status, count(*) FROM capsule_runs GROUP BY status").fetchall())
+        kept = dict(db.execute("SELECT status, sum(n) FROM capsule_run_counts GROUP BY status HAVING sum(n) > 0").fetchall())
+    db.close()
+    assert real == kept == {"completed": 30, "failed": 10}
+    app.close()
+
+
+def test_the_change_feed_keeps_a_bounded_window(tmp_path):
+    store = Store(tmp_path)
+    try:
+        for n in range(feed.KEEP + 3 * feed.PRUNE_EVERY):
+            store.set(f"sched/x/{n % 3}", {"n": n})  # any plain write...
+            store.request_cancel(f"run{n}")  # ...and one that is announced on the feed
+        with sqlite3.connect(tmp_path / "db" / "cache.db") as db:
+            (entries,) = db.execute("SELECT count(*) FROM Cache WHERE key LIKE 'chg/%'").fetchone()
+        db.close()
+        assert feed.KEEP <= entries <= feed.KEEP + feed.PRUNE_EVERY
+    finally:
+        store.close()
+
+
+async def test_a_process_that_fell_behind_the_feed_still_hears_that_a_run_ended(tmp_path):
+    """A reader further behind than the feed keeps reloads what is live, and publishes the
+    runs that ended meanwhile: a waiter on another process's run is not left waiting."""
+    app = cpsl.App(home=tmp_path)
+    gate = asyncio.Event()
+
+    @app.task
+    async def held():
+        await gate.wait()
+
+    handle = await held.submit()
+    await until(lambda: handle.snapshot()["status"] == "running")
+    behind = Store(tmp_path)  # a second process's view of the store
+    try:
+        assert [r["task_id"] for r in behind.unfinished_runs()] == [handle.task_id]
+        ended = []
+        behind.events.subscribe(lambda r: ended.append(r["status"]), task_id=handle.task_id)
+        gate.set()
+        assert await handle.result() is None
+        for n in range(feed.KEEP + 2 * feed.PRUNE_EVERY):  # the feed moves on past what `behind` saw
+            app.store.request_cancel(f"nobody{n}")
+        behind.poll()
+        assert ended == ["completed"] and behind.unfinished_runs() == []
+    finally:
+        behind.close()
+        app.close()
