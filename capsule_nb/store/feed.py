@@ -12,6 +12,7 @@ Entries this process wrote itself are skipped: its mirror already has them.
 from __future__ import annotations
 
 import threading
+import time
 
 import diskcache
 
@@ -23,8 +24,11 @@ LOCK = "lock/"
 DOC = "doc/"
 CANCEL = "cancel/"
 ENTRY = "chg/"
-KEEP = 2_000  # entries kept; a reader further behind reloads what is live (cheap: a few indexed reads)
-PRUNE_EVERY = 100  # entries dropped at a time, so the feed's rows stay within KEEP + PRUNE_EVERY
+# The window of entries kept. A reader further behind (a suspended laptop, a stalled
+# process) reloads what is live instead, which is cheap: a few indexed reads.
+KEEP = 500  # entries at most (one per commit, each up to thousands of keys)
+KEEP_SECONDS = 10.0  # and none older than this
+PRUNE_EVERY = 50  # commits between two trims of the window (or KEEP_SECONDS, if sooner)
 
 
 def doc_key(collection: str, doc_id: str) -> str:
@@ -43,6 +47,7 @@ class Feed:
         self._cache = cache
         self._lock = threading.Lock()
         self._own: set[int] = set()
+        self._pruned = time.monotonic()  # when this process last trimmed the window
         self.seen = 0
 
     def announce(self, keys: list[str]) -> None:
@@ -52,11 +57,22 @@ class Feed:
         cache = self._cache
         seq = cache.incr("seq")
         cache.set(f"{ENTRY}{seq:012d}", keys)
-        if seq > KEEP and seq % PRUNE_EVERY == 0:
-            for old in range(seq - KEEP - PRUNE_EVERY, seq - KEEP):
-                cache.delete(f"{ENTRY}{old:012d}")
+        now = time.monotonic()
+        if seq % PRUNE_EVERY == 0 or now - self._pruned > KEEP_SECONDS:
+            self._pruned = now
+            for old in self._outside_window(seq):
+                cache.delete(old)  # (diskcache's delete: a big entry's value file goes too)
         with self._lock:
             self._own.add(seq)
+
+    def _outside_window(self, seq: int) -> list[str]:
+        """Entries older than ``KEEP_SECONDS`` or more than ``KEEP`` behind ``seq`` (diskcache
+        stamps each row's ``store_time``); the entries are few, so this reads little."""
+        rows = self._cache._sql(
+            "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? AND (key < ? OR store_time < ?)",
+            (ENTRY, ENTRY[:-1] + chr(ord(ENTRY[-1]) + 1), f"{ENTRY}{max(0, seq - KEEP):012d}",
+             time.time() - KEEP_SECONDS)).fetchall()
+        return [key for (key,) in rows]
 
     def head(self) -> int:
         try:
