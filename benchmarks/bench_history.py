@@ -431,6 +431,7 @@ def _copy(store: Path, scratch: Path) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     subprocess.run(["cp", "-a", str(store), str(scratch / "store")], check=True)
+    os.sync()  # a store at rest: the copy's pages on disk, not pending for the case's first fsync
     return scratch / "store"
 
 

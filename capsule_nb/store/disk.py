@@ -128,6 +128,7 @@ def open_cache(path: Path) -> diskcache.Cache:
             eviction_policy="none",
             cull_limit=0,  # nothing here expires or is evicted: skip diskcache's cull query on every set
             size_limit=2**62,
+            sqlite_journal_size_limit=4 * 2**20,  # after a checkpoint, a write-ahead log bigger than this shrinks
             statistics=0,
             tag_index=0,
             timeout=60,

@@ -67,12 +67,13 @@ _SCHEMA = (
     f"BEGIN {_REMOVE_OLD} {_ADD_NEW} END",
 )
 
-_UPSERT = (
-    "INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, record) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET app = excluded.app, "
-    "task_name = excluded.task_name, status = excluded.status, session_id = excluded.session_id, "
-    "scheduled_for = excluded.scheduled_for, finished_at = excluded.finished_at, record = excluded.record"
-)
+_INSERT = ("INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, "
+           "record) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) ")
+_UPSERT = _INSERT + (
+    "DO UPDATE SET app = excluded.app, task_name = excluded.task_name, status = excluded.status, "
+    "session_id = excluded.session_id, scheduled_for = excluded.scheduled_for, "
+    "finished_at = excluded.finished_at, record = excluded.record")
+_MOVE = _INSERT + "DO NOTHING"  # a record another process moved first stays as it is
 
 
 def _row(record: RunRecord) -> tuple[Any, ...]:
@@ -233,8 +234,7 @@ class RunTable:
                     return moved
                 after = batch[-1][0]
                 good = [value for _, value in batch if value is not None]
-                self._cache._con.executemany(_UPSERT.split(" ON CONFLICT")[0] + " ON CONFLICT (task_id) DO NOTHING",
-                                             [_row(r) for r in good])
+                self._cache._con.executemany(_MOVE, [_row(r) for r in good])
                 for key, value in batch:
                     if value is not None:
                         delete(key)
