@@ -42,11 +42,12 @@ def _capsule_app(home: str):
 
 
 def _count_completed_on_disk(home: str, task_name: str) -> int:
-    """Completed run records in the store's SQLite file, read through a separate connection."""
+    """Completed run records in the store's SQLite file, read through a separate connection
+    (each record's own JSON, not the columns copied out beside it)."""
     db = os.path.join(home, "db", "cache.db")
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT value FROM Cache WHERE key LIKE 'run/%'").fetchall()
+        rows = con.execute("SELECT record FROM capsule_runs").fetchall()
     finally:
         con.close()
     done = 0
