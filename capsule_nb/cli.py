@@ -168,11 +168,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     home = _home(args.home).expanduser().resolve()
     bad = doctor.examine(home)
-    listing = [{"key": row.name, "row": row.row, "problem": row.problem} for row in bad]
+    listing = [{"key": row.name, "table": row.table, "row": row.row, "problem": row.problem} for row in bad]
     if args.fix and bad:
-        target, moved = doctor.move_aside(home, bad)
-        _emit(args, {"moved": moved, "to": str(target), "rows": listing},
-              f"moved {moved} bad rows of {home} to {target} (nothing reads it; delete it when done)")
+        fixed = doctor.move_aside(home, bad)
+        said = [f"moved {fixed.moved} bad rows of {home} to {fixed.quarantine} (nothing reads it; delete it "
+                f"when done)"] if fixed.moved or not fixed.recounted else []
+        if fixed.recounted:
+            said.append(f"counted the runs of {home} again: the kept counts were wrong")
+        _emit(args, {"moved": fixed.moved, "to": str(fixed.quarantine), "recounted": fixed.recounted,
+                     "rows": listing}, "\n".join(said))
         return 0
     _emit(args, listing, lambda: _doctor_text(home, bad))
     return 1 if bad else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diskcache
 
@@ -66,9 +66,11 @@ class Rows:
             return self._skip(key, str(exc))
         return None if value is None else self.check(key, value)
 
-    def check(self, key: str, value: Any, wrong: str | None = None) -> Any:
-        """``value`` if it has the shape ``key`` promises (and nothing else is ``wrong``), else None."""
-        wrong = wrong or problem(key, value)
+    def check(self, key: str, value: Any, wrong: str | None = None,
+              also: Callable[[Any], str | None] | None = None) -> Any:
+        """``value`` if it has the shape ``key`` promises, nothing else is ``wrong``, and
+        ``also`` (a further test of a value of that shape) finds nothing; else None."""
+        wrong = wrong or problem(key, value) or (also(value) if also is not None else None)
         if wrong is not None:
             return self._skip(key, wrong)
         self.bad.pop(key, None)

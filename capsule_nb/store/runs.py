@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import diskcache
 
-from ..record import FINISHED, RunRecord
+from ..record import FINISHED, RunRecord, short_repr
 from .disk import dumps
 from .feed import RUN
 
 COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what ``where`` may name
+CHECKED = ("app", "task_name", "status", "session_id")  # columns a row's record must agree with (counts use them)
+READ = "task_id, app, task_name, status, session_id, record"  # what a read selects: the row, checked
 _FINISHED = tuple(sorted(FINISHED))
 _BATCH = 500  # rows per statement when asking for many ids (SQLite's variable limit is far above)
 
@@ -83,6 +86,33 @@ def _row(record: RunRecord) -> tuple[Any, ...]:
             (record.get("completed_at") or record.get("created_at")) if finished else None, dumps(record))
 
 
+def create_tables(execute: Callable[..., Any]) -> None:
+    """Make whatever of the table, its indexes, the counts and their triggers is missing."""
+    for statement in _SCHEMA:
+        execute(statement)
+
+
+def decode(task_id: Any, text: Any) -> tuple[str, Any, str | None]:
+    """A row's name (``run/<task_id>``, as users know it), its record, and why it cannot be
+    read at all (None: it can; ``record.validate`` and ``disagreement`` judge the rest)."""
+    if type(task_id) is not str:
+        return f"{RUN}{task_id!r}", None, f"its task_id is {type(task_id).__name__}, not text"
+    try:
+        return RUN + task_id, json.loads(text), None
+    except (TypeError, ValueError, RecursionError) as exc:
+        return RUN + task_id, None, f"its record is not readable JSON ({type(exc).__name__}: {exc})"
+
+
+def disagreement(columns: Sequence[Any], record: RunRecord) -> str | None:
+    """Which of a row's ``CHECKED`` columns says otherwise than its (valid) record: such a
+    row would be found by the wrong filters and counted in the wrong place."""
+    for name, column in zip(CHECKED, columns):
+        if column != record.get(name):
+            return (f"its {name} column says {short_repr(column, 40)} but its record says "
+                    f"{short_repr(record.get(name), 40)}")
+    return None
+
+
 def _where(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
     """SQL for ``{column: value or list of values}``; an empty list matches nothing."""
     clauses, args = [], []
@@ -102,28 +132,25 @@ def _where(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
 
 
 class RunTable:
-    """The run records of one store. ``read(key, value, wrong)`` (``rows.Rows.check``) gives
-    a record, or None for a row that is not one (skipped and reported, never a crash)."""
+    """The run records of one store. ``read(key, value, wrong, also)`` (``rows.Rows.check``)
+    gives a record, or None for a row that is not one (skipped and reported, never a crash)."""
 
-    def __init__(self, cache: diskcache.Cache, read: Callable[[str, Any, str | None], Any]):
+    def __init__(self, cache: diskcache.Cache, read: Callable[..., Any]):
         self._cache = cache
         self._read = read
         with cache.transact(retry=True):  # (``executescript`` would commit on its own)
-            for statement in _SCHEMA:
-                self._sql()(statement)
+            create_tables(self._sql())
 
     def _sql(self) -> Callable[..., sqlite3.Cursor]:
         """This thread's diskcache connection: inside ``cache.transact()`` our statements
         join its transaction (diskcache keeps one connection per thread)."""
         return self._cache._sql
 
-    def _records(self, rows: Iterable[tuple[str, str]]) -> Iterator[RunRecord]:
-        for task_id, text in rows:
-            try:
-                value, wrong = json.loads(text), None
-            except (TypeError, ValueError, RecursionError) as exc:
-                value, wrong = None, f"its record is not readable JSON ({type(exc).__name__}: {exc})"
-            record = self._read(RUN + task_id, value, wrong)
+    def _records(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[RunRecord]:
+        """The records of rows selected as ``READ``; a bad row is skipped (one warning)."""
+        for task_id, *columns, text in rows:
+            key, value, wrong = decode(task_id, text)
+            record = self._read(key, value, wrong, partial(disagreement, columns))
             if record is not None:
                 yield record
 
@@ -140,14 +167,14 @@ class RunTable:
     # ----------------------------------------------------------------- reads
 
     def get(self, task_id: str) -> RunRecord | None:
-        rows = self._sql()("SELECT task_id, record FROM capsule_runs WHERE task_id = ?", (task_id,)).fetchall()
+        rows = self._sql()(f"SELECT {READ} FROM capsule_runs WHERE task_id = ?", (task_id,)).fetchall()
         return next(self._records(rows), None)
 
     def get_many(self, task_ids: Sequence[str]) -> dict[str, RunRecord]:
         found: dict[str, RunRecord] = {}
         for start in range(0, len(task_ids), _BATCH):
             chunk = list(task_ids[start : start + _BATCH])
-            rows = self._sql()(f"SELECT task_id, record FROM capsule_runs WHERE task_id IN "
+            rows = self._sql()(f"SELECT {READ} FROM capsule_runs WHERE task_id IN "
                                f"({', '.join('?' * len(chunk))})", chunk).fetchall()
             found.update((r["task_id"], r) for r in self._records(rows))
         return found
@@ -157,7 +184,7 @@ class RunTable:
         """Matching records, newest first; ``keep`` filters further in Python (on arguments).
         With no ``keep`` the page is cut in SQL; with one, rows stream until the page is full."""
         clause, args = _where(where)
-        query = f"SELECT task_id, record FROM capsule_runs{clause} ORDER BY task_id DESC"
+        query = f"SELECT {READ} FROM capsule_runs{clause} ORDER BY task_id DESC"
         if keep is None and limit is not None:
             return list(self._records(self._sql()(query + " LIMIT ? OFFSET ?", (*args, limit, offset))))
         chosen: list[RunRecord] = []

@@ -32,7 +32,7 @@ from capsule_nb.errors import StoreError
 from capsule_nb.record import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_MESSAGES_CHARS, new_record, new_task_id
 from capsule_nb.store.store import Store
 
-from ..conftest import until, until_sync
+from ..conftest import record_on_disk, until, until_sync
 
 
 # ------------------------------------------------------------------ helpers
@@ -60,6 +60,26 @@ def raw_row(home, key, value, *, mode=MODE_RAW, filename=None, raw=1):
         db.execute("INSERT OR REPLACE INTO Cache (key, raw, store_time, expire_time, access_time, access_count, "
                    "tag, size, mode, filename, value) VALUES (?, ?, ?, NULL, ?, 0, NULL, 0, ?, ?, ?)",
                    (key, raw, now, now, mode, filename, value))
+    db.close()
+
+
+def table_row(home, task_id, text, **columns):
+    """Write one row of the run table as another program would (sqlite3, no capsule_nb code):
+    ``text`` as its record, its columns as the record says (or as given)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    record = record if type(record) is dict else {}
+    row = {"app": record.get("app", "default"), "task_name": record.get("task_name", "job"),
+           "status": record.get("status", "completed"), "session_id": record.get("session_id"),
+           "scheduled_for": None, "finished_at": None, **columns}
+    with sqlite3.connect(home / "db" / "cache.db", timeout=30) as db:
+        db.execute("INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, "
+                   "finished_at, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+                   "app = excluded.app, task_name = excluded.task_name, status = excluded.status, "
+                   "session_id = excluded.session_id, record = excluded.record",  # (so the triggers count it)
+                   (task_id, *row.values(), text))
     db.close()
 
 
@@ -237,7 +257,8 @@ def test_prune_and_doctor_never_delete_a_file_outside_the_store(tmp_path, capsys
 
 
 def test_big_values_still_live_in_files_inside_the_store(app):
-    """The confinement keeps diskcache's own value files working (a big record, a big payload)."""
+    """The confinement keeps diskcache's own value files working: a big payload is a file (a big
+    run record is a row of the run table, read back whole)."""
     from fractions import Fraction
 
     @app.task
@@ -248,9 +269,15 @@ def test_big_values_still_live_in_files_inside_the_store(app):
     handle = big.submit()
     until_sync(lambda: handle.snapshot()["status"] == "completed")
     app.store.flush()
-    assert len(list((app.home / "db").rglob("*.val"))) == 2  # diskcache kept both as files
-    assert app.store.get(f"run/{handle.task_id}")["output"][0]["text"].startswith("x" * 1000)
-    assert app.store.get_payload(handle.task_id, "result")[0] == Fraction(1, 3)
+    (value_file,) = (app.home / "db").rglob("*.val")  # diskcache kept the payload as a file
+    assert value_file.stat().st_size > 20_000
+    assert record_on_disk(app.home, handle.task_id)["output"][0]["text"].startswith("x" * 1000)
+    reopened = Store(app.home)  # what another process reads: the table's row, the payload's file
+    try:
+        assert reopened.get_run(handle.task_id)["output"][0]["text"].startswith("x" * 1000)
+        assert reopened.get_payload(handle.task_id, "result")[0] == Fraction(1, 3)
+    finally:
+        reopened.close()
 
 
 # --------------------------------------------------- 3. malformed rows
@@ -266,27 +293,59 @@ BAD_RUNS = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(BAD_RUNS))
-def test_a_malformed_run_row_is_skipped_with_one_warning_and_doctor_moves_it(tmp_path, caplog, capsys, what):
+# A run row whose columns say otherwise than its record: found by the wrong filters, counted wrong.
+LYING_COLUMNS = {
+    "its status column lies": {"status": "failed"},
+    "its app column lies": {"app": "other"},
+    "its session column lies": {"session_id": "s-elsewhere"},
+}
+WHERE_BAD_RUNS_ARE = [("an old-layout row", what) for what in sorted(BAD_RUNS)] + [
+    ("a row of the run table", what) for what in [*sorted(BAD_RUNS), *LYING_COLUMNS]]
+
+
+def plant_bad_run(home, where, what):
+    """A bad run: a diskcache row ``run/<id>`` of a store made before the run table (the
+    migration at open skips it and leaves it for doctor), or a row of the table itself."""
+    bad = new_task_id()
+    if where == "an old-layout row":
+        raw_row(home, f"run/{bad}", BAD_RUNS[what](bad))
+    elif what in LYING_COLUMNS:
+        table_row(home, bad, record_json(bad), **LYING_COLUMNS[what])
+    else:
+        table_row(home, bad, BAD_RUNS[what](bad))
+    return bad
+
+
+@pytest.mark.parametrize("where, what", WHERE_BAD_RUNS_ARE)
+def test_a_malformed_run_row_is_skipped_with_one_warning_and_doctor_moves_it(tmp_path, caplog, capsys, where, what):
     home = tmp_path / "store"
     (good,) = good_store(home)
-    bad = new_task_id()
-    raw_row(home, f"run/{bad}", BAD_RUNS[what](bad))
+    bad = plant_bad_run(home, where, what)
+    if where == "a row of the run table":
+        with contextlib.closing(sqlite3.connect(home / "db" / "cache.db")) as db:
+            planted = db.execute("SELECT * FROM capsule_runs WHERE task_id = ?", (bad,)).fetchone()
     app = cpsl.App(home=home)
     for _ in range(3):
         app.store.poll()
-    assert [r["task_id"] for r in app.store.runs()] == [good]
+        assert [r["task_id"] for r in app.store.runs()] == [good]
+    assert app.get_task(bad) is None
     assert len(warnings_naming(caplog, f"run/{bad}")) == 1
     code, out, _ = cli(capsys, "--home", str(home), "--json", "tasks")
     assert code == 0 and [r["task_id"] for r in json.loads(out)] == [good]
     code, out, _ = cli(capsys, "--home", str(home), "doctor")
     assert code == 1 and f"run/{bad}" in out and "--fix" in out
+    if what in LYING_COLUMNS:
+        assert f"its {next(iter(LYING_COLUMNS[what]))} column says" in out
     code, out, _ = cli(capsys, "--home", str(home), "doctor", "--fix")
-    assert code == 0 and "moved 1" in out
+    assert code == 0 and "moved 1" in out and "counted" not in out
     with sqlite3.connect(home / "quarantine.db") as kept:
-        assert kept.execute("SELECT key, problem FROM moved").fetchall()[0][0] == f"run/{bad}"
-    assert cli(capsys, "--home", str(home), "doctor")[0] == 0
+        if where == "an old-layout row":
+            assert kept.execute("SELECT key FROM moved").fetchall() == [(f"run/{bad}",)]
+        else:  # the whole row, unchanged
+            assert kept.execute("SELECT * FROM moved_runs").fetchall()[0][3:] == planted
+    assert cli(capsys, "--home", str(home), "doctor")[0] == 0  # the counts are right without the row
     assert stat.S_IMODE(os.stat(home / "quarantine.db").st_mode) & 0o077 == 0
+    assert [r["task_id"] for r in app.store.runs()] == [good] and app.store.count_runs() == 1
 
 
 def test_a_pickled_key_and_a_pickled_row_are_listed_and_moved(tmp_path, capsys):
@@ -315,20 +374,91 @@ def announce(foreign, keys_json):
 
 def test_a_pickled_row_or_entry_in_the_change_feed_never_stops_poll(app, caplog):
     foreign = foreign_writer(app.home)
-    foreign.set("run/evil", {"task_id": "evil"})  # a pickle under a run key
-    announce(foreign, '["run/evil"]')
+    evil = new_task_id()
+    table_row(app.home, evil, pickle.dumps({"task_id": evil}), status="running")  # a pickle, not a record
+    announce(foreign, json.dumps([f"run/{evil}"]))
     for _ in range(3):
         app.store.poll()  # raised on every call, for ever, before
-    assert len(warnings_naming(caplog, "run/evil")) == 1
+    assert len(warnings_naming(caplog, f"run/{evil}")) == 1
     with foreign.transact():  # an entry that is itself a pickle
         seq = foreign.incr("seq")
-        foreign.set(f"chg/{seq:012d}", ["run/evil"])
+        foreign.set(f"chg/{seq:012d}", [f"run/{evil}"])
     app.store.poll()
     later = new_task_id()
-    foreign.set(f"run/{later}", record_json(later))  # a good row, written after the bad ones
+    table_row(app.home, later, record_json(later))  # a good row, written after the bad ones
     announce(foreign, json.dumps([f"run/{later}"]))
     until_sync(lambda: app.store.poll() is not None and app.get_task(later) is not None)
+    assert app.get_task(later).snapshot()["status"] == "completed"
+    assert len(warnings_naming(caplog, f"run/{evil}")) == 1
     foreign.close()
+
+
+def test_every_read_of_a_bad_table_row_skips_it_with_one_warning(tmp_path, caplog):
+    """Open (the unfinished runs), get, find and poll all meet the row; one warning names it,
+    and nothing raises. (The counts, kept by triggers from the columns, include it until
+    `capsule-nb doctor --fix` moves it aside.)"""
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    bad = new_task_id()
+    table_row(home, bad, record_json(bad, status="completed"), status="running")  # its columns lie
+    app = cpsl.App(home=home)
+    assert len(warnings_naming(caplog, f"run/{bad}")) == 1  # met at open, among the unfinished runs
+    assert app.store.unfinished_runs() == []
+
+    @app.task
+    def job():
+        return 1
+
+    assert app.get_task(bad) is None
+    assert [h.task_id for h in job.find()] == [good] and job.find(status="running") == []
+    with foreign_writer(home) as foreign:
+        announce(foreign, json.dumps([f"run/{bad}"]))
+    assert app.store.poll() == [] and app.get_task(bad) is None
+    assert len(warnings_naming(caplog, f"run/{bad}")) == 1
+    assert "its status column says 'running' but its record says 'completed'" in app.store.problem(f"run/{bad}")
+
+
+def test_a_run_row_whose_task_id_is_not_text_is_skipped(tmp_path, caplog, capsys):
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    table_row(home, b"\x00a blob", record_json("x"), status="running")
+    store = Store(home)  # its status makes it one of the unfinished runs read at open
+    try:
+        assert store.unfinished_runs() == [] and [r["task_id"] for r in store.runs()] == [good]
+    finally:
+        store.close()
+    assert len(warnings_naming(caplog, "run/b'\\x00a blob'")) == 1
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    assert code == 1 and "run/b'\\x00a blob': its task_id is bytes, not text" in out
+    code, out, _ = cli(capsys, "--home", str(home), "doctor", "--fix")
+    assert code == 0 and "moved 1" in out and cli(capsys, "--home", str(home), "doctor")[0] == 0
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE capsule_run_counts SET n = 99 WHERE status = 'completed'",  # a count that lies
+    "DELETE FROM capsule_run_counts WHERE status = 'running'",  # a running run the store would not look for
+    "DROP TABLE capsule_run_counts",
+])
+def test_doctor_finds_run_counts_that_lie_and_fix_counts_again(tmp_path, capsys, tamper):
+    home = tmp_path / "store"
+    good_store(home, runs=2)
+    running = new_task_id()
+    table_row(home, running, record_json(running, status="running", completed_at=None))
+    with sqlite3.connect(home / "db" / "cache.db") as db:
+        db.execute(tamper)
+    db.close()
+    code, out, _ = cli(capsys, "--home", str(home), "--json", "doctor")
+    (listed,) = json.loads(out)
+    assert code == 1 and listed["key"] == "capsule_run_counts" and "--fix" in listed["problem"]
+    code, out, _ = cli(capsys, "--home", str(home), "doctor", "--fix")
+    assert code == 0 and out == f"counted the runs of {home} again: the kept counts were wrong\n"
+    assert cli(capsys, "--home", str(home), "doctor")[:2] == (0, f"no bad rows in {home}\n")
+    store = Store(home)
+    try:
+        assert store.run_counts() == {("completed",): 2, ("running",): 1}
+        assert [r["task_id"] for r in store.unfinished_runs()] == [running]
+    finally:
+        store.close()
 
 
 def test_bad_lock_schedule_and_document_rows_do_not_break_their_users(app, capsys):
