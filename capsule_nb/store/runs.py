@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import diskcache
 
-from ..record import FINISHED, RunRecord, short_repr
+from ..record import FINISHED, STATUSES, RunRecord, short_repr
 from .disk import dumps
 from .feed import RUN
 
@@ -33,6 +33,7 @@ COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what 
 CHECKED = ("app", "task_name", "status", "session_id")  # columns a row's record must agree with (counts use them)
 READ = "task_id, app, task_name, status, session_id, record"  # what a read selects: the row, checked
 _FINISHED = tuple(sorted(FINISHED))
+_UNFINISHED = tuple(sorted(STATUSES - FINISHED))
 _BATCH = 500  # rows per statement when asking for many ids (SQLite's variable limit is far above)
 
 _ADD_NEW = ("INSERT INTO capsule_run_counts VALUES (new.app, new.task_name, coalesce(new.session_id, ''), "
@@ -201,11 +202,11 @@ class RunTable:
         return chosen
 
     def unfinished(self) -> list[RunRecord]:
-        marks = ", ".join("?" * len(_FINISHED))
-        statuses = [s for (s,) in self._sql()(
-            f"SELECT DISTINCT status FROM capsule_run_counts WHERE n > 0 AND status NOT IN ({marks})",
-            _FINISHED).fetchall()]
-        return self.select({"status": statuses}) if statuses else []
+        """Every run not finished: what a store holds in memory (from the status index; the
+        counts are not asked, so counts someone tampered with hide no run from recovery)."""
+        marks = ", ".join("?" * len(_UNFINISHED))
+        return list(self._records(self._sql()(f"SELECT {READ} FROM capsule_runs WHERE status IN ({marks})",
+                                              _UNFINISHED)))
 
     def counts(self, where: Mapping[str, Any], by: Sequence[str] = ("status",)) -> dict[tuple[str, ...], int]:
         """``{(values of by): runs}`` from the counts the triggers keep (no scan of the runs)."""
