@@ -73,9 +73,10 @@ _SCHEMA = (
 
 _INSERT = ("INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, "
            "record) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) ")
+# A run's app, task and session never change, so an update leaves those columns (and the
+# indexes on them) alone: SQLite rewrites an index when its column is in the SET list.
 _UPSERT = _INSERT + (
-    "DO UPDATE SET app = excluded.app, task_name = excluded.task_name, status = excluded.status, "
-    "session_id = excluded.session_id, scheduled_for = excluded.scheduled_for, "
+    "DO UPDATE SET status = excluded.status, scheduled_for = excluded.scheduled_for, "
     "finished_at = excluded.finished_at, record = excluded.record")
 _MOVE = _INSERT + "DO NOTHING"  # a record another process moved first stays as it is
 
