@@ -35,7 +35,7 @@ class TaskHandle:
 
     def snapshot(self) -> dict[str, Any]:
         """The run's current record (a copy), without awaiting."""
-        record = self._app.store.get_run(self.task_id) or self._final
+        record = self._final or self._app.store.get_run(self.task_id)  # a finished record never changes
         if record is None:
             raise KeyError(f"run {self.task_id} is not in the store at {self._app.store.path}")
         if record["status"] in FINISHED:

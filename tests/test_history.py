@@ -149,6 +149,7 @@ async def test_a_process_that_fell_behind_the_feed_still_hears_that_a_run_ended(
         behind.events.subscribe(lambda r: ended.append(r["status"]), task_id=handle.task_id)
         gate.set()
         assert await handle.result() is None
+        app.store.flush()  # on disk before the feed moves on (the result is known before it is written)
         for n in range(feed.KEEP + 2 * feed.PRUNE_EVERY):  # the feed moves on past what `behind` saw
             app.store.request_cancel(f"nobody{n}")
         behind.poll()

@@ -76,6 +76,15 @@ class Rows:
         self.bad.pop(key, None)
         return value
 
+    def present(self, keys: list[str]) -> list[str]:
+        """Those of ``keys`` that have a row (one query per 500 keys, on diskcache's key index)."""
+        found: list[str] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            found += [key for (key,) in self._cache._sql(
+                f"SELECT key FROM Cache WHERE raw = 1 AND key IN ({', '.join('?' * len(chunk))})", chunk)]
+        return found
+
     def scan(self, prefix: str, *, after: str | None = None, limit: int = -1) -> list[tuple[str, Any]]:
         """``[(key, value)]`` of the rows whose key starts with ``prefix`` (after the key
         ``after``), in key order, in one query on diskcache's key index; a bad row reads

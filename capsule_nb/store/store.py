@@ -336,12 +336,11 @@ class Store:
         with self._cache.transact(retry=True):
             self._runs.write([batch[key] for key in runs if batch[key] is not None],
                              [key[len(RUN) :] for key in runs if batch[key] is None])
+            gone = [key for key, value in batch.items() if value is None and not key.startswith(RUN)]
+            for key in self._rows.present(gone):  # a pruned run rarely has payloads: ask once, not per key
+                self._cache.delete(key)
             for key, value in batch.items():
-                if key.startswith(RUN):
-                    continue
-                if value is None:
-                    self._cache.delete(key)
-                else:
+                if value is not None and not key.startswith(RUN):
                     self._cache.set(key, value)
             self._feed.announce(runs)
 
