@@ -18,6 +18,7 @@ so two processes opening an old store at once move each record once.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from functools import partial
@@ -71,14 +72,19 @@ _SCHEMA = (
     f"BEGIN {_REMOVE_OLD} {_ADD_NEW} END",
 )
 
-_INSERT = ("INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, "
-           "record) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) ")
+_INSERT = "INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, record) "
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_ROWS_PER_STATEMENT = 100
 # A run's app, task and session never change, so an update leaves those columns (and the
 # indexes on them) alone: SQLite rewrites an index when its column is in the SET list.
-_UPSERT = _INSERT + (
-    "DO UPDATE SET status = excluded.status, scheduled_for = excluded.scheduled_for, "
-    "finished_at = excluded.finished_at, record = excluded.record")
-_MOVE = _INSERT + "DO NOTHING"  # a record another process moved first stays as it is
+_UPDATE = (" ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, scheduled_for = excluded.scheduled_for, "
+           "finished_at = excluded.finished_at, record = excluded.record")
+_MOVE = _INSERT + "VALUES " + _ROW + " ON CONFLICT (task_id) DO NOTHING"  # a record moved first stays as it is
+
+
+@functools.lru_cache(maxsize=None)
+def _upsert(rows: int) -> str:
+    return _INSERT + "VALUES " + ", ".join([_ROW] * rows) + _UPDATE
 
 
 def _row(record: RunRecord) -> tuple[Any, ...]:
@@ -159,12 +165,17 @@ class RunTable:
     # ---------------------------------------------------------------- writes
 
     def write(self, upserts: Sequence[RunRecord], deletes: Sequence[str]) -> None:
-        """Call inside ``cache.transact()``."""
-        sql = self._cache._con
-        if upserts:
-            sql.executemany(_UPSERT, [_row(r) for r in upserts])
-        if deletes:
-            sql.executemany("DELETE FROM capsule_runs WHERE task_id = ?", [(i,) for i in deletes])
+        """Call inside ``cache.transact()``. Rows go ``_ROWS_PER_STATEMENT`` to a statement:
+        sqlite3 lets go of the GIL around every statement it steps, and a busy thread may
+        keep it for a switch interval (5 ms) before handing it back."""
+        sql = self._cache._sql
+        rows = [_row(r) for r in upserts]
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ROWS_PER_STATEMENT]
+            sql(_upsert(len(chunk)), [value for row in chunk for value in row])
+        for start in range(0, len(deletes), _BATCH):
+            chunk = list(deletes[start : start + _BATCH])
+            sql(f"DELETE FROM capsule_runs WHERE task_id IN ({', '.join('?' * len(chunk))})", chunk)
 
     # ----------------------------------------------------------------- reads
 
