@@ -177,12 +177,14 @@ class Store:
         return record
 
     def delete_runs(self, task_ids: Iterable[str]) -> None:
+        gone: dict[str, None] = {}
         with self._lock:
             for task_id in task_ids:
                 self._mirror(task_id, None)
-                self._writes.queue({RUN + task_id: None, f"{PAYLOAD}{task_id}/result": None,
-                                    f"{PAYLOAD}{task_id}/args": None, CANCEL + task_id: None})
                 self._cancel_requests.pop(task_id, None)
+                gone.update(dict.fromkeys((RUN + task_id, f"{PAYLOAD}{task_id}/result", f"{PAYLOAD}{task_id}/args",
+                                           CANCEL + task_id)))
+            self._writes.queue(gone)
 
     def claim_run(self, task_id: str, change: Claim) -> RunRecord | None:
         """Read-modify-write a record *on disk*, in one transaction: how a process takes over
