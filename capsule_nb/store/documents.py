@@ -23,7 +23,7 @@ can let through a document that differs after one: ``keep`` drops it, and
 index that holds only them.
 
 Stores made before this table kept documents as diskcache rows
-``doc/<collection>/<id>``; ``migrate`` moves them in once, at open.
+``doc/<collection>/<id>``; they are moved in once, at open (``adopt``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import diskcache
 
-from .feed import DOC, Feed, doc_key, split_doc_key
+from .feed import Feed, doc_key, split_doc_key
 
 Change = Callable[["dict | None"], "dict | None"]
 Condition = tuple[str, str, Any]  # (dotted field, "=" | "in" | ">=" | "<=", value); None: missing or null
@@ -237,22 +237,8 @@ class Documents:
 
     # ------------------------------------------------------------- migration
 
-    def migrate(self, rows: Callable[[str, str | None, int], list[tuple[str, Any]]],
-                delete: Callable[[str], None]) -> int:
-        """Move documents kept as diskcache rows (stores made before this table) into it, a
-        batch per transaction, so two processes opening at once move each once; returns how
-        many moved. ``rows(prefix, after, n)`` reads the next ``n`` rows after key ``after``;
-        a bad row is skipped (and stays, for ``capsule-nb doctor``)."""
-        moved, after = 0, None
-        while True:
-            with self._cache.transact(retry=True):
-                batch = rows(DOC, after, 2000)
-                if not batch:
-                    return moved
-                after = batch[-1][0]
-                good = [(key, value) for key, value in batch if value is not None]
-                self._cache._con.executemany(_INSERT + "DO NOTHING",
-                                             [(*split_doc_key(key), text(value)) for key, value in good])
-                for key, _ in good:
-                    delete(key)
-                moved += len(good)
+    def adopt(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
+        """Take in documents kept as diskcache rows ``doc/<collection>/<id>`` (stores made
+        before this table; ``rows.Rows.move``), keeping any already here. Call inside
+        ``cache.transact()``."""
+        self._cache._con.executemany(_INSERT + "DO NOTHING", [(*split_doc_key(key), text(doc)) for key, doc in rows])

@@ -35,7 +35,7 @@ from ..record import FINISHED, RunRecord
 from . import disk, folder
 from .documents import Condition, Documents
 from .events import EventBus
-from .feed import CANCEL, LOCK, PAYLOAD, RUN, Feed
+from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
 from .rows import Rows
 from .runs import RunTable
@@ -69,15 +69,11 @@ class Store:
         self._writes = WriteBehind(self._lock, self._commit, self.path)  # idle until something is queued
         try:
             self._runs = RunTable(self._cache, self._rows.check)
-            moved = self._runs.migrate(lambda prefix, after, n: self._rows.scan(prefix, after=after, limit=n),
-                                       self._cache.delete)
-            if moved:
-                log.info("capsule_nb: moved %d run records of %s into their table", moved, self.path)
             self._documents = Documents(self._cache, self._rows.check, self._feed)
-            moved = self._documents.migrate(lambda prefix, after, n: self._rows.scan(prefix, after=after, limit=n),
-                                            self._cache.delete)
-            if moved:
-                log.info("capsule_nb: moved %d documents of %s into their table", moved, self.path)
+            for prefix, table, what in ((RUN, self._runs, "run records"), (DOC, self._documents, "documents")):
+                moved = self._rows.move(prefix, table.adopt)
+                if moved:
+                    log.info("capsule_nb: moved %d %s of %s into their table", moved, what, self.path)
             self._reload()
         except (sqlite3.DatabaseError, StoreError) as exc:  # a garbage database file, a broken feed counter
             self._writes.close()
