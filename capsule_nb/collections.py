@@ -13,6 +13,7 @@ returns a value usable plainly (sync code, a thread task) or awaited
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import json
 import math
@@ -144,7 +145,7 @@ class Collection:
               skip: int = 0) -> list[dict[str, Any]]:
         """Sorted in SQL when SQL can name every sort field; else here, in the same order."""
         where, _ = _conditions(filter)
-        keep = lambda doc: _matches(doc, filter)  # noqa: E731
+        keep = functools.partial(_matches, filter=filter)
         if all(json_path(field) is not None for field, _ in sort):
             return self._store.find_docs(self.name, where, sort, keep=keep, limit=limit or None, offset=skip)
         docs = self._store.find_docs(self.name, where, keep=keep)
@@ -156,7 +157,8 @@ class Collection:
         filter = filter or {}
         _check_filter(filter)
         where, exact = _conditions(filter)
-        return ReadyInt(self._store.count_docs(self.name, where, keep=lambda doc: _matches(doc, filter), exact=exact))
+        return ReadyInt(self._store.count_docs(self.name, where, keep=functools.partial(_matches, filter=filter),
+                                               exact=exact))
 
     # ---------------------------------------------------------------- display
 
@@ -289,7 +291,7 @@ def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
     ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives
     None for a missing or null field, and 1 for true (as Python's ``True == 1``), so
     equality with the values ``_sql_value`` lets through is exact; an order comparison
-    with a number is tested inclusively (a superset); anything else is left to Python."""
+    with a number is tested inclusively (a superset); the rest is left to Python."""
     found: list[Condition] = []
     exact = True
     for field, condition in filter.items():
@@ -306,7 +308,7 @@ def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
                     found.append((field, "in", list(arg)))
                     continue
                 exact = False
-                if op in _RANGES and isinstance(arg, (int, float)) and _sql_value(arg):
+                if op in _RANGES and _sql_number(arg):
                     found.append((field, _RANGES[op], arg))
     return found, exact
 
@@ -323,6 +325,14 @@ def _sql_value(value: Any) -> bool:
     if isinstance(value, (int, float)):
         return abs(value) <= _EXACT_INTEGERS and float(value).is_integer()
     return False
+
+
+def _sql_number(value: Any) -> bool:
+    """A number SQL can compare with (an ulp's error in reading a document's number back
+    is covered by testing order comparisons inclusively)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and -(2**63) <= value < 2**63
 
 
 def _is_operators(condition: Any) -> bool:
