@@ -16,11 +16,11 @@ are the whole filter (``exact``), which lets ``count`` count in SQL.
 
 SQL orders what ``json_extract`` gives: missing and null first, then
 numbers (false and true as 0 and 1), then text: strings, and objects and
-arrays by their JSON text as stored (``text``). SQLite reads a string
-only up to a NUL character (a documented limit), so a string condition
-can let through a document that differs after one: ``keep`` drops it, and
-``count`` re-checks the documents holding one, found through a partial
-index that holds only them.
+arrays by their JSON text as stored (``text``). ``json_extract`` reads a
+string only up to a NUL character (SQLite's documented limit), so a string
+condition can let through a document that differs after one: ``keep``
+drops it, and ``count`` re-checks the documents holding one, found through
+a partial index that holds only them.
 
 Stores made before this table kept documents as diskcache rows
 ``doc/<collection>/<id>``; they are moved in once, at open (``adopt``).
