@@ -2,23 +2,28 @@
 
 A small Mongo-like surface over the store, as Capsule's: equality and
 ``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates.
-Reads filter the store's in-memory mirror (kept current across processes
-by the change feed); writes are transactional on disk. Every method does
-its work at once and returns a value usable plainly (sync code, a thread
-task) or awaited (Capsule code).
+``_matches`` is the one definition of a match. A query hands the store
+what SQL can test of it (``_conditions``), which the store's table and
+indexes answer; every document it gives back is checked with ``_matches``.
+Writes are transactional on disk. Every method does its work at once and
+returns a value usable plainly (sync code, a thread task) or awaited
+(Capsule code).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import json
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+import re
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList, ReadyValue
 from .record import new_task_id, short_repr
+from .store.documents import Condition, json_path, text
 
 if TYPE_CHECKING:
     from .store import Store
@@ -31,9 +36,12 @@ _COMPARE = {
     "$ne": lambda a, b: a != b,
     "$in": lambda a, b: a in b,
 }
+_RANGES = {"$gt": ">=", "$gte": ">=", "$lt": "<=", "$lte": "<="}  # as SQL tests them (a superset)
 _UPDATES = ("$set", "$inc", "$unset", "$push")
 _MISSING = object()
-MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap. Every process keeps every document in memory
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_EXACT_INTEGERS = 2**53  # integral numbers up to here read back from JSON text exactly, as floats too
+MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap
 MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
 SCOPES = ("app", "user", "owner", "session")
 TABLE_ROWS = 200  # rows a collection's table shows when it declares no ``paginate``
@@ -66,9 +74,11 @@ class Collection:
         self.name = name
         if spec is not None:
             _declared[(str(store.path), name)] = spec
+            if spec.columns and (spec.sortable or spec.filterable):
+                store.index_docs([key for key, _ in spec.columns])
 
     def __repr__(self) -> str:
-        return f"<collection {self.name!r}: {len(self._store.docs(self.name))} documents>"
+        return f"<collection {self.name!r}: {self.count()} documents>"
 
     # ----------------------------------------------------------------- writes
 
@@ -77,38 +87,41 @@ class Collection:
         return ReadyValue(self.insert_many([doc])[0])
 
     def insert_many(self, docs: Iterable[dict[str, Any]]) -> ReadyList:
-        prepared = [_prepared(doc) for doc in docs]
+        prepared = [_prepared(doc) for doc in docs]  # copies, which the store does not keep
         self._store.write_docs(self.name, {d["_id"]: (lambda _, d=d: d) for d in prepared})
-        return ReadyList(copy.deepcopy(prepared))
+        return ReadyList(prepared)
 
     def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> ReadyValue:
         """Update the first match; a plain dict is a patch (``$set``). Gives the new document or None."""
         operations = _operations(update)
         _check_filter(filter)
-        for doc in self._store.docs(self.name):
-            if not _matches(doc, filter):
-                continue
-            stale = []
-
-            def change(current: dict | None) -> dict | None:
-                if current is None or not _matches(current, filter):
-                    stale.append(True)  # another process changed it first: try the next match
-                    return current
-                return _updated(current, operations)
-
-            new = self._store.write_docs(self.name, {doc["_id"]: change})[doc["_id"]]
-            if not stale:
-                return ReadyValue(copy.deepcopy(new))
-        return ReadyValue(None)
+        return ReadyValue(self._change_first(filter, lambda current: _updated(current, operations))[1])
 
     def delete_one(self, filter: dict[str, Any]) -> ReadyValue:
         """Delete the first match; gives True if a document was deleted."""
         _check_filter(filter)
-        for doc in self._store.docs(self.name):
-            if _matches(doc, filter):
-                self._store.write_docs(self.name, {doc["_id"]: lambda current: None})
-                return ReadyValue(True)
-        return ReadyValue(False)
+        return ReadyValue(self._change_first(filter, lambda current: None)[0])
+
+    def _change_first(self, filter: dict[str, Any], change: Callable[[dict], dict | None]) -> tuple[bool, dict | None]:
+        """``(whether a match was changed, the new document)``: ``change`` applied to the first
+        match, re-checked inside the write's transaction (one another process changed first
+        so that it no longer matches is passed over for the next match)."""
+        while True:
+            found = self._find(filter, limit=1)
+            if not found:
+                return False, None
+            stale = []
+
+            def guarded(current: dict | None) -> dict | None:
+                if current is None or not _matches(current, filter):
+                    stale.append(True)
+                    return current
+                return change(current)
+
+            doc_id = found[0]["_id"]
+            new = self._store.write_docs(self.name, {doc_id: guarded})[doc_id]
+            if not stale:
+                return True, new
 
     # ------------------------------------------------------------------ reads
 
@@ -126,16 +139,26 @@ class Collection:
         whole_number("skip", skip)
         filter = filter or {}
         _check_filter(filter)
-        docs = [d for d in self._store.docs(self.name) if _matches(d, filter)]
-        for field, direction in reversed(_sort_keys(sort)):
-            docs.sort(key=lambda d: _sortable(d.get(field)), reverse=direction < 0)
-        chosen = docs[skip : skip + limit] if limit else docs[skip:]
-        return ReadyList(copy.deepcopy(chosen))
+        return ReadyList(self._find(filter, _sort_keys(sort), limit, skip))
+
+    def _find(self, filter: dict[str, Any], sort: Sequence[tuple[str, int]] = (), limit: int = 0,
+              skip: int = 0) -> list[dict[str, Any]]:
+        """Sorted in SQL when SQL can name every sort field; else here, in the same order."""
+        where, _ = _conditions(filter)
+        keep = functools.partial(_matches, filter=filter)
+        if all(json_path(field) is not None for field, _ in sort):
+            return self._store.find_docs(self.name, where, sort, keep=keep, limit=limit or None, offset=skip)
+        docs = self._store.find_docs(self.name, where, keep=keep)
+        for field, direction in reversed(sort):
+            docs.sort(key=lambda d: _sortable(_get(d, field)), reverse=direction < 0)
+        return docs[skip : skip + limit] if limit else docs[skip:]
 
     def count(self, filter: dict[str, Any] | None = None) -> ReadyInt:
         filter = filter or {}
         _check_filter(filter)
-        return ReadyInt(sum(1 for d in self._store.docs(self.name) if _matches(d, filter)))
+        where, exact = _conditions(filter)
+        return ReadyInt(self._store.count_docs(self.name, where, keep=functools.partial(_matches, filter=filter),
+                                               exact=exact))
 
     # ---------------------------------------------------------------- display
 
@@ -143,7 +166,7 @@ class Collection:
         """A table: the declared ``columns`` (key and label) in order, else every key seen."""
         spec = _declared.get((str(self._store.path), self.name))
         total = self.count()
-        docs = self._store.docs(self.name)[: spec.paginate if spec and spec.paginate else TABLE_ROWS]
+        docs = self._find({}, limit=spec.paginate if spec and spec.paginate else TABLE_ROWS)
         if spec is not None and spec.columns is not None:
             columns = spec.columns
         else:
@@ -252,7 +275,7 @@ def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
     for field, condition in filter.items():
         value = _get(doc, field)
         value = None if value is _MISSING else value
-        if isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition):
+        if _is_operators(condition):
             try:
                 if not all(_COMPARE[op](value, arg) for op, arg in condition.items()):
                     return False
@@ -261,6 +284,60 @@ def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
         elif value != condition:
             return False
     return True
+
+
+def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
+    """What SQL can test of ``filter`` (``store/documents.py``): conditions every match of
+    ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives
+    None for a missing or null field, and 1 for true (as Python's ``True == 1``), so
+    equality with the values ``_sql_value`` lets through is exact; an order comparison
+    with a number is tested inclusively (a superset); the rest is left to Python."""
+    found: list[Condition] = []
+    exact = True
+    for field, condition in filter.items():
+        if json_path(field) is None:
+            exact = False
+        elif not _is_operators(condition):
+            if _sql_value(condition):
+                found.append((field, "=", condition))
+            else:
+                exact = False
+        else:
+            for op, arg in condition.items():
+                if op == "$in" and all(_sql_value(item) for item in arg):
+                    found.append((field, "in", list(arg)))
+                    continue
+                exact = False
+                if op in _RANGES and _sql_number(arg):
+                    found.append((field, _RANGES[op], arg))
+    return found, exact
+
+
+def _sql_value(value: Any) -> bool:
+    """Whether SQL's ``=`` agrees with Python's for ``value`` and any JSON value: not a
+    string SQLite might confuse with the JSON text of an object or an array, or that
+    holds a NUL (where SQLite stops reading) or a lone surrogate (not UTF-8), and no
+    number it might read back rounded from a document's JSON text."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return "\x00" not in value and not value.startswith(("{", "[")) and not _SURROGATES.search(value)
+    if isinstance(value, (int, float)):
+        return abs(value) <= _EXACT_INTEGERS and float(value).is_integer()
+    return False
+
+
+def _sql_number(value: Any) -> bool:
+    """A number SQL can compare with (an ulp's error in reading a document's number back
+    is covered by testing order comparisons inclusively)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and -(2**63) <= value < 2**63
+
+
+def _is_operators(condition: Any) -> bool:
+    """``{"$gt": 1}`` is a comparison; ``{"a": 1}`` (and ``{}``) a value to be equal to."""
+    return isinstance(condition, dict) and bool(condition) and all(k.startswith("$") for k in condition)
 
 
 def _get(doc: dict[str, Any], field: str) -> Any:
@@ -367,16 +444,19 @@ def _sort_keys(sort: str | list[tuple[str, int]] | dict[str, int] | None) -> lis
         if not (isinstance(item, tuple) and len(item) == 2 and item[1] in (1, -1)):
             raise ValueError(f"sort takes {{'field': 1 or -1, ...}}, 'field', '-field' or [('field', 1 or -1)], "
                              f"got {sort!r}")
+        _check_path(item[0], "a sort")
     return keys
 
 
 def _sortable(value: Any) -> tuple:
-    """Missing values first, then by type name, then by value (never a TypeError)."""
-    if value is None:
-        return (0, "", 0)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, "number", value)
-    return (2, type(value).__name__, value if isinstance(value, str) else repr(value))
+    """SQLite's order of what ``json_extract`` gives, so a sort here agrees with one in SQL:
+    missing and null, then numbers (false and true as 0 and 1), then text: strings, and
+    objects and arrays by their JSON text as stored. Never a TypeError."""
+    if value is None or value is _MISSING:
+        return (0, 0)
+    if isinstance(value, (int, float)):
+        return (1, value)
+    return (2, value if isinstance(value, str) else text(value))
 
 
 def _column(column: Any) -> tuple[str, str]:

@@ -1,10 +1,21 @@
 """Collections: Capsule's document surface, sync and async, shared across processes."""
 
+import contextlib
+import gc
+import logging
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 
 import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.cli import main as cli_main
+from capsule_nb.collections import _get, _matches, _sortable
+from capsule_nb.store import disk, folder
 
 
 async def test_insert_find_update_delete_count_awaited(app):
@@ -122,3 +133,164 @@ async def test_a_task_writes_results_to_a_collection(app):
 
     await build.submit(report_id="r1").wait(5)
     assert app.collection("reports").find_one({"report_id": "r1"})["status"] == "done"
+
+
+# ------------------------------------------------------------ the documents table
+
+
+def _sql(home, statement, args=()):
+    """A statement on the store's database over a connection of our own (no capsule_nb code)."""
+    with contextlib.closing(sqlite3.connect(home / "db" / "cache.db", timeout=30)) as db, db:
+        return db.execute(statement, args).fetchall()
+
+
+def _warnings_naming(caplog, key):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and repr(key) in r.getMessage()]
+
+
+OLD_DOCS = 4500  # more than two of the migration's batches
+
+
+def test_an_old_store_s_documents_move_into_the_table_once(tmp_path, caplog, capsys):
+    """A store whose documents are diskcache rows, as the version before the table wrote
+    them, opened by two processes at once: every document moves once, in key order."""
+    home = tmp_path / "store"
+    folder.prepare_folder(home)
+    old = disk.open_cache(home)
+    for n in range(OLD_DOCS):
+        old.set(f"doc/items/{n:06d}", {"_id": f"{n:06d}", "id": f"{n:06d}", "n": n})
+    old.set("doc/notes/x", {"_id": "x", "text": "kept"})
+    old.set("doc/items/bad", {"_id": "not-bad"})  # a row whose _id is not its key's
+    old.close()
+    opener = textwrap.dedent(
+        f"""
+        import os, pathlib, time
+        import capsule_nb as cpsl
+        meet = pathlib.Path({str(tmp_path / "meet")!r})
+        meet.mkdir(exist_ok=True)
+        (meet / str(os.getpid())).touch()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(meet)) < 2 and time.monotonic() < deadline:  # open together
+            time.sleep(0.001)
+        print(cpsl.App(home={str(home)!r}).collection("items").count())
+        """
+    )
+    children = [subprocess.Popen([sys.executable, "-c", opener], stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    counts = [child.communicate(timeout=120)[0].strip() for child in children]
+    assert [c.returncode for c in children] == [0, 0] and counts == [str(OLD_DOCS)] * 2
+    app = cpsl.App(home=home)
+    assert [d["n"] for d in app.collection("items").find()] == list(range(OLD_DOCS))
+    assert app.collection("notes").find_one({"_id": "x"})["text"] == "kept"
+    assert _sql(home, "SELECT count(*) FROM capsule_docs") == [(OLD_DOCS + 1,)]
+    assert _sql(home, "SELECT key FROM Cache WHERE key GLOB 'doc/*'") == [("doc/items/bad",)]  # left for doctor
+    assert len(_warnings_naming(caplog, "doc/items/bad")) == 1
+    capsys.readouterr()
+    assert cli_main(["--home", str(home), "doctor"]) == 1 and "doc/items/bad" in capsys.readouterr().out
+
+
+TRICKY = [{}, {"v": None}, {"v": True}, {"v": False}, {"v": 1}, {"v": 1.0}, {"v": 0}, {"v": -0.0}, {"v": "1"},
+          {"v": ""}, {"v": "a"}, {"v": "a\x00b"}, {"v": "\ud800"}, {"v": "größe"}, {"v": [1]}, {"v": "[1]"},
+          {"v": [1, 2]}, {"v": {}}, {"v": {"w": 1}}, {"v": {"w": None}}, {"v": {"w": True}}, {"v": "{}"},
+          {"v": 2**53 + 1}, {"v": 10**30}, {"v": 2.5}, {"v": 1.0000000000000002}, {"größe": 1}, {'v"q': 1}]
+FILTERS = [{"v": None}, {"v": 1}, {"v": 1.0}, {"v": True}, {"v": False}, {"v": 0}, {"v": "1"}, {"v": "a"},
+           {"v": ""}, {"v": "[1]"}, {"v": "{}"}, {"v": "a\x00b"}, {"v": "\ud800"}, {"v": "größe"}, {"v": [1]},
+           {"v": {}}, {"v": {"w": 1}}, {"v.w": 1}, {"v.w": None}, {"v.w": True}, {"v": 2.5}, {"v": 2**53 + 1},
+           {"v": 10**30}, {"v": {"$gt": 0}}, {"v": {"$gte": 1, "$lt": 2}}, {"v": {"$lte": 1}}, {"v": {"$gt": 2**60}},
+           {"v": {"$gt": 2.4, "$lte": 2.5}}, {"v": {"$lt": 1.0000000000000002}}, {"v": {"$gte": 10**30}},
+           {"v": {"$in": [1, "a", None]}}, {"v": {"$in": []}}, {"v": {"$in": [[1], "1"]}}, {"v": {"$ne": 1}},
+           {"größe": 1}, {"größe": None}, {'v"q': 1}, {"v": 1, "v.w": None}]
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=repr)
+def test_sql_finds_and_counts_what_matches_says(app, flt):
+    """SQL picks documents before Python checks them, and counts alone when it can: on
+    missing against null, true against 1, nested paths, lists, NULs, big and odd numbers."""
+    items = app.collection("items")
+    stored = items.insert_many(TRICKY)
+    wanted = [d["_id"] for d in stored if _matches(d, flt)]
+    assert [d["_id"] for d in items.find(flt)] == wanted
+    assert items.count(flt) == len(wanted)
+    if wanted:
+        assert items.update_one(flt, {"$set": {"seen": 1}})["_id"] == wanted[0]
+
+
+def test_sort_order_across_types_is_one_in_sql_and_in_python(app):
+    """None and missing, then numbers (booleans as 0 and 1), then text (objects and arrays
+    by their JSON text); ties in insertion order, either way up. A field name SQL cannot
+    name (one with a quote) is sorted in Python, the same way."""
+    values = ["b", {"x": 1}, 2.5, None, True, [1], "", -1, False, "a", 10, "missing", 0]
+    docs = []
+    for n, value in enumerate(values):
+        doc = {"n": n} if value == "missing" else {"n": n, "v": value, 'v"q': value, "o": {"v": value}}
+        docs.append(doc)
+    items = app.collection("items")
+    items.insert_many(docs)
+    up = [3, 11, 7, 8, 12, 4, 2, 10, 6, 5, 9, 0, 1]
+    down = [1, 0, 9, 5, 6, 10, 2, 4, 8, 12, 7, 3, 11]
+    for field in ("v", "o.v", 'v"q'):
+        assert [d["n"] for d in items.find(sort=field)] == up, field
+        assert [d["n"] for d in items.find(sort=[(field, -1)])] == down, field
+        assert [d["n"] for d in items.find(sort=[(field, -1)], skip=2, limit=3)] == down[2:5], field
+    assert [d["n"] for d in sorted(items.find(), key=lambda d: _sortable(_get(d, "v")))] == up
+
+
+def test_an_equality_and_sort_find_walks_an_index(app):
+    """The query's expressions are the index's, to the character: SQLite uses an expression
+    index only then. The page is an index walk: no scan, no sort."""
+    tickets = app.collection("tickets")
+    tickets.insert_many([{"n": n, "status": ("open", "closed")[n % 2], "at": n % 7} for n in range(200)])
+    statements = []
+    connection = app.store._cache._con  # this thread's connection: the one the query runs on
+    connection.set_trace_callback(statements.append)
+    try:
+        found = tickets.find({"status": "open"}, sort={"at": -1}, limit=5)
+    finally:
+        connection.set_trace_callback(None)
+    assert [d["n"] for d in found] == [6, 20, 34, 48, 62]
+    (query,) = [s for s in statements if s.startswith("SELECT doc_id, doc FROM capsule_docs")]
+    (plan,) = [row[3] for row in _sql(app.home, "EXPLAIN QUERY PLAN " + query)]
+    index = re.fullmatch(r"SEARCH capsule_docs USING INDEX (capsule_docs_by_\w+) \(collection=\? AND <expr>=\?\)", plan)
+    assert index, plan
+    ((definition,),) = _sql(app.home, "SELECT sql FROM sqlite_master WHERE name = ?", (index[1],))
+    expressions = re.findall(r"json_extract\(doc, '[^']*'\)", definition)
+    assert len(expressions) == 2 and all(e in query for e in expressions)
+
+
+def test_declared_sortable_columns_are_indexed(app):
+    app.collection("threads", columns=["subject", {"key": "status", "label": "Status"}], sortable=True)
+    made = " ".join(sql for (sql,) in _sql(app.home, "SELECT sql FROM sqlite_master WHERE name GLOB 'capsule_docs_by_*'"))
+    assert """json_extract(doc, '$."subject"')""" in made and """json_extract(doc, '$."status"')""" in made
+
+
+def test_a_process_keeps_no_copy_of_a_collection(app):
+    """Documents are read from disk for each query and let go: after inserting and querying
+    10 MB of documents, this process holds a small fraction of that."""
+    items = app.collection("items")
+    tracemalloc.start()
+    try:
+        for start in range(0, 5000, 1000):
+            items.insert_many([{"n": n, "pad": "x" * 2000} for n in range(start, start + 1000)])
+        assert items.count() == 5000 and items.count({"n": {"$gte": 10}}) == 4990
+        assert [d["n"] for d in items.find({"pad": {"$ne": ""}}, sort="-n", limit=2)] == [4999, 4998]
+        assert items.find_one({"n": 4321})["n"] == 4321
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000
+
+
+def test_a_bad_row_in_the_documents_table_is_skipped_with_one_warning(app, caplog):
+    items = app.collection("items")
+    items.insert_one({"_id": "good", "n": 1})
+    _sql(app.home, "INSERT INTO capsule_docs (collection, doc_id, doc) VALUES ('items', 'a', ?), ('items', 'l', ?)",
+         ('{"_id": "b", "n": 1}', "[1, 2]"))
+    with pytest.raises(sqlite3.IntegrityError):  # what is not JSON never gets in
+        _sql(app.home, "INSERT INTO capsule_docs (collection, doc_id, doc) VALUES ('items', 'x', '{')")
+    for _ in range(3):
+        assert [d["_id"] for d in items.find()] == ["good"]
+        assert [d["_id"] for d in items.find({"n": 1}, sort="-n")] == ["good"]
+    assert len(_warnings_naming(caplog, "doc/items/a")) == 1 and len(_warnings_naming(caplog, "doc/items/l")) == 1
+    assert items.insert_one({"_id": "a", "n": 2})["n"] == 2  # the bad row is replaced
+    assert items.find_one({"_id": "a"})["n"] == 2

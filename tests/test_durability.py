@@ -413,3 +413,24 @@ def test_cancel_of_a_dead_owners_waiting_runs_settles_them_at_once(tmp_path):
     until_sync(lambda: app.collection("fired").count() == 1)
     assert [d["tag"] for d in app.collection("fired").find()] == ["after"]
     app.close()
+
+
+def test_an_old_store_s_run_records_move_into_their_table(tmp_path):
+    """Records kept as diskcache rows ``run/<id>`` (stores made before the run table) are
+    moved into it at open, and read from there."""
+    from capsule_nb.record import new_record, new_task_id
+    from capsule_nb.store import disk, folder
+
+    home = tmp_path / "store"
+    folder.prepare_folder(home)
+    old = disk.open_cache(home)
+    ids, now = [new_task_id() for _ in range(3)], time.time()
+    for n, task_id in enumerate(ids):
+        old.set(f"run/{task_id}", new_record(
+            task_id=task_id, app="default", task_name="job", status="completed", attempt=1, max_attempts=1,
+            created_at=now, started_at=now, completed_at=now, updated_at=now, owner="gone", result=n,
+            result_kind="json", result_repr=str(n)))
+    old.close()
+    app = cpsl.App(home=home)
+    assert [app.get_task(task_id).snapshot()["result"] for task_id in ids] == [0, 1, 2]
+    assert app.store.items("run/") == [] and app.store.count_runs() == 3

@@ -1,86 +1,244 @@
-"""Collection documents: diskcache rows ``doc/<collection>/<id>``, written through.
+"""Collection documents in their own SQLite table, queried there, never held in memory.
 
-Collections are written through, not behind: ``$inc`` from two processes at
-once must add up, so each change reads the document from disk inside the
-transaction that writes it. Reads go through an in-memory copy of a
-collection, made on its first read in this process (one query over the key
-index) and kept current from the change feed; a collection nobody reads
-here costs nothing, however big it is.
+``capsule_docs`` lives in diskcache's database file and is written on its
+connection, inside its transactions: a change reads the document on disk
+and writes it back in one transaction, with its change-feed entry, so
+``$inc`` from two processes adds up. ``seq`` is the insertion order (an
+update keeps it). A document is JSON text (the JSON-only rule holds).
+
+A query is SQL over ``json_extract(doc, '$."a"."b"')`` of the fields it
+names, behind expression indexes made the first time a query needs one
+(``MAX_INDEXES`` at most): its equality fields, then its sort fields, so a
+filtered, sorted page of a big collection is a walk of a few index entries.
+The caller passes conditions SQL may test (a superset of the matches: it
+re-checks every document it is given with ``keep``) and says whether they
+are the whole filter (``exact``), which lets ``count`` count in SQL.
+
+SQL orders what ``json_extract`` gives: missing and null first, then
+numbers (false and true as 0 and 1), then text: strings, and objects and
+arrays by their JSON text as stored (``text``). ``json_extract`` reads a
+string only up to a NUL character (SQLite's documented limit), so a string
+condition can let through a document that differs after one: ``keep``
+drops it, and ``count`` re-checks the documents holding one, found through
+a partial index that holds only them.
+
+Stores made before this table kept documents as diskcache rows
+``doc/<collection>/<id>``; they are moved in once, at open (``adopt``).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+import hashlib
+import itertools
+import json
+import re
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import diskcache
 
-from .feed import DOC, Feed, doc_key, split_doc_key
-from .rows import Rows
+from .feed import Feed, doc_key, split_doc_key
 
 Change = Callable[["dict | None"], "dict | None"]
+Condition = tuple[str, str, Any]  # (dotted field, "=" | "in" | ">=" | "<=", value); None: missing or null
+Check = Callable[[str, Any, "str | None"], Any]  # ``rows.Rows.check``
+
+MAX_INDEXES = 32  # expression indexes made for queries and declared columns, in all
+_NUL = "instr(doc, '\\u0000') > 0"  # the document has a string holding a NUL character
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS capsule_docs (
+        seq INTEGER PRIMARY KEY,
+        collection TEXT NOT NULL,
+        doc_id TEXT NOT NULL,
+        doc TEXT NOT NULL CHECK (json_valid(doc)),
+        UNIQUE (collection, doc_id))""",
+    "CREATE INDEX IF NOT EXISTS capsule_docs_in_order ON capsule_docs (collection)",  # (rowid follows: seq)
+    f"CREATE INDEX IF NOT EXISTS capsule_docs_with_nul ON capsule_docs (collection) WHERE {_NUL}",
+)
+_INSERT = "INSERT INTO capsule_docs (collection, doc_id, doc) VALUES (?, ?, ?) ON CONFLICT (collection, doc_id) "
+_INDEXES = "capsule_docs_by_"
+# A field name SQLite finds as written: the stored text does not escape it (see ``text``).
+_LABEL = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]+')
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def text(value: Any) -> str:
+    """JSON text as stored: UTF-8 as it is (so SQLite finds non-ASCII field names as
+    written), escaping only lone surrogates, which UTF-8 cannot carry."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", _encode(value))
+
+
+def json_path(field: str) -> str | None:
+    """``'$."a"."b"'`` for the dotted ``field``, or None when SQLite could not find it as
+    written (a name with a quote, a backslash or a control character)."""
+    parts = field.split(".")
+    if not all(_LABEL.fullmatch(part) for part in parts):
+        return None
+    return "$" + "".join(f'."{part}"' for part in parts)
+
+
+def _expr(field: str) -> str:
+    """The SQL for a field's value: the same text in every query and index (SQLite uses an
+    expression index only for an identical expression)."""
+    path = json_path(field)
+    if path is None:
+        raise ValueError(f"SQL cannot name the field {field!r}")
+    return "json_extract(doc, '{}')".format(path.replace("'", "''"))
+
+
+def _clause(condition: Condition) -> tuple[str, list[Any], str]:
+    """``(SQL, arguments, the expression it tests)``. ``_id`` is also the column ``doc_id``
+    (a row whose document says otherwise is skipped), so text ids are looked up there."""
+    field, op, value = condition
+    values = list(value) if op == "in" else [value]
+    if field == "_id" and op in ("=", "in") and all(type(v) is str for v in values):
+        return f"doc_id IN ({', '.join('?' * len(values))})", values, "doc_id"
+    expr = _expr(field)
+    if op == "=":
+        return (f"{expr} IS NULL", [], expr) if value is None else (f"{expr} = ?", [value], expr)
+    if op in (">=", "<="):
+        return f"{expr} {op} ?", [value], expr
+    if op != "in":
+        raise ValueError(f"unknown document condition {op!r}")
+    items = [v for v in values if v is not None]
+    sql = f"{expr} IN ({', '.join('?' * len(items))})"
+    return (f"({sql} OR {expr} IS NULL)" if len(items) < len(values) else sql), items, expr
+
+
+def _term(field: str, direction: int) -> str:
+    """A sort key, in ``ORDER BY`` and in an index alike."""
+    expr = "doc_id" if field == "_id" else _expr(field)
+    return f"{expr} DESC" if direction < 0 else expr
+
+
+def _covers(indexes: list[str], columns: str) -> bool:
+    return any(made == columns or made.startswith(columns + ", ") for made in indexes)
 
 
 class Documents:
-    def __init__(self, cache: diskcache.Cache, rows: Rows, feed: Feed):
-        self._cache = cache
-        self._rows = rows
-        self._feed = feed
-        self._lock = threading.Lock()
-        self._loaded: dict[str, dict[str, dict[str, Any]]] = {}
+    """The documents of one store. ``check(key, value, wrong)`` (``rows.Rows.check``) gives a
+    document, or None for a row that is not one (skipped with a warning, never a crash)."""
 
-    def docs(self, collection: str) -> list[dict[str, Any]]:
-        """The documents of ``collection`` (a snapshot): ids in key order when first read,
-        then as this process inserted them."""
-        with self._lock:
-            loaded = self._loaded.get(collection)
-            if loaded is not None:
-                return list(loaded.values())
-        found = {split_doc_key(key)[1]: value for key, value in self._rows.scan(doc_key(collection, ""))
-                 if value is not None}
-        with self._lock:
-            loaded = self._loaded.setdefault(collection, found)  # another thread may have loaded it first
-            return list(loaded.values())
+    def __init__(self, cache: diskcache.Cache, check: Check, feed: Feed):
+        self._cache = cache
+        self._check = check
+        self._feed = feed
+        with cache.transact(retry=True):
+            for statement in _SCHEMA:
+                cache._sql(statement)
+        self._served: set[str] = set()  # index columns this process has made sure of
+
+    # ---------------------------------------------------------------- writes
 
     def write(self, collection: str, changes: dict[str, Change]) -> dict[str, dict | None]:
         """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction."""
         written: dict[str, dict | None] = {}
         with self._cache.transact(retry=True):
+            sql = self._cache._con
             for doc_id, change in changes.items():
-                key = doc_key(collection, doc_id)
-                new = change(self._rows.read(key))
+                found = sql.execute("SELECT doc_id, doc FROM capsule_docs WHERE collection = ? AND doc_id = ?",
+                                    (collection, doc_id)).fetchall()
+                new = change(next(self._documents(collection, found), None))
                 if new is None:
-                    self._cache.delete(key)
+                    sql.execute("DELETE FROM capsule_docs WHERE collection = ? AND doc_id = ?", (collection, doc_id))
                 else:
-                    self._cache.set(key, new)
+                    sql.execute(_INSERT + "DO UPDATE SET doc = excluded.doc", (collection, doc_id, text(new)))
                 written[doc_id] = new
             self._feed.announce([doc_key(collection, doc_id) for doc_id in written])
-        with self._lock:
-            loaded = self._loaded.get(collection)
-            if loaded is not None:
-                for doc_id, new in written.items():
-                    _apply(loaded, doc_id, new)
         return written
 
-    def fold(self, keys: list[str]) -> None:
-        """Take in what other processes changed (keys from the feed), for collections read here."""
-        with self._lock:
-            wanted = [key for key in keys if key.startswith(DOC) and split_doc_key(key)[0] in self._loaded]
-        values = {key: self._rows.read(key) for key in wanted}
-        with self._lock:
-            for key, value in values.items():
-                collection, doc_id = split_doc_key(key)
-                if collection in self._loaded:
-                    _apply(self._loaded[collection], doc_id, value)
+    # ----------------------------------------------------------------- reads
 
-    def forget(self) -> None:
-        """Drop every copy (this process fell behind the feed): the next read loads afresh."""
-        with self._lock:
-            self._loaded.clear()
+    def select(self, collection: str, where: Sequence[Condition] = (), order: Sequence[tuple[str, int]] = (), *,
+               keep: Callable[[dict], bool] | None = None, limit: int | None = None,
+               offset: int = 0) -> list[dict[str, Any]]:
+        """The documents matching ``where`` and ``keep``, by ``order`` (``[(field, 1 or -1)]``)
+        then insertion; rows stream in that order until the page is full."""
+        clauses, args = self._where(collection, where, order)
+        terms = [_term(field, direction) for field, direction in order]
+        cursor = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs WHERE {' AND '.join(clauses)} "
+                                  f"ORDER BY {', '.join([*terms, 'seq'])}", args)
+        stop = None if limit is None else offset + limit
+        try:
+            found = (doc for doc in self._documents(collection, cursor) if keep is None or keep(doc))
+            return list(itertools.islice(found, offset, stop))
+        finally:
+            cursor.close()
 
+    def count(self, collection: str, where: Sequence[Condition] = (), *, keep: Callable[[dict], bool],
+              exact: bool) -> int:
+        """How many documents match ``where`` and ``keep``: counted in SQL when ``where`` is
+        ``exact`` (the documents holding a NUL character re-checked with ``keep``)."""
+        if not exact:
+            return len(self.select(collection, where, keep=keep))
+        clauses, args = self._where(collection, where, ())
+        found = self._cache._sql(f"SELECT count(*) FROM capsule_docs WHERE {' AND '.join(clauses)}", args)
+        total = found.fetchone()[0]
+        rows = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs WHERE {' AND '.join(clauses)} AND seq IN "
+                                f"(SELECT seq FROM capsule_docs INDEXED BY capsule_docs_with_nul "
+                                f"WHERE collection = ? AND {_NUL})", [*args, collection]).fetchall()
+        return total - len(rows) + sum(1 for doc in self._documents(collection, rows) if keep(doc))
 
-def _apply(mirror: dict[str, Any], key: str, value: Any) -> None:
-    if value is None:
-        mirror.pop(key, None)
-    else:
-        mirror[key] = value
+    def _documents(self, collection: str, rows: Iterable[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+        for doc_id, stored in rows:
+            try:
+                value, wrong = json.loads(stored), None
+            except (TypeError, ValueError, RecursionError) as exc:
+                value, wrong = None, f"it is not readable JSON ({type(exc).__name__}: {exc})"
+            doc = self._check(doc_key(collection, doc_id), value, wrong)
+            if doc is not None:
+                yield doc
+
+    def _where(self, collection: str, where: Sequence[Condition],
+               order: Sequence[tuple[str, int]]) -> tuple[list[str], list[Any]]:
+        """The SQL of ``where``, after making the index that serves it sorted by ``order``:
+        its equality fields, then its sort fields (unsorted: its first other field)."""
+        clauses, args, equal, other = ["collection = ?"], [collection], set(), []
+        for condition in where:
+            sql, values, expr = _clause(condition)
+            clauses.append(sql)
+            args.extend(values)
+            if condition[1] == "=":
+                equal.add(expr)
+            else:
+                other.append(expr)
+        if "doc_id" not in equal.union(other):  # else the unique (collection, doc_id) index finds them
+            key = [*sorted(equal), *([_term(field, direction) for field, direction in order] or other[:1])]
+            if key and key[0].split()[0] != "doc_id":
+                self._make_index(key)
+        return clauses, args
+
+    # --------------------------------------------------------------- indexes
+
+    def index(self, fields: Sequence[str]) -> None:
+        """An index on each of ``fields`` (a collection's declared columns), where SQL can name it."""
+        for field in fields:
+            if json_path(field) is not None and field != "_id":
+                self._make_index([_expr(field)])
+
+    def _make_index(self, terms: list[str]) -> None:
+        """An index on ``(collection, *terms)``, unless one that starts so exists (made by any
+        process) or ``MAX_INDEXES`` do; checked once per process."""
+        columns = ", ".join(["collection", *terms])
+        if columns in self._served:
+            return
+        if not _covers(self._indexes(), columns):
+            with self._cache.transact(retry=True):
+                made = self._indexes()
+                if not _covers(made, columns) and len(made) < MAX_INDEXES:
+                    name = _INDEXES + hashlib.sha1(columns.encode()).hexdigest()[:12]
+                    self._cache._sql(f"CREATE INDEX IF NOT EXISTS {name} ON capsule_docs ({columns})")
+        self._served.add(columns)
+
+    def _indexes(self) -> list[str]:
+        """The columns of the indexes made for queries and declared columns so far."""
+        return [sql.partition(" ON capsule_docs (")[2][:-1] for (sql,) in self._cache._sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name GLOB ?", (_INDEXES + "*",)).fetchall()]
+
+    # ------------------------------------------------------------- migration
+
+    def adopt(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
+        """Take in documents kept as diskcache rows ``doc/<collection>/<id>`` (stores made
+        before this table; ``rows.Rows.move``), keeping any already here. Call inside
+        ``cache.transact()``."""
+        self._cache._con.executemany(_INSERT + "DO NOTHING", [(*split_doc_key(key), text(doc)) for key, doc in rows])

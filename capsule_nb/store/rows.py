@@ -103,6 +103,24 @@ class Rows:
             found.append((key, self.check(key, value)))
         return found
 
+    def move(self, prefix: str, take: Callable[[list[tuple[str, Any]]], None]) -> int:
+        """Hand the good rows under ``prefix`` to ``take`` (which writes them into their own
+        table) and delete them, a batch per transaction, so two processes doing it at once
+        move each row once; a bad row stays, for ``capsule-nb doctor``. Returns how many moved.
+        How stores made before a table of runs or documents are brought to it, at open."""
+        moved, after = 0, None
+        while True:
+            with self._cache.transact(retry=True):
+                batch = self.scan(prefix, after=after, limit=2000)
+                if not batch:
+                    return moved
+                after = batch[-1][0]
+                good = [(key, value) for key, value in batch if value is not None]
+                take(good)
+                for key, _ in good:
+                    self._cache.delete(key)
+                moved += len(good)
+
     def _skip(self, key: str, wrong: str) -> None:
         if self.bad.get(key) != wrong:  # one warning per key (and per new problem), not one per poll
             log.warning("capsule_nb: row %r in %s skipped: %s (`capsule-nb doctor` lists bad rows "

@@ -12,8 +12,9 @@ so counts by app, task, session and status, a board's lanes and its
 filter menus are a read of a few small rows however long the history is.
 
 Stores made before this table (records as diskcache rows ``run/<id>``)
-are moved into it once, at open (``migrate``), a batch per transaction,
-so two processes opening an old store at once move each record once.
+are moved into it once, at open (``adopt``, through ``rows.Rows.move``), a
+batch per transaction, so two processes opening an old store at once move
+each record once.
 """
 
 from __future__ import annotations
@@ -261,22 +262,7 @@ class RunTable:
 
     # ------------------------------------------------------------- migration
 
-    def migrate(self, rows: Callable[[str, str | None, int], list[tuple[str, Any]]],
-                delete: Callable[[str], None]) -> int:
-        """Move records kept as diskcache rows (stores made before this table) into it;
-        returns how many moved. ``rows(prefix, after, n)`` reads the next ``n`` rows
-        after key ``after``; a bad row is skipped (and stays, for ``capsule-nb doctor``)."""
-        moved, after = 0, None
-        while True:
-            with self._cache.transact(retry=True):
-                batch = rows(RUN, after, 2000)
-                if not batch:
-                    return moved
-                after = batch[-1][0]
-                good = [value for _, value in batch if value is not None]
-                self._cache._con.executemany(_MOVE, [_row(r) for r in good])
-                for key, value in batch:
-                    if value is not None:
-                        delete(key)
-                moved += len(good)
-
+    def adopt(self, rows: list[tuple[str, RunRecord]]) -> None:
+        """Take in records kept as diskcache rows ``run/<id>`` (stores made before this table;
+        ``rows.Rows.move``), keeping any already here. Call inside ``cache.transact()``."""
+        self._cache._con.executemany(_MOVE, [_row(record) for _, record in rows])

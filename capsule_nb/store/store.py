@@ -9,10 +9,11 @@ what is not on disk yet. Finished runs are read from their indexed table
 (``runs.py``) when asked for, so a store with a million runs of history
 opens, lists and counts like an empty one.
 
-Each transaction also appends the changed keys to the change feed
-(``feed.py``), which other processes poll to keep their live runs, their
-collections and their widgets current. What is kept on disk, and how, is
-``disk.py``'s business.
+Collection documents are written through and read from their own table
+(``documents.py``), never held in memory. Each transaction also appends
+the changed keys to the change feed (``feed.py``), which other processes
+poll to keep their live runs and their widgets current. What is kept on
+disk, and how, is ``disk.py``'s business.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import cloudpickle
 from ..errors import StoreError
 from ..record import FINISHED, RunRecord
 from . import disk, folder
-from .documents import Documents
+from .documents import Condition, Documents
 from .events import EventBus
-from .feed import CANCEL, LOCK, PAYLOAD, RUN, Feed
+from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
 from .rows import Rows
 from .runs import RunTable
@@ -59,7 +60,6 @@ class Store:
         self._cache = disk.open_cache(self.path)
         self._rows = Rows(self._cache, self.path)  # every read of a row goes through it
         self._feed = Feed(self._cache)
-        self._documents = Documents(self._cache, self._rows, self._feed)
         self.events = EventBus()
         self._lock = threading.Lock()
         self._unfinished: dict[str, RunRecord] = {}
@@ -69,10 +69,11 @@ class Store:
         self._writes = WriteBehind(self._lock, self._commit, self.path)  # idle until something is queued
         try:
             self._runs = RunTable(self._cache, self._rows.check)
-            moved = self._runs.migrate(lambda prefix, after, n: self._rows.scan(prefix, after=after, limit=n),
-                                       self._cache.delete)
-            if moved:
-                log.info("capsule_nb: moved %d run records of %s into their table", moved, self.path)
+            self._documents = Documents(self._cache, self._rows.check, self._feed)
+            for prefix, table, what in ((RUN, self._runs, "run records"), (DOC, self._documents, "documents")):
+                moved = self._rows.move(prefix, table.adopt)
+                if moved:
+                    log.info("capsule_nb: moved %d %s of %s into their table", moved, what, self.path)
             self._reload()
         except (sqlite3.DatabaseError, StoreError) as exc:  # a garbage database file, a broken feed counter
             self._writes.close()
@@ -101,7 +102,6 @@ class Store:
             for task_id in requests:
                 self._cancel_requests.setdefault(task_id, now)
             self._feed.mark(seq)
-        self._documents.forget()
         for record in self._runs.get_many(gone).values():
             self.events.publish(record)
 
@@ -362,7 +362,6 @@ class Store:
             records = self._runs.get_many(run_ids)
             requests = [key[len(CANCEL) :] for key in changed
                         if key.startswith(CANCEL) and self._rows.read(key) is not None]
-            self._documents.fold(changed)
             fresh = []
             with self._lock:
                 self._feed.mark(seq)
@@ -383,9 +382,25 @@ class Store:
     # ------------------------------------------------------------ documents
 
     def docs(self, collection: str) -> list[dict[str, Any]]:
-        """The documents of ``collection`` (a snapshot, current with other processes)."""
-        self.poll()
-        return self._documents.docs(collection)
+        """Every document of ``collection``, in insertion order (read from disk)."""
+        return self._documents.select(collection)
+
+    def find_docs(self, collection: str, where: Sequence[Condition] = (), order: Sequence[tuple[str, int]] = (), *,
+                  keep: Callable[[dict], bool] | None = None, limit: int | None = None,
+                  offset: int = 0) -> list[dict[str, Any]]:
+        """Documents matching the conditions ``where`` (SQL tests them: a superset of what the
+        caller wants) and ``keep`` (Python), sorted by ``order`` then insertion (``documents.py``)."""
+        return self._documents.select(collection, where, order, keep=keep, limit=limit, offset=offset)
+
+    def count_docs(self, collection: str, where: Sequence[Condition] = (), *, keep: Callable[[dict], bool],
+                   exact: bool) -> int:
+        """How many ``find_docs(collection, where, keep=keep)`` gives; counted in SQL when the
+        conditions are ``exact`` (say all that ``keep`` does)."""
+        return self._documents.count(collection, where, keep=keep, exact=exact)
+
+    def index_docs(self, fields: Sequence[str]) -> None:
+        """Index documents by each of ``fields`` (a collection's declared sortable or filterable columns)."""
+        self._documents.index(fields)
 
     def write_docs(self, collection: str, changes: dict[str, Callable[[dict | None], dict | None]]) -> dict[str, dict | None]:
         """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction,

@@ -1,5 +1,7 @@
 """Property tests: parsers and the collection language never fail in an undocumented way."""
 
+import itertools
+import json
 import math
 import string
 
@@ -7,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsule_nb.collections import Collection, _matches, _updated
+from capsule_nb.collections import Collection, _get, _matches, _sortable, _updated
 from capsule_nb.durations import parse_delay, parse_when
 from capsule_nb.cron import parse_cron
 
@@ -60,14 +62,14 @@ ops = st.sampled_from(["$gt", "$gte", "$lt", "$lte", "$ne", "$in"])
 
 
 @st.composite
-def filters(draw):
+def filters(draw, fields=("x", "y"), of=values):
     out = {}
-    for field in draw(st.lists(st.sampled_from(["x", "y"]), unique=True, max_size=2)):
+    for field in draw(st.lists(st.sampled_from(fields), unique=True, max_size=2)):
         if draw(st.booleans()):
-            out[field] = draw(values)
+            out[field] = draw(of)
         else:
             op = draw(ops)
-            out[field] = {op: draw(st.lists(values, max_size=3)) if op == "$in" else draw(values)}
+            out[field] = {op: draw(st.lists(of, max_size=3)) if op == "$in" else draw(of)}
     return out
 
 
@@ -122,6 +124,37 @@ def test_collection_round_trips_arbitrary_json_documents(app, document):
     stored = coll.insert_one(document).value
     assert coll.find_one({"_id": stored["_id"]}).value == stored
     assert coll.delete_one({"_id": stored["_id"]}).value is True
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.sampled_from([0.5, 1.0, -0.0, 2**53 + 1, 1e300]),
+                    st.sampled_from(["", "a", "b", "1", "[1]", "{}", "é", "a\x00", "a\x00b"]),
+                    st.sampled_from([[1], {}]))  # what "[1]" and "{}" are the JSON text of
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=2)
+                           | st.dictionaries(st.sampled_from(["w", "x"]), inner, max_size=2), max_leaves=4)
+stored_docs = st.lists(st.fixed_dictionaries({}, optional={"x": json_values, "y": json_values}), max_size=10)
+_fresh = itertools.count()
+
+
+@FAST
+@given(stored_docs, filters(fields=("x", "y", "x.w"), of=json_values))
+def test_the_store_finds_and_counts_what_matches_says(app, documents, flt):
+    """SQL picks and counts documents in the store; the answer is ``_matches``'s, whatever the values."""
+    coll = Collection(app.store, f"fuzz{next(_fresh)}")
+    stored = list(coll.insert_many(documents))
+    wanted = [d for d in stored if _matches(d, flt)]
+    assert coll.find(flt) == wanted
+    assert coll.count(flt) == len(wanted)
+
+
+@FAST
+@given(stored_docs, st.sampled_from(["x", "y", "x.w"]), st.sampled_from([1, -1]))
+def test_the_store_sorts_as_sortable_says(app, documents, field, direction):
+    """SQL sorts what ``json_extract`` gives in the order ``_sortable`` gives (ties in insertion
+    order), except among strings equal up to a NUL character, where SQLite stops reading."""
+    coll = Collection(app.store, f"fuzz{next(_fresh)}")
+    stored = list(coll.insert_many(d for d in documents if "\\u0000" not in json.dumps(d)))
+    wanted = sorted(stored, key=lambda d: _sortable(_get(d, field)), reverse=direction < 0)
+    assert coll.find(sort=[(field, direction)]) == wanted
 
 
 # ------------------------------------------------------------- submit

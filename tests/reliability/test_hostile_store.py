@@ -465,8 +465,10 @@ def test_bad_lock_schedule_and_document_rows_do_not_break_their_users(app, capsy
     foreign = foreign_writer(app.home)
     foreign.set("lock/report:1", '["not", "a", "lock"]')
     foreign.set("sched/default/tick", '"not a schedule"')
-    foreign.set("doc/items/a", '{"_id": "b"}')
     foreign.close()
+    with sqlite3.connect(app.home / "db" / "cache.db") as db:  # documents live in their own table
+        db.execute("""INSERT INTO capsule_docs (collection, doc_id, doc) VALUES ('items', 'a', '{"_id": "b"}')""")
+    db.close()
 
     @app.task(lock="report:{n}")
     def report(n):
