@@ -27,7 +27,7 @@ ENTRY = "chg/"
 # The window of entries kept. A reader further behind (a suspended laptop, a stalled
 # process) reloads what is live instead, which is cheap: a few indexed reads.
 KEEP = 500  # entries at most (one per commit, each up to thousands of keys)
-KEEP_SECONDS = 10.0  # and none older than this
+KEEP_SECONDS = 5.0  # and none older than this
 PRUNE_EVERY = 50  # commits between two trims of the window (or KEEP_SECONDS, if sooner)
 
 
