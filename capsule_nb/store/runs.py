@@ -19,10 +19,9 @@ each record once.
 
 from __future__ import annotations
 
-import functools
 import json
 import sqlite3
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import diskcache
@@ -83,7 +82,7 @@ _UPDATE = (" ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, sched
 _MOVE = _INSERT + "VALUES " + _ROW + " ON CONFLICT (task_id) DO NOTHING"  # a record moved first stays as it is
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def _upsert(rows: int) -> str:
     return _INSERT + "VALUES " + ", ".join([_ROW] * rows) + _UPDATE
 

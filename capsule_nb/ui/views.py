@@ -1,4 +1,4 @@
-"""What the widgets show, as plain JSON-able data (pure: no widgets, no store).
+"""What the widgets show, as plain JSON-able data (no widgets; a board asks a ``RunSource``).
 
 A card is a few small dicts and lists cut from a run record; a board is its
 columns, each with a count and only the newest cards up to a cap. Keeping
@@ -129,15 +129,6 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "can_cancel": _can_cancel(status),
         "can_retry": _can_retry(status),
     }
-
-
-def matches(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
-    """A filter value is one value or a list of accepted values."""
-    for key, wanted in filter.items():
-        value = record.get(key)
-        if value != wanted and not (isinstance(wanted, (list, tuple)) and value in wanted):
-            return False
-    return True
 
 
 class RunSource(Protocol):
