@@ -31,6 +31,12 @@ KEEP_SECONDS = 5.0  # and none older than this
 PRUNE_EVERY = 50  # commits between two trims of the window (or KEEP_SECONDS, if sooner)
 
 
+def past(prefix: str) -> str:
+    """The first key after every key that starts with ``prefix``: ``key >= prefix AND
+    key < past(prefix)`` is one range of diskcache's key index."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 def doc_key(collection: str, doc_id: str) -> str:
     return f"{DOC}{collection}/{doc_id}"
 
@@ -70,7 +76,7 @@ class Feed:
         stamps each row's ``store_time``); the entries are few, so this reads little."""
         rows = self._cache._sql(
             "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? AND (key < ? OR store_time < ?)",
-            (ENTRY, ENTRY[:-1] + chr(ord(ENTRY[-1]) + 1), f"{ENTRY}{max(0, seq - KEEP):012d}",
+            (ENTRY, past(ENTRY), f"{ENTRY}{max(0, seq - KEEP):012d}",
              time.time() - KEEP_SECONDS)).fetchall()
         return [key for (key,) in rows]
 

@@ -19,7 +19,7 @@ import diskcache
 from ..errors import StoreError
 from ..record import short_repr, validate
 from .disk import SIGNATURE_BYTES
-from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, split_doc_key
+from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, past, split_doc_key
 
 log = logging.getLogger("capsule_nb")
 
@@ -89,10 +89,9 @@ class Rows:
         """``[(key, value)]`` of the rows whose key starts with ``prefix`` (after the key
         ``after``), in key order, in one query on diskcache's key index; a bad row reads
         as None. Listings use it instead of walking every key in the store."""
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         rows = self._cache._sql(
             "SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key > ? AND key < ? ORDER BY key LIMIT ?",
-            (after or prefix, end, limit)).fetchall()  # (the bare prefix is no key of ours)
+            (after or prefix, past(prefix), limit)).fetchall()  # (the bare prefix is no key of ours)
         found = []
         for key, mode, filename, raw in rows:
             try:
