@@ -158,7 +158,7 @@ def validate(record: Any, task_id: str | None = None) -> str | None:
 
 
 def check_status(status: str | None) -> None:
-    if status is not None and status not in STATUSES:
+    if status is not None and (type(status) is not str or status not in STATUSES):
         raise ValueError(f"unknown status {status!r}; expected one of {sorted(STATUSES)}")
 
 

@@ -11,6 +11,8 @@ import json
 import random
 import sqlite3
 
+import pytest
+
 import capsule_nb as cpsl
 from capsule_nb.cli import main
 from capsule_nb.store import feed
@@ -157,3 +159,31 @@ async def test_a_process_that_fell_behind_the_feed_still_hears_that_a_run_ended(
     finally:
         behind.close()
         app.close()
+
+
+def test_a_prune_with_nothing_to_prune_leaves_the_store_flushing(tmp_path, capsys):
+    """Retention runs every minute in every process, mostly with nothing to do: that must
+    not leave a write behind that never comes (every flush after it would stall 30 s)."""
+    app = cpsl.App(home=tmp_path)
+    try:
+        assert app.store.prune(app.name, keep=10) == 0
+        app.store.flush(timeout=5)  # a TimeoutError here was the stall
+        assert main(["--home", str(tmp_path), "prune", "--older-than", "1d"]) == 0
+        assert "pruned 0 finished runs" in capsys.readouterr().out
+    finally:
+        app.close()
+
+
+def test_bad_statuses_are_refused_by_queries_and_boards(tmp_path):
+    app = cpsl.App(home=tmp_path, executor="immediate")
+
+    @app.task
+    def job():
+        return 1
+
+    for bad in (["failed", "completed"], "bogus"):
+        with pytest.raises(ValueError, match="unknown status"):
+            job.count(status=bad)
+    with pytest.raises(ValueError, match="bogus"):
+        TaskBoard(app=app, filter={"status": ["failed", "bogus"]})
+    app.close()

@@ -49,7 +49,10 @@ class WriteBehind:
     # The caller holds the store's lock for these three.
 
     def queue(self, changes: dict[str, Any]) -> int:
-        """Accept ``{key: value, or None to delete}``; returns the generation to pass to ``flushed``."""
+        """Accept ``{key: value, or None to delete}``; returns the generation to pass to ``flushed``.
+        No changes make no generation: one the writer never commits would stall every flush."""
+        if not changes:
+            return self.generation
         self._dirty.update(changes)
         self.generation += 1
         self._wake.notify()

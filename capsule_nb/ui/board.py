@@ -45,7 +45,11 @@ def _clean_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
     unknown = set(filter) - set(FILTER_KEYS)
     if unknown:
         raise ValueError(f"TaskBoard filter keys are {FILTER_KEYS}, not {sorted(unknown)}")
-    return {key: value for key, value in filter.items() if value not in (None, "", [], ())}
+    filter = {key: value for key, value in filter.items() if value not in (None, "", [], ())}
+    wanted = filter.get("status")
+    for status in wanted if isinstance(wanted, (list, tuple)) else [wanted] if wanted is not None else []:
+        check_status(status)
+    return filter
 
 
 class TaskBoard(LiveWidget):
