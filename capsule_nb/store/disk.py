@@ -20,7 +20,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence, TypeVar
 
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
@@ -29,8 +29,10 @@ from ..errors import StoreError
 
 dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
+T = TypeVar("T")
 
 SIGNATURE_BYTES = 32  # HMAC-SHA256 in front of every payload
+BATCH = 500  # values in one ``IN (...)`` (SQLite allows far more; a statement stays small)
 REFUSED = "\x00refused"  # what a pickled key reads as: matches no prefix of ours
 # diskcache keeps a big value in a file it names "ab/cd/<28 hex>.val" under its folder. The
 # name is a column of the row, so a row written behind our back could name any file.
@@ -113,6 +115,17 @@ class Signer:
         if not self.signed_by_us(signed):
             raise StoreError(f"payload {name} in {self._where} has a bad signature; refused")
         return pickle.loads(signed[SIGNATURE_BYTES:])
+
+
+def marks(n: int) -> str:
+    """``?, ?, ?``: the parameters of an ``IN (...)`` of ``n`` values."""
+    return ", ".join("?" * n)
+
+
+def batches(items: Sequence[T]) -> Iterator[list[T]]:
+    """``items`` in lists of at most ``BATCH``: one statement each."""
+    for start in range(0, len(items), BATCH):
+        yield list(items[start : start + BATCH])
 
 
 def has_store(path: Path) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import StoreError
-from .disk import SIGNATURE_BYTES, JSONDisk, Signer
+from .disk import SIGNATURE_BYTES, JSONDisk, Signer, marks
 from .feed import PAYLOAD
 from .folder import load_key, prepare_folder
 from .rows import problem
@@ -118,7 +118,7 @@ def _keep(target: Path, moving: dict[str, tuple[list[str], list[tuple]]]) -> Non
                 if column not in there:
                     quarantine.execute(f"ALTER TABLE {moved} ADD COLUMN {column}")
             quarantine.executemany(f"INSERT INTO {moved} (moved_at, problem, rowid_was, {', '.join(columns)}) "
-                                   f"VALUES ({', '.join('?' * (3 + len(columns)))})", rows)
+                                   f"VALUES ({marks(3 + len(columns))})", rows)
     quarantine.close()
 
 

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import diskcache
 
+from .disk import marks
 from .feed import Feed, doc_key, split_doc_key
 
 Change = Callable[["dict | None"], "dict | None"]
@@ -92,7 +93,7 @@ def _clause(condition: Condition) -> tuple[str, list[Any], str]:
     field, op, value = condition
     values = list(value) if op == "in" else [value]
     if field == "_id" and op in ("=", "in") and all(type(v) is str for v in values):
-        return f"doc_id IN ({', '.join('?' * len(values))})", values, "doc_id"
+        return f"doc_id IN ({marks(len(values))})", values, "doc_id"
     expr = _expr(field)
     if op == "=":
         return (f"{expr} IS NULL", [], expr) if value is None else (f"{expr} = ?", [value], expr)
@@ -101,7 +102,7 @@ def _clause(condition: Condition) -> tuple[str, list[Any], str]:
     if op != "in":
         raise ValueError(f"unknown document condition {op!r}")
     items = [v for v in values if v is not None]
-    sql = f"{expr} IN ({', '.join('?' * len(items))})"
+    sql = f"{expr} IN ({marks(len(items))})"
     return (f"({sql} OR {expr} IS NULL)" if len(items) < len(values) else sql), items, expr
 
 

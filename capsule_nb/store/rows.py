@@ -18,7 +18,7 @@ import diskcache
 
 from ..errors import StoreError
 from ..record import short_repr, validate
-from .disk import SIGNATURE_BYTES
+from .disk import SIGNATURE_BYTES, batches, marks
 from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, past, split_doc_key
 
 log = logging.getLogger("capsule_nb")
@@ -79,10 +79,9 @@ class Rows:
     def present(self, keys: list[str]) -> list[str]:
         """Those of ``keys`` that have a row (one query per 500 keys, on diskcache's key index)."""
         found: list[str] = []
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
+        for chunk in batches(keys):
             found += [key for (key,) in self._cache._sql(
-                f"SELECT key FROM Cache WHERE raw = 1 AND key IN ({', '.join('?' * len(chunk))})", chunk)]
+                f"SELECT key FROM Cache WHERE raw = 1 AND key IN ({marks(len(chunk))})", chunk)]
         return found
 
     def scan(self, prefix: str, *, after: str | None = None, limit: int = -1) -> list[tuple[str, Any]]:

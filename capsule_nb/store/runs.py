@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import diskcache
 
 from ..record import FINISHED, STATUSES, RunRecord, short_repr
-from .disk import dumps
+from .disk import batches, dumps, marks
 from .feed import RUN
 
 COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what ``where`` may name
@@ -35,7 +35,6 @@ CHECKED = ("app", "task_name", "status", "session_id")  # columns a row's record
 READ = "task_id, app, task_name, status, session_id, record"  # what a read selects: the row, checked
 _FINISHED = tuple(sorted(FINISHED))
 _UNFINISHED = tuple(sorted(STATUSES - FINISHED))
-_BATCH = 500  # rows per statement when asking for many ids (SQLite's variable limit is far above)
 
 _ADD_NEW = ("INSERT INTO capsule_run_counts VALUES (new.app, new.task_name, coalesce(new.session_id, ''), "
             "new.status, 1) ON CONFLICT (app, task_name, session_id, status) DO UPDATE SET n = n + 1;")
@@ -121,15 +120,16 @@ def disagreement(columns: Sequence[Any], record: RunRecord) -> str | None:
     return None
 
 
-def _where(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """SQL for ``{column: value or list of values}``; an empty list matches nothing."""
-    clauses, args = [], []
+def _where(where: Mapping[str, Any], *also: str) -> tuple[str, list[Any]]:
+    """SQL for ``{column: value or list of values}`` (an empty list matches nothing) and the
+    conditions ``also``, written in SQL."""
+    clauses, args = list(also), []
     for column, wanted in where.items():
         if column not in COLUMNS:
             raise ValueError(f"runs cannot be filtered by {column!r}; by one of {COLUMNS}")
         if isinstance(wanted, (list, tuple, set, frozenset)):
             wanted = list(wanted)
-            clauses.append(f"{column} IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+            clauses.append(f"{column} IN ({marks(len(wanted))})" if wanted else "0")
             args.extend(wanted)
         elif wanted is None:
             clauses.append(f"{column} IS NULL")
@@ -173,9 +173,8 @@ class RunTable:
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             chunk = rows[start : start + _ROWS_PER_STATEMENT]
             sql(_upsert(len(chunk)), [value for row in chunk for value in row])
-        for start in range(0, len(deletes), _BATCH):
-            chunk = list(deletes[start : start + _BATCH])
-            sql(f"DELETE FROM capsule_runs WHERE task_id IN ({', '.join('?' * len(chunk))})", chunk)
+        for chunk in batches(deletes):
+            sql(f"DELETE FROM capsule_runs WHERE task_id IN ({marks(len(chunk))})", chunk)
 
     # ----------------------------------------------------------------- reads
 
@@ -185,10 +184,9 @@ class RunTable:
 
     def get_many(self, task_ids: Sequence[str]) -> dict[str, RunRecord]:
         found: dict[str, RunRecord] = {}
-        for start in range(0, len(task_ids), _BATCH):
-            chunk = list(task_ids[start : start + _BATCH])
-            rows = self._sql()(f"SELECT {READ} FROM capsule_runs WHERE task_id IN "
-                               f"({', '.join('?' * len(chunk))})", chunk).fetchall()
+        for chunk in batches(task_ids):
+            rows = self._sql()(f"SELECT {READ} FROM capsule_runs WHERE task_id IN ({marks(len(chunk))})",
+                               chunk).fetchall()
             found.update((r["task_id"], r) for r in self._records(rows))
         return found
 
@@ -216,9 +214,8 @@ class RunTable:
     def unfinished(self) -> list[RunRecord]:
         """Every run not finished: what a store holds in memory (from the status index; the
         counts are not asked, so counts someone tampered with hide no run from recovery)."""
-        marks = ", ".join("?" * len(_UNFINISHED))
-        return list(self._records(self._sql()(f"SELECT {READ} FROM capsule_runs WHERE status IN ({marks})",
-                                              _UNFINISHED)))
+        clause, args = _where({"status": _UNFINISHED})
+        return list(self._records(self._sql()(f"SELECT {READ} FROM capsule_runs{clause}", args)))
 
     def counts(self, where: Mapping[str, Any], by: Sequence[str] = ("status",)) -> dict[tuple[str, ...], int]:
         """``{(values of by): runs}`` from the counts the triggers keep (no scan of the runs)."""
@@ -239,22 +236,24 @@ class RunTable:
                            f"ORDER BY {column}").fetchall()
         return [value for (value,) in rows]
 
+    def finished(self, app: str | None) -> int:
+        """Finished runs of ``app`` (None: of every app), from the kept counts."""
+        return sum(self.counts({**({"app": app} if app is not None else {}), "status": _FINISHED}).values())
+
     def oldest_finished(self, app: str | None, *, keep: int | None = None, before: float | None = None) -> list[str]:
         """Ids of finished runs (of ``app``, or all) beyond the ``keep`` newest, or finished
         before ``before``: what retention and ``capsule-nb prune`` delete."""
         where = {"app": app} if app is not None else {}
         doomed: list[str] = []
         if keep is not None:
-            total = sum(self.counts({**where, "status": list(_FINISHED)}, by=("app",)).values())
+            total = self.finished(app)
             if total > keep:
-                clause, args = _where(where)
-                clause = clause + (" AND" if clause else " WHERE") + " finished_at IS NOT NULL"
+                clause, args = _where(where, "finished_at IS NOT NULL")
                 doomed += [i for (i,) in self._sql()(
                     f"SELECT task_id FROM capsule_runs{clause} ORDER BY finished_at, task_id LIMIT ?",
                     (*args, total - keep)).fetchall()]
         if before is not None:
-            clause, args = _where(where)
-            clause = clause + (" AND" if clause else " WHERE") + " finished_at < ?"
+            clause, args = _where(where, "finished_at < ?")
             doomed += [i for (i,) in self._sql()(f"SELECT task_id FROM capsule_runs{clause}",
                                                   (*args, before)).fetchall()]
         return list(dict.fromkeys(doomed))

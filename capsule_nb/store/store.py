@@ -252,7 +252,7 @@ class Store:
 
     def finished_count(self, app: str) -> int:
         """Finished runs of ``app`` on disk (retention's trigger)."""
-        return sum(self._runs.counts({"app": app, "status": sorted(FINISHED)}).values())
+        return self._runs.finished(app)
 
     def _settle(self) -> None:
         """Let a query see this process's own writes: wait for the writer, unless the disk
