@@ -25,7 +25,7 @@ from .collections import Collection, Database, TableSpec
 from .cron import parse_cron, parse_tz
 from .engine.runtime import Runtime, Settings
 from .engine.upkeep import stored_arguments
-from .handle import Submitted, TaskHandle
+from .handle import Endings, TaskHandle
 from .notebook import kernel
 from .notebook.messages import KernelDisplay
 from .queries import TaskQuery
@@ -95,7 +95,7 @@ class App:
         self._schedules: dict[str, Schedule] = {}
         self._pages: dict[str, Callable[..., Any]] = {}
         self.tasks = TaskQuery(self)
-        self._submitted = Submitted(self.store.events)
+        self._endings = Endings(self.store.events)
         user = local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = kernel.notebook_name()
@@ -266,7 +266,7 @@ class App:
         self._closed = True
         for schedule in self._schedules.values():
             schedule.stop()
-        self._submitted.close()
+        self._endings.close()
         try:
             self.runtime.shutdown()
         except Exception:  # at interpreter exit, best effort

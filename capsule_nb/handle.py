@@ -16,7 +16,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Generator
 
 from . import portable
-from .awaitables import ReadyBool, ReadyStr, resolve
+from .awaitables import ReadyBool, ReadyStr
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
 
@@ -35,12 +35,16 @@ class TaskHandle:
 
     def snapshot(self) -> dict[str, Any]:
         """The run's current record (a copy), without awaiting."""
+        return dict(self._record())
+
+    def _record(self) -> dict[str, Any]:
+        """The store's snapshot itself: records are immutable, so reading one needs no copy."""
         record = self._final or self._app.store.get_run(self.task_id)  # a finished record never changes
         if record is None:
             raise KeyError(f"run {self.task_id} is not in the store at {self._app.store.path}")
         if record["status"] in FINISHED:
-            self._final = record  # records are immutable snapshots: keeping one costs no copy
-        return dict(record)
+            self._final = record
+        return record
 
     def _get(self, field: str) -> Any:
         return self.snapshot().get(field)
@@ -109,38 +113,30 @@ class TaskHandle:
     async def wait(self, timeout: float | None = None) -> str:
         """Wait until the run is finished; returns the final status.
 
-        Waiting costs nothing per waiter: the store's change events wake it.
-        A run another process owns reaches those events through the runtime's
-        watch, one store poll per tick however many runs are waited on.
+        A waiter costs one entry in the app's ``Endings``, which hears every
+        finished record the store publishes. A run another process owns reaches
+        those events through the runtime's watch, one store poll per tick however
+        many runs are waited on.
         """
         portable.note("wait_result")
-        record = self.snapshot()
+        record = self._record()
         if record["status"] in FINISHED:
             return record["status"]
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[None] = loop.create_future()
-        loop_thread = threading.get_ident()
-
-        def on_change(changed: dict[str, Any]) -> None:  # from whatever thread wrote
-            if changed["status"] in FINISHED:
-                self._final = changed
-                if threading.get_ident() == loop_thread:
-                    resolve(finished)
-                else:
-                    loop.call_soon_threadsafe(resolve, finished)
-
-        unsubscribe = self._app.store.events.subscribe(on_change, task_id=self.task_id)
+        endings = self._app._endings
+        ended = endings.expect(self.task_id)
         try:
-            with self._app.runtime.watch(record):
-                if self.snapshot()["status"] not in FINISHED:  # it may have ended before we listened
-                    await asyncio.wait_for(finished, timeout)
+            record = self._record()  # it may have ended before we listened
+            if record["status"] not in FINISHED:
+                with self._app.runtime.watch(record):
+                    record = await (ended if timeout is None else asyncio.wait_for(ended, timeout))
         except asyncio.TimeoutError:
-            record = self.snapshot()
+            record = self._record()
             if record["status"] not in FINISHED:
                 raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout}s") from None
         finally:
-            unsubscribe()
-        return self.snapshot()["status"]
+            endings.forget(self.task_id, ended)
+        self._final = record
+        return record["status"]
 
     async def result(self, timeout: float | None = None) -> Any:
         """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""
@@ -174,23 +170,61 @@ class TaskHandle:
         return hash(self.task_id)
 
 
-class Submitted:
-    """The handles submits returned, held weakly: each learns its run's final record as it is
-    published, so waiting on a run that retention pruned first still tells how it ended."""
+class Endings:
+    """How this app's runs end, told to whoever asked: the handles submits returned (held
+    weakly, so waiting on a run that retention pruned first still tells how it ended) and
+    the futures of ``wait()``. One subscription serves them all, so a waiter costs a dict
+    entry, and thousands of waiters cost nothing per change."""
 
     def __init__(self, events: Any):
         self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
+        self._waiters: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
+        self._lock = threading.Lock()
         self.close = events.subscribe(self._published)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
         self._handles[handle.task_id] = handle
         return handle
 
-    def _published(self, record: dict[str, Any]) -> None:
-        if record["status"] in FINISHED:
-            handle = self._handles.get(record["task_id"])
-            if handle is not None:
-                handle._final = record
+    def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future, on the running loop, that gets the run's finished record."""
+        ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiters.setdefault(task_id, []).append((ended, threading.get_ident()))
+        return ended
+
+    def forget(self, task_id: str, ended: asyncio.Future[dict[str, Any]]) -> None:
+        with self._lock:
+            rest = [waiter for waiter in self._waiters.get(task_id, ()) if waiter[0] is not ended]
+            if rest:
+                self._waiters[task_id] = rest
+            else:
+                self._waiters.pop(task_id, None)
+
+    def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
+        if record["status"] not in FINISHED:
+            return
+        handle = self._handles.get(record["task_id"])
+        if handle is not None:
+            handle._final = record
+        if not self._waiters:
+            return
+        with self._lock:
+            waiters = self._waiters.pop(record["task_id"], ())
+        here = threading.get_ident()
+        for ended, thread in waiters:
+            if thread == here:
+                _settle(ended, record)
+            else:
+                try:
+                    ended.get_loop().call_soon_threadsafe(_settle, ended, record)
+                except RuntimeError:  # that loop is closed; nobody is waiting any more
+                    pass
+
+
+def _settle(ended: asyncio.Future[dict[str, Any]], record: dict[str, Any]) -> None:
+    if not ended.done():
+        ended.set_result(record)
 
 
 def _datetime(value: float | None) -> dt.datetime | None:

@@ -204,7 +204,7 @@ class Schedule:
                                               extra={"schedule": self.cron, "scheduled_for": due})
         self.app.store.flush()  # on disk before the tick counts as fired: a kill now loses nothing
         self._update(lambda s: {**s, "last_run": record["task_id"], "settled_due": max(s.get("settled_due", 0), due)})
-        return self.app._submitted.add(TaskHandle(self.app, record["task_id"], gen))
+        return self.app._endings.add(TaskHandle(self.app, record["task_id"], gen))
 
     def _watch(self, due: float) -> None:
         """Another kernel claimed ``due``: once it has recorded the run, or the next tick is due

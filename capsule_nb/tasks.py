@@ -154,7 +154,7 @@ class Task:
         record, gen = self.app.runtime.submit(
             self, args, kwargs, params, session=session, target=target, extra=extra, **when
         )
-        return self.app._submitted.add(TaskHandle(self.app, record["task_id"], gen))
+        return self.app._endings.add(TaskHandle(self.app, record["task_id"], gen))
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults included; a TypeError names a bad one.

@@ -78,7 +78,13 @@ class Executor:
 
 class AsyncExecutor(Executor):
     def start(self, run: Run) -> None:
-        self.runtime.loops.call_soon(self._spawn, run, self.context(run))
+        """On the loop's thread the task is made at once, so it runs before what the caller
+        schedules next (``gather`` of waits finds noop runs already done)."""
+        loops = self.runtime.loops
+        if loops.on_loop_thread():
+            self._spawn(run, self.context(run))
+        else:
+            loops.call_soon(self._spawn, run, self.context(run))
 
     def _spawn(self, run: Run, ctx: contextvars.Context) -> None:
         run.aio_task = self.runtime.loops.loop.create_task(self._async_body(run), context=ctx)

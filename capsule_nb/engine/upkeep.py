@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
 from ..store.owners import owner_alive
@@ -41,6 +41,7 @@ WATCH_SECONDS = 0.05  # how often the store is polled while a run owned elsewher
 # A run this process owns but no runtime of it works on is, for a moment, one being submitted
 # or adopted; past this it is one this process let go (its app closed), and a request settles it.
 LET_GO_SECONDS = 5.0
+_NOTHING = contextlib.nullcontext()  # what watching a run of this process takes
 
 
 class Upkeep:
@@ -82,14 +83,14 @@ class Upkeep:
             if self._generation is generation:  # not stopped (or restarted) meanwhile
                 runtime.timers.call_later(MAINTAIN_SECONDS, lambda: self._maintain(generation))
 
-    @contextlib.contextmanager
-    def watch(self, record: RunRecord) -> Iterator[None]:
+    def watch(self, record: RunRecord) -> ContextManager[None]:
         """While in the block, changes other processes make reach this store's events
         within ``WATCH_SECONDS``. A run of this process needs nothing: its changes are
         published as they are made."""
-        if record.get("owner") == self.runtime.owner:
-            yield
-            return
+        return _NOTHING if record.get("owner") == self.runtime.owner else self._watching()
+
+    @contextlib.contextmanager
+    def _watching(self) -> Iterator[None]:
         with self._watch_lock:
             self._watchers += 1
             arm = not self._watch_armed
