@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import math
+import numbers
 import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -165,8 +167,8 @@ class Session:
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> ReadyNone:
         """Drive the card's progress bar (``total=None``: an open-ended count)."""
-        if total is not None and total < 0 or done < 0:
-            raise ValueError(f"progress must not be negative: done={done!r}, total={total!r}")
+        done = _amount("done", done)
+        total = None if total is None else _amount("total", total)
         portable.note("progress_log")
         run = current_run.get()
         if run is not None:
@@ -272,6 +274,15 @@ class StreamReply:
 
     async def __aexit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _amount(name: str, value: Any) -> int | float:
+    """A progress count as JSON keeps it (a NumPy number becomes a plain one)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if math.isfinite(value) and value >= 0:
+            return value
+    raise ValueError(f"progress {name} must be a finite number, not negative; got {value!r}")
 
 
 def _detached_session(id: str, user: User, home: str) -> Session:

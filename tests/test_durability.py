@@ -434,3 +434,29 @@ def test_an_old_store_s_run_records_move_into_their_table(tmp_path):
     app = cpsl.App(home=home)
     assert [app.get_task(task_id).snapshot()["result"] for task_id in ids] == [0, 1, 2]
     assert app.store.items("run/") == [] and app.store.count_runs() == 3
+
+
+async def test_arguments_and_results_json_keeps_come_back_exactly_from_disk(tmp_path):
+    """What the standard library's JSON stores, the store keeps: an int beyond 64 bits, text
+    beyond ASCII, a lone surrogate, floats at their extremes; read back by a new process."""
+    app = cpsl.App(home=tmp_path)
+
+    @app.task
+    def echo(*values):
+        return list(values)
+
+    values = [2**70, -(2**65), "café ☕", "\ud800 alone", 5e-324, 1e308, -0.0, {"nested": [2**64, "é"]}]
+    handle = await echo.submit(*values)
+    assert await handle.result(timeout=10) == values
+    app.store.flush()
+    task_id = handle.task_id
+    app.close()
+    child = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(f"""
+        record = app.get_task({task_id!r}).snapshot()
+        print(repr((record["args"], record["result"])))
+        """)],
+        capture_output=True, text=True, env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)}, timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert eval(child.stdout) == (values, values)

@@ -5,7 +5,10 @@ import logging
 import sys
 import threading
 
+import pytest
+
 import capsule_nb as cpsl
+from capsule_nb.errors import TaskFailed
 
 from .conftest import until
 
@@ -183,9 +186,28 @@ async def test_show_task_in_a_task_records_it_and_returns_a_card(app):
     assert kinds(handle) == [("show_task", child_id)]
 
 
-async def test_progress_rejects_negative_values(app):
-    import pytest
+@pytest.mark.parametrize("done, total, bad", [
+    (-1, None, "done.*-1"), (float("nan"), None, "done.*nan"), (float("inf"), 10, "done.*inf"),
+    ("3", None, "done.*'3'"), (True, None, "done.*True"), (1, -5, "total.*-5"), (1, float("nan"), "total.*nan"),
+])
+async def test_progress_refuses_what_is_no_count_and_names_it(app, done, total, bad):
+    @app.task
+    async def report(session):
+        session.progress(done, total)
 
-    with pytest.raises(ValueError, match="negative"):
-        app.session.progress(-1)
-    await until(lambda: True)
+    handle = report.submit()
+    with pytest.raises(TaskFailed, match=f"ValueError: progress {bad}"):
+        await handle.result(timeout=5)
+    assert handle.snapshot()["progress"] is None
+
+
+async def test_progress_takes_any_real_number_as_plain_json(app):
+    import fractions
+
+    @app.task
+    async def report(session):
+        session.progress(fractions.Fraction(1, 2), 3)
+
+    handle = report.submit()
+    await handle.result(timeout=5)
+    assert handle.snapshot()["progress"] == {"done": 0.5, "total": 3, "message": None}
