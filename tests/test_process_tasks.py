@@ -26,6 +26,17 @@ class CountsPickles:
         return CountsPickles, (self.value,)
 
 
+async def test_a_function_defined_in_a_cell_sees_the_globals_of_each_submit(app):
+    """A cell's function goes by value, with the globals it reads then: a worker must see
+    the value a global had at each submit, however the call's pickles are kept."""
+    cell: dict = {"__name__": "__main__"}
+    exec("LIMIT = 1\ndef read_limit(scale):\n    return LIMIT * scale\n", cell)
+    read_limit = app.task(process=True)(cell["read_limit"])
+    assert await read_limit.submit(10).result(timeout=60) == 10
+    cell["LIMIT"] = 2
+    assert await read_limit.submit(10).result(timeout=60) == 20
+
+
 async def test_each_argument_is_pickled_once_across_retries_and_the_resumable_copy(app):
     @app.task(process=True, retries=1)
     def flaky(box, path):

@@ -40,7 +40,7 @@ from ..record import (
 )
 from ..store import Store
 from ..store.owners import owner_alive, owner_id
-from ..workers.pickling import Call, pickle_call
+from ..workers.pickling import Call, CallPickler
 from . import capture
 from .callbacks import Callbacks
 from .executors import AsyncExecutor, Executor, ImmediateExecutor, Outcome, ProcessExecutor, ThreadExecutor
@@ -97,6 +97,7 @@ class Runtime:
         self._queue_lock = threading.Lock()
         self._processes: Any = None
         self._cluster: Any = None
+        self._calls = CallPickler(default_session)
         immediate = ImmediateExecutor(self)
         self._executors: dict[str, Executor] = {
             "async": immediate if settings.immediate else AsyncExecutor(self),
@@ -144,7 +145,7 @@ class Runtime:
 
     def pickle_call(self, task: "Task", args: tuple, kwargs: dict, session: Any) -> Call:
         """A process run's call, pickled once: a ``TypeError`` names what cannot go to a worker."""
-        return pickle_call(task.fn, args, kwargs, session or self.default_session, task.session_param)
+        return self._calls.pickle(task.fn, args, kwargs, session or self.default_session, task.session_param)
 
     # ---------------------------------------------------------------- submit
 

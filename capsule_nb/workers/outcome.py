@@ -141,9 +141,9 @@ class Job:
         self.pid: int | None = None
         self._outcome: Outcome | None = None
         self._kill_reason: str | None = None  # set once by ``kill``: the job ends ``killed``
-        self._settled = threading.Event()
+        self._settled: threading.Event | None = None  # made by the first ``wait``: most jobs have none
         self._callbacks: list[Callable[[Outcome], None]] = []
-        self._callbacks_lock = threading.Lock()
+        self._callbacks_lock = threading.Lock()  # also guards ``_outcome`` against ``wait``
 
     def add_done_callback(self, callback: Callable[[Outcome], None]) -> None:
         """Call ``callback(outcome)`` once the job has ended: on the back end's delivery
@@ -171,8 +171,11 @@ class Job:
             return False
         if self._kill_reason is not None and outcome.reason != self._kill_reason:
             outcome = killed(outcome.pid or self.pid, self._kill_reason)
-        self._outcome = outcome
-        self._settled.set()
+        with self._callbacks_lock:
+            self._outcome = outcome
+            settled = self._settled
+        if settled is not None:
+            settled.set()
         return True
 
     @property
@@ -180,11 +183,17 @@ class Job:
         return self._outcome
 
     def done(self) -> bool:
-        return self._settled.is_set()
+        return self._outcome is not None
 
     def wait(self, timeout: float | None = None) -> Outcome:
         """Block until the job has ended; ``TimeoutError`` if ``timeout`` passes first."""
-        if not self._settled.wait(timeout):
+        with self._callbacks_lock:
+            if self._outcome is not None:
+                return self._outcome
+            if self._settled is None:
+                self._settled = threading.Event()
+            settled = self._settled
+        if not settled.wait(timeout):
             raise TimeoutError(f"{type(self).__name__} {self.id} still running after {timeout}s")
         return self._outcome  # type: ignore[return-value]
 

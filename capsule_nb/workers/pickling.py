@@ -1,16 +1,20 @@
 """Pickling calls for another process, once, with errors that name the bad value.
 
-A call travels as two cloudpickle blobs: the arguments, pickled once at
-submit (the same bytes are kept in the store when the run must be
-resumable, and sent to the worker), and the function with the run's
-session, pickled when the run starts. cloudpickle sends a notebook
-function by value, with the globals it uses.
+A call travels as two pickles: the arguments, pickled once at submit (the
+same bytes are kept in the store when the run must be resumable, and sent
+to the worker), and the function with the run's session. cloudpickle sends
+a notebook function by value, with the globals it uses, so that pickle is
+made again at every submit: a global may have changed. A function a worker
+can import goes by reference, the same bytes each time, so a
+``CallPickler`` keeps them. Arguments that are builtin data only go
+through the standard pickler, which writes what cloudpickle would, faster.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import pickle
 import types
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -18,6 +22,8 @@ import cloudpickle
 
 _SEARCH_DEPTH = 4  # how deep an unpicklable value is looked for inside containers
 _SEARCH_WIDTH = 200  # items looked at per container
+_PLAIN_ITEMS = 1000  # builtin data up to this many items skips cloudpickle's per-object hook
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 class Call(NamedTuple):
@@ -141,17 +147,63 @@ def _fn_name(fn: Any) -> str:
 
 
 def pickle_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
-    """``(args, kwargs)`` as cloudpickle bytes; a ``TypeError`` names a value that cannot go."""
+    """``(args, kwargs)`` pickled; a ``TypeError`` names a value that cannot go."""
+    value = (tuple(args), dict(kwargs))
+    if _plain(value):
+        return pickle.dumps(value, protocol=cloudpickle.DEFAULT_PROTOCOL)
     try:
-        return cloudpickle.dumps((tuple(args), dict(kwargs)))
+        return cloudpickle.dumps(value)
     except Exception:
         check_picklable(args, kwargs, fn)
         raise
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is builtin scalars in lists, tuples and dicts, ``_PLAIN_ITEMS`` at most."""
+    stack, budget = [value], _PLAIN_ITEMS
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif kind is list or kind is tuple:
+            stack.extend(item)
+        else:
+            return False
+        budget -= len(item)
+        if budget < 0:
+            return False
+    return True
+
+
+def pickle_function(fn: Callable[..., Any], session: Any = None, session_param: str | None = None) -> bytes:
+    """``(fn, session, session_param)`` as cloudpickle bytes; a ``TypeError`` names what cannot go."""
+    try:
+        return cloudpickle.dumps((fn, session, session_param))
+    except Exception:
+        check_picklable((), {}, fn)
+        if session is not None and (problem := unpicklable("the session", session)):
+            raise TypeError(f"cannot send {_fn_name(fn)}() to a worker process: {problem}") from None
+        raise
+
+
+def _by_reference(fn: Callable[..., Any]) -> bool:
+    """Whether cloudpickle sends ``fn`` as its module and name (a function a worker can
+    import): then it writes the very bytes the standard pickler does, the same at every call."""
+    try:
+        return cloudpickle.dumps(fn) == pickle.dumps(fn, protocol=cloudpickle.DEFAULT_PROTOCOL)
+    except Exception:
+        return False
+
+
 def pickle_call(fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, session: Any = None,
-                session_param: str | None = None, *, arguments: bytes | None = None) -> Call:
-    """The ``Call`` for ``fn(*args, **kwargs)``, or for arguments already pickled (``arguments``).
+                session_param: str | None = None, *, arguments: bytes | None = None,
+                function: bytes | None = None) -> Call:
+    """The ``Call`` for ``fn(*args, **kwargs)``, reusing ``arguments`` or ``function`` when
+    already pickled.
 
     ``session`` is bound as the child's session, and handed to the
     ``session_param`` parameter when there is one. ``TypeError`` names what
@@ -159,11 +211,25 @@ def pickle_call(fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = 
     """
     if arguments is None:
         arguments = pickle_arguments(fn, args, kwargs or {})
-    try:
-        function = cloudpickle.dumps((fn, session, session_param))
-    except Exception:
-        check_picklable((), {}, fn)
-        if session is not None and (problem := unpicklable("the session", session)):
-            raise TypeError(f"cannot send {_fn_name(fn)}() to a worker process: {problem}") from None
-        raise
+    if function is None:
+        function = pickle_function(fn, session, session_param)
     return Call(function, arguments)
+
+
+class CallPickler:
+    """Pickles a runtime's calls, keeping the function's pickle where it is the same bytes
+    every time: an importable function (it goes by reference) with the runtime's own session.
+    A function defined in a cell goes by value, with its globals, so it is pickled at every call."""
+
+    def __init__(self, session: Any):
+        self._session = session
+        self._functions: dict[Callable[..., Any], bytes | None] = {}
+
+    def pickle(self, fn: Callable[..., Any], args: tuple, kwargs: dict, session: Any,
+               session_param: str | None) -> Call:
+        if session is not self._session:
+            return pickle_call(fn, args, kwargs, session, session_param)
+        call = pickle_call(fn, args, kwargs, session, session_param, function=self._functions.get(fn))
+        if fn not in self._functions:
+            self._functions[fn] = call.function if _by_reference(fn) else None
+        return call
