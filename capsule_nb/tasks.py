@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from . import portable
 from .checks import whole_number
 from .durations import parse_delay, parse_when
+from .engine.context import current_run
 from .handle import TaskHandle
+from .notebook import kernel
 from .queries import TaskQuery
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 ON_LOCK = ("join", "reject", "queue")
 MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
+_REQUIRED = object()  # a parameter without a default, in ``_plain_params``
 
 
 class Task:
@@ -82,6 +85,7 @@ class Task:
         self.signature = inspect.signature(fn)
         self.session_param = _session_param(self.signature)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        self._plain_params = _plain_params(self.signature, self.session_param)
         self.lock = lock
         if lock is not None:
             _check_lock_template(lock, self.signature, self.name)
@@ -140,12 +144,12 @@ class Task:
 
     def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", display_name: str | None,
                 **when: Any) -> TaskHandle:
-        from .engine.context import current_run
-        from .notebook import kernel
-
         if args:
             portable.note("positional")
         params = self.bind(args, kwargs)
+        if session is not None and not isinstance(getattr(session, "id", None), str):
+            raise TypeError(f"{self.name}.submit(): session must be a Session (a handler's, or "
+                            f"cpsl.current_session()), got {session!r}")
         if display_name is not None and not isinstance(display_name, str):
             raise TypeError(f"{self.name}.submit(): display_name must be a string, got {display_name!r}")
         extra = {"display_name": display_name} if display_name else None
@@ -161,6 +165,12 @@ class Task:
 
         What lands in ``**kwargs`` is spread out by name, so a lock template and
         ``find(user_id=...)`` see a submit's keywords as Capsule does."""
+        if self._plain_params is not None:  # on the submit path: Signature.bind costs ~10 µs
+            names, defaults = self._plain_params
+            params = {**defaults, **dict(zip(names, args)), **kwargs}
+            if len(args) <= len(names) and params.keys() == defaults.keys() and not kwargs.keys() & names[: len(args)] \
+                    and not any(value is _REQUIRED for value in params.values()):
+                return params  # else Signature.bind says what is wrong
         extra = {self.session_param: None} if self.session_param and self.session_param not in kwargs else {}
         try:
             bound = self.signature.bind(*args, **kwargs, **extra)
@@ -229,6 +239,17 @@ def _parse_size(value: int | str, name: str) -> int:
     if not match:
         raise ValueError(f"@task({name}): memory_limit must be bytes or like '512MB', got {value!r}")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def _plain_params(signature: inspect.Signature, session_param: str | None) -> tuple[tuple, dict] | None:
+    """For a signature of plain parameters (no ``*args``, ``**kwargs``, keyword- or
+    positional-only ones): their names, and a dict of them in order holding the defaults
+    (``_REQUIRED`` where none), which ``bind`` fills without ``Signature.bind``. None otherwise."""
+    params = [p for name, p in signature.parameters.items() if name != session_param]
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params) or (
+            session_param is not None and list(signature.parameters).index(session_param) < len(params)):
+        return None
+    return tuple(p.name for p in params), {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params}
 
 
 def _session_param(signature: inspect.Signature) -> str | None:

@@ -1,6 +1,8 @@
 """Bad input fails early, names the bad value, and leaves the store as it was."""
 
+import inspect
 import os
+import re
 import stat
 
 import pytest
@@ -162,3 +164,39 @@ def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch
     for bad in ({"max_threads": 0}, {"keep_finished": -1}, {"max_result_bytes": "1MB"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
             cpsl.configure(**bad)
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((), {}), (("eu",), {}), (("eu", 2023), {}), (("eu", 2023, "csv"), {}), (("eu", 2023, "csv", "x"), {}),
+    ((), {"region": "eu"}), (("eu",), {"region": "us"}), (("eu",), {"fmt": "csv", "year": 1}),
+    ((), {"colour": "red"}),
+])
+async def test_a_submit_binds_its_arguments_as_python_does(logic_app, args, kwargs):
+    """Every call a person may make: the run gets the arguments Python would bind, in the
+    signature's order, or the submit fails with Python's reason and records nothing."""
+    def report(region, year=2024, fmt="pdf", session=None):
+        return [region, year, fmt]
+
+    task = logic_app.task(report)
+    try:
+        bound = inspect.signature(report).bind(*args, **kwargs, session=None)
+    except TypeError as exc:
+        with pytest.raises(TypeError, match=re.escape(f"report.submit(): {exc}")):
+            task.submit(*args, **kwargs)
+        assert task.count() == 0
+        return
+    bound.apply_defaults()
+    expected = {name: value for name, value in bound.arguments.items() if name != "session"}
+    handle = task.submit(*args, **kwargs)
+    assert list(handle.snapshot()["params"].items()) == list(expected.items())
+    assert await handle.result() == list(expected.values())
+
+
+def test_a_session_that_is_no_session_is_refused_at_submit(app):
+    @app.task
+    def job(session=None):
+        pass
+
+    with pytest.raises(TypeError, match=r"job.submit\(\): session must be a Session .*got 'ops'"):
+        job.submit(session="ops")
+    assert job.count() == 0

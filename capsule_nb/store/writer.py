@@ -42,6 +42,7 @@ class WriteBehind:
         self._flushed = 0
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._closed = False
+        self._asleep = False  # the writer waits for changes (set and read under the lock)
         self.failure: StoreError | None = None  # set while the disk refuses writes
         self._thread = threading.Thread(target=self._loop, name="capsule-store-writer", daemon=True)
         self._thread.start()
@@ -55,7 +56,8 @@ class WriteBehind:
             return self.generation
         self._dirty.update(changes)
         self.generation += 1
-        self._wake.notify()
+        if self._asleep:  # a busy writer takes these with its next batch: no wake-up to pay for
+            self._wake.notify_all()  # all: ``flush`` callers wait on this condition too
         return self.generation
 
     def held(self, key: str) -> Any:
@@ -90,7 +92,7 @@ class WriteBehind:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             gen = self.generation
-            self._wake.notify()
+            self._wake.notify_all()
             while self._flushed < gen and self._thread.is_alive():
                 if self.failure is not None:
                     raise self.failure
@@ -110,7 +112,9 @@ class WriteBehind:
         while True:
             with self._lock:
                 while not self._dirty and not self._closed:
+                    self._asleep = True
                     self._wake.wait()
+                    self._asleep = False
                 if not self._dirty and self._closed:
                     return
                 batch, self._dirty = self._dirty, {}

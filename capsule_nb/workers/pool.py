@@ -47,6 +47,7 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
+import selectors
 import signal
 import threading
 import weakref
@@ -210,19 +211,24 @@ class _Worker:
                 continue
 
     def _read(self) -> None:
-        conn, sentinel = self.conn, self.process.sentinel
-        while True:
-            try:
-                ready = multiprocessing.connection.wait([conn, sentinel])
-                if conn not in ready and not conn.poll(0):  # dead and nothing left to read
+        conn = self.conn
+        # One selector for the worker's life (``connection.wait`` makes one per call). The
+        # sentinel tells of a death even when the worker's own children keep the pipe open.
+        with selectors.DefaultSelector() as selector:
+            selector.register(conn, selectors.EVENT_READ)
+            selector.register(self.process.sentinel, selectors.EVENT_READ)
+            while True:
+                try:
+                    ready = [key.fileobj for key, _ in selector.select()]
+                    if conn not in ready and not conn.poll(0):  # dead and nothing left to read
+                        break
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):
                     break
-                data = conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-            try:
-                self.pool._handle(self, pickle.loads(data))
-            except Exception:
-                log.exception("capsule_nb: bad message from process worker %s", self.pid)
+                try:
+                    self.pool._handle(self, pickle.loads(data))
+                except Exception:
+                    log.exception("capsule_nb: bad message from process worker %s", self.pid)
         self.process.join()  # reaped (by the forkserver) before anyone hears the job ended
         dump = _read_available(self.faults)
         self.pool._died(self, self.process.exitcode, dump)
