@@ -162,3 +162,25 @@ def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch
     for bad in ({"max_threads": 0}, {"keep_finished": -1}, {"max_result_bytes": "1MB"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
             cpsl.configure(**bad)
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (lambda: cpsl.Column("due", type="datetime"),
+         r"column 'due': type must be one of .*'boolean'\), got 'datetime'"),
+        (lambda: cpsl.Column("due", type=None), r"got None"),
+        (lambda: cpsl.Column(""), r"a column's key is a non-empty field name, got ''"),
+        (lambda: cpsl.Column(3), r"a column's key is a non-empty field name, got 3"),
+        (lambda: cpsl.Column("due", label=["Due"]), r"column 'due': label must be text or None, got \['Due'\]"),
+        (lambda: {"key": "due", "type": "when"}, r"got 'when'"),
+        (lambda: {"label": "Due"}, r"has a 'key'; got \{'label': 'Due'\}"),
+        (lambda: 42, r"has a 'key'; got 42"),
+    ],
+)
+def test_a_bad_column_names_the_bad_value_and_declares_nothing(app, column, message):
+    app.collection("threads", columns=["subject"]).insert_one({"subject": "kept"})
+    with pytest.raises(ValueError, match=message):
+        app.collection("threads", columns=[column()])
+    assert '<th>subject</th>' in app.collection("threads")._repr_html_()  # the table declared before stays
+    assert app.collection("threads").find_one({})["subject"] == "kept"

@@ -235,6 +235,39 @@ async def test_collections_take_capsules_options_and_dict_sort(capsule):
         await threads.find(sort={"priority": "up"})
 
 
+async def test_a_collection_declared_with_columns_shows_their_labels(capsule):
+    app = cpsl.App(name="my-app")
+    # GUIDE: columns: list[str | Column]; cpsl.Column(key, type="text", label=None, format=None)
+    threads = app.collection(
+        "threads",
+        columns=[
+            "subject",
+            cpsl.Column("sender", type="email", label="From"),
+            cpsl.Column("status", type="status", label="State"),
+            cpsl.Column("amount", "currency", "Amount", "USD"),
+            cpsl.Column("received", type="date", format="%Y-%m-%d"),
+            cpsl.Column("tags", type="tags"),
+            cpsl.Column("urgent", type="boolean", label="Urgent?"),
+        ],
+        sortable=True,
+    )
+    # D8, as written
+    created = await threads.insert_one({"subject": "Renewal review", "sender": "ops@example.com",
+                                        "status": "needs-review", "priority": "high"})
+    await threads.update_one({"_id": created["_id"]}, {"$set": {"amount": 1200, "tags": ["renewal"]}})
+
+    table = threads._repr_html_()
+    assert re.findall(r"<th>(.*?)</th>", table) == ["subject", "From", "State", "Amount", "received", "tags",
+                                                   "Urgent?"]
+    assert re.findall(r"<td>(.*?)</td>", table) == ["Renewal review", "ops@example.com", "needs-review", "1200",
+                                                   "", "[&#x27;renewal&#x27;]", ""]
+    amount = cpsl.Column("amount", "currency", "Amount", "USD")
+    assert (amount.key, amount.type, amount.label, amount.format) == ("amount", "currency", "Amount", "USD")
+    assert cpsl.Column("subject") == cpsl.Column("subject", type="text", label=None, format=None)
+    with pytest.raises(AttributeError):
+        amount.label = "Total"  # a declared column does not change under its table
+
+
 # ------------------------------------------------------------------ 7: show_task
 
 
