@@ -746,6 +746,57 @@ def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):
     assert str(nb.home) in missing.error["evalue"]
 
 
+def test_show_task_from_a_process_run_draws_the_card_a_thread_run_draws(nb: Kernel):
+    nb.run(
+        """
+        app = cpsl.App(name="process-cards")
+
+        @app.task(retries=2, timeout=300)
+        async def sync_threads():
+            return {"synced": 1}
+
+        async def announce(sync_id: str, session: cpsl.Session | None = None):
+            await session.show_task(sync_id, message="Mailbox sync started")
+            await cpsl.current_session().show_task(sync_id, message="Still syncing")
+            return sync_id
+
+        in_thread = app.task(name="in_thread")(announce)
+        in_process = app.task(name="in_process", process=True)(announce)
+        sync = await sync_threads.submit()
+        await sync.wait(30)
+        """
+    )
+    sync_id = nb.value("sync.task_id")
+
+    def cards_under(cell: Cell) -> list[dict[str, Any]]:
+        outputs = [m["content"]["data"] for m in cell.messages if m["msg_type"] == "display_data"]
+        return [data for data in outputs if data.get("text/plain", "").startswith(("Mailbox sync started [",
+                                                                                 "Still syncing ["))]
+
+    drawn = {}
+    for task in ("in_thread", "in_process"):
+        cell = nb.run(f"h = await {task}.submit(sync.task_id, session=session)")
+        assert nb.value("await h.wait(60)") == "completed"
+        nb.wait_for(lambda: len(cards_under(cell)) == 2, 10, f"the two cards of {task}")
+        drawn[task] = [{k: v for k, v in card.items() if k != WIDGET_VIEW} for card in cards_under(cell)]
+        assert all(WIDGET_VIEW in card for card in cards_under(cell))  # live cards, not text
+        assert [(m["kind"], m["text"]) for m in nb.value("h.snapshot()['messages']")] == [("show_task", sync_id)] * 2
+    assert drawn["in_process"] == drawn["in_thread"]
+    assert [card["text/plain"].split(" [")[0] for card in drawn["in_process"]] == ["Mailbox sync started",
+                                                                                   "Still syncing"]
+    assert all(sync_id in card["text/plain"] for card in drawn["in_process"])
+
+    # An unknown id fails a thread run; a worker has moved on by the time the parent looks it up,
+    # so a process run keeps the same error in its log.
+    nb.run("h = await in_thread.submit('no-such-id', session=session)")
+    assert nb.value("await h.wait(60)") == "failed"
+    error = nb.value("h.snapshot()['error']")
+    assert error.startswith("KeyError: ") and "no-such-id" in error and str(nb.home) in error
+    nb.run("h = await in_process.submit('no-such-id', session=session)")
+    assert nb.value("await h.wait(60)") == "completed"
+    assert [(m["kind"], m["text"]) for m in nb.value("h.snapshot()['messages']")] == [("log", error)] * 2
+
+
 def test_the_tasks_page_shows_in_a_cell(nb: Kernel):
     nb.run("app = cpsl.App(name='page-app')\n" + D4_TASK)
     cell = nb.run(
