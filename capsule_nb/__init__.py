@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .app import App, Image, configure, current_session, get_task, schedule, task
+from .collections import Column
 from .errors import LockedError, TaskCancelled, TaskFailed
 from .handle import TaskHandle
 from .notebook import load_ipython_extension, unload_ipython_extension
@@ -28,6 +29,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "App",
+    "Column",
     "Image",
     "LockedError",
     "Session",

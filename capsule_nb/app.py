@@ -246,7 +246,7 @@ class App:
                    sortable: bool = False, filterable: bool = False, paginate: int = 0) -> Collection:
         """A document collection in this app's store (the same as ``session.db[name]``).
 
-        Capsule's options are accepted: ``columns`` (names, or ``{"key", "label"}``) and
+        Capsule's options are accepted: ``columns`` (names, ``cpsl.Column``s or dicts) and
         ``paginate`` shape the table a collection displays as; ``scope`` is checked, but a
         notebook has one user and one owner, so every scope is the same collection here."""
         spec = TableSpec(columns, scope, sortable, filterable, paginate)

@@ -18,6 +18,7 @@ import html
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .checks import whole_number
@@ -45,9 +46,31 @@ MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap
 MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
 SCOPES = ("app", "user", "owner", "session")
 TABLE_ROWS = 200  # rows a collection's table shows when it declares no ``paginate``
+COLUMN_TYPES = ("text", "number", "currency", "date", "link", "email", "status", "tags", "boolean")
 
 # What ``app.collection(name, columns=...)`` declared, by (store folder, name): how the table shows it.
 _declared: dict[tuple[str, str], "TableSpec"] = {}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A declared column: ``cpsl.Column(key, type="text", label=None, format=None)``.
+
+    ``type`` and ``format`` tell Capsule's pages how to render a value; they are
+    checked and kept, and a notebook's table shows each value as text."""
+
+    key: str
+    type: str = "text"
+    label: str | None = None
+    format: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"a column's key is a non-empty field name, got {self.key!r}")
+        if not isinstance(self.type, str) or self.type not in COLUMN_TYPES:
+            raise ValueError(f"column {self.key!r}: type must be one of {COLUMN_TYPES}, got {self.type!r}")
+        if self.label is not None and not isinstance(self.label, str):
+            raise ValueError(f"column {self.key!r}: label must be text or None, got {self.label!r}")
 
 
 class TableSpec:
@@ -75,7 +98,7 @@ class Collection:
         if spec is not None:
             _declared[(str(store.path), name)] = spec
             if spec.columns and (spec.sortable or spec.filterable):
-                store.index_docs([key for key, _ in spec.columns])
+                store.index_docs([column.key for column in spec.columns])
 
     def __repr__(self) -> str:
         return f"<collection {self.name!r}: {self.count()} documents>"
@@ -168,7 +191,7 @@ class Collection:
         total = self.count()
         docs = self._find({}, limit=spec.paginate if spec and spec.paginate else TABLE_ROWS)
         if spec is not None and spec.columns is not None:
-            columns = spec.columns
+            columns = [(column.key, column.label or column.key) for column in spec.columns]
         else:
             keys: list[str] = ["id"]
             for doc in docs:
@@ -459,15 +482,15 @@ def _sortable(value: Any) -> tuple:
     return (2, value if isinstance(value, str) else text(value))
 
 
-def _column(column: Any) -> tuple[str, str]:
-    """``(key, label)`` of a column given as a name, a ``{"key", "label"}`` dict or a Column-like object."""
-    if isinstance(column, str):
-        return column, column
-    key = column.get("key") if isinstance(column, dict) else getattr(column, "key", None)
-    label = column.get("label") if isinstance(column, dict) else getattr(column, "label", None)
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"a collection column is a field name, or has a 'key'; got {column!r}")
-    return key, label or key
+def _column(column: Any) -> Column:
+    """A column given as a name, a ``Column``, a ``{"key", "label", ...}`` dict or a Column-like object."""
+    if isinstance(column, (str, Column)):
+        return Column(column) if isinstance(column, str) else column
+    fields = {name: column.get(name) if isinstance(column, dict) else getattr(column, name, None)
+              for name in ("key", "type", "label", "format")}
+    if fields["key"] is None:
+        raise ValueError(f"a collection column is a field name, a cpsl.Column or has a 'key'; got {column!r}")
+    return Column(**{name: value for name, value in fields.items() if value is not None})
 
 
 def _shown(doc: dict[str, Any], key: str) -> Any:

@@ -10,7 +10,8 @@ already-finished awaitable.
 
 A session crosses into a worker process by value (``__reduce__``): there it
 keeps its ``id`` and ``user``, opens the same store by path for ``data``
-and ``db``, and its messages go to the parent through the job's run.
+and ``db``, and its messages go to the parent through the job's run; a
+``show_task`` there asks the parent, where the run's session draws the card.
 """
 
 from __future__ import annotations
@@ -206,11 +207,13 @@ class Session:
         """Show a live card for a run: in the current cell, or under the submitting cell from a task.
 
         Gives nothing back (awaited or not), so a cell ending with it shows the card once.
+        In a worker process the parent draws the card (a worker knows no widgets) and looks
+        the run up: the worker's view of the store may not have the parent's newest runs yet.
         """
         run = current_run.get()
-        if self._app is None:  # a worker process draws no card; the run keeps the show_task message
-            if run is not None:
-                run.show(handle_or_id if isinstance(handle_or_id, str) else handle_or_id.task_id, {})
+        if self._app is None:
+            if run is not None:  # to the parent, whose session for the run comes back here
+                run.show_task(handle_or_id if isinstance(handle_or_id, str) else handle_or_id.task_id, message)
             return DONE
         from . import ui
 

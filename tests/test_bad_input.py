@@ -200,3 +200,25 @@ def test_a_session_that_is_no_session_is_refused_at_submit(app):
     with pytest.raises(TypeError, match=r"job.submit\(\): session must be a Session .*got 'ops'"):
         job.submit(session="ops")
     assert job.count() == 0
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (lambda: cpsl.Column("due", type="datetime"),
+         r"column 'due': type must be one of .*'boolean'\), got 'datetime'"),
+        (lambda: cpsl.Column("due", type=None), r"got None"),
+        (lambda: cpsl.Column(""), r"a column's key is a non-empty field name, got ''"),
+        (lambda: cpsl.Column(3), r"a column's key is a non-empty field name, got 3"),
+        (lambda: cpsl.Column("due", label=["Due"]), r"column 'due': label must be text or None, got \['Due'\]"),
+        (lambda: {"key": "due", "type": "when"}, r"got 'when'"),
+        (lambda: {"label": "Due"}, r"has a 'key'; got \{'label': 'Due'\}"),
+        (lambda: 42, r"has a 'key'; got 42"),
+    ],
+)
+def test_a_bad_column_names_the_bad_value_and_declares_nothing(app, column, message):
+    app.collection("threads", columns=["subject"]).insert_one({"subject": "kept"})
+    with pytest.raises(ValueError, match=message):
+        app.collection("threads", columns=[column()])
+    assert '<th>subject</th>' in app.collection("threads")._repr_html_()  # the table declared before stays
+    assert app.collection("threads").find_one({})["subject"] == "kept"

@@ -235,6 +235,39 @@ async def test_collections_take_capsules_options_and_dict_sort(capsule):
         await threads.find(sort={"priority": "up"})
 
 
+async def test_a_collection_declared_with_columns_shows_their_labels(capsule):
+    app = cpsl.App(name="my-app")
+    # GUIDE: columns: list[str | Column]; cpsl.Column(key, type="text", label=None, format=None)
+    threads = app.collection(
+        "threads",
+        columns=[
+            "subject",
+            cpsl.Column("sender", type="email", label="From"),
+            cpsl.Column("status", type="status", label="State"),
+            cpsl.Column("amount", "currency", "Amount", "USD"),
+            cpsl.Column("received", type="date", format="%Y-%m-%d"),
+            cpsl.Column("tags", type="tags"),
+            cpsl.Column("urgent", type="boolean", label="Urgent?"),
+        ],
+        sortable=True,
+    )
+    # D8, as written
+    created = await threads.insert_one({"subject": "Renewal review", "sender": "ops@example.com",
+                                        "status": "needs-review", "priority": "high"})
+    await threads.update_one({"_id": created["_id"]}, {"$set": {"amount": 1200, "tags": ["renewal"]}})
+
+    table = threads._repr_html_()
+    assert re.findall(r"<th>(.*?)</th>", table) == ["subject", "From", "State", "Amount", "received", "tags",
+                                                   "Urgent?"]
+    assert re.findall(r"<td>(.*?)</td>", table) == ["Renewal review", "ops@example.com", "needs-review", "1200",
+                                                   "", "[&#x27;renewal&#x27;]", ""]
+    amount = cpsl.Column("amount", "currency", "Amount", "USD")
+    assert (amount.key, amount.type, amount.label, amount.format) == ("amount", "currency", "Amount", "USD")
+    assert cpsl.Column("subject") == cpsl.Column("subject", type="text", label=None, format=None)
+    with pytest.raises(AttributeError):
+        amount.label = "Total"  # a declared column does not change under its table
+
+
 # ------------------------------------------------------------------ 7: show_task
 
 
@@ -711,6 +744,57 @@ def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):
     missing = nb.run("await session.show_task('no-such-id')", allow_error=True)
     assert missing.error["ename"] == "KeyError" and "no-such-id" in missing.error["evalue"]
     assert str(nb.home) in missing.error["evalue"]
+
+
+def test_show_task_from_a_process_run_draws_the_card_a_thread_run_draws(nb: Kernel):
+    nb.run(
+        """
+        app = cpsl.App(name="process-cards")
+
+        @app.task(retries=2, timeout=300)
+        async def sync_threads():
+            return {"synced": 1}
+
+        async def announce(sync_id: str, session: cpsl.Session | None = None):
+            await session.show_task(sync_id, message="Mailbox sync started")
+            await cpsl.current_session().show_task(sync_id, message="Still syncing")
+            return sync_id
+
+        in_thread = app.task(name="in_thread")(announce)
+        in_process = app.task(name="in_process", process=True)(announce)
+        sync = await sync_threads.submit()
+        await sync.wait(30)
+        """
+    )
+    sync_id = nb.value("sync.task_id")
+
+    def cards_under(cell: Cell) -> list[dict[str, Any]]:
+        outputs = [m["content"]["data"] for m in cell.messages if m["msg_type"] == "display_data"]
+        return [data for data in outputs if data.get("text/plain", "").startswith(("Mailbox sync started [",
+                                                                                 "Still syncing ["))]
+
+    drawn = {}
+    for task in ("in_thread", "in_process"):
+        cell = nb.run(f"h = await {task}.submit(sync.task_id, session=session)")
+        assert nb.value("await h.wait(60)") == "completed"
+        nb.wait_for(lambda: len(cards_under(cell)) == 2, 10, f"the two cards of {task}")
+        drawn[task] = [{k: v for k, v in card.items() if k != WIDGET_VIEW} for card in cards_under(cell)]
+        assert all(WIDGET_VIEW in card for card in cards_under(cell))  # live cards, not text
+        assert [(m["kind"], m["text"]) for m in nb.value("h.snapshot()['messages']")] == [("show_task", sync_id)] * 2
+    assert drawn["in_process"] == drawn["in_thread"]
+    assert [card["text/plain"].split(" [")[0] for card in drawn["in_process"]] == ["Mailbox sync started",
+                                                                                   "Still syncing"]
+    assert all(sync_id in card["text/plain"] for card in drawn["in_process"])
+
+    # An unknown id fails a thread run; a worker has moved on by the time the parent looks it up,
+    # so a process run keeps the same error in its log.
+    nb.run("h = await in_thread.submit('no-such-id', session=session)")
+    assert nb.value("await h.wait(60)") == "failed"
+    error = nb.value("h.snapshot()['error']")
+    assert error.startswith("KeyError: ") and "no-such-id" in error and str(nb.home) in error
+    nb.run("h = await in_process.submit('no-such-id', session=session)")
+    assert nb.value("await h.wait(60)") == "completed"
+    assert [(m["kind"], m["text"]) for m in nb.value("h.snapshot()['messages']")] == [("log", error)] * 2
 
 
 def test_the_tasks_page_shows_in_a_cell(nb: Kernel):

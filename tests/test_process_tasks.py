@@ -150,6 +150,23 @@ async def test_sessions_and_collections_from_the_child(app):
     assert doc["pid"] != os.getpid()
 
 
+async def test_show_task_in_the_child_without_a_cell_is_recorded_once_and_keeps_no_card(app):
+    @app.task
+    def target():
+        return 1
+
+    @app.task(process=True)
+    def announce(task_id, session):
+        session.show_task(task_id, message="from the child")
+
+    shown = target.submit()
+    listeners = app.store.events._all
+    handle = announce.submit(shown.task_id, session=app.session)
+    assert await handle.wait(60) == "completed"
+    assert [(m["kind"], m["text"]) for m in handle.snapshot()["messages"]] == [("show_task", shown.task_id)]
+    assert dict(app.store.events._by_run) == {} and app.store.events._all == listeners  # its card was closed
+
+
 async def test_pickling_problems_are_clear(app):
     @app.task(process=True)
     def takes(value):

@@ -146,6 +146,8 @@ class ProcessExecutor(Executor):
         def on_message(kind: str, data: dict) -> None:
             if kind == "started":  # a worker took it: the run (and its timeout) starts now
                 self.runtime.mark_running(run)
+            elif kind == "show":  # the worker's show_task: the run's session here draws the card
+                self.context(run).run(self._show_task, run, data["task_id"], data["message"])
             else:
                 forward(kind, data)
 
@@ -160,6 +162,14 @@ class ProcessExecutor(Executor):
         if stop:
             job.kill(stop)
         job.add_done_callback(lambda outcome: self._job_ended(run, outcome))
+
+    def _show_task(self, run: Run, task_id: str, message: str | None) -> None:
+        """What would fail the call in a thread run (an unknown id) cannot reach the worker,
+        which has moved on: it goes to the run's log."""
+        try:
+            self.session(run).show_task(task_id, message=message)
+        except Exception as exc:
+            run.message("log", f"{type(exc).__name__}: {exc}")
 
     def _job_ended(self, run: Run, outcome: Any) -> None:
         if run.stop_reason:

@@ -1,8 +1,9 @@
 """The life of a worker process: take a job, run it, report, wait for the next.
 
 Inside the worker, ``engine.context.current_run`` is a ``ChildRun`` whose
-``capture``/``message``/``extend_message``/``progress`` go to the parent
-over the job's pipe, so ``session.reply`` and ``print`` work unchanged.
+``capture``/``message``/``extend_message``/``progress``/``show_task`` go to
+the parent over the job's pipe, so ``session.reply`` and ``print`` work
+unchanged and ``session.show_task`` draws its card in the parent.
 Output is routed by ``engine.capture`` (the same streams as in a kernel)
 to the job the worker is running, from whatever thread prints, and sent in
 whole lines. ``faulthandler`` writes to a pipe the parent reads after a
@@ -84,10 +85,11 @@ class ChildRun:
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         self._send("progress", {"done": done, "total": total, "message": message})
 
-    def show(self, task_id: str, bundle: dict[str, str]) -> bool:
-        """A card cannot be drawn from a worker: the ``show_task`` message is kept with the run."""
-        self.message("show_task", task_id)
-        return False
+    def show_task(self, task_id: str, message: str | None) -> None:
+        """Ask the parent to draw the run's card and record the ``show_task`` message, as it
+        does for a run of its own: a worker knows no widgets."""
+        self.flush_output()  # a print before the card shows before it
+        self._send("show", {"task_id": task_id, "message": message})
 
 
 class _ChildWorker:

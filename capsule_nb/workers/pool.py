@@ -289,8 +289,9 @@ class ProcessPool:
         the task does: ``("capture", {"stream", "text"})``,
         ``("message", {"id", "kind", "text", "extra"})``,
         ``("extend", {"id", "text"})``, ``("progress", {"done", "total",
-        "message"})``; all of them before ``wait()`` returns. ``forward_to(run)``
-        turns these into calls on a runtime ``Run``.
+        "message"})``, ``("show", {"task_id", "message"})``; all of them before
+        ``wait()`` returns. ``forward_to(run)`` turns these into calls on a
+        runtime ``Run``; the runtime hands ``show`` to the run's session.
 
         ``memory_limit`` (bytes): address space the job may add to the idle
         worker's; going over it raises ``MemoryError`` in the task (or, in
