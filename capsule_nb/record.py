@@ -202,6 +202,15 @@ def json_safe(value: Any) -> tuple[Any, bool]:
     return (copy, True) if copy == value else (short_repr(value), False)
 
 
+def storable(values: dict) -> tuple[dict, bool]:
+    """Each value as JSON where it can be, else its repr; and whether all were JSON."""
+    stored, exact = {}, True
+    for key, value in values.items():
+        stored[key], ok = json_safe(value)
+        exact = exact and ok
+    return stored, exact
+
+
 def short_repr(value: Any, limit: int = 2000) -> str:
     try:
         text = repr(value)

@@ -307,3 +307,33 @@ print(asyncio.run(square.submit(12).result(timeout=60)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["144"]
     assert len(log.read_text().split()) == 1
+
+
+def test_a_script_that_ends_with_a_process_run_waiting_leaves_it_to_the_next_one(tmp_path):
+    """A script's last line submits and the script ends: the run it could not start is
+    left waiting, with no error at exit, and the next process that defines the task runs it."""
+    import subprocess
+
+    script = tmp_path / "job.py"
+    script.write_text("""
+import sys
+import capsule_nb as cpsl
+
+@cpsl.task(process=True)
+def report(n):
+    return n * 2
+
+handle = report.submit(21)
+print(handle.task_id)
+if len(sys.argv) > 1:
+    import asyncio
+    print(asyncio.run(cpsl.get_task(sys.argv[1]).result(timeout=60)))
+""")
+    env = {**os.environ, "CAPSULE_NB_HOME": str(tmp_path / "store")}
+    first = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    task_id = first.stdout.split()[0]
+    second = subprocess.run([sys.executable, str(script), task_id], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split()[1] == "42"

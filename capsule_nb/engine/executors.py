@@ -21,6 +21,7 @@ import ctypes
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
+from ..workers.outcome import SHUT_DOWN
 from .context import bound_session, current_run
 from .run import Failure, Run
 
@@ -172,7 +173,9 @@ class ProcessExecutor(Executor):
             run.message("log", f"{type(exc).__name__}: {exc}")
 
     def _job_ended(self, run: Run, outcome: Any) -> None:
-        if run.stop_reason:
+        if outcome.reason == SHUT_DOWN and not run.stop_reason:  # this process is exiting
+            self.runtime.let_go(run)
+        elif run.stop_reason:
             self.runtime.finish(run, ("stop", run.stop_reason))
         elif outcome.ok:
             self.runtime.finish(run, ("ok", self.runtime.results.keep(run.task_id, outcome.value)))

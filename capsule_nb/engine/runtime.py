@@ -22,22 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import LockedError
-from ..record import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    FINISHED,
-    PENDING,
-    RETRY,
-    RUNNING,
-    SCHEDULED,
-    TIMEOUT,
-    RunRecord,
-    evolve,
-    json_safe,
-    new_record,
-    new_task_id,
-)
+from ..record import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RETRY, RUNNING, SCHEDULED, TIMEOUT,
+                      RunRecord, evolve, new_record, new_task_id, storable)
 from ..store import Store
 from ..store.owners import owner_alive, owner_id
 from ..workers.pickling import Call, CallPickler
@@ -161,9 +147,9 @@ class Runtime:
         now = time.time()
         task_id = new_task_id()
         lock_key = task.lock_key(params)
-        stored_args, args_ok = _storable(dict(enumerate(args)))
-        stored_kwargs, kwargs_ok = _storable(kwargs)
-        stored_params, _ = _storable(params)
+        stored_args, args_ok = storable(dict(enumerate(args)))
+        stored_kwargs, kwargs_ok = storable(kwargs)
+        stored_params, _ = storable(params)
         fields = dict(
             task_id=task_id, app=self.settings.app, task_name=task.name, display_name=task.display_name,
             status=SCHEDULED if start_at is not None else PENDING,
@@ -280,7 +266,8 @@ class Runtime:
         else:
             failure: Failure = detail
             record = self.store.get_run(run.task_id) or {}
-            if record.get("attempt", 0) < run.task.retries + 1 and run.task.should_retry(failure.exception):
+            if record.get("status") == RUNNING and record["attempt"] < run.task.retries + 1 \
+                    and run.task.should_retry(failure.exception):  # a run that never started is no attempt
                 retry_in = 0.0 if self.settings.immediate else run.task.retry_wait(record.get("attempt", 1))
                 changes = dict(status=RETRY, error=failure.error, traceback=failure.traceback,
                                scheduled_for=now + retry_in if retry_in else None)
@@ -485,6 +472,19 @@ class Runtime:
 
     # -------------------------------------------------------------- shutdown
 
+    def let_go(self, run: Run) -> None:
+        """Leave ``run`` to a later kernel as this process goes away: a waiting run stays as
+        it is, a running one is retried or failed (``interrupted``)."""
+        with self._live_lock:
+            self._live.pop(run.task_id, None)
+        with run.lock:
+            run.phase = "done"
+        self.update(run.task_id, interrupted)
+        if run.lock_key is not None:
+            self.store.release_lock(run.lock_key, run.task_id)
+        if run.job is not None:
+            run.job.kill("interrupted")
+
     def shutdown(self) -> None:
         """Record what is still running as interrupted, then make it all durable."""
         self.upkeep.stop()
@@ -492,24 +492,10 @@ class Runtime:
             live = list(self._live.values())
             self._live.clear()
         for run in live:
-            with run.lock:
-                run.phase = "done"
-            self.update(run.task_id, interrupted)
-            if run.lock_key is not None:
-                self.store.release_lock(run.lock_key, run.task_id)
-            if run.job is not None:
-                run.job.kill("interrupted")
+            self.let_go(run)
         processes, self._processes = self._processes, None
         if processes is not None:
             processes.shutdown(wait=False)
         self.cluster = None
         self.store.flush()
 
-
-def _storable(values: dict) -> tuple[dict, bool]:
-    """Each value as JSON where it can be, else its repr; and whether all were JSON."""
-    stored, exact = {}, True
-    for key, value in values.items():
-        stored[key], ok = json_safe(value)
-        exact = exact and ok
-    return stored, exact

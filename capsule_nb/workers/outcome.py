@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 OK, ERROR, CRASHED, KILLED = "ok", "error", "crashed", "killed"
+SHUT_DOWN = "pool shut down"  # the reason of a job killed because its process is exiting
 
 OnMessage = Callable[[str, dict], None]
 

@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 from ..checks import whole_number
 from .child import worker_main
-from .outcome import CRASHED, Job, OnMessage, Outcome, WorkerCrashed, crashed, killed, outcome_from
+from .outcome import CRASHED, SHUT_DOWN, Job, OnMessage, Outcome, WorkerCrashed, crashed, killed, outcome_from
 from .pickling import Call, pickle_call
 
 log = logging.getLogger("capsule_nb")
@@ -460,12 +460,12 @@ class ProcessPool:
             self._closed = True
             queued, self._queue = list(self._queue), deque()
             for job in queued:
-                job._kill_reason = "pool shut down"
-                job._settle(killed(None, "pool shut down"))
+                job._kill_reason = SHUT_DOWN
+                job._settle(killed(None, SHUT_DOWN))
             workers = list(self._workers)
             for worker in workers:
                 if worker.job is not None and worker.job._kill_reason is None:
-                    worker.job._kill_reason = "pool shut down"
+                    worker.job._kill_reason = SHUT_DOWN
                 worker.kill()
         self._notify()
         if wait:
