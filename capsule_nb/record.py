@@ -96,17 +96,15 @@ FIELDS = frozenset(RunRecord.__annotations__)
 
 def new_record(**fields: Any) -> RunRecord:
     """A record with every field present (``None`` or empty where not given)."""
-    unknown = fields.keys() - FIELDS
-    if unknown:
-        raise TypeError(f"unknown run record fields: {sorted(unknown)}")
-    record: dict[str, Any] = dict.fromkeys(_NULLABLE)
-    record.update(attempt=0, messages=[], output=[], args=[], kwargs={}, params={})
-    record.update(fields)
-    return record  # type: ignore[return-value]
+    if not FIELDS.issuperset(fields):
+        raise TypeError(f"unknown run record fields: {sorted(fields.keys() - FIELDS)}")
+    return {**_NULLS, "messages": [], "output": [], "args": [], "kwargs": {}, "params": {},  # type: ignore[return-value]
+            **fields}
 
 
-_NULLABLE = ("display_name", "scheduled_for", "started_at", "completed_at", "error", "traceback", "result",
-             "result_repr", "result_kind", "session_id", "lock_key", "every", "series", "progress")
+_NULLS = {**dict.fromkeys(("display_name", "scheduled_for", "started_at", "completed_at", "error", "traceback",
+                           "result", "result_repr", "result_kind", "session_id", "lock_key", "every", "series",
+                           "progress")), "attempt": 0}
 
 
 # What a record read from disk must look like before any module may use it: the fields
@@ -174,17 +172,13 @@ def new_task_id() -> str:
 
 def evolve(record: RunRecord, **changes: Any) -> RunRecord:
     """A new snapshot with ``changes``; refuses an unknown field and an illegal status move."""
-    unknown = changes.keys() - FIELDS
-    if unknown:
-        raise TypeError(f"run {record.get('task_id')}: unknown record fields {sorted(unknown)}")
+    if not FIELDS.issuperset(changes):
+        raise TypeError(f"run {record.get('task_id')}: unknown record fields {sorted(changes.keys() - FIELDS)}")
     status = changes.get("status")
     if status is not None and (status != record["status"] or status in FINISHED):
         if status not in TRANSITIONS[record["status"]]:
             raise ValueError(f"run {record['task_id']}: {record['status']} -> {status} is not allowed")
-    new = dict(record)
-    new.update(changes)
-    new["updated_at"] = time.time()
-    return new  # type: ignore[return-value]
+    return {**record, **changes, "updated_at": time.time()}  # type: ignore[typeddict-item]
 
 
 _SCALARS = (str, int, float, bool, type(None))

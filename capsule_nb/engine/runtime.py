@@ -150,15 +150,14 @@ class Runtime:
         stored_args, args_ok = storable(dict(enumerate(args)))
         stored_kwargs, kwargs_ok = storable(kwargs)
         stored_params, _ = storable(params)
-        fields = dict(
-            task_id=task_id, app=self.settings.app, task_name=task.name, display_name=task.display_name,
-            status=SCHEDULED if start_at is not None else PENDING,
-            args=list(stored_args.values()), kwargs=stored_kwargs, params=stored_params,
-            created_at=now, scheduled_for=start_at, updated_at=now, max_attempts=task.retries + 1,
-            owner=self.owner, session_id=session.id if session is not None else None, lock_key=lock_key,
-            every=every, series=series or (task_id if every else None), process=task.process,
-        )
-        record = new_record(**{**fields, **(extra or {})})
+        record = new_record(**{
+            "task_id": task_id, "app": self.settings.app, "task_name": task.name, "display_name": task.display_name,
+            "status": SCHEDULED if start_at is not None else PENDING,
+            "args": list(stored_args.values()), "kwargs": stored_kwargs, "params": stored_params,
+            "created_at": now, "scheduled_for": start_at, "updated_at": now, "max_attempts": task.retries + 1,
+            "owner": self.owner, "session_id": session.id if session is not None else None, "lock_key": lock_key,
+            "every": every, "series": series or (task_id if every else None), "process": task.process, **(extra or {}),
+        })
         if lock_key is not None:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
