@@ -118,6 +118,26 @@ def test_counts_kept_by_triggers_match_the_rows(tmp_path):
     app.close()
 
 
+async def test_a_fan_out_of_thousands_reaches_the_disk_whole(tmp_path):
+    """A burst bigger than one statement's rows, written in one batch: every record lands,
+    exactly once, as another process reads it."""
+    app = cpsl.App(home=tmp_path)
+
+    @app.task
+    async def item(n):
+        return n
+
+    handles = [item.submit(n) for n in range(3001)]
+    assert await asyncio.gather(*(h.result(timeout=30) for h in handles)) == list(range(3001))
+    app.store.flush()
+    with sqlite3.connect(tmp_path / "db" / "cache.db") as db:
+        rows = db.execute("SELECT status, record FROM capsule_runs").fetchall()
+    db.close()
+    assert len(rows) == 3001 and {status for status, _ in rows} == {"completed"}
+    assert sorted(json.loads(record)["result"] for _, record in rows) == list(range(3001))
+    app.close()
+
+
 def test_the_change_feed_keeps_a_bounded_window(tmp_path):
     store = Store(tmp_path)
     try:

@@ -73,7 +73,11 @@ _SCHEMA = (
 
 _INSERT = "INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, record) "
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
-_ROWS_PER_STATEMENT = 100
+# Each statement the writer runs hands the GIL away and waits to get it back, up to a switch
+# interval (5 ms) while the loop is busy, so a batch goes in few statements: pieces of 1024 rows
+# (8,192 parameters; SQLite before 3.32 takes 999 at most, so 64 there), then of powers of two,
+# so that a dozen distinct statements are ever prepared and cached.
+_ROWS_PER_STATEMENT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
 # A run's app, task and session never change, so an update leaves those columns (and the
 # indexes on them) alone: SQLite rewrites an index when its column is in the SET list.
 _UPDATE = (" ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, scheduled_for = excluded.scheduled_for, "
@@ -165,14 +169,14 @@ class RunTable:
     # ---------------------------------------------------------------- writes
 
     def write(self, upserts: Sequence[RunRecord], deletes: Sequence[str]) -> None:
-        """Call inside ``cache.transact()``. Rows go ``_ROWS_PER_STATEMENT`` to a statement:
-        sqlite3 lets go of the GIL around every statement it steps, and a busy thread may
-        keep it for a switch interval (5 ms) before handing it back."""
+        """Call inside ``cache.transact()``. Rows go ``_ROWS_PER_STATEMENT`` to a statement."""
         sql = self._cache._sql
         rows = [_row(r) for r in upserts]
-        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-            chunk = rows[start : start + _ROWS_PER_STATEMENT]
-            sql(_upsert(len(chunk)), [value for row in chunk for value in row])
+        start = 0
+        while start < len(rows):
+            size = min(_ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
+            sql(_upsert(size), [value for row in rows[start : start + size] for value in row])
+            start += size
         for chunk in batches(deletes):
             sql(f"DELETE FROM capsule_runs WHERE task_id IN ({marks(len(chunk))})", chunk)
 
