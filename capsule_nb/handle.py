@@ -128,7 +128,7 @@ class TaskHandle:
             record = self._record()  # it may have ended before we listened
             if record["status"] not in FINISHED:
                 with self._app.runtime.watch(record):
-                    record = await (ended if timeout is None else asyncio.wait_for(ended, timeout))
+                    record = await _within(ended, timeout)
         except asyncio.TimeoutError:
             record = self._record()
             if record["status"] not in FINISHED:
@@ -179,6 +179,7 @@ class Endings:
     def __init__(self, events: Any):
         self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
         self._waiters: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._lock = threading.Lock()
         self.close = events.subscribe(self._published)
 
@@ -214,17 +215,52 @@ class Endings:
         here = threading.get_ident()
         for ended, thread in waiters:
             if thread == here:
-                _settle(ended, record)
+                _settle([(ended, record)])
             else:
-                try:
-                    ended.get_loop().call_soon_threadsafe(_settle, ended, record)
-                except RuntimeError:  # that loop is closed; nobody is waiting any more
-                    pass
+                self._post(ended, record)
+
+    def _post(self, ended: asyncio.Future[dict[str, Any]], record: dict[str, Any]) -> None:
+        """Settle ``ended`` on its loop: runs ending in other threads in a burst wake the loop
+        once, not once each (a wake-up is a write to the loop's self-pipe)."""
+        loop = ended.get_loop()
+        with self._lock:
+            outbox = self._outboxes.setdefault(loop, [])
+            outbox.append((ended, record))
+            if len(outbox) > 1:
+                return  # the wake-up that takes it is on its way
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # that loop is closed; nobody is waiting any more
+            with self._lock:
+                self._outboxes.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            outbox = self._outboxes.pop(loop, [])
+        _settle(outbox)
 
 
-def _settle(ended: asyncio.Future[dict[str, Any]], record: dict[str, Any]) -> None:
+async def _within(ended: asyncio.Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
+    """``ended``'s record, or ``asyncio.TimeoutError`` after ``timeout`` s: one timer on the
+    future itself, where ``asyncio.wait_for`` adds a future and a callback per waiter."""
+    if timeout is None:
+        return await ended
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, ended)
+    try:
+        return await ended
+    finally:
+        timer.cancel()
+
+
+def _expire(ended: asyncio.Future[dict[str, Any]]) -> None:
     if not ended.done():
-        ended.set_result(record)
+        ended.set_exception(asyncio.TimeoutError())
+
+
+def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]) -> None:
+    for ended, record in endings:
+        if not ended.done():
+            ended.set_result(record)
 
 
 def _datetime(value: float | None) -> dt.datetime | None:

@@ -9,14 +9,15 @@ a run that just finished here returns the very object the task returned.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Callable
 
 from ..record import RunRecord, json_safe, short_repr
 from ..store import Store
+from ..store.disk import dumps
 
 INLINE_RESULT_CHARS = 64_000  # bigger JSON results go to a payload
+_SHORT = (int, float, bool, type(None))  # JSON values that are never long (an int's digits: 4,300 at most)
 REMEMBERED = 1000  # results of this process kept by identity
 
 
@@ -35,7 +36,7 @@ class Results:
                 self._recent.pop(next(iter(self._recent)))
         preview = short_repr(value, 500)
         inline, ok = json_safe(value)
-        if ok and len(json.dumps(inline)) <= INLINE_RESULT_CHARS:
+        if ok and (type(inline) in _SHORT or len(dumps(inline)) <= INLINE_RESULT_CHARS):
             return {"result": inline, "result_repr": preview, "result_kind": "json"}
         try:
             size = self._store.put_payload(task_id, "result", value, limit=self._max_bytes())

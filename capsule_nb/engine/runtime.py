@@ -443,7 +443,10 @@ class Runtime:
 
     @property
     def processes(self) -> Any:
-        """The local worker processes of ``process=True`` runs (started on first use)."""
+        """The local worker processes of ``process=True`` runs (started on first use; the lock
+        only then, since every process submit asks)."""
+        if self._processes is not None:
+            return self._processes
         with self._live_lock:
             if self._processes is None:
                 from ..workers.pool import ProcessPool

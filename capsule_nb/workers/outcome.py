@@ -14,8 +14,7 @@ import pickle
 import signal
 import threading
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 OK, ERROR, CRASHED, KILLED = "ok", "error", "crashed", "killed"
 SHUT_DOWN = "pool shut down"  # the reason of a job killed because its process is exiting
@@ -54,9 +53,8 @@ class RemoteError(ProcessError):
         super().__init__(f"{type_name}: {message}")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a job ended.
+class Outcome(NamedTuple):
+    """How a job ended (a named tuple: one is made per job, on the pool's reader thread).
 
     ``kind`` is ``"ok"`` (``value`` is the return value), ``"error"`` (the task
     raised: ``error_type``, ``message`` and the child's ``traceback``),

@@ -365,6 +365,8 @@ class ProcessPool:
     def _notify(self) -> None:
         """Run the done callbacks of the jobs settled meanwhile (outside the lock, since a
         callback may submit the next job)."""
+        if not self._ended:  # whoever settles a job calls this after; most calls find none
+            return
         with self._lock:
             ended, self._ended = self._ended, []
         for job in ended:
