@@ -312,7 +312,9 @@ class ProcessPool:
             if self._closed:
                 raise RuntimeError("this ProcessPool has been shut down")
             self._queue.append(job)
-        self._dispatch()
+            full = not self._idle and len(self._workers) + self._starting >= self.max_workers
+        if not full:  # else the next worker to free up takes it (``_handle``, ``_died``)
+            self._dispatch()
         return job
 
     def warm(self, workers: int = 1) -> None:
