@@ -453,3 +453,28 @@ async def test_resubmit_runs_a_finished_run_again_with_its_arguments(app):
 
     with pytest.raises(KeyError, match="no run 'nope'"):
         app.resubmit("nope")
+
+
+async def test_waits_that_time_out_or_are_cancelled_leave_nothing_behind(app):
+    """A wait that times out says so, naming the run; one whose task is cancelled goes quietly;
+    many at once on one run all see its end; and no waiter stays registered afterwards."""
+    gate = asyncio.Event()
+
+    @app.task
+    async def slow():
+        await gate.wait()
+        return "done"
+
+    handle = slow.submit()
+    for _ in range(50):
+        with pytest.raises(TimeoutError, match=rf"run {handle.task_id} is still (pending|running) after 0.01s"):
+            await handle.wait(timeout=0.01)
+    cancelled = asyncio.ensure_future(handle.wait())
+    await until(lambda: handle.task_id in app._endings._waiters)
+    cancelled.cancel()
+    together = [asyncio.ensure_future(app.get_task(handle.task_id).wait(timeout=30)) for _ in range(20)]
+    gate.set()
+    assert await asyncio.gather(*together) == ["completed"] * 20
+    assert await handle.result(timeout=5) == "done"
+    assert cancelled.cancelled()
+    assert app._endings._waiters == {}
