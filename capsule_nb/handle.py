@@ -223,6 +223,10 @@ class Endings:
         """Settle ``ended`` on its loop: runs ending in other threads in a burst wake the loop
         once, not once each (a wake-up is a write to the loop's self-pipe)."""
         loop = ended.get_loop()
+        if loop.is_closed():  # nobody is waiting any more (and what it left is dropped)
+            with self._lock:
+                self._outboxes.pop(loop, None)
+            return
         with self._lock:
             outbox = self._outboxes.setdefault(loop, [])
             outbox.append((ended, record))
