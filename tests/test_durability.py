@@ -14,7 +14,7 @@ import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 from capsule_nb.store.store import Store
 
-from .conftest import until, until_sync
+from .conftest import record_on_disk, until, until_sync
 
 PRELUDE = """
 import os, sys, time, threading
@@ -460,3 +460,23 @@ async def test_arguments_and_results_json_keeps_come_back_exactly_from_disk(tmp_
     )
     assert child.returncode == 0, child.stderr
     assert eval(child.stdout) == (values, values)
+
+
+def test_a_flush_cuts_the_writers_gathering_short(app, monkeypatch):
+    """A small batch gathers before its commit only while nobody waits for it: a ``flush``
+    (which queries and schedules make after a submit) returns once the batch is written."""
+    from capsule_nb.store import writer
+
+    monkeypatch.setattr(writer, "GATHER_SECONDS", 30.0)  # a gathering writer would hold the flush for 30 s
+
+    @app.task
+    def echo(value):
+        return value
+
+    app.store.flush()
+    for n in range(3):  # the writer asleep when the submit wakes it, then busy with the last one
+        handle = echo.submit(n)
+        started = time.monotonic()
+        app.store.flush(timeout=20)
+        assert time.monotonic() - started < 10
+        assert record_on_disk(app.home, handle.task_id) is not None

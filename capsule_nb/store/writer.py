@@ -49,6 +49,7 @@ class WriteBehind:
         self._closed = False
         self._asleep = False  # the writer waits for changes (set and read under the lock)
         self._gathering = False  # the writer lets a few changes gather before it commits
+        self._flushing = 0  # threads blocked in ``flush``: the writer must not gather for them
         self.failure: StoreError | None = None  # set while the disk refuses writes
         self._thread = threading.Thread(target=self._loop, name="capsule-store-writer", daemon=True)
         self._thread.start()
@@ -101,13 +102,17 @@ class WriteBehind:
         with self._lock:
             gen = self.generation
             self._wake.notify_all()
-            while self._flushed < gen and self._thread.is_alive():
-                if self.failure is not None:
-                    raise self.failure
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"store {self._where} did not flush within {timeout}s")
-                self._wake.wait(remaining)
+            self._flushing += 1  # a writer woken but not yet gathering sees it, and commits at once
+            try:
+                while self._flushed < gen and self._thread.is_alive():
+                    if self.failure is not None:
+                        raise self.failure
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"store {self._where} did not flush within {timeout}s")
+                    self._wake.wait(remaining)
+            finally:
+                self._flushing -= 1
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
@@ -123,7 +128,7 @@ class WriteBehind:
                     self._asleep = True
                     self._wake.wait()
                     self._asleep = False
-                if not self._waiters and not self._closed and len(self._dirty) < GATHER_KEYS:
+                if not (self._waiters or self._flushing or self._closed) and len(self._dirty) < GATHER_KEYS:
                     # Nobody awaits these yet: let a trickle gather for one commit (a flush cuts it short).
                     self._gathering = True
                     self._wake.wait(GATHER_SECONDS)
