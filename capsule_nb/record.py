@@ -12,6 +12,7 @@ a silent new key.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from typing import Any, TypedDict
@@ -185,11 +186,14 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def json_safe(value: Any) -> tuple[Any, bool]:
-    """``(a copy of value, True)`` when it survives JSON unchanged, else ``(repr, False)``."""
-    if type(value) in _SCALARS and not (type(value) is float and value != value):  # NaN is not JSON
+    """``(a copy of value, True)`` when it survives JSON unchanged, else ``(repr, False)``.
+
+    NaN and the infinities are no JSON: the store's encoder (orjson) would write them as
+    null, so they go where a value that is no JSON goes (a payload, a repr)."""
+    if type(value) in _SCALARS and not (type(value) is float and not math.isfinite(value)):
         return value, True
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         return short_repr(value), False
     copy = json.loads(text)  # a copy: later changes to the caller's object do not leak in

@@ -14,7 +14,7 @@ import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 from capsule_nb.store.store import Store
 
-from .conftest import until, until_sync
+from .conftest import record_on_disk, until, until_sync
 
 PRELUDE = """
 import os, sys, time, threading
@@ -460,3 +460,60 @@ async def test_arguments_and_results_json_keeps_come_back_exactly_from_disk(tmp_
     )
     assert child.returncode == 0, child.stderr
     assert eval(child.stdout) == (values, values)
+
+
+async def test_infinities_in_arguments_and_results_come_back_from_disk(tmp_path):
+    """The store's encoder writes NaN and the infinities as null: a run's infinite argument or
+    result still reaches a new process whole (by its payload), never as None, and a run that
+    process resumes is called with it."""
+    app = cpsl.App(home=tmp_path)
+    values = [float("inf"), [1.0, -float("inf")], {"limit": float("inf")}]
+
+    @app.task
+    def echo(*values, **named):
+        return list(values)
+
+    handle = await echo.submit(*values)
+    assert await handle.result(timeout=10) == values
+    later = await echo.schedule(delay="1h", limit=values[0], edges=values[1])
+    app.store.flush()
+    app.close()
+    child = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(f"""
+        import asyncio
+        from capsule_nb.engine.upkeep import stored_arguments
+        print(repr(asyncio.run(app.get_task({handle.task_id!r}).result(timeout=10))))
+        print(repr(stored_arguments(app.store, app.get_task({later.task_id!r}).snapshot())))
+        """)],
+        capture_output=True, text=True, env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)}, timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    inf = float("inf")  # noqa: F841  (eval below reads it)
+    result, arguments = child.stdout.splitlines()
+    assert eval(result) == values
+    assert eval(arguments) == ((), {"limit": values[0], "edges": values[1]})
+
+
+def test_session_data_refuses_an_infinity_it_could_not_keep(app):
+    with pytest.raises(TypeError, match="session.data.*inf"):
+        app.session.data["limit"] = {"limit": float("inf")}
+
+
+def test_a_flush_cuts_the_writers_gathering_short(app, monkeypatch):
+    """A small batch gathers before its commit only while nobody waits for it: a ``flush``
+    (which queries and schedules make after a submit) returns once the batch is written."""
+    from capsule_nb.store import writer
+
+    monkeypatch.setattr(writer, "GATHER_SECONDS", 30.0)  # a gathering writer would hold the flush for 30 s
+
+    @app.task
+    def echo(value):
+        return value
+
+    app.store.flush()
+    for n in range(3):  # the writer asleep when the submit wakes it, then busy with the last one
+        handle = echo.submit(n)
+        started = time.monotonic()
+        app.store.flush(timeout=20)
+        assert time.monotonic() - started < 10
+        assert record_on_disk(app.home, handle.task_id) is not None

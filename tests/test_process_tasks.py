@@ -37,6 +37,28 @@ async def test_a_function_defined_in_a_cell_sees_the_globals_of_each_submit(app)
     assert await read_limit.submit(10).result(timeout=60) == 20
 
 
+
+async def test_a_cell_run_again_lets_its_old_function_and_defaults_go(app):
+    """Re-running a cell defines the task anew: the function it replaced, and what its
+    defaults hold, must be freed once its runs are done, not kept by the process pool."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    old = []
+    for n in range(2):
+        cell: dict = {"__name__": "__main__", "Big": Big}
+        exec(f"def shift(x, big=Big()):\n    return x + {n}\n", cell)
+        shift = app.task(process=True, name="shift")(cell["shift"])
+        assert await shift.submit(1).result(timeout=60) == 1 + n
+        old.append(weakref.ref(cell["shift"].__defaults__[0]))
+        del cell, shift
+    gc.collect()
+    assert old[0]() is None  # the first cell's default went with its function
+
+
 async def test_each_argument_is_pickled_once_across_retries_and_the_resumable_copy(app):
     @app.task(process=True, retries=1)
     def flaky(box, path):

@@ -16,6 +16,7 @@ import functools
 import inspect
 import pickle
 import types
+import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 import cloudpickle
@@ -223,13 +224,19 @@ class CallPickler:
 
     def __init__(self, session: Any):
         self._session = session
-        self._functions: dict[Callable[..., Any], bytes | None] = {}
+        # Held weakly: a cell run again defines a new function, and the old one (its defaults,
+        # its closure) must go with its task.
+        self._functions: weakref.WeakKeyDictionary[Callable[..., Any], bytes | None] = weakref.WeakKeyDictionary()
 
     def pickle(self, fn: Callable[..., Any], args: tuple, kwargs: dict, session: Any,
                session_param: str | None) -> Call:
         if session is not self._session:
             return pickle_call(fn, args, kwargs, session, session_param)
-        call = pickle_call(fn, args, kwargs, session, session_param, function=self._functions.get(fn))
-        if fn not in self._functions:
+        try:
+            known, function = fn in self._functions, self._functions.get(fn)
+        except TypeError:  # no weak reference to it (a builtin): pickled at every call
+            return pickle_call(fn, args, kwargs, session, session_param)
+        call = pickle_call(fn, args, kwargs, session, session_param, function=function)
+        if not known:
             self._functions[fn] = call.function if _by_reference(fn) else None
         return call
