@@ -116,6 +116,46 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
     until_sync(lambda: handle.snapshot()["status"] == "completed")
 
 
+def test_a_lock_stays_held_while_a_killed_kernels_worker_still_runs_the_body(tmp_path):
+    """A process run holds a key; its kernel is killed; its worker, busy in C code, dies a
+    moment later. Until it has, the key is not free: two bodies never run at once."""
+    holder = spawn(
+        """
+        @app.task(lock="crunch", process=True)
+        def crunch(path):
+            with open(path, "w") as fh:
+                fh.write(str(os.getpid()))
+            return sum(range(3 * 10**9))  # C code: the worker's parent watch waits for the GIL
+
+        path = os.path.join(os.environ["CAPSULE_NB_HOME"], "worker.pid")
+        h = crunch.submit(path)
+        while h.snapshot()["status"] != "running" or not os.path.exists(path):
+            time.sleep(0.01)
+        print("held", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    lines_until(holder, "held")
+    app = cpsl.App(home=tmp_path)
+
+    @app.task(lock="crunch", on_lock="reject")
+    def other():
+        return "mine"
+
+    worker = int((tmp_path / "worker.pid").read_text())
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    assert os.path.exists(f"/proc/{worker}")  # the body still runs, in the dead kernel's worker
+    with pytest.raises(cpsl.LockedError, match="crunch"):
+        other.submit()
+    os.kill(worker, signal.SIGKILL)  # what its parent watch does once the C call returns
+    until_sync(lambda: not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z")
+    handle = other.submit()
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    app.close()
+
+
 async def test_queued_runs_with_one_key_never_overlap(app):
     running = []
     overlaps = []

@@ -21,6 +21,7 @@ import ctypes
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
+from ..store.owners import process_owner
 from ..workers.outcome import SHUT_DOWN
 from .context import bound_session, current_run
 from .run import Failure, Run
@@ -146,6 +147,8 @@ class ProcessExecutor(Executor):
 
         def on_message(kind: str, data: dict) -> None:
             if kind == "started":  # a worker took it: the run (and its timeout) starts now
+                if run.lock_key is not None and "pid" in data:
+                    self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
                 self.runtime.mark_running(run)
             elif kind == "show":  # the worker's show_task: the run's session here draws the card
                 self.context(run).run(self._show_task, run, data["task_id"], data["message"])

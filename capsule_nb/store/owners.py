@@ -11,9 +11,12 @@ import os
 import socket
 
 
-@functools.lru_cache(maxsize=None)
-def _identity(pid: int) -> str:
+def process_owner(pid: int) -> str:
+    """Another process of this host as an owner: the worker a process run's body runs in."""
     return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+_identity = functools.lru_cache(maxsize=None)(process_owner)
 
 
 def owner_id() -> str:

@@ -418,13 +418,22 @@ class Store:
         cache = self._cache
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
+            if held is not None and held["task_id"] != task_id and _holds(held):
                 holder = self.get_run(held["task_id"])
                 # No record yet: the holder's write is still in its process's buffer.
                 if holder is None or holder["status"] not in FINISHED:
                     return held["task_id"]
             cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
         return None
+
+    def lock_worker(self, key: str, task_id: str, worker: str) -> None:
+        """Note that ``task_id``, holding ``key``, runs in the process ``worker``: the key
+        stays held while that process lives, though its owner die first (a killed kernel's
+        worker finishes dying a moment after it)."""
+        with self._cache.transact(retry=True):
+            held = self._rows.read(LOCK + key)
+            if held is not None and held["task_id"] == task_id:
+                self._cache.set(LOCK + key, {**held, "worker": worker})
 
     def release_lock(self, key: str, task_id: str) -> None:
         cache = self._cache
@@ -464,3 +473,8 @@ class Store:
         self._writes.close()
         self._cache.close()
 
+
+def _holds(lock: dict[str, Any]) -> bool:
+    """Whether a lock's holder may still be working: its owner, or the worker its run is in, lives."""
+    worker = lock.get("worker")
+    return owner_alive(lock["owner"]) or (type(worker) is str and owner_alive(worker))
