@@ -17,6 +17,7 @@ and ``db``, and its messages go to the parent through the job's run; a
 from __future__ import annotations
 
 import asyncio
+import decimal
 import getpass
 import math
 import numbers
@@ -280,11 +281,14 @@ class StreamReply:
 
 
 def _amount(name: str, value: Any) -> int | float:
-    """A progress count as JSON keeps it (a NumPy number becomes a plain one)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = int(value) if isinstance(value, numbers.Integral) else float(value)
-        if math.isfinite(value) and value >= 0:
-            return value
+    """A progress count as JSON keeps it (a NumPy number, a Fraction or a Decimal becomes a plain one)."""
+    if isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool):
+        try:
+            amount = int(value) if isinstance(value, numbers.Integral) else float(value)
+        except OverflowError:
+            amount = math.inf
+        if math.isfinite(amount) and amount >= 0:
+            return amount
     raise ValueError(f"progress {name} must be a finite number, not negative; got {value!r}")
 
 

@@ -202,12 +202,20 @@ async def test_progress_refuses_what_is_no_count_and_names_it(app, done, total, 
 
 
 async def test_progress_takes_any_real_number_as_plain_json(app):
+    import decimal
     import fractions
 
     @app.task
     async def report(session):
-        session.progress(fractions.Fraction(1, 2), 3)
+        session.progress(fractions.Fraction(1, 2), decimal.Decimal("3.5"))
 
     handle = report.submit()
     await handle.result(timeout=5)
-    assert handle.snapshot()["progress"] == {"done": 0.5, "total": 3, "message": None}
+    assert handle.snapshot()["progress"] == {"done": 0.5, "total": 3.5, "message": None}
+
+
+async def test_progress_names_a_number_too_big_for_a_float(app):
+    import fractions
+
+    with pytest.raises(ValueError, match=r"progress done must be a finite number.*Fraction\(10000"):
+        app.session.progress(fractions.Fraction(10**400, 1) / 3)
