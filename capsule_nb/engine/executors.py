@@ -147,7 +147,7 @@ class ProcessExecutor(Executor):
 
         def on_message(kind: str, data: dict) -> None:
             if kind == "started":  # a worker took it: the run (and its timeout) starts now
-                if run.lock_key is not None and "pid" in data:
+                if run.lock_key is not None and "pid" in data and self.runtime.cluster is None:  # a local worker
                     self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
                 self.runtime.mark_running(run)
             elif kind == "show":  # the worker's show_task: the run's session here draws the card

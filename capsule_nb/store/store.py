@@ -418,7 +418,9 @@ class Store:
         cache = self._cache
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] != task_id and _holds(held):
+            if held is not None and held["task_id"] != task_id and _body_outlives_owner(held):
+                return held["task_id"]  # its kernel died; the worker running its body dies in a moment
+            if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
                 holder = self.get_run(held["task_id"])
                 # No record yet: the holder's write is still in its process's buffer.
                 if holder is None or holder["status"] not in FINISHED:
@@ -427,9 +429,8 @@ class Store:
         return None
 
     def lock_worker(self, key: str, task_id: str, worker: str) -> None:
-        """Note that ``task_id``, holding ``key``, runs in the process ``worker``: the key
-        stays held while that process lives, though its owner die first (a killed kernel's
-        worker finishes dying a moment after it)."""
+        """Note that ``task_id``, holding ``key``, runs in the process ``worker``, a worker that
+        dies with its owner: if the owner dies first, the key stays held until the worker has."""
         with self._cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
             if held is not None and held["task_id"] == task_id:
@@ -439,8 +440,8 @@ class Store:
         cache = self._cache
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] == task_id:
-                cache.delete(LOCK + key)
+            if held is not None and held["task_id"] == task_id and not _body_outlives_owner(held):
+                cache.delete(LOCK + key)  # (recovery settling a dead kernel's run leaves a live body's key held)
 
     # --------------------------------------------------------- plain values
 
@@ -474,7 +475,8 @@ class Store:
         self._cache.close()
 
 
-def _holds(lock: dict[str, Any]) -> bool:
-    """Whether a lock's holder may still be working: its owner, or the worker its run is in, lives."""
+def _body_outlives_owner(lock: dict[str, Any]) -> bool:
+    """Whether the holder's owner is dead but the worker process running its body still lives
+    (whatever the run's record says by now: another kernel may have settled it)."""
     worker = lock.get("worker")
-    return owner_alive(lock["owner"]) or (type(worker) is str and owner_alive(worker))
+    return type(worker) is str and not owner_alive(lock["owner"]) and owner_alive(worker)

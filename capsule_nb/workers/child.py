@@ -108,7 +108,10 @@ class _ChildWorker:
             self.conn.send_bytes(data)
 
     def serve(self) -> None:
-        self.send(("ready", os.getpid()))
+        try:
+            self.send(("ready", os.getpid()))
+        except (BrokenPipeError, EOFError):  # the parent exited while this worker started: nothing to say
+            return
         while True:
             try:
                 tag, job_id, function, arguments, memory_limit = pickle.loads(self.conn.recv_bytes())
