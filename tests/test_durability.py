@@ -52,6 +52,22 @@ def lines_until(proc: subprocess.Popen, marker: str, timeout: float = 30) -> lis
     raise AssertionError(f"no {marker!r} within {timeout}s; saw {seen}")
 
 
+def spawn_holder(tasks: str, submit: str, home, ready: str = "True") -> tuple[subprocess.Popen, str]:
+    """A child that defines ``tasks``, submits with ``submit`` and holds on once the run is
+    running (and ``ready`` is true) and on disk; returns the child and the run's id."""
+    holder = spawn(textwrap.dedent(tasks) + textwrap.dedent(f"""
+        h = {submit}
+        while h.snapshot()["status"] != "running" or not ({ready}):
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print("held", flush=True)
+        threading.Event().wait()
+        """), home)
+    (held_id,) = lines_until(holder, "held")
+    return holder, held_id
+
+
 def test_two_processes_racing_for_one_lock_start_one_run(tmp_path):
     go = tmp_path / "go"
     racer = f"""
@@ -82,23 +98,15 @@ def test_two_processes_racing_for_one_lock_start_one_run(tmp_path):
 
 
 def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
-    holder = spawn(
+    holder, held_id = spawn_holder(
         """
         @app.task(lock="sync:{name}")
         def sync(name):
             threading.Event().wait()
-
-        h = sync.submit("crm")
-        while h.snapshot()["status"] != "running":
-            time.sleep(0.01)
-        app.store.flush()
-        print(h.task_id, flush=True)
-        print("held", flush=True)
-        threading.Event().wait()
         """,
+        'sync.submit("crm")',
         tmp_path,
     )
-    (held_id,) = lines_until(holder, "held")
     app = cpsl.App(home=tmp_path)
 
     @app.task(lock="sync:{name}", on_lock="reject")
@@ -120,7 +128,7 @@ def test_a_lock_stays_held_while_a_killed_kernels_worker_still_runs_the_body(tmp
     """A process run holds a key; its kernel is killed; its worker, busy in C code, dies a
     moment later. Until it has, the key is not free, though another kernel has settled the run
     as interrupted: two bodies never run at once."""
-    holder = spawn(
+    holder, held_id = spawn_holder(
         """
         @app.task(lock="crunch", process=True)
         def crunch(path):
@@ -129,17 +137,11 @@ def test_a_lock_stays_held_while_a_killed_kernels_worker_still_runs_the_body(tmp
             return sum(range(3 * 10**9))  # C code: the worker's parent watch waits for the GIL
 
         path = os.path.join(os.environ["CAPSULE_NB_HOME"], "worker.pid")
-        h = crunch.submit(path)
-        while h.snapshot()["status"] != "running" or not os.path.exists(path):
-            time.sleep(0.01)
-        app.store.flush()
-        print(h.task_id, flush=True)
-        print("held", flush=True)
-        threading.Event().wait()
         """,
+        "crunch.submit(path)",
         tmp_path,
+        ready="os.path.exists(path)",
     )
-    (held_id,) = lines_until(holder, "held")
     app = cpsl.App(home=tmp_path)
 
     @app.task(lock="crunch", on_lock="reject")
