@@ -16,7 +16,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Generator
 
 from . import portable
-from .awaitables import ReadyBool, ReadyStr
+from .awaitables import ReadyBool, ReadyStr, resolve
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
 
@@ -249,16 +249,11 @@ async def _within(ended: asyncio.Future[dict[str, Any]], timeout: float | None) 
     future itself, where ``asyncio.wait_for`` adds a future and a callback per waiter."""
     if timeout is None:
         return await ended
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, ended)
+    timer = asyncio.get_running_loop().call_later(timeout, resolve, ended, asyncio.TimeoutError())
     try:
         return await ended
     finally:
         timer.cancel()
-
-
-def _expire(ended: asyncio.Future[dict[str, Any]]) -> None:
-    if not ended.done():
-        ended.set_exception(asyncio.TimeoutError())
 
 
 def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]) -> None:

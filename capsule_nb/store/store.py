@@ -418,12 +418,13 @@ class Store:
         cache = self._cache
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] != task_id and _body_outlives_owner(held):
-                return held["task_id"]  # its kernel died; the worker running its body dies in a moment
-            if held is not None and held["task_id"] != task_id and owner_alive(held["owner"]):
-                holder = self.get_run(held["task_id"])
-                # No record yet: the holder's write is still in its process's buffer.
-                if holder is None or holder["status"] not in FINISHED:
+            if held is not None and held["task_id"] != task_id:
+                if owner_alive(held["owner"]):
+                    holder = self.get_run(held["task_id"])
+                    # No record yet: the holder's write is still in its process's buffer.
+                    if holder is None or holder["status"] not in FINISHED:
+                        return held["task_id"]
+                elif _worker_alive(held):  # its kernel died; the worker running its body dies in a moment
                     return held["task_id"]
             cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
         return None
@@ -440,7 +441,8 @@ class Store:
         cache = self._cache
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] == task_id and not _body_outlives_owner(held):
+            if held is not None and held["task_id"] == task_id and not (
+                    _worker_alive(held) and not owner_alive(held["owner"])):
                 cache.delete(LOCK + key)  # (recovery settling a dead kernel's run leaves a live body's key held)
 
     # --------------------------------------------------------- plain values
@@ -475,8 +477,9 @@ class Store:
         self._cache.close()
 
 
-def _body_outlives_owner(lock: dict[str, Any]) -> bool:
-    """Whether the holder's owner is dead but the worker process running its body still lives
-    (whatever the run's record says by now: another kernel may have settled it)."""
+def _worker_alive(lock: dict[str, Any]) -> bool:
+    """Whether the worker process running the holder's body lives: while it does, the key is
+    held even if its owner died (whatever the run's record says by now: another kernel may
+    have settled it)."""
     worker = lock.get("worker")
-    return type(worker) is str and not owner_alive(lock["owner"]) and owner_alive(worker)
+    return type(worker) is str and owner_alive(worker)
