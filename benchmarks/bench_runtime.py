@@ -93,7 +93,8 @@ def capsule_throughput(n: int, kind: str, awaited: bool, timeout: float = 60.0,
                     if last:
                         loop.call_soon_threadsafe(_resolve, all_done)
 
-            app.store.events.subscribe(on_change)
+            if not waits:  # with waits, the waits alone see completion: no listener of our own
+                app.store.events.subscribe(on_change)
             await asyncio.sleep(0)  # let the runtime settle on this loop
 
             async def submit_durable():

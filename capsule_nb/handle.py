@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import heapq
+import itertools
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Generator
 
 from . import portable
 from .awaitables import ReadyBool, ReadyStr, resolve
+from .durations import parse_delay
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
 
@@ -119,6 +122,8 @@ class TaskHandle:
         many runs are waited on.
         """
         portable.note("wait_result")
+        if timeout is not None:
+            timeout = parse_delay(timeout, what="timeout")
         record = self._record()
         if record["status"] in FINISHED:
             return record["status"]
@@ -128,11 +133,11 @@ class TaskHandle:
             record = self._record()  # it may have ended before we listened
             if record["status"] not in FINISHED:
                 with self._app.runtime.watch(record):
-                    record = await _within(ended, timeout)
+                    record = await endings.within(ended, timeout)
         except asyncio.TimeoutError:
             record = self._record()
             if record["status"] not in FINISHED:
-                raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout}s") from None
+                raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout:g}s") from None
         finally:
             endings.forget(self.task_id, ended)
         self._final = record
@@ -180,6 +185,7 @@ class Endings:
         self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
         self._waiters: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
+        self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
         self.close = events.subscribe(self._published)
 
@@ -201,6 +207,20 @@ class Endings:
                 self._waiters[task_id] = rest
             else:
                 self._waiters.pop(task_id, None)
+
+    async def within(self, ended: asyncio.Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
+        """``ended``'s record, or ``asyncio.TimeoutError`` after ``timeout`` s."""
+        if timeout is None:
+            return await ended
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines.get(loop)
+        if deadlines is None:
+            deadlines = self._deadlines[loop] = _Deadlines(loop, self._deadlines)
+        deadlines.add(ended, timeout)
+        try:
+            return await ended
+        finally:
+            deadlines.over()
 
     def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
         if record["status"] not in FINISHED:
@@ -244,16 +264,61 @@ class Endings:
         _settle(outbox)
 
 
-async def _within(ended: asyncio.Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
-    """``ended``'s record, or ``asyncio.TimeoutError`` after ``timeout`` s: one timer on the
-    future itself, where ``asyncio.wait_for`` adds a future and a callback per waiter."""
-    if timeout is None:
-        return await ended
-    timer = asyncio.get_running_loop().call_later(timeout, resolve, ended, asyncio.TimeoutError())
-    try:
-        return await ended
-    finally:
-        timer.cancel()
+class _Deadlines:
+    """The timeouts of one loop's waits behind one loop timer. A timer each would put a
+    ``TimerHandle`` per waiter in the loop's heap, ordered by a Python ``__lt__``: with
+    thousands of waits, that was a sixth of the time of a burst of process runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, registry: dict[asyncio.AbstractEventLoop, "_Deadlines"]):
+        self._loop = loop
+        self._registry = registry  # which lets go of this once no deadline is left
+        self._heap: list[tuple[float, int, asyncio.Future[dict[str, Any]]]] = []
+        self._order = itertools.count()  # ties never compare futures
+        self._timer: asyncio.TimerHandle | None = None
+        self._over = 0  # waits over since the heap was last cleared of them
+
+    def add(self, ended: asyncio.Future[dict[str, Any]], timeout: float) -> None:
+        when = self._loop.time() + timeout
+        heapq.heappush(self._heap, (when, next(self._order), ended))
+        if self._timer is None or when < self._timer.when():
+            self._arm(when)
+
+    def over(self) -> None:
+        """A wait has ended: its entry goes when its deadline comes, or sooner, once most
+        of the heap is such entries (so a long timeout holds no finished record for long)."""
+        self._over += 1
+        if 2 * self._over > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].done()]
+            heapq.heapify(self._heap)
+            self._over = 0
+            self._next()
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._expire, when)
+
+    def _expire(self, when: float) -> None:
+        """The timer for ``when`` is due (the loop runs it up to its clock resolution early)."""
+        self._timer = None
+        due = max(when, self._loop.time())
+        while self._heap and self._heap[0][0] <= due:
+            resolve(heapq.heappop(self._heap)[2], asyncio.TimeoutError())
+        self._next()
+
+    def _next(self) -> None:
+        """Arm the timer for the first deadline still waited on; none left: let go."""
+        while self._heap and self._heap[0][2].done():
+            heapq.heappop(self._heap)
+        if self._heap:
+            if self._timer is None or self._timer.when() != self._heap[0][0]:
+                self._arm(self._heap[0][0])
+        else:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._registry.get(self._loop) is self:
+                del self._registry[self._loop]
 
 
 def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]) -> None:

@@ -192,6 +192,21 @@ async def test_a_submit_binds_its_arguments_as_python_does(logic_app, args, kwar
     assert await handle.result() == list(expected.values())
 
 
+@pytest.mark.parametrize("timeout, error", [(-1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                            (True, TypeError), ("soon", ValueError)])
+async def test_a_wait_timeout_that_is_no_duration_names_the_value(app, timeout, error):
+    @app.task
+    async def quick():
+        return 1
+
+    handle = quick.submit()
+    with pytest.raises(error, match=re.escape(f"bad timeout {timeout!r}")):
+        await handle.wait(timeout=timeout)
+    with pytest.raises(error, match=re.escape(f"bad timeout {timeout!r}")):
+        await handle.result(timeout=timeout)
+    assert await handle.result(timeout="30s") == 1  # the words a task's timeout takes
+
+
 def test_a_session_that_is_no_session_is_refused_at_submit(app):
     @app.task
     def job(session=None):

@@ -478,3 +478,23 @@ async def test_waits_that_time_out_or_are_cancelled_leave_nothing_behind(app):
     assert await handle.result(timeout=5) == "done"
     assert cancelled.cancelled()
     assert app._endings._waiters == {}
+    assert app._endings._deadlines == {}  # nor any deadline, with its finished record
+
+
+async def test_wait_timeouts_expire_in_their_own_order(app):
+    """Waits share one timer per loop: a short timeout given after a long one still
+    expires first, and the long one keeps waiting until its run ends."""
+    gate = asyncio.Event()
+
+    @app.task
+    async def slow():
+        await gate.wait()
+
+    handle = slow.submit()
+    patient = asyncio.ensure_future(handle.wait(timeout=60))
+    hasty = asyncio.ensure_future(handle.wait(timeout=0.05))
+    done, _ = await asyncio.wait({patient, hasty}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    assert done == {hasty} and isinstance(hasty.exception(), TimeoutError)
+    gate.set()
+    assert await patient == "completed"
+    assert app._endings._deadlines == {}
