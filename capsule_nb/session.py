@@ -263,7 +263,13 @@ class StreamReply:
             self._session._show(self._target, "stream", "".join(self._parts), {}, self._id, update=True)
 
     def close(self) -> None:
-        if self._run is None and self._parts and not self._shown:
+        """The stream has ended: its last text shows now (a redraw may be held back), or is printed
+        outside a kernel."""
+        if self._id is not None and self._run is not None:
+            self._run.end_message(self._id)
+        elif self._id is not None and self._shown:
+            self._session._app.runtime.display.flush(self._id)  # type: ignore[union-attr]
+        elif self._run is None and self._parts:
             print(render_message("stream", "".join(self._parts), {})["text/plain"])
             self._parts.clear()
 

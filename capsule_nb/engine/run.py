@@ -33,14 +33,18 @@ class Display(Protocol):
     ``target`` is what the display gave the submit as the run's place (a
     cell); it is None for runs that have none. A message is shown once under
     its ``message_id``; ``update`` redraws it in place with its whole text when
-    it grows (a stream). ``session_id`` lets a display keep one notification
-    per session. Each returns False when there was nowhere to show it.
+    it grows (a stream), and ``flush`` sends a redraw it is holding back once
+    the stream has ended, so the last text is out before whoever awaited the
+    stream (a cell, ``h.result()``) goes on. ``session_id`` lets a display keep
+    one notification per session. Each returns False when there was nowhere to show it.
     """
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool: ...
 
     def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool: ...
+
+    def flush(self, message_id: str) -> None: ...
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool: ...
 
@@ -54,6 +58,9 @@ class NoDisplay:
 
     def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
         return False
+
+    def flush(self, message_id: str) -> None:
+        pass
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return False
@@ -137,6 +144,10 @@ class Run:
         if message is not None and message["kind"] not in NOT_SHOWN:
             extra = {k: v for k, v in message.items() if k not in ("kind", "text", "at", "id", "truncated")}
             self.runtime.display.update(self.target, message["kind"], message["text"], extra, message_id=message_id)
+
+    def end_message(self, message_id: str) -> None:
+        """A stream has ended: its last text goes to the cell now, not at the next redraw."""
+        self.runtime.display.flush(message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

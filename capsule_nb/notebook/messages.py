@@ -10,7 +10,7 @@ Each message is one output with a display id, so it can change in place:
 * a stream (``session.stream``, ``stream_reply``) is one output that an
   ``update_display_data`` redraws with the whole text so far: at once after a
   quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
-  goes out (a token stream of thousands of chunks is a few redraws a second,
+  goes out, at the latest when the stream ends (a token stream of thousands of chunks is a few redraws a second,
   not thousands of ever longer messages);
 * a notification replaces the session's previous one under the same cell, as
   Capsule's replace-in-place notification block does.
@@ -81,11 +81,17 @@ class KernelDisplay:
             self._mark_redrawn(display_id)
             return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
 
+    def flush(self, message_id: str) -> None:
+        self._redraw(_display_id(message_id))
+
     def _redraw(self, display_id: str) -> None:
+        """Send the redraw held back for ``display_id``, if one still is (a flush may have sent it)."""
         with self._lock:
-            target, bundle = self._due.pop(display_id)
+            due = self._due.pop(display_id, None)
+            if due is None:
+                return
             self._mark_redrawn(display_id)
-            kernel.emit(target, bundle, display_id=display_id, update=True)
+            kernel.emit(due[0], due[1], display_id=display_id, update=True)
 
     def _mark_redrawn(self, display_id: str) -> None:
         """Caller holds ``self._lock``."""
