@@ -218,7 +218,7 @@ class Session:
             return DONE
         from . import ui
 
-        handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
+        handle = handle_or_id if hasattr(handle_or_id, "task_id") else self._app.get_task(handle_or_id)
         if handle is None:
             raise KeyError(f"show_task: no run {handle_or_id!r} in the store at {self._app.home}")
         card = ui.TaskCard(handle, message=message)
