@@ -10,6 +10,8 @@ script has none.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import os
 import threading
 import time
@@ -161,8 +163,11 @@ class Run:
 
 
 def _merge_output(output: list | None, chunks: list[tuple[str, str]]) -> list[dict]:
+    """A stream's chunks are joined before they meet the kept text: added one by one, each copied that
+    text (up to ``MAX_OUTPUT_CHARS``), and a task printing 100,000 lines took seconds, not a tenth."""
     merged = [dict(x) for x in output or ()]
-    for stream, text in chunks:
+    for stream, same in itertools.groupby(chunks, key=operator.itemgetter(0)):
+        text = "".join(part for _, part in same)
         if merged and merged[-1]["stream"] == stream:
             merged[-1]["text"] += text
         else:
