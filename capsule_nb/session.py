@@ -138,7 +138,7 @@ class Session:
         elif not self._show(kernel.cell_target(), kind, str(text), extra, new_task_id()):
             print(render_message(kind, str(text), extra)["text/plain"])
 
-    def _show(self, target: Any, kind: str, text: str, extra: dict[str, Any], message_id: str,
+    def _show(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], message_id: str,
               update: bool = False) -> bool:
         """A message from a cell, through the app's display (the one a run's messages take)."""
         if self._app is None:
@@ -259,8 +259,11 @@ class StreamReply:
         if self._id is None:
             self._id = new_task_id()
             self._shown = self._session._show(self._target, "stream", text, {}, self._id)
-        elif self._shown:
-            self._session._show(self._target, "stream", "".join(self._parts), {}, self._id, update=True)
+        elif self._shown:  # the whole text is joined only for a redraw that goes out, not at every write
+            self._session._show(self._target, "stream", self._text, {}, self._id, update=True)
+
+    def _text(self) -> str:
+        return "".join(self._parts)
 
     def close(self) -> None:
         """The stream has ended: its last text shows now (a redraw may be held back), or is printed

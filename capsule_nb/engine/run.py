@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from ..record import MAX_OUTPUT_CHARS, add_message, capped_text, evolve, grow_message, new_task_id
 
@@ -35,7 +35,8 @@ class Display(Protocol):
     ``target`` is what the display gave the submit as the run's place (a
     cell); it is None for runs that have none. A message is shown once under
     its ``message_id``; ``update`` redraws it in place with its whole text when
-    it grows (a stream), and ``flush`` sends a redraw it is holding back once
+    it grows (a stream; the text may come as a function, called only when a
+    redraw goes out), and ``flush`` sends a redraw it is holding back once
     the stream has ended, so the last text is out before whoever awaited the
     stream (a cell, ``h.result()``) goes on. ``session_id`` lets a display keep
     one notification per session. Each returns False when there was nowhere to show it.
@@ -44,7 +45,8 @@ class Display(Protocol):
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool: ...
 
-    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool: ...
+    def update(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], *,
+               message_id: str) -> bool: ...
 
     def flush(self, message_id: str) -> None: ...
 
@@ -58,7 +60,8 @@ class NoDisplay:
                 session_id: str | None = None) -> bool:
         return False
 
-    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+    def update(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], *,
+               message_id: str) -> bool:
         return False
 
     def flush(self, message_id: str) -> None:
