@@ -661,19 +661,18 @@ def test_a_stream_grows_one_output_in_place_while_another_cell_runs(nb: Kernel):
         ("notify", "done")]
 
 
-def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
-    nb.run(
-        """
-        app = cpsl.App(name="batch-app")
+CRUNCH_TASK = """
+@app.task(process=True, timeout=300)
+async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
+    async with session.stream_reply() as out:
+        for part in range(3):
+            out.write(f"batch {batch_id} part {part}; ")
+    return batch_id
+"""
 
-        @app.task(process=True, timeout=300)
-        async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
-            async with session.stream_reply() as out:
-                for part in range(3):
-                    out.write(f"batch {batch_id} part {part}; ")
-            return batch_id
-        """
-    )
+
+def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
+    nb.run("app = cpsl.App(name='batch-app')\n" + CRUNCH_TASK)
     submitting = nb.run("handle = await crunch_embeddings.submit(session=session, batch_id='b1')")
     assert nb.value("await handle.wait(60)") == "completed"
     whole = "batch b1 part 0; batch b1 part 1; batch b1 part 2; "
@@ -725,14 +724,9 @@ def test_an_executed_notebook_keeps_each_streams_whole_text(tmp_path):
         async def tell(session: cpsl.Session | None = None):
             await session.stream(["Once ", "upon ", "a time"])
             return "told"
-
-        @app.task(process=True, timeout=300)
-        async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
-            async with session.stream_reply() as out:
-                for part in range(3):
-                    out.write(f"batch {batch_id} part {part}; ")
-            return batch_id
-
+        """,
+        CRUNCH_TASK,
+        """
         print(await tell.submit(session=session).result())
         print(await crunch_embeddings.submit(session=session, batch_id="b1").result())
         """,
@@ -740,7 +734,7 @@ def test_an_executed_notebook_keeps_each_streams_whole_text(tmp_path):
     executed = run_notebook(path, tmp_path / "store", cwd=tmp_path, timeout=120)
     shows = [[o.data["text/plain"] for o in cell.outputs if o.output_type == "display_data"] for cell in executed.cells]
     assert shows[1] == ["and a second one"]
-    assert shows[2] == ["Once upon a time", "batch b1 part 0; batch b1 part 1; batch b1 part 2; "]
+    assert shows[4] == ["Once upon a time", "batch b1 part 0; batch b1 part 1; batch b1 part 2; "]
 
 
 def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):
