@@ -703,8 +703,8 @@ def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
 
     # A long token stream (60,000 chunks, 360,000 characters): the whole text is built only for a
     # redraw that goes out, not at every write (that took about 20 s in a cell, not a fraction of one).
-    tokens = nb.run("with session.stream_reply() as out:\n    for i in range(60_000):\n        out.write(f'tok{i % 10} ')",
-                    timeout=10)
+    tokens = nb.run("with session.stream_reply() as out:\n"
+                    "    for i in range(60_000):\n        out.write(f'tok{i % 10} ')", timeout=10)
     assert final_text(tokens, shown(tokens)[0][0]) == "".join(f"tok{i % 10} " for i in range(60_000))
 
 

@@ -10,8 +10,8 @@ Each message is one output with a display id, so it can change in place:
 * a stream (``session.stream``, ``stream_reply``) is one output that an
   ``update_display_data`` redraws with the whole text so far: at once after a
   quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
-  goes out, at the latest when the stream ends (a token stream of thousands of chunks is a few redraws a second,
-  not thousands of ever longer messages);
+  goes out, at the latest when the stream ends (a token stream of thousands of
+  chunks is a few redraws a second, not thousands of ever longer messages);
 * a notification replaces the session's previous one under the same cell, as
   Capsule's replace-in-place notification block does.
 """
