@@ -223,12 +223,12 @@ class App:
 
     def get_task(self, task_id: str) -> TaskHandle | None:
         """A handle for any run in this app's store, from this kernel or an earlier one."""
-        record = self.store.get_run(task_id)
+        record = self.store.get_run(_run_id(task_id))
         return None if record is None else TaskHandle(self.for_run(record), task_id)
 
     def resubmit(self, task_id: str) -> TaskHandle:
         """Run a finished run's task again with the same arguments (a card's Retry button)."""
-        record = self.store.get_run(task_id)
+        record = self.store.get_run(_run_id(task_id))
         if record is None:
             raise KeyError(f"no run {task_id!r} in {self.home}")
         owner = self.for_run(record)
@@ -357,6 +357,14 @@ def task(fn: F | None = None, /, **options: Any) -> Any:
 def schedule(cron: str, *, tz: str = "UTC", name: str | None = None, catchup: bool = False) -> Callable[[F], Schedule]:
     """``@cpsl.schedule("*/5 * * * *")``: 5 fields, or 6 with seconds last; ``tz`` any IANA zone."""
     return default_app().schedule(cron, tz=tz, name=name, catchup=catchup)
+
+
+def _run_id(task_id: Any) -> str:
+    """A run id as users pass it: the text ``handle.task_id`` is (a handle itself names the fix)."""
+    if isinstance(task_id, str):
+        return task_id
+    hint = f"; pass its .task_id ({task_id.task_id!r})" if isinstance(task_id, TaskHandle) else ""
+    raise TypeError(f"a run id is a string, not {task_id!r} ({type(task_id).__name__}){hint}")
 
 
 def get_task(task_id: str) -> TaskHandle | None:

@@ -138,7 +138,7 @@ class Session:
         elif not self._show(kernel.cell_target(), kind, str(text), extra, new_task_id()):
             print(render_message(kind, str(text), extra)["text/plain"])
 
-    def _show(self, target: Any, kind: str, text: str, extra: dict[str, Any], message_id: str,
+    def _show(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], message_id: str,
               update: bool = False) -> bool:
         """A message from a cell, through the app's display (the one a run's messages take)."""
         if self._app is None:
@@ -218,7 +218,7 @@ class Session:
             return DONE
         from . import ui
 
-        handle = self._app.get_task(handle_or_id) if isinstance(handle_or_id, str) else handle_or_id
+        handle = handle_or_id if hasattr(handle_or_id, "task_id") else self._app.get_task(handle_or_id)
         if handle is None:
             raise KeyError(f"show_task: no run {handle_or_id!r} in the store at {self._app.home}")
         card = ui.TaskCard(handle, message=message)
@@ -259,11 +259,20 @@ class StreamReply:
         if self._id is None:
             self._id = new_task_id()
             self._shown = self._session._show(self._target, "stream", text, {}, self._id)
-        elif self._shown:
-            self._session._show(self._target, "stream", "".join(self._parts), {}, self._id, update=True)
+        elif self._shown:  # the whole text is joined only for a redraw that goes out, not at every write
+            self._session._show(self._target, "stream", self._text, {}, self._id, update=True)
+
+    def _text(self) -> str:
+        return "".join(self._parts)
 
     def close(self) -> None:
-        if self._run is None and self._parts and not self._shown:
+        """The stream has ended: its last text shows now (a redraw may be held back), or is printed
+        outside a kernel."""
+        if self._id is not None and self._run is not None:
+            self._run.end_message(self._id)
+        elif self._id is not None and self._shown:
+            self._session._app.runtime.display.flush(self._id)  # type: ignore[union-attr]
+        elif self._run is None and self._parts:
             print(render_message("stream", "".join(self._parts), {})["text/plain"])
             self._parts.clear()
 

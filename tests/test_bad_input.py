@@ -237,3 +237,19 @@ def test_a_bad_column_names_the_bad_value_and_declares_nothing(app, column, mess
         app.collection("threads", columns=[column()])
     assert '<th>subject</th>' in app.collection("threads")._repr_html_()  # the table declared before stays
     assert app.collection("threads").find_one({})["subject"] == "kept"
+
+
+def test_a_run_id_that_is_no_string_is_a_type_error_naming_it(logic_app):
+    @logic_app.task()
+    def job():
+        return 1
+
+    handle = job.submit()
+    for lookup in (logic_app.get_task, logic_app.tasks.get, logic_app.resubmit, logic_app.session.show_task):
+        for bad in (None, 123):
+            with pytest.raises(TypeError, match=f"a run id is a string, not {bad!r}"):
+                lookup(bad)
+    with pytest.raises(TypeError, match=rf"not <TaskHandle job {handle.task_id} .*pass its .task_id"):
+        logic_app.get_task(handle)
+    logic_app.session.show_task(handle)  # a handle, as in Capsule, still shows its card
+    assert job.count() == 1  # and no bad lookup ran anything

@@ -661,19 +661,18 @@ def test_a_stream_grows_one_output_in_place_while_another_cell_runs(nb: Kernel):
         ("notify", "done")]
 
 
-def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
-    nb.run(
-        """
-        app = cpsl.App(name="batch-app")
+CRUNCH_TASK = """
+@app.task(process=True, timeout=300)
+async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
+    async with session.stream_reply() as out:
+        for part in range(3):
+            out.write(f"batch {batch_id} part {part}; ")
+    return batch_id
+"""
 
-        @app.task(process=True, timeout=300)
-        async def crunch_embeddings(session: cpsl.Session | None = None, batch_id: str = ""):
-            async with session.stream_reply() as out:
-                for part in range(3):
-                    out.write(f"batch {batch_id} part {part}; ")
-            return batch_id
-        """
-    )
+
+def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
+    nb.run("app = cpsl.App(name='batch-app')\n" + CRUNCH_TASK)
     submitting = nb.run("handle = await crunch_embeddings.submit(session=session, batch_id='b1')")
     assert nb.value("await handle.wait(60)") == "completed"
     whole = "batch b1 part 0; batch b1 part 1; batch b1 part 2; "
@@ -701,6 +700,41 @@ def test_a_stream_from_a_process_run_and_from_a_cell_grows_in_place(nb: Kernel):
     whole = "".join(f"{i} " for i in range(2000))
     nb.wait_for(lambda: final_text(burst, shown(burst)[0][0]) == whole, 10, "the burst's whole text")
     assert len(shown(burst)) == 1 and len(redrawn(burst)) <= 10  # coalesced: not 1,999 ever longer messages
+
+    # A long token stream (60,000 chunks, 360,000 characters): the whole text is built only for a
+    # redraw that goes out, not at every write (that took about 20 s in a cell, not a fraction of one).
+    tokens = nb.run("with session.stream_reply() as out:\n"
+                    "    for i in range(60_000):\n        out.write(f'tok{i % 10} ')", timeout=10)
+    assert final_text(tokens, shown(tokens)[0][0]) == "".join(f"tok{i % 10} " for i in range(60_000))
+
+
+def test_an_executed_notebook_keeps_each_streams_whole_text(tmp_path):
+    """nbclient (nbconvert --execute, papermill) keeps what a cell shows by the time it is idle: a stream's
+    last chunk must be drawn before the awaited stream (or the run streaming it) ends, not by a timer."""
+    path = _notebook(
+        tmp_path / "streams.ipynb",
+        "%load_ext capsule_nb\nimport asyncio\nimport capsule_nb as cpsl\napp = cpsl.App(name='stream-app')",
+        """
+        async with session.stream_reply() as out:
+            for word in ["and ", "a second ", "one"]:
+                out.write(word)
+        """,
+        """
+        @app.task(timeout=60)
+        async def tell(session: cpsl.Session | None = None):
+            await session.stream(["Once ", "upon ", "a time"])
+            return "told"
+        """,
+        CRUNCH_TASK,
+        """
+        print(await tell.submit(session=session).result())
+        print(await crunch_embeddings.submit(session=session, batch_id="b1").result())
+        """,
+    )
+    executed = run_notebook(path, tmp_path / "store", cwd=tmp_path, timeout=120)
+    shows = [[o.data["text/plain"] for o in cell.outputs if o.output_type == "display_data"] for cell in executed.cells]
+    assert shows[1] == ["and a second one"]
+    assert shows[4] == ["Once upon a time", "batch b1 part 0; batch b1 part 1; batch b1 part 2; "]
 
 
 def test_show_task_inside_a_task_shows_the_card_only(nb: Kernel):

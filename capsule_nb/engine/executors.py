@@ -239,6 +239,8 @@ def forward_to(run: Any) -> Callable[[str, dict], None]:
             ids[data["id"]] = run.message(data["kind"], data["text"], **data.get("extra", {}))
         elif kind == "extend":
             run.extend_message(ids.get(data["id"], data["id"]), data["text"])
+        elif kind == "end":
+            run.end_message(ids.get(data["id"], data["id"]))
         elif kind == "progress":
             run.progress(data["done"], data["total"], data["message"])
 

@@ -10,11 +10,13 @@ script has none.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import os
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from ..record import MAX_OUTPUT_CHARS, add_message, capped_text, evolve, grow_message, new_task_id
 
@@ -33,14 +35,20 @@ class Display(Protocol):
     ``target`` is what the display gave the submit as the run's place (a
     cell); it is None for runs that have none. A message is shown once under
     its ``message_id``; ``update`` redraws it in place with its whole text when
-    it grows (a stream). ``session_id`` lets a display keep one notification
-    per session. Each returns False when there was nowhere to show it.
+    it grows (a stream; the text may come as a function, called only when a
+    redraw goes out), and ``flush`` sends a redraw it is holding back once
+    the stream has ended, so the last text is out before whoever awaited the
+    stream (a cell, ``h.result()``) goes on. ``session_id`` lets a display keep
+    one notification per session. Each returns False when there was nowhere to show it.
     """
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool: ...
 
-    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool: ...
+    def update(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], *,
+               message_id: str) -> bool: ...
+
+    def flush(self, message_id: str) -> None: ...
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool: ...
 
@@ -52,8 +60,12 @@ class NoDisplay:
                 session_id: str | None = None) -> bool:
         return False
 
-    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+    def update(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], *,
+               message_id: str) -> bool:
         return False
+
+    def flush(self, message_id: str) -> None:
+        pass
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return False
@@ -138,6 +150,10 @@ class Run:
             extra = {k: v for k, v in message.items() if k not in ("kind", "text", "at", "id", "truncated")}
             self.runtime.display.update(self.target, message["kind"], message["text"], extra, message_id=message_id)
 
+    def end_message(self, message_id: str) -> None:
+        """A stream has ended: its last text goes to the cell now, not at the next redraw."""
+        self.runtime.display.flush(message_id)
+
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}
         self.runtime.update(self.task_id, lambda r: evolve(r, progress=value))
@@ -150,8 +166,11 @@ class Run:
 
 
 def _merge_output(output: list | None, chunks: list[tuple[str, str]]) -> list[dict]:
+    """A stream's chunks are joined before they meet the kept text: added one by one, each copied that
+    text (up to ``MAX_OUTPUT_CHARS``), and a task printing 100,000 lines took seconds, not a tenth."""
     merged = [dict(x) for x in output or ()]
-    for stream, text in chunks:
+    for stream, same in itertools.groupby(chunks, key=operator.itemgetter(0)):
+        text = "".join(part for _, part in same)
         if merged and merged[-1]["stream"] == stream:
             merged[-1]["text"] += text
         else:

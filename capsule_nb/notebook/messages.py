@@ -10,8 +10,8 @@ Each message is one output with a display id, so it can change in place:
 * a stream (``session.stream``, ``stream_reply``) is one output that an
   ``update_display_data`` redraws with the whole text so far: at once after a
   quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
-  goes out (a token stream of thousands of chunks is a few redraws a second,
-  not thousands of ever longer messages);
+  goes out, at the latest when the stream ends (a token stream of thousands of
+  chunks is a few redraws a second, not thousands of ever longer messages);
 * a notification replaces the session's previous one under the same cell, as
   Capsule's replace-in-place notification block does.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from . import kernel
 
@@ -47,7 +47,7 @@ class KernelDisplay:
         self._lock = threading.Lock()
         self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
         self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it was last redrawn
-        self._due: dict[str, tuple[Any, dict[str, str]]] = {}  # display id -> the newest redraw, waiting
+        self._due: dict[str, tuple[Any, str, Any, dict[str, Any]]] = {}  # display id -> the newest redraw, waiting
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool:
@@ -63,29 +63,43 @@ class KernelDisplay:
                 self._notices.popitem(last=False)
         return True
 
-    def update(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str) -> bool:
+    def update(self, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any], *,
+               message_id: str) -> bool:
         if kernel.kernel() is None or target is None:
             return False
-        display_id, bundle = _display_id(message_id), render_message(kind, text, extra)
+        display_id = _display_id(message_id)
         with self._lock:
             if display_id in self._due:  # a redraw is armed: it takes this newer text
-                self._due[display_id] = (target, bundle)
+                self._due[display_id] = (target, kind, text, extra)
                 return True
             wait = self._redrawn.get(display_id, float("-inf")) + REDRAW_SECONDS - time.monotonic()
             if wait > 0:
-                self._due[display_id] = (target, bundle)
+                self._due[display_id] = (target, kind, text, extra)
                 timer = threading.Timer(wait, self._redraw, (display_id,))
                 timer.daemon = True
                 timer.start()
                 return True
             self._mark_redrawn(display_id)
-            return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
+            return self._emit(display_id, target, kind, text, extra)
+
+    def flush(self, message_id: str) -> None:
+        self._redraw(_display_id(message_id))
 
     def _redraw(self, display_id: str) -> None:
+        """Send the redraw held back for ``display_id``, if one still is (a flush may have sent it)."""
         with self._lock:
-            target, bundle = self._due.pop(display_id)
+            due = self._due.pop(display_id, None)
+            if due is None:
+                return
             self._mark_redrawn(display_id)
-            kernel.emit(target, bundle, display_id=display_id, update=True)
+            self._emit(display_id, *due)
+
+    @staticmethod
+    def _emit(display_id: str, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any]) -> bool:
+        """Caller holds ``self._lock``. A text given as a function is built only here, for a redraw that
+        goes out: a stream of thousands of writes is not joined whole at every one of them."""
+        bundle = render_message(kind, text() if callable(text) else text, extra)
+        return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
 
     def _mark_redrawn(self, display_id: str) -> None:
         """Caller holds ``self._lock``."""

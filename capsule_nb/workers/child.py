@@ -82,6 +82,9 @@ class ChildRun:
     def extend_message(self, message_id: str, text: str) -> None:
         self._send("extend", {"id": message_id, "text": str(text)})
 
+    def end_message(self, message_id: str) -> None:
+        self._send("end", {"id": message_id})
+
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         self._send("progress", {"done": done, "total": total, "message": message})
 

@@ -288,7 +288,7 @@ class ProcessPool:
         ``("started", {"pid"})`` when a worker takes the job, then for what
         the task does: ``("capture", {"stream", "text"})``,
         ``("message", {"id", "kind", "text", "extra"})``,
-        ``("extend", {"id", "text"})``, ``("progress", {"done", "total",
+        ``("extend", {"id", "text"})``, ``("end", {"id"})``, ``("progress", {"done", "total",
         "message"})``, ``("show", {"task_id", "message"})``; all of them before
         ``wait()`` returns. ``forward_to(run)`` turns these into calls on a
         runtime ``Run``; the runtime hands ``show`` to the run's session.
