@@ -144,10 +144,10 @@ async def test_print_in_concurrent_runs_is_kept_per_run(app):
         assert stdout == "".join(f"async {n} line {i}\n" for i in range(50))
 
 
-async def test_a_task_printing_a_hundred_thousand_lines_keeps_the_newest_and_is_not_slowed(app):
-    """Each print is several writes; the kept output (the newest 200,000 characters, in order) must
-    not be copied per write: that made this task take seconds (about 6 on 2 cores, 25 for half as
-    many lines again) instead of well under one."""
+async def test_a_task_printing_a_hundred_thousand_lines_keeps_the_newest(app):
+    """Each print is several writes; the kept output is the newest 200,000 characters, in order.
+    (How fast that goes is ``benchmarks/bench_output.py``: copying the kept text per write made
+    this task take seconds.)"""
 
     @app.task
     def loud(lines):
@@ -157,7 +157,7 @@ async def test_a_task_printing_a_hundred_thousand_lines_keeps_the_newest_and_is_
         return lines
 
     handle = loud.submit(150_000)
-    assert await handle.wait(timeout=5) == "completed"
+    assert await handle.wait(timeout=120) == "completed"
     (kept,) = handle.snapshot()["output"]  # the stderr line is older than the newest 200,000 characters
     whole = "".join(f"line {i}\n" for i in range(150_000))
     assert kept == {"stream": "stdout", "text": "…" + whole[len(whole) - 199_999:]}

@@ -9,7 +9,8 @@ Each message is one output with a display id, so it can change in place:
 
 * a stream (``session.stream``, ``stream_reply``) is one output that an
   ``update_display_data`` redraws with the whole text so far: at once after a
-  quiet spell, then at most every ``REDRAW_SECONDS``, and the last text always
+  quiet spell, then at most every ``REDRAW_SECONDS`` (less often once the text
+  is longer than ``REDRAW_CHARS``, so a long stream stays linear), and the last text always
   goes out, at the latest when the stream ends (a token stream of thousands of
   chunks is a few redraws a second, not thousands of ever longer messages);
 * a notification replaces the session's previous one under the same cell, as
@@ -26,7 +27,8 @@ from typing import Any, Callable
 from . import kernel
 
 NOTICES_KEPT = 10_000  # (session, cell) notification outputs remembered for replacing in place
-REDRAW_SECONDS = 0.05  # a growing message is redrawn at most 20 times a second
+REDRAW_SECONDS = 0.05  # a growing message is redrawn at most 20 times a second,
+REDRAW_CHARS = 100_000  # and less often once longer: each redraw sends the whole text
 
 
 def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
@@ -46,7 +48,7 @@ class KernelDisplay:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
-        self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it was last redrawn
+        self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it may be redrawn next
         self._due: dict[str, tuple[Any, str, Any, dict[str, Any]]] = {}  # display id -> the newest redraw, waiting
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
@@ -72,14 +74,13 @@ class KernelDisplay:
             if display_id in self._due:  # a redraw is armed: it takes this newer text
                 self._due[display_id] = (target, kind, text, extra)
                 return True
-            wait = self._redrawn.get(display_id, float("-inf")) + REDRAW_SECONDS - time.monotonic()
+            wait = self._redrawn.get(display_id, float("-inf")) - time.monotonic()
             if wait > 0:
                 self._due[display_id] = (target, kind, text, extra)
                 timer = threading.Timer(wait, self._redraw, (display_id,))
                 timer.daemon = True
                 timer.start()
                 return True
-            self._mark_redrawn(display_id)
             return self._emit(display_id, target, kind, text, extra)
 
     def flush(self, message_id: str) -> None:
@@ -91,22 +92,20 @@ class KernelDisplay:
             due = self._due.pop(display_id, None)
             if due is None:
                 return
-            self._mark_redrawn(display_id)
             self._emit(display_id, *due)
 
-    @staticmethod
-    def _emit(display_id: str, target: Any, kind: str, text: str | Callable[[], str], extra: dict[str, Any]) -> bool:
+    def _emit(self, display_id: str, target: Any, kind: str, text: str | Callable[[], str],
+              extra: dict[str, Any]) -> bool:
         """Caller holds ``self._lock``. A text given as a function is built only here, for a redraw that
-        goes out: a stream of thousands of writes is not joined whole at every one of them."""
-        bundle = render_message(kind, text() if callable(text) else text, extra)
-        return kernel.emit(target, bundle, display_id=display_id, update=True)  # emit only queues a send
-
-    def _mark_redrawn(self, display_id: str) -> None:
-        """Caller holds ``self._lock``."""
-        self._redrawn[display_id] = time.monotonic()
+        goes out: a stream of thousands of writes is not joined whole at every one of them. The next
+        redraw waits longer the longer the text, so a long stream sends at most ``REDRAW_CHARS``
+        characters per ``REDRAW_SECONDS``, not its whole text 20 times a second."""
+        text = text() if callable(text) else text
+        self._redrawn[display_id] = time.monotonic() + REDRAW_SECONDS * max(1.0, len(text) / REDRAW_CHARS)
         self._redrawn.move_to_end(display_id)
         while len(self._redrawn) > NOTICES_KEPT:
             self._redrawn.popitem(last=False)
+        return kernel.emit(target, render_message(kind, text, extra), display_id=display_id, update=True)
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return kernel.emit(target, bundle)
