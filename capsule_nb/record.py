@@ -17,6 +17,8 @@ import random
 import time
 from typing import Any, TypedDict
 
+from .durations import MIN_INTERVAL
+
 PENDING = "pending"
 CLAIMED = "claimed"
 RUNNING = "running"
@@ -148,6 +150,9 @@ def validate(record: Any, task_id: str | None = None) -> str | None:
         for item in record.get(field) or ():
             if type(item) is not dict or type(item.get(name)) is not str or type(item.get("text")) is not str:
                 return f"{field} holds {short_repr(item, 60)}, not {{{name}: text, text: text}}"
+    every = record.get("every")
+    if every is not None and not every >= MIN_INTERVAL:  # (NaN too) a repeat is never a busy loop
+        return f"every is {short_repr(every, 60)}, not a number of seconds of at least {MIN_INTERVAL:g}"
     progress = record.get("progress")
     number = _KINDS["number"]
     if progress is not None and not (type(progress.get("done")) in number

@@ -490,6 +490,55 @@ def test_kernel_shutdown_records_running_work_as_interrupted(tmp_path: Path) -> 
     assert record["status"] == "failed" and record["error"] == "interrupted"
 
 
+def test_a_kernel_shutdown_leaves_a_process_run_interrupted_and_its_key_held_while_it_runs(tmp_path: Path) -> None:
+    """A shutdown or restart from Jupyter makes ipykernel end the children in its process
+    group, the forkserver among them, but not a worker (it leads a group of its own), which
+    runs on until the kernel is gone. So the run ends ``interrupted``, not as a crash of its
+    worker, and a run queued on its key in another process starts only once that body has
+    stopped."""
+    from .conftest import until_sync
+    from .test_durability import lines_until, spawn
+
+    beats, home = tmp_path / "beats", tmp_path / "store"
+    task = f"""
+        @cpsl.task(process=True, lock="one-at-a-time", on_lock="queue")
+        def beating(tag):
+            while True:
+                with open({str(beats)!r}, "a") as fh:
+                    fh.write(f"{{tag}} {{time.time()}}\\n")
+                time.sleep(0.01)
+        """
+    k = Kernel(home, cwd=tmp_path)
+    try:
+        k.run("import time\nimport capsule_nb as cpsl\n" + textwrap.dedent(task) + "h_beating = beating.submit('kernel')")
+        task_id = k.value("h_beating.task_id")
+        wait_on_disk(k, task_id, {"running"})
+        waiting = spawn(textwrap.dedent(task).replace("@cpsl.task", "@app.task") + textwrap.dedent("""
+            h = beating.submit("other")
+            app.store.flush()
+            print(h.status(), flush=True)
+            print("queued", flush=True)
+            threading.Event().wait()
+            """), home)
+        assert lines_until(waiting, "queued") == ["pending"]
+    finally:
+        k.close()
+    record = until_sync(lambda: (r := disk_record(home, task_id)) and r["status"] != "running" and r,
+                        timeout=30, what="the run to be settled")  # by the other process, if the kernel was ended
+    assert (record["status"], record["error"]) == ("failed", "interrupted")
+
+    def spans() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {}
+        for line in beats.read_text().splitlines():
+            tag, _, at = line.partition(" ")
+            if at:
+                times.setdefault(tag, []).append(float(at))
+        return times
+
+    until_sync(lambda: "other" in spans(), timeout=30, what="the run queued on the key to start")
+    assert max(spans()["kernel"]) < min(spans()["other"])  # the two bodies never overlapped
+
+
 def test_quickstart_notebook_executes(tmp_path: Path) -> None:
     path = find_notebook()
     assert json.loads(path.read_text()) == json.loads((REPO / "notebooks" / "quickstart.ipynb").read_text())

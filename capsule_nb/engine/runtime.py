@@ -288,17 +288,20 @@ class Runtime:
         self._settle(run, record)
 
     def _settle(self, run: Run, record: RunRecord | None) -> None:
-        """After a final status: free the lock, call back, arm the next repeat."""
-        with self._live_lock:
-            self._live.pop(run.task_id, None)
-        if run.lock_key is not None:
-            self.store.release_lock(run.lock_key, run.task_id)
-            self._wake_queue(run.lock_key)
-        if record is None:
-            return
-        self._callback(run, record)
-        if record.get("every") and record["status"] != CANCELLED:
-            self._repeat(run, record)
+        """After a final status: free the lock, call back, arm the next repeat. The run stays
+        live here until then, so a cancel request for it waits until its next run is armed."""
+        try:
+            if run.lock_key is not None:
+                self.store.release_lock(run.lock_key, run.task_id)
+                self._wake_queue(run.lock_key)
+            if record is None:
+                return
+            self._callback(run, record)
+            if record.get("every") and record["status"] != CANCELLED:
+                self._repeat(run, record)
+        finally:
+            with self._live_lock:
+                self._live.pop(run.task_id, None)
 
     def _repeat(self, run: Run, record: RunRecord) -> None:
         every = record["every"]
@@ -383,7 +386,7 @@ class Runtime:
             if record is None:
                 return False
             if record["status"] in FINISHED:
-                return self._cancel_series(record)
+                return self.cancel_series(record)
             owner = record.get("owner", "")
             if owner != self.owner and owner_alive(owner):
                 self.store.request_cancel(task_id)
@@ -401,7 +404,8 @@ class Runtime:
             self.store.poll()
         return False
 
-    def _cancel_series(self, record: RunRecord) -> bool:
+    def cancel_series(self, record: RunRecord) -> bool:
+        """Stop what is left of the repeat ``record`` belongs to (its unfinished runs)."""
         series = record.get("series")
         if not series:
             return False

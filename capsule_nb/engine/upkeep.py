@@ -10,7 +10,9 @@ A cancel request (``Store.request_cancel``) is seen by every process on the
 store and consumed by none but the one that can answer it: the run's owner
 stops the run and drops the request once the run has finished; a process that
 finds the owner dead records the run ``cancelled``. Recovery and adoption read
-the request too, so a run asked to stop is never retried or resumed.
+the request too, so a run asked to stop is never retried or resumed. A repeat's
+run that finished before its owner saw the request had armed its next run:
+the request then stops the series.
 
 While somebody here waits on a run another process owns, a faster *watch*
 polls the store every ``WATCH_SECONDS``: one poll per tick however many
@@ -119,16 +121,28 @@ class Upkeep:
         runtime = self.runtime
         for task_id, seen in self.store.cancel_requests().items():
             record = self.store.get_run(task_id)
-            if record is None or record["status"] in FINISHED:
-                self.store.drop_cancel_request(task_id)  # answered (or the run was pruned)
-                continue
             holder = runtime.holder(task_id)
+            if record is None or record["status"] in FINISHED:
+                if holder is None:  # (one settling here may be arming its next repeat)
+                    self._answered(task_id, record)
+                continue
             owner = record.get("owner", "")
             if holder is runtime:
                 runtime.cancel(task_id)  # the request stays until the run has stopped: a kill meanwhile still finds it
             elif holder is None and (owner == runtime.owner and time.monotonic() - seen > LET_GO_SECONDS
                                      or owner != runtime.owner and not owner_alive(owner)):
                 runtime.cancel(task_id)  # nobody works on it: recorded cancelled on disk
+
+    def _answered(self, task_id: str, record: RunRecord | None) -> None:
+        """Drop the request of a run that has finished (or was pruned): the run's owner does,
+        or anyone once the owner died. A repeat's run may have finished before its owner saw
+        the request, its next run already armed: the request then stops the series."""
+        owner = record.get("owner", "") if record is not None else ""
+        if record is not None and owner != self.runtime.owner and owner_alive(owner):
+            return  # its owner answers it
+        if record is not None and record.get("series"):
+            self.runtime.cancel_series(record)
+        self.store.drop_cancel_request(task_id)
 
     def recover(self) -> int:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else

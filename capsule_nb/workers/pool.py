@@ -26,7 +26,9 @@ over a ``Pipe``; the worker answers with ``("msg", id, kind, data)`` for
 prints and session calls, then ``("done", id, kind, data)``. A reader thread
 per worker (in the parent) forwards messages to the job's ``on_message``
 and settles the job; the worker's death (its pipe or its forkserver status
-sentinel closing) settles a job still in flight as crashed or killed.
+sentinel closing) settles a job still in flight as crashed or killed. A
+sentinel that closes because the forkserver died first (ipykernel ends it at
+a shutdown) is no death: the worker is watched through a pidfd from then on.
 
 What happens inside the worker is ``child.py``.
 
@@ -212,6 +214,7 @@ class _Worker:
 
     def _read(self) -> None:
         conn = self.conn
+        orphan: int | None = None  # a pidfd on the worker, once its forkserver died before it
         # One selector for the worker's life (``connection.wait`` makes one per call). The
         # sentinel tells of a death even when the worker's own children keep the pipe open.
         with selectors.DefaultSelector() as selector:
@@ -221,6 +224,10 @@ class _Worker:
                 try:
                     ready = [key.fileobj for key, _ in selector.select()]
                     if conn not in ready and not conn.poll(0):  # dead and nothing left to read
+                        if orphan is None and (orphan := self._outlived_forkserver()) is not None:
+                            selector.unregister(self.process.sentinel)
+                            selector.register(orphan, selectors.EVENT_READ)
+                            continue
                         break
                     data = conn.recv_bytes()
                 except (EOFError, OSError):
@@ -231,9 +238,26 @@ class _Worker:
                     log.exception("capsule_nb: bad message from process worker %s", self.pid)
         self.process.join()  # reaped (by the forkserver) before anyone hears the job ended
         dump = _read_available(self.faults)
-        self.pool._died(self, self.process.exitcode, dump)
+        self.pool._died(self, self.process.exitcode if orphan is None else None, dump)  # an orphan's is unknown
+        if orphan is not None:
+            os.close(orphan)
         self.conn.close()
         self.faults.close()
+
+    def _outlived_forkserver(self) -> int | None:
+        """A pidfd on this worker if it lives on although the sentinel closed, else None.
+
+        The sentinel is the forkserver's status pipe, which also closes, with no status
+        (multiprocessing's exit code 255), when the forkserver dies first: ipykernel ends the
+        children in its own process group at a shutdown or restart, the forkserver among
+        them, but not a worker, which leads a group of its own and still runs its job."""
+        self.process.join()
+        if self.process.exitcode != 255:
+            return None
+        try:
+            return os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # gone as well (or no pidfd): dead, as before
+            return None
 
 
 def _read_available(conn: multiprocessing.connection.Connection) -> str:

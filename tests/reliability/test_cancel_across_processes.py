@@ -128,3 +128,36 @@ def test_a_request_to_an_owner_that_dies_before_acting_settles_the_run(tmp_path)
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
         _stop(procs)
+
+
+def test_a_cancel_from_another_process_stops_a_repeat_whose_run_ends_before_the_owner_acts(tmp_path):
+    """A repeat's run that finishes between the request and its owner's next pass (a fast
+    body, a tick just due) has already armed the next run: the request still ends the series."""
+    go = tmp_path / "go"
+    owner = spawn(f"""
+        @app.task
+        def tick():
+            while not os.path.exists({str(go)!r}):  # ends as soon as the cancel has been asked
+                time.sleep(0.001)
+
+        series = tick.schedule("every 1s")
+        app.store.flush()
+        print(series.task_id, flush=True)
+        print("scheduled", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (first,) = lines_until(owner, "scheduled")
+    app = cpsl.App(home=tmp_path)
+    handle = app.get_task(first)
+    until_sync(lambda: handle.status() == "running", what="the first run to start")
+    assert handle.cancel()  # asked: its owner lives
+    go.touch()
+
+    def series_over():
+        app.store.poll()
+        return not [r for r in app.store.unfinished_runs() if r["task_name"] == "tick"] \
+            and not app.store.items("cancel/")
+
+    until_sync(series_over, timeout=10, what="no run of the series left to run, and the request answered")
+    assert app.tasks.count(status="completed") == 1  # the first run, which ended before the owner acted
+    app.close()

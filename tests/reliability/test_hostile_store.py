@@ -290,6 +290,9 @@ BAD_RUNS = {
     "broken JSON": lambda k: '{"task_id": "' + k + '", "status": ',
     "status 5": lambda k: record_json(k, status=5),
     "started yesterday": lambda k: record_json(k, started_at="yesterday"),
+    # adopted, a repeat this fast would make a run per millisecond for ever; at 0, end in an error
+    "repeats every ms": lambda k: record_json(k, status="scheduled", every=0.001, series=k),
+    "repeats every 0 s": lambda k: record_json(k, status="scheduled", every=0, series=k),
 }
 
 
