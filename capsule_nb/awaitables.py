@@ -9,34 +9,67 @@ also awaitable (awaiting gives the plain value).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 
-class ReadyInt(int):
+class Steps:
+    """``send``, ``throw`` and ``close`` over ``__await__``. With them an awaitable is a
+    coroutine to asyncio (``collections.abc.Coroutine``): Capsule's methods are coroutine
+    functions, so Capsule code may hand what they return to what takes only coroutines,
+    ``asyncio.create_task(task.submit(...))``, ``asyncio.run(...)``, a ``TaskGroup``. As with a
+    coroutine, one task steps it at a time; ``await`` it as often as you like."""
+
+    __slots__ = ()
+
+    def send(self, value: Any) -> Any:
+        return self._step(lambda steps: steps.send(value))
+
+    def throw(self, *error: Any) -> Any:
+        return self._step(lambda steps: steps.throw(*error))
+
+    def close(self) -> None:
+        steps = getattr(self, "_steps", None)
+        self._steps = None
+        if steps is not None:
+            steps.close()
+
+    def _step(self, step: Callable[[Generator[Any, Any, Any]], Any]) -> Any:
+        steps = getattr(self, "_steps", None)
+        if steps is None:
+            steps = self._steps = self.__await__()  # type: ignore[attr-defined]
+        try:
+            return step(steps)
+        except BaseException:  # done (StopIteration carries the value) or failed: a next use starts anew
+            self._steps = None
+            raise
+
+
+class ReadyInt(int, Steps):
     def __await__(self) -> Generator[Any, None, int]:
         return int(self)
         yield  # pragma: no cover - makes this a generator
 
 
-class ReadyStr(str):
+class ReadyStr(str, Steps):
     def __await__(self) -> Generator[Any, None, str]:
         return str(self)
         yield  # pragma: no cover
 
 
-class ReadyList(list):
+class ReadyList(list, Steps):
     def __await__(self) -> Generator[Any, None, list]:
         return list(self)
         yield  # pragma: no cover
 
 
-class ReadyBool:
+class ReadyBool(Steps):
     """``bool`` cannot be subclassed; this is truthy like the bool and awaits to it."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_steps")
 
     def __init__(self, value: bool):
         self.value = bool(value)
+        self._steps = None
 
     def __bool__(self) -> bool:
         return self.value
@@ -55,10 +88,13 @@ class ReadyBool:
         yield  # pragma: no cover
 
 
-class ReadyNone:
+class ReadyNone(Steps):
     """What a fire-and-forget call (``session.reply``) returns: ``await`` it or not."""
 
-    __slots__ = ()
+    __slots__ = ("_steps",)
+
+    def __init__(self) -> None:
+        self._steps = None
 
     def __await__(self) -> Generator[Any, None, None]:
         return None
@@ -74,14 +110,15 @@ class ReadyNone:
 DONE = ReadyNone()
 
 
-class ReadyValue:
+class ReadyValue(Steps):
     """Any other value (a document, a card, or None): ``await`` it for the value, or use it
     as it is in sync code, where it stands in for the value (``.value`` is the value itself)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_steps")
 
     def __init__(self, value: Any):
         self.value = value
+        self._steps = None
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self.value

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Generator
 
 from . import portable
-from .awaitables import ReadyBool, ReadyStr, resolve
+from .awaitables import ReadyBool, ReadyStr, Steps, resolve
 from .durations import parse_delay
 from .errors import TaskCancelled, TaskFailed
 from .record import CANCELLED, COMPLETED, FINISHED
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .app import App
 
 
-class TaskHandle:
+class TaskHandle(Steps):
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
         self.task_id = task_id

@@ -199,6 +199,43 @@ async def test_calling_a_task_directly_runs_it_inline(capsule):
     assert double.fn(x=1) == 2 and await app.tasks.count() == 0  # no queue, no handle
 
 
+async def test_what_capsules_coroutines_return_goes_where_only_coroutines_go(capsule):
+    """SDK: ``submit``, ``schedule``, ``find``, ``count`` and the collection and session methods are
+    ``async def``, so Capsule code may hand their result to ``asyncio.create_task`` or a TaskGroup."""
+    app = cpsl.App(name="my-app")
+    tickets = app.collection("tickets")
+
+    @app.task()
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    background = asyncio.create_task(add.submit(a=1, b=2))  # fire and forget, then pick it up
+    handle = await background
+    assert await handle.result(timeout=10) == 3
+    async with asyncio.TaskGroup() as group:
+        submits = [group.create_task(add.submit(a=i, b=i)) for i in range(3)]
+        later = group.create_task(add.schedule(delay="1h", a=0, b=0))
+    assert [await s.result().result(timeout=10) for s in submits] == [0, 2, 4]
+    assert await asyncio.create_task(add.count(status="scheduled")) == 1
+    assert await asyncio.create_task(later.result().cancel())
+    assert [h.task_id for h in await asyncio.create_task(add.find(status="cancelled"))] == [later.result().task_id]
+    created = await asyncio.create_task(tickets.insert_one({"subject": "Renewal review"}))
+    assert await asyncio.create_task(tickets.find_one({"_id": created["_id"]})) == created
+    await asyncio.create_task(app.owner_session.notify("done"))
+
+
+def test_asyncio_run_takes_a_submit_as_it_takes_capsules_coroutine(capsule):
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    handle = asyncio.run(add.submit(a=2, b=3))  # a script's way to call a coroutine
+    assert asyncio.run(handle.result(timeout=10)) == 5
+    assert asyncio.run(add.count(status="completed")) == 1
+
+
 # ------------------------------------------------------------------ 6: collections
 
 
