@@ -279,6 +279,50 @@ def test_kill_9_recovery_and_resume_once(tmp_path):
     assert f":{victim.pid}:" not in get(far_id)["owner"]
 
 
+def test_a_killed_kernels_running_runs_are_settled_by_a_process_of_any_app(tmp_path):
+    """No card says "running" for a run nobody runs: once its kernel is killed, any process on
+    the store (another app's kernel, a board, the CLI; here a notebook restarted but not yet
+    past its App cell) records the run as the kill left it, and a wait on it returns. The retry
+    waits for a process that defines its task, which then runs it."""
+    victim = spawn("""
+        reports = cpsl.App(name="reports", home=os.environ["CAPSULE_NB_HOME"])
+
+        @reports.task
+        def build():
+            threading.Event().wait()
+
+        @reports.task(retries=1)
+        def rebuild():
+            threading.Event().wait()
+
+        handles = [build.submit(), rebuild.submit()]
+        while any(h.snapshot()["status"] != "running" for h in handles):
+            time.sleep(0.01)
+        reports.store.flush()
+        print(*(h.task_id for h in handles), flush=True)
+        print("held", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (ids,) = lines_until(victim, "held")
+    held_id, retried_id = ids.split()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+
+    other = cpsl.App(name="other", home=tmp_path)
+    held, retried = other.get_task(held_id), other.get_task(retried_id)
+    assert asyncio.run(held.wait(timeout=10)) == "failed" and held.error == "interrupted"
+    until_sync(lambda: retried.status() == "retry", what="the retry recorded")
+    assert retried.error == "interrupted"
+
+    reports = cpsl.App(name="reports", home=tmp_path)
+
+    @reports.task(retries=1)
+    def rebuild():
+        return "built"
+
+    assert asyncio.run(retried.result(timeout=10)) == "built"
+
+
 def test_a_tampered_payload_is_refused(app):
     from fractions import Fraction
 

@@ -146,11 +146,15 @@ class Upkeep:
 
     def recover(self) -> int:
         """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
-        ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners."""
+        ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners.
+
+        Any app recovers the runs of every app: that needs no task code, and a card or a wait
+        must not show "running" for a run nobody runs until someone defines its app again.
+        Adopting a waiting run needs its task, so only a process that defines it does that."""
         recovered = 0
-        app, me = self.runtime.settings.app, self.runtime.owner
+        me = self.runtime.owner
         for record in self.store.unfinished_runs():
-            if record["app"] != app or record["status"] not in (RUNNING, CLAIMED):
+            if record["status"] not in (RUNNING, CLAIMED):
                 continue
             owner = record.get("owner", "")
             if owner == me or owner_alive(owner):
