@@ -37,6 +37,8 @@ from .threads import WorkerPool
 from .timers import Timers
 from .upkeep import Upkeep, cancelled, interrupted
 
+_LET_GO_KILL_SECONDS = 1.0  # how long a process going away waits for a worker it killed to be gone
+
 if TYPE_CHECKING:
     from ..tasks import Task
 
@@ -486,10 +488,13 @@ class Runtime:
         with run.lock:
             run.phase = "done"
         self.update(run.task_id, interrupted)
+        if run.job is not None and run.job.kill("interrupted"):
+            try:  # the key is free only once the body has stopped, or a queued run could overlap it
+                run.job.wait(_LET_GO_KILL_SECONDS)
+            except TimeoutError:
+                pass
         if run.lock_key is not None:
             self.store.release_lock(run.lock_key, run.task_id)
-        if run.job is not None:
-            run.job.kill("interrupted")
 
     def shutdown(self) -> None:
         """Record what is still running as interrupted, then make it all durable."""
