@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import os
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -108,6 +109,7 @@ class App:
         self._closed = False
         _apps[(str(self.store.path), name)] = self
         atexit.register(self.close)
+        kernel.on_exit(_close_all)
         self.runtime.recover()
         self.runtime.start_maintenance()
 
@@ -271,6 +273,18 @@ class App:
             self.runtime.shutdown()
         except Exception:  # at interpreter exit, best effort
             pass
+
+
+def _close_all() -> None:
+    """The kernel is shut down or restarted: every app records its live runs as the exit
+    leaves them and flushes, and the worker processes and their helpers go, all before
+    ipykernel ends its children (the forkserver among them) and well before exit handlers."""
+    for app in list(_apps.values()):
+        app.close()
+    if "capsule_nb.workers.forkserver" in sys.modules:  # (imported with the first pool: none, nothing to stop)
+        from .workers.forkserver import stop_children
+
+        stop_children()
 
 
 def _note_schedule(cron: str, tz: str, name: str | None, catchup: bool) -> None:

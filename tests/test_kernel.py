@@ -490,6 +490,35 @@ def test_kernel_shutdown_records_running_work_as_interrupted(tmp_path: Path) -> 
     assert record["status"] == "failed" and record["error"] == "interrupted"
 
 
+def test_a_kernel_shut_down_after_process_runs_exits_by_itself_having_recorded_them(tmp_path: Path) -> None:
+    """At a shutdown ipykernel ends the children of its process group one signal after another,
+    and multiprocessing's resource tracker (there once a process run was made) ignores SIGTERM:
+    the kernel waited for it, then its manager killed it, its exit handlers never run. Now the
+    kernel closes its apps and stops those helpers when told to shut down: it exits by itself,
+    its live runs are recorded by it, and none of its children is left."""
+    import psutil
+
+    home = tmp_path / "store"
+    k = Kernel(home, cwd=tmp_path)
+    try:
+        k.run("import math, threading\nimport capsule_nb as cpsl\n"
+              "root = cpsl.task(process=True)(math.sqrt)\n"
+              "assert await root.submit(4.0).result(timeout=60) == 2.0\n"
+              "@cpsl.task\ndef hang():\n    threading.Event().wait()\n"
+              "h_hang = hang.submit()")
+        task_id = k.value("h_hang.task_id")
+        wait_on_disk(k, task_id, {"running"})
+        kernel_process = k.km.provisioner.process
+        children = psutil.Process(kernel_process.pid).children(recursive=True)
+        assert children  # the forkserver, its resource tracker and a worker
+    finally:
+        k.close()
+    assert kernel_process.returncode == 0  # it exited; it was not killed (-15)
+    record = disk_record(home, task_id)
+    assert (record["status"], record["error"]) == ("failed", "interrupted")  # recorded by the kernel itself
+    assert [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+
+
 def test_a_kernel_shutdown_leaves_a_process_run_interrupted_and_its_key_held_while_it_runs(tmp_path: Path) -> None:
     """A shutdown or restart from Jupyter makes ipykernel end the children in its process
     group, the forkserver among them, but not a worker (it leads a group of its own), which

@@ -9,11 +9,15 @@ that submitted it rather than under whatever cell runs now.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 CellTarget = dict[str, Any]
+
+log = logging.getLogger("capsule_nb")
+_at_exit: list[Callable[[], None]] = []  # what runs when the kernel's shell is told to exit
 
 
 def kernel() -> Any | None:
@@ -26,6 +30,28 @@ def kernel() -> Any | None:
         return None
     shell = get_ipython()
     return getattr(shell, "kernel", None) if shell is not None else None
+
+
+def on_exit(callback: Callable[[], None]) -> None:
+    """Call ``callback`` (once per process, however often given) when the kernel is shut down
+    or restarted: ipykernel's ``do_shutdown`` sets the shell's ``exit_now``, before it ends the
+    children of its process group and well before exit handlers would run. Nothing outside a kernel."""
+    k = kernel()
+    if k is None or callback in _at_exit:
+        return
+    if not _at_exit:
+        k.shell.observe(_exiting, names="exit_now")
+    _at_exit.append(callback)
+
+
+def _exiting(change: dict[str, Any]) -> None:
+    if not change["new"]:
+        return
+    for callback in list(_at_exit):
+        try:
+            callback()
+        except Exception:  # the kernel goes away regardless
+            log.exception("capsule_nb: a kernel shutdown step failed")
 
 
 def cell_target() -> CellTarget | None:

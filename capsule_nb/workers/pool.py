@@ -45,87 +45,21 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.spawn
-import multiprocessing.util
 import os
 import pickle
 import selectors
 import signal
 import threading
-import weakref
 from collections import deque
 from typing import Any, Callable
 
 from ..checks import whole_number
 from .child import worker_main
+from .forkserver import CONTEXT, install_hooks, may_start_children, pools, starting
 from .outcome import CRASHED, SHUT_DOWN, Job, OnMessage, Outcome, WorkerCrashed, crashed, killed, outcome_from
 from .pickling import Call, pickle_call
 
 log = logging.getLogger("capsule_nb")
-
-_CONTEXT = multiprocessing.get_context("forkserver")
-
-
-# --------------------------------------------------------------------------- #
-# Process-wide hooks, installed when the first pool is made (never at import)
-# --------------------------------------------------------------------------- #
-
-_hooks_lock = threading.Lock()
-_hooks_installed = False
-_starting = threading.local()
-_pools: "weakref.WeakSet[ProcessPool]" = weakref.WeakSet()
-
-
-def _install_hooks() -> None:
-    """What a pool needs of ``multiprocessing``, set up once per process:
-
-    * the forkserver preloads ``capsule_nb.workers.child``, so a new worker is a cheap fork;
-    * our workers skip re-running the parent's ``__main__`` (``_without_main``);
-    * at exit, idle workers are killed before multiprocessing joins its children (a
-      ``Finalize`` with a priority runs first, at interpreter exit and in a Dask worker).
-    """
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        _hooks_installed = True
-        _CONTEXT.set_forkserver_preload(["capsule_nb.workers.child"])
-        original = multiprocessing.spawn.get_preparation_data
-
-        def _without_main(name: str) -> dict:
-            """multiprocessing's start data, minus "re-run the parent's ``__main__``" for our workers.
-
-            A worker gets each call by value, so it never needs the parent's main
-            module; re-running it would execute a script's top level (its task
-            definitions, its submits) in every worker. Other processes started by
-            this interpreter are left as multiprocessing makes them.
-            """
-            data = original(name)
-            if getattr(_starting, "worker", False):
-                data.pop("init_main_from_path", None)
-                data.pop("init_main_from_name", None)
-            return data
-
-        multiprocessing.spawn.get_preparation_data = _without_main
-        multiprocessing.util.Finalize(None, _shutdown_all, exitpriority=100)
-
-
-def _may_start_children() -> bool:
-    process = multiprocessing.current_process()
-    return not process.daemon and not getattr(process, "_inheriting", False)
-
-
-def _shutdown_all() -> None:
-    for pool in list(_pools):
-        try:
-            pool.shutdown(wait=True)
-        except Exception:
-            pass
-
-
-# --------------------------------------------------------------------------- #
-# The parent side
-# --------------------------------------------------------------------------- #
 
 
 class ProcessJob(Job):
@@ -174,17 +108,17 @@ class _Worker:
 
     def __init__(self, pool: "ProcessPool"):
         self.pool = pool
-        self.conn, child_conn = _CONTEXT.Pipe()
-        self.faults, child_faults = _CONTEXT.Pipe(duplex=False)
-        self.process = _CONTEXT.Process(
+        self.conn, child_conn = CONTEXT.Pipe()
+        self.faults, child_faults = CONTEXT.Pipe(duplex=False)
+        self.process = CONTEXT.Process(
             target=worker_main, args=(child_conn, child_faults, os.getpid()),
             name="capsule-process-worker", daemon=False,  # not daemonic: its tasks may start processes
         )
-        _starting.worker = True
+        starting.worker = True
         try:
             self.process.start()
         finally:
-            _starting.worker = False
+            starting.worker = False
         child_conn.close()
         child_faults.close()
         self.pid: int = self.process.pid  # type: ignore[assignment]
@@ -294,8 +228,8 @@ class ProcessPool:
         self._starting = 0
         self._closed = False
         self._ended: list[ProcessJob] = []  # settled under the lock, callbacks still to run
-        _install_hooks()
-        _pools.add(self)
+        install_hooks()
+        pools.add(self)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -353,7 +287,7 @@ class ProcessPool:
         ``__main__`` to start up) or one still bootstrapping. A submit there
         would fail its run, saying why; a warm-up says nothing.
         """
-        if not _may_start_children():
+        if not may_start_children():
             return
         with self._lock:
             if self._closed:
