@@ -272,6 +272,33 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
         assert day.status(made_id) == "cancelled"
 
 
+def test_a_refused_retry_says_why_each_time_and_its_button_comes_back(day: Day) -> None:
+    """The watcher's kernel does not define ``slow``: Retry there is refused, with the reason.
+    Clicked again, it is refused again, and no button stays disabled with nothing said: on the
+    board's card nor in the details pane."""
+    watcher = day.pages["watcher"]
+    with day.screenshots_on_failure("refused-retry"):
+        board = watcher.locator(".cnb-board")
+        board.scroll_into_view_if_needed()
+        target = board.locator(".cnb-mini.cnb-is-cancelled").first.get_attribute("data-task-id")
+        mini = board.locator(f".cnb-mini[data-task-id='{target}']")
+        notice = board.locator(".cnb-notice")
+        total = board.locator(".cnb-total").inner_text()
+        for where, button in (("on the board", mini.locator("button.cnb-retry")),
+                              ("on the board again", mini.locator("button.cnb-retry")),
+                              ("in the details", board.locator(".cnb-detail button.cnb-retry")),
+                              ("in the details again", board.locator(".cnb-detail button.cnb-retry"))):
+            if where == "in the details":
+                mini.locator(".cnb-title").click()
+                board.locator(".cnb-detail .cnb-card").wait_for(timeout=10_000)
+            button.click()
+            watcher.mouse.move(5, 5)
+            wait_until(lambda: button.is_enabled(), 10, f"the refused Retry {where} enabled again")
+            assert "'slow' of app 'default' is not defined in this kernel" in notice.inner_text()
+        assert day.status(target) == "cancelled"
+        assert board.locator(".cnb-total").inner_text() == total  # no new run
+
+
 def kernel_pid(lab: Lab, notebook: str) -> int:
     """The process of ``notebook``'s kernel (its command line names its connection file)."""
     marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()

@@ -170,6 +170,10 @@ class LiveWidget(anywidget.AnyWidget):
                 notice = f"cannot retry {record['task_name']}: {exc}"
             else:
                 self._retried(task_id, handle)
+        if notice and notice == self.notice:
+            # A view keeps a clicked button disabled until its next state: the same refusal
+            # again must still be a change, or the button stays disabled with nothing said.
+            self.notice = ""
         self.notice = notice
 
     def _counted(self, step: int) -> None:
