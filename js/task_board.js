@@ -113,7 +113,9 @@ function miniCard(card, context) {
 function patchMini(mini, card, context) {
   const selected = context.selected === card.task_id;
   const key = JSON.stringify([card, selected, context.live, context.epoch]);
-  if (key === mini.key) return;
+  // A button clicked in a live view waits for the next state, not for its own run to change
+  // (a Retry leaves the retried run as it was).
+  if (key === mini.key && !(context.live && mini.node.querySelector(".cnb-actions :disabled"))) return;
   mini.key = key;
   mini.node.className = `cnb-mini cnb-is-${card.status}${selected ? " cnb-selected" : ""}`;
   const fresh = h("div", {}, miniParts(card, context));
@@ -265,7 +267,7 @@ export default {
       ["change:filter change:choices", drawMenus],
       ["change:notice", drawNotice],
       ["change:lanes change:selected change:notice", hold.request],
-      ["change:detail change:selected", holdDetail.request],
+      ["change:detail change:selected change:notice", holdDetail.request],
     ];
     drawStale();
     for (const [events, draw] of listeners) {

@@ -255,6 +255,23 @@ def test_text_contrast_is_at_least_4_5_to_1_in_light_and_dark(scenario: Scenario
         page.locator(".lm-Menu-itemLabel", has_text="JupyterLab Light").first.click()
 
 
+def test_retry_on_the_board_leaves_the_retried_runs_button_usable(scenario: Scenario) -> None:
+    """Retry on a failed run of the board starts a new run; the failed run stays as it was,
+    and its Retry button comes back with the new state instead of staying disabled."""
+    board = scenario.page.locator(".cnb-board")
+    with scenario.screenshots_on_failure("board-retry"):
+        board.scroll_into_view_if_needed()
+        failed = board.locator(".cnb-mini.cnb-is-failed", has=scenario.page.locator(".cnb-title", has_text="parse_feed"))
+        wait_until(lambda: failed.count() == 1, 10, "one failed parse_feed run")
+        retried = failed.first.get_attribute("data-task-id")
+        mini = board.locator(f".cnb-mini[data-task-id='{retried}']")
+        mini.locator("button", has_text="Retry").click()
+        wait_until(lambda: failed.count() == 2, 30, "the new parse_feed run failed too")
+        mini.locator("button", has_text="Retry").wait_for(timeout=5_000)
+        wait_until(lambda: mini.locator("button", has_text="Retry").is_enabled(), 5, "the Retry of the retried run back")
+        assert "malformed XML" in mini.locator(".cnb-note").inner_text()
+
+
 def test_the_saved_notebook_keeps_the_widget_state_with_default_settings(scenario: Scenario) -> None:
     """"Save Widget State Automatically" is off (JupyterLab's default): capsule_nb's widgets are kept anyway."""
     with scenario.screenshots_on_failure("save"):

@@ -272,6 +272,60 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
         assert day.status(made_id) == "cancelled"
 
 
+def test_a_refused_retry_says_why_each_time_and_its_button_comes_back(day: Day) -> None:
+    """The watcher's kernel does not define ``slow``: Retry there is refused, with the reason.
+    Clicked again, it is refused again, and no button stays disabled with nothing said: on the
+    board's card nor in the details pane."""
+    watcher = day.pages["watcher"]
+    with day.screenshots_on_failure("refused-retry"):
+        board = watcher.locator(".cnb-board")
+        board.scroll_into_view_if_needed()
+        target = board.locator(".cnb-mini.cnb-is-cancelled").first.get_attribute("data-task-id")
+        mini = board.locator(f".cnb-mini[data-task-id='{target}']")
+        notice = board.locator(".cnb-notice")
+        total = board.locator(".cnb-total").inner_text()
+        for where, button in (("on the board", mini.locator("button.cnb-retry")),
+                              ("on the board again", mini.locator("button.cnb-retry")),
+                              ("in the details", board.locator(".cnb-detail button.cnb-retry")),
+                              ("in the details again", board.locator(".cnb-detail button.cnb-retry"))):
+            if where == "in the details":
+                mini.locator(".cnb-title").click()
+                board.locator(".cnb-detail .cnb-card").wait_for(timeout=10_000)
+            button.click()
+            watcher.mouse.move(5, 5)
+            wait_until(lambda: button.is_enabled(), 10, f"the refused Retry {where} enabled again")
+            assert "'slow' of app 'default' is not defined in this kernel" in notice.inner_text()
+        assert day.status(target) == "cancelled"
+        assert board.locator(".cnb-total").inner_text() == total  # no new run
+
+
+def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, tmp_path: Path) -> None:
+    """A blocking cell (a sleep, a blocking ``result()``) stops the kernel's loop, not a ``def``
+    task's thread: the card follows its run to its end meanwhile, rather than saying "running"
+    with a clock counting on until the cell ends."""
+    release = tmp_path / "release"
+    write_notebook(day.lab.root / "busy.ipynb", "%load_ext capsule_nb\nimport os, time\nimport capsule_nb as cpsl",
+                   "@cpsl.task\ndef grind(steps: int, session=None):\n    for step in range(steps):\n"
+                   "        time.sleep(0.2)\n        session.progress(step + 1, steps)\n    return steps\n\n"
+                   'ground = grind.submit(10, session=session)\nsession.show_task(ground, message="Grinding")',
+                   f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
+                   "\n    time.sleep(0.05)")
+    page = day.new_page("busy")
+    try:
+        with day.screenshots_on_failure("blocked-loop"):
+            open_notebook(page, day.lab, "busy.ipynb", workspace="busy")
+            run_all(page)
+            card = day.card("Grinding", page)
+            card.wait_for(timeout=60_000)
+            card.locator(".cnb-badge", has_text="completed").wait_for(timeout=20_000)
+            assert card.locator(".cnb-result").inner_text() == "result 10"
+            assert card.locator("[role=progressbar]").get_attribute("aria-valuenow") == "100"
+            blocking = page.locator(".jp-Notebook .jp-CodeCell").last.locator(".jp-InputPrompt")
+            assert "[*]" in blocking.inner_text(), "the cell ended first: the test proves nothing"
+    finally:
+        release.touch()
+
+
 def kernel_pid(lab: Lab, notebook: str) -> int:
     """The process of ``notebook``'s kernel (its command line names its connection file)."""
     marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()

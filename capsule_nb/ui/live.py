@@ -2,16 +2,17 @@
 
 Store events arrive on any thread (a task thread, the store's poller, the
 loop) and may come by the thousand. A listener only marks the widget dirty;
-the first mark arms one flush on the runtime's loop. The flush recomputes
+the first mark arms one flush on the runtime's timer thread (not its loop,
+which a blocking cell stops while thread runs go on). The flush recomputes
 the widget's traits from the store's mirror, and sends what differs in one
 message (``hold_sync``). A flush runs at once after a quiet spell and then
 at most every ``FLUSH_SECONDS``, so a burst of any size costs a widget about
 ten messages a second, and the last state always gets out.
 
-Everything periodic is a ``loop.call_later`` handle on the runtime's loop:
-the flush, the poll that folds in other kernels' writes every
-``refresh_ms``, and the grace period before a widget nobody sees is closed.
-No widget starts a thread, and ``close()`` leaves no subscriber or timer.
+The rest is a ``loop.call_later`` handle on the runtime's loop: the poll
+that folds in other kernels' writes every ``refresh_ms``, and the grace
+period before a widget nobody sees is closed. No widget starts a thread,
+and ``close()`` leaves no subscriber or timer.
 
 Views say when they are shown and hidden with custom messages, not with
 ipywidgets' ``_view_count`` trait: a view removed because its tab closed
@@ -32,6 +33,7 @@ import anywidget
 from traitlets import Dict, Float, Unicode
 
 from ..checks import whole_number
+from ..engine.timers import Timer
 from . import assets
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class LiveWidget(anywidget.AnyWidget):
         self._closed = False
         self._last_flush = float("-inf")
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._flush_timer: Timer | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._views = 0  # views that said "shown" and not yet "hidden"
         super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name}, **state)
@@ -98,21 +101,17 @@ class LiveWidget(anywidget.AnyWidget):
             if self._armed or self._closed:
                 return
             self._armed = True
-        try:
-            self._runtime.call_soon(self._arm_flush)
-        except RuntimeError:  # the loop is closed: nothing will show this widget again
-            self.close()
-
-    def _arm_flush(self) -> None:
-        wait = self._last_flush + self.FLUSH_SECONDS - self._runtime.loop.time()
-        self._arm("flush", max(0.0, wait), self._flush)
+        # On the timer thread, not the loop: a cell that blocks the kernel's loop must not
+        # freeze a card whose run goes on in a thread (engine/timers.py).
+        wait = self._last_flush + self.FLUSH_SECONDS - time.monotonic()
+        self._flush_timer = self._runtime.timers.call_later(max(0.0, wait), self._flush)
 
     def _flush(self) -> None:
         with self._lock:
             self._armed = False
             if self._closed:
                 return
-        self._last_flush = self._runtime.loop.time()
+        self._last_flush = time.monotonic()
         try:
             state = self._state()
         except Exception:
@@ -170,6 +169,10 @@ class LiveWidget(anywidget.AnyWidget):
                 notice = f"cannot retry {record['task_name']}: {exc}"
             else:
                 self._retried(task_id, handle)
+        if notice and notice == self.notice:
+            # A view keeps a clicked button disabled until its next state: the same refusal
+            # again must still be a change, or the button stays disabled with nothing said.
+            self.notice = ""
         self.notice = notice
 
     def _counted(self, step: int) -> None:
@@ -194,6 +197,8 @@ class LiveWidget(anywidget.AnyWidget):
                 if self._unsubscribe is not None:
                     self._unsubscribe()
                     self._unsubscribe = None
+                if self._flush_timer is not None:
+                    self._flush_timer.cancel()
                 try:
                     self._runtime.call_soon(self._cancel_timers)
                 except RuntimeError:  # the loop is closed, and its timers with it
