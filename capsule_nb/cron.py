@@ -1,7 +1,8 @@
 """Cron expressions, pure: parse, time zone, next fire time, and the DST rule.
 
-croniter yields a fixed wall time twice in a fall-back hour; a job with a
-fixed hour fires only at its first occurrence. A time skipped by a
+croniter yields a fixed wall time twice in a fall-back hour; a job whose hour
+field names hours (``2``, ``1,13``, ``9-17``: no ``*`` or step) fires only at
+its first occurrence, as cron runs such a job once. A time skipped by a
 spring-forward is shifted by croniter and fires once. Six fields put the
 seconds last (croniter's rule): ``"* * * * * */2"`` is every two seconds.
 """
@@ -41,7 +42,7 @@ def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
 
 def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
     """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
-    fixed_hour = not any(c in cron.split()[1] for c in "*/,-")
+    fixed_hour = not any(c in cron.split()[1] for c in "*/")
     it = croniter(cron, after.astimezone(tz))
     while True:
         due: dt.datetime = it.get_next(dt.datetime)

@@ -121,6 +121,26 @@ def test_dst_fall_back_daily_job_fires_once_and_spring_forward_shifts(app):
     assert [t.timestamp() - repeated[0].timestamp() for t in repeated] == [0, 1800, 3600, 5400, 7200, 9000]
 
 
+@pytest.mark.parametrize(
+    "cron, tz, day, expected",
+    [  # on the fall-back day a job that names its hours runs each named wall time once, as cron does
+        ("30 1,13 * * *", "America/New_York", dt.date(2026, 11, 1), ["01:30:00-04:00", "13:30:00-05:00"]),
+        ("0 1-3 * * *", "America/New_York", dt.date(2026, 11, 1), ["01:00:00-04:00", "02:00:00-05:00",
+                                                                  "03:00:00-05:00"]),
+        ("30 2,14 * * *", "Europe/Berlin", dt.date(2026, 10, 25), ["02:30:00+02:00", "14:30:00+01:00"]),
+    ],
+)
+def test_dst_fall_back_job_with_listed_hours_runs_each_once(app, cron, tz, day, expected):
+    @app.schedule(cron, tz=tz)
+    def twice_daily():
+        pass
+
+    zone = ZoneInfo(tz)
+    start = dt.datetime.combine(day, dt.time(0), tzinfo=zone)
+    on_the_day = [t for t in twice_daily.next_runs(len(expected) + 3, after=start) if t.date() == day]
+    assert [t.isoformat().partition("T")[2] for t in on_the_day] == expected
+
+
 def test_missed_ticks_are_dropped_or_caught_up_once(app):
     made = {}
     for name, catchup in (("dropped", False), ("caught", True)):
