@@ -110,9 +110,21 @@ class Collection:
         return ReadyValue(self.insert_many([doc])[0])
 
     def insert_many(self, docs: Iterable[dict[str, Any]]) -> ReadyList:
+        """All of ``docs``, or none if an ``_id`` is taken or given twice (MongoDB's duplicate
+        key): an insert never overwrites a document."""
         prepared = [_prepared(doc) for doc in docs]  # copies, which the store does not keep
-        self._store.write_docs(self.name, {d["_id"]: (lambda _, d=d: d) for d in prepared})
+        batch = {doc["_id"]: doc for doc in prepared}
+        if len(batch) < len(prepared):
+            twice = next(doc["_id"] for doc in prepared if batch[doc["_id"]] is not doc)
+            raise ValueError(f"insert_many: _id {twice!r} is given twice; nothing inserted")
+        self._store.write_docs(self.name, {i: functools.partial(self._new, doc=d) for i, d in batch.items()})
         return ReadyList(prepared)
+
+    def _new(self, current: dict | None, doc: dict[str, Any]) -> dict[str, Any]:
+        if current is not None:
+            raise ValueError(f"collection {self.name!r} already holds a document with _id {doc['_id']!r}; "
+                             f"nothing inserted (update_one changes a document)")
+        return doc
 
     def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> ReadyValue:
         """Update the first match; a plain dict is a patch (``$set``). Gives the new document or None."""
