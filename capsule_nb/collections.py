@@ -1,7 +1,8 @@
 """Document collections: ``session.db.reports``, ``app.collection("reports")``.
 
 A small Mongo-like surface over the store, as Capsule's: equality and
-``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates.
+``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates
+(``$push`` with ``$each`` too).
 ``_matches`` is the one definition of a match. A query hands the store
 what SQL can test of it (``_conditions``), which the store's table and
 indexes answer; every document it gives back is checked with ``_matches``.
@@ -409,6 +410,10 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
             if bad:
                 raise TypeError(f"$inc needs numbers (finite ones), got {bad!r}")
+        if op == "$push":
+            for field, arg in fields.items():
+                if _is_operators(arg) and (list(arg) != ["$each"] or not isinstance(arg["$each"], list)):
+                    raise ValueError(f"$push {field!r}: the one modifier here is {{'$each': [values]}}, got {arg!r}")
     return update
 
 
@@ -433,7 +438,7 @@ def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict
                 current = target.setdefault(leaf, [])
                 if not isinstance(current, list):
                     raise TypeError(f"$push on {field!r}, which holds {short_repr(current, 100)}, not a list")
-                current.append(arg)
+                current.extend(arg["$each"] if _is_operators(arg) else [arg])
     return _stored(new, "the updated document")
 
 

@@ -103,6 +103,16 @@ async def test_an_insert_never_overwrites_a_document_with_its_id(app):
     assert await threads.find() == [first]
 
 
+async def test_push_each_appends_every_value(app):
+    threads = app.collection("threads")
+    created = await threads.insert_one({"subject": "Renewal review", "tags": ["renewal"]})
+    updated = await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["urgent", "q3"]}}})
+    assert updated["tags"] == ["renewal", "urgent", "q3"]
+    with pytest.raises(ValueError, match=r"\$push 'tags': the one modifier here is"):
+        await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["x"], "$slice": -2}}})
+    assert (await threads.find_one({"_id": created["_id"]}))["tags"] == ["renewal", "urgent", "q3"]
+
+
 def test_bad_collection_names(app):
     for bad in ("", "a/b", "_private"):
         with pytest.raises(ValueError, match="bad collection name"):
