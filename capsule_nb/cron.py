@@ -42,10 +42,20 @@ def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
 
 def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
     """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
+    return _due(cron, tz, after, forward=True)
+
+
+def last_due(cron: str, tz: zoneinfo.ZoneInfo, before: dt.datetime) -> dt.datetime:
+    """The last fire time of ``cron`` in ``tz`` strictly before ``before`` (the one that
+    stepping ``next_due`` up to ``before`` would reach last), in one step however far back."""
+    return _due(cron, tz, before, forward=False)
+
+
+def _due(cron: str, tz: zoneinfo.ZoneInfo, start: dt.datetime, *, forward: bool) -> dt.datetime:
     fixed_hour = not any(c in cron.split()[1] for c in "*/")
-    it = croniter(cron, after.astimezone(tz))
+    it = croniter(cron, start.astimezone(tz))
     while True:
-        due: dt.datetime = it.get_next(dt.datetime)
+        due: dt.datetime = it.get_next(dt.datetime) if forward else it.get_prev(dt.datetime)
         if fixed_hour and _second_of_repeated_hour(due):
             continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
         return due
