@@ -1,7 +1,8 @@
 """Document collections: ``session.db.reports``, ``app.collection("reports")``.
 
 A small Mongo-like surface over the store, as Capsule's: equality and
-``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates.
+``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates
+(``$push`` with ``$each`` too).
 ``_matches`` is the one definition of a match. A query hands the store
 what SQL can test of it (``_conditions``), which the store's table and
 indexes answer; every document it gives back is checked with ``_matches``.
@@ -110,9 +111,21 @@ class Collection:
         return ReadyValue(self.insert_many([doc])[0])
 
     def insert_many(self, docs: Iterable[dict[str, Any]]) -> ReadyList:
+        """All of ``docs``, or none if an ``_id`` is taken or given twice (MongoDB's duplicate
+        key): an insert never overwrites a document."""
         prepared = [_prepared(doc) for doc in docs]  # copies, which the store does not keep
-        self._store.write_docs(self.name, {d["_id"]: (lambda _, d=d: d) for d in prepared})
+        batch = {doc["_id"]: doc for doc in prepared}
+        if len(batch) < len(prepared):
+            twice = next(doc["_id"] for doc in prepared if batch[doc["_id"]] is not doc)
+            raise ValueError(f"insert_many: _id {twice!r} is given twice; nothing inserted")
+        self._store.write_docs(self.name, {i: functools.partial(self._new, doc=d) for i, d in batch.items()})
         return ReadyList(prepared)
+
+    def _new(self, current: dict | None, doc: dict[str, Any]) -> dict[str, Any]:
+        if current is not None:
+            raise ValueError(f"collection {self.name!r} already holds a document with _id {doc['_id']!r}; "
+                             f"nothing inserted (update_one changes a document)")
+        return doc
 
     def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> ReadyValue:
         """Update the first match; a plain dict is a patch (``$set``). Gives the new document or None."""
@@ -397,6 +410,10 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
             if bad:
                 raise TypeError(f"$inc needs numbers (finite ones), got {bad!r}")
+        if op == "$push":
+            for field, arg in fields.items():
+                if _is_operators(arg) and (list(arg) != ["$each"] or not isinstance(arg["$each"], list)):
+                    raise ValueError(f"$push {field!r}: the one modifier here is {{'$each': [values]}}, got {arg!r}")
     return update
 
 
@@ -421,7 +438,7 @@ def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict
                 current = target.setdefault(leaf, [])
                 if not isinstance(current, list):
                     raise TypeError(f"$push on {field!r}, which holds {short_repr(current, 100)}, not a list")
-                current.append(arg)
+                current.extend(arg["$each"] if _is_operators(arg) else [arg])
     return _stored(new, "the updated document")
 
 

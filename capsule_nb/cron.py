@@ -1,7 +1,8 @@
 """Cron expressions, pure: parse, time zone, next fire time, and the DST rule.
 
-croniter yields a fixed wall time twice in a fall-back hour; a job with a
-fixed hour fires only at its first occurrence. A time skipped by a
+croniter yields a fixed wall time twice in a fall-back hour; a job whose hour
+field names hours (``2``, ``1,13``, ``9-17``: no ``*`` or step) fires only at
+its first occurrence, as cron runs such a job once. A time skipped by a
 spring-forward is shifted by croniter and fires once. Six fields put the
 seconds last (croniter's rule): ``"* * * * * */2"`` is every two seconds.
 """
@@ -41,10 +42,20 @@ def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
 
 def next_due(cron: str, tz: zoneinfo.ZoneInfo, after: dt.datetime) -> dt.datetime:
     """The first fire time of ``cron`` in ``tz`` strictly after ``after``."""
-    fixed_hour = not any(c in cron.split()[1] for c in "*/,-")
-    it = croniter(cron, after.astimezone(tz))
+    return _due(cron, tz, after, forward=True)
+
+
+def last_due(cron: str, tz: zoneinfo.ZoneInfo, before: dt.datetime) -> dt.datetime:
+    """The last fire time of ``cron`` in ``tz`` strictly before ``before`` (the one that
+    stepping ``next_due`` up to ``before`` would reach last), in one step however far back."""
+    return _due(cron, tz, before, forward=False)
+
+
+def _due(cron: str, tz: zoneinfo.ZoneInfo, start: dt.datetime, *, forward: bool) -> dt.datetime:
+    fixed_hour = not any(c in cron.split()[1] for c in "*/")
+    it = croniter(cron, start.astimezone(tz))
     while True:
-        due: dt.datetime = it.get_next(dt.datetime)
+        due: dt.datetime = it.get_next(dt.datetime) if forward else it.get_prev(dt.datetime)
         if fixed_hour and _second_of_repeated_hour(due):
             continue  # the fall-back hour repeats 01:30; a daily job runs at the first one
         return due

@@ -36,7 +36,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
-from .cron import next_due, parse_cron, parse_tz
+from .cron import last_due, next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
 from .record import FINISHED
@@ -123,12 +123,8 @@ class Schedule:
         now = dt.datetime.now(self.tz)
         last = self.state().get("last_due")
         if self.catchup and last is not None:
-            missed = self._next_after(dt.datetime.fromtimestamp(last, self.tz))
-            if missed <= now:
-                latest = missed
-                while (following := self._next_after(latest)) <= now:
-                    latest = following
-                self._fire(latest.timestamp())
+            if self._next_after(dt.datetime.fromtimestamp(last, self.tz)) <= now:
+                self._fire(last_due(self.cron, self.tz, now).timestamp())  # the latest missed, one step back
         self._arm(self._next_after(now))
 
     def stop(self) -> None:

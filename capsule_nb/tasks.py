@@ -121,7 +121,14 @@ class Task:
         display_name: str | None = None,
         **kwargs: Any,
     ) -> TaskHandle:
-        """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``)."""
+        """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``).
+
+        A session given first is the session, as in Capsule's older ``schedule(session, delay=...)``,
+        which its SDK still takes."""
+        if isinstance(getattr(when, "id", None), str):
+            if session is not None:
+                raise TypeError(f"{self.name}.schedule(): session was given twice")
+            when, session = None, when
         _note_when(when, delay, at)
         if when is not None and delay is not None:
             raise TypeError(f"{self.name}.schedule(): give `when` or `delay`, not both")

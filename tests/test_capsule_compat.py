@@ -132,6 +132,25 @@ async def test_repeat_every_and_the_errors_the_sdk_also_gives(capsule):
     assert await my_task.count() == 2
 
 
+async def test_a_session_given_first_to_schedule_is_the_session(capsule):
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def my_task(session: cpsl.Session | None = None, report_id: str = "daily"):
+        return report_id
+
+    session = cpsl.current_session()
+    # GUIDE: schedule(session: Session | None = None, delay=None, **kwargs); the SDK still takes a
+    # session as its first argument, and says "session was provided twice" for one given both ways
+    handle = await my_task.schedule(session, delay="30m", report_id="scheduled")
+    assert await handle.status() == "scheduled" and handle.session_id == session.id
+    assert handle.kwargs["report_id"] == "scheduled"
+    with pytest.raises(TypeError, match="session was given twice"):
+        await my_task.schedule(session, session=session, delay="30m", report_id="again")
+    assert await my_task.count() == 1
+    assert await handle.cancel() is True
+
+
 # ------------------------------------------------------- 4: display_name, session_id
 
 

@@ -90,6 +90,29 @@ def test_bad_queries_and_documents_are_refused_and_lose_nothing(app, call, error
     assert items.find({}, ) [0]["a"] == 1 and items.count() == 1
 
 
+async def test_an_insert_never_overwrites_a_document_with_its_id(app):
+    """As MongoDB's duplicate key error: the stored document is kept, and a batch is all or nothing."""
+    threads = app.collection("threads")
+    first = await threads.insert_one({"_id": "renewal", "subject": "Renewal review"})
+    with pytest.raises(ValueError, match="already holds a document with _id 'renewal'"):
+        await threads.insert_one({"_id": "renewal", "subject": "Other"})
+    with pytest.raises(ValueError, match="_id 'renewal'"):
+        await threads.insert_many([{"_id": "new", "subject": "New"}, {"_id": "renewal", "subject": "Other"}])
+    with pytest.raises(ValueError, match="_id 'twice' is given twice"):
+        await threads.insert_many([{"_id": "twice", "n": 1}, {"_id": "twice", "n": 2}])
+    assert await threads.find() == [first]
+
+
+async def test_push_each_appends_every_value(app):
+    threads = app.collection("threads")
+    created = await threads.insert_one({"subject": "Renewal review", "tags": ["renewal"]})
+    updated = await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["urgent", "q3"]}}})
+    assert updated["tags"] == ["renewal", "urgent", "q3"]
+    with pytest.raises(ValueError, match=r"\$push 'tags': the one modifier here is"):
+        await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["x"], "$slice": -2}}})
+    assert (await threads.find_one({"_id": created["_id"]}))["tags"] == ["renewal", "urgent", "q3"]
+
+
 def test_bad_collection_names(app):
     for bad in ("", "a/b", "_private"):
         with pytest.raises(ValueError, match="bad collection name"):

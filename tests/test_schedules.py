@@ -121,6 +121,26 @@ def test_dst_fall_back_daily_job_fires_once_and_spring_forward_shifts(app):
     assert [t.timestamp() - repeated[0].timestamp() for t in repeated] == [0, 1800, 3600, 5400, 7200, 9000]
 
 
+@pytest.mark.parametrize(
+    "cron, tz, day, expected",
+    [  # on the fall-back day a job that names its hours runs each named wall time once, as cron does
+        ("30 1,13 * * *", "America/New_York", dt.date(2026, 11, 1), ["01:30:00-04:00", "13:30:00-05:00"]),
+        ("0 1-3 * * *", "America/New_York", dt.date(2026, 11, 1), ["01:00:00-04:00", "02:00:00-05:00",
+                                                                  "03:00:00-05:00"]),
+        ("30 2,14 * * *", "Europe/Berlin", dt.date(2026, 10, 25), ["02:30:00+02:00", "14:30:00+01:00"]),
+    ],
+)
+def test_dst_fall_back_job_with_listed_hours_runs_each_once(app, cron, tz, day, expected):
+    @app.schedule(cron, tz=tz)
+    def twice_daily():
+        pass
+
+    zone = ZoneInfo(tz)
+    start = dt.datetime.combine(day, dt.time(0), tzinfo=zone)
+    on_the_day = [t for t in twice_daily.next_runs(len(expected) + 3, after=start) if t.date() == day]
+    assert [t.isoformat().partition("T")[2] for t in on_the_day] == expected
+
+
 def test_missed_ticks_are_dropped_or_caught_up_once(app):
     made = {}
     for name, catchup in (("dropped", False), ("caught", True)):
@@ -134,6 +154,23 @@ def test_missed_ticks_are_dropped_or_caught_up_once(app):
 
     until_sync(lambda: made["caught"].runs.count(status="completed") == 1)
     assert made["dropped"].runs.count() == 0
+
+
+def test_a_catch_up_after_years_away_is_one_run_for_the_latest_tick(app):
+    """Five years of minutely ticks missed (2.6 million): defining the schedule makes one run, for
+    the last minute before it, without stepping through the missed ones."""
+    app.store.update_value(f"sched/{app.name}/sync", lambda _: {"last_due": time.time() - 5 * 365 * 86400})
+    before = time.time()
+
+    @app.schedule("* * * * *", name="sync", catchup=True)
+    def sync():
+        pass
+
+    defined = time.time()
+    (caught,) = [h.snapshot()["scheduled_for"] for h in sync.runs.find()
+                 if h.snapshot()["scheduled_for"] < defined]
+    assert caught % 60 == 0 and before - 60 < caught < defined
+    until_sync(lambda: sync.runs.count(status="completed") >= 1)
 
 
 async def test_a_blocked_loop_delays_a_tick_which_then_runs_once(app):
