@@ -108,7 +108,12 @@ class Task:
                **kwargs: Any) -> TaskHandle:
         """Start a run now. Returns its handle at once; ``await`` it to wait until it is durable.
 
-        ``display_name`` names this run on its card and the board (Capsule's ``submit`` has it)."""
+        ``display_name`` names this run on its card and the board (Capsule's ``submit`` has it).
+        A Session given first is the session, as Capsule's ``submit(session, ...)`` takes it."""
+        if args and _is_session(args[0]):
+            if session is not None:
+                raise TypeError(f"{self.name}.submit(): session was given twice")
+            session, args = args[0], args[1:]
         return self._submit(args, kwargs, session=session, display_name=display_name)
 
     def schedule(
@@ -125,7 +130,7 @@ class Task:
 
         A session given first is the session, as in Capsule's older ``schedule(session, delay=...)``,
         which its SDK still takes."""
-        if isinstance(getattr(when, "id", None), str):
+        if _is_session(when):
             if session is not None:
                 raise TypeError(f"{self.name}.schedule(): session was given twice")
             when, session = None, when
@@ -282,6 +287,14 @@ def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] |
     if bad or not items:
         raise TypeError(f"@task({name}): retry_for must be exception types, got {bad[0] if bad else value!r}")
     return items
+
+
+def _is_session(value: Any) -> bool:
+    """A Session where Capsule takes one first (``submit(session, ...)``); a task's own
+    argument that merely has an ``id`` is none."""
+    from .session import Session
+
+    return isinstance(value, Session)
 
 
 class _Blank(dict):

@@ -243,6 +243,27 @@ async def test_what_capsules_coroutines_return_goes_where_only_coroutines_go(cap
     await asyncio.create_task(app.owner_session.notify("done"))
 
 
+async def test_a_session_given_first_to_submit_is_the_session(capsule):
+    """SDK: ``async def submit(self, session=None, display_name="", **kwargs)``: Capsule code may
+    pass the session first, whether or not the task's first parameter is the session."""
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def build_report(session: cpsl.Session, report_id: str = "daily"):
+        return session.id, report_id
+
+    @app.task()
+    async def monitor_topic(topic: str = "signals", session: cpsl.Session | None = None):
+        return session.id, topic
+
+    handle = await build_report.submit(app.session, report_id="weekly")
+    assert await handle.result(timeout=10) == (app.session.id, "weekly") and handle.session_id == app.session.id
+    handle = await monitor_topic.submit(app.session, topic="launch")
+    assert await handle.result(timeout=10) == (app.session.id, "launch")
+    with pytest.raises(TypeError, match="session was given twice"):
+        monitor_topic.submit(app.session, session=app.session)
+
+
 def test_asyncio_run_takes_a_submit_as_it_takes_capsules_coroutine(capsule):
     app = cpsl.App(name="my-app")
 
