@@ -27,10 +27,10 @@ from .engine.context import current_run
 from .handle import TaskHandle
 from .notebook import kernel
 from .queries import TaskQuery
+from .session import Session
 
 if TYPE_CHECKING:
     from .app import App
-    from .session import Session
 
 ON_LOCK = ("join", "reject", "queue")
 MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
@@ -292,8 +292,6 @@ def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] |
 def _is_session(value: Any) -> bool:
     """A Session where Capsule takes one first (``submit(session, ...)``); a task's own
     argument that merely has an ``id`` is none."""
-    from .session import Session
-
     return isinstance(value, Session)
 
 
