@@ -207,6 +207,8 @@ def json_safe(value: Any) -> tuple[Any, bool]:
 
 def storable(values: dict) -> tuple[dict, bool]:
     """Each value as JSON where it can be, else its repr; and whether all were JSON."""
+    if not values:  # most calls: no arguments, or no keywords
+        return {}, True
     stored, exact = {}, True
     for key, value in values.items():
         stored[key], ok = json_safe(value)

@@ -498,3 +498,31 @@ async def test_wait_timeouts_expire_in_their_own_order(app):
     gate.set()
     assert await patient == "completed"
     assert app._endings._deadlines == {}
+
+
+async def test_a_run_sees_the_submitters_context_variables_as_asyncio_tasks_do(app):
+    """A ContextVar set before ``submit`` (a request id, a tenant) is what the run reads,
+    from the loop's thread or another; what the run sets stays in the run."""
+    import contextvars
+
+    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
+
+    @app.task
+    async def read_async() -> str:
+        seen = tenant.get()
+        tenant.set("changed by the run")
+        return f"{seen}/{cpsl.current_session().id == app.owner_session.id}"
+
+    @app.task
+    def read_thread() -> str:
+        return tenant.get()
+
+    tenant.set("acme")
+    on_loop = read_async.submit()
+    in_thread = read_thread.submit()
+    tenant.set("globex")
+    elsewhere = await asyncio.to_thread(lambda: read_async.submit())  # submitted off the loop's thread
+    assert await on_loop.result(timeout=10) == "acme/True"
+    assert await in_thread.result(timeout=10) == "acme"
+    assert await elsewhere.result(timeout=10) == "globex/True"
+    assert tenant.get() == "globex"

@@ -83,15 +83,17 @@ class AsyncExecutor(Executor):
         """On the loop's thread the task is made at once, so it runs before what the caller
         schedules next (``gather`` of waits finds noop runs already done)."""
         loops = self.runtime.loops
-        if loops.on_loop_thread():
-            self._spawn(run, self.context(run))
+        if loops.on_loop_thread():  # the task copies this context, as asyncio.create_task does
+            run.aio_task = loops.loop.create_task(self._async_body(run))
         else:
-            loops.call_soon(self._spawn, run, self.context(run))
+            loops.call_soon(self._spawn, run, contextvars.copy_context())
 
     def _spawn(self, run: Run, ctx: contextvars.Context) -> None:
         run.aio_task = self.runtime.loops.loop.create_task(self._async_body(run), context=ctx)
 
     async def _async_body(self, run: Run) -> None:
+        current_run.set(run)  # in the task's own context: no copy of its own made at submit
+        bound_session.set(self.session(run))
         self.runtime.mark_running(run)
         outcome: Outcome
         try:

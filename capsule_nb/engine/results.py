@@ -30,6 +30,8 @@ class Results:
 
     def keep(self, task_id: str, value: Any) -> dict[str, Any]:
         """The record fields that keep ``value`` (storing a payload when it needs one)."""
+        if value is None:  # most runs: no identity to remember, nothing to encode
+            return {"result": None, "result_repr": "None", "result_kind": "json"}
         with self._lock:
             self._recent[task_id] = value
             if len(self._recent) > REMEMBERED:

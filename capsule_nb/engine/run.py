@@ -92,7 +92,12 @@ class Failure(NamedTuple):
 
 
 class Run:
-    """One live run: its call, where it stands, and how to stop it."""
+    """One live run: its call, where it stands, and how to stop it. Slotted: thousands are
+    alive at once after a burst of submits, and each is scanned by every garbage collection."""
+
+    __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
+                 "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
+                 "start_timer", "deadline_timer", "_out", "_out_flushed")
 
     def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
                  session: Any, target: Any, lock_key: str | None, call: "Call | None" = None):
@@ -115,13 +120,15 @@ class Run:
         self.job: Any = None  # the worker-process job of a process=True run
         self.start_timer: Any = None
         self.deadline_timer: Any = None
-        self._out: list[tuple[str, str]] = []
+        self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
 
     # Called from task code (any thread) through capture and the session layer.
 
     def capture(self, stream: str, text: str) -> None:
         with self.lock:
+            if self._out is None:
+                self._out = []
             self._out.append((stream, text))
             due = time.monotonic() - self._out_flushed > OUTPUT_FLUSH_SECONDS
         if due:
@@ -129,7 +136,7 @@ class Run:
 
     def flush_output(self) -> None:
         with self.lock:
-            chunks, self._out = self._out, []
+            chunks, self._out = self._out, None
             self._out_flushed = time.monotonic()
         if chunks:
             self.runtime.update(self.task_id, lambda r: evolve(r, output=_merge_output(r.get("output"), chunks)))
