@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .app import App, Image, configure, current_session, get_task, schedule, task
-from .collections import Column
 from .errors import LockedError, TaskCancelled, TaskFailed
 from .handle import TaskHandle
 from .notebook import load_ipython_extension, unload_ipython_extension
 from .session import Session
+from .tables import Column
 
 __version__ = "0.1.0"
 

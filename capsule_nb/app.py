@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 
 from . import portable as _portable
 from .checks import whole_number
-from .collections import Collection, Database, TableSpec
+from .collections import Collection, Database
 from .cron import parse_cron, parse_tz
 from .engine.runtime import Runtime, Settings
 from .engine.upkeep import stored_arguments
@@ -34,6 +34,7 @@ from .record import RunRecord
 from .schedules import Schedule
 from .session import Session, local_user
 from .store import open_store
+from .tables import TableSpec
 from .tasks import Task, note_options
 
 F = TypeVar("F", bound=Callable[..., Any])

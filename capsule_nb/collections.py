@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import html
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList, ReadyValue
+from .checks import whole_number
 from .record import new_task_id, short_repr
 from .store.documents import Condition, json_path, text
+from .tables import TABLE_ROWS, TableSpec, declare, declared, table_html
 
 if TYPE_CHECKING:
     from .store import Store
@@ -45,49 +44,6 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _EXACT_INTEGERS = 2**53  # integral numbers up to here read back from JSON text exactly, as floats too
 MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap
 MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
-SCOPES = ("app", "user", "owner", "session")
-TABLE_ROWS = 200  # rows a collection's table shows when it declares no ``paginate``
-COLUMN_TYPES = ("text", "number", "currency", "date", "link", "email", "status", "tags", "boolean")
-
-# What ``app.collection(name, columns=...)`` declared, by (store folder, name): how the table shows it.
-_declared: dict[tuple[str, str], "TableSpec"] = {}
-
-
-@dataclass(frozen=True)
-class Column:
-    """A declared column: ``cpsl.Column(key, type="text", label=None, format=None)``.
-
-    ``type`` and ``format`` tell Capsule's pages how to render a value; they are
-    checked and kept, and a notebook's table shows each value as text."""
-
-    key: str
-    type: str = "text"
-    label: str | None = None
-    format: Any = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.key, str) or not self.key:
-            raise ValueError(f"a column's key is a non-empty field name, got {self.key!r}")
-        if not isinstance(self.type, str) or self.type not in COLUMN_TYPES:
-            raise ValueError(f"column {self.key!r}: type must be one of {COLUMN_TYPES}, got {self.type!r}")
-        if self.label is not None and not isinstance(self.label, str):
-            raise ValueError(f"column {self.key!r}: label must be text or None, got {self.label!r}")
-
-
-class TableSpec:
-    """Capsule's collection options. Locally they shape the table display only; ``scope`` is
-    checked and kept, but one notebook has one user and one owner, so every scope is one
-    collection in the store."""
-
-    def __init__(self, columns: Iterable[Any] | None = None, scope: str = "app", sortable: bool = False,
-                 filterable: bool = False, paginate: int = 0):
-        if scope not in SCOPES:
-            raise ValueError(f"collection scope must be one of {SCOPES}, got {scope!r}")
-        self.columns = [_column(c) for c in columns] if columns is not None else None
-        self.scope = scope
-        self.sortable = bool(sortable)
-        self.filterable = bool(filterable)
-        self.paginate = whole_number("paginate", paginate)
 
 
 class Collection:
@@ -97,7 +53,7 @@ class Collection:
         self._store = store
         self.name = name
         if spec is not None:
-            _declared[(str(store.path), name)] = spec
+            declare(store.path, name, spec)
             if spec.columns and (spec.sortable or spec.filterable):
                 store.index_docs([column.key for column in spec.columns])
 
@@ -199,23 +155,9 @@ class Collection:
     # ---------------------------------------------------------------- display
 
     def _repr_html_(self) -> str:
-        """A table: the declared ``columns`` (key and label) in order, else every key seen."""
-        spec = _declared.get((str(self._store.path), self.name))
-        total = self.count()
+        spec = declared(self._store.path, self.name)
         docs = self._find({}, limit=spec.paginate if spec and spec.paginate else TABLE_ROWS)
-        if spec is not None and spec.columns is not None:
-            columns = [(column.key, column.label or column.key) for column in spec.columns]
-        else:
-            keys: list[str] = ["id"]
-            for doc in docs:
-                keys.extend(k for k in doc if k not in keys and k != "_id")
-            columns = [(k, k) for k in keys]
-        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(_shown(d, key)))}</td>" for key, _ in columns)
-                       + "</tr>" for d in docs)
-        shown = f"{len(docs)} of {total} documents" if len(docs) < total else f"{total} documents"
-        return (f"<div><b>{html.escape(self.name)}</b> ({shown})"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+        return table_html(self.name, docs, self.count(), spec, _shown)
 
 
 class Database:
@@ -499,22 +441,6 @@ def _sortable(value: Any) -> tuple:
     return (2, value if isinstance(value, str) else text(value))
 
 
-def _column(column: Any) -> Column:
-    """A column given as a name, a ``Column``, a ``{"key", "label", ...}`` dict or a Column-like object."""
-    if isinstance(column, (str, Column)):
-        return Column(column) if isinstance(column, str) else column
-    fields = {name: column.get(name) if isinstance(column, dict) else getattr(column, name, None)
-              for name in ("key", "type", "label", "format")}
-    if fields["key"] is None:
-        raise ValueError(f"a collection column is a field name, a cpsl.Column or has a 'key'; got {column!r}")
-    return Column(**{name: value for name, value in fields.items() if value is not None})
-
-
 def _shown(doc: dict[str, Any], key: str) -> Any:
     value = _get(doc, key)
     return "" if value is _MISSING else value
-
-
-def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:79] + "…"

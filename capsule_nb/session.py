@@ -72,8 +72,6 @@ class SessionData(MutableMapping):
         return self._load()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        from .record import json_safe
-
         if not json_safe(value)[1]:
             raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
         with self._lock:
