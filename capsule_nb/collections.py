@@ -1,7 +1,7 @@
 """Document collections: ``session.db.reports``, ``app.collection("reports")``.
 
 A small Mongo-like surface over the store, as Capsule's: equality and
-``$gt $gte $lt $lte $ne $in`` filters, ``$set $inc $unset $push`` updates
+``$gt $gte $lt $lte $ne $in`` filters (an array field matching by any element), ``$set $inc $unset $push`` updates
 (``$push`` with ``$each`` too).
 ``_matches`` is the one definition of a match. A query hands the store
 what SQL can test of it (``_conditions``), which the store's table and
@@ -17,6 +17,7 @@ import copy
 import functools
 import json
 import math
+import operator
 import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -29,14 +30,8 @@ from .tables import TABLE_ROWS, TableSpec, declare, declared, table_html
 if TYPE_CHECKING:
     from .store import Store
 
-_COMPARE = {
-    "$gt": lambda a, b: a is not None and a > b,
-    "$gte": lambda a, b: a is not None and a >= b,
-    "$lt": lambda a, b: a is not None and a < b,
-    "$lte": lambda a, b: a is not None and a <= b,
-    "$ne": lambda a, b: a != b,
-    "$in": lambda a, b: a in b,
-}
+_ORDER = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+_FILTERS = (*_ORDER, "$ne", "$in")
 _RANGES = {"$gt": ">=", "$gte": ">=", "$lt": "<=", "$lte": "<="}  # as SQL tests them (a superset)
 _UPDATES = ("$set", "$inc", "$unset", "$push")
 _MISSING = object()
@@ -238,30 +233,53 @@ def _check_filter(filter: dict[str, Any]) -> None:
         _check_path(field, "a filter")
         if field.startswith("$"):
             raise ValueError(f"unknown filter operator {field!r}: filters are field conditions, "
-                             f"with {sorted(_COMPARE)} inside a field")
+                             f"with {sorted(_FILTERS)} inside a field")
         if isinstance(condition, dict) and any(k.startswith("$") for k in condition):
-            unknown = [k for k in condition if k not in _COMPARE]
+            unknown = [k for k in condition if k not in _FILTERS]
             if unknown:
-                raise ValueError(f"unknown filter operator {unknown[0]!r} on {field!r}; known: {sorted(_COMPARE)}")
+                raise ValueError(f"unknown filter operator {unknown[0]!r} on {field!r}; known: {sorted(_FILTERS)}")
             if "$in" in condition and not isinstance(condition["$in"], (list, tuple, set)):
                 raise ValueError(f"$in on {field!r} needs a list, got {condition['$in']!r}")
 
 
 def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
-    """Mongo's rules: a missing field reads as None (so ``{"x": None}`` matches it),
-    and an order comparison with None or an unlike type is simply not a match."""
+    """Mongo's rules: a missing field reads as None (so ``{"x": None}`` matches it); an
+    array matches a condition that it or any of its elements meets (``{"tags": "urgent"}``
+    finds ``["urgent", "late"]``); an order comparison with None or an unlike type is
+    simply not a match."""
     for field, condition in filter.items():
         value = _get(doc, field)
         value = None if value is _MISSING else value
         if _is_operators(condition):
-            try:
-                if not all(_COMPARE[op](value, arg) for op, arg in condition.items()):
-                    return False
-            except TypeError:
+            if not all(_holds(op, value, arg) for op, arg in condition.items()):
                 return False
-        elif value != condition:
+        elif not _equal(value, condition):
             return False
     return True
+
+
+def _holds(op: str, value: Any, arg: Any) -> bool:
+    if op == "$ne":
+        return not _equal(value, arg)
+    if op == "$in":
+        return any(_equal(value, item) for item in arg)
+    return any(_ordered(_ORDER[op], item, arg) for item in _each(value))
+
+
+def _equal(value: Any, wanted: Any) -> bool:
+    return value == wanted or (type(value) is list and wanted in value)
+
+
+def _each(value: Any) -> list[Any]:
+    """What an order comparison tests: each element of an array, else the value."""
+    return value if type(value) is list else [value]
+
+
+def _ordered(compare: Callable[[Any, Any], bool], value: Any, bound: Any) -> bool:
+    try:
+        return value is not None and compare(value, bound)
+    except TypeError:
+        return False
 
 
 def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:

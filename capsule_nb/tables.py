@@ -87,7 +87,7 @@ def table_html(name: str, docs: list[dict[str, Any]], total: int, spec: TableSpe
 
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     rows = "".join("<tr>" + "".join(f"<td>{cell(d, key)}</td>" for key, _ in columns) + "</tr>" for d in docs)
-    shown = f"{len(docs)} of {total} documents" if len(docs) < total else f"{total} documents"
+    shown = f"{len(docs)} of {total} documents" if len(docs) < total else f"{total} document{'s' * (total != 1)}"
     return (f"<div><b>{html.escape(name)}</b> ({shown})"
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
 

@@ -317,3 +317,32 @@ def test_a_bad_row_in_the_documents_table_is_skipped_with_one_warning(app, caplo
     assert len(_warnings_naming(caplog, "doc/items/a")) == 1 and len(_warnings_naming(caplog, "doc/items/l")) == 1
     assert items.insert_one({"_id": "a", "n": 2})["n"] == 2  # the bad row is replaced
     assert items.find_one({"_id": "a"})["n"] == 2
+
+
+async def test_an_array_field_matches_by_its_elements_as_in_mongodb(app):
+    """A ``tags`` column holds lists: ``{"tags": "urgent"}`` finds the documents tagged so,
+    in SQL's answer and in ``count``, sorted and paged, and after arrays first appear."""
+    tickets = app.collection("tickets")
+    await tickets.insert_many([{"_id": "c", "tags": "urgent", "scores": 7}, {"_id": "d", "title": "[no array]"}])
+
+    def ids(docs):
+        return [doc["_id"] for doc in docs]
+
+    assert ids(await tickets.find({"tags": "urgent"})) == ["c"]  # the index is made before any array is stored
+    await tickets.insert_many([{"_id": "a", "tags": ["urgent", "billing"], "scores": [1, 9]},
+                               {"_id": "b", "tags": ["billing"], "scores": [4]}])
+    assert ids(await tickets.find({"tags": "urgent"}, sort={"_id": 1})) == ["a", "c"]
+    assert await tickets.count({"tags": "urgent"}) == 2
+    assert ids(await tickets.find({"tags": "billing"}, sort={"_id": -1}, limit=1)) == ["b"]
+    assert ids(await tickets.find({"tags": ["billing"]})) == ["b"]  # a whole array equals itself
+    assert ids(await tickets.find({"tags": {"$in": ["urgent", "nope"]}}, sort={"_id": 1})) == ["a", "c"]
+    assert ids(await tickets.find({"tags": {"$ne": "urgent"}}, sort={"_id": 1})) == ["b", "d"]
+    assert await tickets.count({"tags": {"$ne": "urgent"}}) == 2
+    assert ids(await tickets.find({"scores": {"$gt": 8}})) == ["a"]
+    assert ids(await tickets.find({"scores": {"$lt": 2}})) == ["a"]
+    # each condition may be met by a different element, as in MongoDB (its $elemMatch is for one)
+    assert ids(await tickets.find({"scores": {"$gte": 5, "$lte": 6}}, sort={"_id": 1})) == ["a"]
+    assert ids(await tickets.find({"title": "[no array]"})) == ["d"]
+    updated = await tickets.update_one({"tags": "billing", "scores": 4}, {"$push": {"tags": "done"}})
+    assert updated["_id"] == "b" and (await tickets.find_one({"_id": "b"}))["tags"] == ["billing", "done"]
+    assert await tickets.count({"tags": "done"}) == 1

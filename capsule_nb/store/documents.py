@@ -12,7 +12,9 @@ names, behind expression indexes made the first time a query needs one
 filtered, sorted page of a big collection is a walk of a few index entries.
 The caller passes conditions SQL may test (a superset of the matches: it
 re-checks every document it is given with ``keep``) and says whether they
-are the whole filter (``exact``), which lets ``count`` count in SQL.
+are the whole filter (``exact``), which lets ``count`` count in SQL. A
+field that holds an array in some document (an index probe tells) is tested
+loosely, letting every array through, since an array matches by its elements.
 
 SQL orders what ``json_extract`` gives: missing and null first, then
 numbers (false and true as 0 and 1), then text: strings, and objects and
@@ -57,6 +59,7 @@ _SCHEMA = (
 )
 _INSERT = "INSERT INTO capsule_docs (collection, doc_id, doc) VALUES (?, ?, ?) ON CONFLICT (collection, doc_id) "
 _INDEXES = "capsule_docs_by_"
+_ARRAY_TEXT = ("[", "\\")  # json_extract gives an array as its JSON text, which sorts from "[" up to a backslash
 # A field name SQLite finds as written: the stored text does not escape it (see ``text``).
 _LABEL = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]+')
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -155,7 +158,7 @@ class Documents:
                offset: int = 0) -> list[dict[str, Any]]:
         """The documents matching ``where`` and ``keep``, by ``order`` (``[(field, 1 or -1)]``)
         then insertion; rows stream in that order until the page is full."""
-        clauses, args = self._where(collection, where, order)
+        clauses, args, _ = self._where(collection, where, order)
         terms = [_term(field, direction) for field, direction in order]
         cursor = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs WHERE {' AND '.join(clauses)} "
                                   f"ORDER BY {', '.join([*terms, 'seq'])}", args)
@@ -170,9 +173,10 @@ class Documents:
               exact: bool) -> int:
         """How many documents match ``where`` and ``keep``: counted in SQL when ``where`` is
         ``exact`` (the documents holding a NUL character re-checked with ``keep``)."""
+        if exact:
+            clauses, args, exact = self._where(collection, where, ())
         if not exact:
             return len(self.select(collection, where, keep=keep))
-        clauses, args = self._where(collection, where, ())
         found = self._cache._sql(f"SELECT count(*) FROM capsule_docs WHERE {' AND '.join(clauses)}", args)
         total = found.fetchone()[0]
         rows = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs WHERE {' AND '.join(clauses)} AND seq IN "
@@ -191,23 +195,33 @@ class Documents:
                 yield doc
 
     def _where(self, collection: str, where: Sequence[Condition],
-               order: Sequence[tuple[str, int]]) -> tuple[list[str], list[Any]]:
+               order: Sequence[tuple[str, int]]) -> tuple[list[str], list[Any], bool]:
         """The SQL of ``where``, after making the index that serves it sorted by ``order``:
-        its equality fields, then its sort fields (unsorted: its first other field)."""
-        clauses, args, equal, other = ["collection = ?"], [collection], set(), []
-        for condition in where:
-            sql, values, expr = _clause(condition)
-            clauses.append(sql)
-            args.extend(values)
-            if condition[1] == "=":
-                equal.add(expr)
-            else:
-                other.append(expr)
+        its equality fields, then its sort fields (unsorted: its first other field).
+        Also whether that SQL is all of ``where``: it is not when a field it tests holds
+        an array in some document, since an array matches by any of its elements
+        (``keep`` decides), so there it lets every array through."""
+        tested = [(condition, *_clause(condition)) for condition in where]
+        equal = {expr for condition, _, _, expr in tested if condition[1] == "="}
+        other = [expr for condition, _, _, expr in tested if condition[1] != "="]
         if "doc_id" not in equal.union(other):  # else the unique (collection, doc_id) index finds them
             key = [*sorted(equal), *([_term(field, direction) for field, direction in order] or other[:1])]
             if key and key[0].split()[0] != "doc_id":
                 self._make_index(key)
-        return clauses, args
+        clauses, args, whole = ["collection = ?"], [collection], True
+        for _, sql, values, expr in tested:
+            if expr != "doc_id" and self._holds_arrays(collection, expr):
+                sql, values, whole = f"({sql} OR ({expr} >= ? AND {expr} < ?))", [*values, *_ARRAY_TEXT], False
+            clauses.append(sql)
+            args.extend(values)
+        return clauses, args, whole
+
+    def _holds_arrays(self, collection: str, expr: str) -> bool:
+        """Whether some document has an array (or a string starting with "[") at ``expr``:
+        an index probe, through the index on ``expr`` made here if none serves it yet."""
+        self._make_index([expr])
+        return self._cache._sql(f"SELECT 1 FROM capsule_docs WHERE collection = ? AND {expr} >= ? AND {expr} < ? "
+                                f"LIMIT 1", (collection, *_ARRAY_TEXT)).fetchone() is not None
 
     # --------------------------------------------------------------- indexes
 
