@@ -362,6 +362,8 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for op, fields in update.items():
         if not isinstance(fields, dict):
             raise TypeError(f"{op} takes a dict of fields, got {short_repr(fields, 200)}")
+    _check_conflicts(update)
+    for op, fields in update.items():
         for field in fields:
             if _check_path(field, op)[0] == "_id":
                 raise ValueError(f"_id cannot be changed ({op} {field!r})")
@@ -375,6 +377,16 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 if _is_operators(arg) and (list(arg) != ["$each"] or not isinstance(arg["$each"], list)):
                     raise ValueError(f"$push {field!r}: the one modifier here is {{'$each': [values]}}, got {arg!r}")
     return update
+
+
+def _check_conflicts(update: dict[str, dict[str, Any]]) -> None:
+    """Refuse two changes to one field (``$set`` and ``$inc`` of ``n``; ``a`` and ``a.b``), as
+    MongoDB does: applied in turn, the later one would silently undo the earlier."""
+    paths = sorted((tuple(_check_path(field, op)), op) for op, fields in update.items() for field in fields)
+    for (first, op1), (second, op2) in zip(paths, paths[1:]):
+        if second[: len(first)] == first:
+            raise ValueError(f"update conflict: {op1} {'.'.join(first)!r} and {op2} {'.'.join(second)!r} "
+                             f"change the same field; make them one change")
 
 
 def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict[str, Any]:

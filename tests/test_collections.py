@@ -80,6 +80,10 @@ def test_documents_are_copies(app):
         (lambda c: c.insert_one({"when": object()}), TypeError, "stored as JSON"),
         (lambda c: c.insert_one(["not", "a", "dict"]), TypeError, "a document is a dict"),
         (lambda c: c.find(sort=[("a", 2)]), ValueError, "sort takes"),
+        (lambda c: c.update_one({}, {"$set": {"a": 5}, "$inc": {"a": 1}}), ValueError,
+         "update conflict: \\$inc 'a' and \\$set 'a' change the same field"),
+        (lambda c: c.update_one({}, {"$set": {"b": {}, "b.c": 1}}), ValueError,
+         "update conflict: \\$set 'b' and \\$set 'b.c'"),
     ],
 )
 def test_bad_queries_and_documents_are_refused_and_lose_nothing(app, call, error, message):
