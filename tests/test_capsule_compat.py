@@ -565,6 +565,29 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
 
 
+def test_from_a_script_asyncio_run_of_result_warns_at_the_users_line(capsule):
+    # docs/api.md: "Only wait() and result() must be awaited (from a script: asyncio.run(h.result()))"
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    def double(x: int) -> int:
+        return 2 * x
+
+    h = double.submit(x=21)
+    cpsl.configure(portable=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert asyncio.run(h.result()) == 42
+            assert asyncio.run(h.wait("30s")) == "completed"
+    finally:
+        cpsl.configure(portable=False)
+    (warned,) = [w for w in caught if w.category is PortabilityWarning]
+    assert str(warned.message).startswith(EXTENSIONS["wait_result"][0]) and warned.filename == __file__
+    with pytest.raises(ValueError, match="1h30m"):  # a bad timeout is an error at the call, before any loop
+        h.wait(timeout="1h30m")
+
+
 def _notebook(path: Path, *cells: str) -> Path:
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(textwrap.dedent(c)) for c in cells]),
                    path)
