@@ -91,6 +91,35 @@ async def test_an_apps_runs_show_on_every_board_and_summary_and_filter_by_app(ca
     assert app.image is image and "not used locally" in repr(image)
 
 
+async def test_task_options_by_position_in_capsules_order(capsule):
+    # SDK: App.task(retries=0, timeout=0, lock=None, retry_for=None, callback_url=None, process=False),
+    # as docs/api.md writes it: the six may be given by position
+    app = cpsl.App(name="my-app")
+    attempts = []
+
+    @app.task(1, 60, "report:{report_id}", [ValueError])
+    def build(report_id: str = "daily"):
+        attempts.append(report_id)
+        if len(attempts) == 1:
+            raise ValueError("first attempt fails")
+        return report_id
+
+    handle = build.submit(report_id="weekly")
+    assert await handle.result(timeout=10) == "weekly"
+    record = handle.snapshot()
+    assert (record["attempt"], record["max_attempts"], record["lock_key"]) == (2, 2, "report:weekly")
+
+    @cpsl.task(2)
+    def on_the_default_app():
+        return 1
+
+    assert on_the_default_app.submit().snapshot()["max_attempts"] == 3
+    with pytest.raises(TypeError, match="retries= twice: 1 by position and 2 by name"):
+        app.task(1, retries=2)
+    with pytest.raises(TypeError, match="at most 6 options by position"):
+        app.task(0, 0, None, None, None, False, "extra")
+
+
 # ------------------------------------------------------------------ 3: delays
 
 
