@@ -40,6 +40,7 @@ from .tasks import Task, note_options
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXECUTORS = ("default", "immediate")
+_TASK_POSITIONAL = ("retries", "timeout", "lock", "retry_for", "callback_url", "process")  # Capsule's order
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
@@ -150,8 +151,11 @@ class App:
 
     # ----------------------------------------------------------- declaring
 
-    def task(self, fn: F | None = None, /, **options: Any) -> Any:
-        """``@app.task`` or ``@app.task(retries=2, lock="report:{report_id}", ...)``."""
+    def task(self, *args: Any, **options: Any) -> Any:
+        """``@app.task``, ``@app.task(retries=2, lock="report:{report_id}", ...)``, or Capsule's
+        options by position, ``@app.task(2, 120)``, since its SDK takes them that way."""
+        fn = args[0] if args and callable(args[0]) else None  # bare @app.task (retries is never callable)
+        options = _task_options(args[1:] if fn is not None else args, options)
 
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
@@ -364,9 +368,21 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     return app
 
 
-def task(fn: F | None = None, /, **options: Any) -> Any:
+def task(*args: Any, **options: Any) -> Any:
     """``@cpsl.task(retries=0, timeout=0, lock=None, retry_for=None, callback_url=None, process=False)``."""
-    return default_app().task(fn, **options)
+    return default_app().task(*args, **options)
+
+
+def _task_options(args: tuple[Any, ...], options: dict[str, Any]) -> dict[str, Any]:
+    """Options given by position, in the order of Capsule's ``App.task``, as keywords."""
+    if len(args) > len(_TASK_POSITIONAL):
+        raise TypeError(f"@task takes at most {len(_TASK_POSITIONAL)} options by position "
+                        f"({', '.join(_TASK_POSITIONAL)}), got {len(args)}: {args!r}")
+    for name, value in zip(_TASK_POSITIONAL, args):
+        if name in options:
+            raise TypeError(f"@task got {name}= twice: {value!r} by position and {options[name]!r} by name")
+        options[name] = value
+    return options
 
 
 def schedule(cron: str, *, tz: str = "UTC", name: str | None = None, catchup: bool = False) -> Callable[[F], Schedule]:

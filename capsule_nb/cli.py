@@ -3,8 +3,8 @@
     capsule-nb demo [--notebook PATH] [--home DIR] [--save PATH]
     capsule-nb tasks [--status S] [--name N] [--app A] [--limit K] [--home PATH] [--json]
     capsule-nb show ID [--home PATH] [--json]
-    capsule-nb cancel ID [--home PATH]
-    capsule-nb prune --older-than 7d [--home PATH]
+    capsule-nb cancel ID [--home PATH] [--json]
+    capsule-nb prune --older-than 7d [--home PATH] [--json]
     capsule-nb schedules [--home PATH] [--json]
     capsule-nb doctor [--fix] [--home PATH] [--json]
     capsule-nb check NOTEBOOK...
@@ -105,12 +105,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     app = _open(args)
     record = _run(app, args.id)
     if record["status"] in ("completed", "failed", "cancelled", "timeout") and not record.get("series"):
-        print(f"run {args.id} already ended {record['status']}")
+        _emit(args, {"task_id": args.id, "cancelled": False, "status": record["status"]},
+              f"run {args.id} already ended {record['status']}")
         return 1
     asked = app.runtime.cancel(args.id)
     now = (app.store.get_run(args.id) or {}).get("status")
     where = "cancelled" if now == "cancelled" else "its kernel will stop it"  # a live owner was asked
-    print(f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
+    _emit(args, {"task_id": args.id, "cancelled": asked, "status": now},
+          f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
     return 0 if asked else 1
 
 
@@ -124,7 +126,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     app = _open(args)
     pruned = app.store.prune(None, before=time.time() - age)
     app.store.flush()
-    print(f"pruned {pruned} finished runs older than {args.older_than}")
+    _emit(args, {"pruned": pruned, "older_than": args.older_than},
+          f"pruned {pruned} finished runs older than {args.older_than}")
     return 0
 
 
@@ -195,15 +198,14 @@ def _doctor_text(home: Any, bad: list) -> str:
     return "\n".join(lines + ["", "`capsule-nb doctor --fix` moves them aside"])
 
 
-def _store_options(parser: argparse.ArgumentParser, *, json: bool = True, top: bool = False) -> None:
+def _store_options(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
     """``--home`` and ``--json``, on the main parser and on each store command: a value given
     after the command wins, and a command that is not given one keeps the main parser's."""
     unset = None if top else argparse.SUPPRESS
     parser.add_argument("--home", metavar="PATH", default=unset,
                         help="the store (default: $CAPSULE_NB_HOME, else ./.capsule)")
-    if json:
-        parser.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
-                            help="print JSON instead of text")
+    parser.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="print JSON instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,12 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="cancel a run (a live kernel that owns it stops it)")
     cancel.add_argument("id")
-    _store_options(cancel, json=False)
+    _store_options(cancel)
     cancel.set_defaults(func=cmd_cancel)
 
     prune = commands.add_parser("prune", help="delete finished runs older than an age")
     prune.add_argument("--older-than", required=True, metavar="AGE", help="like 7d, 12h, 30m")
-    _store_options(prune, json=False)
+    _store_options(prune)
     prune.set_defaults(func=cmd_prune)
 
     schedules = commands.add_parser("schedules", help="the schedules defined on this store, with their next run")

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Coroutine, Generator
 
 from . import portable
 from .awaitables import ReadyBool, ReadyStr, Steps, resolve
@@ -113,17 +113,22 @@ class TaskHandle(Steps):
         """Push a running run's timeout deadline to now + timeout."""
         return ReadyBool(self._app.runtime.refresh(self.task_id))
 
-    async def wait(self, timeout: float | None = None) -> str:
+    def wait(self, timeout: float | str | None = None) -> Coroutine[Any, Any, str]:
         """Wait until the run is finished; returns the final status.
 
-        A waiter costs one entry in the app's ``Endings``, which hears every
-        finished record the store publishes. A run another process owns reaches
-        those events through the runtime's watch, one store poll per tick however
-        many runs are waited on.
+        A plain method giving a coroutine, so that portable mode's warning names the
+        caller's line and a bad ``timeout`` is an error at the call, also when the
+        coroutine is handed to ``asyncio.run`` or ``create_task``, which await it later
+        from frames of their own.
         """
         portable.note("wait_result")
-        if timeout is not None:
-            timeout = parse_delay(timeout, what="timeout")
+        return self._wait(None if timeout is None else parse_delay(timeout, what="timeout"))
+
+    async def _wait(self, timeout: float | None) -> str:
+        """A waiter costs one entry in the app's ``Endings``, which hears every
+        finished record the store publishes. A run another process owns reaches
+        those events through the runtime's watch, one store poll per tick however
+        many runs are waited on."""
         record = self._record()
         if record["status"] in FINISHED:
             return record["status"]
@@ -143,10 +148,14 @@ class TaskHandle(Steps):
         self._final = record
         return record["status"]
 
-    async def result(self, timeout: float | None = None) -> Any:
-        """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``."""
+    def result(self, timeout: float | str | None = None) -> Coroutine[Any, Any, Any]:
+        """The return value; raises ``TaskFailed`` (with the task's traceback) or ``TaskCancelled``.
+        A plain method giving a coroutine, as ``wait``."""
         portable.note("wait_result")
-        status = await self.wait(timeout)
+        return self._result(None if timeout is None else parse_delay(timeout, what="timeout"))
+
+    async def _result(self, timeout: float | None) -> Any:
+        status = await self._wait(timeout)
         record = self.snapshot()
         if status == COMPLETED:
             return self._app.load_result(record)

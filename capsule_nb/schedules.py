@@ -105,8 +105,10 @@ class Schedule:
         self._update(lambda s: {**s, "paused": False})
 
     def state(self) -> dict[str, Any]:
-        """What the store knows: last due time fired, skipped ticks, paused."""
-        return dict(self.app.store.get(self._key) or {})
+        """What the store knows: last due time fired, skipped ticks, paused. ``skipped`` and
+        ``paused`` are there from the start, so ``state()["skipped"]`` (as the docs read it)
+        works before the first skip."""
+        return {"skipped": 0, "paused": False, **(self.app.store.get(self._key) or {})}
 
     @property
     def runs(self) -> TaskQuery:

@@ -278,14 +278,14 @@ def _session_param(signature: inspect.Signature) -> str | None:
 def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] | None:
     if value is None:
         return None
-    items = (value,) if isinstance(value, type) else value
+    items = (value,) if isinstance(value, (type, str, bytes)) else value  # a name is no list of letters
     try:
         items = tuple(items)
     except TypeError:
         items = (value,)
     bad = [x for x in items if not (isinstance(x, type) and issubclass(x, BaseException))]
     if bad or not items:
-        raise TypeError(f"@task({name}): retry_for must be exception types, got {bad[0] if bad else value!r}")
+        raise TypeError(f"@task({name}): retry_for must be exception types, got {(bad[0] if bad else value)!r}")
     return items
 
 

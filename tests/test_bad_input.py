@@ -50,9 +50,10 @@ def test_bad_task_options_name_the_value(app, options, message):
             pass
 
 
-@pytest.mark.parametrize("retry_for", [ValueError(), "ValueError", [ValueError, 3], []])
-def test_retry_for_must_be_exception_types(app, retry_for):
-    with pytest.raises(TypeError, match="retry_for must be exception types"):
+@pytest.mark.parametrize("retry_for, named", [(ValueError(), "ValueError()"), ("ValueError", "'ValueError'"),
+                                               ([ValueError, "3"], "'3'"), ([], "[]")])
+def test_retry_for_must_be_exception_types(app, retry_for, named):
+    with pytest.raises(TypeError, match=re.escape(f"retry_for must be exception types, got {named}")):
 
         @app.task(retry_for=retry_for)
         def job():

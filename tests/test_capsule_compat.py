@@ -91,6 +91,35 @@ async def test_an_apps_runs_show_on_every_board_and_summary_and_filter_by_app(ca
     assert app.image is image and "not used locally" in repr(image)
 
 
+async def test_task_options_by_position_in_capsules_order(capsule):
+    # SDK: App.task(retries=0, timeout=0, lock=None, retry_for=None, callback_url=None, process=False),
+    # as docs/api.md writes it: the six may be given by position
+    app = cpsl.App(name="my-app")
+    attempts = []
+
+    @app.task(1, 60, "report:{report_id}", [ValueError])
+    def build(report_id: str = "daily"):
+        attempts.append(report_id)
+        if len(attempts) == 1:
+            raise ValueError("first attempt fails")
+        return report_id
+
+    handle = build.submit(report_id="weekly")
+    assert await handle.result(timeout=10) == "weekly"
+    record = handle.snapshot()
+    assert (record["attempt"], record["max_attempts"], record["lock_key"]) == (2, 2, "report:weekly")
+
+    @cpsl.task(2)
+    def on_the_default_app():
+        return 1
+
+    assert on_the_default_app.submit().snapshot()["max_attempts"] == 3
+    with pytest.raises(TypeError, match="retries= twice: 1 by position and 2 by name"):
+        app.task(1, retries=2)
+    with pytest.raises(TypeError, match="at most 6 options by position"):
+        app.task(0, 0, None, None, None, False, "extra")
+
+
 # ------------------------------------------------------------------ 3: delays
 
 
@@ -563,6 +592,29 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
     assert messages == [EXTENSIONS[code][0] + " is a capsule_nb extension, not Capsule's. The Capsule way: "
                         + EXTENSIONS[code][1] for code in expected]
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
+
+
+def test_from_a_script_asyncio_run_of_result_warns_at_the_users_line(capsule):
+    # docs/api.md: "Only wait() and result() must be awaited (from a script: asyncio.run(h.result()))"
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    def double(x: int) -> int:
+        return 2 * x
+
+    h = double.submit(x=21)
+    cpsl.configure(portable=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert asyncio.run(h.result()) == 42
+            assert asyncio.run(h.wait("30s")) == "completed"
+    finally:
+        cpsl.configure(portable=False)
+    (warned,) = [w for w in caught if w.category is PortabilityWarning]
+    assert str(warned.message).startswith(EXTENSIONS["wait_result"][0]) and warned.filename == __file__
+    with pytest.raises(ValueError, match="1h30m"):  # a bad timeout is an error at the call, before any loop
+        h.wait(timeout="1h30m")
 
 
 def _notebook(path: Path, *cells: str) -> Path:

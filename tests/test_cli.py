@@ -73,6 +73,30 @@ def test_prune_older_than(app, capsys):
     assert cli(capsys, "--home", str(app.home), "prune", "--older-than", "soon")[0] == 2
 
 
+def test_home_and_json_go_before_or_after_every_store_command(app, capsys):
+    # docs/api.md: "`--home PATH` and `--json` go before or after the command"
+    @app.task
+    def later():
+        return 1
+
+    first, second = later.schedule(delay="1h"), later.schedule(delay="1h")
+    app.store.flush()
+    home = str(app.home)
+    commands = [["tasks"], ["show", first.task_id], ["prune", "--older-than", "7d"], ["schedules"], ["doctor"]]
+    for command in commands:
+        before = cli(capsys, "--home", home, "--json", *command)
+        after = cli(capsys, *command, "--home", home, "--json")
+        assert before[0] == after[0] == 0 and json.loads(before[1]) == json.loads(after[1]), command
+    code, out, _ = cli(capsys, "--home", home, "--json", "cancel", first.task_id)
+    assert code == 0 and json.loads(out) == {"task_id": first.task_id, "cancelled": True, "status": "cancelled"}
+    code, out, _ = cli(capsys, "cancel", second.task_id, "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"task_id": second.task_id, "cancelled": True, "status": "cancelled"}
+    code, out, _ = cli(capsys, "cancel", second.task_id, "--home", home, "--json")
+    assert code == 1 and json.loads(out) == {"task_id": second.task_id, "cancelled": False, "status": "cancelled"}
+    code, out, _ = cli(capsys, "prune", "--older-than", "7d", "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"pruned": 0, "older_than": "7d"}
+
+
 def test_schedules_listing(app, capsys):
     @app.schedule("0 9 * * 1", tz="Europe/Paris", name="weekly_digest")
     def weekly_digest():
