@@ -41,6 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXECUTORS = ("default", "immediate")
 _TASK_POSITIONAL = ("retries", "timeout", "lock", "retry_for", "callback_url", "process")  # Capsule's order
+_TASK_OPTIONS = frozenset(inspect.signature(Task).parameters) - {"fn", "app"}
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
@@ -382,6 +383,10 @@ def _task_options(args: tuple[Any, ...], options: dict[str, Any]) -> dict[str, A
         if name in options:
             raise TypeError(f"@task got {name}= twice: {value!r} by position and {options[name]!r} by name")
         options[name] = value
+    unknown = sorted(options.keys() - _TASK_OPTIONS)
+    if unknown:
+        raise TypeError(f"@task: unknown option {unknown[0]!r}; Capsule's are {', '.join(_TASK_POSITIONAL)}, "
+                        f"and capsule_nb adds {', '.join(sorted(_TASK_OPTIONS - set(_TASK_POSITIONAL)))}")
     return options
 
 

@@ -78,7 +78,9 @@ class Task:
         if callback_url is not None and not str(callback_url).startswith(("http://", "https://")):
             raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL, got {callback_url!r}")
         self.callback_url = callback_url
-        self.process = bool(process)
+        if not isinstance(process, bool):  # "yes" or "no" as True would surprise either way
+            raise TypeError(f"@task({self.name}): process must be True or False, got {process!r}")
+        self.process = process
         if memory_limit is not None and not self.process:
             raise ValueError(f"@task({self.name}): memory_limit needs process=True")
         self.memory_limit = _parse_size(memory_limit, self.name) if memory_limit is not None else None

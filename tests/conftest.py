@@ -11,6 +11,20 @@ import pytest
 import capsule_nb as cpsl
 
 
+@pytest.fixture(autouse=True, scope="session")
+def default_store_outside_the_checkout(tmp_path_factory):
+    """A test that uses the default app (``cpsl.current_session()`` outside any app) gets a
+    store of the session's, not ``./.capsule`` in the checkout the suite runs from."""
+    if "CAPSULE_NB_HOME" in os.environ:
+        yield
+        return
+    os.environ["CAPSULE_NB_HOME"] = str(tmp_path_factory.mktemp("default-home"))
+    try:
+        yield
+    finally:
+        os.environ.pop("CAPSULE_NB_HOME", None)
+
+
 @pytest.fixture(autouse=True)
 def no_stray_children():
     """Kill what a test spawned (``test_durability.spawn``) and left running, pass or fail."""

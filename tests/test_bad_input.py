@@ -254,3 +254,17 @@ def test_a_run_id_that_is_no_string_is_a_type_error_naming_it(logic_app):
         logic_app.get_task(handle)
     logic_app.session.show_task(handle)  # a handle, as in Capsule, still shows its card
     assert job.count() == 1  # and no bad lookup ran anything
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"priority": 5}, "@task: unknown option 'priority'; Capsule's are retries, timeout, lock, retry_for, "
+                      "callback_url, process, and capsule_nb adds backoff, display_name"),
+    ({"process": "yes"}, "@task(job): process must be True or False, got 'yes'"),
+    ({"process": 1}, "@task(job): process must be True or False, got 1"),
+])
+def test_an_unknown_or_malformed_task_option_is_named(app, options, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+
+        @app.task(**options)
+        def job():
+            pass
