@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -57,6 +58,33 @@ _VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val".replace("/
 log = logging.getLogger("capsule_nb")
 
 
+class NotUTF8(bytes):
+    """Text SQLite holds that is not UTF-8 (a flipped bit, another program's bytes), as
+    read: the row it is in is a bad row, where sqlite3 would fail the whole query."""
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return NotUTF8(data)  # type: ignore[return-value]
+
+
+def lenient(connection: sqlite3.Connection) -> sqlite3.Connection:
+    """``connection``, reading text that is not UTF-8 as ``NotUTF8`` instead of failing."""
+    if connection.text_factory is not _text:
+        connection.text_factory = _text
+    return connection
+
+
+class _Cache(diskcache.Cache):
+    """diskcache's Cache, its per-thread connections ``lenient``."""
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        return lenient(super()._con)
+
+
 class JSONDisk(diskcache.Disk):
     """Keys are plain strings, values JSON text or signed payload bytes. Never pickle."""
 
@@ -67,7 +95,7 @@ class JSONDisk(diskcache.Disk):
 
     def get(self, key: Any, raw: bool) -> Any:
         # A pickled key was not written by capsule_nb; never unpickle it. Iteration skips it.
-        return key if raw else REFUSED
+        return key if raw and type(key) is str else REFUSED
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
         if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
@@ -80,10 +108,14 @@ class JSONDisk(diskcache.Disk):
         if filename is not None or mode in (MODE_BINARY, MODE_TEXT):
             if not self.inside(filename):
                 raise StoreError(f"store row naming the value file {filename!r}, outside the store, refused")
+        if type(value) is NotUTF8:
+            raise StoreError("store row is not UTF-8 text")
         try:
             data = super().fetch(mode, filename, value, read)
         except OSError as exc:
             raise StoreError(f"value file {filename} of a store row cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"value file {filename} of a store row is not UTF-8 text ({exc})") from None
         if mode == MODE_TEXT or (mode == MODE_RAW and type(data) is str):
             try:
                 return _loads(data)
@@ -151,7 +183,7 @@ def has_store(path: Path) -> bool:
 
 def open_cache(path: Path) -> diskcache.Cache:
     try:
-        return diskcache.Cache(
+        return _Cache(
             str(path / "db"),
             disk=JSONDisk,
             eviction_policy="none",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import StoreError
-from .disk import SIGNATURE_BYTES, JSONDisk, Signer, marks
+from .disk import SIGNATURE_BYTES, JSONDisk, NotUTF8, Signer, lenient, marks
 from .feed import PAYLOAD
 from .folder import load_key, prepare_folder
 from .rows import problem
@@ -133,7 +133,7 @@ class _Doctor:
         self._signer = Signer(load_key(path), path)
         self._disk = JSONDisk(str(path / "db"))
         self._columns: dict[str, list[str]] = {}
-        self.connection = sqlite3.connect(path / "db" / "cache.db", timeout=60, isolation_level=None)
+        self.connection = lenient(sqlite3.connect(path / "db" / "cache.db", timeout=60, isolation_level=None))
         self.sql = self.connection.execute
 
     def __enter__(self) -> "_Doctor":
@@ -165,6 +165,8 @@ class _Doctor:
         rowid, key, raw, mode, filename, value = found
         if not raw:
             return BadRow(rowid, None, "its key is a pickle (not written by capsule_nb)", None)
+        if type(key) is NotUTF8:
+            return BadRow(rowid, bytes(key).decode(errors="backslashreplace"), "its key is not UTF-8 text", None)
         if type(key) is not str:
             return BadRow(rowid, None, f"its key is {type(key).__name__}, not text", None)
         try:
