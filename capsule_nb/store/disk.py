@@ -12,6 +12,7 @@ cloudpickle bytes behind an HMAC-SHA256 of them, made with the store's key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -21,7 +22,7 @@ import pickle
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import diskcache
 import orjson
@@ -163,6 +164,19 @@ class Signer:
         if not self.signed_by_us(signed):
             raise StoreError(f"payload {name} in {self._where} has a bad signature; refused")
         return pickle.loads(signed[SIGNATURE_BYTES:])
+
+
+def says_which_store(method: Callable[..., T]) -> Callable[..., T]:
+    """A query of a ``Store`` that meets a damaged database (a page SQLite cannot read) says
+    which store, and what finds out more, instead of sqlite3's bare 'malformed'."""
+    @functools.wraps(method)
+    def query(self: Any, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc} "
+                             f"(`capsule-nb doctor --home {self.path}` checks it)") from exc
+    return query
 
 
 def marks(n: int) -> str:

@@ -7,7 +7,10 @@ import contextlib
 import json
 import sqlite3
 
+import pytest
+
 import capsule_nb as cpsl
+from capsule_nb.errors import StoreError
 from capsule_nb.record import new_task_id
 from capsule_nb.store.store import Store
 
@@ -79,3 +82,35 @@ def test_a_value_file_with_a_byte_that_is_not_utf8_is_a_bad_row(tmp_path, caplog
     assert len(warnings_naming(caplog, "sched/default/big")) == 1
     code, out, _ = cli(capsys, "--home", str(home), "doctor")
     assert code == 1 and "sched/default/big" in out and "UTF-8" in out
+
+
+def damage_documents_table(home):
+    """Zero the root page of the documents table, as a torn write or a bad sector leaves it."""
+    db_file = home / "db" / "cache.db"
+    with contextlib.closing(sqlite3.connect(db_file)) as db:
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'capsule_docs'").fetchone()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(db_file, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\x00" * page_size)
+
+
+def test_a_damaged_database_page_is_named_by_doctor_and_by_queries_never_all_clear(tmp_path, capsys):
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    with contextlib.closing(Store(home)) as store:
+        store.write_docs("c", {str(n): (lambda n: lambda _: {"_id": str(n), "pad": "x" * 400})(n) for n in range(300)})
+    damage_documents_table(home)
+    code, out, err = cli(capsys, "--home", str(home), "doctor")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, (code, out, err)
+    assert str(home / "db" / "cache.db") in err and "damaged" in err and ".recover" in err
+    assert cli(capsys, "--home", str(home), "doctor", "--fix")[0] == 2  # moves nothing out of a damaged file
+    app = cpsl.App(home=home)
+    try:
+        assert app.get_task(good).snapshot()["status"] == "completed"  # what is intact still reads
+        with pytest.raises(StoreError) as refused:
+            app.collection("c").find()
+        assert str(home) in str(refused.value) and "capsule-nb doctor" in str(refused.value)
+    finally:
+        app.close()
