@@ -39,7 +39,7 @@ from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
 from .rows import Rows
 from .runs import RunTable
-from .writer import NOT_QUEUED, WriteBehind
+from .writer import NOT_QUEUED, WriteBehind, fresh
 
 log = logging.getLogger("capsule_nb")
 
@@ -327,8 +327,10 @@ class Store:
 
     @property
     def failure(self) -> StoreError | None:
-        """Why the disk refuses writes, while it does (changes stay queued meanwhile)."""
-        return self._writes.failure
+        """Why the disk refuses writes, while it does (changes stay queued meanwhile): a new
+        error on each read, so raising it keeps no tracebacks of earlier raises."""
+        failure = self._writes.failure
+        return failure and fresh(failure)
 
     def flushed(self, gen: int) -> asyncio.Future[None]:
         """A future (on the running loop) that resolves once ``gen`` is on disk."""
