@@ -12,6 +12,7 @@ cloudpickle bytes behind an HMAC-SHA256 of them, made with the store's key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -19,8 +20,9 @@ import logging
 import os
 import pickle
 import re
+import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import diskcache
 import orjson
@@ -57,6 +59,33 @@ _VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val".replace("/
 log = logging.getLogger("capsule_nb")
 
 
+class NotUTF8(bytes):
+    """Text SQLite holds that is not UTF-8 (a flipped bit, another program's bytes), as
+    read: the row it is in is a bad row, where sqlite3 would fail the whole query."""
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return NotUTF8(data)  # type: ignore[return-value]
+
+
+def lenient(connection: sqlite3.Connection) -> sqlite3.Connection:
+    """``connection``, reading text that is not UTF-8 as ``NotUTF8`` instead of failing."""
+    if connection.text_factory is not _text:
+        connection.text_factory = _text
+    return connection
+
+
+class _Cache(diskcache.Cache):
+    """diskcache's Cache, its per-thread connections ``lenient``."""
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        return lenient(super()._con)
+
+
 class JSONDisk(diskcache.Disk):
     """Keys are plain strings, values JSON text or signed payload bytes. Never pickle."""
 
@@ -67,7 +96,7 @@ class JSONDisk(diskcache.Disk):
 
     def get(self, key: Any, raw: bool) -> Any:
         # A pickled key was not written by capsule_nb; never unpickle it. Iteration skips it.
-        return key if raw else REFUSED
+        return key if raw and type(key) is str else REFUSED
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
         if type(value) not in (bytes, int):  # ints stay raw so diskcache's incr works
@@ -80,10 +109,14 @@ class JSONDisk(diskcache.Disk):
         if filename is not None or mode in (MODE_BINARY, MODE_TEXT):
             if not self.inside(filename):
                 raise StoreError(f"store row naming the value file {filename!r}, outside the store, refused")
+        if type(value) is NotUTF8:
+            raise StoreError("store row is not UTF-8 text")
         try:
             data = super().fetch(mode, filename, value, read)
         except OSError as exc:
             raise StoreError(f"value file {filename} of a store row cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"value file {filename} of a store row is not UTF-8 text ({exc})") from None
         if mode == MODE_TEXT or (mode == MODE_RAW and type(data) is str):
             try:
                 return _loads(data)
@@ -133,6 +166,19 @@ class Signer:
         return pickle.loads(signed[SIGNATURE_BYTES:])
 
 
+def says_which_store(method: Callable[..., T]) -> Callable[..., T]:
+    """A query of a ``Store`` that meets a damaged database (a page SQLite cannot read) says
+    which store, and what finds out more, instead of sqlite3's bare 'malformed'."""
+    @functools.wraps(method)
+    def query(self: Any, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc} "
+                             f"(`capsule-nb doctor --home {self.path}` checks it)") from exc
+    return query
+
+
 def marks(n: int) -> str:
     """``?, ?, ?``: the parameters of an ``IN (...)`` of ``n`` values."""
     return ", ".join("?" * n)
@@ -151,7 +197,7 @@ def has_store(path: Path) -> bool:
 
 def open_cache(path: Path) -> diskcache.Cache:
     try:
-        return diskcache.Cache(
+        return _Cache(
             str(path / "db"),
             disk=JSONDisk,
             eviction_policy="none",

@@ -11,6 +11,10 @@ runs were named before they had a table. The run counts that triggers keep
 beside it are compared with a count of the table itself: counts that lie
 would hide runs from boards and from recovery at open.
 
+First it asks SQLite to check the database's pages: a damaged page is no
+bad row that can be moved, so doctor then says how to recover what can be
+read, and moves nothing.
+
 "Moved aside" means copied, whole and unchanged, into ``quarantine.db`` in
 the store folder (which nothing in capsule_nb reads), then deleted from the
 store by row id in one transaction, which also rebuilds counts that are
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import StoreError
-from .disk import SIGNATURE_BYTES, JSONDisk, Signer, marks
+from .disk import SIGNATURE_BYTES, JSONDisk, NotUTF8, Signer, lenient, marks
 from .feed import PAYLOAD
 from .folder import load_key, prepare_folder
 from .rows import problem
@@ -64,6 +68,7 @@ def examine(path: Path) -> list[BadRow]:
     """Every row of the store at ``path`` that the store would skip, and why; then the
     run counts, when they disagree with the runs."""
     with _Doctor(path) as doctor:
+        doctor.check_pages()
         tables = [CACHE, RUNS] if doctor.has(RUNS) else [CACHE]  # (no run table: a store made before it)
         bad = [doctor.verdict(table, row) for table in tables
                for row in doctor.sql(f"SELECT {_READ[table]} FROM {table} ORDER BY rowid")]
@@ -133,7 +138,7 @@ class _Doctor:
         self._signer = Signer(load_key(path), path)
         self._disk = JSONDisk(str(path / "db"))
         self._columns: dict[str, list[str]] = {}
-        self.connection = sqlite3.connect(path / "db" / "cache.db", timeout=60, isolation_level=None)
+        self.connection = lenient(sqlite3.connect(path / "db" / "cache.db", timeout=60, isolation_level=None))
         self.sql = self.connection.execute
 
     def __enter__(self) -> "_Doctor":
@@ -143,6 +148,21 @@ class _Doctor:
         self.connection.close()
         if isinstance(exc, sqlite3.DatabaseError):  # a garbage file, a table not as we made it
             raise StoreError(f"cannot read the capsule_nb store at {self._path}: {exc}") from exc
+
+    def check_pages(self) -> None:
+        """Refuse a database whose pages SQLite cannot read (a torn write, a bad sector): no row
+        there can be judged or moved, and "no bad rows" would be a false all-clear."""
+        try:
+            found = [" ".join(message.split()) for (message,) in self.sql("PRAGMA quick_check(3)")]
+        except sqlite3.DatabaseError as exc:
+            found = [str(exc)]
+        if found != ["ok"]:
+            db = self._path / "db" / "cache.db"
+            raise StoreError(
+                f"the database {db} is damaged beyond bad rows (SQLite: {'; '.join(found)}), so doctor moves "
+                f"nothing. Stop the processes using the store, keep a copy of {self._path}, then copy what can "
+                f"be read into a new database (`sqlite3 {db} .recover | sqlite3 recovered.db`, then put "
+                f"recovered.db in its place) or restore a backup")
 
     def has(self, table: str) -> bool:
         found = self.sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
@@ -165,6 +185,8 @@ class _Doctor:
         rowid, key, raw, mode, filename, value = found
         if not raw:
             return BadRow(rowid, None, "its key is a pickle (not written by capsule_nb)", None)
+        if type(key) is NotUTF8:
+            return BadRow(rowid, bytes(key).decode(errors="backslashreplace"), "its key is not UTF-8 text", None)
         if type(key) is not str:
             return BadRow(rowid, None, f"its key is {type(key).__name__}, not text", None)
         try:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import diskcache
 
-from .disk import marks
+from .disk import NotUTF8, marks
 from .feed import Feed, doc_key, split_doc_key
 
 Change = Callable[["dict | None"], "dict | None"]
@@ -186,10 +186,13 @@ class Documents:
 
     def _documents(self, collection: str, rows: Iterable[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         for doc_id, stored in rows:
-            try:
-                value, wrong = json.loads(stored), None
-            except (TypeError, ValueError, RecursionError) as exc:
-                value, wrong = None, f"it is not readable JSON ({type(exc).__name__}: {exc})"
+            if type(doc_id) is NotUTF8 or type(stored) is NotUTF8:
+                value, wrong = None, "it is not UTF-8 text"
+            else:
+                try:
+                    value, wrong = json.loads(stored), None
+                except (TypeError, ValueError, RecursionError) as exc:
+                    value, wrong = None, f"it is not readable JSON ({type(exc).__name__}: {exc})"
             doc = self._check(doc_key(collection, doc_id), value, wrong)
             if doc is not None:
                 yield doc

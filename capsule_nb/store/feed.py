@@ -78,7 +78,7 @@ class Feed:
             "SELECT key FROM Cache WHERE raw = 1 AND key > ? AND key < ? AND (key < ? OR store_time < ?)",
             (ENTRY, past(ENTRY), f"{ENTRY}{max(0, seq - KEEP):012d}",
              time.time() - KEEP_SECONDS)).fetchall()
-        return [key for (key,) in rows]
+        return [key for (key,) in rows if type(key) is str]  # (diskcache deletes by a key of ours only)
 
     def head(self) -> int:
         try:

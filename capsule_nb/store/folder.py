@@ -8,8 +8,11 @@ user who opens it:
 * the folder belongs to the user and nobody else may write it. One that
   others may only *read* (a ``mkdir`` under umask 022) is made private
   (0700) with a warning: nobody else could have changed it, so it is safe
-  to keep. One that others may write is refused: it may already hold
-  their key or their rows;
+  to keep, once nothing inside it is writable by others or theirs (they
+  could enter it: everything under it is looked at, once). One that others
+  may write is refused: it may already hold their key or their rows;
+* ``db/`` and the database files are the user's and nobody else may write
+  them, checked at every open (a few stats), even in a private folder;
 * ``secret.key`` is a regular file (not a symlink, not even one into the
   folder), belongs to the user, and has no group or other bits at all.
 
@@ -23,6 +26,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import StoreError
 
@@ -59,10 +63,44 @@ def _check_folder(path: Path) -> None:
             f"capsule_nb store folder {path} is writable by other users (mode {mode:04o}): anyone who can "
             f"write it can make this process run their code, so it is not used. If you trust everything in "
             f"it, make it private with `chmod 700 {path}`; otherwise delete it and start a new store")
-    if mode & _OTHERS_ANY:
+    loose = bool(mode & _OTHERS_ANY)
+    for inside in (_walk(path) if loose else _database(path)):
+        _check_inside(path, inside, loose)
+    if loose:
         os.chmod(path, mode & ~_OTHERS_ANY)
         log.warning("capsule_nb: the store folder %s was readable by other users (mode %04o); "
                     "made it private (%04o)", path, mode, mode & ~_OTHERS_ANY)
+
+
+def _database(path: Path) -> Iterator[Path]:
+    """What the store trusts most, looked at on every open (a few stats): ``db/`` and the
+    database files. Inside a private folder diskcache makes nothing else others could write
+    but value folders (0777 under umask 000), which nobody else can reach."""
+    for inside in ("db", "db/cache.db", "db/cache.db-wal", "db/cache.db-shm"):
+        if os.path.exists(path / inside):
+            yield path / inside
+
+
+def _walk(path: Path) -> Iterator[Path]:
+    """Everything under a folder others could enter (once, before it is made private)."""
+    for top, folders, files in os.walk(path):
+        for name in (*folders, *files):
+            yield Path(top) / name
+
+
+def _check_inside(path: Path, inside: Path, loose: bool) -> None:
+    info = os.stat(inside) if not os.path.islink(inside) else os.lstat(inside)
+    mode = stat.S_IMODE(info.st_mode)
+    how = (f"{path} could be entered by other users (mode {stat.S_IMODE(os.stat(path).st_mode):04o}): they "
+           f"could have" if loose else "they could have")
+    fix = (f"If you trust everything in the store, make it yours alone (`chmod -R go-w {path}` and "
+           f"`chmod 700 {path}`); otherwise delete it and start a new store")
+    if info.st_uid != os.getuid():
+        raise StoreError(f"capsule_nb store file {inside} belongs to user id {info.st_uid}, not to you "
+                         f"({os.getuid()}): {how} put their rows in it, so the store is not used. {fix}")
+    if mode & _OTHERS_WRITE and not stat.S_ISLNK(info.st_mode):
+        raise StoreError(f"capsule_nb store file {inside} is writable by other users (mode {mode:04o}): {how} "
+                         f"written rows this process would trust, so the store is not used. {fix}")
 
 
 def load_key(folder: Path) -> bytes:

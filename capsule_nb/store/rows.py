@@ -93,6 +93,8 @@ class Rows:
             (after or prefix, past(prefix), limit)).fetchall()  # (the bare prefix is no key of ours)
         found = []
         for key, mode, filename, raw in rows:
+            if type(key) is not str:  # a key that is not UTF-8 text (``disk.NotUTF8``): doctor lists it
+                continue
             try:
                 value = self._cache.disk.fetch(mode, filename, raw, False)
             except StoreError as exc:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import diskcache
 
 from ..record import FINISHED, STATUSES, RunRecord, short_repr
-from .disk import batches, dumps, marks
+from .disk import NotUTF8, batches, dumps, marks
 from .feed import RUN
 
 COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what ``where`` may name
@@ -106,8 +106,12 @@ def create_tables(execute: Callable[..., Any]) -> None:
 def decode(task_id: Any, text: Any) -> tuple[str, Any, str | None]:
     """A row's name (``run/<task_id>``, as users know it), its record, and why it cannot be
     read at all (None: it can; ``record.validate`` and ``disagreement`` judge the rest)."""
+    if type(task_id) is NotUTF8:
+        return f"{RUN}{bytes(task_id)!r}", None, "its task_id is not UTF-8 text"
     if type(task_id) is not str:
         return f"{RUN}{task_id!r}", None, f"its task_id is {type(task_id).__name__}, not text"
+    if type(text) is NotUTF8:
+        return RUN + task_id, None, "its record is not UTF-8 text"
     try:
         return RUN + task_id, json.loads(text), None
     except (TypeError, ValueError, RecursionError) as exc:
@@ -238,7 +242,7 @@ class RunTable:
             raise ValueError(f"no list of values for {column!r}")
         rows = self._sql()(f"SELECT DISTINCT {column} FROM capsule_run_counts WHERE n > 0 AND {column} != '' "
                            f"ORDER BY {column}").fetchall()
-        return [value for (value,) in rows]
+        return [value for (value,) in rows if type(value) is str]  # (not a bad row's NotUTF8)
 
     def finished(self, app: str | None) -> int:
         """Finished runs of ``app`` (None: of every app), from the kept counts."""

@@ -39,7 +39,7 @@ from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
 from .rows import Rows
 from .runs import RunTable
-from .writer import NOT_QUEUED, WriteBehind
+from .writer import NOT_QUEUED, WriteBehind, fresh
 
 log = logging.getLogger("capsule_nb")
 
@@ -164,6 +164,7 @@ class Store:
         with self._lock:
             return list(self._unfinished.values())
 
+    @disk.says_which_store
     def get_run(self, task_id: str) -> RunRecord | None:
         with self._lock:
             record = self._held(task_id)
@@ -223,6 +224,7 @@ class Store:
     # ---------------------------------------------------------------- queries
     # They read the table, after this process's own writes have reached it.
 
+    @disk.says_which_store
     def runs(self, where: Mapping[str, Any] | None = None, *, keep: Callable[[RunRecord], bool] | None = None,
              limit: int | None = None, offset: int = 0) -> list[RunRecord]:
         """Runs whose columns match ``where`` (``{app, task_name, status, session_id,
@@ -230,6 +232,7 @@ class Store:
         self._settle()
         return self._runs.select(where or {}, keep=keep, limit=limit, offset=offset)
 
+    @disk.says_which_store
     def count_runs(self, where: Mapping[str, Any] | None = None, *,
                    keep: Callable[[RunRecord], bool] | None = None) -> int:
         """How many runs ``runs(where, keep=keep)`` would give; without ``keep``, from the counts
@@ -240,11 +243,13 @@ class Store:
         self._settle()
         return sum(self._runs.counts(where).values())
 
+    @disk.says_which_store
     def run_counts(self, where: Mapping[str, Any] | None = None, by: Sequence[str] = ("status",)) -> dict[tuple[str, ...], int]:
         """``{(values of the columns by): how many runs}`` among the runs matching ``where``."""
         self._settle()
         return self._runs.counts(where or {}, by)
 
+    @disk.says_which_store
     def run_values(self, column: str) -> list[str]:
         """Every app, task name or session id (``column``) that has runs."""
         self._settle()
@@ -322,8 +327,10 @@ class Store:
 
     @property
     def failure(self) -> StoreError | None:
-        """Why the disk refuses writes, while it does (changes stay queued meanwhile)."""
-        return self._writes.failure
+        """Why the disk refuses writes, while it does (changes stay queued meanwhile): a new
+        error on each read, so raising it keeps no tracebacks of earlier raises."""
+        failure = self._writes.failure
+        return failure and fresh(failure)
 
     def flushed(self, gen: int) -> asyncio.Future[None]:
         """A future (on the running loop) that resolves once ``gen`` is on disk."""
@@ -381,10 +388,12 @@ class Store:
 
     # ------------------------------------------------------------ documents
 
+    @disk.says_which_store
     def docs(self, collection: str) -> list[dict[str, Any]]:
         """Every document of ``collection``, in insertion order (read from disk)."""
         return self._documents.select(collection)
 
+    @disk.says_which_store
     def find_docs(self, collection: str, where: Sequence[Condition] = (), order: Sequence[tuple[str, int]] = (), *,
                   keep: Callable[[dict], bool] | None = None, limit: int | None = None,
                   offset: int = 0) -> list[dict[str, Any]]:
@@ -392,6 +401,7 @@ class Store:
         caller wants) and ``keep`` (Python), sorted by ``order`` then insertion (``documents.py``)."""
         return self._documents.select(collection, where, order, keep=keep, limit=limit, offset=offset)
 
+    @disk.says_which_store
     def count_docs(self, collection: str, where: Sequence[Condition] = (), *, keep: Callable[[dict], bool],
                    exact: bool) -> int:
         """How many ``find_docs(collection, where, keep=keep)`` gives; counted in SQL when the
@@ -402,6 +412,7 @@ class Store:
         """Index documents by each of ``fields`` (a collection's declared sortable or filterable columns)."""
         self._documents.index(fields)
 
+    @disk.says_which_store
     def write_docs(self, collection: str, changes: dict[str, Callable[[dict | None], dict | None]]) -> dict[str, dict | None]:
         """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction,
         each change reading the document on disk (``$inc`` from two processes adds up)."""

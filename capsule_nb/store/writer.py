@@ -106,7 +106,7 @@ class WriteBehind:
             try:
                 while self._flushed < gen and self._thread.is_alive():
                     if self.failure is not None:
-                        raise self.failure
+                        raise fresh(self.failure)
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"store {self._where} did not flush within {timeout}s")
@@ -166,9 +166,16 @@ class WriteBehind:
             _settle(ready, None)
 
 
-def _settle(waiters: list, failure: Exception | None) -> None:
+def fresh(failure: StoreError) -> StoreError:
+    """``failure`` as a new error to raise: raising the one object again and again (each
+    refused submit, flush and waiter while the disk stays full) grows its traceback with
+    every raise and keeps every frame on it alive."""
+    return StoreError(*failure.args)
+
+
+def _settle(waiters: list, failure: StoreError | None) -> None:
     for _, loop, future in waiters:
         try:
-            loop.call_soon_threadsafe(resolve, future, failure)
+            loop.call_soon_threadsafe(resolve, future, failure and fresh(failure))
         except RuntimeError:  # that loop is closed; nobody is waiting any more
             pass

@@ -1,0 +1,71 @@
+"""What is inside a store folder, not only the folder itself, must be the user's alone.
+
+A folder others can read and enter (0755) lets them reach ``db/``: if ``db/``, the
+database or a value folder under it is writable by them (or theirs), they could have
+written rows the store would trust, so it is not "made private" and used; it is refused
+with the path and the fix. A folder already private whose ``db/`` or database is open
+to others (left so by a version that made the folder private without looking inside)
+is refused too. Holds as root: modes by os.chmod, owners by os.chown.
+"""
+
+import os
+import stat
+
+import pytest
+
+import capsule_nb as cpsl
+from capsule_nb.errors import StoreError
+
+from .test_hostile_store import good_store
+
+
+def _refused(home, culprit, says):
+    with pytest.raises(StoreError) as refused:
+        cpsl.App(home=home)
+    message = str(refused.value)
+    assert str(culprit) in message and says in message, message
+    return message
+
+
+@pytest.mark.parametrize("top", [0o755, 0o700])
+@pytest.mark.parametrize("inside", ["db", "db/cache.db"])
+def test_a_database_others_can_write_is_refused_however_private_the_folder(tmp_path, top, inside):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chmod(home / inside, 0o777 if inside == "db" else 0o666)
+    os.chmod(home, top)
+    message = _refused(home, home / inside, "writable by other users")
+    assert "chmod" in message
+    assert stat.S_IMODE(os.stat(home).st_mode) == top  # refused, not made private and used
+
+
+def test_a_value_folder_others_could_write_through_a_readable_store_is_refused(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    value_folder = home / "db" / "ab" / "cd"
+    value_folder.mkdir(parents=True)
+    os.chmod(value_folder, 0o777)  # what diskcache makes under umask 000
+    os.chmod(home, 0o755)
+    _refused(home, value_folder, "writable by other users")
+    os.chmod(home, 0o700)  # nobody else could ever reach it: a value folder's mode does not matter
+    cpsl.App(home=home).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_database_of_another_user_in_a_store_is_refused(tmp_path):
+    home = tmp_path / "store"
+    good_store(home)
+    os.chown(home / "db" / "cache.db", 4321, 4321)
+    _refused(home, home / "db" / "cache.db", "belongs to user id 4321")
+
+
+def test_a_private_store_is_opened_as_before(tmp_path, caplog):
+    home = tmp_path / "store"
+    (task_id,) = good_store(home)
+    os.chmod(home, 0o755)
+    app = cpsl.App(home=home)
+    try:
+        assert app.get_task(task_id).snapshot()["status"] == "completed"
+        assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    finally:
+        app.close()
