@@ -114,6 +114,10 @@ def load_key(folder: Path) -> bytes:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.urandom(KEY_BYTES))
             os.link(tmp, key_path)
+            if (folder / "db" / "cache.db").is_file():  # a store that had a key: say what a new one costs
+                log.warning("capsule_nb: the store at %s had no secret.key, so a new key was made; what was signed "
+                            "with the old one (process runs' arguments, pickled results) now reads as 'bad "
+                            "signature'. If the old key is somewhere, put it back in place of the new one.", folder)
         except FileExistsError:
             pass  # another process won; use its key
         except OSError as exc:

@@ -785,3 +785,23 @@ def test_a_repeat_faster_than_a_second_is_refused(logic_app):
         tick.schedule("every 0.0001s")
     assert tick.count() == 0
     assert tick.schedule("every 1s").snapshot()["every"] == 1.0
+
+
+def test_a_lost_key_is_replaced_with_a_warning_saying_what_that_costs(tmp_path):
+    """A deleted ``secret.key`` of a store with rows is replaced (the documented reset), and
+    the opening process says that what the old key signed now reads as a bad signature; a
+    brand-new store makes its key without a word."""
+    def open_in_a_new_process(home):
+        return subprocess.run([sys.executable, "-c", f"import capsule_nb as cpsl; cpsl.App(home={str(home)!r}).close()"],
+                              capture_output=True, text=True, timeout=120)
+
+    new = open_in_a_new_process(tmp_path / "new")
+    assert new.returncode == 0 and "secret.key" not in new.stderr, new.stderr
+    home = tmp_path / "store"
+    good_store(home)
+    (home / "secret.key").unlink()
+    reopened = open_in_a_new_process(home)
+    assert reopened.returncode == 0, reopened.stderr
+    assert "had no secret.key, so a new key was made" in reopened.stderr
+    assert "now reads as 'bad signature'" in reopened.stderr
+    assert (home / "secret.key").is_file()
