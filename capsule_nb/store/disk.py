@@ -209,4 +209,8 @@ def open_cache(path: Path) -> diskcache.Cache:
             timeout=60,
         )
     except Exception as exc:
-        raise StoreError(f"cannot open the capsule_nb store at {path}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, sqlite3.OperationalError) and "disk I/O error" in str(exc):
+            hint = (" (if its db/cache.db-wal or -shm file was removed or replaced while processes had the store "
+                    "open, close those kernels and open it again; else `capsule-nb doctor` checks the database)")
+        raise StoreError(f"cannot open the capsule_nb store at {path}: {exc}{hint}") from exc

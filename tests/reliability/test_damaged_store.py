@@ -6,6 +6,8 @@ open or doctor itself fail, and nothing else in the store is lost."""
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -114,3 +116,24 @@ def test_a_damaged_database_page_is_named_by_doctor_and_by_queries_never_all_cle
         assert str(home) in str(refused.value) and "capsule-nb doctor" in str(refused.value)
     finally:
         app.close()
+
+
+def test_a_write_ahead_log_removed_under_an_open_store_is_named_with_what_to_do(tmp_path):
+    """Someone deletes ``db/cache.db-wal`` while a kernel has the store open: a process
+    opening it then is refused with SQLite's 'disk I/O error' and what to do about it."""
+    home = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, capsule_nb as cpsl\napp = cpsl.App(home={str(home)!r})\n"
+                               f"app.task(lambda: None).submit(); app.store.flush()\nprint('open', flush=True)\n"
+                               f"sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        (home / "db" / "cache.db-wal").unlink()
+        opened = subprocess.run([sys.executable, "-c", f"import capsule_nb as cpsl; cpsl.App(home={str(home)!r})"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert opened.returncode != 0
+    assert f"cannot open the capsule_nb store at {home}: disk I/O error" in opened.stderr
+    assert "close those kernels and open it again" in opened.stderr
