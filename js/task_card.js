@@ -25,9 +25,10 @@ export function seconds(s) {
 const kernelNow = (lead) => Date.now() / 1000 - lead;
 
 /**
- * A run's elapsed time. It ticks (see tickClocks) while the run has started and
- * not ended, in a live view. A view that is not live cannot know that the run
- * still goes: it says when the run started, and no clock runs on.
+ * A run's elapsed time. It ticks (see tickClocks) while the run is running, in
+ * a live view. A view that is not live cannot know that the run still goes: it
+ * says when the run started, and no clock runs on. Between attempts (retry) or
+ * back in a queue, nothing runs, though the last attempt's start is kept.
  */
 export function elapsed(run, lead, live = true) {
   const node = h("span", { className: "cnb-elapsed" });
@@ -35,6 +36,8 @@ export function elapsed(run, lead, live = true) {
     node.textContent = "not started";
   } else if (run.completed_at) {
     node.textContent = seconds(Math.max(0, run.completed_at - run.started_at));
+  } else if (run.status !== "running") {
+    node.textContent = run.status === "retry" ? "waiting to retry" : "waiting";
   } else if (live) {
     node.dataset.since = run.started_at;
     node.textContent = seconds(Math.max(0, kernelNow(lead) - run.started_at));

@@ -326,6 +326,28 @@ def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, 
         release.touch()
 
 
+def test_a_run_waiting_to_retry_has_no_clock_counting_on(day: Day) -> None:
+    """Between attempts nothing runs: the card and the board say the run waits to retry, instead
+    of a clock counting on from the failed attempt's start (which read as a run still going)."""
+    write_notebook(day.lab.root / "retrying.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                   '@cpsl.task(retries=1, retry_delay="1h")\ndef flaky():\n    raise ValueError("flake")\n\n'
+                   'waiting = flaky.submit()\nsession.show_task(waiting, message="Waits to retry")',
+                   'cpsl.ui.TaskBoard(title="Retrying", filter={"task_name": "flaky"})')
+    page = day.new_page("retrying")
+    with day.screenshots_on_failure("retry-clock"):
+        open_notebook(page, day.lab, "retrying.ipynb", workspace="retrying")
+        run_all(page)
+        card = day.card("Waits to retry", page)
+        card.locator(".cnb-badge", has_text="retry").wait_for(timeout=60_000)
+        mini = page.locator(".cnb-board .cnb-mini.cnb-is-retry")
+        mini.wait_for(timeout=15_000)
+        for view in (card, mini):
+            clock = view.locator(".cnb-elapsed")
+            wait_until(lambda: clock.inner_text() == "waiting to retry", 5, "the clock to say the run waits")
+            assert clock.get_attribute("data-since") is None  # nothing ticks it on
+        assert "attempt 1 of 2" in card.inner_text() and "ValueError: flake" in card.locator(".cnb-error").inner_text()
+
+
 def kernel_pid(lab: Lab, notebook: str) -> int:
     """The process of ``notebook``'s kernel (its command line names its connection file)."""
     marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()

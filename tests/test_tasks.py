@@ -92,6 +92,30 @@ async def test_retry_status_is_visible_between_attempts(app):
     assert await handle.wait(5) == "completed"
 
 
+async def test_a_new_attempt_drops_the_last_attempts_traceback(app):
+    """A run that failed, then timed out (or succeeded) on its next attempt, does not keep
+    the first failure's traceback: a card showed it under "timed out" or beside the result."""
+    calls = []
+
+    @app.task(retries=2, retry_delay=0.05, timeout=0.5)
+    async def flaky_then_slow():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first")
+        await asyncio.sleep(30)
+
+    handle = flaky_then_slow.submit()
+    await until(lambda: handle.snapshot()["status"] == "retry")
+    assert "ValueError: first" in handle.snapshot()["traceback"]
+    await until(lambda: handle.snapshot()["status"] == "running" and handle.snapshot()["attempt"] == 2)
+    assert handle.snapshot()["error"] is None and handle.snapshot()["traceback"] is None
+    assert await handle.wait(5) == "timeout"
+    assert handle.snapshot()["traceback"] is None
+    with pytest.raises(cpsl.TaskFailed) as info:
+        await handle.result()
+    assert "ValueError" not in str(info.value) and "ValueError" not in (info.value.traceback or "")
+
+
 async def test_backoff_grows_and_is_capped(app):
     @app.task(retries=5, retry_delay=1, backoff=2)
     def f():

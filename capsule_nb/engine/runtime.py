@@ -235,7 +235,7 @@ class Runtime:
 
         def start(record: RunRecord) -> RunRecord:
             return evolve(record, status=RUNNING, attempt=record["attempt"] + 1, started_at=now,
-                          owner=self.owner, error=None)
+                          owner=self.owner, error=None, traceback=None)
 
         self.update(run.task_id, start)
         if run.task.timeout and not self.settings.immediate:
