@@ -21,6 +21,13 @@ export function seconds(s) {
   return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
 }
 
+/** A repeat interval the way it is written: "30s", "5m", "2h". */
+export function interval(s) {
+  if (s % 3600 === 0) return `${s / 3600}h`;
+  if (s % 60 === 0) return `${s / 60}m`;
+  return Number.isInteger(s) ? `${s}s` : seconds(s);
+}
+
 /** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
 const kernelNow = (lead) => Date.now() / 1000 - lead;
 
@@ -176,6 +183,7 @@ export function renderCard({ title, run, messages = [], output = [] },
       badge(run.status),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
       startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
+      run.every && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
       elapsed(run, lead, live),
       actions(run, act, live)),
     h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}` }),

@@ -348,6 +348,24 @@ def test_a_run_waiting_to_retry_has_no_clock_counting_on(day: Day) -> None:
         assert "attempt 1 of 2" in card.inner_text() and "ValueError: flake" in card.locator(".cnb-error").inner_text()
 
 
+def test_the_card_of_a_repeating_run_says_so_and_follows_the_series(day: Day) -> None:
+    """``show_task(t.schedule("every 2s"))``: the card says the run repeats and moves on to each
+    next run, instead of saying "completed" with no Cancel while the series goes on."""
+    write_notebook(day.lab.root / "repeating.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                   '@cpsl.task\nasync def tick():\n    pass\n\n'
+                   'series = tick.schedule("every 2s")\nsession.show_task(series, message="Ticks")')
+    page = day.new_page("repeating")
+    with day.screenshots_on_failure("repeating-card"):
+        open_notebook(page, day.lab, "repeating.ipynb", workspace="repeating")
+        run_all(page)
+        card = day.card("Ticks", page)
+        card.locator(".cnb-every", has_text="repeats every 2s").wait_for(timeout=60_000)
+        first = card.locator(".cnb-sub").inner_text()
+        wait_until(lambda: card.locator(".cnb-sub").inner_text() != first, 15, "the card to follow the next run")
+        assert card.locator(".cnb-badge").inner_text() in ("scheduled", "running")
+        assert card.get_by_role("button", name="Cancel").is_enabled()
+
+
 def kernel_pid(lab: Lab, notebook: str) -> int:
     """The process of ``notebook``'s kernel (its command line names its connection file)."""
     marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()

@@ -595,3 +595,31 @@ def test_modules_link_their_sibling_imports_and_css_uses_theme_variables():
     colors = re.findall(r"#[0-9a-fA-F]{3,8}\b|\b(?:rgba?|hsla?)\(|" + named, css)
     assert colors == [], colors  # colors come from JupyterLab's CSS variables only
     assert "var(--jp-error-color1" in css and "var(--jp-success-color1" in css
+
+
+async def test_the_card_of_a_repeating_run_follows_its_series_and_its_cancel_stops_it(app):
+    """``session.show_task(t.schedule("every 1s"))``: the card shows each next run, never
+    "completed" while the series goes on; its Cancel stops the series; a card made later
+    of the first run shows where the series is."""
+    from capsule_nb.record import FINISHED
+
+    ticks = []
+
+    @app.task
+    async def tick():
+        ticks.append(time.monotonic())
+
+    first = tick.schedule("every 1s")
+    card = ui.TaskCard(first)
+    assert card.run["every"] == 1 and card.run["status"] == "scheduled"
+    await until(lambda: len(ticks) >= 2 and card.task_id not in (first.task_id, "")
+                and card.run["status"] == "scheduled", timeout=20)
+    assert first.snapshot()["status"] == "completed" and card.run["can_cancel"]
+
+    from_view(card, {"action": "cancel", "task_id": card.task_id})
+    await until(lambda: card.run["status"] == "cancelled")
+    assert [r["status"] for r in app.store.runs({"task_name": "tick"}) if r["status"] not in FINISHED] == []
+    again = ui.TaskCard(first)
+    assert again.task_id == card.task_id and again.run["status"] == "cancelled"
+    card.close()
+    again.close()

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from traitlets import Dict, List, Unicode
 
+from ..handle import TaskHandle
 from . import assets, views
 from .live import LiveWidget
 from .text import run_text
-
-if TYPE_CHECKING:
-    from ..handle import TaskHandle
 
 
 class TaskCard(LiveWidget):
     """A run's card: name, status, attempt of max, elapsed time, progress bar, messages,
     captured output, error with its traceback, result preview, Cancel and Retry.
 
-    Retry starts a new run with the same arguments, and the card follows it.
+    Retry starts a new run with the same arguments, and the card follows it. A card of
+    a repeating run (``schedule("every 5m")``) follows its series: each next run, in
+    this process or another, so it never says "completed" while the series goes on,
+    and its Cancel stops the series.
     Outside a widget front end (terminal IPython, ``repr``) it is text.
     """
 
@@ -38,9 +39,11 @@ class TaskCard(LiveWidget):
             if found is None:
                 raise KeyError(f"no run {handle!r} in {app_in_use().home}")
             handle = found
-        self.handle = handle
-        self.message = message
         self._app = handle._app
+        record = self._app.store.get_run(handle.task_id) or {}
+        self._series: str | None = record.get("series") if record.get("every") else None
+        self.handle = self._newest_in_series(record) or handle
+        self.message = message
         super().__init__(self._app, refresh_ms=refresh_ms, **self._state())
 
     def _state(self) -> dict[str, Any]:
@@ -50,10 +53,37 @@ class TaskCard(LiveWidget):
         return {"task_id": record["task_id"], **views.card(record, self.message)}
 
     def _subscribe(self) -> None:
-        self._unsubscribe = self._app.store.events.subscribe(self._changed, task_id=self.handle.task_id)
+        events = self._app.store.events
+        own = events.subscribe(self._changed, task_id=self.handle.task_id)
+        if self._series is None:
+            self._unsubscribe = own
+            return
+        series = events.subscribe(self._series_changed)
+
+        def both() -> None:
+            own()
+            series()
+
+        self._unsubscribe = both
+
+    def _series_changed(self, record: dict[str, Any]) -> None:
+        """A store event (any thread): a newer run of the series is the one to show."""
+        if record.get("series") == self._series and record["task_id"] > self.handle.task_id:
+            self._retried(self.handle.task_id, TaskHandle(self._app, record["task_id"]))
+
+    def _newest_in_series(self, record: dict[str, Any]) -> "TaskHandle | None":
+        """The newest run of ``record``'s series, when that is a later one (the card of a
+        repeating run shown again after the series went on)."""
+        if self._series is None:
+            return None
+        newest = self._app.store.runs({"app": record["app"], "task_name": record["task_name"]},
+                                      keep=lambda r: r.get("series") == self._series, limit=1)
+        if newest and newest[0]["task_id"] > record["task_id"]:
+            return TaskHandle(self._app, newest[0]["task_id"])
+        return None
 
     def _retried(self, task_id: str, handle: "TaskHandle") -> None:
-        """Follow the new run: listen to it instead, and show it."""
+        """Follow the new run (a Retry's, or the series' next): listen to it instead, and show it."""
         with self._lock:  # not while close() runs, or the new subscription would outlive it
             if task_id != self.handle.task_id or self._closed:
                 return

@@ -51,6 +51,7 @@ def run(record: Mapping[str, Any]) -> dict[str, Any]:
         "result_repr": record.get("result_repr") if status == COMPLETED else None,
         "result_note": record.get("result_note"),
         "session_id": record.get("session_id"),
+        "every": record.get("every"),  # a repeating series: its card follows the newest run
         "can_cancel": _can_cancel(status),
         "can_retry": _can_retry(status),
     }
