@@ -189,7 +189,7 @@ class Session:
                 return coro
             if self._app is None:  # a worker process: no runtime loop to borrow
                 return asyncio.run(coro)
-            return self._app.runtime.run_coroutine(coro)
+            return self._app.runtime.loops.run_coroutine(coro)
         with self.stream_reply() as out:
             for chunk in chunks:  # type: ignore[union-attr]
                 out.write(chunk)
