@@ -65,9 +65,9 @@ def test_the_dashboard_submits_a_build_that_reaches_completed(tmp_path: Path) ->
                 card.wait_for(timeout=30_000)
                 assert "'rows': 2100" in card.locator(".cnb-note").inner_text()
                 assert card.locator("[role=progressbar]").is_visible()  # full, and not squashed to 0 px
-                table = page.locator(".widget-html", has_text="documents")
+                table = page.locator(".widget-html", has_text="reports (")
                 table.locator("td", has_text="weekly").wait_for(timeout=10_000)  # refreshed by the run's end
-                assert "(1 documents)" in table.inner_text()
+                assert "(1 document)" in table.inner_text()
                 assert page_errors == []
 
                 app = capsule_nb.App(home=voila.home)
