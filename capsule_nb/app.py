@@ -13,6 +13,7 @@ import atexit
 import contextvars
 import functools
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -38,6 +39,7 @@ from .tables import TableSpec
 from .tasks import Task, note_options
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("capsule_nb")
 
 EXECUTORS = ("default", "immediate")
 _TASK_POSITIONAL = ("retries", "timeout", "lock", "retry_for", "callback_url", "process")  # Capsule's order
@@ -277,8 +279,8 @@ class App:
         self._endings.close()
         try:
             self.runtime.shutdown()
-        except Exception:  # at interpreter exit, best effort
-            pass
+        except Exception:  # (at exit too) not raised, so every app closes; but never passed over in silence
+            log.exception("capsule_nb: app %r could not record how its live runs end in %s", self.name, self.home)
 
 
 def _close_all() -> None:

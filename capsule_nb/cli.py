@@ -102,15 +102,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from .record import CANCELLED, FINISHED
+
     app = _open(args)
     record = _run(app, args.id)
-    if record["status"] in ("completed", "failed", "cancelled", "timeout") and not record.get("series"):
+    if record["status"] in FINISHED and not record.get("series"):
         _emit(args, {"task_id": args.id, "cancelled": False, "status": record["status"]},
               f"run {args.id} already ended {record['status']}")
         return 1
     asked = app.runtime.cancel(args.id)
     now = (app.store.get_run(args.id) or {}).get("status")
-    where = "cancelled" if now == "cancelled" else "its kernel will stop it"  # a live owner was asked
+    where = "cancelled" if now == CANCELLED else "its kernel will stop it"  # a live owner was asked
     _emit(args, {"task_id": args.id, "cancelled": asked, "status": now},
           f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
     return 0 if asked else 1

@@ -21,7 +21,6 @@ import decimal
 import getpass
 import math
 import numbers
-import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +57,24 @@ def local_user() -> User:
 
 
 class SessionData(MutableMapping):
-    """``session.data``: a small JSON dict kept in the store under the session id."""
+    """``session.data``: a small JSON dict kept in the store under the session id. A write
+    changes the stored dict in one transaction: the same session is written from task
+    threads, other ``Session`` objects with its id and worker processes at once."""
 
     def __init__(self, store: Callable[[], Store], session_id: str):
         self._store = store
         self._key = f"session/{session_id}/data"
-        self._lock = threading.Lock()
 
     def _load(self) -> dict[str, Any]:
         return dict(self._store().get(self._key) or {})
+
+    def _change(self, change: Callable[[dict[str, Any]], None]) -> None:
+        def changed(stored: Any) -> dict[str, Any]:
+            data = dict(stored or {})
+            change(data)
+            return data
+
+        self._store().update_value(self._key, changed)
 
     def __getitem__(self, key: str) -> Any:
         return self._load()[key]
@@ -74,16 +82,10 @@ class SessionData(MutableMapping):
     def __setitem__(self, key: str, value: Any) -> None:
         if not json_safe(value)[1]:
             raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
-        with self._lock:
-            data = self._load()
-            data[key] = value
-            self._store().set(self._key, data)
+        self._change(lambda data: data.__setitem__(key, value))
 
     def __delitem__(self, key: str) -> None:
-        with self._lock:
-            data = self._load()
-            del data[key]
-            self._store().set(self._key, data)
+        self._change(lambda data: data.__delitem__(key))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._load())
@@ -187,7 +189,7 @@ class Session:
                 return coro
             if self._app is None:  # a worker process: no runtime loop to borrow
                 return asyncio.run(coro)
-            return self._app.runtime.run_coroutine(coro)
+            return self._app.runtime.loops.run_coroutine(coro)
         with self.stream_reply() as out:
             for chunk in chunks:  # type: ignore[union-attr]
                 out.write(chunk)

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import portable
+from .awaitables import ReadyInt, ReadyList
 from .checks import whole_number
 from .durations import parse_delay, parse_when
 from .engine.context import current_run
@@ -229,14 +230,14 @@ class Task:
         return TaskQuery(self.app, task_name=self.name)
 
     def find(self, status: str | None = None, session_id: str | None = None, limit: int = 100, offset: int = 0,
-             **kwarg_filters: Any):
+             **kwarg_filters: Any) -> ReadyList:
         """Runs of this task, newest first (use plainly or ``await``)."""
         return self._query.find(status=status, session_id=session_id, limit=limit, offset=offset, **kwarg_filters)
 
-    def count(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any):
+    def count(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
         return self._query.count(status=status, session_id=session_id, **kwarg_filters)
 
-    def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any):
+    def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
         """Cancel matching unfinished runs; returns how many."""
         return self._query.cancel(status=status, session_id=session_id, **kwarg_filters)
 
@@ -267,8 +268,6 @@ def _plain_params(signature: inspect.Signature, session_param: str | None) -> tu
 
 
 def _session_param(signature: inspect.Signature) -> str | None:
-    from .session import Session
-
     for name, param in signature.parameters.items():
         annotation = param.annotation
         # With ``from __future__ import annotations`` the annotation is the text "cpsl.Session | None".

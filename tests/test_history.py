@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import sqlite3
+import time
 
 import pytest
 
@@ -192,6 +193,22 @@ def test_a_prune_with_nothing_to_prune_leaves_the_store_flushing(tmp_path, capsy
         assert "pruned 0 finished runs" in capsys.readouterr().out
     finally:
         app.close()
+
+
+def test_a_prune_by_age_of_one_app_deletes_that_apps_old_runs(tmp_path):
+    """``Store.prune(app, before=...)``: the age test and the app test each get their own
+    value (the SQL's parameters were once bound in the wrong order, and nothing matched)."""
+    alpha, beta = (cpsl.App(name, home=tmp_path, executor="immediate") for name in ("alpha", "beta"))
+    try:
+        for app in (alpha, beta):
+            app.task(lambda: None, name="job").submit()
+        alpha.store.flush()
+        cutoff = time.time() + 60  # both runs finished before it
+        assert alpha.store.prune("alpha", before=cutoff) == 1
+        assert [r["app"] for r in alpha.store.runs()] == ["beta"]
+    finally:
+        alpha.close()
+        beta.close()
 
 
 def test_bad_statuses_are_refused_by_queries_and_boards(tmp_path):

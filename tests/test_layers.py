@@ -81,6 +81,25 @@ def test_importing_the_package_patches_nothing():
     assert out.returncode == 0 and out.stdout.strip() == "unchanged", out.stderr
 
 
+def test_an_app_without_process_tasks_never_loads_the_worker_processes_layer():
+    """Closing an app (at exit, at a kernel shutdown) stops worker processes only where some
+    were started: closing once loaded the Dask back end and the forkserver just to say
+    "no cluster", and a kernel's shutdown then stopped multiprocessing's helpers besides."""
+    script = textwrap.dedent(
+        """
+        import sys, tempfile
+        import capsule_nb as cpsl
+        app = cpsl.App(home=tempfile.mkdtemp() + "/store", executor="immediate")
+        app.task(lambda: 1, name="one").submit()
+        app.close()
+        print(sorted(m for m in ("capsule_nb.workers.pool", "capsule_nb.workers.forkserver",
+                                 "capsule_nb.workers.dask") if m in sys.modules))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
 def test_modules_stay_small():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert not {name: n for name, n in sizes.items() if n > 520}, sizes

@@ -115,6 +115,27 @@ async def test_session_data_is_persistent_json(app, tmp_path):
         app.session.data["bad"] = object()
 
 
+def test_session_data_written_at_once_through_two_sessions_loses_no_key(app):
+    """Two handles on one session (a worker process's copy is one) write ``data`` at the same
+    time: each write changes the stored dict in one transaction, so no key is lost (each
+    handle's own lock once guarded only its own read-modify-write)."""
+    first, second = cpsl.Session(app, id="chat:shared"), cpsl.Session(app, id="chat:shared")
+    start = threading.Barrier(2)
+
+    def write(session, prefix):
+        start.wait(5)
+        for n in range(100):
+            session.data[f"{prefix}{n}"] = n
+
+    threads = [threading.Thread(target=write, args=(s, p)) for s, p in ((first, "a"), (second, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(first.data) == 200
+    assert dict(second.data) == {**{f"a{n}": n for n in range(100)}, **{f"b{n}": n for n in range(100)}}
+
+
 async def test_print_in_concurrent_runs_is_kept_per_run(app):
     barrier = threading.Barrier(3)
 

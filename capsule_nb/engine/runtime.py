@@ -99,14 +99,8 @@ class Runtime:
     def loop(self) -> Any:
         return self.loops.loop
 
-    def bind_loop(self, loop: Any) -> None:
-        self.loops.bind(loop)
-
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         self.loops.call_soon(callback, *args)
-
-    def run_coroutine(self, coro: Any) -> Any:
-        return self.loops.run_coroutine(coro)
 
     def update(self, task_id: str, change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
         return self.store.update_run(task_id, change)
@@ -472,9 +466,11 @@ class Runtime:
     @cluster.setter
     def cluster(self, client: Any) -> None:
         """Send ``process=True`` runs to a ``distributed.Client`` (None: back to local workers)."""
-        from ..workers.dask import DaskBackend
+        if client is not None:  # (imported only then: an app without a cluster never loads it)
+            from ..workers.dask import DaskBackend
 
-        old, self._cluster = self._cluster, (DaskBackend(client) if client is not None else None)
+            client = DaskBackend(client)
+        old, self._cluster = self._cluster, client
         if old is not None:
             old.shutdown()
 

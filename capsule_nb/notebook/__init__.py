@@ -20,7 +20,7 @@ def load_ipython_extension(ip: Any) -> None:
 
     app = default_app()
     try:
-        app.runtime.bind_loop(asyncio.get_running_loop())
+        app.runtime.loops.bind(asyncio.get_running_loop())
     except RuntimeError:
         pass  # terminal IPython: the runtime starts its own loop thread when needed
     capture.install()

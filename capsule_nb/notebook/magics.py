@@ -58,12 +58,12 @@ def capsule_summary(app: App | None = None) -> str:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no runs yet")
     unfinished = sorted(app.store.unfinished_runs(), key=lambda r: r["task_id"])
     running = [r for r in unfinished if r["status"] == RUNNING]
-    live = [r for r in unfinished if r["status"] != RUNNING]
+    waiting = [r for r in unfinished if r["status"] != RUNNING]
     lines.append(f"running now ({len(running)}):" if running else "nothing running")
     if running:
         lines.append(table_text(running))
-    if live:
-        lines.append(f"waiting ({len(live)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in live[:10]))
+    if waiting:
+        lines.append(f"waiting ({len(waiting)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in waiting[:10]))
     schedules = [s for a in app.apps_on_store() for s in a.schedules()]
     lines.append(f"schedules ({len(schedules)}):" if schedules else "no schedules")
     for schedule in schedules:

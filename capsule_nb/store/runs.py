@@ -129,9 +129,10 @@ def disagreement(columns: Sequence[Any], record: RunRecord) -> str | None:
 
 
 def _where(where: Mapping[str, Any], *also: str) -> tuple[str, list[Any]]:
-    """SQL for ``{column: value or list of values}`` (an empty list matches nothing) and the
-    conditions ``also``, written in SQL."""
-    clauses, args = list(also), []
+    """SQL for ``{column: value or list of values}`` (an empty list matches nothing) and then
+    the conditions ``also``, written in SQL: they come last, so a caller's own parameters
+    for them follow the returned ones."""
+    clauses, args = [], []
     for column, wanted in where.items():
         if column not in COLUMNS:
             raise ValueError(f"runs cannot be filtered by {column!r}; by one of {COLUMNS}")
@@ -144,6 +145,7 @@ def _where(where: Mapping[str, Any], *also: str) -> tuple[str, list[Any]]:
         else:
             clauses.append(f"{column} = ?")
             args.append(wanted)
+    clauses += also
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 

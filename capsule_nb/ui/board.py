@@ -93,11 +93,8 @@ class TaskBoard(LiveWidget):
     # ------------------------------------------------------------------ state
 
     def _compute(self, filter: dict[str, Any], limits: dict[str, int], selected: str, page: int) -> dict[str, Any]:
-        state = views.board(self._app.store, columns=[(c.label, c.statuses) for c in self.columns],
-                            filter=filter, limits=limits, page=page)
-        record = self._app.store.get_run(selected) if selected else None
-        state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
-        return state
+        return views.board(self._app.store, columns=[(c.label, c.statuses) for c in self.columns],
+                           filter=filter, limits=limits, page=page, selected=selected)
 
     def _state(self) -> dict[str, Any]:
         return self._compute(self.filter, self.limits, self.selected, self.page_size)
@@ -124,8 +121,7 @@ class TaskBoard(LiveWidget):
 
     def _lanes(self, per_column: int = 5) -> list[dict[str, Any]]:
         """The board's columns under its filter, with the newest ``per_column`` cards each."""
-        return views.board(self._app.store, columns=[(c.label, c.statuses) for c in self.columns],
-                           filter=self.filter, limits={}, page=per_column)["lanes"]
+        return self._compute(self.filter, {}, "", per_column)["lanes"]
 
     def __repr__(self) -> str:
         return board_text(self.title, self._lanes())

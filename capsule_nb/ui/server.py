@@ -69,10 +69,8 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
     store = _store(home)
     columns = [(label, list(statuses)) for label, statuses in view["columns"]]
     state = views.board(store, columns=columns, filter=view.get("filter") or {},
-                        limits=view.get("limits") or {}, page=int(view.get("page") or 50))
-    selected = view.get("selected") or ""
-    record = store.get_run(selected) if selected else None
-    state["detail"] = {"task_id": selected, **views.card(record)} if record is not None else {}
+                        limits=view.get("limits") or {}, page=int(view.get("page") or 50),
+                        selected=view.get("selected") or "")
     return {**state, "now": time.time()}
 
 

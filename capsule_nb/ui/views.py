@@ -141,11 +141,15 @@ class RunSource(Protocol):
 
     def run_values(self, column: str) -> list[str]: ...
 
+    def get_run(self, task_id: str) -> Any: ...
+
 
 def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
-          filter: Mapping[str, Any], limits: Mapping[str, int], page: int) -> dict[str, Any]:
+          filter: Mapping[str, Any], limits: Mapping[str, int], page: int, selected: str = "") -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
-    limit), ``choices`` (values the filter menus offer) and ``total``.
+    limit), ``choices`` (values the filter menus offer), ``total``, and ``detail``: the
+    ``selected`` run as a card ({} when none is, or it is gone). The widget and the
+    server (for a view whose kernel is gone) both answer with this.
 
     Counts and menus come from the counts the store keeps, and each lane's cards
     from one index walk per status, so a store with a million runs renders as
@@ -163,7 +167,9 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
                                 key=lambda r: r["task_id"])
         lanes.append({"label": label, "statuses": list(statuses), "count": sum(counts.get(s, 0) for s in shown),
                       "limit": limit, "cards": [summary(r) for r in newest]})
+    record = source.get_run(selected) if selected else None
     return {"lanes": lanes, "total": sum(counts.values()),
             "choices": {"app": source.run_values("app"), "task_name": source.run_values("task_name"),
                         "session_id": source.run_values("session_id"),
-                        "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))}}
+                        "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))},
+            "detail": {"task_id": selected, **card(record)} if record is not None else {}}

@@ -70,8 +70,8 @@ def _shutdown_all() -> None:
     for pool in list(pools):
         try:
             pool.shutdown(wait=True)
-        except Exception:
-            pass
+        except Exception:  # the next pool's workers must still go
+            log.debug("capsule_nb: could not shut down %r", pool, exc_info=True)
 
 
 def stop_children() -> None:

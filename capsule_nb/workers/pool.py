@@ -218,7 +218,7 @@ class ProcessPool:
     """
 
     def __init__(self, max_workers: int | None = None):
-        self.max_workers = whole_number("max_workers", os.cpu_count() or 1 if max_workers is None else max_workers,
+        self.max_workers = whole_number("max_workers", (os.cpu_count() or 1) if max_workers is None else max_workers,
                                         minimum=1)
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()

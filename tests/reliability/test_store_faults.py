@@ -43,6 +43,22 @@ async def test_a_disk_that_refuses_writes_then_recovers(app, monkeypatch, fault)
     assert await work.submit(4).result(timeout=5) == 4
 
 
+def test_closing_an_app_while_the_disk_refuses_writes_says_so(app, monkeypatch, caplog):
+    """What close could not make durable is logged with the store's path (it was passed over)."""
+    @app.task
+    def work(n):
+        return n
+
+    work.submit(1)
+
+    def refuse(key, value, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(app.store._cache, "set", refuse)
+    app.close()
+    assert "could not record how its live runs end" in caplog.text and str(app.home) in caplog.text
+
+
 def test_a_garbage_database_file_is_a_clear_error(tmp_path):
     (tmp_path / "db").mkdir(parents=True)
     (tmp_path / "db" / "cache.db").write_bytes(b"this is not sqlite" * 100)
