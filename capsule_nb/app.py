@@ -346,7 +346,8 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     """Set up the default app and return it.
 
     ``home`` moves the default app to another store (do it before defining
-    tasks); the others tune it in place: the thread pool size, the largest
+    tasks: the app it replaces is closed when nothing was defined on it, else it
+    stays, with a warning); the others tune it in place: the thread pool size, the largest
     result kept (bigger ones keep only a repr), finished runs kept per app,
     and ``cluster``: a ``distributed.Client`` that ``process=True`` runs go to
     (``None``: back to this machine's worker processes). ``portable=True``
@@ -357,9 +358,17 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
         _portable.set_portable(portable)
     global _default
     with _default_lock:
-        if _default is None or home is not None:
+        old = _default
+        if old is None or (home is not None and _home(home).expanduser().resolve() != old.home):
             _default = App(home=home)
         app = _default
+    if old is not None and old is not app:
+        if old.tasks_defined():  # they stay on the old store: say so, once, instead of moving them
+            log.warning("capsule_nb: configure(home=%s) made a new default app; the %d task(s) defined before "
+                        "it stay on %s. Call configure(home=...) before defining tasks.",
+                        app.home, len(old.tasks_defined()), old.home)
+        else:  # nothing was defined on it: it goes, and its maintenance of the old store with it
+            old.close()
     if max_threads is not None:
         app.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
     if max_result_bytes is not None:

@@ -268,3 +268,27 @@ def test_an_unknown_or_malformed_task_option_is_named(app, options, message):
         @app.task(**options)
         def job():
             pass
+
+
+def test_configure_home_moves_the_default_app_and_closes_the_one_it_replaces(tmp_path, monkeypatch, caplog):
+    """The default app made before ``configure(home=...)`` (by ``current_session()``, say) goes,
+    with its maintenance of the old store; one that has tasks stays, and the move says so."""
+    import capsule_nb.app
+
+    monkeypatch.setattr(capsule_nb.app, "_default", None)
+    monkeypatch.setenv("CAPSULE_NB_HOME", str(tmp_path / "first"))
+    first = cpsl.configure()
+    moved = cpsl.configure(home=tmp_path / "second")
+    assert moved is not first and moved.home == (tmp_path / "second").resolve()
+    assert first._closed
+    assert cpsl.configure(home=tmp_path / "second") is moved  # the same store: the same app
+
+    @moved.task
+    def job():
+        pass
+
+    with caplog.at_level("WARNING", logger="capsule_nb"):
+        third = cpsl.configure(home=tmp_path / "third")
+    assert not moved._closed and "the 1 task(s) defined before it stay on" in caplog.text
+    third.close()
+    moved.close()
