@@ -163,7 +163,10 @@ class App:
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
             note_options(task, options)
+            old = self._tasks.get(task.name)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
+            if old is not None:
+                old.replaced_by = task  # its runs that start from now on run the new body
             if task.process and self.runtime.cluster is None and not self.runtime.settings.immediate:
                 self.runtime.processes.warm(1)  # the first run should not pay a process start
             self.runtime.adopt(task)  # waiting runs a dead kernel left for this task

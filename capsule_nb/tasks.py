@@ -92,10 +92,20 @@ class Task:
         self.lock = lock
         if lock is not None:
             _check_lock_template(lock, self.signature, self.name)
+        self.replaced_by: Task | None = None  # set when a re-run cell defines the name again
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<capsule task {self.name!r}>"
+
+    def newest(self) -> "Task":
+        """The definition now in force under this name: a re-run cell's edited body is what
+        runs that start later (queued, scheduled, retried, a series' next) use, as Capsule's
+        runner looks the handler up by name at each dispatch."""
+        task = self
+        while task.replaced_by is not None:
+            task = task.replaced_by
+        return task
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``await task(x=1)``: run the function inline, no queue and no handle, as Capsule's

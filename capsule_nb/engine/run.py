@@ -123,6 +123,17 @@ class Run:
         self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
 
+    def follow_redefinition(self) -> None:
+        """Starting after its task was defined again (a re-run cell): run the new body."""
+        newest = self.task.newest()
+        if newest is self.task:
+            return
+        try:
+            call = self.runtime.pickle_call(newest, self.args, self.kwargs, self.session) if newest.process else None
+        except Exception:  # the new body cannot go to a worker: the one it was submitted with runs
+            return
+        self.task, self.call = newest, call
+
     # Called from task code (any thread) through capture and the session layer.
 
     def capture(self, stream: str, text: str) -> None:

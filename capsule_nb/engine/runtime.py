@@ -222,6 +222,7 @@ class Runtime:
             if run.phase != "waiting":
                 return
             run.phase = "running"
+        run.follow_redefinition()
         self._executor(run.task).start(run)
 
     def mark_running(self, run: Run) -> None:
@@ -302,9 +303,8 @@ class Runtime:
     def _repeat(self, run: Run, record: RunRecord) -> None:
         every = record["every"]
         due = record.get("scheduled_for") or record["created_at"]
-        now = time.time()
-        due += every * max(1, int((now - due) // every) + 1)  # skip slots missed while busy
-        self.submit(run.task, run.args, run.kwargs, record.get("params") or {}, session=run.session,
+        due += every * max(1, int((time.time() - due) // every) + 1)  # skip slots missed while busy
+        self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
                     target=run.target, start_at=due, every=every, series=record.get("series"),
                     extra={"display_name": record.get("display_name")})
 
