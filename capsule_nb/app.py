@@ -87,6 +87,16 @@ class App:
     for tests of task logic, as huey's immediate mode is.
     """
 
+    def __new__(cls, name: str = "default", home: str | os.PathLike[str] | None = None, **options: Any) -> "App":
+        """A re-run ``app = cpsl.App(...)`` cell gives the app it made before (same name and
+        store, still open): a new one would leave the old one's schedules firing their old
+        bodies beside the new ones, and its upkeep running, for the rest of the kernel."""
+        same = _apps.get((str(_home(home).expanduser().resolve()), name)) if isinstance(name, str) else None
+        if (same is not None and type(same) is cls and not same._closed
+                and same.runtime.settings.immediate == (options.get("executor") == "immediate")):
+            return same
+        return super().__new__(cls)
+
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
                  image: Any = None, max_threads: int = 32, keep_finished: int = 10_000,
                  executor: str = "default"):
@@ -94,6 +104,11 @@ class App:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        if "runtime" in self.__dict__:  # the same app again (``__new__``): the cell's options apply
+            self.image = image
+            self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
+            self.runtime.settings.keep_finished = whole_number("keep_finished", keep_finished)
+            return
         self.name = name
         self.image = image
         self.store = open_store(_home(home))

@@ -117,3 +117,28 @@ def test_a_queued_process_run_runs_the_body_of_the_rerun_cell(kernel: Kernel, tm
     gate.touch()
     results = kernel.value("[await hp_first.result(timeout=30), await hp_queued.result(timeout=30)]", timeout=60)
     assert results == ["the old body 1", "the new body 2"]
+
+
+def test_rerunning_an_app_cell_with_a_schedule_fires_only_the_edited_schedule(kernel: Kernel) -> None:
+    """``app = cpsl.App(...)`` and ``@app.schedule`` in one cell, edited and re-run: the cell
+    gets the same app back, so the new definition replaces the old one and every later tick
+    runs the edited body (before, the first app lived on and its schedule kept firing)."""
+    cell = """
+        app = cpsl.App("rerun-app", home="rerun-app-store")
+        apps_made = [*globals().get("apps_made", []), app]
+
+        @app.schedule("* * * * * *")
+        def heartbeat():
+            return "{body}"
+        """
+    kernel.run(cell.format(body="the old body"))
+    kernel.run(cell.format(body="the new body"))
+    facts = kernel.value(
+        """{
+        "same app": apps_made[0] is apps_made[1],
+        "ticks": [r["result"] for r in await runs_started_after(heartbeat.runs, time.time(), 4)],
+        }""",
+        timeout=60,
+    )
+    kernel.run("heartbeat.pause()")
+    assert facts == {"same app": True, "ticks": ["the new body"] * 4}
