@@ -3,22 +3,16 @@
 // as a message, {action, task_id}. When the kernel behind the model is gone
 // (live.js), the card says so, stops its clock, disables its buttons and
 // shows what the store says instead. The pieces are exported for the board.
-import { askCard, askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+import { askCard, askServer, clockTime, holdStill, kernelNow, liveView, seconds, staleText } from "./live.js";
 
 // The board takes these from here, so a board's module carries live.js once.
-export { askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText };
+export { askServer, clockTime, holdStill, liveView, staleText };
 
 /** document.createElement with properties and children (null/false skipped). */
 export function h(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
   node.append(...children.flat().filter((c) => c != null && c !== false));
   return node;
-}
-
-export function seconds(s) {
-  if (s < 60) return `${s.toFixed(1)}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.floor(s % 60)}s`;
-  return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
 }
 
 /** A repeat interval the way it is written: "30s", "5m", "2h". */
@@ -28,11 +22,8 @@ export function interval(s) {
   return Number.isInteger(s) ? `${s}s` : seconds(s);
 }
 
-/** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
-const kernelNow = (lead) => Date.now() / 1000 - lead;
-
 /**
- * A run's elapsed time. It ticks (see tickClocks) while the run is running, in
+ * A run's elapsed time. It ticks (live.js tickClocks) while the run is running, in
  * a live view. A view that is not live cannot know that the run still goes: it
  * says when the run started, and no clock runs on. Between attempts (retry) or
  * back in a queue, nothing runs, though the last attempt's start is kept.
@@ -52,29 +43,6 @@ export function elapsed(run, lead, live = true) {
     node.textContent = `since ${clockTime(run.started_at)}`;
   }
   return node;
-}
-
-/** Advance every running clock under root once a second (`lead` is a getter); returns the cleanup. */
-export function tickClocks(root, lead) {
-  const timer = setInterval(() => {
-    const now = kernelNow(lead());
-    for (const node of root.querySelectorAll(".cnb-elapsed[data-since]")) {
-      node.textContent = seconds(Math.max(0, now - Number(node.dataset.since)));
-    }
-  }, 1000);
-  return () => clearInterval(timer);
-}
-
-/**
- * Follow the kernel's clock: `clock` is the kernel's time when the state was
- * sent, so the browser's lead over it is measured as each update arrives.
- * Returns a getter of that lead and the cleanup.
- */
-export function kernelClock(model) {
-  let lead = Date.now() / 1000 - model.get("clock");
-  const measure = () => (lead = Date.now() / 1000 - model.get("clock"));
-  model.on("change:clock", measure);
-  return [() => lead, () => model.off("change:clock", measure)];
 }
 
 export const badge = (status) => h("span", { className: `cnb-badge cnb-${status}`, textContent: status });
@@ -211,53 +179,37 @@ export default {
   render({ model, el }) {
     el.classList.add("cnb");
     const ui = {};
-    const [lead, stopClock] = kernelClock(model);
     let asked = null; // what the store said, once the kernel is gone
-    let stopAsking = () => {};
-    const ask = async () => { // true while the run may still change
-      const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
-      if (!answer) return false;
-      asked = answer.card ? answer : { missing: true };
-      hold.request();
-      return Boolean(answer.card && !answer.card.run.completed_at);
-    };
-    const askWhileNotLive = () => {
-      stopAsking = keepAsking(ask);
-    };
-    const liveness = follow(model, () => {
-      hold.request();
-      askWhileNotLive();
+    const view = liveView(model, el, {
+      lost: () => hold.request(),
+      ask: async () => { // true while the run may still change
+        const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
+        if (!answer) return false;
+        asked = answer.card ? answer : { missing: true };
+        hold.request();
+        return Boolean(answer.card && !answer.card.run.completed_at);
+      },
     });
-    saveOurs(model);
-    const act = (action, task_id) => liveness.send({ action, task_id });
 
     const draw = () => {
-      const live = liveness.live();
+      const live = view.live();
       const fromStore = !live && asked?.card;
       const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
       const old = el.querySelector(".cnb-card");
-      const fresh = keepActions(old, renderCard(card, { lead: lead(), ui, act, live }));
+      const fresh = keepActions(old, renderCard(card, { lead: view.lead(), ui, act: view.act, live }));
       const restoreScroll = keepScroll(old, fresh);
-      const stale = !live && staleNote(staleText(liveness.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
+      const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
       el.replaceChildren(...[stale, fresh, notice(model.get("notice"))].filter(Boolean));
       restoreScroll();
     };
     const hold = holdStill(el, draw);
     hold.request();
     model.on("change", hold.request);
-    if (!liveness.live()) askWhileNotLive();
-    const hidden = counted(liveness);
-    const stopTicking = tickClocks(el, lead);
-    return () => {
-      hidden();
+    return view.start(() => {
       model.off("change", hold.request);
       hold.release();
-      liveness.dispose();
-      stopAsking();
-      stopClock();
-      stopTicking();
-    };
+    });
   },
 };
