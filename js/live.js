@@ -301,7 +301,9 @@ export function staleText(why, asked) {
 /** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
 export const kernelNow = (lead) => Date.now() / 1000 - lead;
 
+/** A duration, "4.2s", "3m 5s" or "2h 10m"; never below 0 (two machines' clocks may disagree). */
 export function seconds(s) {
+  s = Math.max(0, s);
   if (s < 60) return `${s.toFixed(1)}s`;
   if (s < 3600) return `${Math.floor(s / 60)}m ${Math.floor(s % 60)}s`;
   return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
@@ -325,7 +327,7 @@ function tickClocks(root, lead) {
   const timer = setInterval(() => {
     const now = kernelNow(lead());
     for (const node of root.querySelectorAll(".cnb-elapsed[data-since]")) {
-      node.textContent = seconds(Math.max(0, now - Number(node.dataset.since)));
+      node.textContent = seconds(now - Number(node.dataset.since));
     }
   }, 1000);
   return () => clearInterval(timer);

@@ -11,8 +11,8 @@
 // (live.js holdStill) and catch up after. When the kernel is gone the board
 // says so and shows what the store says (ui/server.py).
 import {
-  actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, keepScroll, liveView, notice,
-  progressBar, renderCard, staleNote, staleText,
+  actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, placeCard,
+  progressBar, staleNote, staleText,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -227,16 +227,10 @@ export default {
       const card = state("detail");
       const selected = state("selected");
       if (!card.run || card.task_id !== selected) return detail.replaceChildren();
-      const old = detail.querySelector(".cnb-card");
-      const drawn = renderCard(card, { lead: view.lead(), ui, act: view.act, live: view.live() });
-      const fresh = keepActions(old, drawn);
-      const restoreScroll = keepScroll(old, fresh);
-      detail.replaceChildren(
+      placeCard(detail, card, { lead: view.lead(), ui, act: view.act, live: view.live() }, [
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
-          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") })),
-        fresh);
-      restoreScroll();
+          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") }))]);
     };
     const holdDetail = holdStill(detail, drawDetail);
     const drawNotice = () => {

@@ -33,12 +33,12 @@ export function elapsed(run, lead, live = true) {
   if (!run.started_at) {
     node.textContent = "not started";
   } else if (run.completed_at) {
-    node.textContent = seconds(Math.max(0, run.completed_at - run.started_at));
+    node.textContent = seconds(run.completed_at - run.started_at);
   } else if (run.status !== "running") {
     node.textContent = run.status === "retry" ? "waiting to retry" : "waiting";
   } else if (live) {
     node.dataset.since = run.started_at;
-    node.textContent = seconds(Math.max(0, kernelNow(lead) - run.started_at));
+    node.textContent = seconds(kernelNow(lead) - run.started_at);
   } else {
     node.textContent = `since ${clockTime(run.started_at)}`;
   }
@@ -104,7 +104,7 @@ const SCROLLERS = [".cnb-messages", ".cnb-output", ".cnb-traceback pre"];
  * is in the page): one scrolled to its end follows new lines, like a terminal,
  * and one the reader scrolled stays where it is. Output starts at its end.
  */
-export function keepScroll(old, fresh) {
+function keepScroll(old, fresh) {
   const restores = SCROLLERS.map((selector) => {
     const before = old?.querySelector(selector);
     const after = fresh.querySelector(selector);
@@ -133,7 +133,7 @@ export const staleNote = (text) => h("div", { className: "cnb-stale", role: "sta
  * reader opened (the traceback) across redraws; `act(action, task_id)` sends
  * a click. With `live` false the buttons are disabled and no clock runs.
  */
-export function renderCard({ title, run, messages = [], output = [] },
+function renderCard({ title, run, messages = [], output = [] },
   { lead, ui, act, live = true }) {
   const p = run.progress;
   const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
@@ -170,6 +170,19 @@ export function renderCard({ title, run, messages = [], output = [] },
     run.result_note && h("div", { className: "cnb-meta", textContent: run.result_note }));
 }
 
+/**
+ * Draw `card` (renderCard) in `parent` in place of the one there, between
+ * `before` and `after` (null/false skipped): its buttons and the scroll of its
+ * lists carry over (keepActions, keepScroll).
+ */
+export function placeCard(parent, card, options, before = [], after = []) {
+  const old = parent.querySelector(".cnb-card");
+  const fresh = keepActions(old, renderCard(card, options));
+  const restoreScroll = keepScroll(old, fresh);
+  parent.replaceChildren(...[...before, fresh, ...after].filter(Boolean));
+  restoreScroll();
+}
+
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */
 export const notice = (text) => h("div", { className: "cnb-notice", textContent: text ?? "" });
 
@@ -197,12 +210,8 @@ export default {
       const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
-      const old = el.querySelector(".cnb-card");
-      const fresh = keepActions(old, renderCard(card, { lead: view.lead(), ui, act: view.act, live }));
-      const restoreScroll = keepScroll(old, fresh);
       const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
-      el.replaceChildren(...[stale, fresh, notice(model.get("notice"))].filter(Boolean));
-      restoreScroll();
+      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(model.get("notice"))]);
     };
     const hold = holdStill(el, draw);
     hold.request();
