@@ -8,6 +8,9 @@
 // into a dead connection is an error in the page). Then it asks the Jupyter
 // server's capsule_nb extension (ui/server.py) what the store says now.
 //
+// liveView() is all of it, for the card and the board alike: a view draws
+// and leaves the rest to it.
+//
 // Only public pieces of the widget manager are used (kernel, context,
 // get_state_sync, has_model), each checked before use: where one is missing
 // (Voila, another front end) the view simply assumes its kernel lives.
@@ -37,7 +40,7 @@ function on(signal, slot) {
  * Returns { live(), why(), send(content), dispose() }; send() is a no-op
  * (false) once the kernel is gone, and never throws.
  */
-export function follow(model, changed) {
+function follow(model, changed) {
   const manager = model.widget_manager;
   let why = model.get(SAVED) ? "saved" : "";
   let stops = [];
@@ -77,16 +80,6 @@ export function follow(model, changed) {
   };
 }
 
-/**
- * Tell the kernel a view is shown, and hidden again when it goes. Not sent
- * when the kernel is gone, and so never an error when a tab closes (the
- * connection is gone by the time its views are removed).
- */
-export function counted(liveness) {
-  liveness.send({ view: "shown" });
-  return () => liveness.send({ view: "hidden" });
-}
-
 // ------------------------------------------------------- saving our state
 
 const isOurs = (entry) =>
@@ -112,7 +105,7 @@ const saving = (globalThis.__capsuleNbSaving ??= new WeakMap()); // manager -> k
  * it would otherwise say "model not found". Other widgets are left as the
  * setting says. One hook per notebook, however many views.
  */
-export function saveOurs(model) {
+function saveOurs(model) {
   const manager = model.widget_manager;
   const context = manager?.context;
   if (!context?.saveState || !context.model?.setMetadata || typeof manager.get_state_sync !== "function"
@@ -209,7 +202,7 @@ export function askCard(home, task_id) {
  * learn (true): a server that cannot answer is not asked again and again.
  * Returns the stop (the view is gone).
  */
-export function keepAsking(ask, ms = 5000) {
+function keepAsking(ask, ms = 5000) {
   let timer = null;
   let stopped = false;
   const round = async () => {
@@ -301,4 +294,86 @@ export function staleText(why, asked) {
   if (!asked) return `${head} Showing the last state it received.`;
   if (asked.missing) return `${head} The store no longer has this; showing the last state it received.`;
   return `${head} Showing the store as of ${clockTime(asked.now)}.`;
+}
+
+// ------------------------------------------------------- the kernel's clock
+
+/** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
+export const kernelNow = (lead) => Date.now() / 1000 - lead;
+
+/** A duration, "4.2s", "3m 5s" or "2h 10m"; never below 0 (two machines' clocks may disagree). */
+export function seconds(s) {
+  s = Math.max(0, s);
+  if (s < 60) return `${s.toFixed(1)}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.floor(s % 60)}s`;
+  return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+}
+
+/**
+ * Follow the kernel's clock: `clock` is the kernel's time when the state was
+ * sent, so the browser's lead over it is measured as each update arrives.
+ * Returns a getter of that lead and the cleanup.
+ */
+function kernelClock(model) {
+  let lead = 0;
+  const measure = () => (lead = Date.now() / 1000 - model.get("clock"));
+  measure();
+  model.on("change:clock", measure);
+  return [() => lead, () => model.off("change:clock", measure)];
+}
+
+/** Advance every running clock under root once a second (`lead` is a getter); returns the cleanup. */
+function tickClocks(root, lead) {
+  const timer = setInterval(() => {
+    const now = kernelNow(lead());
+    for (const node of root.querySelectorAll(".cnb-elapsed[data-since]")) {
+      node.textContent = seconds(now - Number(node.dataset.since));
+    }
+  }, 1000);
+  return () => clearInterval(timer);
+}
+
+// ------------------------------------------------------------ a live view
+
+/**
+ * What the card and the board each do around their drawing: follow the
+ * kernel's clock and the kernel itself, keep the widget in a saved notebook,
+ * and once the kernel is gone (or never was), `lost()` (redraw as not live)
+ * and `ask()` the server for as long as it says there is more to learn.
+ *
+ * Returns { lead(), live(), why(), act(action, task_id), start(release) }.
+ * `start`, after the first draw, tells the kernel the view is shown and ticks
+ * the running clocks under `el`; it returns the teardown, which says "hidden"
+ * and runs `release` (the view's own listeners). Neither is sent when the
+ * kernel is gone, and so never an error when a tab closes (the connection is
+ * gone by the time its views are removed).
+ */
+export function liveView(model, el, { lost, ask }) {
+  const [lead, stopClock] = kernelClock(model);
+  let stopAsking = () => {};
+  const askWhileNotLive = () => (stopAsking = keepAsking(ask));
+  const liveness = follow(model, () => {
+    lost();
+    askWhileNotLive();
+  });
+  saveOurs(model);
+  return {
+    lead,
+    live: liveness.live,
+    why: liveness.why,
+    act: (action, task_id) => liveness.send({ action, task_id }),
+    start(release) {
+      if (!liveness.live()) askWhileNotLive();
+      liveness.send({ view: "shown" });
+      const stopTicking = tickClocks(el, lead);
+      return () => {
+        liveness.send({ view: "hidden" });
+        release();
+        liveness.dispose();
+        stopAsking();
+        stopClock();
+        stopTicking();
+      };
+    },
+  };
 }

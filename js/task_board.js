@@ -11,8 +11,8 @@
 // (live.js holdStill) and catch up after. When the kernel is gone the board
 // says so and shows what the store says (ui/server.py).
 import {
-  actions, askServer, attempts, badge, clockTime, counted, elapsed, follow, h, holdStill, keepActions, keepAsking,
-  keepScroll, kernelClock, notice, progressBar, renderCard, saveOurs, staleNote, staleText, tickClocks,
+  actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, placeCard,
+  progressBar, staleNote, staleText,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -167,35 +167,25 @@ export default {
   render({ model, el }) {
     el.classList.add("cnb", "cnb-board");
     const ui = {};
-    const [lead, stopClock] = kernelClock(model);
     let asked = null; // what the store said, once the kernel is gone
-    let stopAsking = () => {};
-    const liveness = follow(model, () => {
-      redrawAll();
-      askWhileNotLive();
-    });
-    saveOurs(model);
-
-    // Traits, or what the store said in their place once the kernel is gone.
-    const state = (name) => (!liveness.live() && asked && name in asked ? asked[name] : model.get(name));
-    const set = (name, value) => {
-      model.set(name, value);
-      if (liveness.live()) model.save_changes();
-      else ask(); // nobody else will compute what this changes
-    };
-    const act = (action, task_id) => liveness.send({ action, task_id });
     const ask = async () => {
       const columns = (asked?.lanes ?? model.get("lanes")).map((lane) => [lane.label, lane.statuses]);
-      const view = { columns, filter: model.get("filter"),
+      const query = { columns, filter: model.get("filter"),
         limits: model.get("limits"), page: model.get("page_size"), selected: model.get("selected") };
-      const answer = await askServer("board", { home: model.get("source")?.home ?? "", view: JSON.stringify(view) });
+      const answer = await askServer("board", { home: model.get("source")?.home ?? "", view: JSON.stringify(query) });
       if (!answer) return false;
       asked = answer;
       redrawAll();
       return !answer.missing; // other kernels may still be changing the store
     };
-    const askWhileNotLive = () => {
-      stopAsking = keepAsking(ask);
+    const view = liveView(model, el, { lost: redrawAll, ask });
+
+    // Traits, or what the store said in their place once the kernel is gone.
+    const state = (name) => (!view.live() && asked && name in asked ? asked[name] : model.get(name));
+    const set = (name, value) => {
+      model.set(name, value);
+      if (view.live()) model.save_changes();
+      else ask(); // nobody else will compute what this changes
     };
 
     const title = h("span", { className: "cnb-board-title" });
@@ -210,7 +200,7 @@ export default {
 
     const lanes = new Map(); // label -> lane
     const context = {
-      state, set, act, lead: 0, live: true, selected: "",
+      state, set, act: view.act, lead: 0, live: true, selected: "",
       epoch: 0, // raised by a notice: every card is drawn afresh, and a refused button comes back
       column: (label) => state("lanes").find((c) => c.label === label),
       select: (task_id) => set("selected", state("selected") === task_id ? "" : task_id),
@@ -220,9 +210,9 @@ export default {
     const drawTotal = () => (total.textContent = `${state("total")} run${state("total") === 1 ? "" : "s"}`);
     const drawMenus = () => filters.replaceChildren(...menus(state, set)); // not on every update: a menu may be open
     const drawStale = () =>
-      stale.replaceChildren(...(liveness.live() ? [] : [staleNote(staleText(liveness.why(), asked))]));
+      stale.replaceChildren(...(view.live() ? [] : [staleNote(staleText(view.why(), asked))]));
     const drawLanes = () => {
-      Object.assign(context, { lead: lead(), live: liveness.live() });
+      Object.assign(context, { lead: view.lead(), live: view.live() });
       context.selected = state("selected");
       const columns = state("lanes");
       if (columns.map((c) => c.label).join("\n") !== [...lanes.keys()].join("\n")) {
@@ -237,16 +227,10 @@ export default {
       const card = state("detail");
       const selected = state("selected");
       if (!card.run || card.task_id !== selected) return detail.replaceChildren();
-      const old = detail.querySelector(".cnb-card");
-      const drawn = renderCard(card, { lead: lead(), ui, act, live: liveness.live() });
-      const fresh = keepActions(old, drawn);
-      const restoreScroll = keepScroll(old, fresh);
-      detail.replaceChildren(
+      placeCard(detail, card, { lead: view.lead(), ui, act: view.act, live: view.live() }, [
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
-          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") })),
-        fresh);
-      restoreScroll();
+          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") }))]);
     };
     const holdDetail = holdStill(detail, drawDetail);
     const drawNotice = () => {
@@ -274,18 +258,10 @@ export default {
       draw();
       model.on(events, draw);
     }
-    if (!liveness.live()) askWhileNotLive();
-    const hidden = counted(liveness);
-    const stopTicking = tickClocks(el, lead);
-    return () => {
-      hidden();
+    return view.start(() => {
       for (const [events, draw] of listeners) model.off(events, draw);
       hold.release();
       holdDetail.release();
-      liveness.dispose();
-      stopAsking();
-      stopClock();
-      stopTicking();
-    };
+    });
   },
 };

@@ -3,22 +3,16 @@
 // as a message, {action, task_id}. When the kernel behind the model is gone
 // (live.js), the card says so, stops its clock, disables its buttons and
 // shows what the store says instead. The pieces are exported for the board.
-import { askCard, askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText } from "./live.js";
+import { askCard, askServer, clockTime, holdStill, kernelNow, liveView, seconds, staleText } from "./live.js";
 
 // The board takes these from here, so a board's module carries live.js once.
-export { askServer, clockTime, counted, follow, holdStill, keepAsking, saveOurs, staleText };
+export { askServer, clockTime, holdStill, liveView, staleText };
 
 /** document.createElement with properties and children (null/false skipped). */
 export function h(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
   node.append(...children.flat().filter((c) => c != null && c !== false));
   return node;
-}
-
-export function seconds(s) {
-  if (s < 60) return `${s.toFixed(1)}s`;
-  if (s < 3600) return `${Math.floor(s / 60)}m ${Math.floor(s % 60)}s`;
-  return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
 }
 
 /** A repeat interval the way it is written: "30s", "5m", "2h". */
@@ -28,11 +22,8 @@ export function interval(s) {
   return Number.isInteger(s) ? `${s}s` : seconds(s);
 }
 
-/** Seconds since the epoch on the kernel's clock, given how far the browser's runs ahead. */
-const kernelNow = (lead) => Date.now() / 1000 - lead;
-
 /**
- * A run's elapsed time. It ticks (see tickClocks) while the run is running, in
+ * A run's elapsed time. It ticks (live.js tickClocks) while the run is running, in
  * a live view. A view that is not live cannot know that the run still goes: it
  * says when the run started, and no clock runs on. Between attempts (retry) or
  * back in a queue, nothing runs, though the last attempt's start is kept.
@@ -42,39 +33,16 @@ export function elapsed(run, lead, live = true) {
   if (!run.started_at) {
     node.textContent = "not started";
   } else if (run.completed_at) {
-    node.textContent = seconds(Math.max(0, run.completed_at - run.started_at));
+    node.textContent = seconds(run.completed_at - run.started_at);
   } else if (run.status !== "running") {
     node.textContent = run.status === "retry" ? "waiting to retry" : "waiting";
   } else if (live) {
     node.dataset.since = run.started_at;
-    node.textContent = seconds(Math.max(0, kernelNow(lead) - run.started_at));
+    node.textContent = seconds(kernelNow(lead) - run.started_at);
   } else {
     node.textContent = `since ${clockTime(run.started_at)}`;
   }
   return node;
-}
-
-/** Advance every running clock under root once a second (`lead` is a getter); returns the cleanup. */
-export function tickClocks(root, lead) {
-  const timer = setInterval(() => {
-    const now = kernelNow(lead());
-    for (const node of root.querySelectorAll(".cnb-elapsed[data-since]")) {
-      node.textContent = seconds(Math.max(0, now - Number(node.dataset.since)));
-    }
-  }, 1000);
-  return () => clearInterval(timer);
-}
-
-/**
- * Follow the kernel's clock: `clock` is the kernel's time when the state was
- * sent, so the browser's lead over it is measured as each update arrives.
- * Returns a getter of that lead and the cleanup.
- */
-export function kernelClock(model) {
-  let lead = Date.now() / 1000 - model.get("clock");
-  const measure = () => (lead = Date.now() / 1000 - model.get("clock"));
-  model.on("change:clock", measure);
-  return [() => lead, () => model.off("change:clock", measure)];
 }
 
 export const badge = (status) => h("span", { className: `cnb-badge cnb-${status}`, textContent: status });
@@ -136,7 +104,7 @@ const SCROLLERS = [".cnb-messages", ".cnb-output", ".cnb-traceback pre"];
  * is in the page): one scrolled to its end follows new lines, like a terminal,
  * and one the reader scrolled stays where it is. Output starts at its end.
  */
-export function keepScroll(old, fresh) {
+function keepScroll(old, fresh) {
   const restores = SCROLLERS.map((selector) => {
     const before = old?.querySelector(selector);
     const after = fresh.querySelector(selector);
@@ -165,7 +133,7 @@ export const staleNote = (text) => h("div", { className: "cnb-stale", role: "sta
  * reader opened (the traceback) across redraws; `act(action, task_id)` sends
  * a click. With `live` false the buttons are disabled and no clock runs.
  */
-export function renderCard({ title, run, messages = [], output = [] },
+function renderCard({ title, run, messages = [], output = [] },
   { lead, ui, act, live = true }) {
   const p = run.progress;
   const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
@@ -202,6 +170,19 @@ export function renderCard({ title, run, messages = [], output = [] },
     run.result_note && h("div", { className: "cnb-meta", textContent: run.result_note }));
 }
 
+/**
+ * Draw `card` (renderCard) in `parent` in place of the one there, between
+ * `before` and `after` (null/false skipped): its buttons and the scroll of its
+ * lists carry over (keepActions, keepScroll).
+ */
+export function placeCard(parent, card, options, before = [], after = []) {
+  const old = parent.querySelector(".cnb-card");
+  const fresh = keepActions(old, renderCard(card, options));
+  const restoreScroll = keepScroll(old, fresh);
+  parent.replaceChildren(...[...before, fresh, ...after].filter(Boolean));
+  restoreScroll();
+}
+
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */
 export const notice = (text) => h("div", { className: "cnb-notice", textContent: text ?? "" });
 
@@ -211,53 +192,33 @@ export default {
   render({ model, el }) {
     el.classList.add("cnb");
     const ui = {};
-    const [lead, stopClock] = kernelClock(model);
     let asked = null; // what the store said, once the kernel is gone
-    let stopAsking = () => {};
-    const ask = async () => { // true while the run may still change
-      const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
-      if (!answer) return false;
-      asked = answer.card ? answer : { missing: true };
-      hold.request();
-      return Boolean(answer.card && !answer.card.run.completed_at);
-    };
-    const askWhileNotLive = () => {
-      stopAsking = keepAsking(ask);
-    };
-    const liveness = follow(model, () => {
-      hold.request();
-      askWhileNotLive();
+    const view = liveView(model, el, {
+      lost: () => hold.request(),
+      ask: async () => { // true while the run may still change
+        const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
+        if (!answer) return false;
+        asked = answer.card ? answer : { missing: true };
+        hold.request();
+        return Boolean(answer.card && !answer.card.run.completed_at);
+      },
     });
-    saveOurs(model);
-    const act = (action, task_id) => liveness.send({ action, task_id });
 
     const draw = () => {
-      const live = liveness.live();
+      const live = view.live();
       const fromStore = !live && asked?.card;
       const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
-      const old = el.querySelector(".cnb-card");
-      const fresh = keepActions(old, renderCard(card, { lead: lead(), ui, act, live }));
-      const restoreScroll = keepScroll(old, fresh);
-      const stale = !live && staleNote(staleText(liveness.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
-      el.replaceChildren(...[stale, fresh, notice(model.get("notice"))].filter(Boolean));
-      restoreScroll();
+      const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
+      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(model.get("notice"))]);
     };
     const hold = holdStill(el, draw);
     hold.request();
     model.on("change", hold.request);
-    if (!liveness.live()) askWhileNotLive();
-    const hidden = counted(liveness);
-    const stopTicking = tickClocks(el, lead);
-    return () => {
-      hidden();
+    return view.start(() => {
       model.off("change", hold.request);
       hold.release();
-      liveness.dispose();
-      stopAsking();
-      stopClock();
-      stopTicking();
-    };
+    });
   },
 };

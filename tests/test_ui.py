@@ -584,7 +584,7 @@ async def test_text_forms_and_the_widget_bundle(app, capsys):
 def test_modules_link_their_sibling_imports_and_css_uses_theme_variables():
     board = assets.esm("task_board.js")
     assert './task_card.js"' not in board and 'from "data:text/javascript,' in board
-    assert "./live.js" not in board and board.count("export function follow(") == 1  # live.js once, via the card
+    assert "./live.js" not in board and board.count("export function liveView(") == 1  # live.js once, via the card
     assert assets.js_dir().name == "js"
     for module in assets.js_dir().glob("*.js"):  # what lets esm() drop comments and indentation line by line
         assert all(line.count("`") % 2 == 0 for line in module.read_text().splitlines()), module
