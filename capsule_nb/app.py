@@ -368,7 +368,7 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     stays, with a warning); the others tune it in place: the thread pool size, the largest
     result kept (bigger ones keep only a repr), finished runs kept per app,
     and ``cluster``: a ``distributed.Client`` that ``process=True`` runs go to
-    (``None``: back to this machine's worker processes). ``portable=True``
+    (``None``: back to this machine's worker processes; runs in flight end where they run). ``portable=True``
     makes each capsule_nb-only extension warn once with the Capsule way to
     write it (for the whole process).
     """

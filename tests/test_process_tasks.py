@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import process_gone, until
+from .conftest import process_gone, until, worker_pids
 
 jupyter_client = pytest.importorskip("jupyter_client")
 
@@ -304,6 +304,45 @@ async def test_the_same_tasks_on_a_dask_cluster(app):
         return "local"
 
     assert await local_again.submit().result(timeout=60) == "local"
+
+
+async def test_configuring_the_cluster_again_lets_runs_in_flight_end_where_they_run(app):
+    """Re-running a ``cpsl.configure(cluster=client)`` cell, or going back to local workers
+    with ``cluster=None``, while runs are going: those runs end as their bodies do, on the
+    cluster they started on, and the runs submitted after go where it now says. Before, the
+    old cluster's runs were killed and failed ``JobKilled: ... backend shut down``."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    client = distributed.Client(cluster, asynchronous=False)
+    gate = app.home / "gate"
+
+    @app.task(process=True, name="gated")
+    def gated(tag):
+        while not os.path.exists(str(gate)):
+            time.sleep(0.01)
+        return tag, os.getpid()
+
+    try:
+        app.runtime.cluster = client
+        first = gated.submit("first")
+        await until(lambda: first.snapshot()["status"] == "running", timeout=60)
+        app.runtime.cluster = client  # the same cell, run again
+        second = gated.submit("second")
+        await until(lambda: second.snapshot()["status"] == "running", timeout=60)
+        app.runtime.cluster = None  # back to this machine while both run on the cluster
+        local = gated.submit("local")
+        await until(lambda: local.snapshot()["status"] == "running", timeout=60)
+        gate.touch()
+        results = [await h.result(timeout=60) for h in (first, second, local)]
+    finally:
+        app.runtime.cluster = None
+        client.close()
+        cluster.close()
+    assert [tag for tag, _ in results] == ["first", "second", "local"]
+    local_workers = worker_pids(app.runtime.processes)
+    assert results[0][1] not in local_workers and results[1][1] not in local_workers  # on the Dask worker
+    assert results[2][1] in local_workers
 
 
 def test_a_plain_script_without_a_main_guard(tmp_path):

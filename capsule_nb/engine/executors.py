@@ -146,10 +146,11 @@ class ProcessExecutor(Executor):
 
     def start(self, run: Run) -> None:
         forward = forward_to(run)
+        cluster = self.runtime.cluster  # where this run goes, whatever configure() says later
 
         def on_message(kind: str, data: dict) -> None:
             if kind == "started":  # a worker took it: the run (and its timeout) starts now
-                if run.lock_key is not None and "pid" in data and self.runtime.cluster is None:  # a local worker
+                if run.lock_key is not None and "pid" in data and cluster is None:  # a local worker
                     self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
                 self.runtime.mark_running(run)
             elif kind == "show":  # the worker's show_task: the run's session here draws the card
@@ -158,7 +159,7 @@ class ProcessExecutor(Executor):
                 forward(kind, data)
 
         try:
-            job = self.runtime.backend.submit(run.call, on_message=on_message, memory_limit=run.task.memory_limit)
+            job = (cluster or self.runtime.processes).submit(run.call, on_message=on_message, memory_limit=run.task.memory_limit)
         except Exception as exc:
             self.runtime.finish(run, ("error", Failure.of(exc)))
             return

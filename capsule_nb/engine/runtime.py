@@ -455,24 +455,24 @@ class Runtime:
             return self._processes
 
     @property
-    def backend(self) -> Any:
-        """Where ``process=True`` runs go: the Dask cluster if one is configured, else local workers."""
-        return self._cluster or self.processes
-
-    @property
     def cluster(self) -> Any:
+        """Where ``process=True`` runs go: a ``DaskBackend``, or None for the local workers."""
         return self._cluster
 
     @cluster.setter
     def cluster(self, client: Any) -> None:
-        """Send ``process=True`` runs to a ``distributed.Client`` (None: back to local workers)."""
+        """Send ``process=True`` runs to a ``distributed.Client`` (None: back to local workers).
+        Runs in flight end where they run; the same client again (a cell run again) changes nothing."""
+        old = self._cluster
+        if client is not None and old is not None and old.client is client:
+            return
         if client is not None:  # (imported only then: an app without a cluster never loads it)
             from ..workers.dask import DaskBackend
 
             client = DaskBackend(client)
-        old, self._cluster = self._cluster, client
+        self._cluster = client
         if old is not None:
-            old.shutdown()
+            old.retire()
 
     # -------------------------------------------------------------- shutdown
 
@@ -503,6 +503,6 @@ class Runtime:
         processes, self._processes = self._processes, None
         if processes is not None:
             processes.shutdown(wait=False)
-        self.cluster = None
+        self.cluster = None  # its jobs were let go (killed) just above: it stops as they end
         self.store.flush()
 

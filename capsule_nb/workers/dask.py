@@ -106,6 +106,7 @@ class DaskBackend:
         self._jobs_lock = threading.Lock()
         self._inbox: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._closed = False
+        self._stopped = False
         self._thread = threading.Thread(target=self._deliver, name="capsule-dask-delivery", daemon=True)
         self._thread.start()
         client.subscribe_topic(self.topic, self._on_event)
@@ -122,10 +123,10 @@ class DaskBackend:
 
     def submit(self, call: Call, *, on_message: OnMessage | None = None,
                memory_limit: int | None = None) -> DaskJob:
-        if self._closed:
-            raise RuntimeError("this DaskBackend has been shut down")
         job = DaskJob(self, on_message)
-        with self._jobs_lock:
+        with self._jobs_lock:  # with ``retire``'s check: a job is never added to a backend that stopped
+            if self._closed:
+                raise RuntimeError("this DaskBackend has been shut down")
             self._jobs[job.id] = job
         job.future = self.client.submit(
             _run_on_worker, job.id, tuple(call), memory_limit, self.topic,
@@ -134,10 +135,20 @@ class DaskBackend:
         job.future.add_done_callback(lambda future: self._inbox.put(("done", job.id, future)))
         return job
 
+    def retire(self) -> None:
+        """Take no new jobs; those in flight end here as their tasks do, then it stops listening.
+
+        For ``configure(cluster=...)`` run again, or set to None, while runs are going: they
+        belong to the cluster they started on, and killing them would fail them for a change
+        of where the next runs go."""
+        with self._jobs_lock:
+            self._closed = True
+        self._stop_when_idle()
+
     def shutdown(self) -> None:
         """Kill the jobs still running and stop listening (the client stays open: it is the caller's)."""
-        self._closed = True
         with self._jobs_lock:
+            self._closed = True
             live = list(self._jobs.values())
         for job in live:
             job.kill("backend shut down")
@@ -146,6 +157,14 @@ class DaskBackend:
                 job.wait(KILL_GRACE + 1)
             except TimeoutError:
                 pass
+        self._stop_when_idle()
+
+    def _stop_when_idle(self) -> None:
+        """Once closed and without jobs: unsubscribe and end the delivery thread (once)."""
+        with self._jobs_lock:
+            if not self._closed or self._jobs or self._stopped:
+                return
+            self._stopped = True
         try:
             self.client.unsubscribe_topic(self.topic)
         except Exception:
@@ -243,6 +262,7 @@ class DaskBackend:
             self._jobs.pop(job.id, None)
         job.future = None  # lets Dask drop the result
         job._run_callbacks()
+        self._stop_when_idle()  # a retired backend goes with its last job
 
 
 # --------------------------------------------------------------------------- #
