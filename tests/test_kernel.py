@@ -439,6 +439,37 @@ def test_show_task_shows_the_card_once(kernel: Kernel) -> None:
     assert awaited.results == [] and plain.results == []
 
 
+def test_a_process_task_failing_in_a_cell_function_shows_the_cell_and_its_line(kernel: Kernel) -> None:
+    """A thread task's traceback names the cell's file and shows the failing line; a
+    ``process=True`` one said only ``File "<dynamic-code>", line 4, in checked_ratio``
+    (cloudpickle renames the code it sends by value), so nobody could tell where it failed."""
+    kernel.run(
+        """
+        def checked_ratio_body(a, b):
+            scaled = a * 10
+            return scaled / b  # the failing line
+
+        @cpsl.task(process=True)
+        def checked_ratio(a, b):
+            return checked_ratio_body(a, b)
+
+        @cpsl.task
+        def checked_ratio_in_thread(a, b):
+            return checked_ratio_body(a, b)
+
+        h_ratios = [checked_ratio.submit(1, 0), checked_ratio_in_thread.submit(1, 0)]
+        _ = [await h.wait(60) for h in h_ratios]
+        """, timeout=90,
+    )
+    in_process, in_thread = kernel.value("[h.snapshot()['traceback'] for h in h_ratios]")
+    assert "ZeroDivisionError" in in_process and "<dynamic-code>" not in in_process
+    assert "return scaled / b  # the failing line" in in_thread  # what a process run must match
+    cell_file = in_thread.split('File "')[-1].split('"')[0]  # the cell's file, as ipykernel names it
+    assert f'File "{cell_file}"' in in_process
+    assert "return scaled / b  # the failing line" in in_process
+    assert "return checked_ratio_body(a, b)" in in_process
+
+
 def test_reload_ext_while_a_task_runs_leaves_no_error_behind(kernel: Kernel) -> None:
     kernel.run(
         """

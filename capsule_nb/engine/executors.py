@@ -186,7 +186,8 @@ class ProcessExecutor(Executor):
         elif outcome.ok:
             self.runtime.finish(run, ("ok", self.runtime.results.keep(run.task_id, outcome.value)))
         else:
-            self.runtime.finish(run, ("error", Failure(outcome.exception, outcome.error, outcome.traceback)))
+            failure = Failure.from_worker(outcome.exception, outcome.error, outcome.traceback)
+            self.runtime.finish(run, ("error", failure))
 
     def interrupt(self, run: Run) -> None:
         if run.job is not None:  # else start() sees stop_reason once it has the job

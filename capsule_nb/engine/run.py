@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import linecache
 import operator
 import os
+import re
 import threading
 import time
 import traceback
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from ..workers.pickling import Call
     from .runtime import Runtime
 
+_FRAME = re.compile(r'  File "(.+)", line (\d+), in ')  # a frame of a formatted traceback
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT_FLUSH_SECONDS = 0.05  # how often captured output is folded into the record
 
@@ -89,6 +92,23 @@ class Failure(NamedTuple):
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         return cls(exc, f"{type(exc).__name__}: {exc}", text)
+
+    @classmethod
+    def from_worker(cls, exc: BaseException, error: str, text: str) -> "Failure":
+        """A worker's traceback, with the lines it could not show (a notebook cell's code,
+        whose file only this kernel has, in ``linecache``) filled in as an in-kernel run has them."""
+        if not text:
+            return cls(exc, error, text)
+        lines = text.splitlines(keepends=True)
+        out = []
+        for i, line in enumerate(lines):
+            out.append(line)
+            frame = _FRAME.match(line)
+            if frame and not (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+                source = linecache.getline(frame[1], int(frame[2])).strip()
+                if source:
+                    out.append(f"    {source}\n")
+        return cls(exc, error, "".join(out))
 
 
 class Run:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import pickle
 import types
 import weakref
+from collections import ChainMap
 from typing import Any, Callable, Iterator, NamedTuple
 
 import cloudpickle
@@ -180,10 +182,34 @@ def _plain(value: Any) -> bool:
     return True
 
 
+def _code_reduce(code: types.CodeType) -> tuple:
+    """cloudpickle's reduction of a code object, keeping the file it was defined in."""
+    rebuild, args = _cloudpickle_code_reduce(code)
+    return rebuild, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+
+
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that a function sent by value keeps its ``co_filename`` (cloudpickle
+    writes ``<dynamic-code>``, for payloads that do not depend on where code was defined): a
+    worker's traceback then names the notebook cell's file, and the kernel, which has that
+    cell's lines, can show them (``engine.run.Failure.from_worker``)."""
+
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+
+def _dumps(value: Any) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(value)
+        return file.getvalue()
+
+
 def pickle_function(fn: Callable[..., Any], session: Any = None, session_param: str | None = None) -> bytes:
     """``(fn, session, session_param)`` as cloudpickle bytes; a ``TypeError`` names what cannot go."""
     try:
-        return cloudpickle.dumps((fn, session, session_param))
+        return _dumps((fn, session, session_param))
     except Exception:
         check_picklable((), {}, fn)
         if session is not None and (problem := unpicklable("the session", session)):
