@@ -188,16 +188,18 @@ def _code_reduce(code: types.CodeType) -> tuple:
     return rebuild, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
 
 
-_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table.get(types.CodeType)
 
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, except that a function sent by value keeps its ``co_filename`` (cloudpickle
     writes ``<dynamic-code>``, for payloads that do not depend on where code was defined): a
     worker's traceback then names the notebook cell's file, and the kernel, which has that
-    cell's lines, can show them (``engine.run.Failure.from_worker``)."""
+    cell's lines, can show them (``engine.run.Failure.from_worker``). A cloudpickle that
+    reduces code some other way is used as it is."""
 
-    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+    if _cloudpickle_code_reduce is not None:
+        dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
 
 def _dumps(value: Any) -> bytes:
