@@ -231,7 +231,8 @@ def add_message(record: RunRecord, kind: str, text: str, **extra: Any) -> dict[s
     (kept in memory by every process, rewritten at each change) without
     bound. A text over ``MAX_MESSAGE_CHARS`` is cut and the message marked
     ``truncated``; past ``MAX_MESSAGES`` messages or ``MAX_MESSAGES_CHARS``
-    characters in all, the oldest go, counted in ``messages_dropped``.
+    characters in all, replaced notifications and then the oldest go, counted in
+    ``messages_dropped``.
     """
     entry = {"kind": kind, "text": text, "at": time.time(), **extra}
     for name, value in list(entry.items()):
@@ -262,11 +263,23 @@ def capped_text(text: str) -> str:
 
 
 def _within_caps(record: RunRecord, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Past the caps, notifications a newer one has replaced go first (a notification is a status
+    that the next replaces in place: a loop of them must not push the run's replies out), then
+    the oldest messages; the newest always stays."""
     sizes = [sum(len(v) for v in m.values() if type(v) is str) for m in messages]
-    total, drop = sum(sizes), max(0, len(messages) - MAX_MESSAGES)
-    total -= sum(sizes[:drop])
-    while total > MAX_MESSAGES_CHARS and drop < len(messages) - 1:  # the newest always stays
-        total -= sizes[drop]
-        drop += 1
-    dropped = (record.get("messages_dropped") or 0) + drop
-    return {"messages": messages[drop:], "messages_dropped": dropped}
+    count, total = len(messages), sum(sizes)
+    dropped = set()
+    notices = [i for i, m in enumerate(messages) if m.get("kind") == "notify"][:-1]
+    for i in notices:
+        if count <= MAX_MESSAGES and total <= MAX_MESSAGES_CHARS:
+            break
+        dropped.add(i)
+        count, total = count - 1, total - sizes[i]
+    for i in range(len(messages) - 1):
+        if count <= MAX_MESSAGES and total <= MAX_MESSAGES_CHARS:
+            break
+        if i not in dropped:
+            dropped.add(i)
+            count, total = count - 1, total - sizes[i]
+    kept = [m for i, m in enumerate(messages) if i not in dropped] if dropped else messages
+    return {"messages": kept, "messages_dropped": (record.get("messages_dropped") or 0) + len(dropped)}

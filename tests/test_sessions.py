@@ -54,6 +54,27 @@ async def test_messages_work_plainly_from_a_sync_task(app):
     assert handle.snapshot()["session_id"] is None
 
 
+async def test_a_loop_of_notifications_past_the_cap_keeps_the_runs_reply(app):
+    """A notification is replaced in place by the next: past the message cap the replaced ones go
+    first, not the reply sent before them (before, 1,200 notifies left 1,000 of themselves and no reply)."""
+    from capsule_nb.record import MAX_MESSAGES
+
+    @app.task
+    def checker(session):
+        session.reply("Your report is at /reports/daily.pdf")
+        for i in range(MAX_MESSAGES + 200):
+            session.notify(f"checked {i} rows")
+        session.log("done")
+
+    handle = checker.submit(session=app.session)
+    await handle.result(timeout=60)
+    record = handle.snapshot()
+    kept = [(m["kind"], m["text"]) for m in record["messages"]]
+    assert kept[0] == ("reply", "Your report is at /reports/daily.pdf")
+    assert kept[-2:] == [("notify", f"checked {MAX_MESSAGES + 199} rows"), ("log", "done")]
+    assert len(kept) == MAX_MESSAGES and record["messages_dropped"] == 202  # 1,202 messages sent
+
+
 async def test_async_stream_from_an_async_iterable(app):
     async def words():
         for word in ("to ", "be"):

@@ -117,7 +117,7 @@ class Run:
 
     __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
                  "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
-                 "start_timer", "deadline_timer", "_out", "_out_flushed")
+                 "start_timer", "deadline_timer", "_out", "_out_flushed", "_open_streams")
 
     def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
                  session: Any, target: Any, lock_key: str | None, call: "Call | None" = None):
@@ -142,6 +142,7 @@ class Run:
         self.deadline_timer: Any = None
         self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
+        self._open_streams: set[str] = set()  # stream messages not ended yet: the attempt's end ends them
 
     def follow_redefinition(self) -> None:
         """Starting after its task was defined again (a re-run cell): run the new body."""
@@ -174,6 +175,9 @@ class Run:
 
     def message(self, kind: str, text: str, **extra: Any) -> str:
         message_id = new_task_id()
+        if kind == "stream":
+            with self.lock:
+                self._open_streams.add(message_id)
         self.runtime.update(self.task_id, lambda r: evolve(r, **add_message(r, kind, text, id=message_id, **extra)))
         if kind not in NOT_SHOWN:
             self.runtime.display.message(self.target, kind, capped_text(text), extra, message_id=message_id,
@@ -190,7 +194,19 @@ class Run:
 
     def end_message(self, message_id: str) -> None:
         """A stream has ended: its last text goes to the cell now, not at the next redraw."""
+        with self.lock:
+            self._open_streams.discard(message_id)
         self.runtime.display.flush(message_id)
+
+    def settle_output(self) -> None:
+        """An attempt has ended: what it printed goes to the record, and each stream it never closed
+        ends, so its last text is in the cell before anyone awaiting the run goes on (a notebook
+        saved by nbconvert or papermill keeps the whole text, not a redraw still held back)."""
+        self.flush_output()
+        with self.lock:
+            streams, self._open_streams = self._open_streams, set()
+        for message_id in streams:
+            self.runtime.display.flush(message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

@@ -246,7 +246,7 @@ class Runtime:
 
     def finish(self, run: Run, outcome: Outcome) -> None:
         """Record how an attempt ended: done, or (for a failure with attempts left) a retry."""
-        run.flush_output()
+        run.settle_output()
         if run.deadline_timer is not None:
             run.deadline_timer.cancel()
         kind, detail = outcome

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ from . import kernel
 NOTICES_KEPT = 10_000  # (session, cell) notification outputs remembered for replacing in place
 REDRAW_SECONDS = 0.05  # a growing message is redrawn at most 20 times a second,
 REDRAW_CHARS = 100_000  # and less often once longer: each redraw sends the whole text
+
+_displays: "weakref.WeakSet[KernelDisplay]" = weakref.WeakSet()  # every app's display, for ``flush_held``
 
 
 def render_message(kind: str, text: str, extra: dict[str, Any]) -> dict[str, str]:
@@ -50,6 +53,7 @@ class KernelDisplay:
         self._notices: OrderedDict[str, None] = OrderedDict()  # notification outputs already drawn
         self._redrawn: OrderedDict[str, float] = OrderedDict()  # display id -> when it may be redrawn next
         self._due: dict[str, tuple[Any, str, Any, dict[str, Any]]] = {}  # display id -> the newest redraw, waiting
+        _displays.add(self)
 
     def message(self, target: Any, kind: str, text: str, extra: dict[str, Any], *, message_id: str,
                 session_id: str | None = None) -> bool:
@@ -109,6 +113,17 @@ class KernelDisplay:
 
     def show(self, target: Any, bundle: dict[str, str]) -> bool:
         return kernel.emit(target, bundle)
+
+
+def flush_held(*_: Any) -> None:
+    """Send every redraw still held back, by any app's display: registered as ``post_run_cell``, so
+    a cell's stream that was never closed shows its whole text before the cell is done (nbconvert
+    and papermill save what came before the cell's end, not a redraw sent after it)."""
+    for display in list(_displays):
+        with display._lock:
+            held = list(display._due)
+        for display_id in held:
+            display._redraw(display_id)
 
 
 def _display_id(message_id: str) -> str:
