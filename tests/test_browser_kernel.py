@@ -76,6 +76,14 @@ class Day:
         self.watch(self.page)
         return self.page
 
+    def run_notebook(self, name: str, *cells: str) -> Any:
+        """A notebook ``<name>.ipynb`` of ``cells``, opened in a tab and workspace of its own and run."""
+        write_notebook(self.lab.root / f"{name}.ipynb", *cells)
+        page = self.new_page(name)
+        open_notebook(page, self.lab, f"{name}.ipynb", workspace=name)
+        run_all(page)
+        return page
+
     def card(self, title: str, page: Any = None) -> Any:
         page = page or self.page
         return page.locator(CARD, has=page.locator(".cnb-title", has_text=title))
@@ -89,8 +97,14 @@ class Day:
         self.app.store.poll()
         return self.app.store.get_run(task_id)["status"]
 
-    def screenshots_on_failure(self, name: str) -> Any:
-        return screenshots_on_failure(self.page, f"kernel-{name}")
+    @contextlib.contextmanager
+    def screenshots_on_failure(self, name: str) -> Iterator[None]:
+        """Of the tab in front when it fails (``run_notebook`` inside the block opens one)."""
+        try:
+            yield
+        except BaseException:
+            with screenshots_on_failure(self.page, f"kernel-{name}"):
+                raise
 
 
 @pytest.fixture(scope="module")
@@ -304,17 +318,15 @@ def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, 
     task's thread: the card follows its run to its end meanwhile, rather than saying "running"
     with a clock counting on until the cell ends."""
     release = tmp_path / "release"
-    write_notebook(day.lab.root / "busy.ipynb", "%load_ext capsule_nb\nimport os, time\nimport capsule_nb as cpsl",
-                   "@cpsl.task\ndef grind(steps: int, session=None):\n    for step in range(steps):\n"
-                   "        time.sleep(0.2)\n        session.progress(step + 1, steps)\n    return steps\n\n"
-                   'ground = grind.submit(10, session=session)\nsession.show_task(ground, message="Grinding")',
-                   f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
-                   "\n    time.sleep(0.05)")
-    page = day.new_page("busy")
+    cells = ("%load_ext capsule_nb\nimport os, time\nimport capsule_nb as cpsl",
+             "@cpsl.task\ndef grind(steps: int, session=None):\n    for step in range(steps):\n"
+             "        time.sleep(0.2)\n        session.progress(step + 1, steps)\n    return steps\n\n"
+             'ground = grind.submit(10, session=session)\nsession.show_task(ground, message="Grinding")',
+             f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
+             "\n    time.sleep(0.05)")
     try:
         with day.screenshots_on_failure("blocked-loop"):
-            open_notebook(page, day.lab, "busy.ipynb", workspace="busy")
-            run_all(page)
+            page = day.run_notebook("busy", *cells)
             card = day.card("Grinding", page)
             card.wait_for(timeout=60_000)
             card.locator(".cnb-badge", has_text="completed").wait_for(timeout=20_000)
@@ -329,14 +341,11 @@ def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, 
 def test_a_run_waiting_to_retry_has_no_clock_counting_on(day: Day) -> None:
     """Between attempts nothing runs: the card and the board say the run waits to retry, instead
     of a clock counting on from the failed attempt's start (which read as a run still going)."""
-    write_notebook(day.lab.root / "retrying.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
-                   '@cpsl.task(retries=1, retry_delay="1h")\ndef flaky():\n    raise ValueError("flake")\n\n'
-                   'waiting = flaky.submit()\nsession.show_task(waiting, message="Waits to retry")',
-                   'cpsl.ui.TaskBoard(title="Retrying", filter={"task_name": "flaky"})')
-    page = day.new_page("retrying")
     with day.screenshots_on_failure("retry-clock"):
-        open_notebook(page, day.lab, "retrying.ipynb", workspace="retrying")
-        run_all(page)
+        page = day.run_notebook("retrying", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                                '@cpsl.task(retries=1, retry_delay="1h")\ndef flaky():\n    raise ValueError("flake")\n\n'
+                                'waiting = flaky.submit()\nsession.show_task(waiting, message="Waits to retry")',
+                                'cpsl.ui.TaskBoard(title="Retrying", filter={"task_name": "flaky"})')
         card = day.card("Waits to retry", page)
         card.locator(".cnb-badge", has_text="retry").wait_for(timeout=60_000)
         mini = page.locator(".cnb-board .cnb-mini.cnb-is-retry")
@@ -351,13 +360,10 @@ def test_a_run_waiting_to_retry_has_no_clock_counting_on(day: Day) -> None:
 def test_the_card_of_a_repeating_run_says_so_and_follows_the_series(day: Day) -> None:
     """``show_task(t.schedule("every 2s"))``: the card says the run repeats and moves on to each
     next run, instead of saying "completed" with no Cancel while the series goes on."""
-    write_notebook(day.lab.root / "repeating.ipynb", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
-                   '@cpsl.task\nasync def tick():\n    pass\n\n'
-                   'series = tick.schedule("every 2s")\nsession.show_task(series, message="Ticks")')
-    page = day.new_page("repeating")
     with day.screenshots_on_failure("repeating-card"):
-        open_notebook(page, day.lab, "repeating.ipynb", workspace="repeating")
-        run_all(page)
+        page = day.run_notebook("repeating", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                                '@cpsl.task\nasync def tick():\n    pass\n\n'
+                                'series = tick.schedule("every 2s")\nsession.show_task(series, message="Ticks")')
         card = day.card("Ticks", page)
         card.locator(".cnb-every", has_text="repeats every 2s").wait_for(timeout=60_000)
         first = card.locator(".cnb-sub").inner_text()

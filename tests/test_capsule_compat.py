@@ -36,7 +36,7 @@ from capsule_nb.portable import EXTENSIONS, PortabilityWarning
 from capsule_nb.ui import views
 
 from .conftest import until, until_sync
-from .test_kernel import Cell, Kernel, wait_on_disk
+from .test_kernel import Cell, Kernel, loaded_kernel, wait_on_disk
 
 REPO = Path(__file__).resolve().parent.parent
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -687,11 +687,8 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def nb(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("compat")
-    k = Kernel(base / "store", cwd=base)
-    k.run("%load_ext capsule_nb\nimport asyncio\nimport capsule_nb as cpsl")
-    yield k
-    k.close()
+    with loaded_kernel(tmp_path_factory, "compat", "%load_ext capsule_nb\nimport asyncio\nimport capsule_nb as cpsl") as k:
+        yield k
 
 
 def shown(cell: Cell) -> list[tuple[str | None, str]]:

@@ -8,6 +8,7 @@ disk. Only the cells that stand for a busy user block with ``time.sleep``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -16,7 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -165,20 +166,26 @@ def wait_on_disk(kernel: Kernel, task_id: str, statuses: set[str], timeout: floa
     return kernel.wait_for(reached, timeout, f"run {task_id} to be {statuses} on disk")
 
 
+@contextlib.contextmanager
+def loaded_kernel(tmp_path_factory: pytest.TempPathFactory, name: str, setup: str) -> Iterator[Kernel]:
+    """A test module's kernel: a store and folder of its own, ``setup`` (which loads the extension) run first."""
+    base = tmp_path_factory.mktemp(name)
+    k = Kernel(base / "store", cwd=base)
+    try:
+        k.setup = k.run(setup)
+        yield k
+    finally:
+        k.close()
+
+
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("kernel")
-    k = Kernel(base / "store", cwd=base)
-    setup = k.run(
-        """
+    with loaded_kernel(tmp_path_factory, "kernel", """
         %load_ext capsule_nb
         import asyncio, json, logging, os, sys, threading, time
         import capsule_nb as cpsl
-        """
-    )
-    k.setup = setup
-    yield k
-    k.close()
+        """) as k:
+        yield k
 
 
 # -------------------------------------------------------------------- tests

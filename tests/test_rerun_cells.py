@@ -11,15 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from .test_kernel import Kernel, wait_on_disk
+from .test_kernel import Kernel, loaded_kernel, wait_on_disk
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("rerun")
-    k = Kernel(base / "store", cwd=base)
-    k.run(
-        """
+    with loaded_kernel(tmp_path_factory, "rerun", """
         %load_ext capsule_nb
         import asyncio, threading, time
         import capsule_nb as cpsl
@@ -33,10 +30,8 @@ def kernel(tmp_path_factory: pytest.TempPathFactory):
                 if len(runs) >= n or time.monotonic() > deadline:
                     return runs[:n]
                 await asyncio.sleep(0.1)
-        """
-    )
-    yield k
-    k.close()
+        """) as k:
+        yield k
 
 
 def test_runs_that_start_after_a_task_cell_is_rerun_run_the_edited_body(kernel: Kernel) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from capsule_nb.demo import run_notebook
 
-from .test_kernel import Cell, Kernel
+from .test_kernel import Cell, Kernel, loaded_kernel
 
 WHOLE = ",".join(str(i) for i in range(300)) + ","  # what each stream below writes, chunk by chunk
 
@@ -38,11 +38,9 @@ def unclosed_in_a_process(session):
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("outputs")
-    k = Kernel(base / "store", cwd=base)
-    k.run("%load_ext capsule_nb\nimport capsule_nb as cpsl\nfrom IPython.display import display")
-    yield k
-    k.close()
+    with loaded_kernel(tmp_path_factory, "outputs",
+                       "%load_ext capsule_nb\nimport capsule_nb as cpsl\nfrom IPython.display import display") as k:
+        yield k
 
 
 def _texts(cell: Cell, display_id: str) -> list[tuple[int, str]]:
