@@ -166,3 +166,30 @@ def test_a_record_refuses_an_unknown_field():
 def test_an_unknown_executor_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'eager'"):
         cpsl.App(home=tmp_path / "s", executor="eager")
+
+
+def test_threads_asking_for_the_runtimes_loop_at_once_get_one_loop():
+    """Outside a kernel the loop is made on first use: threads that ask at the same moment
+    (a script's thread tasks submitting async ones) share one loop and one loop thread."""
+    from capsule_nb.engine.loop import LoopBinding
+
+    binding, gate = LoopBinding(), threading.Barrier(8)
+    before = {t.ident for t in threading.enumerate() if t.name == "capsule-loop"}
+    loops = []
+
+    def ask():
+        gate.wait(10)
+        loops.append(binding.loop)
+
+    askers = [threading.Thread(target=ask) for _ in range(8)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(10)
+    made = [t for t in threading.enumerate() if t.name == "capsule-loop" and t.ident not in before]
+    try:
+        assert len(loops) == 8 and len({id(loop) for loop in loops}) == 1
+        assert len(made) == 1
+    finally:
+        for loop in {id(loop): loop for loop in loops}.values():
+            loop.call_soon_threadsafe(loop.stop)

@@ -12,29 +12,34 @@ class LoopBinding:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
+        self._making = threading.Lock()  # threads asking at once (a script's thread tasks) get one loop
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             return loop
-        try:
-            loop = asyncio.get_running_loop()
-            self._thread = threading.get_ident()
-        except RuntimeError:
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-
-            def serve() -> None:
-                asyncio.set_event_loop(loop)
+        with self._making:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                return loop
+            try:
+                loop = asyncio.get_running_loop()
                 self._thread = threading.get_ident()
-                loop.call_soon(ready.set)
-                loop.run_forever()
+            except RuntimeError:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
 
-            threading.Thread(target=serve, name="capsule-loop", daemon=True).start()
-            ready.wait()
-        self._loop = loop
-        return loop
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    self._thread = threading.get_ident()
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=serve, name="capsule-loop", daemon=True).start()
+                ready.wait()
+            self._loop = loop
+            return loop
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Use ``loop`` (the kernel's) from now on; called by ``%load_ext``."""
