@@ -46,9 +46,15 @@ def test_a_value_folder_others_could_write_through_a_readable_store_is_refused(t
     value_folder.mkdir(parents=True)
     os.chmod(value_folder, 0o777)  # what diskcache makes under umask 000
     os.chmod(home, 0o755)
-    _refused(home, value_folder, "writable by other users")
+    message = _refused(home, value_folder, "writable by other users")
+    assert f"chmod -R go-w {home}" in message  # the fix, named
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o755  # refused, not made private and used
     os.chmod(home, 0o700)  # nobody else could ever reach it: a value folder's mode does not matter
-    cpsl.App(home=home).close()
+    app = cpsl.App(home=home)
+    try:
+        assert [r["status"] for r in app.store.runs()] == ["completed"]
+    finally:
+        app.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
@@ -56,7 +62,8 @@ def test_a_database_of_another_user_in_a_store_is_refused(tmp_path):
     home = tmp_path / "store"
     good_store(home)
     os.chown(home / "db" / "cache.db", 4321, 4321)
-    _refused(home, home / "db" / "cache.db", "belongs to user id 4321")
+    message = _refused(home, home / "db" / "cache.db", "belongs to user id 4321")
+    assert f"not to you ({os.getuid()})" in message and "the store is not used" in message
 
 
 def test_a_private_store_is_opened_as_before(tmp_path, caplog):
