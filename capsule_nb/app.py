@@ -47,10 +47,11 @@ _TASK_OPTIONS = frozenset(inspect.signature(Task).parameters) - {"fn", "app"}
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
-    if home is not None:
-        return Path(home)
-    env = os.environ.get("CAPSULE_NB_HOME")
-    return Path(env) if env else Path.cwd() / ".capsule"
+    """The store folder ``home`` names, as the store knows it (absolute, links resolved)."""
+    if home is None:
+        env = os.environ.get("CAPSULE_NB_HOME")
+        home = env if env else Path.cwd() / ".capsule"
+    return Path(home).expanduser().resolve()
 
 
 class Image:
@@ -91,7 +92,7 @@ class App:
         """A re-run ``app = cpsl.App(...)`` cell gives the app it made before (same name and
         store, still open): a new one would leave the old one's schedules firing their old
         bodies beside the new ones, and its upkeep running, for the rest of the kernel."""
-        same = _apps.get((str(_home(home).expanduser().resolve()), name)) if isinstance(name, str) else None
+        same = _apps.get((str(_home(home)), name)) if isinstance(name, str) else None
         if (same is not None and type(same) is cls and not same._closed
                 and same.runtime.settings.immediate == (options.get("executor") == "immediate")):
             return same
@@ -377,7 +378,7 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     global _default
     with _default_lock:
         old = _default
-        if old is None or (home is not None and _home(home).expanduser().resolve() != old.home):
+        if old is None or (home is not None and _home(home) != old.home):
             _default = App(home=home)
         app = _default
     if old is not None and old is not app:

@@ -43,7 +43,7 @@ def _open(args: argparse.Namespace) -> Any:
 
     from .app import App, _home
 
-    home = _home(args.home).expanduser().resolve()
+    home = _home(args.home)
     if not (home / "db" / "cache.db").is_file():
         named_by = ("given by --home" if args.home else "from CAPSULE_NB_HOME" if os.environ.get("CAPSULE_NB_HOME")
                     else "the default; give --home or set CAPSULE_NB_HOME")
@@ -171,7 +171,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .app import _home
     from .store import doctor
 
-    home = _home(args.home).expanduser().resolve()
+    home = _home(args.home)
     bad = doctor.examine(home)
     listing = [{"key": row.name, "table": row.table, "row": row.row, "problem": row.problem} for row in bad]
     if args.fix and bad:

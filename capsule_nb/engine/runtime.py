@@ -466,11 +466,12 @@ class Runtime:
         old = self._cluster
         if client is not None and old is not None and old.client is client:
             return
-        if client is not None:  # (imported only then: an app without a cluster never loads it)
+        if client is None:
+            self._cluster = None
+        else:  # (imported only then: an app without a cluster never loads it)
             from ..workers.dask import DaskBackend
 
-            client = DaskBackend(client)
-        self._cluster = client
+            self._cluster = DaskBackend(client)
         if old is not None:
             old.retire()
 

@@ -90,6 +90,13 @@ class KernelDisplay:
     def flush(self, message_id: str) -> None:
         self._redraw(_display_id(message_id))
 
+    def flush_all(self) -> None:
+        """Send every redraw held back."""
+        with self._lock:
+            held = list(self._due)
+        for display_id in held:
+            self._redraw(display_id)
+
     def _redraw(self, display_id: str) -> None:
         """Send the redraw held back for ``display_id``, if one still is (a flush may have sent it)."""
         with self._lock:
@@ -120,10 +127,7 @@ def flush_held(*_: Any) -> None:
     a cell's stream that was never closed shows its whole text before the cell is done (nbconvert
     and papermill save what came before the cell's end, not a redraw sent after it)."""
     for display in list(_displays):
-        with display._lock:
-            held = list(display._due)
-        for display_id in held:
-            display._redraw(display_id)
+        display.flush_all()
 
 
 def _display_id(message_id: str) -> str:
