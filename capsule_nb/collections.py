@@ -50,7 +50,7 @@ class Collection:
         if spec is not None:
             declare(store.path, name, spec)
             if spec.columns and (spec.sortable or spec.filterable):
-                store.index_docs([column.key for column in spec.columns])
+                store.index_docs(name, [column.key for column in spec.columns])
 
     def __repr__(self) -> str:
         return f"<collection {self.name!r}: {self.count()} documents>"

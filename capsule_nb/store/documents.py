@@ -7,14 +7,14 @@ and writes it back in one transaction, with its change-feed entry, so
 update keeps it). A document is JSON text (the JSON-only rule holds).
 
 A query is SQL over ``json_extract(doc, '$."a"."b"')`` of the fields it
-names, behind expression indexes made the first time a query needs one
-(``MAX_INDEXES`` at most): its equality fields, then its sort fields, so a
-filtered, sorted page of a big collection is a walk of a few index entries.
+names, behind expression indexes, so a filtered, sorted page of a big
+collection is a walk of a few index entries.
 The caller passes conditions SQL may test (a superset of the matches: it
 re-checks every document it is given with ``keep``) and says whether they
 are the whole filter (``exact``), which lets ``count`` count in SQL. A
 field that holds an array in some document (an index probe tells) is tested
 loosely, letting every array through, since an array matches by its elements.
+Which indexes exist, and when another is made, is ``doc_indexes.py``.
 
 SQL orders what ``json_extract`` gives: missing and null first, then
 numbers (false and true as 0 and 1), then text: strings, and objects and
@@ -30,7 +30,6 @@ Stores made before this table kept documents as diskcache rows
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
@@ -39,13 +38,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import diskcache
 
 from .disk import NotUTF8, marks
+from .doc_indexes import DocIndexes
 from .feed import Feed, doc_key, split_doc_key
 
 Change = Callable[["dict | None"], "dict | None"]
 Condition = tuple[str, str, Any]  # (dotted field, "=" | "in" | ">=" | "<=", value); None: missing or null
 Check = Callable[[str, Any, "str | None"], Any]  # ``rows.Rows.check``
 
-MAX_INDEXES = 32  # expression indexes made for queries and declared columns, in all
 _NUL = "instr(doc, '\\u0000') > 0"  # the document has a string holding a NUL character
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS capsule_docs (
@@ -58,7 +57,7 @@ _SCHEMA = (
     f"CREATE INDEX IF NOT EXISTS capsule_docs_with_nul ON capsule_docs (collection) WHERE {_NUL}",
 )
 _INSERT = "INSERT INTO capsule_docs (collection, doc_id, doc) VALUES (?, ?, ?) ON CONFLICT (collection, doc_id) "
-_INDEXES = "capsule_docs_by_"
+WALK_SHARE = 100  # a filter matching this many times a page's end walks the sort field's index
 _ARRAY_TEXT = ("[", "\\")  # json_extract gives an array as its JSON text, which sorts from "[" up to a backslash
 # A field name SQLite finds as written: the stored text does not escape it (see ``text``).
 _LABEL = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]+')
@@ -84,10 +83,15 @@ def json_path(field: str) -> str | None:
 def _expr(field: str) -> str:
     """The SQL for a field's value: the same text in every query and index (SQLite uses an
     expression index only for an identical expression)."""
-    path = json_path(field)
-    if path is None:
+    expr = _path_expr(field)
+    if expr is None:
         raise ValueError(f"SQL cannot name the field {field!r}")
-    return "json_extract(doc, '{}')".format(path.replace("'", "''"))
+    return expr
+
+
+def _path_expr(field: str) -> str | None:
+    path = json_path(field)
+    return None if path is None else "json_extract(doc, '{}')".format(path.replace("'", "''"))
 
 
 def _clause(condition: Condition) -> tuple[str, list[Any], str]:
@@ -115,10 +119,6 @@ def _term(field: str, direction: int) -> str:
     return f"{expr} DESC" if direction < 0 else expr
 
 
-def _covers(indexes: list[str], columns: str) -> bool:
-    return any(made == columns or made.startswith(columns + ", ") for made in indexes)
-
-
 class Documents:
     """The documents of one store. ``check(key, value, wrong)`` (``rows.Rows.check``) gives a
     document, or None for a row that is not one (skipped with a warning, never a crash)."""
@@ -130,13 +130,14 @@ class Documents:
         with cache.transact(retry=True):
             for statement in _SCHEMA:
                 cache._sql(statement)
-        self._served: set[str] = set()  # index columns this process has made sure of
+        self._indexes = DocIndexes(cache)
 
     # ---------------------------------------------------------------- writes
 
     def write(self, collection: str, changes: dict[str, Change]) -> dict[str, dict | None]:
         """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction."""
         written: dict[str, dict | None] = {}
+        young = self._indexes.young(collection)
         with self._cache.transact(retry=True):
             sql = self._cache._con
             for doc_id, change in changes.items():
@@ -149,6 +150,8 @@ class Documents:
                     sql.execute(_INSERT + "DO UPDATE SET doc = excluded.doc", (collection, doc_id, text(new)))
                 written[doc_id] = new
             self._feed.announce([doc_key(collection, doc_id) for doc_id in written])
+        if young:
+            self._indexes.for_fields(collection, written.values(), _path_expr)
         return written
 
     # ----------------------------------------------------------------- reads
@@ -158,11 +161,12 @@ class Documents:
                offset: int = 0) -> list[dict[str, Any]]:
         """The documents matching ``where`` and ``keep``, by ``order`` (``[(field, 1 or -1)]``)
         then insertion; rows stream in that order until the page is full."""
-        clauses, args, _ = self._where(collection, where, order)
-        terms = [_term(field, direction) for field, direction in order]
-        cursor = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs WHERE {' AND '.join(clauses)} "
-                                  f"ORDER BY {', '.join([*terms, 'seq'])}", args)
         stop = None if limit is None else offset + limit
+        clauses, args, _, key = self._where(collection, where, order)
+        terms = [_term(field, direction) for field, direction in order]
+        walk = self._walk(collection, where, order, key, clauses, args, stop)
+        cursor = self._cache._sql(f"SELECT doc_id, doc FROM capsule_docs{walk} WHERE {' AND '.join(clauses)} "
+                                  f"ORDER BY {', '.join([*terms, 'seq'])}", args)
         try:
             found = (doc for doc in self._documents(collection, cursor) if keep is None or keep(doc))
             return list(itertools.islice(found, offset, stop))
@@ -174,7 +178,7 @@ class Documents:
         """How many documents match ``where`` and ``keep``: counted in SQL when ``where`` is
         ``exact`` (the documents holding a NUL character re-checked with ``keep``)."""
         if exact:
-            clauses, args, exact = self._where(collection, where, ())
+            clauses, args, exact, _ = self._where(collection, where, ())
         if not exact:
             return len(self.select(collection, where, keep=keep))
         found = self._cache._sql(f"SELECT count(*) FROM capsule_docs WHERE {' AND '.join(clauses)}", args)
@@ -198,60 +202,62 @@ class Documents:
                 yield doc
 
     def _where(self, collection: str, where: Sequence[Condition],
-               order: Sequence[tuple[str, int]]) -> tuple[list[str], list[Any], bool]:
+               order: Sequence[tuple[str, int]]) -> tuple[list[str], list[Any], bool, list[str]]:
         """The SQL of ``where``, after making the index that serves it sorted by ``order``:
         its equality fields, then its sort fields (unsorted: its first other field).
         Also whether that SQL is all of ``where``: it is not when a field it tests holds
         an array in some document, since an array matches by any of its elements
-        (``keep`` decides), so there it lets every array through."""
+        (``keep`` decides), so there it lets every array through. And that index's key."""
         tested = [(condition, *_clause(condition)) for condition in where]
         equal = {expr for condition, _, _, expr in tested if condition[1] == "="}
         other = [expr for condition, _, _, expr in tested if condition[1] != "="]
+        key = []
         if "doc_id" not in equal.union(other):  # else the unique (collection, doc_id) index finds them
             key = [*sorted(equal), *([_term(field, direction) for field, direction in order] or other[:1])]
             if key and key[0].split()[0] != "doc_id":
-                self._make_index(key)
-        clauses, args, whole = ["collection = ?"], [collection], True
+                self._indexes.for_query(collection, key)
+            else:
+                key = []
+        picks, args = self._indexes.where(collection)
+        clauses, whole = [picks], True
         for _, sql, values, expr in tested:
             if expr != "doc_id" and self._holds_arrays(collection, expr):
                 sql, values, whole = f"({sql} OR ({expr} >= ? AND {expr} < ?))", [*values, *_ARRAY_TEXT], False
             clauses.append(sql)
             args.extend(values)
-        return clauses, args, whole
+        return clauses, args, whole, key
+
+    def _walk(self, collection: str, where: Sequence[Condition], order: Sequence[tuple[str, int]],
+              key: list[str], clauses: list[str], args: list[Any], stop: int | None) -> str:
+        """``INDEXED BY`` the index on the first sort field, for a page of a filtered and sorted
+        query on a collection that has no index of the query's whole shape, when the filter
+        lets through so many documents (``WALK_SHARE``) that walking them in order fills the
+        page sooner than sorting them all. SQLite's planner sorts them all."""
+        if not (key and order and stop and any(op == "=" for _, op, _ in where)):
+            return ""
+        index = self._indexes.walk(collection, key, _term(order[0][0], 1))
+        if index is None:
+            return ""
+        enough = WALK_SHARE * stop
+        (found,) = self._cache._sql(f"SELECT count(*) FROM (SELECT 1 FROM capsule_docs WHERE {' AND '.join(clauses)} "
+                                    f"LIMIT ?)", (*args, enough)).fetchone()
+        return f" INDEXED BY {index}" if found >= enough else ""
 
     def _holds_arrays(self, collection: str, expr: str) -> bool:
         """Whether some document has an array (or a string starting with "[") at ``expr``:
         an index probe, through the index on ``expr`` made here if none serves it yet."""
-        self._make_index([expr])
-        return self._cache._sql(f"SELECT 1 FROM capsule_docs WHERE collection = ? AND {expr} >= ? AND {expr} < ? "
-                                f"LIMIT 1", (collection, *_ARRAY_TEXT)).fetchone() is not None
+        self._indexes.make(collection, [expr])
+        picks, args = self._indexes.where(collection)
+        return self._cache._sql(f"SELECT 1 FROM capsule_docs WHERE {picks} AND {expr} >= ? AND {expr} < ? LIMIT 1",
+                                (*args, *_ARRAY_TEXT)).fetchone() is not None
 
     # --------------------------------------------------------------- indexes
 
-    def index(self, fields: Sequence[str]) -> None:
+    def index(self, collection: str, fields: Sequence[str]) -> None:
         """An index on each of ``fields`` (a collection's declared columns), where SQL can name it."""
         for field in fields:
             if json_path(field) is not None and field != "_id":
-                self._make_index([_expr(field)])
-
-    def _make_index(self, terms: list[str]) -> None:
-        """An index on ``(collection, *terms)``, unless one that starts so exists (made by any
-        process) or ``MAX_INDEXES`` do; checked once per process."""
-        columns = ", ".join(["collection", *terms])
-        if columns in self._served:
-            return
-        if not _covers(self._indexes(), columns):
-            with self._cache.transact(retry=True):
-                made = self._indexes()
-                if not _covers(made, columns) and len(made) < MAX_INDEXES:
-                    name = _INDEXES + hashlib.sha1(columns.encode()).hexdigest()[:12]
-                    self._cache._sql(f"CREATE INDEX IF NOT EXISTS {name} ON capsule_docs ({columns})")
-        self._served.add(columns)
-
-    def _indexes(self) -> list[str]:
-        """The columns of the indexes made for queries and declared columns so far."""
-        return [sql.partition(" ON capsule_docs (")[2][:-1] for (sql,) in self._cache._sql(
-            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name GLOB ?", (_INDEXES + "*",)).fetchall()]
+                self._indexes.make(collection, [_expr(field)])
 
     # ------------------------------------------------------------- migration
 

@@ -408,9 +408,9 @@ class Store:
         conditions are ``exact`` (say all that ``keep`` does)."""
         return self._documents.count(collection, where, keep=keep, exact=exact)
 
-    def index_docs(self, fields: Sequence[str]) -> None:
-        """Index documents by each of ``fields`` (a collection's declared sortable or filterable columns)."""
-        self._documents.index(fields)
+    def index_docs(self, collection: str, fields: Sequence[str]) -> None:
+        """Index ``collection`` by each of ``fields`` (its declared sortable or filterable columns)."""
+        self._documents.index(collection, fields)
 
     @disk.says_which_store
     def write_docs(self, collection: str, changes: dict[str, Callable[[dict | None], dict | None]]) -> dict[str, dict | None]:
