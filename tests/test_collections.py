@@ -410,6 +410,15 @@ def test_a_collection_indexes_its_fields_while_young_so_its_first_query_when_gro
     assert [d["n"] for d in found] == [3100] and [s for s in statements if s.startswith("CREATE INDEX")]
 
 
+def test_a_young_collection_indexes_its_first_eight_fields_in_the_documents_order(app):
+    """Eight indexes at most for fields (writing a document updates each one); the rest of
+    a collection's 16 are left for the shapes of its queries."""
+    wide = app.collection("wide")
+    wide.insert_one({f"f{i}": i for i in range(12, 0, -1)})
+    assert _index_fields(app.home, "wide") == sorted(f"f{i}" for i in range(12, 4, -1))
+    assert wide.find_one({"f1": 1})["f12"] == 12
+
+
 def test_indexes_serve_their_own_collection_whatever_its_name(app):
     """Each collection's indexes are its own (writing to one never updates another's),
     named in SQL as a literal: a quote in the name is escaped, and a name SQL text cannot

@@ -115,8 +115,9 @@ class DocIndexes:
     def for_fields(self, collection: str, docs: Iterable[dict | None], expr_of: Callable[[str], str | None]) -> None:
         """Index the top-level fields that ``docs``, just written to a collection that was
         young, hold a short scalar at; ``expr_of(field)`` is a field's expression."""
-        fields = {field for doc in docs if doc for field, value in doc.items() if field != "_id" and _keylike(value)}
-        for expr in sorted(filter(None, map(expr_of, fields))):
+        fields = dict.fromkeys(field for doc in docs if doc for field, value in doc.items()  # in the documents' order
+                               if field != "_id" and _keylike(value))
+        for expr in filter(None, map(expr_of, fields)):
             if (collection, expr) not in self._served:
                 if self._auto[collection] >= AUTO_FIELDS:
                     break
