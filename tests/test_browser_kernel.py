@@ -172,7 +172,11 @@ def test_close_and_reopen_the_tab_and_the_cards_still_act(day: Day) -> None:
 
         # The notebook's own tab in JupyterLab, closed and opened again.
         page.locator(".lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").first.click()
-        page.locator(".jp-Notebook").wait_for(state="detached", timeout=10_000)
+        notebook, asked = page.locator(".jp-Notebook"), page.locator(".jp-Dialog .jp-mod-accept")
+        wait_until(lambda: notebook.count() == 0 or asked.count() > 0, 10, "the tab closed, or asked to save")
+        if asked.count():  # outputs drawn since the last save: save them, as a person keeping them would
+            asked.click()
+        notebook.wait_for(state="detached", timeout=10_000)
         time.sleep(3)
         page.locator(".jp-DirListing-item", has_text="life.ipynb").dblclick()
         day.card("Cancel me").locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)

@@ -211,13 +211,11 @@ class Documents:
         tested = [(condition, *_clause(condition)) for condition in where]
         equal = {expr for condition, _, _, expr in tested if condition[1] == "="}
         other = [expr for condition, _, _, expr in tested if condition[1] != "="]
-        key = []
-        if "doc_id" not in equal.union(other):  # else the unique (collection, doc_id) index finds them
-            key = [*sorted(equal), *([_term(field, direction) for field, direction in order] or other[:1])]
-            if key and key[0].split()[0] != "doc_id":
-                self._indexes.for_query(collection, key)
-            else:
-                key = []
+        key = [*sorted(equal), *([_term(field, direction) for field, direction in order] or other[:1])]
+        if "doc_id" in equal.union(other) or not key or key[0].split()[0] == "doc_id":
+            key = []  # the unique (collection, doc_id) index finds them
+        else:
+            self._indexes.for_query(collection, key)
         picks, args = self._indexes.where(collection)
         clauses, whole = [picks], True
         for _, sql, values, expr in tested:
