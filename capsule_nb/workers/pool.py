@@ -372,17 +372,35 @@ class ProcessPool:
         if tag == "msg":
             job._deliver(message[2], message[3])
         elif tag == "done":
-            outcome = outcome_from(message[2], message[3], worker.pid)
-            with self._lock:
-                if worker.job is not job:
-                    return
-                worker.job = None
-                job._settle(outcome)
-                if message[4]:
-                    worker.doomed = True  # it exits by itself; its reader then removes it
-                elif not worker.doomed and not self._closed:
+            self._done(worker, job, outcome_from(message[2], message[3], worker.pid), message[4])
+
+    def _done(self, worker: _Worker, job: ProcessJob, outcome: Outcome, leaving: bool) -> None:
+        """``worker`` has finished ``job``: it takes the next queued job at once (the idle list
+        and ``_dispatch`` are for what this cannot do), and the job's done callbacks run
+        while the worker works, with one taking of the lock for all of it."""
+        following = None
+        with self._lock:
+            if worker.job is not job:
+                return
+            worker.job = None
+            job._settle(outcome)
+            if leaving:
+                worker.doomed = True  # it exits by itself; its reader then removes it
+            elif not worker.doomed and not self._closed:
+                if self._queue:
+                    following = self._queue.popleft()
+                    worker.job, following._worker, following.pid = following, worker, worker.pid
+                else:
                     self._idle.append(worker)
+            more = bool(self._queue) and (bool(self._idle) or len(self._workers) < self.max_workers)
+            ended, self._ended = self._ended, []
+        if following is not None:
+            following._deliver("started", {"pid": worker.pid})
+            worker.send_job(following)
+        if more or leaving:  # a worker to start, or (a race) one idle while jobs wait
             self._dispatch()
+        for settled in ended:
+            settled._run_callbacks()
 
     def _died(self, worker: _Worker, exitcode: int | None, dump: str) -> None:
         """``worker``'s process is gone (and reaped); settle its job, if it had one."""
