@@ -148,6 +148,7 @@ class _Worker:
 
     def _read(self) -> None:
         conn = self.conn
+        frames = _Frames(conn.fileno())
         orphan: int | None = None  # a pidfd on the worker, once its forkserver died before it
         # One selector for the worker's life (``connection.wait`` makes one per call). The
         # sentinel tells of a death even when the worker's own children keep the pipe open.
@@ -163,13 +164,14 @@ class _Worker:
                             selector.register(orphan, selectors.EVENT_READ)
                             continue
                         break
-                    data = conn.recv_bytes()
+                    messages = frames.read()
                 except (EOFError, OSError):
                     break
-                try:
-                    self.pool._handle(self, pickle.loads(data))
-                except Exception:
-                    log.exception("capsule_nb: bad message from process worker %s", self.pid)
+                for data in messages:
+                    try:
+                        self.pool._handle(self, pickle.loads(data))
+                    except Exception:
+                        log.exception("capsule_nb: bad message from process worker %s", self.pid)
         self.process.join()  # reaped (by the forkserver) before anyone hears the job ended
         dump = _read_available(self.faults)
         self.pool._died(self, self.process.exitcode if orphan is None else None, dump)  # an orphan's is unknown
@@ -192,6 +194,42 @@ class _Worker:
             return os.pidfd_open(self.pid)
         except (AttributeError, OSError):  # gone as well (or no pidfd): dead, as before
             return None
+
+
+class _Frames:
+    """What a worker sent with ``Connection.send_bytes`` (a 4-byte big-endian length, or -1 and
+    an 8-byte one, then the bytes), read with one ``os.read`` for whatever has arrived, where
+    ``recv_bytes`` makes two reads per message. Each read gives the GIL away and waits to get
+    it back, behind the loop and the submitting thread: fewer reads, fewer such waits."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._buffer = bytearray()
+        self._wanted = 1 << 16  # what the next read asks for: more when a big message is coming
+
+    def read(self) -> list[bytes]:
+        """The messages complete after one read (maybe none yet); ``EOFError`` at the end."""
+        chunk = os.read(self._fd, self._wanted)
+        if not chunk:
+            raise EOFError
+        buffer = self._buffer
+        buffer += chunk
+        messages, start, end = [], 0, len(buffer)
+        while end - start >= 4:
+            size, head = int.from_bytes(buffer[start : start + 4], "big", signed=True), 4
+            if size == -1:  # (over 2 GiB)
+                if end - start < 12:
+                    break
+                size, head = int.from_bytes(buffer[start + 4 : start + 12], "big"), 12
+            if end - start - head < size:
+                self._wanted = max(1 << 16, size + head - (end - start))
+                break
+            messages.append(bytes(buffer[start + head : start + head + size]))
+            start += head + size
+        else:
+            self._wanted = 1 << 16
+        del buffer[:start]
+        return messages
 
 
 def _read_available(conn: multiprocessing.connection.Connection) -> str:
