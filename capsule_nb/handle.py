@@ -185,6 +185,12 @@ class TaskHandle(Steps):
         return hash(self.task_id)
 
 
+class _HandleRef(weakref.ref):
+    """A weak reference to a handle that knows its run's id."""
+
+    __slots__ = ("task_id",)
+
+
 _Waiter = tuple[asyncio.Future[dict[str, Any]], int]  # the future and the thread of its loop
 
 
@@ -200,7 +206,7 @@ class Endings:
     entry, and thousands of waiters cost nothing per change."""
 
     def __init__(self, events: Any):
-        self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
+        self._handles: dict[str, _HandleRef] = {}  # held weakly: a handle nobody keeps goes, and its entry
         self._waiters: dict[str, _Waiter | list[_Waiter]] = {}  # a run's one waiter, or a list of them
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
@@ -208,8 +214,14 @@ class Endings:
         self.close = events.subscribe(self._published)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
-        self._handles[handle.task_id] = handle
+        ref = _HandleRef(handle, self._gone)
+        ref.task_id = handle.task_id
+        self._handles[handle.task_id] = ref
         return handle
+
+    def _gone(self, ref: "_HandleRef") -> None:  # (a WeakValueDictionary does this in Python at every add)
+        if self._handles.get(ref.task_id) is ref:
+            self._handles.pop(ref.task_id, None)
 
     def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future, on the running loop, that gets the run's finished record."""
@@ -246,7 +258,8 @@ class Endings:
     def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
         if record["status"] not in FINISHED:
             return
-        handle = self._handles.get(record["task_id"])
+        ref = self._handles.get(record["task_id"])
+        handle = ref() if ref is not None else None
         if handle is not None:
             handle._final = record
         if not self._waiters:
