@@ -268,7 +268,8 @@ class _ProcessLink(_Forward):
     __slots__ = ("executor", "cluster")
 
     def __init__(self, executor: ProcessExecutor, run: Run, cluster: Any):
-        super().__init__(run)
+        self.run = run  # (as ``_Forward.__init__``, without the call: one of these per submit)
+        self.ids = None
         self.executor = executor
         self.cluster = cluster
 
