@@ -129,22 +129,23 @@ class TaskHandle(Steps):
         finished record the store publishes. A run another process owns reaches
         those events through the runtime's watch, one store poll per tick however
         many runs are waited on."""
-        record = self._record()
-        if record["status"] in FINISHED:
-            return record["status"]
+        if self._final is not None:
+            return self._final["status"]
         endings = self._app._endings
-        ended = endings.expect(self.task_id)
+        ended = endings.expect(self.task_id)  # listening before looking: an ending meanwhile is heard
+        deadlines = None
         try:
-            record = self._record()  # it may have ended before we listened
+            record = self._record()
             if record["status"] not in FINISHED:
                 with self._app.runtime.watch(record):
-                    record = await endings.within(ended, timeout)
+                    deadlines = endings.deadline(ended, timeout)
+                    record = await ended
         except asyncio.TimeoutError:
             record = self._record()
             if record["status"] not in FINISHED:
                 raise TimeoutError(f"run {self.task_id} is still {record['status']} after {timeout:g}s") from None
         finally:
-            endings.forget(self.task_id, ended)
+            endings.forget(self.task_id, ended, deadlines)
         self._final = record
         return record["status"]
 
@@ -184,6 +185,20 @@ class TaskHandle(Steps):
         return hash(self.task_id)
 
 
+class _HandleRef(weakref.ref):
+    """A weak reference to a handle that knows its run's id."""
+
+    __slots__ = ("task_id",)
+
+
+_Waiter = tuple[asyncio.Future[dict[str, Any]], int]  # the future and the thread of its loop
+
+
+def _listed(waiters: "_Waiter | list[_Waiter] | None") -> list[_Waiter]:
+    """What ``Endings`` keeps for a run (one waiter, a list of them or None) as a list."""
+    return [] if waiters is None else waiters if type(waiters) is list else [waiters]  # type: ignore[list-item]
+
+
 class Endings:
     """How this app's runs end, told to whoever asked: the handles submits returned (held
     weakly, so waiting on a run that retention pruned first still tells how it ended) and
@@ -191,58 +206,68 @@ class Endings:
     entry, and thousands of waiters cost nothing per change."""
 
     def __init__(self, events: Any):
-        self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
-        self._waiters: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
+        self._handles: dict[str, _HandleRef] = {}  # held weakly: a handle nobody keeps goes, and its entry
+        self._waiters: dict[str, _Waiter | list[_Waiter]] = {}  # a run's one waiter, or a list of them
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
         self.close = events.subscribe(self._published)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
-        self._handles[handle.task_id] = handle
+        ref = _HandleRef(handle, self._gone)
+        ref.task_id = handle.task_id
+        self._handles[handle.task_id] = ref
         return handle
+
+    def _gone(self, ref: "_HandleRef") -> None:  # (a WeakValueDictionary does this in Python at every add)
+        if self._handles.get(ref.task_id) is ref:
+            self._handles.pop(ref.task_id, None)
 
     def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future, on the running loop, that gets the run's finished record."""
         ended: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        waiter = (ended, threading.get_ident())
         with self._lock:
-            self._waiters.setdefault(task_id, []).append((ended, threading.get_ident()))
+            known = self._waiters.get(task_id)  # most runs have one waiter: no list for it
+            self._waiters[task_id] = waiter if known is None else [*_listed(known), waiter]
         return ended
 
-    def forget(self, task_id: str, ended: asyncio.Future[dict[str, Any]]) -> None:
+    def forget(self, task_id: str, ended: asyncio.Future[dict[str, Any]], deadlines: "_Deadlines | None") -> None:
+        """The wait on ``ended`` is over (``deadlines``: where ``deadline`` put its timeout)."""
         with self._lock:
-            rest = [waiter for waiter in self._waiters.get(task_id, ()) if waiter[0] is not ended]
+            rest = [waiter for waiter in _listed(self._waiters.get(task_id)) if waiter[0] is not ended]
             if rest:
-                self._waiters[task_id] = rest
+                self._waiters[task_id] = rest[0] if len(rest) == 1 else rest
             else:
                 self._waiters.pop(task_id, None)
+        if deadlines is not None:
+            deadlines.over()
 
-    async def within(self, ended: asyncio.Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
-        """``ended``'s record, or ``asyncio.TimeoutError`` after ``timeout`` s."""
+    def deadline(self, ended: asyncio.Future[dict[str, Any]], timeout: float | None) -> "_Deadlines | None":
+        """Fail ``ended`` with ``asyncio.TimeoutError`` after ``timeout`` s (None: never); gives
+        what to hand ``forget``."""
         if timeout is None:
-            return await ended
-        loop = asyncio.get_running_loop()
+            return None
+        loop = ended.get_loop()
         deadlines = self._deadlines.get(loop)
         if deadlines is None:
             deadlines = self._deadlines[loop] = _Deadlines(loop, self._deadlines)
         deadlines.add(ended, timeout)
-        try:
-            return await ended
-        finally:
-            deadlines.over()
+        return deadlines
 
     def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
         if record["status"] not in FINISHED:
             return
-        handle = self._handles.get(record["task_id"])
+        ref = self._handles.get(record["task_id"])
+        handle = ref() if ref is not None else None
         if handle is not None:
             handle._final = record
         if not self._waiters:
             return
         with self._lock:
-            waiters = self._waiters.pop(record["task_id"], ())
+            waiters = self._waiters.pop(record["task_id"], None)
         here = threading.get_ident()
-        for ended, thread in waiters:
+        for ended, thread in _listed(waiters):
             if thread == here:
                 _settle([(ended, record)])
             else:

@@ -97,8 +97,13 @@ class RunRecord(TypedDict, total=False):
 FIELDS = frozenset(RunRecord.__annotations__)
 
 
-def new_record(**fields: Any) -> RunRecord:
-    """A record with every field present (``None`` or empty where not given)."""
+def new_record(fields: dict[str, Any] | None = None, /, **more: Any) -> RunRecord:
+    """A record with every field present (``None`` or empty where not given): ``fields`` (a
+    dict, taken as it is: the submit path makes one, not two) and ``more``."""
+    if fields is None:
+        fields = more
+    elif more:
+        fields = {**fields, **more}
     if not FIELDS.issuperset(fields):
         raise TypeError(f"unknown run record fields: {sorted(fields.keys() - FIELDS)}")
     return {**_NULLS, "messages": [], "output": [], "args": [], "kwargs": {}, "params": {},  # type: ignore[return-value]

@@ -303,6 +303,28 @@ def test_shutdown_kills_running_jobs_and_refuses_new_ones():
         one.run(os.getpid)
 
 
+def _bytes_after_prints(size: int, prints: int) -> bytes:
+    for i in range(prints):
+        print(f"line {i}")
+    return bytes(range(256)) * (size // 256) + bytes(size % 256)
+
+
+def test_results_of_every_size_and_messages_sent_back_to_back_arrive_whole(pool):
+    """The reader takes what a worker sent in one read and cuts it into messages: a message
+    split over reads (the 64 KiB read, multiprocessing's 16 KiB boundary where it sends the
+    length and the bytes apart, a big result), and many messages arriving at once, each
+    come out as sent and in order."""
+    for size in (0, 1, 16375, 16376, 16377, 65530, 65536, 65537, 1 << 20, 9 * 2**20 + 7):
+        recorder = Recorder()
+        outcome = pool.run(_bytes_after_prints, (size, 50), on_message=recorder).wait(60)
+        assert outcome.ok, outcome.error
+        assert outcome.value == bytes(range(256)) * (size // 256) + bytes(size % 256)
+        printed = "".join(data["text"] for kind, data in recorder.calls if kind == "capture")
+        assert printed == "".join(f"line {i}\n" for i in range(50))
+    burst = [pool.run(_bytes_after_prints, (i * 997, 0)) for i in range(200)]
+    assert [len(job.wait(60).value) for job in burst] == [i * 997 for i in range(200)]
+
+
 # --------------------------------------------------------------------------- #
 # Messages, output and sessions from the child
 # --------------------------------------------------------------------------- #

@@ -145,21 +145,10 @@ class ProcessExecutor(Executor):
     done callback finishes the run on the back end's delivery thread."""
 
     def start(self, run: Run) -> None:
-        forward = forward_to(run)
-        cluster = self.runtime.cluster  # where this run goes, whatever configure() says later
-
-        def on_message(kind: str, data: dict) -> None:
-            if kind == "started":  # a worker took it: the run (and its timeout) starts now
-                if run.lock_key is not None and "pid" in data and cluster is None:  # a local worker
-                    self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
-                self.runtime.mark_running(run)
-            elif kind == "show":  # the worker's show_task: the run's session here draws the card
-                self.context(run).run(self._show_task, run, data["task_id"], data["message"])
-            else:
-                forward(kind, data)
-
+        link = _ProcessLink(self, run, self.runtime.cluster)  # where this run goes, whatever configure() says later
         try:
-            job = (cluster or self.runtime.processes).submit(run.call, on_message=on_message, memory_limit=run.task.memory_limit)
+            job = (link.cluster or self.runtime.processes).submit(run.call, on_message=link,
+                                                                  memory_limit=run.task.memory_limit)
         except Exception as exc:
             self.runtime.finish(run, ("error", Failure.of(exc)))
             return
@@ -168,7 +157,13 @@ class ProcessExecutor(Executor):
             stop = run.stop_reason
         if stop:
             job.kill(stop)
-        job.add_done_callback(lambda outcome: self._job_ended(run, outcome))
+        job.add_done_callback(link.ended)
+
+    def _started(self, run: Run, cluster: Any, data: dict) -> None:
+        """A worker took the run: the run (and its timeout) starts now."""
+        if run.lock_key is not None and "pid" in data and cluster is None:  # a local worker
+            self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
+        self.runtime.mark_running(run)
 
     def _show_task(self, run: Run, task_id: str, message: str | None) -> None:
         """What would fail the call in a thread run (an unknown id) cannot reach the worker,
@@ -228,24 +223,64 @@ def _run_to_end(coro: Coroutine) -> Any:
         return stop.value
 
 
-def forward_to(run: Any) -> Callable[[str, dict], None]:
+class _Forward:
     """An ``on_message`` that replays a worker's calls on ``run``.
 
     The child makes its own message ids (it needs one at once, for
     ``extend_message``); this maps them to the ids ``run.message`` returns.
+    An object with slots, not a closure: a burst keeps thousands alive, and
+    each cell and function of a closure is scanned by every garbage collection.
     """
-    ids: dict[str, str] = {}
 
-    def on_message(kind: str, data: dict) -> None:
+    __slots__ = ("run", "ids")
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.ids: dict[str, str] | None = None  # made by the first message: most runs send none
+
+    def __call__(self, kind: str, data: dict) -> None:
+        run = self.run
         if kind == "capture":
             run.capture(data["stream"], data["text"])
         elif kind == "message":
-            ids[data["id"]] = run.message(data["kind"], data["text"], **data.get("extra", {}))
+            if self.ids is None:
+                self.ids = {}
+            self.ids[data["id"]] = run.message(data["kind"], data["text"], **data.get("extra", {}))
         elif kind == "extend":
-            run.extend_message(ids.get(data["id"], data["id"]), data["text"])
+            run.extend_message(self._id(data["id"]), data["text"])
         elif kind == "end":
-            run.end_message(ids.get(data["id"], data["id"]))
+            run.end_message(self._id(data["id"]))
         elif kind == "progress":
             run.progress(data["done"], data["total"], data["message"])
 
-    return on_message
+    def _id(self, child_id: str) -> str:
+        return child_id if self.ids is None else self.ids.get(child_id, child_id)
+
+
+def forward_to(run: Any) -> Callable[[str, dict], None]:
+    """An ``on_message`` that replays a worker's calls on ``run`` (``_Forward``)."""
+    return _Forward(run)
+
+
+class _ProcessLink(_Forward):
+    """A process run's ``on_message`` and done callback, for its job's back end."""
+
+    __slots__ = ("executor", "cluster")
+
+    def __init__(self, executor: ProcessExecutor, run: Run, cluster: Any):
+        self.run = run  # (as ``_Forward.__init__``, without the call: one of these per submit)
+        self.ids = None
+        self.executor = executor
+        self.cluster = cluster
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "started":
+            self.executor._started(self.run, self.cluster, data)
+        elif kind == "show":  # the worker's show_task: the run's session here draws the card
+            executor = self.executor
+            executor.context(self.run).run(executor._show_task, self.run, data["task_id"], data["message"])
+        else:
+            super().__call__(kind, data)
+
+    def ended(self, outcome: Any) -> None:
+        self.executor._job_ended(self.run, outcome)

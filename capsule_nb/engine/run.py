@@ -142,7 +142,7 @@ class Run:
         self.deadline_timer: Any = None
         self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
-        self._open_streams: set[str] = set()  # stream messages not ended yet: the attempt's end ends them
+        self._open_streams: set[str] | None = None  # stream messages not ended yet: the attempt's end ends them
 
     def follow_redefinition(self) -> None:
         """Starting after its task was defined again (a re-run cell): run the new body."""
@@ -170,6 +170,9 @@ class Run:
         with self.lock:
             chunks, self._out = self._out, None
             self._out_flushed = time.monotonic()
+        self._write_output(chunks)
+
+    def _write_output(self, chunks: list[tuple[str, str]] | None) -> None:
         if chunks:
             self.runtime.update(self.task_id, lambda r: evolve(r, output=_merge_output(r.get("output"), chunks)))
 
@@ -177,6 +180,8 @@ class Run:
         message_id = new_task_id()
         if kind == "stream":
             with self.lock:
+                if self._open_streams is None:
+                    self._open_streams = set()
                 self._open_streams.add(message_id)
         self.runtime.update(self.task_id, lambda r: evolve(r, **add_message(r, kind, text, id=message_id, **extra)))
         if kind not in NOT_SHOWN:
@@ -195,17 +200,20 @@ class Run:
     def end_message(self, message_id: str) -> None:
         """A stream has ended: its last text goes to the cell now, not at the next redraw."""
         with self.lock:
-            self._open_streams.discard(message_id)
+            if self._open_streams is not None:
+                self._open_streams.discard(message_id)
         self.runtime.display.flush(message_id)
 
     def settle_output(self) -> None:
         """An attempt has ended: what it printed goes to the record, and each stream it never closed
         ends, so its last text is in the cell before anyone awaiting the run goes on (a notebook
         saved by nbconvert or papermill keeps the whole text, not a redraw still held back)."""
-        self.flush_output()
-        with self.lock:
-            streams, self._open_streams = self._open_streams, set()
-        for message_id in streams:
+        with self.lock:  # (flush_output's work, and the streams, under one taking of the lock)
+            chunks, self._out = self._out, None
+            streams, self._open_streams = self._open_streams, None
+            self._out_flushed = time.monotonic()
+        self._write_output(chunks)
+        for message_id in streams or ():
             self.runtime.display.flush(message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:

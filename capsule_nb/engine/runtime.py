@@ -146,7 +146,7 @@ class Runtime:
         stored_args, args_ok = storable(dict(enumerate(args)))
         stored_kwargs, kwargs_ok = storable(kwargs)
         stored_params, _ = storable(params)
-        record = new_record(**{
+        record = new_record({
             "task_id": task_id, "app": self.settings.app, "task_name": task.name, "display_name": task.display_name,
             "status": SCHEDULED if start_at is not None else PENDING,
             "args": list(stored_args.values()), "kwargs": stored_kwargs, "params": stored_params,

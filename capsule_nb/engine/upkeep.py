@@ -152,12 +152,12 @@ class Upkeep:
         must not show "running" for a run nobody runs until someone defines its app again.
         Adopting a waiting run needs its task, so only a process that defines it does that."""
         recovered = 0
-        me = self.runtime.owner
-        for record in self.store.unfinished_runs():
+        others = self._not_ours()
+        for record in others:
             if record["status"] not in (RUNNING, CLAIMED):
                 continue
             owner = record.get("owner", "")
-            if owner == me or owner_alive(owner):
+            if owner_alive(owner):
                 continue
 
             def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
@@ -171,16 +171,25 @@ class Upkeep:
                 recovered += 1
                 if record.get("lock_key"):
                     self.store.release_lock(record["lock_key"], record["task_id"])
+        if recovered:  # (a run just recovered for a retry is adopted in this same pass)
+            others = self._not_ours()
         for task in list(self.runtime.tasks()):
-            self.adopt(task)
+            self.adopt(task, others)
         return recovered
 
-    def adopt(self, task: "Task") -> int:
+    def _not_ours(self) -> list[RunRecord]:
+        """The unfinished runs other processes own: one pass for recovery and every task's
+        adoption (a burst of thousands of this process's runs is looked at once, not per task)."""
+        me = self.runtime.owner
+        return [record for record in self.store.unfinished_runs() if record.get("owner", "") != me]
+
+    def adopt(self, task: "Task", records: list[RunRecord] | None = None) -> int:
         """Take over the waiting runs of ``task`` whose owner died, and arm them (once, even
-        when several kernels define the task at the same moment)."""
+        when several kernels define the task at the same moment). ``records``: the unfinished
+        runs to look through, when the caller has them (else all of them)."""
         runtime = self.runtime
         adopted = 0
-        for record in self.store.unfinished_runs():
+        for record in self.store.unfinished_runs() if records is None else records:
             if (record["app"] != runtime.settings.app or record["task_name"] != task.name
                     or record["status"] not in WAITING or record.get("owner") == runtime.owner
                     or owner_alive(record.get("owner", ""))):

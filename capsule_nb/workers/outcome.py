@@ -131,6 +131,12 @@ def size(n: int) -> str:
     return str(n)
 
 
+# Guards every job's outcome and callbacks against ``wait``: one lock for all jobs, as each
+# holds it for a few bytecodes, and a lock per job is one more object for every garbage
+# collection to scan while a burst of jobs waits.
+_JOBS_LOCK = threading.Lock()
+
+
 class Job:
     """What the runtime holds of a call in another process: wait for its outcome, or kill it.
     Back ends settle it with ``_finish`` from their delivery thread."""
@@ -141,23 +147,26 @@ class Job:
         self._outcome: Outcome | None = None
         self._kill_reason: str | None = None  # set once by ``kill``: the job ends ``killed``
         self._settled: threading.Event | None = None  # made by the first ``wait``: most jobs have none
-        self._callbacks: list[Callable[[Outcome], None]] = []
-        self._callbacks_lock = threading.Lock()  # also guards ``_outcome`` against ``wait``
+        self._callbacks: Callable[[Outcome], None] | list[Callable[[Outcome], None]] | None = None  # one, or a list
 
     def add_done_callback(self, callback: Callable[[Outcome], None]) -> None:
         """Call ``callback(outcome)`` once the job has ended: on the back end's delivery
         thread, or at once if it already has. Nobody has to block a thread on ``wait``."""
-        with self._callbacks_lock:
+        with _JOBS_LOCK:
             if self._outcome is None:
-                self._callbacks.append(callback)
+                known = self._callbacks
+                self._callbacks = callback if known is None else [*known, callback] if type(known) is list \
+                    else [known, callback]
                 return
         callback(self._outcome)
 
     def _run_callbacks(self) -> None:
         """Call the done callbacks; back ends call this after ``_finish``, holding no lock."""
-        with self._callbacks_lock:
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+        with _JOBS_LOCK:
+            callbacks, self._callbacks = self._callbacks, None
+        if callbacks is None:
+            return
+        for callback in callbacks if type(callbacks) is list else (callbacks,):
             try:
                 callback(self._outcome)  # type: ignore[arg-type]
             except Exception:
@@ -170,7 +179,7 @@ class Job:
             return False
         if self._kill_reason is not None and outcome.reason != self._kill_reason:
             outcome = killed(outcome.pid or self.pid, self._kill_reason)
-        with self._callbacks_lock:
+        with _JOBS_LOCK:
             self._outcome = outcome
             settled = self._settled
         if settled is not None:
@@ -186,7 +195,7 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> Outcome:
         """Block until the job has ended; ``TimeoutError`` if ``timeout`` passes first."""
-        with self._callbacks_lock:
+        with _JOBS_LOCK:
             if self._outcome is not None:
                 return self._outcome
             if self._settled is None:

@@ -152,7 +152,7 @@ def _fn_name(fn: Any) -> str:
 def pickle_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     """``(args, kwargs)`` pickled; a ``TypeError`` names a value that cannot go."""
     value = (tuple(args), dict(kwargs))
-    if _plain(value):
+    if (not kwargs and _SCALARS.issuperset(map(type, args))) or _plain(value):  # (the first: most calls, at C speed)
         return pickle.dumps(value, protocol=cloudpickle.DEFAULT_PROTOCOL)
     try:
         return cloudpickle.dumps(value)
@@ -255,16 +255,21 @@ class CallPickler:
         # Held weakly: a cell run again defines a new function, and the old one (its defaults,
         # its closure) must go with its task.
         self._functions: weakref.WeakKeyDictionary[Callable[..., Any], bytes | None] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref, bytes | None] | None = None  # the function pickled last, and what it keeps
 
     def pickle(self, fn: Callable[..., Any], args: tuple, kwargs: dict, session: Any,
                session_param: str | None) -> Call:
         if session is not self._session:
             return pickle_call(fn, args, kwargs, session, session_param)
+        last = self._last
+        if last is not None and last[0]() is fn:  # a burst submits one task: no dictionary look-up
+            return pickle_call(fn, args, kwargs, session, session_param, function=last[1])
         try:
             known, function = fn in self._functions, self._functions.get(fn)
         except TypeError:  # no weak reference to it (a builtin): pickled at every call
             return pickle_call(fn, args, kwargs, session, session_param)
         call = pickle_call(fn, args, kwargs, session, session_param, function=function)
         if not known:
-            self._functions[fn] = call.function if _by_reference(fn) else None
+            function = self._functions[fn] = call.function if _by_reference(fn) else None
+        self._last = (weakref.ref(fn), function)
         return call
