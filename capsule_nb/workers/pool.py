@@ -372,10 +372,13 @@ class ProcessPool:
 
     def _start_worker(self) -> None:
         try:
-            with self._start_lock:  # Process.start is not meant to be raced
+            with self._start_lock:  # Process.start is not meant to be raced (and ``shutdown`` waits for it)
+                if self._closed:
+                    raise RuntimeError("the pool was shut down first")
                 worker = _Worker(self)
-        except Exception as exc:
-            log.exception("capsule_nb: could not start a worker process")
+        except Exception as exc:  # (after a shutdown, at exit, the forkserver may be gone first: no news)
+            log.log(logging.DEBUG if self._closed else logging.ERROR, "capsule_nb: could not start a worker process",
+                    exc_info=True)
             with self._lock:
                 self._starting -= 1
                 job = self._queue.popleft() if self._queue and not self._workers else None
@@ -486,6 +489,8 @@ class ProcessPool:
                     worker.job._kill_reason = SHUT_DOWN
                 worker.kill()
         self._notify()
+        with self._start_lock:  # a worker starting now starts whole and is killed: cut off, it prints EOFError
+            pass
         if wait:
             for worker in workers:
                 worker.reader.join(timeout=5)
