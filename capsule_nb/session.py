@@ -107,8 +107,23 @@ class Session:
         self._home = Path(home) if home is not None else app.home  # type: ignore[union-attr]
         self.data = SessionData(self._store, id)
 
+    _run: Any = None  # the run this session was handed to (``bound_to``), if any
+
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, user={self.user.id!r})"
+
+    def bound_to(self, run: Any) -> "Session":
+        """This session as a run's function gets it: what it says goes to ``run`` from any
+        thread the function starts (a ``ThreadPoolExecutor`` does not carry the run's context
+        over, and nothing here may patch the standard library to make it)."""
+        bound = object.__new__(type(self))  # (not ``copy.copy``: it would go through ``__reduce__``)
+        bound.__dict__.update(self.__dict__, _run=run)
+        return bound
+
+    def _current_run(self) -> Any:
+        """The run code here runs in (a run started from this one has its own), else the
+        run this session was handed to."""
+        return current_run.get() or self._run
 
     def __reduce__(self) -> tuple:
         """To a worker process: the same id and user, on the same store by path."""
@@ -125,14 +140,14 @@ class Session:
     @property
     def cancelled(self) -> bool:
         """True inside a run that has been asked to stop: a long loop can check it and return."""
-        run = current_run.get()
+        run = self._current_run()
         return bool(run is not None and run.stop_reason)
 
     # -------------------------------------------------------------- messages
 
     def _post(self, kind: str, text: str, **extra: Any) -> None:
         """In a run: kept with the run. In a cell: shown in the cell (printed outside a kernel)."""
-        run = current_run.get()
+        run = self._current_run()
         if run is not None:
             run.message(kind, str(text), **extra)
         elif not self._show(kernel.cell_target(), kind, str(text), extra, new_task_id()):
@@ -160,7 +175,7 @@ class Session:
     def log(self, text: str) -> ReadyNone:
         """A line for the card's log; not shown in the cell."""
         portable.note("progress_log")
-        run = current_run.get()
+        run = self._current_run()
         if run is not None:
             run.message("log", str(text))
         else:
@@ -172,7 +187,7 @@ class Session:
         done = _amount("done", done)
         total = None if total is None else _amount("total", total)
         portable.note("progress_log")
-        run = current_run.get()
+        run = self._current_run()
         if run is not None:
             run.progress(done, total, message)
         return DONE
@@ -211,7 +226,7 @@ class Session:
         In a worker process the parent draws the card (a worker knows no widgets) and looks
         the run up: the worker's view of the store may not have the parent's newest runs yet.
         """
-        run = current_run.get()
+        run = self._current_run()
         if self._app is None:
             if run is not None:  # to the parent, whose session for the run comes back here
                 run.show_task(handle_or_id if isinstance(handle_or_id, str) else handle_or_id.task_id, message)
@@ -241,7 +256,7 @@ class StreamReply:
 
     def __init__(self, session: Session):
         self._session = session
-        self._run = current_run.get()
+        self._run = session._current_run()
         self._target = kernel.cell_target() if self._run is None else None
         self._id: str | None = None
         self._parts: list[str] = []

@@ -212,7 +212,7 @@ class Task:
     def invoke(self, args: tuple, kwargs: dict, session: "Session") -> Any:
         """Call the function for a run, handing the session to a ``session`` parameter."""
         if self.session_param:
-            kwargs = {**kwargs, self.session_param: session}
+            kwargs = {**kwargs, self.session_param: session if session is None else session.bound_to(current_run.get())}
         return self.fn(*args, **kwargs)
 
     def lock_key(self, params: dict[str, Any]) -> str | None:

@@ -54,6 +54,37 @@ async def test_messages_work_plainly_from_a_sync_task(app):
     assert handle.snapshot()["session_id"] is None
 
 
+def _fan_out(session):
+    """A task that fans out to threads of its own, each reporting through the session."""
+    import concurrent.futures
+
+    def part(n):
+        session.reply(f"part {n}")
+        session.progress(n, 2)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(part, [1, 2]))
+    return session.cancelled
+
+
+async def _fan_out_async(session):
+    await asyncio.get_running_loop().run_in_executor(None, session.reply, "part 1")  # no context carried over
+    return session.cancelled
+
+
+@pytest.mark.parametrize("kind", ["thread", "async", "process"])
+async def test_what_a_tasks_own_threads_say_through_its_session_reaches_the_run(app, kind):
+    """A ``ThreadPoolExecutor`` (or ``run_in_executor``) does not carry the run's context
+    to its threads: the session the function was handed still knows its run."""
+    task = app.task(process=kind == "process", name=f"fan_{kind}")(_fan_out_async if kind == "async" else _fan_out)
+    handle = task.submit()
+    assert await handle.result(timeout=60) is False
+    replies = sorted(text for kind_, text in kinds(handle) if kind_ == "reply")
+    assert replies == (["part 1"] if kind == "async" else ["part 1", "part 2"])
+    if kind != "async":
+        assert handle.snapshot()["progress"]["total"] == 2
+
+
 async def test_a_loop_of_notifications_past_the_cap_keeps_the_runs_reply(app):
     """A notification is replaced in place by the next: past the message cap the replaced ones go
     first, not the reply sent before them (before, 1,200 notifies left 1,000 of themselves and no reply)."""

@@ -140,8 +140,8 @@ class _ChildWorker:
             del function, arguments
             if session is not None:
                 session_token = bound_session.set(session)
-            if session_param:
-                kwargs[session_param] = session
+            if session_param:  # (``Session.bound_to``: its messages reach this run from the task's own threads)
+                kwargs[session_param] = session.bound_to(run) if hasattr(session, "bound_to") else session
             with _address_space_limit(memory_limit):
                 value = fn(*args, **kwargs)
                 if inspect.iscoroutine(value):
