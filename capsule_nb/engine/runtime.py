@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import LockedError
 from ..record import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RETRY, RUNNING, SCHEDULED, TIMEOUT,
-                      RunRecord, evolve, new_record, new_task_id, storable)
+                      RunRecord, evolve, new_record, new_task_id, storable, submitted_record)
 from ..store import Store
 from ..store.owners import owner_alive, owner_id
 from ..workers.pickling import Call, CallPickler
@@ -146,14 +146,13 @@ class Runtime:
         stored_args, args_ok = storable(dict(enumerate(args)))
         stored_kwargs, kwargs_ok = storable(kwargs)
         stored_params, _ = storable(params)
-        record = new_record(**{
-            "task_id": task_id, "app": self.settings.app, "task_name": task.name, "display_name": task.display_name,
-            "status": SCHEDULED if start_at is not None else PENDING,
-            "args": list(stored_args.values()), "kwargs": stored_kwargs, "params": stored_params,
-            "created_at": now, "scheduled_for": start_at, "updated_at": now, "max_attempts": task.retries + 1,
-            "owner": self.owner, "session_id": session.id if session is not None else None, "lock_key": lock_key,
-            "every": every, "series": series or (task_id if every else None), "process": task.process, **(extra or {}),
-        })
+        record = submitted_record(
+            task_id, self.settings.app, task.name, task.display_name, SCHEDULED if start_at is not None else PENDING,
+            list(stored_args.values()), stored_kwargs, stored_params, now, start_at, task.retries + 1, self.owner,
+            session.id if session is not None else None, lock_key, every, series or (task_id if every else None),
+            task.process)
+        if extra:
+            record = new_record(**{**record, **extra})  # (which checks their names)
         if lock_key is not None:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
