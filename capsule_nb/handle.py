@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .app import App
 
 
+_SWEEP_FROM = 4096  # handles held before the first sweep of dropped ones
+
+
 class TaskHandle(Steps):
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
@@ -191,7 +194,11 @@ class Endings:
     entry, and thousands of waiters cost nothing per change."""
 
     def __init__(self, events: Any):
-        self._handles: weakref.WeakValueDictionary[str, TaskHandle] = weakref.WeakValueDictionary()
+        # Plain references without callbacks (a ``WeakValueDictionary`` entry cost three Python
+        # calls at each submit): an entry goes when its run's end is told, or, its handle
+        # dropped, at the sweep once the entries have doubled.
+        self._handles: dict[str, weakref.ref[TaskHandle]] = {}
+        self._sweep_at = _SWEEP_FROM
         self._waiters: dict[str, list[tuple[asyncio.Future[dict[str, Any]], int]]] = {}
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
@@ -199,8 +206,20 @@ class Endings:
         self.close = events.subscribe(self._published)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
-        self._handles[handle.task_id] = handle
+        self._handles[handle.task_id] = weakref.ref(handle)
+        if len(self._handles) > self._sweep_at:
+            self._sweep()
         return handle
+
+    def _sweep(self) -> None:
+        """Drop the entries of handles gone (their runs unfinished: a finished run's entry is gone)."""
+        with self._lock:
+            for task_id, ref in list(self._handles.items()):  # (a copy: other threads add meanwhile)
+                if ref() is None:
+                    now = self._handles.pop(task_id, None)
+                    if now is not None and now is not ref:  # a new handle for the run came meanwhile
+                        self._handles.setdefault(task_id, now)
+            self._sweep_at = max(_SWEEP_FROM, 2 * len(self._handles))
 
     def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future, on the running loop, that gets the run's finished record."""
@@ -234,7 +253,8 @@ class Endings:
     def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
         if record["status"] not in FINISHED:
             return
-        handle = self._handles.get(record["task_id"])
+        ref = self._handles.pop(record["task_id"], None)  # a finished run never changes again
+        handle = ref() if ref is not None else None
         if handle is not None:
             handle._final = record
         if not self._waiters:
