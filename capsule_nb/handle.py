@@ -203,7 +203,7 @@ class Endings:
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
-        self.close = events.subscribe(self._published)
+        self.close = events.subscribe(self._published, ends=True)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
         self._handles[handle.task_id] = weakref.ref(handle)
@@ -250,9 +250,7 @@ class Endings:
         finally:
             deadlines.over()
 
-    def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
-        if record["status"] not in FINISHED:
-            return
+    def _published(self, record: dict[str, Any]) -> None:  # a finished record, from whatever thread published
         ref = self._handles.pop(record["task_id"], None)  # a finished run never changes again
         handle = ref() if ref is not None else None
         if handle is not None:

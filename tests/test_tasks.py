@@ -528,6 +528,31 @@ async def test_handles_dropped_before_their_runs_end_are_let_go_and_kept_ones_to
     assert app._endings._handles == {}  # a run's entry goes with its end
 
 
+async def test_each_status_change_reaches_subscribers_and_only_ends_reach_end_listeners(app):
+    """Waiters listen for runs' ends only (``subscribe(ends=True)``), which spares the store's
+    events a call per start; a subscriber of every change (a board) or of one run (a card)
+    still hears each status the run goes through, and an unsubscribe stops each kind."""
+    bus = app.store.events
+    every, ends, one = [], [], []
+
+    @app.task
+    async def job():
+        return 1
+
+    offs = [bus.subscribe(lambda r: every.append(r["status"])),
+            bus.subscribe(lambda r: ends.append(r["status"]), ends=True)]
+    handle = job.submit()
+    offs.append(bus.subscribe(lambda r: one.append(r["status"]), task_id=handle.task_id))
+    assert await handle.wait() == "completed"
+    assert (every, ends, one) == (["pending", "running", "completed"], ["completed"], ["running", "completed"])
+    with pytest.raises(ValueError, match="not both"):
+        bus.subscribe(print, task_id=handle.task_id, ends=True)
+    for off in offs:
+        off()
+    assert await job.submit().wait() == "completed"
+    assert (len(every), len(ends), len(one)) == (3, 1, 2)
+
+
 async def test_wait_timeouts_expire_in_their_own_order(app):
     """Waits share one timer per loop: a short timeout given after a long one still
     expires first, and the long one keeps waiting until its run ends."""
