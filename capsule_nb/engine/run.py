@@ -202,11 +202,13 @@ class Run:
         """An attempt has ended: what it printed goes to the record, and each stream it never closed
         ends, so its last text is in the cell before anyone awaiting the run goes on (a notebook
         saved by nbconvert or papermill keeps the whole text, not a redraw still held back)."""
-        self.flush_output()
-        with self.lock:
-            streams, self._open_streams = self._open_streams, set()
-        for message_id in streams:
-            self.runtime.display.flush(message_id)
+        if self._out is not None:  # (most attempts print nothing: no lock taken for them)
+            self.flush_output()
+        if self._open_streams:
+            with self.lock:
+                streams, self._open_streams = self._open_streams, set()
+            for message_id in streams:
+                self.runtime.display.flush(message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

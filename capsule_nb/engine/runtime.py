@@ -231,7 +231,7 @@ class Runtime:
             return evolve(record, status=RUNNING, attempt=record["attempt"] + 1, started_at=now,
                           owner=self.owner, error=None, traceback=None)
 
-        self.update(run.task_id, start)
+        self.store.update_run(run.task_id, start)
         if run.task.timeout and not self.settings.immediate:
             self._arm_deadline(run, now + run.task.timeout)
 
@@ -273,7 +273,7 @@ class Runtime:
                 return  # shutdown already recorded how it ended; the late outcome is dropped
             run.phase = "waiting" if retry_in is not None else "done"
             run.aio_task = None
-        record = self.update(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
+        record = self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
         if retry_in is not None:
             self._callback(run, record)
             if self.settings.immediate:
@@ -292,7 +292,8 @@ class Runtime:
                 self._wake_queue(run.lock_key)
             if record is None:
                 return
-            self._callback(run, record)
+            if run.task.callback_url:
+                self._callbacks.send(run.task.callback_url, record)
             if record.get("every") and record["status"] != CANCELLED:
                 self._repeat(run, record)
         finally:
