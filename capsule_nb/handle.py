@@ -31,11 +31,14 @@ _SWEEP_FROM = 4096  # handles held before the first sweep of dropped ones
 
 
 class TaskHandle(Steps):
+    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "__weakref__")  # thousands after a burst
+
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
         self.task_id = task_id
         self._generation = generation
         self._final: dict[str, Any] | None = None  # the finished record, once seen: retention may prune it
+        self._steps = None
 
     # ----------------------------------------------------------- the record
 

@@ -142,8 +142,8 @@ class Runtime:
         capture.install()
         now = time.time()
         task_id = new_task_id()
-        lock_key = task.lock_key(params)
-        stored_args, args_ok = storable(dict(enumerate(args)))
+        lock_key = task.lock_key(params) if task.lock is not None else None
+        stored_args, args_ok = storable(dict(enumerate(args))) if args else ({}, True)
         stored_kwargs, kwargs_ok = storable(kwargs)
         stored_params, _ = storable(params)
         record = submitted_record(
@@ -221,7 +221,8 @@ class Runtime:
             if run.phase != "waiting":
                 return
             run.phase = "running"
-        run.follow_redefinition()
+        if run.task.replaced_by is not None:
+            run.follow_redefinition()
         self._executor(run.task).start(run)
 
     def mark_running(self, run: Run) -> None:
@@ -275,7 +276,8 @@ class Runtime:
             run.aio_task = None
         record = self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
         if retry_in is not None:
-            self._callback(run, record)
+            if run.task.callback_url and record is not None:
+                self._callbacks.send(run.task.callback_url, record)
             if self.settings.immediate:
                 self._start(run)
             else:
@@ -307,10 +309,6 @@ class Runtime:
         self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
                     target=run.target, start_at=due, every=every, series=record.get("series"),
                     extra={"display_name": record.get("display_name")})
-
-    def _callback(self, run: Run, record: RunRecord | None) -> None:
-        if run.task.callback_url and record is not None:
-            self._callbacks.send(run.task.callback_url, record)
 
     # --------------------------------------------------------------- locks
 
