@@ -142,7 +142,7 @@ class Run:
         self.deadline_timer: Any = None
         self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
-        self._open_streams: set[str] = set()  # stream messages not ended yet: the attempt's end ends them
+        self._open_streams: set[str] | None = None  # streams not ended yet: the attempt's end ends them
 
     def follow_redefinition(self) -> None:
         """Starting after its task was defined again (a re-run cell): run the new body."""
@@ -177,6 +177,8 @@ class Run:
         message_id = new_task_id()
         if kind == "stream":
             with self.lock:
+                if self._open_streams is None:
+                    self._open_streams = set()
                 self._open_streams.add(message_id)
         self.runtime.update(self.task_id, lambda r: evolve(r, **add_message(r, kind, text, id=message_id, **extra)))
         if kind not in NOT_SHOWN:
@@ -195,7 +197,8 @@ class Run:
     def end_message(self, message_id: str) -> None:
         """A stream has ended: its last text goes to the cell now, not at the next redraw."""
         with self.lock:
-            self._open_streams.discard(message_id)
+            if self._open_streams is not None:
+                self._open_streams.discard(message_id)
         self.runtime.display.flush(message_id)
 
     def settle_output(self) -> None:
@@ -206,7 +209,7 @@ class Run:
             self.flush_output()
         if self._open_streams:
             with self.lock:
-                streams, self._open_streams = self._open_streams, set()
+                streams, self._open_streams = self._open_streams or (), None
             for message_id in streams:
                 self.runtime.display.flush(message_id)
 
