@@ -175,7 +175,7 @@ def test_a_submitted_record_has_the_fields_new_record_gives():
                  process=True)
     fields = {k: v for k, v in given.items() if k not in ("created_at", "updated_at")}
     made = submitted_record(now=5.0, **fields)
-    assert made == new_record(**given)
+    assert made == new_record(**given) and list(made) == list(new_record(**given))  # (the JSON's key order too)
     assert set(made) <= FIELDS and validate(made) is None
     again = submitted_record(now=5.0, **fields)
     assert again["messages"] is not made["messages"] and again["output"] is not made["output"]  # never shared
@@ -211,3 +211,19 @@ def test_threads_asking_for_the_runtimes_loop_at_once_get_one_loop():
     finally:
         for loop in {id(loop): loop for loop in loops}.values():
             loop.call_soon_threadsafe(loop.stop)
+
+
+def test_task_ids_are_24_hex_digits_ordered_by_their_microsecond():
+    """A run id is the microsecond clock (14 hex digits) then 40 random bits (10): sorting ids
+    sorts runs by creation, across processes (board columns, ``find`` pages rely on it)."""
+    import time
+
+    from capsule_nb.record import new_task_id
+
+    before = time.time_ns() // 1000
+    ids = [new_task_id() for _ in range(2000)]
+    after = time.time_ns() // 1000
+    assert all(len(i) == 24 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    stamps = [int(i[:14], 16) for i in ids]
+    assert before <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= after
+    assert len(set(ids)) == len(ids)
