@@ -253,7 +253,7 @@ class Runtime:
         now = time.time()
         retry_in: float | None = None
         if kind == "ok":
-            changes = dict(status=COMPLETED, completed_at=now, **detail)
+            changes = {"status": COMPLETED, "completed_at": now, **detail}
         elif kind == "stop":
             if detail == "timeout":
                 changes = dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s")
