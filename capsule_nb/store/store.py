@@ -122,18 +122,17 @@ class Store:
         not call back into the store.
         """
         with self._lock:
-            live = current = self._unfinished.get(task_id)
+            live = self._unfinished.get(task_id)
+            current = live or self._held(task_id)  # (a live run: the first place looked)
+            if current is _NOT_HELD:  # a finished run this process has not seen lately
+                current = self._runs.get(task_id)
             if current is None:
-                current = self._held(task_id)
-                if current is _NOT_HELD:  # a finished run this process has not seen lately
-                    current = self._runs.get(task_id)
-                if current is None:
-                    return None
+                return None
             new = change(current)
             if new is None or new is current:
                 return current
             if live is not None and new["status"] not in FINISHED:
-                self._unfinished[task_id] = new  # (``_mirror``'s first case: a live run stays live)
+                self._unfinished[task_id] = new  # (``_mirror``'s case of a run still live)
             else:
                 self._mirror(task_id, new)
             self._writes.put(RUN + task_id, new)
