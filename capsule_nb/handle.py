@@ -27,12 +27,18 @@ if TYPE_CHECKING:
     from .app import App
 
 
+_SWEEP_FROM = 4096  # handles held before the first sweep of dropped ones
+
+
 class TaskHandle(Steps):
+    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "__weakref__")  # thousands after a burst
+
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
         self.task_id = task_id
         self._generation = generation
         self._final: dict[str, Any] | None = None  # the finished record, once seen: retention may prune it
+        self._steps = None
 
     # ----------------------------------------------------------- the record
 
@@ -185,12 +191,6 @@ class TaskHandle(Steps):
         return hash(self.task_id)
 
 
-class _HandleRef(weakref.ref):
-    """A weak reference to a handle that knows its run's id."""
-
-    __slots__ = ("task_id",)
-
-
 _Waiter = tuple[asyncio.Future[dict[str, Any]], int]  # the future and the thread of its loop
 
 
@@ -206,22 +206,32 @@ class Endings:
     entry, and thousands of waiters cost nothing per change."""
 
     def __init__(self, events: Any):
-        self._handles: dict[str, _HandleRef] = {}  # held weakly: a handle nobody keeps goes, and its entry
+        # Plain references without callbacks (a ``WeakValueDictionary`` entry cost three Python
+        # calls at each submit): an entry goes when its run's end is told, or, its handle
+        # dropped, at the sweep once the entries have doubled.
+        self._handles: dict[str, weakref.ref[TaskHandle]] = {}
+        self._sweep_at = _SWEEP_FROM
         self._waiters: dict[str, _Waiter | list[_Waiter]] = {}  # a run's one waiter, or a list of them
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
-        self.close = events.subscribe(self._published)
+        self.close = events.subscribe(self._published, ends=True)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
-        ref = _HandleRef(handle, self._gone)
-        ref.task_id = handle.task_id
-        self._handles[handle.task_id] = ref
+        self._handles[handle.task_id] = weakref.ref(handle)
+        if len(self._handles) > self._sweep_at:
+            self._sweep()
         return handle
 
-    def _gone(self, ref: "_HandleRef") -> None:  # (a WeakValueDictionary does this in Python at every add)
-        if self._handles.get(ref.task_id) is ref:
-            self._handles.pop(ref.task_id, None)
+    def _sweep(self) -> None:
+        """Drop the entries of handles gone (their runs unfinished: a finished run's entry is gone)."""
+        with self._lock:
+            for task_id, ref in list(self._handles.items()):  # (a copy: other threads add meanwhile)
+                if ref() is None:
+                    now = self._handles.pop(task_id, None)
+                    if now is not None and now is not ref:  # a new handle for the run came meanwhile
+                        self._handles.setdefault(task_id, now)
+            self._sweep_at = max(_SWEEP_FROM, 2 * len(self._handles))
 
     def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future, on the running loop, that gets the run's finished record."""
@@ -255,10 +265,8 @@ class Endings:
         deadlines.add(ended, timeout)
         return deadlines
 
-    def _published(self, record: dict[str, Any]) -> None:  # from whatever thread published
-        if record["status"] not in FINISHED:
-            return
-        ref = self._handles.get(record["task_id"])
+    def _published(self, record: dict[str, Any]) -> None:  # a finished record, from whatever thread published
+        ref = self._handles.pop(record["task_id"], None)  # a finished run never changes again
         handle = ref() if ref is not None else None
         if handle is not None:
             handle._final = record

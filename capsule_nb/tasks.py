@@ -191,12 +191,13 @@ class Task:
         What lands in ``**kwargs`` is spread out by name, so a lock template and
         ``find(user_id=...)`` see a submit's keywords as Capsule does."""
         if self._plain_params is not None:  # on the submit path: Signature.bind costs ~10 µs
-            names, defaults = self._plain_params
+            names, defaults, required = self._plain_params
             if not kwargs and len(args) == len(names):  # every parameter given by position
                 return dict(zip(names, args))
-            params = {**defaults, **dict(zip(names, args)), **kwargs}
-            if len(args) <= len(names) and params.keys() == defaults.keys() and not kwargs.keys() & names[: len(args)] \
-                    and not any(value is _REQUIRED for value in params.values()):
+            params = {**defaults, **dict(zip(names, args)), **kwargs} if args else {**defaults, **kwargs}
+            if len(args) <= len(names) and params.keys() == defaults.keys() \
+                    and not (args and kwargs.keys() & names[: len(args)]) \
+                    and not (required and any(params[name] is _REQUIRED for name in required)):
                 return params  # else Signature.bind says what is wrong
         extra = {self.session_param: None} if self.session_param and self.session_param not in kwargs else {}
         try:
@@ -212,7 +213,7 @@ class Task:
     def invoke(self, args: tuple, kwargs: dict, session: "Session") -> Any:
         """Call the function for a run, handing the session to a ``session`` parameter."""
         if self.session_param:
-            kwargs = {**kwargs, self.session_param: session if session is None else session.bound_to(current_run.get())}
+            kwargs = {**kwargs, self.session_param: session}
         return self.fn(*args, **kwargs)
 
     def lock_key(self, params: dict[str, Any]) -> str | None:
@@ -268,15 +269,17 @@ def _parse_size(value: int | str, name: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
-def _plain_params(signature: inspect.Signature, session_param: str | None) -> tuple[tuple, dict] | None:
+def _plain_params(signature: inspect.Signature, session_param: str | None) -> tuple[tuple, dict, tuple] | None:
     """For a signature of plain parameters (no ``*args``, ``**kwargs``, keyword- or
-    positional-only ones): their names, and a dict of them in order holding the defaults
-    (``_REQUIRED`` where none), which ``bind`` fills without ``Signature.bind``. None otherwise."""
+    positional-only ones): their names, a dict of them in order holding the defaults
+    (``_REQUIRED`` where none), which ``bind`` fills without ``Signature.bind``, and the
+    names of those without a default. None otherwise."""
     params = [p for name, p in signature.parameters.items() if name != session_param]
     if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params) or (
             session_param is not None and list(signature.parameters).index(session_param) < len(params)):
         return None
-    return tuple(p.name for p in params), {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params}
+    defaults = {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params}
+    return tuple(defaults), defaults, tuple(name for name, value in defaults.items() if value is _REQUIRED)
 
 
 def _session_param(signature: inspect.Signature) -> str | None:

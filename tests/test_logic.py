@@ -163,6 +163,24 @@ def test_a_record_refuses_an_unknown_field():
     assert evolve(record, status="running")["status"] == "running"
 
 
+def test_a_submitted_record_has_the_fields_new_record_gives():
+    """The submit path builds its record in one dict (``submitted_record``): it must say what
+    ``new_record`` of the same fields says, field for field, so a field added to one is not
+    missing from the other."""
+    from capsule_nb.record import FIELDS, new_record, submitted_record, validate
+
+    given = dict(task_id="t1", app="a", task_name="job", display_name="Job", status="scheduled", args=[1],
+                 kwargs={"k": 2}, params={"x": 1, "k": 2}, created_at=5.0, scheduled_for=9.0, updated_at=5.0,
+                 max_attempts=3, owner="host:1:2", session_id="s1", lock_key="key-1", every=60.0, series="t1",
+                 process=True)
+    fields = {k: v for k, v in given.items() if k not in ("created_at", "updated_at")}
+    made = submitted_record(now=5.0, **fields)
+    assert made == new_record(**given) and list(made) == list(new_record(**given))  # (the JSON's key order too)
+    assert set(made) <= FIELDS and validate(made) is None
+    again = submitted_record(now=5.0, **fields)
+    assert again["messages"] is not made["messages"] and again["output"] is not made["output"]  # never shared
+
+
 def test_an_unknown_executor_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'eager'"):
         cpsl.App(home=tmp_path / "s", executor="eager")
@@ -193,3 +211,19 @@ def test_threads_asking_for_the_runtimes_loop_at_once_get_one_loop():
     finally:
         for loop in {id(loop): loop for loop in loops}.values():
             loop.call_soon_threadsafe(loop.stop)
+
+
+def test_task_ids_are_24_hex_digits_ordered_by_their_microsecond():
+    """A run id is the microsecond clock (14 hex digits) then 40 random bits (10): sorting ids
+    sorts runs by creation, across processes (board columns, ``find`` pages rely on it)."""
+    import time
+
+    from capsule_nb.record import new_task_id
+
+    before = time.time_ns() // 1000
+    ids = [new_task_id() for _ in range(2000)]
+    after = time.time_ns() // 1000
+    assert all(len(i) == 24 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    stamps = [int(i[:14], 16) for i in ids]
+    assert before <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= after
+    assert len(set(ids)) == len(ids)

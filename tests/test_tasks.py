@@ -505,6 +505,54 @@ async def test_waits_that_time_out_or_are_cancelled_leave_nothing_behind(app):
     assert app._endings._deadlines == {}  # nor any deadline, with its finished record
 
 
+async def test_handles_dropped_before_their_runs_end_are_let_go_and_kept_ones_told(app):
+    """The app holds each submit's handle weakly, to hand it its run's final record: thousands
+    of handles dropped while their runs wait are let go, not held until the runs end, and a
+    handle still held is told its run's end (it needs no read of the store for it)."""
+    from capsule_nb.handle import _SWEEP_FROM
+
+    gate = asyncio.Event()
+
+    @app.task
+    async def slow():
+        await gate.wait()
+
+    kept = slow.submit()
+    for _ in range(_SWEEP_FROM + 100):
+        slow.submit()  # its handle dropped at once
+    assert len(app._endings._handles) < _SWEEP_FROM  # (one sweep has run)
+    assert kept.task_id in app._endings._handles
+    gate.set()
+    await until(lambda: slow.count(status="completed") == _SWEEP_FROM + 101, timeout=60)
+    assert kept._final is not None and kept._final["status"] == "completed"
+    assert app._endings._handles == {}  # a run's entry goes with its end
+
+
+async def test_each_status_change_reaches_subscribers_and_only_ends_reach_end_listeners(app):
+    """Waiters listen for runs' ends only (``subscribe(ends=True)``), which spares the store's
+    events a call per start; a subscriber of every change (a board) or of one run (a card)
+    still hears each status the run goes through, and an unsubscribe stops each kind."""
+    bus = app.store.events
+    every, ends, one = [], [], []
+
+    @app.task
+    async def job():
+        return 1
+
+    offs = [bus.subscribe(lambda r: every.append(r["status"])),
+            bus.subscribe(lambda r: ends.append(r["status"]), ends=True)]
+    handle = job.submit()
+    offs.append(bus.subscribe(lambda r: one.append(r["status"]), task_id=handle.task_id))
+    assert await handle.wait() == "completed"
+    assert (every, ends, one) == (["pending", "running", "completed"], ["completed"], ["running", "completed"])
+    with pytest.raises(ValueError, match="not both"):
+        bus.subscribe(print, task_id=handle.task_id, ends=True)
+    for off in offs:
+        off()
+    assert await job.submit().wait() == "completed"
+    assert (len(every), len(ends), len(one)) == (3, 1, 2)
+
+
 async def test_wait_timeouts_expire_in_their_own_order(app):
     """Waits share one timer per loop: a short timeout given after a long one still
     expires first, and the long one keeps waiting until its run ends."""

@@ -145,7 +145,8 @@ def install(route: Route | None = None) -> None:
     something (pytest, a ``capture_output``) may have swapped ``sys.stdout``
     since the last run.
     """
-    _patch_tqdm()
+    if "tqdm.std" in sys.modules:
+        _patch_tqdm()
     if (route is None and isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream)
             and _handler in logging.root.handlers):
         return

@@ -53,7 +53,16 @@ class Executor:
         return ctx
 
     def session(self, run: Run) -> Any:
-        return run.session or self.runtime.default_session
+        """The session the run's code sees, the same object each time: for a function that
+        takes one, bound to the run (``Session.bound_to``), so that threads the function
+        starts, which do not carry the run's context, still report to the run through it."""
+        view = run.session_view
+        if view is None:
+            view = run.session or self.runtime.default_session
+            if run.task.session_param and hasattr(view, "bound_to"):
+                view = view.bound_to(run)
+            run.session_view = view
+        return view
 
     def outcome(self, run: Run, call: Callable[[], Any]) -> Outcome:
         """Call the task (after marking it running) and say how the attempt ended."""

@@ -117,7 +117,7 @@ class Run:
 
     __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
                  "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
-                 "start_timer", "deadline_timer", "_out", "_out_flushed", "_open_streams")
+                 "start_timer", "deadline_timer", "session_view", "_out", "_out_flushed", "_open_streams")
 
     def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
                  session: Any, target: Any, lock_key: str | None, call: "Call | None" = None):
@@ -140,9 +140,10 @@ class Run:
         self.job: Any = None  # the worker-process job of a process=True run
         self.start_timer: Any = None
         self.deadline_timer: Any = None
+        self.session_view: Any = None  # the session the run's code sees (``Executor.session``)
         self._out: list[tuple[str, str]] | None = None  # made by the first write: most runs print nothing
         self._out_flushed = 0.0
-        self._open_streams: set[str] | None = None  # stream messages not ended yet: the attempt's end ends them
+        self._open_streams: set[str] | None = None  # streams not ended yet: the attempt's end ends them
 
     def follow_redefinition(self) -> None:
         """Starting after its task was defined again (a re-run cell): run the new body."""
@@ -170,9 +171,6 @@ class Run:
         with self.lock:
             chunks, self._out = self._out, None
             self._out_flushed = time.monotonic()
-        self._write_output(chunks)
-
-    def _write_output(self, chunks: list[tuple[str, str]] | None) -> None:
         if chunks:
             self.runtime.update(self.task_id, lambda r: evolve(r, output=_merge_output(r.get("output"), chunks)))
 
@@ -208,13 +206,13 @@ class Run:
         """An attempt has ended: what it printed goes to the record, and each stream it never closed
         ends, so its last text is in the cell before anyone awaiting the run goes on (a notebook
         saved by nbconvert or papermill keeps the whole text, not a redraw still held back)."""
-        with self.lock:  # (flush_output's work, and the streams, under one taking of the lock)
-            chunks, self._out = self._out, None
-            streams, self._open_streams = self._open_streams, None
-            self._out_flushed = time.monotonic()
-        self._write_output(chunks)
-        for message_id in streams or ():
-            self.runtime.display.flush(message_id)
+        if self._out is not None:  # (most attempts print nothing: no lock taken for them)
+            self.flush_output()
+        if self._open_streams:
+            with self.lock:
+                streams, self._open_streams = self._open_streams or (), None
+            for message_id in streams:
+                self.runtime.display.flush(message_id)
 
     def progress(self, done: float, total: float | None, message: str | None) -> None:
         value = {"done": done, "total": total, "message": message}

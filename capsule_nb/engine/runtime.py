@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import LockedError
 from ..record import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RETRY, RUNNING, SCHEDULED, TIMEOUT,
-                      RunRecord, evolve, new_record, new_task_id, storable)
+                      RunRecord, evolve, new_record, new_task_id, storable, submitted_record)
 from ..store import Store
 from ..store.owners import owner_alive, owner_id
 from ..workers.pickling import Call, CallPickler
@@ -142,18 +142,17 @@ class Runtime:
         capture.install()
         now = time.time()
         task_id = new_task_id()
-        lock_key = task.lock_key(params)
-        stored_args, args_ok = storable(dict(enumerate(args)))
+        lock_key = task.lock_key(params) if task.lock is not None else None
+        stored_args, args_ok = storable(dict(enumerate(args))) if args else ({}, True)
         stored_kwargs, kwargs_ok = storable(kwargs)
         stored_params, _ = storable(params)
-        record = new_record({
-            "task_id": task_id, "app": self.settings.app, "task_name": task.name, "display_name": task.display_name,
-            "status": SCHEDULED if start_at is not None else PENDING,
-            "args": list(stored_args.values()), "kwargs": stored_kwargs, "params": stored_params,
-            "created_at": now, "scheduled_for": start_at, "updated_at": now, "max_attempts": task.retries + 1,
-            "owner": self.owner, "session_id": session.id if session is not None else None, "lock_key": lock_key,
-            "every": every, "series": series or (task_id if every else None), "process": task.process, **(extra or {}),
-        })
+        record = submitted_record(
+            task_id, self.settings.app, task.name, task.display_name, SCHEDULED if start_at is not None else PENDING,
+            list(stored_args.values()), stored_kwargs, stored_params, now, start_at, task.retries + 1, self.owner,
+            session.id if session is not None else None, lock_key, every, series or (task_id if every else None),
+            task.process)
+        if extra:
+            record = new_record(**{**record, **extra})  # (which checks their names)
         if lock_key is not None:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
@@ -222,7 +221,8 @@ class Runtime:
             if run.phase != "waiting":
                 return
             run.phase = "running"
-        run.follow_redefinition()
+        if run.task.replaced_by is not None:
+            run.follow_redefinition()
         self._executor(run.task).start(run)
 
     def mark_running(self, run: Run) -> None:
@@ -232,7 +232,7 @@ class Runtime:
             return evolve(record, status=RUNNING, attempt=record["attempt"] + 1, started_at=now,
                           owner=self.owner, error=None, traceback=None)
 
-        self.update(run.task_id, start)
+        self.store.update_run(run.task_id, start)
         if run.task.timeout and not self.settings.immediate:
             self._arm_deadline(run, now + run.task.timeout)
 
@@ -253,7 +253,7 @@ class Runtime:
         now = time.time()
         retry_in: float | None = None
         if kind == "ok":
-            changes = dict(status=COMPLETED, completed_at=now, **detail)
+            changes = {"status": COMPLETED, "completed_at": now, **detail}
         elif kind == "stop":
             if detail == "timeout":
                 changes = dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s")
@@ -274,9 +274,10 @@ class Runtime:
                 return  # shutdown already recorded how it ended; the late outcome is dropped
             run.phase = "waiting" if retry_in is not None else "done"
             run.aio_task = None
-        record = self.update(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
+        record = self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
         if retry_in is not None:
-            self._callback(run, record)
+            if run.task.callback_url and record is not None:
+                self._callbacks.send(run.task.callback_url, record)
             if self.settings.immediate:
                 self._start(run)
             else:
@@ -293,7 +294,8 @@ class Runtime:
                 self._wake_queue(run.lock_key)
             if record is None:
                 return
-            self._callback(run, record)
+            if run.task.callback_url:
+                self._callbacks.send(run.task.callback_url, record)
             if record.get("every") and record["status"] != CANCELLED:
                 self._repeat(run, record)
         finally:
@@ -307,10 +309,6 @@ class Runtime:
         self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
                     target=run.target, start_at=due, every=every, series=record.get("series"),
                     extra={"display_name": record.get("display_name")})
-
-    def _callback(self, run: Run, record: RunRecord | None) -> None:
-        if run.task.callback_url and record is not None:
-            self._callbacks.send(run.task.callback_url, record)
 
     # --------------------------------------------------------------- locks
 

@@ -55,7 +55,7 @@ def _exiting(change: dict[str, Any]) -> None:
 
 
 def cell_target() -> CellTarget | None:
-    k = kernel()
+    k = kernel() if "IPython" in sys.modules else None  # (each submit asks: a script's asks nothing more)
     if k is None:
         return None
     try:

@@ -13,6 +13,8 @@ import threading
 from collections import defaultdict
 from typing import Any, Callable
 
+from ..record import FINISHED
+
 Record = dict[str, Any]
 Listener = Callable[[Record], None]
 
@@ -23,19 +25,28 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._all: tuple[Listener, ...] = ()
+        self._ends: tuple[Listener, ...] = ()  # told only of finished records
         self._by_run: dict[str, tuple[Listener, ...]] = defaultdict(tuple)
 
-    def subscribe(self, listener: Listener, task_id: str | None = None) -> Callable[[], None]:
-        """Call ``listener(record)`` on every change (or those of one run); returns an unsubscribe."""
+    def subscribe(self, listener: Listener, task_id: str | None = None, *,
+                  ends: bool = False) -> Callable[[], None]:
+        """Call ``listener(record)`` on every change (or those of one run, or with ``ends`` only
+        the changes that finish a run); returns an unsubscribe."""
+        if ends and task_id is not None:
+            raise ValueError("subscribe to one run's changes or to every run's ends, not both")
         with self._lock:
-            if task_id is None:
+            if ends:
+                self._ends += (listener,)
+            elif task_id is None:
                 self._all += (listener,)
             else:
                 self._by_run[task_id] += (listener,)
 
         def unsubscribe() -> None:
             with self._lock:
-                if task_id is None:
+                if ends:
+                    self._ends = tuple(x for x in self._ends if x is not listener)
+                elif task_id is None:
                     self._all = tuple(x for x in self._all if x is not listener)
                 else:
                     rest = tuple(x for x in self._by_run.get(task_id, ()) if x is not listener)
@@ -47,7 +58,13 @@ class EventBus:
         return unsubscribe
 
     def publish(self, record: Record) -> None:
-        listeners = self._all + self._by_run.get(record["task_id"], ())
+        """Each change of a run goes by (the store publishes every one), so a change nobody
+        listens to (a run starting, with only waiters for ends about) costs two lookups."""
+        listeners = self._all
+        if self._by_run:
+            listeners += self._by_run.get(record["task_id"], ())
+        if self._ends and record["status"] in FINISHED:
+            listeners += self._ends
         for listener in listeners:
             try:
                 listener(record)

@@ -111,7 +111,7 @@ class Store:
         """Accept a record snapshot; returns the generation to pass to ``flushed``."""
         with self._lock:
             self._mirror(record["task_id"], record)
-            gen = self._writes.queue({RUN + record["task_id"]: record})
+            gen = self._writes.put(RUN + record["task_id"], record)
         self.events.publish(record)
         return gen
 
@@ -122,7 +122,8 @@ class Store:
         not call back into the store.
         """
         with self._lock:
-            current = self._held(task_id)
+            live = self._unfinished.get(task_id)
+            current = live or self._held(task_id)  # (a live run: the first place looked)
             if current is _NOT_HELD:  # a finished run this process has not seen lately
                 current = self._runs.get(task_id)
             if current is None:
@@ -130,8 +131,11 @@ class Store:
             new = change(current)
             if new is None or new is current:
                 return current
-            self._mirror(task_id, new)
-            self._writes.queue({RUN + task_id: new})
+            if live is not None and new["status"] not in FINISHED:
+                self._unfinished[task_id] = new  # (``_mirror``'s case of a run still live)
+            else:
+                self._mirror(task_id, new)
+            self._writes.put(RUN + task_id, new)
         self.events.publish(new)
         return new
 

@@ -67,6 +67,14 @@ class WriteBehind:
             self._wake.notify_all()  # all: ``flush`` callers wait on this condition too
         return self.generation
 
+    def put(self, key: str, value: Any) -> int:
+        """``queue({key: value})`` without the dict: each run's change takes this way."""
+        self._dirty[key] = value
+        self.generation += 1
+        if self._asleep:
+            self._wake.notify_all()
+        return self.generation
+
     def held(self, key: str) -> Any:
         """The newest value queued for ``key`` and not yet on disk, else ``NOT_QUEUED``."""
         for pending in (self._dirty, self._inflight):

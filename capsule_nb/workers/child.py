@@ -138,10 +138,12 @@ class _ChildWorker:
             except BaseException as exc:
                 raise PayloadError(f"the call could not be unpickled in the worker: {type(exc).__name__}: {exc}") from exc
             del function, arguments
+            if session_param and hasattr(session, "bound_to"):  # its own threads report to this run through it
+                session = session.bound_to(run)
             if session is not None:
                 session_token = bound_session.set(session)
-            if session_param:  # (``Session.bound_to``: its messages reach this run from the task's own threads)
-                kwargs[session_param] = session.bound_to(run) if hasattr(session, "bound_to") else session
+            if session_param:
+                kwargs[session_param] = session
             with _address_space_limit(memory_limit):
                 value = fn(*args, **kwargs)
                 if inspect.iscoroutine(value):
