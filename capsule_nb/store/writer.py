@@ -62,17 +62,17 @@ class WriteBehind:
         if not changes:
             return self.generation
         self._dirty.update(changes)
-        self.generation += 1
-        if self._asleep:  # a busy writer takes these with its next batch: no wake-up to pay for
-            self._wake.notify_all()  # all: ``flush`` callers wait on this condition too
-        return self.generation
+        return self._added()
 
     def put(self, key: str, value: Any) -> int:
         """``queue({key: value})`` without the dict: each run's change takes this way."""
         self._dirty[key] = value
+        return self._added()
+
+    def _added(self) -> int:
         self.generation += 1
-        if self._asleep:
-            self._wake.notify_all()
+        if self._asleep:  # a busy writer takes these with its next batch: no wake-up to pay for
+            self._wake.notify_all()  # all: ``flush`` callers wait on this condition too
         return self.generation
 
     def held(self, key: str) -> Any:
