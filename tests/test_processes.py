@@ -381,6 +381,9 @@ class FakeRun:
     def extend_message(self, message_id, text):
         self.calls.append(("extend", message_id, text))
 
+    def end_message(self, message_id):
+        self.calls.append(("end", message_id))
+
     def progress(self, done, total, message):
         self.calls.append(("progress", done, total, message))
 
@@ -419,6 +422,7 @@ def test_session_calls_in_the_child_reach_the_run_and_db_works(pool, tmp_path):
             ("progress", 1, 3, None),
             ("message", "stream", "a", {}),
             ("extend", f"parent-{stream_id}", "b"),
+            ("end", f"parent-{stream_id}"),
             ("capture", "stdout", "printed\n"),
         ]
         app.store.poll()  # the child's writes were flushed before the job ended
