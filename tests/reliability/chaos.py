@@ -194,6 +194,10 @@ async def work(slot: int, out: Path, seed: int) -> None:
         result = None
         if status == "completed":
             result = repr(await handle.result())
+        # What the store promises: a change is on disk once flushed (write-behind: a process
+        # killed within the writer's window loses its last changes, and recovery settles the
+        # run). So a finish is journaled as seen once flushed: from then on it must stay.
+        await asyncio.get_running_loop().run_in_executor(None, app.store.flush)
         history.write(op="finished", id=handle.task_id, status=status, result=result, at=time.time())
 
     async def submit(name: str, *args) -> None:
