@@ -276,8 +276,7 @@ class Runtime:
             run.aio_task = None
         record = self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
         if retry_in is not None:
-            if run.task.callback_url and record is not None:
-                self._callbacks.send(run.task.callback_url, record)
+            self._callback(run, record)
             if self.settings.immediate:
                 self._start(run)
             else:
@@ -294,8 +293,7 @@ class Runtime:
                 self._wake_queue(run.lock_key)
             if record is None:
                 return
-            if run.task.callback_url:
-                self._callbacks.send(run.task.callback_url, record)
+            self._callback(run, record)
             if record.get("every") and record["status"] != CANCELLED:
                 self._repeat(run, record)
         finally:
@@ -309,6 +307,10 @@ class Runtime:
         self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
                     target=run.target, start_at=due, every=every, series=record.get("series"),
                     extra={"display_name": record.get("display_name")})
+
+    def _callback(self, run: Run, record: RunRecord | None) -> None:
+        if run.task.callback_url and record is not None:
+            self._callbacks.send(run.task.callback_url, record)
 
     # --------------------------------------------------------------- locks
 

@@ -131,10 +131,7 @@ class Store:
             new = change(current)
             if new is None or new is current:
                 return current
-            if live is not None and new["status"] not in FINISHED:
-                self._unfinished[task_id] = new  # (``_mirror``'s case of a run still live)
-            else:
-                self._mirror(task_id, new)
+            self._mirror(task_id, new)
             self._writes.put(RUN + task_id, new)
         self.events.publish(new)
         return new
