@@ -139,6 +139,39 @@ async def test_a_fan_out_of_thousands_reaches_the_disk_whole(tmp_path):
     app.close()
 
 
+def test_records_lacking_optional_fields_or_beyond_orjson_are_written_with_the_right_columns(tmp_path):
+    """The writer reads a batch's columns with C code alone, but a record an older build or
+    another tool wrote may lack any optional field (a finished one without ``completed_at``
+    is aged by its ``created_at``), and one may hold an integer beyond 64 bits, which orjson
+    refuses: beside whole records, each row still gets its own columns and its exact text."""
+    base = {"app": "a", "task_name": "t", "attempt": 1, "max_attempts": 1}
+    records = [
+        dict(base, task_id="0001", status="completed", created_at=100.0),
+        dict(base, task_id="0002", status="pending", created_at=101.5),
+        dict(base, task_id="0003", status="failed", created_at=102.0, completed_at=103.25, session_id="s",
+             scheduled_for=99.5, result=2**70),
+        dict(base, task_id="0004", status="running", created_at=104.0, completed_at=None, session_id=None,
+             scheduled_for=None),
+    ]
+    store = Store(tmp_path)
+    for record in records:
+        store.put_run(record)
+    store.flush()
+    store.close()
+    with sqlite3.connect(tmp_path / "db" / "cache.db") as db:
+        rows = db.execute("SELECT task_id, status, session_id, scheduled_for, finished_at, record "
+                          "FROM capsule_runs ORDER BY task_id").fetchall()
+    db.close()
+    assert [row[:5] for row in rows] == [("0001", "completed", None, None, 100.0),
+                                         ("0002", "pending", None, None, None),
+                                         ("0003", "failed", "s", 99.5, 103.25),
+                                         ("0004", "running", None, None, None)]
+    assert [json.loads(row[5]) for row in rows] == records
+    reopened = Store(tmp_path)
+    assert [reopened.get_run(r["task_id"]) for r in records] == records
+    reopened.close()
+
+
 def test_the_change_feed_keeps_a_bounded_window(tmp_path):
     store = Store(tmp_path)
     try:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from functools import lru_cache, partial
+from itertools import chain
+from operator import add, itemgetter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import diskcache
 
 from ..record import FINISHED, STATUSES, RunRecord, short_repr
-from .disk import NotUTF8, batches, dumps, marks
+from .disk import NotUTF8, batches, dumps_each, marks
 from .feed import RUN
 
 COLUMNS = ("app", "task_name", "status", "session_id", "scheduled_for")  # what ``where`` may name
@@ -72,29 +74,42 @@ _SCHEMA = (
 )
 
 _INSERT = "INSERT INTO capsule_runs (task_id, app, task_name, status, session_id, scheduled_for, finished_at, record) "
-_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
-# Each statement the writer runs hands the GIL away and waits to get it back, up to a switch
-# interval (5 ms) while the loop is busy, so a batch goes in few statements: pieces of 1024 rows
-# (8,192 parameters; SQLite before 3.32 takes 999 at most, so 64 there), then of powers of two,
-# so that a dozen distinct statements are ever prepared and cached.
-_ROWS_PER_STATEMENT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
+# What the writer binds for each record: its columns as found, then its JSON text. The statement
+# works out ``finished_at``, so a batch's parameters are made by C code alone (``_parameters``):
+# Python work per row in the writer thread is time-sliced with a busy event loop, 5 ms each
+# in turn, and took a quarter of the loop's speed during a burst.
+_FIELDS = ("task_id", "app", "task_name", "status", "session_id", "scheduled_for", "completed_at", "created_at")
+_fields = itemgetter(*_FIELDS)
+_SELECT = (f"SELECT column1, column2, column3, column4, column5, column6, CASE WHEN column4 IN "
+           f"({', '.join(map(repr, _FINISHED))}) THEN coalesce(column7, column8) END, column9 FROM ")
+# (``WHERE true`` below: SQLite's parser needs it between a SELECT and ON CONFLICT.)
+_ROW = "(" + ", ".join("?" * (len(_FIELDS) + 1)) + ")"
+# Each statement hands the GIL away and waits to get it back, up to a switch interval (5 ms)
+# while the loop is busy, so a batch goes in few statements: pieces of 2,048 rows (18,432
+# parameters; SQLite before 3.32 takes 999 at most, so 64 there), then of powers of two, so
+# that a dozen distinct statements are ever prepared and cached.
+_ROWS_PER_STATEMENT = 2048 if sqlite3.sqlite_version_info >= (3, 32) else 64
 # A run's app, task and session never change, so an update leaves those columns (and the
 # indexes on them) alone: SQLite rewrites an index when its column is in the SET list.
 _UPDATE = (" ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, scheduled_for = excluded.scheduled_for, "
            "finished_at = excluded.finished_at, record = excluded.record")
-_MOVE = _INSERT + "VALUES " + _ROW + " ON CONFLICT (task_id) DO NOTHING"  # a record moved first stays as it is
 
 
 @lru_cache(maxsize=None)
 def _upsert(rows: int) -> str:
-    return _INSERT + "VALUES " + ", ".join([_ROW] * rows) + _UPDATE
+    return _INSERT + _SELECT + "(VALUES " + ", ".join([_ROW] * rows) + ") WHERE true" + _UPDATE
 
 
-def _row(record: RunRecord) -> tuple[Any, ...]:
-    finished = record["status"] in FINISHED
-    return (record["task_id"], record["app"], record["task_name"], record["status"], record.get("session_id"),
-            record.get("scheduled_for"),
-            (record.get("completed_at") or record.get("created_at")) if finished else None, dumps(record))
+_MOVE = _INSERT + _SELECT + "(VALUES " + _ROW + ") WHERE true ON CONFLICT (task_id) DO NOTHING"  # a record moved first stays
+
+
+def _parameters(records: Sequence[RunRecord]) -> list[Any]:
+    """The parameters of ``records``' rows, one after another."""
+    try:
+        fields = list(map(_fields, records))
+    except KeyError:  # a record of an older version may lack an optional field
+        fields = [tuple(map(record.get, _FIELDS)) for record in records]
+    return list(chain.from_iterable(map(add, fields, zip(dumps_each(records)))))
 
 
 def create_tables(execute: Callable[..., Any]) -> None:
@@ -177,11 +192,10 @@ class RunTable:
     def write(self, upserts: Sequence[RunRecord], deletes: Sequence[str]) -> None:
         """Call inside ``cache.transact()``. Rows go ``_ROWS_PER_STATEMENT`` to a statement."""
         sql = self._cache._sql
-        rows = [_row(r) for r in upserts]
         start = 0
-        while start < len(rows):
-            size = min(_ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
-            sql(_upsert(size), [value for row in rows[start : start + size] for value in row])
+        while start < len(upserts):
+            size = min(_ROWS_PER_STATEMENT, 1 << (len(upserts) - start).bit_length() - 1)
+            sql(_upsert(size), _parameters(upserts[start : start + size]))
             start += size
         for chunk in batches(deletes):
             sql(f"DELETE FROM capsule_runs WHERE task_id IN ({marks(len(chunk))})", chunk)
@@ -273,4 +287,6 @@ class RunTable:
     def adopt(self, rows: list[tuple[str, RunRecord]]) -> None:
         """Take in records kept as diskcache rows ``run/<id>`` (stores made before this table;
         ``rows.Rows.move``), keeping any already here. Call inside ``cache.transact()``."""
-        self._cache._con.executemany(_MOVE, [_row(record) for _, record in rows])
+        width = len(_FIELDS) + 1
+        values = _parameters([record for _, record in rows])
+        self._cache._con.executemany(_MOVE, [values[i : i + width] for i in range(0, len(values), width)])

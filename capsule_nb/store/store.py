@@ -66,7 +66,8 @@ class Store:
         self._recent: OrderedDict[str, RunRecord] = OrderedDict()
         self._poll_lock = threading.Lock()
         self._cancel_requests: dict[str, float] = {}  # task id -> when this process first saw it
-        self._writes = WriteBehind(self._lock, self._commit, self.path)  # idle until something is queued
+        self._writes = WriteBehind(self._lock, self._commit, self.path,  # idle until something is queued
+                                   connect=lambda: self._cache._con)
         try:
             self._runs = RunTable(self._cache, self._rows.check)
             self._documents = Documents(self._cache, self._rows.check, self._feed)
