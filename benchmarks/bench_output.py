@@ -14,6 +14,10 @@ Cases, each in its own interpreter:
 * ``stream-cell``: the same kernel runs ``session.stream_reply()`` with M writes, one
   output redrawn in place as it grows; and again with 3M writes.
 
+* ``notify-task``: the same thread task sends each line as ``session.notify`` instead
+  (a status each replaces the last: past the cap of 1,000 messages, the replaced go),
+  against the same lines printed into a ``StringIO``; and again with 3N notifications.
+
 Aim: output costs the same per write however much there is: at 3x the volume, at most
 1.5x the time per write. Keeping the text by adding each write to it made both grow
 with the square of the output (a task printing 100,000 lines took 6 s, 110x its plain
@@ -42,6 +46,12 @@ def _print_lines(lines: int) -> int:
     return lines
 
 
+def _notify_lines(session, lines: int) -> int:
+    for i in range(lines):
+        session.notify(f"checked {i} rows")
+    return lines
+
+
 def print_plain(lines: int) -> float:
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -49,20 +59,25 @@ def print_plain(lines: int) -> float:
     return time.perf_counter() - started
 
 
-def print_task(lines: int) -> float:
+def print_task(lines: int, notify: bool = False) -> float:
+    """``notify``: the task sends each line as a notification (each replaces the last in place;
+    past the cap of 1,000 messages, the replaced ones go) instead of printing it."""
     import asyncio
 
     import capsule_nb as cpsl
 
     async def main() -> float:
         app = cpsl.App(name="bench-output", home=tempfile.mkdtemp(prefix="bench-output-"))
-        loud = app.task(_print_lines)
+        loud = app.task(_notify_lines if notify else _print_lines)
         started = time.perf_counter()
-        handle = loud.submit(lines)
+        handle = loud.submit(lines=lines)
         status = await handle.wait(timeout=600)
         seconds = time.perf_counter() - started
         assert status == "completed", status
-        assert handle.snapshot()["output"][-1]["text"].endswith(f"line {lines - 1}\n")
+        if notify:
+            assert handle.snapshot()["messages"][-1]["text"] == f"checked {lines - 1} rows"
+        else:
+            assert handle.snapshot()["output"][-1]["text"].endswith(f"line {lines - 1}\n")
         app.close()
         return seconds
 
@@ -103,6 +118,9 @@ CASES: dict[str, Callable[[argparse.Namespace], float]] = {
     "print-plain": lambda a: print_plain(a.lines),
     "print-task": lambda a: print_task(a.lines),
     "print-task-3x": lambda a: print_task(3 * a.lines),
+    "notify-task": lambda a: print_task(a.notes, notify=True),
+    "notify-task-3x": lambda a: print_task(3 * a.notes, notify=True),
+    "notify-plain": lambda a: print_plain(a.notes),
     "stream-plain": lambda a: stream("stream-plain", a.chunks),
     "stream-cell": lambda a: stream("stream-cell", a.chunks),
     "stream-cell-3x": lambda a: stream("stream-cell", 3 * a.chunks),
@@ -111,7 +129,7 @@ CASES: dict[str, Callable[[argparse.Namespace], float]] = {
 
 def _in_own_interpreter(name: str, args: argparse.Namespace) -> float:
     out = subprocess.run([sys.executable, __file__, "--case", name, "--lines", str(args.lines),
-                          "--chunks", str(args.chunks)], capture_output=True, text=True, timeout=900)
+                          "--chunks", str(args.chunks), "--notes", str(args.notes)], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
@@ -121,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=100_000, help="lines the task prints (default 100,000)")
     parser.add_argument("--chunks", type=int, default=60_000, help="writes to the cell's stream (default 60,000)")
+    parser.add_argument("--notes", type=int, default=10_000, help="notifications the task sends (default 10,000)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
@@ -130,6 +149,7 @@ def main() -> None:
     print(f"output at volume (python {sys.version.split()[0]}, {os.cpu_count()} cpus), each case in its own interpreter")
     for label, n, mine, peer, what in (
             ("a task printing {:,} lines", args.lines, "print-task", "print-plain", "into a StringIO"),
+            ("a task sending {:,} notifications", args.notes, "notify-task", "notify-plain", "lines printed into a StringIO"),
             ("a cell streaming {:,} chunks", args.chunks, "stream-cell", "stream-plain", "printed in the cell")):
         growth = seconds[f"{mine}-3x"] / (3 * seconds[mine])
         print(f"  {label.format(n)}: {seconds[mine]:.3f} s ({seconds[mine] / seconds[peer]:.1f}x the same "

@@ -227,3 +227,26 @@ def test_task_ids_are_24_hex_digits_ordered_by_their_microsecond():
     stamps = [int(i[:14], 16) for i in ids]
     assert before <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= after
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("odd", ["", "\ud800"], ids=["json", "a lone surrogate orjson refuses"])
+def test_past_the_character_cap_replaced_notifications_go_first_then_the_oldest_messages(odd):
+    """The 17th message of 60,000 characters takes the messages over the cap of 1,000,000: the
+    notification a newer one replaced goes, not the first reply; then one more such reply
+    pushes the oldest message out (the newest notification is no replaced one)."""
+    from capsule_nb.record import MAX_MESSAGES_CHARS, add_message
+
+    big = "x" * 60_000
+    record: dict = {}
+    sent = [("reply", "first " + big), ("notify", "n1 " + big)] + [("reply", f"r{i} " + big) for i in range(14)]
+    sent += [("notify", "n2" + odd), ("reply", "r14 " + big)]
+    for kind, text in sent:
+        record = {**record, **add_message(record, kind, text)}
+    rows = [f"r{i}" for i in range(14)]
+    assert [m["text"].split(" ")[0] for m in record["messages"]] == ["first", *rows, "n2" + odd, "r14"]
+    assert record["messages_dropped"] == 1
+
+    record = {**record, **add_message(record, "reply", "last " + big)}
+    assert [m["text"].split(" ")[0] for m in record["messages"]] == [*rows, "n2" + odd, "r14", "last"]
+    assert record["messages_dropped"] == 2
+    assert sum(len(v) for m in record["messages"] for v in m.values() if type(v) is str) <= MAX_MESSAGES_CHARS
