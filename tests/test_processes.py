@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -528,6 +529,19 @@ def test_dask_runs_a_notebook_function_elsewhere_with_its_messages(dask_backend)
     assert outcome.value[0] == 40 and outcome.value[1] != os.getpid()
     assert job.pid == outcome.value[1] and job.worker_address.startswith("tcp://")
     assert ("capture", {"stream": "stdout", "text": "hello from dask\n"}) in recorder.calls  # before wait() returned
+
+
+def test_dask_takes_a_big_argument_without_warning_of_a_large_graph(dask_backend):
+    """Dask warns of a "large graph" (from 10 MB) and advises scattering the data, which a
+    user cannot do for the graph capsule_nb builds: a big call is scattered for them."""
+    big = b"x" * 12_000_000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = dask_backend.run(len, (big,)).wait(60)
+        small = dask_backend.run(len, (b"xy",)).wait(60)
+    assert outcome.ok and outcome.value == len(big)
+    assert small.ok and small.value == 2
+    assert [str(w.message) for w in caught if "large graph" in str(w.message)] == []
 
 
 def test_dask_error_and_crash(dask_backend):

@@ -8,7 +8,9 @@ How it works:
 
 * The call is cloudpickled here (so a notebook function goes by value) and
   submitted with ``pure=False, retries=0``: every run is a new Dask task,
-  and retries are the capsule runtime's business, not Dask's.
+  and retries are the capsule runtime's business, not Dask's. A call over
+  ``SCATTER_BYTES`` (a big argument) is scattered to a worker first, so it
+  is not part of the task's graph, which Dask warns about from 10 MB.
 * On the Dask worker the call runs in a ``ProcessPool`` of that worker
   process (as many processes as the worker has threads). So a segfault or
   ``os._exit`` in the task fails that run as ``crashed`` and the Dask
@@ -56,6 +58,10 @@ log = logging.getLogger("capsule_nb")
 
 KILL_GRACE = 2.0  # seconds a kill waits for the worker's answer before cancelling the future
 MESSAGE_GRACE = 5.0  # seconds a finished job waits for messages still in flight
+# A call bigger than this (a DataFrame passed as an argument) is scattered to a worker first and
+# the task takes it by reference: inside the task's graph, Dask warns of a "large graph" from
+# 10 MB on, advice the user cannot act on since capsule_nb builds the graph.
+SCATTER_BYTES = 1 << 20
 
 
 class DaskJob(Job):
@@ -128,8 +134,11 @@ class DaskBackend:
             if self._closed:
                 raise RuntimeError("this DaskBackend has been shut down")
             self._jobs[job.id] = job
+        payload: Any = tuple(call)
+        if sum(map(len, payload)) > SCATTER_BYTES:
+            payload = self.client.scatter([payload], hash=False)[0]  # (held by the task until it ends)
         job.future = self.client.submit(
-            _run_on_worker, job.id, tuple(call), memory_limit, self.topic,
+            _run_on_worker, job.id, payload, memory_limit, self.topic,
             key=f"capsule-process-{job.id}", pure=False, retries=0,
         )
         job.future.add_done_callback(lambda future: self._inbox.put(("done", job.id, future)))
