@@ -1,0 +1,162 @@
+"""One thread that reads every worker of a pool.
+
+Why one for all, not one per worker: the parent of a burst of process runs is bound by
+the GIL, and each blocking call (a ``select``, a read) gives the GIL away and waits to
+get it back behind the submitting thread, the event loop and the other readers. One
+thread waits once for whatever any worker sent, handles all of it, and only then runs
+the done callbacks of every job that ended meanwhile, back to back: so runs ending
+together are told to their waiters together (the event loop wakes once for them), and a
+worker that finished is handed its next job before any callback runs.
+
+A worker's death is seen on its sentinel (the forkserver's status pipe), which tells of
+it even when the worker's own children keep its pipe open; it is handled once everything
+the worker sent before dying has been read, and after the process is reaped. A sentinel
+that closes because the forkserver died first (ipykernel ends it at a shutdown) is no
+death: the worker is watched through a pidfd from then on.
+
+The price: a done callback or an ``on_message`` that blocks holds up every worker's
+news, not only its own worker's (the runtime's are quick: a store change, a hand-over).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import selectors
+import threading
+from typing import TYPE_CHECKING
+
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .pool import ProcessPool
+
+log = logging.getLogger("capsule_nb")
+
+
+class _Watched:
+    """The listener's own state of one worker."""
+
+    __slots__ = ("worker", "fd", "reading", "orphan")
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.fd = worker.conn.fileno()  # its pipe's
+        self.reading = True  # its pipe has not ended
+        self.orphan: int | None = None  # a pidfd on the worker, once its forkserver died before it
+
+
+class Listener:
+    """The thread that reads a pool's workers: started with the first worker it is given,
+    ended once the pool is shut down and its last worker reaped."""
+
+    def __init__(self, pool: "ProcessPool"):
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._joining: list[Worker] = []  # given, not yet watched by the thread
+        self._thread: threading.Thread | None = None
+        self._wake_fd = -1  # written to when a worker is given to a running thread
+
+    def watch(self, worker: Worker) -> None:
+        """Read ``worker`` from now on; its death settles its job through ``pool._died``."""
+        with self._lock:
+            self._joining.append(worker)
+            if self._thread is None:
+                wake_read, self._wake_fd = os.pipe()
+                os.set_blocking(wake_read, False)
+                os.set_blocking(self._wake_fd, False)
+                self._thread = threading.Thread(target=self._serve, args=(wake_read,),
+                                                name="capsule-process-listener", daemon=True)
+                self._thread.start()
+            try:
+                os.write(self._wake_fd, b"\0")
+            except BlockingIOError:  # the pipe is full of wake-ups already
+                pass
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _serve(self, wake_read: int) -> None:
+        pool = self._pool
+        watched = 0
+        with selectors.DefaultSelector() as selector:
+            selector.register(wake_read, selectors.EVENT_READ, None)
+            while True:
+                reading: list[_Watched] = []
+                ending: list[_Watched] = []
+                for key, _ in selector.select():
+                    if key.data is None:
+                        watched += self._take_new(selector, wake_read)
+                    elif key.fd == key.data.fd:
+                        reading.append(key.data)
+                    else:
+                        ending.append(key.data)
+                for watch in reading:
+                    self._read(selector, watch)
+                for watch in ending:
+                    if self._ended(selector, watch):
+                        watched -= 1
+                pool._notify()  # every job that ended this round, its callbacks back to back
+                if watched == 0 and pool._closed:
+                    with self._lock:
+                        if not self._joining:
+                            self._thread = None
+                            os.close(self._wake_fd)
+                            os.close(wake_read)
+                            return
+
+    def _take_new(self, selector: selectors.BaseSelector, wake_read: int) -> int:
+        try:
+            while os.read(wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            joining, self._joining = self._joining, []
+        for worker in joining:
+            watch = _Watched(worker)
+            selector.register(watch.fd, selectors.EVENT_READ, watch)
+            selector.register(worker.process.sentinel, selectors.EVENT_READ, watch)
+        return len(joining)
+
+    def _read(self, selector: selectors.BaseSelector, watch: _Watched) -> None:
+        worker = watch.worker
+        try:
+            messages = worker.frames.read()
+        except (EOFError, OSError):  # its end: the sentinel (or pidfd) tells when it is gone
+            selector.unregister(watch.fd)
+            watch.reading = False
+            return
+        for data in messages:
+            try:
+                self._pool._handle(worker, pickle.loads(data))
+            except Exception:
+                log.exception("capsule_nb: bad message from process worker %s", worker.pid)
+
+    def _ended(self, selector: selectors.BaseSelector, watch: _Watched) -> bool:
+        """The sentinel (or pidfd) of ``watch``'s worker is ready: True once it is buried."""
+        worker = watch.worker
+        if watch.reading and worker.conn.poll(0):
+            return False  # what it sent before it died is read first (the next round)
+        if watch.orphan is None:
+            orphan = worker.outlived_forkserver()
+            if orphan is not None:
+                selector.unregister(worker.process.sentinel)
+                watch.orphan = orphan
+                selector.register(orphan, selectors.EVENT_READ, watch)
+                return False
+        if watch.reading:
+            selector.unregister(watch.fd)
+        selector.unregister(worker.process.sentinel if watch.orphan is None else watch.orphan)
+        worker.process.join()  # reaped (by the forkserver) before anyone hears the job ended
+        try:
+            self._pool._died(worker, worker.process.exitcode if watch.orphan is None else None,  # an orphan's is unknown
+                             worker.crash_dump())
+        except Exception:
+            log.exception("capsule_nb: could not settle the end of process worker %s", worker.pid)
+        if watch.orphan is not None:
+            os.close(watch.orphan)
+        worker.close()
+        worker.gone.set()
+        return True
