@@ -89,3 +89,42 @@ def test_the_listener_ends_with_its_pool_and_a_new_pool_gets_its_own(tmp_path):
     until_sync(lambda: not mine.is_alive(), timeout=10)
     with ProcessPool(max_workers=1) as again:
         assert again.run(sum, ([1, 2],)).wait(30).value == 3
+
+
+def _print_until(path: str) -> str:
+    line = "more " * 4000
+    while not os.path.exists(path):
+        print(line, flush=True)
+    return "stopped"
+
+
+def _wait_for(path: str) -> int:
+    while not os.path.exists(path):
+        time.sleep(0.002)
+    return os.getpid()
+
+
+def test_a_done_callback_runs_while_other_workers_keep_sending(four, tmp_path):
+    """The listener holds the done callbacks while more keeps arriving, so that a batch of
+    runs ending together is told together; workers that never stop printing must not
+    hold another job's callback for ever. (Each of their lines takes the listener a
+    millisecond, so their pipes never run dry.)"""
+    stop, go = tmp_path / "stop", tmp_path / "go"
+    lines = [0]
+
+    def slowly(kind: str, data: dict) -> None:
+        lines[0] += kind == "capture"
+        time.sleep(0.001)
+
+    chatty = [four.run(_print_until, (str(stop),), on_message=slowly) for _ in range(WORKERS - 1)]
+    try:
+        until_sync(lambda: lines[0] > 100, timeout=30)  # printing by now
+        called = threading.Event()
+        quick = four.run(_wait_for, (str(go),))
+        quick.add_done_callback(lambda outcome: called.set())  # (before it can have ended)
+        go.touch()
+        assert called.wait(30), "the quick job's done callback never ran while the others printed"
+        assert not any(job.done() for job in chatty)
+    finally:
+        stop.touch()
+    assert [job.wait(30).value for job in chatty] == ["stopped"] * (WORKERS - 1)

@@ -91,10 +91,11 @@ class ProcessJob(Job):
             log.exception("capsule_nb: on_message failed for a process job message %r", kind)
 
     def _settle(self, outcome: Outcome) -> None:
-        """Caller holds the pool lock; the pool runs the done callbacks once it lets go of it."""
+        """Caller holds the pool lock; the pool runs the done callbacks once it lets go of it.
+        A job without any has nothing to run (a callback added from now on runs at once)."""
         self._call = None
         self._worker = None
-        if self._finish(outcome):
+        if self._finish(outcome) and self._callbacks is not None:
             self._pool._ended.append(self)
 
 
