@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import selectors
+import select
 import threading
 from typing import TYPE_CHECKING
 
@@ -82,41 +82,40 @@ class Listener:
 
     def _serve(self, wake_read: int) -> None:
         pool = self._pool
+        fds = _Fds()
+        fds.add(wake_read, None)
         watched = 0
-        with selectors.DefaultSelector() as selector:
-            selector.register(wake_read, selectors.EVENT_READ, None)
-            timeout: float | None = None
-            held = 0
-            while True:
-                events = selector.select(timeout)
-                reading: list[_Watched] = []
-                ending: list[_Watched] = []
-                for key, _ in events:
-                    if key.data is None:
-                        watched += self._take_new(selector, wake_read)
-                    elif key.fd == key.data.fd:
-                        reading.append(key.data)
-                    else:
-                        ending.append(key.data)
-                for watch in reading:
-                    self._read(selector, watch)
-                for watch in ending:
-                    if self._ended(selector, watch):
-                        watched -= 1
-                if events and pool._ended and held < _HOLD_ROUNDS:  # first, see whether more has come meanwhile
-                    held, timeout = held + 1, 0
-                    continue
-                pool._notify()  # the jobs ended meanwhile, back to back
-                held, timeout = 0, None
-                if watched == 0 and pool._closed:
-                    with self._lock:
-                        if not self._joining:
-                            self._thread = None
-                            os.close(self._wake_fd)
-                            os.close(wake_read)
-                            return
+        block, held = True, 0
+        while True:
+            events = fds.ready(block)
+            reading: list[_Watched] = []
+            ending: list[_Watched] = []
+            for fd, watch in events:
+                if watch is None:
+                    watched += self._take_new(fds, wake_read)
+                elif fd == watch.fd:
+                    reading.append(watch)
+                else:
+                    ending.append(watch)
+            for watch in reading:
+                self._read(fds, watch)
+            for watch in ending:
+                if self._ended(fds, watch):
+                    watched -= 1
+            if events and pool._ended and held < _HOLD_ROUNDS:  # first, see whether more has come meanwhile
+                block, held = False, held + 1
+                continue
+            pool._notify()  # the jobs ended meanwhile, back to back
+            block, held = True, 0
+            if watched == 0 and pool._closed:
+                with self._lock:
+                    if not self._joining:
+                        self._thread = None
+                        os.close(self._wake_fd)
+                        os.close(wake_read)
+                        return
 
-    def _take_new(self, selector: selectors.BaseSelector, wake_read: int) -> int:
+    def _take_new(self, fds: "_Fds", wake_read: int) -> int:
         try:
             while os.read(wake_read, 512):
                 pass
@@ -126,16 +125,16 @@ class Listener:
             joining, self._joining = self._joining, []
         for worker in joining:
             watch = _Watched(worker)
-            selector.register(watch.fd, selectors.EVENT_READ, watch)
-            selector.register(worker.process.sentinel, selectors.EVENT_READ, watch)
+            fds.add(watch.fd, watch)
+            fds.add(worker.process.sentinel, watch)
         return len(joining)
 
-    def _read(self, selector: selectors.BaseSelector, watch: _Watched) -> None:
+    def _read(self, fds: "_Fds", watch: _Watched) -> None:
         worker = watch.worker
         try:
             messages = worker.frames.read()
         except (EOFError, OSError):  # its end: the sentinel (or pidfd) tells when it is gone
-            selector.unregister(watch.fd)
+            fds.remove(watch.fd)
             watch.reading = False
             return
         for data in messages:
@@ -144,7 +143,7 @@ class Listener:
             except Exception:
                 log.exception("capsule_nb: bad message from process worker %s", worker.pid)
 
-    def _ended(self, selector: selectors.BaseSelector, watch: _Watched) -> bool:
+    def _ended(self, fds: "_Fds", watch: _Watched) -> bool:
         """The sentinel (or pidfd) of ``watch``'s worker is ready: True once it is buried."""
         worker = watch.worker
         if watch.reading and worker.conn.poll(0):
@@ -152,13 +151,13 @@ class Listener:
         if watch.orphan is None:
             orphan = worker.outlived_forkserver()
             if orphan is not None:
-                selector.unregister(worker.process.sentinel)
+                fds.remove(worker.process.sentinel)
                 watch.orphan = orphan
-                selector.register(orphan, selectors.EVENT_READ, watch)
+                fds.add(orphan, watch)
                 return False
         if watch.reading:
-            selector.unregister(watch.fd)
-        selector.unregister(worker.process.sentinel if watch.orphan is None else watch.orphan)
+            fds.remove(watch.fd)
+        fds.remove(worker.process.sentinel if watch.orphan is None else watch.orphan)
         worker.process.join()  # reaped (by the forkserver) before anyone hears the job ended
         try:
             self._pool._died(worker, worker.process.exitcode if watch.orphan is None else None,  # an orphan's is unknown
@@ -170,3 +169,27 @@ class Listener:
         worker.close()
         worker.gone.set()
         return True
+
+
+class _Fds:
+    """The file descriptors the listener waits on, each with its worker's ``_Watched`` (None:
+    the wake-up pipe). ``poll`` itself, not a ``selectors`` selector, whose Python layer cost
+    more than the system call in a burst of runs; a few descriptors per worker, so the
+    scan ``poll`` makes of them all is no matter."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._owners: dict[int, _Watched | None] = {}
+
+    def add(self, fd: int, owner: _Watched | None) -> None:
+        self._poll.register(fd, select.POLLIN)
+        self._owners[fd] = owner
+
+    def remove(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        del self._owners[fd]
+
+    def ready(self, block: bool) -> list[tuple[int, _Watched | None]]:
+        """What is ready (to read, or at its end), waiting for it if ``block``."""
+        owners = self._owners
+        return [(fd, owners[fd]) for fd, _ in self._poll.poll(None if block else 0)]
