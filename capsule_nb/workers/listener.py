@@ -1,14 +1,14 @@
 """One thread that reads every worker of a pool.
 
 Why one for all, not one per worker: the parent of a burst of process runs is bound by
-the GIL, and each blocking call (a ``select``, a read) gives the GIL away and waits to
+the GIL, and each blocking call (a ``poll``, a read) gives the GIL away and waits to
 get it back behind the submitting thread, the event loop and the other readers. One
 thread waits once for whatever any worker sent and handles all of it; a worker that
 finished is handed its next job at once. The done callbacks of the jobs that ended wait
 until nothing more has arrived (or for at most ``_HOLD_ROUNDS`` such rounds), then run
 back to back: runs ending together are told to their waiters together, so the event
-loop wakes once for a batch of them, not once for each (in a burst of no-op runs, that
-took a fifth of the parent's CPU per run).
+loop wakes once for a batch of them, not once for each (in a burst of no-op task runs,
+that was a sixth of the parent's CPU per run).
 
 A worker's death is seen on its sentinel (the forkserver's status pipe), which tells of
 it even when the worker's own children keep its pipe open; it is handled once everything
@@ -17,7 +17,9 @@ that closes because the forkserver died first (ipykernel ends it at a shutdown) 
 death: the worker is watched through a pidfd from then on.
 
 The price: a done callback or an ``on_message`` that blocks holds up every worker's
-news, not only its own worker's (the runtime's are quick: a store change, a hand-over).
+news, not only its own worker's (the runtime's are quick: a store change, a hand-over);
+and while workers keep sending, a job's done callback runs a few rounds after ``wait()``
+returns (which the settling itself wakes).
 """
 
 from __future__ import annotations
