@@ -54,7 +54,7 @@ class RemoteError(ProcessError):
 
 
 class Outcome(NamedTuple):
-    """How a job ended (a named tuple: one is made per job, on the pool's reader thread).
+    """How a job ended (a named tuple: one is made per job, on the pool's listener thread).
 
     ``kind`` is ``"ok"`` (``value`` is the return value), ``"error"`` (the task
     raised: ``error_type``, ``message`` and the child's ``traceback``),

@@ -23,14 +23,13 @@ Why our own small supervisor, over ``multiprocessing``'s forkserver context:
 
 One job per worker: the parent sends ``("job", id, function, arguments, memory_limit)``
 over a ``Pipe``; the worker answers with ``("msg", id, kind, data)`` for
-prints and session calls, then ``("done", id, kind, data)``. A reader thread
-per worker (in the parent) forwards messages to the job's ``on_message``
-and settles the job; the worker's death (its pipe or its forkserver status
-sentinel closing) settles a job still in flight as crashed or killed. A
-sentinel that closes because the forkserver died first (ipykernel ends it at
-a shutdown) is no death: the worker is watched through a pidfd from then on.
+prints and session calls, then ``("done", id, kind, data, leaving)``. One
+listener thread (``listener.py``) reads every worker of the pool, forwards
+messages to the job's ``on_message`` and settles the job; a worker's death
+settles a job still in flight as crashed or killed.
 
-What happens inside the worker is ``child.py``.
+What happens inside the worker is ``child.py``; the parent's handle on one is
+``worker.py``.
 
 Limits, on purpose: worker state persists between jobs (module globals, a
 ``sys.path`` change, leftover threads), as in any reused worker; the memory
@@ -43,21 +42,17 @@ capsule_nb (a few hundred ms, mostly the UI's imports): ``warm()`` hides it.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
-import selectors
-import signal
 import threading
 from collections import deque
 from typing import Any, Callable
 
 from ..checks import whole_number
-from .child import worker_main
-from .forkserver import CONTEXT, install_hooks, may_start_children, pools, starting
+from .forkserver import install_hooks, may_start_children, pools
+from .listener import Listener
 from .outcome import CRASHED, SHUT_DOWN, Job, OnMessage, Outcome, WorkerCrashed, crashed, killed, outcome_from
 from .pickling import Call, pickle_call
+from .worker import Worker
 
 log = logging.getLogger("capsule_nb")
 
@@ -72,7 +67,7 @@ class ProcessJob(Job):
         self._call = call
         self._on_message = on_message
         self.memory_limit = memory_limit  # self.pid: the worker's, once the job is handed to one
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
 
     def __repr__(self) -> str:
         state = self._outcome.kind if self._outcome else ("running" if self.pid else "queued")
@@ -96,156 +91,12 @@ class ProcessJob(Job):
             log.exception("capsule_nb: on_message failed for a process job message %r", kind)
 
     def _settle(self, outcome: Outcome) -> None:
-        """Caller holds the pool lock; the pool runs the done callbacks once it lets go of it."""
+        """Caller holds the pool lock; the pool runs the done callbacks once it lets go of it.
+        A job without any has nothing to run (a callback added from now on runs at once)."""
         self._call = None
         self._worker = None
-        if self._finish(outcome):
+        if self._finish(outcome) and self._callbacks is not None:
             self._pool._ended.append(self)
-
-
-class _Worker:
-    """The parent's handle on one worker process."""
-
-    def __init__(self, pool: "ProcessPool"):
-        self.pool = pool
-        self.conn, child_conn = CONTEXT.Pipe()
-        self.faults, child_faults = CONTEXT.Pipe(duplex=False)
-        self.process = CONTEXT.Process(
-            target=worker_main, args=(child_conn, child_faults, os.getpid()),
-            name="capsule-process-worker", daemon=False,  # not daemonic: its tasks may start processes
-        )
-        starting.worker = True
-        try:
-            self.process.start()
-        finally:
-            starting.worker = False
-        child_conn.close()
-        child_faults.close()
-        self.pid: int = self.process.pid  # type: ignore[assignment]
-        self.ready = False
-        self.job: ProcessJob | None = None
-        self.doomed = False  # killed, or asked to go: never handed another job
-        self.reader = threading.Thread(target=self._read, name=f"capsule-process-{self.pid}", daemon=True)
-
-    def send_job(self, job: ProcessJob) -> None:
-        try:
-            call = job._call
-            assert call is not None
-            self.conn.send_bytes(pickle.dumps(("job", job.id, call.function, call.arguments, job.memory_limit),
-                                              protocol=5))
-        except (OSError, ValueError):
-            pass  # it died meanwhile: the reader sees that and settles the job
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group (it leads one once it is ready), else the worker."""
-        self.doomed = True
-        for send in (os.killpg, os.kill):
-            try:
-                send(self.pid, signal.SIGKILL)
-                return
-            except ProcessLookupError:  # no such group (yet): try the process itself
-                continue
-
-    def _read(self) -> None:
-        conn = self.conn
-        frames = _Frames(conn.fileno())
-        orphan: int | None = None  # a pidfd on the worker, once its forkserver died before it
-        # One selector for the worker's life (``connection.wait`` makes one per call). The
-        # sentinel tells of a death even when the worker's own children keep the pipe open.
-        with selectors.DefaultSelector() as selector:
-            selector.register(conn, selectors.EVENT_READ)
-            selector.register(self.process.sentinel, selectors.EVENT_READ)
-            while True:
-                try:
-                    ready = [key.fileobj for key, _ in selector.select()]
-                    if conn not in ready and not conn.poll(0):  # dead and nothing left to read
-                        if orphan is None and (orphan := self._outlived_forkserver()) is not None:
-                            selector.unregister(self.process.sentinel)
-                            selector.register(orphan, selectors.EVENT_READ)
-                            continue
-                        break
-                    messages = frames.read()
-                except (EOFError, OSError):
-                    break
-                for data in messages:
-                    try:
-                        self.pool._handle(self, pickle.loads(data))
-                    except Exception:
-                        log.exception("capsule_nb: bad message from process worker %s", self.pid)
-        self.process.join()  # reaped (by the forkserver) before anyone hears the job ended
-        dump = _read_available(self.faults)
-        self.pool._died(self, self.process.exitcode if orphan is None else None, dump)  # an orphan's is unknown
-        if orphan is not None:
-            os.close(orphan)
-        self.conn.close()
-        self.faults.close()
-
-    def _outlived_forkserver(self) -> int | None:
-        """A pidfd on this worker if it lives on although the sentinel closed, else None.
-
-        The sentinel is the forkserver's status pipe, which also closes, with no status
-        (multiprocessing's exit code 255), when the forkserver dies first: ipykernel ends the
-        children in its own process group at a shutdown or restart, the forkserver among
-        them, but not a worker, which leads a group of its own and still runs its job."""
-        self.process.join()
-        if self.process.exitcode != 255:
-            return None
-        try:
-            return os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # gone as well (or no pidfd): dead, as before
-            return None
-
-
-class _Frames:
-    """What a worker sent with ``Connection.send_bytes`` (a 4-byte big-endian length, or -1 and
-    an 8-byte one, then the bytes), read with one ``os.read`` for whatever has arrived, where
-    ``recv_bytes`` makes two reads per message. Each read gives the GIL away and waits to get
-    it back, behind the loop and the submitting thread: fewer reads, fewer such waits."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._buffer = bytearray()
-        self._wanted = 1 << 16  # what the next read asks for: more when a big message is coming
-
-    def read(self) -> list[bytes]:
-        """The messages complete after one read (maybe none yet); ``EOFError`` at the end."""
-        chunk = os.read(self._fd, self._wanted)
-        if not chunk:
-            raise EOFError
-        buffer = self._buffer
-        buffer += chunk
-        messages, start, end = [], 0, len(buffer)
-        while end - start >= 4:
-            size, head = int.from_bytes(buffer[start : start + 4], "big", signed=True), 4
-            if size == -1:  # (over 2 GiB)
-                if end - start < 12:
-                    break
-                size, head = int.from_bytes(buffer[start + 4 : start + 12], "big"), 12
-            if end - start - head < size:
-                self._wanted = max(1 << 16, size + head - (end - start))
-                break
-            messages.append(bytes(buffer[start + head : start + head + size]))
-            start += head + size
-        else:
-            self._wanted = 1 << 16
-        del buffer[:start]
-        return messages
-
-
-def _read_available(conn: multiprocessing.connection.Connection) -> str:
-    """What faulthandler wrote to the pipe, without blocking."""
-    fd = conn.fileno()
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except (BlockingIOError, OSError):
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
 
 
 class ProcessPool:
@@ -260,12 +111,13 @@ class ProcessPool:
                                         minimum=1)
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
-        self._workers: set[_Worker] = set()
-        self._idle: list[_Worker] = []  # LIFO: the warmest worker takes the next job
+        self._workers: set[Worker] = set()
+        self._idle: list[Worker] = []  # LIFO: the warmest worker takes the next job
         self._queue: deque[ProcessJob] = deque()
         self._starting = 0
         self._closed = False
         self._ended: list[ProcessJob] = []  # settled under the lock, callbacks still to run
+        self._listener = Listener(self)
         install_hooks()
         pools.add(self)
 
@@ -341,7 +193,7 @@ class ProcessPool:
 
     def _dispatch(self) -> None:
         """Hand queued jobs to idle workers; start workers for the rest (up to max_workers)."""
-        handed: list[tuple[_Worker, ProcessJob]] = []
+        handed: list[tuple[Worker, ProcessJob]] = []
         with self._lock:
             while self._queue and self._idle:
                 worker, job = self._idle.pop(), self._queue.popleft()
@@ -375,7 +227,7 @@ class ProcessPool:
             with self._start_lock:  # Process.start is not meant to be raced (and ``shutdown`` waits for it)
                 if self._closed:
                     raise RuntimeError("the pool was shut down first")
-                worker = _Worker(self)
+                worker = Worker()
         except Exception as exc:  # (after a shutdown, at exit, the forkserver may be gone first: no news)
             log.log(logging.DEBUG if self._closed else logging.ERROR, "capsule_nb: could not start a worker process",
                     exc_info=True)
@@ -394,10 +246,11 @@ class ProcessPool:
             self._workers.add(worker)
             if self._closed:
                 worker.kill()
-        worker.reader.start()  # after it is in _workers, so its death is always seen there
+        self._listener.watch(worker)  # after it is in _workers, so its death is always seen there
 
-    def _handle(self, worker: _Worker, message: tuple) -> None:
-        """A message from ``worker`` (on its reader thread)."""
+    def _handle(self, worker: Worker, message: tuple) -> None:
+        """A message from ``worker`` (on the listener's thread, which runs the done callbacks
+        of the jobs it settles once it has read everything that arrived)."""
         tag = message[0]
         if tag == "ready":
             with self._lock:
@@ -415,10 +268,11 @@ class ProcessPool:
         elif tag == "done":
             self._done(worker, job, outcome_from(message[2], message[3], worker.pid), message[4])
 
-    def _done(self, worker: _Worker, job: ProcessJob, outcome: Outcome, leaving: bool) -> None:
-        """``worker`` has finished ``job``: it takes the next queued job at once (the idle list
-        and ``_dispatch`` are for what this cannot do), and the job's done callbacks run
-        while the worker works, with one taking of the lock for all of it."""
+    def _done(self, worker: Worker, job: ProcessJob, outcome: Outcome, leaving: bool) -> None:
+        """``worker`` has finished ``job``: it takes the next queued job at once, with one taking
+        of the lock for all of it (the idle list and ``_dispatch`` are for what this cannot do).
+        The job is sent before its start is told: the listener, which tells it, reads what
+        the worker says about it only afterwards."""
         following = None
         with self._lock:
             if worker.job is not job:
@@ -426,7 +280,7 @@ class ProcessPool:
             worker.job = None
             job._settle(outcome)
             if leaving:
-                worker.doomed = True  # it exits by itself; its reader then removes it
+                worker.doomed = True  # it exits by itself; the listener then removes it
             elif not worker.doomed and not self._closed:
                 if self._queue:
                     following = self._queue.popleft()
@@ -434,16 +288,13 @@ class ProcessPool:
                 else:
                     self._idle.append(worker)
             more = bool(self._queue) and (bool(self._idle) or len(self._workers) < self.max_workers)
-            ended, self._ended = self._ended, []
         if following is not None:
-            following._deliver("started", {"pid": worker.pid})
             worker.send_job(following)
+            following._deliver("started", {"pid": worker.pid})
         if more or leaving:  # a worker to start, or (a race) one idle while jobs wait
             self._dispatch()
-        for settled in ended:
-            settled._run_callbacks()
 
-    def _died(self, worker: _Worker, exitcode: int | None, dump: str) -> None:
+    def _died(self, worker: Worker, exitcode: int | None, dump: str) -> None:
         """``worker``'s process is gone (and reaped); settle its job, if it had one."""
         with self._lock:
             self._workers.discard(worker)
@@ -491,9 +342,9 @@ class ProcessPool:
         self._notify()
         with self._start_lock:  # a worker starting now starts whole and is killed: cut off, it prints EOFError
             pass
-        if wait:
+        if wait and not self._listener.on_thread():  # (a done callback shutting the pool down cannot wait for itself)
             for worker in workers:
-                worker.reader.join(timeout=5)
+                worker.gone.wait(timeout=5)
 
     def __enter__(self) -> "ProcessPool":
         return self
