@@ -29,6 +29,7 @@ from .handle import TaskHandle
 from .notebook import kernel
 from .queries import TaskQuery
 from .session import Session
+from .store.rows import CELL_REPEATS
 
 if TYPE_CHECKING:
     from .app import App
@@ -165,7 +166,36 @@ class Task:
             start = time.time() + every
         else:
             raise TypeError(f"{self.name}.schedule(): say when: a delay like '5m', at=datetime or 'every 5m'")
-        return self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
+        handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
+        if every is not None and current_run.get() is None:
+            self._replace_the_cells_earlier_repeats(handle.task_id)
+        return handle
+
+    def _replace_the_cells_earlier_repeats(self, series: str) -> None:
+        """A notebook cell that starts a repeat, run again (edited, or after a restart and "Run
+        all"), replaces the repeats of this task its earlier run started, as a re-run cell
+        replaces the schedule it defines: before, each run of the cell added a series. The
+        repeats one run of the cell starts (a loop over regions) all stay. Without a cell id
+        (a script, the classic notebook) each call starts a repeat of its own."""
+        target = kernel.cell_target()
+        cell = kernel.notebook_cell(target)
+        if cell is None:
+            return
+        execution = kernel.cell_id(target)
+        earlier: list[str] = []
+
+        def note(row: dict[str, Any] | None) -> dict[str, Any]:  # (a row of another shape reads as None)
+            nonlocal earlier
+            row = row or {}
+            started = [s for s in row.get("series") or () if type(s) is str] if type(row.get("series")) is list else []
+            if row.get("execution") == execution:
+                return {"execution": execution, "series": [*started, series]}
+            earlier = started
+            return {"execution": execution, "series": [series]}
+
+        self.app.store.update_value(f"{CELL_REPEATS}{cell}/{self.app.name}/{self.name}", note)
+        for old in earlier:
+            self.app.runtime.cancel_series({"series": old})
 
     def _submit(self, args: tuple, kwargs: dict, *, session: "Session | None", display_name: str | None,
                 **when: Any) -> TaskHandle:

@@ -130,9 +130,16 @@ class Kernel:
                 raise AssertionError(f"the kernel died while waiting for: {what or predicate}")
             self.pump()
 
-    def send(self, code: str) -> Cell:
-        """Start executing ``code``; returns at once."""
-        return Cell(self, self.kc.execute(textwrap.dedent(code), allow_stdin=False))
+    def send(self, code: str, cell: str | None = None) -> Cell:
+        """Start executing ``code``; returns at once. ``cell``: the notebook cell id JupyterLab
+        and Notebook 7 send with each execution (``metadata.cellId``)."""
+        if cell is None:
+            return Cell(self, self.kc.execute(textwrap.dedent(code), allow_stdin=False))
+        content = {"code": textwrap.dedent(code), "silent": False, "store_history": True,
+                   "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}
+        msg = self.kc.session.msg("execute_request", content, metadata={"cellId": cell})
+        self.kc.shell_channel.send(msg)
+        return Cell(self, msg["header"]["msg_id"])
 
     def finish(self, cell: Cell, timeout: float = 30, allow_error: bool = False) -> Cell:
         self.wait_for(lambda: cell.done, timeout, f"cell {cell.msg_id} to finish")
@@ -140,8 +147,8 @@ class Kernel:
             raise AssertionError("cell raised:\n" + "\n".join(cell.error["traceback"]))
         return cell
 
-    def run(self, code: str, timeout: float = 30, allow_error: bool = False) -> Cell:
-        return self.finish(self.send(code), timeout, allow_error)
+    def run(self, code: str, timeout: float = 30, allow_error: bool = False, cell: str | None = None) -> Cell:
+        return self.finish(self.send(code, cell), timeout, allow_error)
 
     def value(self, expression: str, timeout: float = 30) -> Any:
         """Evaluate ``expression`` (``await`` allowed) in the kernel; its JSON comes back."""

@@ -137,3 +137,37 @@ def test_rerunning_an_app_cell_with_a_schedule_fires_only_the_edited_schedule(ke
     )
     kernel.run("heartbeat.pause()")
     assert facts == {"same app": True, "ticks": ["the new body"] * 4}
+
+
+def test_rerunning_a_cell_that_starts_repeats_replaces_the_repeats_it_started(kernel: Kernel) -> None:
+    """A cell that starts a repeat, run again (edited, or after a restart and "Run all"), has
+    its earlier repeats stopped: before, each run of the cell added a series. The repeats one
+    run of the cell starts all stay, another cell's stay, and without a cell id (a script, the
+    classic notebook) each call starts a repeat of its own."""
+    kernel.run(
+        """
+        @cpsl.task
+        def poll_region(region):
+            return region
+
+        def live_series():
+            return sorted({r["series"] for r in cpsl.app.default_app().store.unfinished_runs()
+                           if r["task_name"] == "poll_region"})
+        """
+    )
+    starts = 'hs = [poll_region.schedule("every 1h", region=r) for r in ("eu", "us")]'
+    kernel.run(starts, cell="cell-a")
+    first = kernel.value("[h.task_id for h in hs]")
+    kernel.run(starts.replace('"us"', '"asia"'), cell="cell-a")  # edited and run again
+    second = kernel.value("[h.task_id for h in hs]")
+    kernel.run('other = poll_region.schedule("every 1h", region="eu")', cell="cell-b")
+    kernel.run('loose = [poll_region.schedule("every 1h", region="eu") for _ in range(2)]')  # no cell id
+    loose = kernel.value("[h.task_id for h in loose]")
+    facts = kernel.value(
+        """{"first": [await h.wait(timeout=20) for h in [cpsl.app.default_app().get_task(t) for t in %r]],
+            "live": live_series()}""" % (first,),
+        timeout=60,
+    )
+    assert facts["first"] == ["cancelled", "cancelled"]
+    assert facts["live"] == sorted(second + [kernel.value("other.task_id")] + loose)
+    kernel.run("for h in [*hs, other, *loose]: h.cancel()")

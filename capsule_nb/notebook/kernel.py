@@ -93,6 +93,13 @@ def cell_id(target: CellTarget | None) -> str:
     return str((target or {}).get("header", {}).get("msg_id", ""))
 
 
+def notebook_cell(target: CellTarget | None) -> str | None:
+    """The id of the notebook cell ``target`` runs, which stays with the cell across its runs
+    and kernel restarts (JupyterLab and Notebook 7 send it with each execution), or None."""
+    cell = ((target or {}).get("metadata") or {}).get("cellId")
+    return cell if type(cell) is str and cell else None
+
+
 def notebook_name() -> str | None:
     """The notebook's path when Jupyter tells the kernel (JupyterLab does)."""
     return os.environ.get("JPY_SESSION_NAME") or None

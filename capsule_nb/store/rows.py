@@ -24,6 +24,7 @@ from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, past, split_doc_key
 log = logging.getLogger("capsule_nb")
 
 SCHEDULE = "sched/"
+CELL_REPEATS = "cell/"  # the repeats a notebook cell's last run started (``tasks.Task.schedule``)
 
 
 def problem(key: str, value: Any) -> str | None:
@@ -37,7 +38,7 @@ def problem(key: str, value: Any) -> str | None:
     elif key.startswith(LOCK):
         if type(value) is not dict or not all(type(value.get(k)) is str for k in ("task_id", "owner")):
             return f"a lock is {{task_id, owner}}, not {short_repr(value, 60)}"
-    elif key.startswith((CANCEL, SCHEDULE)):
+    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS)):
         if type(value) is not dict:
             return f"expected a JSON object, not {short_repr(value, 60)}"
     elif key.startswith(ENTRY):
