@@ -376,6 +376,33 @@ def test_the_card_of_a_repeating_run_says_so_and_follows_the_series(day: Day) ->
         assert card.get_by_role("button", name="Cancel").is_enabled()
 
 
+def test_run_all_again_after_a_restart_does_not_double_a_repeat(day: Day) -> None:
+    """Run All, restart the kernel, Run All again: the cell that starts a repeat stops the one
+    its earlier run started, so one series goes on, not two (JupyterLab sends each cell's id
+    with its execution, and the id stays with the cell)."""
+    def live() -> set[str]:
+        day.app.store.poll()
+        return {r["series"] for r in day.app.store.unfinished_runs() if r["task_name"] == "heartbeat"}
+
+    with day.screenshots_on_failure("rerun-repeat"):
+        page = day.run_notebook("rerun-repeat", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                                '@cpsl.task\nasync def heartbeat():\n    pass\n\n'
+                                'beat = heartbeat.schedule("every 1h")')
+        first = wait_until(lambda: live() or None, 60, "the first series")
+        before = kernel_pid(day.lab, "rerun-repeat.ipynb")
+        restart_kernel(page)
+        wait_until(lambda: _restarted(day.lab, "rerun-repeat.ipynb", before), 60, "the kernel restarted")
+        run_all(page)
+        wait_until(lambda: len(live()) == 1 and live() != first, 60, "one series, started by the second Run All")
+        assert [day.status(series) for series in first] == ["cancelled"]
+
+
+def _restarted(lab: Lab, notebook: str, before: int) -> bool:
+    with contextlib.suppress(LookupError):
+        return kernel_pid(lab, notebook) != before and lab.kernel_state(notebook) == "idle"
+    return False
+
+
 def kernel_pid(lab: Lab, notebook: str) -> int:
     """The process of ``notebook``'s kernel (its command line names its connection file)."""
     marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()
