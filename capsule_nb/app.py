@@ -117,7 +117,7 @@ class App:
         self._schedules: dict[str, Schedule] = {}
         self._pages: dict[str, Callable[..., Any]] = {}
         self.tasks = TaskQuery(self)
-        self._endings = Endings(self.store.events)
+        self._endings = Endings(self.store)
         user = local_user()
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = kernel.notebook_name()

@@ -205,7 +205,7 @@ class Endings:
     the futures of ``wait()``. One subscription serves them all, so a waiter costs a dict
     entry, and thousands of waiters cost nothing per change."""
 
-    def __init__(self, events: Any):
+    def __init__(self, store: Any):
         # Plain references without callbacks (a ``WeakValueDictionary`` entry cost three Python
         # calls at each submit): an entry goes when its run's end is told, or, its handle
         # dropped, at the sweep once the entries have doubled.
@@ -215,12 +215,20 @@ class Endings:
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
-        self.close = events.subscribe(self._published, ends=True)
+        self._store = store
+        self.close = store.events.subscribe(self._published, ends=True)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
+        """Hold ``handle`` for its run's end. A run may have ended in another thread before
+        its submit got here (its end told to nobody): the store, which holds a record it
+        has just changed, gives that end, which retention may prune from the disk later."""
         self._handles[handle.task_id] = weakref.ref(handle)
         if len(self._handles) > self._sweep_at:
             self._sweep()
+        record = self._store.get_run(handle.task_id)  # (after the entry: an end from now on finds it)
+        if record is not None and record["status"] in FINISHED:
+            handle._final = record
+            self._handles.pop(handle.task_id, None)
         return handle
 
     def _sweep(self) -> None:

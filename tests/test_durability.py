@@ -396,6 +396,23 @@ async def test_waiters_get_the_final_status_of_runs_retention_prunes_first(app):
     assert [await h.result() for h in handles] == [n * n for n in range(300)]
 
 
+async def test_a_run_that_ended_before_its_submit_returned_still_tells_its_end_once_pruned(tmp_path):
+    """A run may end in another thread before ``submit`` has handed back its handle (a quick
+    process run while the submitting thread waits for the GIL); immediate mode ends every
+    run there. Retention then prunes it: the handle still says how it ended."""
+    app = cpsl.App(home=tmp_path / "store", executor="immediate")
+
+    @app.task
+    def square(n):
+        return n * n
+
+    handle = square.submit(3)
+    app.store.flush()
+    assert app.store.prune(app.name, keep=0) == 1 and app.tasks.count() == 0
+    assert (handle.snapshot()["status"], await handle.wait(), await handle.result()) == ("completed", "completed", 9)
+    app.close()
+
+
 def test_apps_with_different_homes_are_independent(tmp_path):
     one, two = cpsl.App(home=tmp_path / "one"), cpsl.App(home=tmp_path / "two")
 
