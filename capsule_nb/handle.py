@@ -225,8 +225,8 @@ class Endings:
         self._handles[handle.task_id] = weakref.ref(handle)
         if len(self._handles) > self._sweep_at:
             self._sweep()
-        record = self._store.get_run(handle.task_id)  # (after the entry: an end from now on finds it)
-        if record is not None and record["status"] in FINISHED:
+        record = self._store.finished_run(handle.task_id)  # (after the entry: an end from now on finds it)
+        if record is not None:
             handle._final = record
             self._handles.pop(handle.task_id, None)
         return handle

@@ -10,8 +10,6 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import TaskFailed
 
-from .conftest import until
-
 
 def kinds(handle):
     return [(m["kind"], m["text"]) for m in handle.snapshot()["messages"]]

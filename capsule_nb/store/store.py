@@ -161,6 +161,14 @@ class Store:
             self._unfinished[task_id] = record
             self._recent.pop(task_id, None)
 
+    def finished_run(self, task_id: str) -> RunRecord | None:
+        """The run's record once it has finished, else None: one dict lookup, without the
+        lock, while it is live in this process (a submit asks this of every run)."""
+        if task_id in self._unfinished:
+            return None
+        record = self.get_run(task_id)
+        return record if record is not None and record["status"] in FINISHED else None
+
     def unfinished_runs(self) -> list[RunRecord]:
         """Runs not finished yet: what recovery and adoption look through (a snapshot)."""
         with self._lock:
