@@ -219,10 +219,18 @@ class Endings:
         self.close = store.events.subscribe(self._published, ends=True)
 
     def add(self, handle: TaskHandle) -> TaskHandle:
-        """Hold ``handle`` for its run's end. A run may have ended in another thread before
-        its submit got here (its end told to nobody): the store, which holds a record it
-        has just changed, gives that end, which retention may prune from the disk later."""
-        self._handles[handle.task_id] = weakref.ref(handle)
+        """Hold ``handle`` for its run's end, or give the handle held already for the run (a
+        submit that joined a run under its lock key gets the same handle as the first).
+
+        A run may have ended in another thread before its submit got here (its end told to
+        nobody): the store, which holds a record it has just changed, gives that end, which
+        retention may prune from the disk later."""
+        ref = self._handles.setdefault(handle.task_id, weakref.ref(handle))  # (one step: two joins at once)
+        held = ref()
+        if held is not None and held is not handle:
+            return held
+        if held is None:  # the first handle was dropped: this one takes its place
+            self._handles[handle.task_id] = weakref.ref(handle)
         if len(self._handles) > self._sweep_at:
             self._sweep()
         record = self._store.finished_run(handle.task_id)  # (after the entry: an end from now on finds it)

@@ -124,6 +124,18 @@ def test_a_lock_held_by_a_killed_process_is_released(tmp_path):
     until_sync(lambda: handle.snapshot()["status"] == "completed")
 
 
+def test_a_key_whose_holder_has_no_record_is_free_once_its_write_is_long_overdue(app):
+    """A live process's key names a run the disk does not have: at first its write may still
+    be on its way, so the key stays held; a run that has no record long after is gone (its
+    record pruned or deleted) and the key is free, never held for good."""
+    store = app.store
+    assert store.acquire_lock("k", "ghost", app.runtime.owner) is None
+    assert store.acquire_lock("k", "next", app.runtime.owner) == "ghost"
+    row = store._cache.get("lock/k")
+    store._cache.set("lock/k", {**row, "at": row["at"] - 60})  # as though taken a minute ago
+    assert store.acquire_lock("k", "next", app.runtime.owner) is None
+
+
 def test_a_lock_stays_held_while_a_killed_kernels_worker_still_runs_the_body(tmp_path):
     """A process run holds a key; its kernel is killed; its worker, busy in C code, dies a
     moment later. Until it has, the key is not free, though another kernel has settled the run

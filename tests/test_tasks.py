@@ -598,3 +598,101 @@ async def test_a_run_sees_the_submitters_context_variables_as_asyncio_tasks_do(a
     assert await in_thread.result(timeout=10) == "acme"
     assert await elsewhere.result(timeout=10) == "globex/True"
     assert tenant.get() == "globex"
+
+
+# Races between a run ending or starting in one thread and a submit or cancel in another,
+# each forced at its exact point by calling the other side there (no timing).
+
+
+async def test_two_submits_that_join_one_run_share_one_handle_which_keeps_its_end_once_pruned(app):
+    """``on_lock="join"`` hands back the run already holding the key: both submits say how
+    it ended, also once retention has pruned it (the second used to take the first's place)."""
+    gate = threading.Event()
+
+    @app.task(lock="k:{key}", on_lock="join")
+    def slow(key):
+        gate.wait(10)
+        return key
+
+    first, second = slow.submit(key="a"), slow.submit(key="a")
+    assert second is first
+    gate.set()
+    assert await second.wait(5) == "completed"
+    app.store.flush()
+    assert app.store.prune(app.name, keep=0) == 1
+    assert (await first.wait(), await first.result(), first.snapshot()["status"]) == ("completed", "a", "completed")
+
+
+async def test_a_cancel_landing_between_a_runs_record_and_its_start_means_it_never_runs(app, monkeypatch):
+    """The record is visible (to a board, a cancel from another thread) before the run is
+    started: a cancel there stops it for good, and its key is free for the next run."""
+    ran = []
+
+    @app.task(lock="one", on_lock="reject", process=False)
+    def job(n):
+        ran.append(n)
+        return n
+
+    launch = type(app.runtime)._launch
+    said = []
+
+    def cancel_first(runtime, run, start_at):
+        if not said:
+            said.append(runtime.cancel(run.task_id))  # as another thread would, at this very point
+        launch(runtime, run, start_at)
+
+    monkeypatch.setattr(type(app.runtime), "_launch", cancel_first)
+    doomed = job.submit(1)
+    assert said == [True] and await doomed.wait(5) == "cancelled"
+    assert await job.submit(2).result(timeout=5) == 2  # the key was free (on_lock="reject")
+    assert ran == [2]
+    await until(lambda: doomed.task_id not in app.runtime._live)
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_a_cancel_that_says_it_stopped_a_run_ending_that_moment_is_what_the_run_says(app, monkeypatch, process):
+    """A cancel that lands after the body returned, before the end is recorded, says True:
+    the run then ends cancelled, not completed (a stop asked for meanwhile wins)."""
+    @app.task(process=process)
+    def quick():
+        return 1
+
+    finish = type(app.runtime).finish
+    said = []
+
+    def cancel_first(runtime, run, outcome):
+        if not said:
+            said.append(runtime.cancel(run.task_id))  # the body has returned: nothing to interrupt
+        finish(runtime, run, outcome)
+
+    monkeypatch.setattr(type(app.runtime), "finish", cancel_first)
+    handle = quick.submit()
+    assert (await handle.wait(20), said) == ("cancelled", [True])
+
+
+async def test_cancelling_a_run_in_its_retry_wait_frees_the_key_it_took_from_the_queue(app):
+    """A run queued on its key at submit later takes the key, fails, and waits to retry:
+    cancelling it then frees the key, also once retention has pruned the run."""
+    gate = threading.Event()
+
+    @app.task(lock="k", on_lock="queue", retries=1, retry_delay=30)
+    def job(fail):
+        gate.wait(10)
+        if fail:
+            raise RuntimeError("boom")
+        return "done"
+
+    holder, queued = job.submit(False), job.submit(True)
+    assert queued.snapshot()["queued"] is True
+    gate.set()
+    assert await holder.wait(5) == "completed"
+    await until(lambda: queued.snapshot()["status"] == "retry")
+    assert await queued.cancel() is True and await queued.wait(5) == "cancelled"
+    app.store.flush()
+    app.store.prune(app.name, keep=0)
+
+    @app.task(lock="k", on_lock="reject")
+    def other():
+        return "free"
+
+    assert await other.submit().result(timeout=5) == "free"

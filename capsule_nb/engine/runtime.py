@@ -174,6 +174,8 @@ class Runtime:
             except Exception:
                 record["args_payload"] = False
         run = Run(self, task, task_id, args, kwargs, session, target, lock_key, call)
+        with self._live_lock:  # live before its record is seen: a cancel from now on finds it here
+            self._live[task_id] = run
         gen = self.store.put_run(record)
         if record.get("queued"):
             self._enqueue(run)
@@ -184,19 +186,20 @@ class Runtime:
 
     def resume(self, run: Run, start_at: float | None) -> None:
         """Arm a run adopted from a dead process (queued again if its lock is taken)."""
+        with self._live_lock:
+            self._live[run.task_id] = run
         if run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
             self._enqueue(run)
         else:
             self._launch(run, start_at)
 
     def _enqueue(self, run: Run) -> None:
-        with self._live_lock:
-            self._live[run.task_id] = run
-            self._queued.setdefault(run.lock_key, []).append(run)  # type: ignore[arg-type]
+        """Queue a live run on its key (a cancel that came first has settled it: it stays out)."""
+        with self._live_lock:  # (a cancel takes the phase, then this lock to look in the queue)
+            if run.phase == "waiting":
+                self._queued.setdefault(run.lock_key, []).append(run)  # type: ignore[arg-type]
 
     def _launch(self, run: Run, start_at: float | None) -> None:
-        with self._live_lock:
-            self._live[run.task_id] = run
         if start_at is not None and start_at > time.time():
             if not self.settings.immediate:  # immediate mode has no timers: it stays scheduled
                 run.start_timer = self.timers.call_at(start_at, lambda: self._start(run))
@@ -249,29 +252,13 @@ class Runtime:
         run.settle_output()
         if run.deadline_timer is not None:
             run.deadline_timer.cancel()
-        kind, detail = outcome
         now = time.time()
-        retry_in: float | None = None
-        if kind == "ok":
-            changes = {"status": COMPLETED, "completed_at": now, **detail}
-        elif kind == "stop":
-            if detail == "timeout":
-                changes = dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s")
-            else:
-                changes = dict(status=CANCELLED, completed_at=now, error="cancelled")
-        else:
-            failure: Failure = detail
-            record = self.store.get_run(run.task_id) or {}
-            if record.get("status") == RUNNING and record["attempt"] < run.task.retries + 1 \
-                    and run.task.should_retry(failure.exception):  # a run that never started is no attempt
-                retry_in = 0.0 if self.settings.immediate else run.task.retry_wait(record.get("attempt", 1))
-                changes = dict(status=RETRY, error=failure.error, traceback=failure.traceback,
-                               scheduled_for=now + retry_in if retry_in else None)
-            else:
-                changes = dict(status=FAILED, completed_at=now, error=failure.error, traceback=failure.traceback)
+        changes, retry_in = self._ending(run, outcome, now)
         with run.lock:
             if run.phase == "done":
                 return  # shutdown already recorded how it ended; the late outcome is dropped
+            if run.stop_reason and outcome[0] != "stop":  # asked for after the attempt ended, and
+                changes, retry_in = self._ending(run, ("stop", run.stop_reason), now)  # told True: it wins
             run.phase = "waiting" if retry_in is not None else "done"
             run.aio_task = None
         record = self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED else evolve(r, **changes))
@@ -283,6 +270,24 @@ class Runtime:
                 run.start_timer = self.timers.call_later(retry_in, lambda: self._start(run))
             return
         self._settle(run, record)
+
+    def _ending(self, run: Run, outcome: Outcome, now: float) -> tuple[dict[str, Any], float | None]:
+        """The record's changes for how an attempt ended, and the wait before a retry (None: final)."""
+        kind, detail = outcome
+        if kind == "ok":
+            return {"status": COMPLETED, "completed_at": now, **detail}, None
+        if kind == "stop":
+            if detail == "timeout":
+                return dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s"), None
+            return dict(status=CANCELLED, completed_at=now, error="cancelled"), None
+        failure: Failure = detail
+        record = self.store.get_run(run.task_id) or {}
+        if record.get("status") == RUNNING and record["attempt"] < run.task.retries + 1 \
+                and run.task.should_retry(failure.exception):  # a run that never started is no attempt
+            retry_in = 0.0 if self.settings.immediate else run.task.retry_wait(record.get("attempt", 1))
+            return dict(status=RETRY, error=failure.error, traceback=failure.traceback,
+                        scheduled_for=now + retry_in if retry_in else None), retry_in
+        return dict(status=FAILED, completed_at=now, error=failure.error, traceback=failure.traceback), None
 
     def _settle(self, run: Run, record: RunRecord | None) -> None:
         """After a final status: free the lock, call back, arm the next repeat. The run stays
@@ -325,16 +330,21 @@ class Runtime:
         maintenance pass may both try, and only one may take the key's next run.
         """
         with self._queue_lock:
-            with self._live_lock:
-                waiting = self._queued.get(key) or []
-                run = waiting[0] if waiting else None
-            if run is None or self.store.acquire_lock(key, run.task_id, self.owner) is not None:
-                return
-            with self._live_lock:
-                if run in waiting:  # a cancel may have taken it out meanwhile
-                    waiting.remove(run)
-                if not waiting:
-                    self._queued.pop(key, None)
+            while True:
+                with self._live_lock:
+                    waiting = self._queued.get(key) or []
+                    run = waiting[0] if waiting else None
+                if run is None or self.store.acquire_lock(key, run.task_id, self.owner) is not None:
+                    return
+                with self._live_lock:
+                    taken = run in waiting
+                    if taken:
+                        waiting.remove(run)
+                    if not waiting:
+                        self._queued.pop(key, None)
+                if taken:
+                    break
+                self.store.release_lock(key, run.task_id)  # a cancel took it out meanwhile: the next one
         self._start(run)
 
     # ------------------------------------------------------- cancel/refresh
@@ -363,10 +373,11 @@ class Runtime:
                 run.start_timer.cancel()
             with self._live_lock:
                 queue = self._queued.get(run.lock_key or "", [])
-                if run in queue:
+                queued = run in queue  # waiting for its key, which it does not hold (the record's
+                if queued:             # "queued" says only how the submit found the key)
                     queue.remove(run)
             record = self.update(task_id, cancelled)
-            if record is not None and not record.get("queued"):
+            if record is not None and not queued:
                 self._settle(run, record)
             else:
                 with self._live_lock:

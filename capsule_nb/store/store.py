@@ -47,6 +47,7 @@ Change = Callable[[RunRecord], "RunRecord | None"]
 Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
 RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
+UNWRITTEN_SECONDS = 10.0  # a key's holder with no record for longer than this is gone (pruned, deleted)
 _NOT_HELD = object()
 
 
@@ -442,9 +443,10 @@ class Store:
             if held is not None and held["task_id"] != task_id:
                 if owner_alive(held["owner"]):
                     holder = self.get_run(held["task_id"])
-                    # No record yet: the holder's write is still in its process's buffer.
-                    if holder is None or holder["status"] not in FINISHED:
+                    if holder is not None and holder["status"] not in FINISHED:
                         return held["task_id"]
+                    if holder is None and time.time() - held["at"] < UNWRITTEN_SECONDS:
+                        return held["task_id"]  # its write is still in its process's buffer
                 elif _worker_alive(held):  # its kernel died; the worker running its body dies in a moment
                     return held["task_id"]
             cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
