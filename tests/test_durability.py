@@ -12,7 +12,7 @@ import pytest
 
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
-from capsule_nb.store.store import Store
+from capsule_nb.store.store import RETENTION_GRACE, Store
 
 from .conftest import record_on_disk, until, until_sync
 
@@ -383,7 +383,8 @@ def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
     for n in range(8):
         obj.submit(n)
     until_sync(lambda: len(finished_at) == 8)
-    until_sync(lambda: app.tasks.count() == 5)  # the maintenance pass prunes a burst over the cap
+    # the maintenance pass prunes a burst over the cap, once its runs are RETENTION_GRACE old
+    until_sync(lambda: app.tasks.count() == 5, timeout=10 + RETENTION_GRACE)
     app.store.flush()
     oldest = sorted(finished_at, key=finished_at.get)[:3]
     kept = {h.task_id for h in app.tasks.find()}
@@ -420,7 +421,7 @@ async def test_a_run_that_ended_before_its_submit_returned_still_tells_its_end_o
 
     handle = square.submit(3)
     app.store.flush()
-    assert app.store.prune(app.name, keep=0) == 1 and app.tasks.count() == 0
+    assert app.store.prune(app.name, keep=0, grace=0) == 1 and app.tasks.count() == 0
     assert (handle.snapshot()["status"], await handle.wait(), await handle.result()) == ("completed", "completed", 9)
     app.close()
 
@@ -461,6 +462,41 @@ while h.snapshot()["status"] != "cancelled":
 print("stopped", flush=True)
 threading.Event().wait()
 """
+
+
+async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_at_once(tmp_path):
+    """A kernel waits on runs another kernel owns, whose retention keeps 5 finished runs. The
+    waiter is busy (it does not poll) while the owner finishes all 50 and runs its retention:
+    each run outlives retention long enough for the waiter to hear how it ended."""
+    owner = spawn(f"""
+        app.runtime.settings.keep_finished = 5
+        go = {str(tmp_path / "go")!r}
+
+        @app.task
+        def work(i):
+            while not os.path.exists(go):
+                time.sleep(0.01)
+            return i
+
+        hs = [work.submit(i) for i in range(50)]
+        app.store.flush()
+        print(" ".join(h.task_id for h in hs), flush=True)
+        print("submitted", flush=True)
+        while any(h.snapshot()["status"] != "completed" for h in hs):
+            time.sleep(0.01)
+        app.store.flush()
+        print(app.store.prune(app.name, keep=5), flush=True)  # what its retention pass does
+        print("pruned", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (ids,) = lines_until(owner, "submitted")
+    app = cpsl.App(home=tmp_path)
+    waits = asyncio.gather(*(app.get_task(task_id).wait(10) for task_id in ids.split()))
+    await asyncio.sleep(0)  # each wait takes its first step: it listens, and asks for polls
+    with app.store._poll_lock:  # this kernel is busy meanwhile
+        (tmp_path / "go").touch()
+        lines_until(owner, "pruned")
+    assert await waits == ["completed"] * 50
 
 
 async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):

@@ -619,7 +619,7 @@ async def test_two_submits_that_join_one_run_share_one_handle_which_keeps_its_en
     gate.set()
     assert await second.wait(5) == "completed"
     app.store.flush()
-    assert app.store.prune(app.name, keep=0) == 1
+    assert app.store.prune(app.name, keep=0, grace=0) == 1
     assert (await first.wait(), await first.result(), first.snapshot()["status"]) == ("completed", "a", "completed")
 
 
@@ -689,7 +689,7 @@ async def test_cancelling_a_run_in_its_retry_wait_frees_the_key_it_took_from_the
     await until(lambda: queued.snapshot()["status"] == "retry")
     assert await queued.cancel() is True and await queued.wait(5) == "cancelled"
     app.store.flush()
-    app.store.prune(app.name, keep=0)
+    app.store.prune(app.name, keep=0, grace=0)
 
     @app.task(lock="k", on_lock="reject")
     def other():

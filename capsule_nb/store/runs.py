@@ -264,18 +264,20 @@ class RunTable:
         """Finished runs of ``app`` (None: of every app), from the kept counts."""
         return sum(self.counts({**({"app": app} if app is not None else {}), "status": _FINISHED}).values())
 
-    def oldest_finished(self, app: str | None, *, keep: int | None = None, before: float | None = None) -> list[str]:
-        """Ids of finished runs (of ``app``, or all) beyond the ``keep`` newest, or finished
-        before ``before``: what retention and ``capsule-nb prune`` delete."""
+    def oldest_finished(self, app: str | None, *, keep: int | None = None, before: float | None = None,
+                        settled_before: float | None = None) -> list[str]:
+        """Ids of finished runs (of ``app``, or all) beyond the ``keep`` newest, of those finished
+        before ``settled_before``; or finished before ``before``: what retention and
+        ``capsule-nb prune`` delete."""
         where = {"app": app} if app is not None else {}
         doomed: list[str] = []
         if keep is not None:
             total = self.finished(app)
             if total > keep:
-                clause, args = _where(where, "finished_at IS NOT NULL")
+                clause, args = _where(where, "finished_at IS NOT NULL" if settled_before is None else "finished_at < ?")
                 doomed += [i for (i,) in self._sql()(
                     f"SELECT task_id FROM capsule_runs{clause} ORDER BY finished_at, task_id LIMIT ?",
-                    (*args, total - keep)).fetchall()]
+                    (*args, *(() if settled_before is None else (settled_before,)), total - keep)).fetchall()]
         if before is not None:
             clause, args = _where(where, "finished_at < ?")
             doomed += [i for (i,) in self._sql()(f"SELECT task_id FROM capsule_runs{clause}",

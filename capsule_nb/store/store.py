@@ -47,6 +47,7 @@ Change = Callable[[RunRecord], "RunRecord | None"]
 Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
 RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
+RETENTION_GRACE = 10.0  # a finished run outlives retention this long: kernels waiting on it see how it ended
 UNWRITTEN_SECONDS = 10.0  # a key's holder with no record for longer than this is gone (pruned, deleted)
 _NOT_HELD = object()
 
@@ -225,10 +226,14 @@ class Store:
         self.events.publish(new)
         return new
 
-    def prune(self, app: str | None, *, keep: int | None = None, before: float | None = None) -> int:
-        """Delete the finished runs of ``app`` (None: of every app) beyond the ``keep`` newest,
-        or finished before the Unix time ``before``, payloads included."""
-        doomed = self._runs.oldest_finished(app, keep=keep, before=before)
+    def prune(self, app: str | None, *, keep: int | None = None, before: float | None = None,
+              grace: float = RETENTION_GRACE) -> int:
+        """Delete the finished runs of ``app`` (None: of every app) beyond the ``keep`` newest
+        that finished over ``grace`` seconds ago, or finished before the Unix time ``before``,
+        payloads included. The grace is for other processes waiting on a run: they learn how
+        it ended from its record, which they poll for, and a run pruned first never ends there."""
+        doomed = self._runs.oldest_finished(app, keep=keep, before=before,
+                                            settled_before=time.time() - grace if grace else None)
         self.delete_runs(doomed)
         return len(doomed)
 
