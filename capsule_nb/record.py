@@ -74,6 +74,7 @@ class RunRecord(TypedDict, total=False):
     completed_at: float | None
     updated_at: float
     deadline: float  # a running run's timeout
+    stopping: str  # a running run asked to stop ("cancel" or "timeout") that has not stopped yet
     attempt: int
     max_attempts: int
     error: str | None
@@ -155,7 +156,7 @@ _REQUIRED = {"task_id": "text", "app": "text", "task_name": "text", "status": "t
              "attempt": "int", "max_attempts": "int", "created_at": "number"}
 _OPTIONAL = {"display_name": "text", "args": "list", "kwargs": "dict", "params": "dict", "args_payload": "bool",
              "scheduled_for": "number", "started_at": "number", "completed_at": "number", "updated_at": "number",
-             "deadline": "number", "error": "text", "traceback": "text", "result_repr": "text",
+             "deadline": "number", "stopping": "text", "error": "text", "traceback": "text", "result_repr": "text",
              "result_kind": "text", "result_note": "text", "result_bytes": "int", "owner": "text",
              "session_id": "text", "lock_key": "text", "queued": "bool", "every": "number", "series": "text",
              "schedule": "text", "messages": "list", "messages_dropped": "int", "output": "list",

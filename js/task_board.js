@@ -12,7 +12,7 @@
 // says so and shows what the store says (ui/server.py).
 import {
   actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, placeCard,
-  progressBar, staleNote, staleText,
+  progressBar, staleNote, staleText, stopping,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -85,7 +85,8 @@ function miniParts(card, { lead, act, live }) {
   const noteClass = card.status === "failed" || card.status === "timeout" ? "cnb-note cnb-error" : "cnb-note";
   return [
     h("div", { className: "cnb-head" },
-      h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(card.status)),
+      h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(card.status),
+      stopping(card)),
     who(card),
     h("div", { className: "cnb-head cnb-meta" },
       elapsed(card, lead, live),

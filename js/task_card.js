@@ -47,6 +47,13 @@ export function elapsed(run, lead, live = true) {
 
 export const badge = (status) => h("span", { className: `cnb-badge cnb-${status}`, textContent: status });
 
+/** "stopping…" on a running run asked to stop that has not yet (it has no Cancel then). */
+export const stopping = (run) => run.stopping && h("span", {
+  className: "cnb-meta cnb-stopping",
+  textContent: run.stopping === "timeout" ? "timing out…" : "stopping…",
+  title: "Asked to stop: a thread run stops between two Python steps, so one blocked in a call stops when the call returns",
+});
+
 export function progressBar(fraction, status) {
   const bar = h("div", { className: `cnb-progress cnb-${status}`, role: "progressbar" });
   const fill = h("div", { className: "cnb-progress-fill" });
@@ -149,6 +156,7 @@ function renderCard({ title, run, messages = [], output = [] },
     h("div", { className: "cnb-head" },
       h("span", { className: "cnb-title", textContent: title, title }),
       badge(run.status),
+      stopping(run),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
       startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
       run.every && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),

@@ -459,6 +459,7 @@ print(h.task_id, flush=True)
 print("running", flush=True)
 while h.snapshot()["status"] != "cancelled":
     time.sleep(0.01)
+app.store.flush()  # (what readers of the disk see)
 print("stopped", flush=True)
 threading.Event().wait()
 """

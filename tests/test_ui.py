@@ -243,6 +243,55 @@ async def test_cancel_from_the_card_and_from_another_thread(app):
     board.close()
 
 
+async def test_a_thread_run_blocked_in_a_call_shows_it_is_stopping_until_the_call_returns(app):
+    """A cancel stops a thread run between two Python steps: one blocked in a call runs on
+    until the call returns. Meanwhile its card and the board say it is stopping, offer no
+    Cancel, and a second click says nothing false (it said "already finished")."""
+    gate = threading.Event()
+
+    @app.task
+    def fetch():
+        gate.wait()  # one blocking call
+
+    handle = fetch.submit()
+    card, board = ui.TaskCard(handle), ui.TaskBoard(app=app)
+    await until(lambda: card.run["status"] == "running" and card.run["can_cancel"])
+
+    from_view(card, {"action": "cancel", "task_id": handle.task_id})
+    await until(lambda: card.run["stopping"] == "cancel" and not card.run["can_cancel"])
+    assert handle.snapshot()["status"] == "running"
+    await until(lambda: [c["stopping"] for c in lane(board, "Running")["cards"]] == ["cancel"])
+    board._act("cancel", handle.task_id)  # a second click, on the board (what its message handler calls)
+    assert board.notice == card.notice == ""
+    assert await handle.cancel() is True
+
+    gate.set()
+    assert await handle.wait(5) == "cancelled"
+    await until(lambda: card.run["status"] == "cancelled" and card.run["stopping"] is None)
+    card.close()
+    board.close()
+
+
+async def test_a_card_or_board_shown_where_it_cannot_be_drawn_says_when_its_text_was_made(app):
+    """An untrusted notebook, GitHub or nbconvert shows a view's text instead, made once as
+    the output was shown: it says when, and that the live view needs its kernel."""
+    @app.task
+    async def nap():
+        await asyncio.sleep(3600)
+
+    handle = nap.submit()
+    await until(lambda: handle.snapshot()["status"] == "running")
+    card = ui.TaskCard(handle, message="Nap card")
+    page = ui.Page([ui.TaskBoard(app=app, title="Naps")])
+    today = time.strftime("(as of %Y-%m-%d ")
+    for view, first in ((card, "Nap card [running]"), (page, "Naps")):
+        bundle = view._repr_mimebundle_()
+        text = (bundle[0] if isinstance(bundle, tuple) else bundle)["text/plain"]
+        assert text.startswith(first) and today in text.splitlines()[-1] and "kernel" in text.splitlines()[-1]
+    card.close()
+    page.close()
+
+
 async def test_cancel_on_a_board_stops_runs_another_process_owns(tmp_path):
     """Cancel clicked on a board for another process's async, thread and process runs, one at
     a time, while three idle processes share the store: each stops, and the board shows it."""
@@ -568,7 +617,7 @@ async def test_text_forms_and_the_widget_bundle(app, capsys):
     assert text.startswith("Nightly report [completed]") and "result: {'rows': 42}" in text
     assert repr(board).startswith("Reports\nPending (0)") and handle.task_id in repr(board)
     data, _ = card._repr_mimebundle_()
-    assert data["text/plain"] == text and data[WIDGET_VIEW]["model_id"] == card.model_id
+    assert data["text/plain"].startswith(text + "\n(as of ") and data[WIDGET_VIEW]["model_id"] == card.model_id
 
     state = board.get_state()  # what a saved notebook keeps: it redraws without a kernel
     json.dumps(state)

@@ -30,6 +30,7 @@ from ..workers.pickling import Call, CallPickler
 from . import capture
 from .callbacks import Callbacks
 from .executors import AsyncExecutor, Executor, ImmediateExecutor, Outcome, ProcessExecutor, ThreadExecutor
+from .key_queues import KeyQueues
 from .loop import LoopBinding
 from .results import Results
 from .run import Display, Failure, NoDisplay, Run
@@ -81,8 +82,7 @@ class Runtime:
         self._callbacks = Callbacks()
         self._live: dict[str, Run] = {}
         self._live_lock = threading.Lock()
-        self._queued: dict[str, list[Run]] = {}
-        self._queue_lock = threading.Lock()
+        self.queues = KeyQueues(store, self.owner, self._start)
         self._processes: Any = None
         self._cluster: Any = None
         self._calls = CallPickler(default_session)
@@ -178,8 +178,8 @@ class Runtime:
             self._live[task_id] = run
         gen = self.store.put_run(record)
         if record.get("queued"):
-            self._enqueue(run)
-            self._wake_queue(run.lock_key)  # the holder may have finished meanwhile
+            self.queues.add(run)
+            self.queues.wake(run.lock_key)  # the holder may have finished meanwhile
         else:
             self._launch(run, start_at)
         return record, gen
@@ -189,15 +189,9 @@ class Runtime:
         with self._live_lock:
             self._live[run.task_id] = run
         if run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
-            self._enqueue(run)
+            self.queues.add(run)
         else:
             self._launch(run, start_at)
-
-    def _enqueue(self, run: Run) -> None:
-        """Queue a live run on its key (a cancel that came first has settled it: it stays out)."""
-        with self._live_lock:  # (a cancel takes the phase, then this lock to look in the queue)
-            if run.phase == "waiting":
-                self._queued.setdefault(run.lock_key, []).append(run)  # type: ignore[arg-type]
 
     def _launch(self, run: Run, start_at: float | None) -> None:
         if start_at is not None and start_at > time.time():
@@ -295,7 +289,7 @@ class Runtime:
         try:
             if run.lock_key is not None:
                 self.store.release_lock(run.lock_key, run.task_id)
-                self._wake_queue(run.lock_key)
+                self.queues.wake(run.lock_key)
             if record is None:
                 return
             self._callback(run, record)
@@ -317,36 +311,6 @@ class Runtime:
         if run.task.callback_url and record is not None:
             self._callbacks.send(run.task.callback_url, record)
 
-    # --------------------------------------------------------------- locks
-
-    def wake_queues(self) -> None:
-        for key in list(self._queued):
-            self._wake_queue(key)
-
-    def _wake_queue(self, key: str) -> None:
-        """Start the first run queued on ``key`` if the key is free now.
-
-        Serialized by ``_queue_lock``: a run settling in a task thread and the
-        maintenance pass may both try, and only one may take the key's next run.
-        """
-        with self._queue_lock:
-            while True:
-                with self._live_lock:
-                    waiting = self._queued.get(key) or []
-                    run = waiting[0] if waiting else None
-                if run is None or self.store.acquire_lock(key, run.task_id, self.owner) is not None:
-                    return
-                with self._live_lock:
-                    taken = run in waiting
-                    if taken:
-                        waiting.remove(run)
-                    if not waiting:
-                        self._queued.pop(key, None)
-                if taken:
-                    break
-                self.store.release_lock(key, run.task_id)  # a cancel took it out meanwhile: the next one
-        self._start(run)
-
     # ------------------------------------------------------- cancel/refresh
 
     def cancel(self, task_id: str) -> bool:
@@ -367,22 +331,28 @@ class Runtime:
                 run.stop_reason = "cancel"
                 self._executor(run.task).interrupt(run)
             else:
-                return False
-        if phase == "waiting":
-            if run.start_timer is not None:
-                run.start_timer.cancel()
+                return phase == "running"  # (a stop is under way)
+        if phase == "running":
+            self._stopping(run)
+            return True
+        if run.start_timer is not None:
+            run.start_timer.cancel()
+        queued = self.queues.take_out(run)  # waiting for its key: it does not hold it
+        record = self.update(task_id, cancelled)
+        if record is not None and not queued:
+            self._settle(run, record)
+        else:
             with self._live_lock:
-                queue = self._queued.get(run.lock_key or "", [])
-                queued = run in queue  # waiting for its key, which it does not hold (the record's
-                if queued:             # "queued" says only how the submit found the key)
-                    queue.remove(run)
-            record = self.update(task_id, cancelled)
-            if record is not None and not queued:
-                self._settle(run, record)
-            else:
-                with self._live_lock:
-                    self._live.pop(task_id, None)
+                self._live.pop(task_id, None)
         return True
+
+    def _stopping(self, run: Run) -> None:
+        """Say on the record that a running run was asked to stop: a thread run stops only
+        between two Python steps, so one blocked in a call (a sleep, a socket read) runs on
+        until the call returns, and its card says it is stopping, not just running."""
+        reason = run.stop_reason
+        self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED or r.get("stopping")
+                              else evolve(r, stopping=reason))
 
     def _cancel_elsewhere(self, task_id: str) -> bool:
         """Cancel a run no runtime of this process is working on: ask its live owner, or,
@@ -406,7 +376,7 @@ class Runtime:
             if claimed is not None:
                 if claimed.get("lock_key"):
                     self.store.release_lock(claimed["lock_key"], task_id)
-                    self.wake_queues()
+                    self.queues.wake_all()
                 return True
             self.store.poll()
         return False
@@ -425,6 +395,7 @@ class Runtime:
                 return
             run.stop_reason = "timeout"
             self._executor(run.task).interrupt(run)
+        self._stopping(run)
 
     def refresh(self, task_id: str) -> bool:
         """Push a running run's deadline to now + timeout (a heartbeat for long work)."""

@@ -70,7 +70,7 @@ class Upkeep:
         try:
             self.store.poll()
             self.answer_cancel_requests()
-            runtime.wake_queues()
+            runtime.queues.wake_all()
             self.recover()
             now = time.monotonic()
             keep = runtime.settings.keep_finished

@@ -45,6 +45,11 @@ ACTIONS = ("cancel", "retry")
 VIEW_STEPS = {"shown": 1, "hidden": -1}
 
 
+def as_of() -> str:
+    """What ends the text of a live view shown where it cannot be drawn: when it was made."""
+    return f"\n(as of {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; live with its kernel, in a trusted notebook)"
+
+
 class LiveWidget(anywidget.AnyWidget):
     """A widget drawn from run records and kept current as they change."""
 
@@ -213,3 +218,12 @@ class LiveWidget(anywidget.AnyWidget):
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """The widget, and its text for a reader that cannot draw it (an untrusted notebook,
+        GitHub, nbconvert): that text is made once, as the output is shown, so it says when."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle  # (anywidget adds metadata)
+        if isinstance(data, dict) and "text/plain" in data:
+            data["text/plain"] += as_of()
+        return bundle

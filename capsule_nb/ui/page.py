@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 import ipywidgets
 
+from .live import as_of
+
 
 class Divider(ipywidgets.HTML):
     """A rule between a page's components."""
@@ -46,7 +48,7 @@ class Page(ipywidgets.VBox):
         """The widget, and the whole text form (ipywidgets cuts it at 110 characters)."""
         data = super()._repr_mimebundle_(**kwargs)
         if isinstance(data, dict):
-            data["text/plain"] = repr(self)
+            data["text/plain"] = repr(self) + as_of()
         return data
 
     def close(self) -> None:

@@ -20,8 +20,14 @@ NOTE_CHARS = 160  # an error or result on a board card: one line
 SAID_KINDS = ("reply", "notify")  # what a run says that tells its card apart (not every log line)
 
 
-def _can_cancel(status: str) -> bool:
-    return status not in FINISHED
+def _can_cancel(status: str, stopping: str | None) -> bool:
+    return status not in FINISHED and not stopping
+
+
+def _stopping(record: Mapping[str, Any]) -> str | None:
+    """"cancel" or "timeout" while a running run asked to stop has not yet (a thread run
+    blocked in a call stops when the call returns)."""
+    return record.get("stopping") if record["status"] not in FINISHED else None
 
 
 def _can_retry(status: str) -> bool:
@@ -52,7 +58,8 @@ def run(record: Mapping[str, Any]) -> dict[str, Any]:
         "result_note": record.get("result_note"),
         "session_id": record.get("session_id"),
         "every": record.get("every"),  # a repeating series: its card follows the newest run
-        "can_cancel": _can_cancel(status),
+        "stopping": _stopping(record),
+        "can_cancel": _can_cancel(status, _stopping(record)),
         "can_retry": _can_retry(status),
     }
 
@@ -127,7 +134,8 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "progress": fraction,
         "said": _said(record),
         "note": _note(record),
-        "can_cancel": _can_cancel(status),
+        "stopping": _stopping(record),
+        "can_cancel": _can_cancel(status, _stopping(record)),
         "can_retry": _can_retry(status),
     }
 
