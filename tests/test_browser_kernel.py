@@ -342,6 +342,42 @@ def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, 
         release.touch()
 
 
+def test_a_thread_run_cancelled_while_blocked_in_a_call_says_stopping_until_the_call_returns(
+        day: Day, tmp_path: Path) -> None:
+    """A cancel lands in a thread run between two Python steps: one blocked in a call (here,
+    opening a pipe nobody writes to) runs on until the call returns. Its card says it is
+    stopping meanwhile, with no Cancel to click again, then cancelled."""
+    feed = tmp_path / "feed"
+    os.mkfifo(feed)
+    cells = ("%load_ext capsule_nb\nimport capsule_nb as cpsl",
+             f"@cpsl.task\ndef fetch():\n    with open({str(feed)!r}) as f:  # one blocking call\n"
+             "        return f.read()\n\n"
+             'fetching = fetch.submit(session=session)\nsession.show_task(fetching, message="Fetching")')
+    with day.screenshots_on_failure("stopping"):
+        page = day.run_notebook("stopping", *cells)
+        card = day.card("Fetching", page)
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        card.locator("button", has_text="Cancel").click()
+        try:
+            card.locator(".cnb-stopping", has_text="stopping").wait_for(timeout=10_000)
+            assert card.locator(".cnb-badge").inner_text() == "running"
+            assert card.locator("button", has_text="Cancel").count() == 0
+        finally:
+            writer = wait_until(lambda: _writer(feed), 10, "the run reading the pipe")
+            os.write(writer, b"done")  # the call returns, and the run stops
+            os.close(writer)
+        card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
+        assert card.locator(".cnb-stopping").count() == 0
+
+
+def _writer(fifo: Path) -> int | None:
+    """A descriptor writing to ``fifo`` once a reader has it open (None before)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return None
+
+
 def test_a_run_waiting_to_retry_has_no_clock_counting_on(day: Day) -> None:
     """Between attempts nothing runs: the card and the board say the run waits to retry, instead
     of a clock counting on from the failed attempt's start (which read as a run still going)."""
