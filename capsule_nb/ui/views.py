@@ -20,8 +20,8 @@ NOTE_CHARS = 160  # an error or result on a board card: one line
 SAID_KINDS = ("reply", "notify")  # what a run says that tells its card apart (not every log line)
 
 
-def _can_cancel(status: str, stopping: str | None) -> bool:
-    return status not in FINISHED and not stopping
+def _can_cancel(record: Mapping[str, Any]) -> bool:
+    return record["status"] not in FINISHED and not record.get("stopping")
 
 
 def _stopping(record: Mapping[str, Any]) -> str | None:
@@ -59,7 +59,7 @@ def run(record: Mapping[str, Any]) -> dict[str, Any]:
         "session_id": record.get("session_id"),
         "every": record.get("every"),  # a repeating series: its card follows the newest run
         "stopping": _stopping(record),
-        "can_cancel": _can_cancel(status, _stopping(record)),
+        "can_cancel": _can_cancel(record),
         "can_retry": _can_retry(status),
     }
 
@@ -135,7 +135,7 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "said": _said(record),
         "note": _note(record),
         "stopping": _stopping(record),
-        "can_cancel": _can_cancel(status, _stopping(record)),
+        "can_cancel": _can_cancel(record),
         "can_retry": _can_retry(status),
     }
 
