@@ -242,7 +242,9 @@ class Endings:
     def _sweep(self) -> None:
         """Drop the entries of handles gone (their runs unfinished: a finished run's entry is gone)."""
         with self._lock:
-            for task_id, ref in list(self._handles.items()):  # (a copy: other threads add meanwhile)
+            # A copy made in one step: ``list(items())`` walks the entries one by one, and a garbage
+            # collection on the way runs finalizers, which let in threads that add or drop entries.
+            for task_id, ref in self._handles.copy().items():
                 if ref() is None:
                     now = self._handles.pop(task_id, None)
                     if now is not None and now is not ref:  # a new handle for the run came meanwhile

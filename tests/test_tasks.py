@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -526,6 +527,68 @@ async def test_handles_dropped_before_their_runs_end_are_let_go_and_kept_ones_to
     await until(lambda: slow.count(status="completed") == _SWEEP_FROM + 101, timeout=60)
     assert kept._final is not None and kept._final["status"] == "completed"
     assert app._endings._handles == {}  # a run's entry goes with its end
+
+
+async def test_submits_from_other_threads_while_a_submit_sweeps_dropped_handles_break_nothing(app):
+    """A submit that sweeps dropped handles walks every entry. A garbage collection there
+    runs finalizers, which let other threads in, and a submit on one of them (a sync task
+    starting another run) adds its entry mid-walk. Seen in a burst of 20,000 process runs,
+    a run's end told on the listener thread: the submit raised ``RuntimeError: dictionary
+    changed size during iteration``. Here each collection inside the sweep has a new
+    thread submit, and waits until its entry is in."""
+    import gc
+    import sys
+
+    from capsule_nb.handle import _SWEEP_FROM
+
+    hold, gate = threading.Event(), asyncio.Event()
+
+    @app.task
+    def held():
+        hold.wait(10)
+
+    @app.task
+    async def slow():
+        await gate.wait()
+
+    for _ in range(_SWEEP_FROM):
+        slow.submit()  # dropped: the next submit, its entry one more than the sweep waits for, sweeps
+    endings, armed, grown, from_threads = app._endings, [True], [], []
+
+    class SubmitsElsewhereIfCollectedInASweep:
+        def __init__(self):
+            self.cycle = self  # only the collector frees it
+
+        def __del__(self):
+            if not armed:
+                return
+            frame = sys._getframe().f_back
+            while frame is not None and frame.f_code.co_name != "_sweep":
+                frame = frame.f_back
+            if frame is not None and endings._lock.locked():  # the sweep has begun
+                before = len(endings._handles)
+                threading.Thread(target=lambda: from_threads.append(held.submit())).start()
+                deadline = time.monotonic() + 10
+                while len(endings._handles) == before and time.monotonic() < deadline:
+                    time.sleep(0.001)  # the GIL to the submitting thread
+                grown.append(len(endings._handles) > before)
+            SubmitsElsewhereIfCollectedInASweep()  # and again at the next collection
+
+    thresholds = gc.get_threshold()
+    SubmitsElsewhereIfCollectedInASweep()
+    gc.set_threshold(1)  # a collection at each allocation, the sweep's among them
+    try:
+        sweeping = slow.submit()
+    finally:
+        gc.set_threshold(*thresholds)
+        armed.clear()
+    assert grown and all(grown)
+    assert len(endings._handles) <= 1 + len(grown)  # the dropped ones are gone
+    await until(lambda: len(from_threads) == len(grown), timeout=10)
+    hold.set()
+    gate.set()
+    assert [await handle.wait(timeout=10) for handle in [sweeping, *from_threads]] == ["completed"] * (1 + len(grown))
+    await until(lambda: slow.count(status="completed") == _SWEEP_FROM + 1, timeout=60)
 
 
 async def test_each_status_change_reaches_subscribers_and_only_ends_reach_end_listeners(app):
