@@ -268,6 +268,7 @@ async def test_a_thread_run_blocked_in_a_call_shows_it_is_stopping_until_the_cal
     gate.set()
     assert await handle.wait(5) == "cancelled"
     await until(lambda: card.run["status"] == "cancelled" and card.run["stopping"] is None)
+    assert handle.snapshot().get("stopping") is None  # the record, which other readers see, says it has stopped
     card.close()
     board.close()
 

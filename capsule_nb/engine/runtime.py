@@ -270,10 +270,11 @@ class Runtime:
         kind, detail = outcome
         if kind == "ok":
             return {"status": COMPLETED, "completed_at": now, **detail}, None
-        if kind == "stop":
+        if kind == "stop":  # (and it has stopped: a reader of the record is told so)
             if detail == "timeout":
-                return dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s"), None
-            return dict(status=CANCELLED, completed_at=now, error="cancelled"), None
+                return dict(status=TIMEOUT, completed_at=now, error=f"timed out after {run.task.timeout:g}s",
+                            stopping=None), None
+            return dict(status=CANCELLED, completed_at=now, error="cancelled", stopping=None), None
         failure: Failure = detail
         record = self.store.get_run(run.task_id) or {}
         if record.get("status") == RUNNING and record["attempt"] < run.task.retries + 1 \
