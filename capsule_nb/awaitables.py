@@ -89,12 +89,23 @@ class ReadyBool(Steps):
 
 
 class ReadyNone(Steps):
-    """What a fire-and-forget call (``session.reply``) returns: ``await`` it or not."""
+    """What a fire-and-forget call (``session.reply``) returns, and a lookup that found
+    nothing (``app.tasks.get``): ``await`` it or not. Falsy and equal to None, as far as
+    a stand-in can be (``is None`` cannot be true of it)."""
 
     __slots__ = ("_steps",)
 
     def __init__(self) -> None:
         self._steps = None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, ReadyNone)
+
+    def __hash__(self) -> int:
+        return hash(None)
 
     def __await__(self) -> Generator[Any, None, None]:
         return None

@@ -78,16 +78,33 @@ class Collection:
                              f"nothing inserted (update_one changes a document)")
         return doc
 
-    def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> ReadyValue:
-        """Update the first match; a plain dict is a patch (``$set``). Gives the new document or None."""
+    def update_one(self, filter: dict[str, Any], update: dict[str, Any], *, upsert: bool = False) -> ReadyValue:
+        """Update the first match; a plain dict is a patch (``$set``). Gives what Capsule's
+        does, ``{"matched": 0 or 1, "modified": 0 or 1}``; ``upsert``: no match inserts the
+        filter's plain fields with the update applied (and gives its ``"upserted_id"``)."""
         operations = _operations(update)
         _check_filter(filter)
-        return ReadyValue(self._change_first(filter, lambda current: _updated(current, operations))[1])
+        if not isinstance(upsert, bool):
+            raise TypeError(f"upsert is True or False, not {upsert!r}")
+        modified = []
+
+        def change(current: dict) -> dict:
+            new = _updated(current, operations)
+            modified.append(new != current)
+            return new
+
+        matched, _ = self._change_first(filter, change)
+        if matched or not upsert:
+            return ReadyValue({"matched": int(matched), "modified": int(bool(modified) and modified[-1])})
+        seed = {key: value for key, value in filter.items() if not key.startswith("$") and "." not in key
+                and not (isinstance(value, dict) and any(str(k).startswith("$") for k in value))}
+        inserted = self.insert_many([_updated(seed, operations)])[0]
+        return ReadyValue({"matched": 0, "modified": 0, "upserted_id": inserted["_id"]})
 
     def delete_one(self, filter: dict[str, Any]) -> ReadyValue:
-        """Delete the first match; gives True if a document was deleted."""
+        """Delete the first match; gives what Capsule's does, ``{"deleted": 0 or 1}``."""
         _check_filter(filter)
-        return ReadyValue(self._change_first(filter, lambda current: None)[0])
+        return ReadyValue({"deleted": int(self._change_first(filter, lambda current: None)[0])})
 
     def _change_first(self, filter: dict[str, Any], change: Callable[[dict], dict | None]) -> tuple[bool, dict | None]:
         """``(whether a match was changed, the new document)``: ``change`` applied to the first

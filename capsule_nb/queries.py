@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
-from .awaitables import ReadyInt, ReadyList
+from .awaitables import ReadyInt, ReadyList, ReadyNone
 from .record import check_status
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ class TaskQuery:
                 if all(r.get(k) == v for k, v in where.items()) and (keep is None or keep(r))]
         return ReadyInt(sum(1 for task_id in live if self._app.runtime.cancel(task_id)))
 
-    def get(self, task_id: str) -> "TaskHandle | None":
-        return self._app.get_task(task_id)
+    def get(self, task_id: str) -> "TaskHandle | ReadyNone":
+        """The run's handle, or a stand-in for None: Capsule code awaits either."""
+        return self._app.get_task(task_id) or ReadyNone()
 
     def __repr__(self) -> str:
         scope = f"task {self._task_name!r}" if self._task_name else f"app {self._app.name!r}"

@@ -341,6 +341,38 @@ async def test_collections_take_capsules_options_and_dict_sort(capsule):
         await threads.find(sort={"priority": "up"})
 
 
+async def test_writes_and_lookups_give_back_what_the_sdk_gives(capsule):
+    """Code that reads what a call gives back: the SDK's ``update_one`` gives ``{"matched",
+    "modified"}``, ``delete_one`` ``{"deleted"}`` (counts), session collections take
+    ``upsert=``, and ``app.tasks.get`` is a coroutine giving a handle or None."""
+    app = cpsl.App(name="my-app")
+    threads = app.collection("threads")
+
+    @app.task()
+    async def noop():
+        return None
+
+    # SDK CollectionRef: update_one(filter, update) -> dict; delete_one(filter) -> dict
+    created = await threads.insert_one({"subject": "Renewal review", "status": "needs-review"})
+    res = await threads.update_one({"_id": created["_id"]}, {"status": "waiting"})
+    if res["matched"] and res["modified"]:
+        outcome = "updated"
+    assert outcome == "updated"
+    assert (await threads.update_one({"_id": "nope"}, {"status": "waiting"}))["matched"] == 0
+    res = await threads.delete_one({"_id": created["_id"]})
+    assert res["deleted"] == 1 and (await threads.delete_one({"_id": created["_id"]}))["deleted"] == 0
+    # SDK session collections: update_one(filter, update, *, upsert=False)
+    session = app.session
+    res = await session.db.prefs.update_one({"user": "ada"}, {"$set": {"theme": "dark"}}, upsert=True)
+    assert res["matched"] == 0 and (await session.db.prefs.find_one({"user": "ada"}))["theme"] == "dark"
+    # SDK GlobalTaskQuery: async get(task_id) -> TaskHandle | None
+    handle = await noop.submit()
+    assert (await app.tasks.get(handle.task_id)).task_id == handle.task_id
+    missing = await app.tasks.get("0661b829fa1ea78a04560000")
+    assert missing is None
+    assert not app.tasks.get("0661b829fa1ea78a04560000") and app.tasks.get("0661b829fa1ea78a04560000") == None  # noqa: E711
+
+
 async def test_a_collection_declared_with_columns_shows_their_labels(capsule):
     app = cpsl.App(name="my-app")
     # GUIDE: columns: list[str | Column]; cpsl.Column(key, type="text", label=None, format=None)

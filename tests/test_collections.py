@@ -27,8 +27,11 @@ async def test_insert_find_update_delete_count_awaited(app):
     assert await reports.count() == 3
     assert (await reports.find_one({"name": "weekly"}))["rows"] == 10
     assert await reports.find_one({"name": "yearly"}) is None
-    updated = await reports.update_one({"name": "daily"}, {"rows": 5})  # a plain dict is a patch
-    assert updated["rows"] == 5 and updated["name"] == "daily"
+    # a plain dict is a patch; what is told back is Capsule's: how many matched, how many changed
+    assert await reports.update_one({"name": "daily"}, {"rows": 5}) == {"matched": 1, "modified": 1}
+    assert (await reports.find_one({"name": "daily"}))["rows"] == 5
+    assert await reports.update_one({"name": "daily"}, {"rows": 5}) == {"matched": 1, "modified": 0}
+    assert await reports.update_one({"name": "yearly"}, {"rows": 5}) == {"matched": 0, "modified": 0}
     await reports.update_one({"name": "monthly"}, {"$inc": {"rows": 2}, "$push": {"tags": "big"}})
     await reports.update_one({"name": "weekly"}, {"$unset": {"rows": ""}, "$set": {"done": True}})
     assert await reports.find_one({"name": "monthly"}) == {
@@ -36,9 +39,24 @@ async def test_insert_find_update_delete_count_awaited(app):
         "name": "monthly", "rows": 42, "tags": ["big"],
     }
     assert "rows" not in await reports.find_one({"name": "weekly"})
-    assert await reports.delete_one({"name": "weekly"}) is True
-    assert await reports.delete_one({"name": "weekly"}) is False
+    assert await reports.delete_one({"name": "weekly"}) == {"deleted": 1}
+    assert await reports.delete_one({"name": "weekly"}) == {"deleted": 0}
     assert await reports.count() == 2
+
+
+async def test_an_upsert_inserts_the_filters_fields_with_the_update_once_and_changes_after(app):
+    """``update_one(..., upsert=True)`` (Capsule's session collections take it): no match
+    inserts the filter's plain fields with the update applied; the next call finds it."""
+    counters = app.session.db.counters
+    first = await counters.update_one({"name": "visits", "day": {"$gte": 1}}, {"$inc": {"n": 1}}, upsert=True)
+    assert first["matched"] == first["modified"] == 0
+    assert await counters.find_one({"_id": first["upserted_id"]}) == {
+        "_id": first["upserted_id"], "id": first["upserted_id"], "name": "visits", "n": 1}
+    assert await counters.update_one({"name": "visits"}, {"$inc": {"n": 1}}, upsert=True) == {"matched": 1, "modified": 1}
+    assert [d["n"] for d in await counters.find()] == [2]
+    with pytest.raises(TypeError, match="upsert is True or False, not 'yes'"):
+        counters.update_one({"name": "visits"}, {"n": 0}, upsert="yes")
+    assert [d["n"] for d in await counters.find()] == [2]
 
 
 async def test_the_three_ways_to_name_a_collection_are_one(app):
@@ -111,8 +129,8 @@ async def test_an_insert_never_overwrites_a_document_with_its_id(app):
 async def test_push_each_appends_every_value(app):
     threads = app.collection("threads")
     created = await threads.insert_one({"subject": "Renewal review", "tags": ["renewal"]})
-    updated = await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["urgent", "q3"]}}})
-    assert updated["tags"] == ["renewal", "urgent", "q3"]
+    await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["urgent", "q3"]}}})
+    assert (await threads.find_one({"_id": created["_id"]}))["tags"] == ["renewal", "urgent", "q3"]
     with pytest.raises(ValueError, match=r"\$push 'tags': the one modifier here is"):
         await threads.update_one({"_id": created["_id"]}, {"$push": {"tags": {"$each": ["x"], "$slice": -2}}})
     assert (await threads.find_one({"_id": created["_id"]}))["tags"] == ["renewal", "urgent", "q3"]
@@ -240,7 +258,8 @@ def test_sql_finds_and_counts_what_matches_says(app, flt):
     assert [d["_id"] for d in items.find(flt)] == wanted
     assert items.count(flt) == len(wanted)
     if wanted:
-        assert items.update_one(flt, {"$set": {"seen": 1}})["_id"] == wanted[0]
+        assert items.update_one(flt, {"$set": {"seen": 1}}) == {"matched": 1, "modified": 1}
+        assert [d["_id"] for d in items.find({"seen": 1})] == wanted[:1]
 
 
 def test_sort_order_across_types_is_one_in_sql_and_in_python(app):
@@ -348,8 +367,9 @@ async def test_an_array_field_matches_by_its_elements_as_in_mongodb(app):
     # each condition may be met by a different element, as in MongoDB (its $elemMatch is for one)
     assert ids(await tickets.find({"scores": {"$gte": 5, "$lte": 6}}, sort={"_id": 1})) == ["a"]
     assert ids(await tickets.find({"title": "[no array]"})) == ["d"]
-    updated = await tickets.update_one({"tags": "billing", "scores": 4}, {"$push": {"tags": "done"}})
-    assert updated["_id"] == "b" and (await tickets.find_one({"_id": "b"}))["tags"] == ["billing", "done"]
+    assert await tickets.update_one({"tags": "billing", "scores": 4}, {"$push": {"tags": "done"}}) == {
+        "matched": 1, "modified": 1}
+    assert (await tickets.find_one({"_id": "b"}))["tags"] == ["billing", "done"]
     assert await tickets.count({"tags": "done"}) == 1
 
 

@@ -196,7 +196,8 @@ async def test_what_a_killed_release_process_left_is_recovered_adopted_and_cance
         again = alpha.resubmit(payload_args.task_id)  # the release's signed payload of arguments
         assert await again.result(timeout=60) == 6
         threads = alpha.collection("threads")
-        assert (await threads.update_one({"n": 3}, {"$inc": {"review_count": 1}}))["review_count"] == 3
+        assert await threads.update_one({"n": 3}, {"$inc": {"review_count": 1}}) == {"matched": 1, "modified": 1}
+        assert (await threads.find_one({"n": 3}))["review_count"] == 3
         added = await threads.insert_one({"subject": "after the upgrade", "n": 100})
 
         seen = await describe(apps, home)
