@@ -255,9 +255,11 @@ class Task:
     # ---------------------------------------------------------- retry policy
 
     def should_retry(self, exc: BaseException) -> bool:
+        """Capsule's rule: ``retry_for`` names exact types, so a subclass of a listed error
+        (``ConnectionRefusedError`` of ``ConnectionError``) fails at once; list it too."""
         if not isinstance(exc, Exception):
             return False
-        return self.retry_for is None or isinstance(exc, self.retry_for)
+        return self.retry_for is None or type(exc) in self.retry_for
 
     def retry_wait(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1``: exponential, capped, with equal jitter."""

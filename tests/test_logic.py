@@ -93,6 +93,23 @@ def test_retry_for_retries_only_the_named_errors(logic_app):
     assert picky.submit().snapshot()["status"] == "failed" and len(calls) == 1
 
 
+def test_retry_for_names_exact_types_as_capsules_runner_does(logic_app):
+    """Capsule's runner retries when ``type(exc)`` is listed: a subclass of a listed error
+    fails at once, so code behaves the same here and once deployed."""
+    calls = []
+
+    @logic_app.task(retries=3, retry_for=[ConnectionError, TimeoutError])
+    def fetch(error):
+        calls.append(error)
+        if len(calls) < 3:
+            raise error("upstream")
+
+    assert fetch.submit(ConnectionError).snapshot()["status"] == "completed" and len(calls) == 3
+    calls.clear()
+    refused = fetch.submit(ConnectionRefusedError).snapshot()
+    assert refused["status"] == "failed" and len(calls) == 1 and refused["attempt"] == 1
+
+
 def test_a_run_scheduled_for_later_stays_scheduled_and_cancels(logic_app):
     ran = []
 
