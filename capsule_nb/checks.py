@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 
+LARGEST = 2**63 - 1  # what SQLite (a limit, an offset) and a C long can hold
+
+
 def whole_number(name: str, value: object, minimum: int = 0) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``; else ``ValueError``."""
+    """``value`` if it is an int (not a bool) from ``minimum`` to ``LARGEST``; else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if value > LARGEST:
+        raise ValueError(f"{name} must be a whole number <= 2**63 - 1, got {value!r}")
     return value

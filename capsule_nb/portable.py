@@ -61,6 +61,8 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 def set_portable(on: bool) -> None:
     """Turn portable mode on or off; turning it on again warns afresh."""
     global _enabled
+    if not isinstance(on, bool):  # "no" would turn it on
+        raise TypeError(f"portable must be True or False, got {on!r}")
     with _lock:
         _enabled = bool(on)
         _warned.clear()

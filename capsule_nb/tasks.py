@@ -13,6 +13,7 @@ import contextvars
 import datetime as dt
 import functools
 import inspect
+import math
 import random
 import re
 import string
@@ -62,15 +63,22 @@ class Task:
     ):
         if not callable(fn):
             raise TypeError(f"@task needs a function, got {fn!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"@task: name must be a non-empty string, got {name!r}")
         self.fn = fn
         self.app = app
         self.name = name or getattr(fn, "__name__", None) or repr(fn)
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(f"@task({self.name}): a task is a function or an async function, not a generator "
+                            "function, whose body would never run (return a list instead)")
+        if display_name is not None and not isinstance(display_name, str):
+            raise TypeError(f"@task({self.name}): display_name must be a string, got {display_name!r}")
         self.display_name = display_name
         self.is_async = inspect.iscoroutinefunction(fn)
         self.retries = whole_number(f"@task({self.name}): retries", retries)
         self.timeout = parse_delay(timeout, what="timeout") if timeout else 0.0
         self.retry_delay = parse_delay(retry_delay, what="retry_delay") if retry_delay else 0.0
-        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 1:
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 1 <= backoff < math.inf:
             raise ValueError(f"@task({self.name}): backoff must be a number >= 1, got {backoff!r}")
         self.backoff = float(backoff)
         self.retry_for = _exception_types(retry_for, self.name)
@@ -90,8 +98,10 @@ class Task:
         self.session_param = _session_param(self.signature)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         self._plain_params = _plain_params(self.signature, self.session_param)
-        self.lock = lock
-        if lock is not None:
+        if lock is not None and not isinstance(lock, str):
+            raise TypeError(f"@task({self.name}): lock must be a template string, got {lock!r}")
+        self.lock = lock or None  # "" is no lock, as in Capsule
+        if self.lock is not None:
             _check_lock_template(lock, self.signature, self.name)
         self.replaced_by: Task | None = None  # set when a re-run cell defines the name again
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]

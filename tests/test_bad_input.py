@@ -4,12 +4,15 @@ import inspect
 import os
 import re
 import stat
+import threading
 
 import pytest
 
 import capsule_nb as cpsl
 from capsule_nb.durations import parse_delay
 from capsule_nb.errors import StoreError
+
+from .conftest import until_sync
 
 
 def test_lock_placeholder_that_is_no_parameter_fails_at_decoration(app):
@@ -38,6 +41,7 @@ def test_lock_template_filled_from_positional_keyword_and_defaults(app):
         ({"timeout": "soon"}, "bad timeout 'soon'"),
         ({"retry_delay": "-5s"}, "bad retry_delay '-5s'"),
         ({"backoff": 0.5}, "backoff must be a number >= 1, got 0.5"),
+        ({"backoff": float("nan")}, "backoff must be a number >= 1, got nan"),  # (its next wait was an hour)
         ({"on_lock": "wait"}, "on_lock must be one of"),
         ({"callback_url": "ftp://x"}, "callback_url must be an http"),
     ],
@@ -149,9 +153,59 @@ def test_app_name_must_be_text(tmp_path):
         cpsl.App(name="", home=tmp_path)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"name": 5}, "@task: name must be a non-empty string, got 5"),  # (its runs were stored, then unreadable)
+        ({"display_name": 5}, "display_name must be a string, got 5"),
+        ({"lock": 5}, "lock must be a template string, got 5"),
+    ],
+)
+def test_task_options_of_the_wrong_type_are_refused_at_decoration(app, options, message):
+    with pytest.raises(TypeError, match=message):
+
+        @app.task(**options)
+        def job():
+            pass
+
+    assert app.tasks.count() == 0
+
+
+def test_a_generator_function_is_no_task_its_body_would_never_run(app):
+    with pytest.raises(TypeError, match=r"@task\(rows\): a task is a function or an async function, not a generator"):
+
+        @app.task
+        def rows():
+            yield 1
+
+    with pytest.raises(TypeError, match="not a generator"):
+
+        @app.task
+        async def stream():
+            yield 1
+
+
+def test_an_empty_lock_template_is_no_lock_as_in_capsule(app):
+    gate = threading.Event()
+
+    @app.task(lock="")
+    def job(who):
+        gate.wait(10)
+        return who
+
+    alice, bob = job.submit("alice"), job.submit("bob")
+    assert alice.task_id != bob.task_id and job.lock is None
+    gate.set()
+    until_sync(lambda: alice.snapshot()["status"] == bob.snapshot()["status"] == "completed")
+
+
 def test_bad_find_arguments(app):
     with pytest.raises(ValueError, match="limit must be a whole number >= 0, got -1"):
         app.tasks.find(limit=-1)
+    with pytest.raises(ValueError, match=r"limit must be a whole number <= 2\*\*63 - 1, got 10{20}"):
+        app.tasks.find(limit=10**20)
+    with pytest.raises(ValueError, match=r"limit must be a whole number <= 2\*\*63 - 1"):
+        app.collection("items").find(limit=10**20)
     with pytest.raises(ValueError, match="offset must be a whole number >= 0, got 1.5"):
         app.tasks.find(offset=1.5)
 
@@ -165,6 +219,8 @@ def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch
     for bad in ({"max_threads": 0}, {"keep_finished": -1}, {"max_result_bytes": "1MB"}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
             cpsl.configure(**bad)
+    with pytest.raises(TypeError, match="portable must be True or False, got 'no'"):
+        cpsl.configure(portable="no")  # (it turned portable mode on)
 
 
 @pytest.mark.parametrize("args, kwargs", [
