@@ -21,10 +21,9 @@ import decimal
 import getpass
 import math
 import numbers
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable
 
 from . import portable
 from .awaitables import DONE, ReadyNone
@@ -32,7 +31,8 @@ from .collections import Database
 from .engine.context import current_run
 from .notebook import kernel
 from .notebook.messages import render_message
-from .record import json_safe, new_task_id
+from .record import new_task_id
+from .session_data import SessionData
 from .store import Store, open_store
 
 if TYPE_CHECKING:
@@ -54,47 +54,6 @@ def local_user() -> User:
     except Exception:  # no passwd entry in some containers
         name = "owner"
     return User(id=name, email=None, org_id=None, owner_id=name)
-
-
-class SessionData(MutableMapping):
-    """``session.data``: a small JSON dict kept in the store under the session id. A write
-    changes the stored dict in one transaction: the same session is written from task
-    threads, other ``Session`` objects with its id and worker processes at once."""
-
-    def __init__(self, store: Callable[[], Store], session_id: str):
-        self._store = store
-        self._key = f"session/{session_id}/data"
-
-    def _load(self) -> dict[str, Any]:
-        return dict(self._store().get(self._key) or {})
-
-    def _change(self, change: Callable[[dict[str, Any]], None]) -> None:
-        def changed(stored: Any) -> dict[str, Any]:
-            data = dict(stored or {})
-            change(data)
-            return data
-
-        self._store().update_value(self._key, changed)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._load()[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if not json_safe(value)[1]:
-            raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
-        self._change(lambda data: data.__setitem__(key, value))
-
-    def __delitem__(self, key: str) -> None:
-        self._change(lambda data: data.__delitem__(key))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-    def __repr__(self) -> str:
-        return f"SessionData({self._load()!r})"
 
 
 class Session:

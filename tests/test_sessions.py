@@ -1,6 +1,7 @@
 """Sessions and output capture: messages are kept with their own run, whatever thread runs it."""
 
 import asyncio
+import json
 import logging
 import sys
 import threading
@@ -163,6 +164,47 @@ async def test_session_data_is_persistent_json(app, tmp_path):
 
     with pytest.raises(TypeError, match="must be JSON"):
         app.session.data["bad"] = object()
+
+
+async def test_session_data_is_a_dict_whose_changes_inside_values_are_kept(app):
+    """Capsule's ``session.data`` is a dict whose lists and dicts report their changes:
+    ``setdefault(...).append(...)`` and ``data["prefs"]["lang"] = ...`` are kept (they went
+    to a copy and were lost), from a task thread, on the loop and in a worker process."""
+    @app.task
+    def note_thread(item, session=None):
+        session.data.setdefault("history", []).append(item)
+        counts = session.data.setdefault("counts", {})
+        counts[item] = counts.get(item, 0) + 1
+
+    @app.task
+    async def note_async(item, session=None):
+        await session.data.set("last", item)  # Capsule's explicit write
+        session.data["prefs"]["seen"].append(item)
+
+    @app.task(process=True)
+    def note_process(item, session=None):
+        session.data["history"].append(item)
+        session.data["prefs"]["lang"] = "fr"
+
+    session = app.session
+    session.data["prefs"] = {"lang": "en", "seen": []}
+    for item in "aab":
+        assert await (await note_thread.submit(item, session=session)).wait(10) == "completed"
+    assert await (await note_async.submit("c", session=session)).wait(10) == "completed"
+    assert await (await note_process.submit("d", session=session)).wait(60) == "completed"
+
+    again = cpsl.App(home=app.home).session.data  # as another kernel reads it
+    assert again == {"history": ["a", "a", "b", "d"], "counts": {"a": 2, "b": 1}, "last": "c",
+                     "prefs": {"lang": "fr", "seen": ["c"]}}
+    assert isinstance(session.data, dict) and json.loads(json.dumps(session.data)) == again
+    rows = session.data.setdefault("rows", [])
+    rows.append({"n": 1})
+    rows[0]["n"] += 1  # a dict put in a list is tracked too
+    rows.append(3)  # the list held on to still writes its key
+    assert again["rows"] == [{"n": 2}, 3] and session.data.pop("rows") == [{"n": 2}, 3] and "rows" not in again
+    with pytest.raises(TypeError, match=r"session.data\['prefs'\] must be JSON"):
+        session.data["prefs"]["bad"] = object()
+    assert again["prefs"] == {"lang": "fr", "seen": ["c"]}  # the bad change is not stored
 
 
 def test_session_data_written_at_once_through_two_sessions_loses_no_key(app):
