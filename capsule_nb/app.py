@@ -137,6 +137,11 @@ class App:
     def __repr__(self) -> str:
         return f"App({self.name!r}, home={str(self.store.path)!r})"
 
+    def __reduce__(self) -> tuple:
+        """To a worker process (a ``process=True`` run using the notebook's app): the app of
+        the same name on the same store, opened there."""
+        return _app_at, (self.name, str(self.home), self.keep_finished)
+
     @property
     def home(self) -> Path:
         return self.store.path
@@ -300,6 +305,11 @@ class App:
             self.runtime.shutdown()
         except Exception:  # (at exit too) not raised, so every app closes; but never passed over in silence
             log.exception("capsule_nb: app %r could not record how its live runs end in %s", self.name, self.home)
+
+
+def _app_at(name: str, home: str, keep_finished: int) -> App:
+    """(With the notebook's retention: the default one would prune the store's history.)"""
+    return App(name, home=home, keep_finished=keep_finished)
 
 
 def _close_all() -> None:

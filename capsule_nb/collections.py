@@ -55,6 +55,11 @@ class Collection:
     def __repr__(self) -> str:
         return f"<collection {self.name!r}: {self.count()} documents>"
 
+    def __reduce__(self) -> tuple:
+        """To a worker process (a ``process=True`` run using a module-level collection, as
+        Capsule code does): the same collection, on the same store by path."""
+        return _collection_at, (str(self._store.path), self.name)
+
     # ----------------------------------------------------------------- writes
 
     def insert_one(self, doc: dict[str, Any]) -> ReadyValue:
@@ -170,6 +175,12 @@ class Collection:
         spec = declared(self._store.path, self.name)
         docs = self._find({}, limit=spec.paginate if spec and spec.paginate else TABLE_ROWS)
         return table_html(self.name, docs, self.count(), spec, _shown)
+
+
+def _collection_at(home: str, name: str) -> Collection:
+    from .store import open_store
+
+    return Collection(open_store(home), name)
 
 
 class Database:

@@ -26,6 +26,33 @@ class CountsPickles:
         return CountsPickles, (self.value,)
 
 
+async def test_a_process_run_uses_the_notebooks_app_collections_and_tasks_as_capsule_code_does(app):
+    """Capsule code keeps ``app``, ``threads = app.collection(...)`` and its tasks at module
+    level and uses them inside ``process=True`` tasks (Capsule re-imports the module there).
+    Here they go to the worker by reference (they used to fail the submit: a store holds
+    locks): the same collection and app on the same store, opened there, with the notebook's
+    retention. A task submitted there runs in that worker, and the notebook sees its end."""
+    app.runtime.settings.keep_finished = 12_345
+    cell: dict = {"__name__": "__main__", "app": app, "threads": app.collection("threads")}
+    exec(
+        "def other(x):\n"
+        "    return x * 2\n"
+        "def sync_threads(owner):\n"
+        "    threads.insert_one({'owner': owner})\n"
+        "    app.collection('threads').insert_one({'owner': owner, 'via': 'app'})\n"
+        "    handle = other.submit(21)\n"
+        "    return handle.task_id, app.keep_finished\n",
+        cell,
+    )
+    cell["other"] = app.task(cell["other"])
+    sync_threads = app.task(process=True)(cell["sync_threads"])
+    task_id, kept = await sync_threads.submit("ops").result(timeout=60)
+    assert kept == 12_345
+    assert [(d["owner"], d.get("via")) for d in app.collection("threads").find()] == [("ops", None), ("ops", "app")]
+    assert await app.get_task(task_id).result(timeout=10) == 42
+    assert app.get_task(task_id).snapshot()["owner"] != app.runtime.owner  # it ran in the worker
+
+
 async def test_a_function_defined_in_a_cell_sees_the_globals_of_each_submit(app):
     """A cell's function goes by value, with the globals it reads then: a worker must see
     the value a global had at each submit, however the call's pickles are kept."""
