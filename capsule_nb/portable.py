@@ -43,6 +43,9 @@ EXTENSIONS: dict[str, tuple[str, str]] = {
                      "app.py"),
     "progress_log": ("session.progress() / session.log()",
                      "Capsule sessions have no progress() or log(): use `await session.notify(...)`"),
+    "json_args": ("task arguments that are not JSON (a set, a DataFrame, an object)",
+                  "pass JSON values (text, numbers, lists, dicts): Capsule sends a submit's keywords as JSON "
+                  "and fails the submit on anything else; pass a path or an id to what is big"),
     "get_task": ("cpsl.get_task(id)",
                  "keep handle.task_id and look runs up with `await t.find(...)`; read `await handle.status()`"),
 }

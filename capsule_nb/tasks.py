@@ -19,6 +19,7 @@ import re
 import string
 import sys
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import portable
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .app import App
 
 ON_LOCK = ("join", "reject", "queue")
+_UNKEPT_WARNED: set[str] = set()  # tasks told their runs' arguments cannot be kept
 MAX_RETRY_DELAY = 3600.0  # the cap of exponential backoff
 _REQUIRED = object()  # a parameter without a default, in ``_plain_params``
 
@@ -223,7 +225,18 @@ class Task:
         record, gen = self.app.runtime.submit(
             self, args, kwargs, params, session=session, target=target, extra=extra, **when
         )
+        if "args_payload" in record:  # (only a run whose arguments are not all JSON has it)
+            self._note_arguments(record)
         return self.app._endings.add(TaskHandle(self.app, record["task_id"], gen))
+
+    def _note_arguments(self, record: dict[str, Any]) -> None:
+        portable.note("json_args")
+        if not record["args_payload"] and self.name not in _UNKEPT_WARNED:
+            _UNKEPT_WARNED.add(self.name)
+            warnings.warn(f"{self.name}: the arguments of run {record['task_id']} are neither JSON nor picklable, so "
+                          "the store cannot keep them: the run goes ahead in this kernel, but if the kernel dies "
+                          "first, no other kernel can resume it (it fails saying so). Said once per task.",
+                          RuntimeWarning, stacklevel=4)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults included; a TypeError names a bad one.

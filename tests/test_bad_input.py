@@ -185,6 +185,27 @@ def test_a_generator_function_is_no_task_its_body_would_never_run(app):
             yield 1
 
 
+def test_arguments_the_store_cannot_keep_are_said_at_the_submit_once_per_task(app):
+    """A lock (or a socket) is neither JSON nor picklable: the run goes ahead in this kernel,
+    but no other kernel could resume it. That was found out only once the kernel had died."""
+    import warnings
+
+    @app.task
+    def guarded(guard, n=0):
+        return n
+
+    lock = threading.Lock()
+    with pytest.warns(RuntimeWarning, match=r"guarded: the arguments of run \w+ are neither JSON nor picklable") as told:
+        first = guarded.submit(lock, n=1)
+    assert [w.filename for w in told] == [__file__]  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = guarded.submit(lock, n=2)  # once per task
+        third = guarded.submit({"a", "b"}, n=3)  # not JSON, but kept pickled: nothing to say
+    assert [first.snapshot()["args_payload"], third.snapshot()["args_payload"]] == [False, True]
+    until_sync(lambda: [h.snapshot()["status"] for h in (first, second, third)] == ["completed"] * 3)
+
+
 def test_an_empty_lock_template_is_no_lock_as_in_capsule(app):
     gate = threading.Event()
 

@@ -610,6 +610,7 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
             parse.submit("weekly")  # the same extension again: no second warning
             assert await first.result(timeout=10) == 5
             parse.schedule(at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1), feed="x")
+            (await parse.schedule(delay="1h", feed={"daily", "weekly"})).cancel()  # a set: Capsule's JSON refuses it
 
             @app.schedule("*/10 * * * * *", tz="Europe/Paris")
             def tick():
@@ -620,7 +621,8 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
     finally:
         cpsl.configure(portable=False)
     assert plain == 0
-    expected = ["retry_policy", "on_lock", "positional", "wait_result", "schedule_at", "cron_tz", "cron_seconds"]
+    expected = ["retry_policy", "on_lock", "positional", "wait_result", "schedule_at", "json_args", "cron_tz",
+                "cron_seconds"]
     assert messages == [EXTENSIONS[code][0] + " is a capsule_nb extension, not Capsule's. The Capsule way: "
                         + EXTENSIONS[code][1] for code in expected]
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
