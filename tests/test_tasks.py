@@ -277,6 +277,42 @@ async def test_every_repeats_until_cancelled(app):
     assert tick.count() == done + 1
 
 
+async def test_a_repeat_holds_its_lock_key_only_while_a_run_of_it_is_due_or_running(app):
+    """README's tour: ``lock="report:{report_id}"``, then ``schedule("every 1h", report_id="hourly")``.
+    The repeat's next run held the key while it waited, so a "run it now" submit with the
+    key joined a run an hour away. Now it runs at once; a tick that comes due while another
+    run holds the key waits for it, never beside it. A one-off ``schedule(delay=...)`` still
+    holds its key (Capsule's rule: a scheduled run is live)."""
+    gate = threading.Event()
+
+    @app.task(lock="report:{report_id}")
+    def build_report(report_id, hold=False):
+        if hold:
+            gate.wait(10)
+        return report_id
+
+    hourly = build_report.schedule("every 1h", report_id="hourly")
+    now = build_report.submit(report_id="hourly")
+    assert now.task_id != hourly.task_id and await now.result(timeout=10) == "hourly"
+    assert hourly.snapshot()["status"] == "scheduled"
+
+    busy = build_report.submit(report_id="often", hold=True)
+    await until(lambda: busy.snapshot()["status"] == "running")
+    often = build_report.schedule("every 1s", report_id="often")  # (it joined the busy run: no repeat)
+    assert often.task_id != busy.task_id
+    await until(lambda: time.time() > often.snapshot()["scheduled_for"] + 0.3, timeout=5)
+    assert often.snapshot()["status"] in ("scheduled", "pending")  # due, waiting for the key
+    gate.set()
+    assert await often.wait(timeout=10) == "completed"
+    assert often.snapshot()["started_at"] >= busy.snapshot()["completed_at"]  # never beside the holder
+    often.cancel()
+
+    later = build_report.schedule(delay="1h", report_id="weekly")
+    assert build_report.submit(report_id="weekly").task_id == later.task_id
+    for handle in (hourly, later):
+        handle.cancel()
+
+
 async def test_positional_and_keyword_arguments_are_checked_at_submit(logic_app):
     @logic_app.task
     def f(a, b=1, *, c=2):

@@ -116,7 +116,7 @@ class Run:
     alive at once after a burst of submits, and each is scanned by every garbage collection."""
 
     __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
-                 "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
+                 "takes_key_when_due", "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
                  "start_timer", "deadline_timer", "session_view", "_out", "_out_flushed", "_open_streams")
 
     def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
@@ -131,6 +131,7 @@ class Run:
         self.lock_key = lock_key
         self.call = call  # a process run's pickled call (pickled once, at submit)
         self.lock = threading.Lock()
+        self.takes_key_when_due = False  # a repeat's next run: see ``Runtime.submit``
         self.phase = "waiting"  # waiting -> running -> (waiting for a retry) -> done
         self.stop_reason: str | None = None  # "cancel" or "timeout"
         self.thread_id: int | None = None

@@ -153,7 +153,11 @@ class Runtime:
             task.process)
         if extra:
             record = new_record(**{**record, **extra})  # (which checks their names)
-        if lock_key is not None:
+        # A repeat's next run takes its key when it is due, not while it waits: held from
+        # one run to the next, the key would make every other submit with it join a run an
+        # hour away (or a schedule of the repeat join a run in flight, and no repeat start).
+        later_repeat = lock_key is not None and every is not None and start_at is not None and start_at > now
+        if lock_key is not None and not later_repeat:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
                 if task.on_lock == "reject":
@@ -174,6 +178,7 @@ class Runtime:
             except Exception:
                 record["args_payload"] = False
         run = Run(self, task, task_id, args, kwargs, session, target, lock_key, call)
+        run.takes_key_when_due = later_repeat
         with self._live_lock:  # live before its record is seen: a cancel from now on finds it here
             self._live[task_id] = run
         gen = self.store.put_run(record)
@@ -214,6 +219,12 @@ class Runtime:
     # ----------------------------------------------------------------- start
 
     def _start(self, run: Run) -> None:
+        if run.takes_key_when_due:  # due now: it waits for its key if another run has it
+            run.takes_key_when_due = False
+            if self.store.acquire_lock(run.lock_key, run.task_id, self.owner) is not None:  # type: ignore[arg-type]
+                self.queues.add(run)
+                self.queues.wake(run.lock_key)  # type: ignore[arg-type]
+                return
         with run.lock:
             if run.phase != "waiting":
                 return
