@@ -421,7 +421,8 @@ async def test_unpicklable_arguments_still_run_in_kernel(app):
     def use(obj):
         return type(obj).__name__
 
-    handle = use.submit(lock)
+    with pytest.warns(RuntimeWarning, match="cannot keep them"):
+        handle = use.submit(lock)
     assert await handle.result(timeout=5) == "lock"
     assert "lock" in handle.snapshot()["args"][0]
 
