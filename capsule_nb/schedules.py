@@ -23,6 +23,10 @@ fire once, on time:
   (``timers.MAX_WAIT``), never one long monotonic wait.
 * **DST.** ``cron.next_due`` fires a job with a fixed hour once on the day a
   wall time repeats or is skipped.
+* **One definition in force.** A schedule defined again with another cron or zone
+  (the cell edited in one notebook while an older kernel still runs the old one) is in
+  force everywhere: a kernel whose definition is not the one stored, by a live
+  kernel, stops firing and says so once; it fires again if that kernel goes.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Schedule:
         self._timer: Any = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._superseded_by: str | None = None  # the definition in force, when it is another kernel's
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -121,7 +126,7 @@ class Schedule:
         """Arm the first tick (and a catch-up run if asked for and one was missed)."""
         if self.task.is_async:
             self.app.runtime.loop  # ticks fire from the timer thread: bind the loop we are defined on
-        self._update(lambda s: {**s, "cron": self.cron, "tz": self.tz.key, "catchup": self.catchup})
+        self._update(lambda s: {**s, **self._definition(), "catchup": self.catchup})
         now = dt.datetime.now(self.tz)
         last = self.state().get("last_due")
         if self.catchup and last is not None:
@@ -134,6 +139,12 @@ class Schedule:
             self._stopped = True
             if self._timer is not None:
                 self._timer.cancel()
+        if self.app.registered_schedule(self.name) is self:  # (not replaced by a re-run cell, whose it is now)
+            me = self.app.runtime.owner
+            self._update(lambda s: {**s, "defined_by": None} if s.get("defined_by") == me else s)
+
+    def _definition(self) -> dict[str, Any]:
+        return {"cron": self.cron, "tz": self.tz.key, "defined_by": self.app.runtime.owner}
 
     def _next_after(self, after: dt.datetime) -> dt.datetime:
         return next_due(self.cron, self.tz, after)
@@ -167,6 +178,12 @@ class Schedule:
 
         def claim(state: dict[str, Any] | None) -> dict[str, Any]:
             state = dict(state or {})
+            if (state.get("cron"), state.get("tz")) != (self.cron, self.tz.key):
+                definer = state.get("defined_by")
+                if definer not in (None, me) and owner_alive(definer):
+                    verdict["superseded"] = f"{state.get('cron')!r} ({state.get('tz')})"
+                    return state
+                state.update(self._definition())  # its definer has gone: this one is in force now
             if state.get("last_due", 0) >= due:
                 verdict["taken"] = True  # another kernel fired this tick
                 return state
@@ -187,6 +204,15 @@ class Schedule:
             return state
 
         self.app.store.update_value(self._key, claim)
+        superseded = verdict.get("superseded")
+        if superseded != self._superseded_by:
+            self._superseded_by = superseded
+            if superseded:
+                log.warning("capsule_nb schedule %s: not firing %r (%s) here: another kernel on this store defined "
+                            "it since as %s, which is in force while that kernel runs (define it here again to "
+                            "make this one the definition)", self.name, self.cron, self.tz.key, superseded)
+        if superseded:
+            return None
         if verdict.get("lost"):
             self._rescue(verdict["lost"])
         if verdict.get("taken"):

@@ -243,6 +243,46 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
     assert completed <= ticks.count() <= completed + 2
 
 
+def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definition(tmp_path):
+    """An older kernel still runs ``*/1``; this one defines the schedule again as ``*/2``
+    (the cell edited). Both cadences fired, under one name. Now the newer definition is
+    in force in every kernel while its kernel runs: the older one stops firing, and says
+    so. Once this kernel stops its schedule, the older one fires again."""
+    older = spawn(
+        """
+        @app.schedule("* * * * * *", name="shared")
+        def shared():
+            app.collection("ticks").insert_one({"pid": os.getpid(), "at": time.time()})
+
+        print("defined", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    lines_until(older, "defined")
+    app = cpsl.App(home=tmp_path)
+    ticks = app.collection("ticks")
+    until_sync(lambda: ticks.count({"pid": older.pid}) >= 2, timeout=20)
+
+    @app.schedule("* * * * * */2", name="shared")
+    def shared():
+        ticks.insert_one({"pid": os.getpid(), "at": time.time()})
+
+    defined = time.time()
+    until_sync(lambda: ticks.count({"pid": os.getpid()}) >= 3, timeout=20)
+    assert all(d["at"] < defined + 1.5 for d in ticks.find({"pid": older.pid}))  # its next tick saw it
+    later = [r for r in (h.snapshot() for h in shared.runs.find(limit=0)) if r["created_at"] > defined + 1]
+    assert later and all(int(r["scheduled_for"]) % 2 == 0 for r in later)  # every run since is the new cadence
+    assert shared.state()["cron"] == "* * * * * */2"
+    shared.stop()
+    stopped = time.time()
+    until_sync(lambda: any(d["at"] > stopped for d in ticks.find({"pid": older.pid})), timeout=20)
+    app.close()
+    older.kill()
+    older.wait(10)
+    assert "not firing" in older.stderr.read()
+
+
 def test_a_tick_left_pending_by_a_killed_kernel_runs_in_another(tmp_path):
     """The kernel that claimed a tick dies before the run started (its one thread was busy):
     another kernel defining the schedule adopts the run, as it would a task's."""
