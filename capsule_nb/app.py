@@ -25,7 +25,7 @@ from . import portable as _portable
 from .checks import whole_number
 from .collections import Collection, Database
 from .cron import parse_cron, parse_tz
-from .engine.runtime import Runtime, Settings
+from .engine.runtime import KEEP_FINISHED, Runtime, Settings
 from .engine.upkeep import stored_arguments
 from .handle import Endings, TaskHandle
 from .notebook import kernel
@@ -35,6 +35,7 @@ from .record import RunRecord
 from .schedules import Schedule
 from .session import Session, local_user
 from .store import open_store
+from .store.rows import APP_SETTINGS
 from .tables import TableSpec
 from .tasks import Task, note_options
 
@@ -99,7 +100,7 @@ class App:
         return super().__new__(cls)
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
-                 image: Any = None, max_threads: int = 32, keep_finished: int = 10_000,
+                 image: Any = None, max_threads: int = 32, keep_finished: int | None = None,
                  executor: str = "default"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
@@ -108,7 +109,8 @@ class App:
         if "runtime" in self.__dict__:  # the same app again (``__new__``): the cell's options apply
             self.image = image
             self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
-            self.runtime.settings.keep_finished = whole_number("keep_finished", keep_finished)
+            if keep_finished is not None:
+                self.runtime.settings.keep_finished = self._retention(keep_finished)
             return
         self.name = name
         self.image = image
@@ -123,7 +125,7 @@ class App:
         notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
         settings = Settings(app=name, max_threads=whole_number("max_threads", max_threads, minimum=1),
-                            keep_finished=whole_number("keep_finished", keep_finished),
+                            keep_finished=self._retention(keep_finished),
                             immediate=executor == "immediate")
         self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,
                                session_for=self._session_for, display=KernelDisplay())
@@ -145,6 +147,18 @@ class App:
     @property
     def home(self) -> Path:
         return self.store.path
+
+    def _retention(self, keep_finished: int | None) -> int:
+        """``keep_finished`` is the app's, on its store: given, it is kept for every process
+        that opens the app; not given, the kept one applies (else 10,000). A second notebook
+        or a script opening the app with the default pruned the history the first kept."""
+        key = f"{APP_SETTINGS}{self.name}"
+        if keep_finished is None:
+            kept = (self.store.get(key) or {}).get("keep_finished")
+            return kept if type(kept) is int and kept >= 0 else KEEP_FINISHED
+        whole_number("keep_finished", keep_finished)
+        self.store.update_value(key, lambda s: {**(s if isinstance(s, dict) else {}), "keep_finished": keep_finished})
+        return keep_finished
 
     @property
     def keep_finished(self) -> int:
@@ -403,7 +417,7 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     if max_result_bytes is not None:
         app.runtime.settings.max_result_bytes = whole_number("max_result_bytes", max_result_bytes)
     if keep_finished is not None:
-        app.runtime.settings.keep_finished = whole_number("keep_finished", keep_finished)
+        app.runtime.settings.keep_finished = app._retention(keep_finished)
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
     return app

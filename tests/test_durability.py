@@ -394,6 +394,24 @@ def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
     assert app.store.prune(app.name, keep=app.keep_finished) == 0
 
 
+def test_retention_set_for_an_app_holds_for_every_process_that_opens_it_without_one(tmp_path):
+    """``keep_finished`` belongs to the app on its store: a notebook keeping 100,000 runs had
+    its history cut to 10,000 by a second notebook or a script opening the app with the
+    default. A process that says nothing now keeps what the app keeps; one that says a
+    number sets it for all."""
+    app = cpsl.App("reports", home=tmp_path, keep_finished=100_000)
+    opened = "app = cpsl.App('reports', home=os.environ['CAPSULE_NB_HOME']{})\nprint(app.keep_finished, flush=True)"
+    default = spawn(opened.format(""), tmp_path)
+    assert default.communicate(timeout=60)[0].split() == ["100000"]
+    setting = spawn(opened.format(", keep_finished=500"), tmp_path)
+    assert setting.communicate(timeout=60)[0].split() == ["500"]
+    again = spawn(opened.format(""), tmp_path)
+    assert again.communicate(timeout=60)[0].split() == ["500"]
+    assert app.keep_finished == 100_000  # (a running process keeps its own until it says otherwise)
+    assert cpsl.App("other", home=tmp_path).keep_finished == 10_000  # another app: its own
+    app.close()
+
+
 async def test_waiters_get_the_final_status_of_runs_retention_prunes_first(app):
     """Fan out far past keep_finished, then wait on every run: a run pruned before its
     waiter looked still reports how it ended (and its JSON result), never a KeyError."""

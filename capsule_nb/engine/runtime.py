@@ -49,13 +49,16 @@ if TYPE_CHECKING:
 _runtimes: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
+KEEP_FINISHED = 10_000  # an app's retention unless it (in any process) says otherwise
+
+
 @dataclass
 class Settings:
     """An app's tunables, read by the runtime at the moment it needs them."""
 
     app: str
     max_threads: int = 32
-    keep_finished: int = 10_000  # finished runs kept per app; older ones are pruned
+    keep_finished: int = KEEP_FINISHED  # finished runs kept per app; older ones are pruned
     max_result_bytes: int = 64 * 2**20  # the largest pickled result kept
     immediate: bool = False  # run each submit to its end in the caller (tests)
 

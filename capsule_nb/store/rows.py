@@ -25,6 +25,7 @@ log = logging.getLogger("capsule_nb")
 
 SCHEDULE = "sched/"
 CELL_REPEATS = "cell/"  # the repeats a notebook cell's last run started (``tasks.Task.schedule``)
+APP_SETTINGS = "app/"  # an app's settings that hold for every process opening it (``App._retention``)
 
 
 def problem(key: str, value: Any) -> str | None:
@@ -38,7 +39,7 @@ def problem(key: str, value: Any) -> str | None:
     elif key.startswith(LOCK):
         if type(value) is not dict or not all(type(value.get(k)) is str for k in ("task_id", "owner")):
             return f"a lock is {{task_id, owner}}, not {short_repr(value, 60)}"
-    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS)):
+    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS, APP_SETTINGS)):
         if type(value) is not dict:
             return f"expected a JSON object, not {short_repr(value, 60)}"
     elif key.startswith(ENTRY):
