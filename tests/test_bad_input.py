@@ -369,3 +369,13 @@ def test_configure_home_moves_the_default_app_and_closes_the_one_it_replaces(tmp
     assert not moved._closed and "the 1 task(s) defined before it stay on" in caplog.text
     third.close()
     moved.close()
+
+
+def test_a_card_or_board_given_the_wrong_kind_of_value_says_what_it_takes(app):
+    from capsule_nb import ui
+
+    for bad in (5, None):
+        with pytest.raises(TypeError, match=f"give its TaskHandle or its id, not {bad!r}"):
+            ui.TaskCard(bad)
+    with pytest.raises(TypeError, match=r"filter is a dict such as \{'task_name': 'build_report'\}, not 'f'"):
+        ui.TaskBoard(app=app, filter="f")

@@ -436,6 +436,9 @@ def test_magics_show_the_store_the_board_and_a_card(kernel: Kernel) -> None:
     assert "magic_probe" in board and task_id in board and "Completed" in board
     one_task = "\n".join(kernel.run("%tasks build_report").displays)  # a board of one task's runs
     assert "build_report" in one_task and "magic_probe" not in one_task
+    typo = kernel.run("%tasks magic_prob")  # an empty board said nothing of the typo
+    assert "no task named 'magic_prob'" in typo.stdout and "magic_probe" in typo.stdout
+    assert "usage: %tasks [task_name]" in kernel.run("%tasks --status failed").stdout
 
     card = "\n".join(kernel.run("%task {h_probe.task_id}").displays)
     assert "magic_probe" in card and task_id in card and "[completed]" in card and "probed" in card

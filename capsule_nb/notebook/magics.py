@@ -24,6 +24,16 @@ def _tasks_magic(line: str) -> None:
     from ..ui import TaskBoard, display
 
     name = line.strip()
+    if " " in name or name.startswith("-"):
+        print(f"usage: %tasks [task_name]   (got {name!r}; the board's menus filter by app, session and status)")
+        return
+    if name:
+        app = default_app()
+        names = sorted({task for (task,) in app.store.run_counts(by=("task_name",))}
+                       | {t.name for a in app.apps_on_store() for t in a.tasks_defined()})
+        if name not in names:
+            print(f"no task named {name!r} on {app.home} yet (tasks: {', '.join(names) or 'none'}); "
+                  "the board shows its runs once it has some")
     display(TaskBoard(filter={"task_name": name} if name else None))
 
 

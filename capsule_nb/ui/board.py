@@ -41,6 +41,8 @@ DEFAULT_COLUMNS = (
 
 def _clean_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
     """Known keys only; an empty value (a menu set back to "all") means no condition."""
+    if filter is not None and not isinstance(filter, dict):
+        raise TypeError(f"TaskBoard filter is a dict such as {{'task_name': 'build_report'}}, not {filter!r}")
     filter = dict(filter or {})
     unknown = set(filter) - set(FILTER_KEYS)
     if unknown:

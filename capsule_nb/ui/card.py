@@ -39,6 +39,8 @@ class TaskCard(LiveWidget):
             if found is None:
                 raise KeyError(f"no run {handle!r} in {app_in_use().home}")
             handle = found
+        elif not hasattr(handle, "task_id") or not hasattr(handle, "_app"):
+            raise TypeError(f"TaskCard shows a run: give its TaskHandle or its id, not {handle!r}")
         self._app = handle._app
         record = self._app.store.get_run(handle.task_id) or {}
         self._series: str | None = record.get("series") if record.get("every") else None
