@@ -42,9 +42,11 @@ def _open(args: argparse.Namespace) -> Any:
     import os
 
     from .app import App, _home
+    from .store.folder import check_database_kept
 
     home = _home(args.home)
     if not (home / "db" / "cache.db").is_file():
+        check_database_kept(home)  # (a store that lost it says so)
         named_by = ("given by --home" if args.home else "from CAPSULE_NB_HOME" if os.environ.get("CAPSULE_NB_HOME")
                     else "the default; give --home or set CAPSULE_NB_HOME")
         raise _UsageError(f"{home} is not a capsule_nb store (no db/cache.db; {named_by})")

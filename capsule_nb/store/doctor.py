@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from ..errors import StoreError
 from .disk import SIGNATURE_BYTES, JSONDisk, NotUTF8, Signer, lenient, marks
 from .feed import PAYLOAD
-from .folder import load_key, prepare_folder
+from .folder import check_database_kept, load_key, prepare_folder
 from .rows import problem
 from .runs import READ, create_tables, decode, disagreement
 
@@ -132,6 +132,7 @@ class _Doctor:
 
     def __init__(self, path: Path):
         if not (path / "db" / "cache.db").is_file():
+            check_database_kept(path)  # (a store that lost it says so)
             raise StoreError(f"{path} is not a capsule_nb store (no db/cache.db)")
         prepare_folder(path)
         self._path = path

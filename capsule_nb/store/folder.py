@@ -48,6 +48,25 @@ def prepare_folder(path: Path) -> None:
     _check_folder(path)
     if not os.access(path, os.W_OK | os.X_OK):
         raise StoreError(f"capsule_nb store path {path} is not writable")
+    check_database_kept(path)
+
+
+def check_database_kept(path: Path) -> None:
+    """Refuse a store whose database is gone or empty while the value files its rows named
+    are still there (a copy or a restore cut short, a full disk): opened, it would start an
+    empty store over them, and doctor would see nothing wrong."""
+    db = path / "db" / "cache.db"
+    try:
+        if db.stat().st_size > 0:
+            return
+    except FileNotFoundError:
+        pass
+    left = sum(1 for _, _, files in os.walk(path / "db") for name in files if name.endswith(".val"))
+    if left:
+        raise StoreError(
+            f"the capsule_nb store at {path} has lost its database: {db} is {'empty' if db.exists() else 'missing'}, "
+            f"but {left} value file(s) of its runs and documents remain in {path / 'db'}. Restore db/cache.db "
+            f"(and its -wal file) from a backup; or, to start afresh, move {path} aside (its files stay there)")
 
 
 def _check_folder(path: Path) -> None:

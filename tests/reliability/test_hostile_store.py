@@ -736,6 +736,34 @@ def test_a_corrupt_store_exits_2_with_a_clean_message(tmp_path):
     assert done.stderr.startswith("capsule-nb tasks: cannot") and str(home) in done.stderr
 
 
+@pytest.mark.parametrize("lost", ["emptied", "deleted"])
+def test_a_store_whose_database_was_lost_beside_its_value_files_is_refused_not_started_anew(tmp_path, lost):
+    """db/cache.db cut to 0 bytes (a copy or restore cut short, a full disk), or deleted: the
+    store opened as a new empty one over the old value files, and doctor gave an all-clear."""
+    home = tmp_path / "store"
+    app = cpsl.App(home=home)
+
+    @app.task
+    def big():
+        return "y" * 200_000  # its result lives in a value file
+
+    handle = big.submit()
+    until_sync(lambda: handle.snapshot()["status"] == "completed")
+    app.close()
+    for name in os.listdir(home / "db"):
+        if name.startswith("cache.db"):
+            path = home / "db" / name
+            path.unlink() if lost == "deleted" or name != "cache.db" else os.truncate(path, 0)
+    for command in ("tasks", "doctor"):
+        done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(home), command],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "has lost its database" in done.stderr and "value file(s)" in done.stderr
+    with pytest.raises(StoreError, match="has lost its database"):
+        Store(home)
+    assert not (home / "db" / "cache.db").exists() or (home / "db" / "cache.db").stat().st_size == 0  # untouched
+
+
 # ------------------------------------------------------ 8. clear errors
 
 
