@@ -48,11 +48,12 @@ class TaskQuery:
         from .handle import TaskHandle
 
         records = self._app.store.runs(self._where(status, session_id), keep=_arguments(kwarg_filters),
-                                       limit=limit or None, offset=offset)
+                                       arguments=kwarg_filters, limit=limit or None, offset=offset)
         return ReadyList(TaskHandle(self._app, r["task_id"]) for r in records)
 
     def count(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
-        return ReadyInt(self._app.store.count_runs(self._where(status, session_id), keep=_arguments(kwarg_filters)))
+        return ReadyInt(self._app.store.count_runs(self._where(status, session_id), keep=_arguments(kwarg_filters),
+                                                   arguments=kwarg_filters))
 
     def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
         """Cancel matching unfinished runs; returns how many were cancelled."""

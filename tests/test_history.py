@@ -81,6 +81,13 @@ async def test_find_count_board_and_cli_agree_with_every_record(tmp_path, capsys
     assert await ingest.count(fail=True) == len([r for r in expect(task_name="ingest")
                                                 if r["params"].get("fail") is True])
 
+    assert await ingest.count(fail=False) + await ingest.count(fail=True) == len(expect(task_name="ingest"))
+    for n in (3, 3.0, "3", 299, -1):  # as Python compares them: 3 finds 3.0, "3" finds nothing
+        wanted = [r for r in expect(task_name="ingest") if r["params"]["n"] == n]
+        assert [h.task_id for h in await ingest.find(n=n, limit=0)] == [r["task_id"] for r in _newest(wanted)]
+    assert await ingest.count(n=True) == len([r for r in expect(task_name="ingest") if r["params"]["n"] == 1])
+    assert await ingest.count(n=10**30) == 0 and await ingest.count(n=None) == 0
+
     board = TaskBoard(app=alpha, filter={"app": "beta"}, page_size=5)
     lanes = {lane["label"]: lane for lane in board.lanes}
     assert board.total == len(expect(app="beta"))

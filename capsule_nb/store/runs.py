@@ -215,10 +215,16 @@ class RunTable:
         return found
 
     def select(self, where: Mapping[str, Any], *, keep: Callable[[RunRecord], bool] | None = None,
-               limit: int | None = None, offset: int = 0) -> list[RunRecord]:
+               limit: int | None = None, offset: int = 0, arguments: Mapping[str, Any] | None = None) -> list[RunRecord]:
         """Matching records, newest first; ``keep`` filters further in Python (on arguments).
-        With no ``keep`` the page is cut in SQL; with one, rows stream until the page is full."""
-        clause, args = _where(where)
+        With no ``keep`` the page is cut in SQL; with one, rows stream until the page is full.
+        ``arguments`` (``{parameter: text or number}``) is tested in SQL first, on the record's
+        JSON, so that only rows that may match are decoded: ``keep`` still decides."""
+        tests = [(f'$.params."{name}"', value) for name, value in (arguments or {}).items()
+                 if type(value) in (str, float, bool) or type(value) is int and -2**63 <= value < 2**63
+                 if '"' not in name and "\\" not in name]
+        clause, args = _where(where, *["json_extract(record, ?) = ?"] * len(tests))
+        args += chain.from_iterable(tests)
         query = f"SELECT {READ} FROM capsule_runs{clause} ORDER BY task_id DESC"
         if keep is None and limit is not None:
             return list(self._records(self._sql()(query + " LIMIT ? OFFSET ?", (*args, limit, offset))))

@@ -242,20 +242,21 @@ class Store:
 
     @disk.says_which_store
     def runs(self, where: Mapping[str, Any] | None = None, *, keep: Callable[[RunRecord], bool] | None = None,
-             limit: int | None = None, offset: int = 0) -> list[RunRecord]:
+             limit: int | None = None, offset: int = 0, arguments: Mapping[str, Any] | None = None) -> list[RunRecord]:
         """Runs whose columns match ``where`` (``{app, task_name, status, session_id,
-        scheduled_for: a value or a list}``) and ``keep`` (a test in Python), newest first."""
+        scheduled_for: a value or a list}``) and ``keep`` (a test in Python), newest first;
+        ``arguments``: what ``keep`` tests of the runs' arguments, which SQL tests first."""
         self._settle()
-        return self._runs.select(where or {}, keep=keep, limit=limit, offset=offset)
+        return self._runs.select(where or {}, keep=keep, limit=limit, offset=offset, arguments=arguments)
 
     @disk.says_which_store
     def count_runs(self, where: Mapping[str, Any] | None = None, *,
-                   keep: Callable[[RunRecord], bool] | None = None) -> int:
+                   keep: Callable[[RunRecord], bool] | None = None, arguments: Mapping[str, Any] | None = None) -> int:
         """How many runs ``runs(where, keep=keep)`` would give; without ``keep``, from the counts
         kept beside the table, so as cheap for a million runs as for ten."""
         where = where or {}
         if keep is not None or "scheduled_for" in where:
-            return len(self.runs(where, keep=keep))
+            return len(self.runs(where, keep=keep, arguments=arguments))
         self._settle()
         return sum(self._runs.counts(where).values())
 
