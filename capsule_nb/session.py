@@ -184,7 +184,10 @@ class Session:
         Gives nothing back (awaited or not), so a cell ending with it shows the card once.
         In a worker process the parent draws the card (a worker knows no widgets) and looks
         the run up: the worker's view of the store may not have the parent's newest runs yet.
+        An empty id shows nothing, as in Capsule (whose refused submits give one).
         """
+        if handle_or_id == "" or getattr(handle_or_id, "task_id", None) == "":
+            return DONE
         run = self._current_run()
         if self._app is None:
             if run is not None:  # to the parent, whose session for the run comes back here

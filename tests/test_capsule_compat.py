@@ -413,6 +413,8 @@ async def test_show_task_of_an_unknown_id_names_the_id_and_the_store(capsule):
     session = cpsl.current_session()
     with pytest.raises(KeyError, match=f"no-such-id.*{re.escape(str(capsule))}"):
         await session.show_task("no-such-id")
+    # SDK Session.show_task: an empty id shows nothing and returns (Capsule's refused submits give one)
+    assert await session.show_task("") is None
 
 
 # ------------------------------------------------------------------ 8: locks
