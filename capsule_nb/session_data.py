@@ -152,6 +152,7 @@ class _Tracked:
     _root: SessionData
     _top: str
     _head: Any
+    _plain_type: type  # what it is once it leaves (a copy, a pickle): a plain list or dict
 
     def _track(self, root: SessionData, key: str, head: Any) -> None:
         self._root, self._top, self._head = root, key, self if head is None else head
@@ -163,10 +164,12 @@ class _Tracked:
         self._root._put(self._top, self._head)
 
     def __reduce__(self) -> Any:
-        return (type(self).__mro__[2], (_plain(self),))  # a plain list or dict
+        return (self._plain_type, (_plain(self),))
 
 
 class _TrackedList(_Tracked, list):
+    _plain_type = list
+
     def __init__(self, items: list, root: SessionData, key: str, head: Any = None):
         self._track(root, key, head)
         list.__init__(self, (_tracked(item, root, key, self._head) for item in items))
@@ -179,6 +182,8 @@ class _TrackedList(_Tracked, list):
 
 
 class _TrackedDict(_Tracked, dict):
+    _plain_type = dict
+
     def __init__(self, items: dict, root: SessionData, key: str, head: Any = None):
         self._track(root, key, head)
         dict.__init__(self, ((k, _tracked(v, root, key, self._head)) for k, v in items.items()))
