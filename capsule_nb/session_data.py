@@ -16,6 +16,7 @@ sees it as of the last read or write.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .awaitables import DONE, ReadyNone
@@ -34,35 +35,36 @@ class SessionData(dict):
         super().__init__()
         self._store = store
         self._key = f"session/{session_id}/data"
+        self._lock = threading.Lock()  # one session's data is read by many task threads at once
 
     # ------------------------------------------------------------------ reads
 
-    def _fresh(self) -> "SessionData":
-        """This dict, set to what the store holds now (tracked values, so changes inside them are kept)."""
-        self._show(self._store().get(self._key) or {})
-        return self
+    def _now(self) -> dict[str, Any]:
+        """What the store holds now (tracked values, so changes inside them are kept), which
+        this dict is set to as well; reads use what this gives, never the dict mid-change."""
+        return self._show(self._store().get(self._key) or {})
 
-    def _show(self, stored: dict[str, Any]) -> None:
-        super().clear()
-        super().update((key, _tracked(value, self, key)) for key, value in stored.items())
+    def _show(self, stored: dict[str, Any]) -> dict[str, Any]:
+        now = {key: _tracked(value, self, key) for key, value in stored.items()}
+        with self._lock:
+            super().clear()
+            super().update(now)
+        return now
 
     def __getitem__(self, key: str) -> Any:
-        return dict.__getitem__(self._fresh(), key)
+        return self._now()[key]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return dict.get(self._fresh(), key, default)
+        return self._now().get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self._fresh(), key)
+        return key in self._now()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(dict.keys(self._fresh())))
+        return iter(self._now())
 
     def __len__(self) -> int:
-        return dict.__len__(self._fresh())
-
-    def _now(self) -> dict[str, Any]:
-        return dict(dict.items(self._fresh()))
+        return len(self._now())
 
     def keys(self) -> Any:
         return self._now().keys()
@@ -77,12 +79,12 @@ class SessionData(dict):
         return _plain(self._now())
 
     def __eq__(self, other: object) -> bool:
-        return dict.__eq__(self._fresh(), other)
+        return self._now() == other
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"SessionData({dict.__repr__(self._fresh())})"
+        return f"SessionData({self._now()!r})"
 
     # ----------------------------------------------------------------- writes
 

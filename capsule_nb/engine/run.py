@@ -116,8 +116,9 @@ class Run:
     alive at once after a burst of submits, and each is scanned by every garbage collection."""
 
     __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
-                 "takes_key_when_due", "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent", "aio_task", "job",
-                 "start_timer", "deadline_timer", "session_view", "_out", "_out_flushed", "_open_streams")
+                 "takes_key_when_due", "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent",
+                 "aio_task", "job", "start_timer", "deadline_timer", "session_view", "_out", "_out_flushed",
+                 "_open_streams")
 
     def __init__(self, runtime: "Runtime", task: "Task", task_id: str, args: tuple, kwargs: dict,
                  session: Any, target: Any, lock_key: str | None, call: "Call | None" = None):
