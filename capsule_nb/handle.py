@@ -212,11 +212,12 @@ class Endings:
         self._handles: dict[str, weakref.ref[TaskHandle]] = {}
         self._sweep_at = _SWEEP_FROM
         self._waiters: dict[str, _Waiter | list[_Waiter]] = {}  # a run's one waiter, or a list of them
-        self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]] = {}
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[dict[str, Any]], Any]]] = {}
         self._deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # each touched on its loop's thread only
         self._lock = threading.Lock()
         self._store = store
-        self.close = store.events.subscribe(self._published, ends=True)
+        offs = (store.events.subscribe(self._published, ends=True), store.events.on_vanished(self._vanished))
+        self.close = lambda: [off() for off in offs]
 
     def add(self, handle: TaskHandle) -> TaskHandle:
         """Hold ``handle`` for its run's end, or give the handle held already for the run (a
@@ -288,18 +289,28 @@ class Endings:
         handle = ref() if ref is not None else None
         if handle is not None:
             handle._final = record
-        if not self._waiters:
-            return
+        if self._waiters:
+            self._tell(record["task_id"], record)
+
+    def _vanished(self, task_id: str) -> None:
+        """The run was deleted (pruned, or by ``capsule-nb prune``) before this process saw how
+        it ended: its waiters get a ``KeyError`` saying so, not a wait for ever."""
+        self._handles.pop(task_id, None)
+        self._tell(task_id, KeyError(f"run {task_id} was deleted from the store at {self._store.path} before this "
+                                     "process saw how it ended (another process pruned it)"))
+
+    def _tell(self, task_id: str, outcome: dict[str, Any] | BaseException) -> None:
+        """Settle the run's waiters with ``outcome`` (its finished record, or an error), each on its loop."""
         with self._lock:
-            waiters = self._waiters.pop(record["task_id"], None)
+            waiters = self._waiters.pop(task_id, None)
         here = threading.get_ident()
         for ended, thread in _listed(waiters):
             if thread == here:
-                _settle([(ended, record)])
+                _settle([(ended, outcome)])
             else:
-                self._post(ended, record)
+                self._post(ended, outcome)
 
-    def _post(self, ended: asyncio.Future[dict[str, Any]], record: dict[str, Any]) -> None:
+    def _post(self, ended: asyncio.Future[dict[str, Any]], record: dict[str, Any] | BaseException) -> None:
         """Settle ``ended`` on its loop: runs ending in other threads in a burst wake the loop
         once, not once each (a wake-up is a write to the loop's self-pipe)."""
         loop = ended.get_loop()
@@ -381,10 +392,13 @@ class _Deadlines:
                 del self._registry[self._loop]
 
 
-def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]]) -> None:
-    for ended, record in endings:
+def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any] | BaseException]]) -> None:
+    for ended, outcome in endings:
         if not ended.done():
-            ended.set_result(record)
+            if isinstance(outcome, BaseException):
+                ended.set_exception(outcome)
+            else:
+                ended.set_result(outcome)
 
 
 def _datetime(value: float | None) -> dt.datetime | None:

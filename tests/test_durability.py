@@ -518,6 +518,46 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
     assert await waits == ["completed"] * 50
 
 
+async def test_a_wait_on_a_run_deleted_before_its_end_was_seen_here_says_so_instead_of_hanging(tmp_path):
+    """Another kernel finishes its runs and deletes them at once (``capsule-nb prune``, or a
+    retention with no grace) while this kernel, waiting on them, is busy: no end will ever
+    come. The waits hung (with a timeout: then a bare KeyError). Now each raises a KeyError
+    that says the run was deleted before this process saw how it ended."""
+    owner = spawn(f"""
+        go = {str(tmp_path / "go")!r}
+
+        @app.task
+        def work(i):
+            while not os.path.exists(go):
+                time.sleep(0.01)
+            return i
+
+        hs = [work.submit(i) for i in range(3)]
+        app.store.flush()
+        print(" ".join(h.task_id for h in hs), flush=True)
+        print("submitted", flush=True)
+        while any(h.snapshot()["status"] != "completed" for h in hs):
+            time.sleep(0.01)
+        app.store.flush()
+        print(app.store.prune(app.name, keep=0, grace=0), flush=True)
+        app.store.flush()
+        print("deleted", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (ids,) = lines_until(owner, "submitted")
+    app = cpsl.App(home=tmp_path)
+    waits = [asyncio.ensure_future(app.get_task(task_id).wait()) for task_id in ids.split()]
+    await asyncio.sleep(0)  # each wait takes its first step: it listens, and asks for polls
+    with app.store._poll_lock:  # this kernel is busy meanwhile
+        (tmp_path / "go").touch()
+        assert lines_until(owner, "deleted") == ["3"]
+    done, _ = await asyncio.wait(waits, timeout=20)
+    assert len(done) == 3
+    for wait in waits:
+        with pytest.raises(KeyError, match="was deleted from the store .* before this process saw how it ended"):
+            wait.result()
+
+
 async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
     owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
     try:

@@ -27,6 +27,7 @@ class EventBus:
         self._all: tuple[Listener, ...] = ()
         self._ends: tuple[Listener, ...] = ()  # told only of finished records
         self._by_run: dict[str, tuple[Listener, ...]] = defaultdict(tuple)
+        self._vanished: tuple[Callable[[str], None], ...] = ()
 
     def subscribe(self, listener: Listener, task_id: str | None = None, *,
                   ends: bool = False) -> Callable[[], None]:
@@ -56,6 +57,26 @@ class EventBus:
                         self._by_run.pop(task_id, None)
 
         return unsubscribe
+
+    def on_vanished(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(task_id)`` when a run this process knew unfinished is gone from the
+        disk before its end was seen here (another process pruned or deleted it meanwhile):
+        nothing will ever publish its end, so whoever waits for it must be told."""
+        with self._lock:
+            self._vanished += (listener,)
+
+        def off() -> None:
+            with self._lock:
+                self._vanished = tuple(x for x in self._vanished if x is not listener)
+
+        return off
+
+    def vanish(self, task_id: str) -> None:
+        for listener in self._vanished:
+            try:
+                listener(task_id)
+            except Exception:
+                log.exception("capsule_nb event listener failed")
 
     def publish(self, record: Record) -> None:
         """Each change of a run goes by (the store publishes every one), so a change nobody

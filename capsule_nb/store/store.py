@@ -92,7 +92,7 @@ class Store:
         seq = self._feed.head()
         unfinished = {r["task_id"]: r for r in self._runs.unfinished()}
         with self._lock:
-            gone = [task_id for task_id in self._unfinished if task_id not in unfinished]
+            gone = [task_id for task_id in self._unfinished if task_id not in unfinished]  # ended, or deleted
         requests = [key[len(CANCEL) :] for key, value in self._rows.scan(CANCEL) if value is not None]
         with self._lock:
             for key, record in self._writes.queued():  # our own unwritten changes are newer
@@ -105,8 +105,12 @@ class Store:
             for task_id in requests:
                 self._cancel_requests.setdefault(task_id, now)
             self._feed.mark(seq)
-        for record in self._runs.get_many(gone).values():
+        ended = self._runs.get_many(gone)
+        for record in ended.values():
             self.events.publish(record)
+        for task_id in gone:
+            if task_id not in ended:
+                self.events.vanish(task_id)
 
     # ---------------------------------------------------------------- records
 
@@ -386,7 +390,7 @@ class Store:
             records = self._runs.get_many(run_ids)
             requests = [key[len(CANCEL) :] for key in changed
                         if key.startswith(CANCEL) and self._rows.read(key) is not None]
-            fresh = []
+            fresh, vanished = [], []
             with self._lock:
                 self._feed.mark(seq)
                 now = time.monotonic()
@@ -396,11 +400,15 @@ class Store:
                     if self._writes.held(RUN + task_id) is not NOT_QUEUED:  # our own newer write wins
                         continue
                     record = records.get(task_id)
+                    if record is None and task_id in self._unfinished:
+                        vanished.append(task_id)  # ended and was deleted between two polls
                     self._mirror(task_id, record)
                     if record is not None:
                         fresh.append(record)
         for record in fresh:
             self.events.publish(record)
+        for task_id in vanished:
+            self.events.vanish(task_id)
         return fresh
 
     # ------------------------------------------------------------ documents
