@@ -558,6 +558,37 @@ async def test_a_wait_on_a_run_deleted_before_its_end_was_seen_here_says_so_inst
             wait.result()
 
 
+async def test_a_repeat_adopted_after_a_restart_still_takes_its_key_only_when_due(tmp_path):
+    """The README tour's ``lock=`` and ``"every 1h"``, then a kernel restart: the next kernel
+    adopts the repeat's waiting run. It took the key at adoption, so a submit with the key
+    joined a run an hour away again, as before the fix for a live kernel."""
+    first = spawn("""
+        @app.task(lock="report:{report_id}")
+        def build_report(report_id):
+            return report_id
+
+        h = build_report.schedule("every 1h", report_id="hourly")
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print("scheduled", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (series,) = lines_until(first, "scheduled")
+    first.kill()
+    first.wait(10)
+    app = cpsl.App(home=tmp_path)
+
+    @app.task(lock="report:{report_id}")
+    def build_report(report_id):
+        return report_id
+
+    await until(lambda: app.get_task(series).snapshot()["owner"] == app.runtime.owner, timeout=20)  # adopted
+    now = build_report.submit(report_id="hourly")
+    assert now.task_id != series and await now.result(timeout=10) == "hourly"
+    assert app.get_task(series).snapshot()["status"] == "scheduled"
+    app.get_task(series).cancel()
+
+
 async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
     owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
     try:

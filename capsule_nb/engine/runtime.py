@@ -52,6 +52,13 @@ _runtimes: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 KEEP_FINISHED = 10_000  # an app's retention unless it (in any process) says otherwise
 
 
+def _takes_key_when_due(lock_key: str | None, every: float | None, start_at: float | None) -> bool:
+    """A repeat's next run takes its key when it is due, not while it waits: held from one
+    run to the next, the key would make every other submit with it join a run an hour away
+    (and a repeat scheduled while the key was held join that run, and never repeat)."""
+    return lock_key is not None and every is not None and start_at is not None and start_at > time.time()
+
+
 @dataclass
 class Settings:
     """An app's tunables, read by the runtime at the moment it needs them."""
@@ -156,10 +163,7 @@ class Runtime:
             task.process)
         if extra:
             record = new_record(**{**record, **extra})  # (which checks their names)
-        # A repeat's next run takes its key when it is due, not while it waits: held from
-        # one run to the next, the key would make every other submit with it join a run an
-        # hour away (or a schedule of the repeat join a run in flight, and no repeat start).
-        later_repeat = lock_key is not None and every is not None and start_at is not None and start_at > now
+        later_repeat = _takes_key_when_due(lock_key, every, start_at)
         if lock_key is not None and not later_repeat:
             holder = self.store.acquire_lock(lock_key, task_id, self.owner)
             if holder is not None:
@@ -192,11 +196,14 @@ class Runtime:
             self._launch(run, start_at)
         return record, gen
 
-    def resume(self, run: Run, start_at: float | None) -> None:
+    def resume(self, run: Run, start_at: float | None, every: float | None = None) -> None:
         """Arm a run adopted from a dead process (queued again if its lock is taken)."""
         with self._live_lock:
             self._live[run.task_id] = run
-        if run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
+        run.takes_key_when_due = _takes_key_when_due(run.lock_key, every, start_at)
+        if run.takes_key_when_due:
+            self._launch(run, start_at)
+        elif run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
             self.queues.add(run)
         else:
             self._launch(run, start_at)

@@ -217,7 +217,7 @@ class Upkeep:
                 runtime.update(claimed["task_id"], lambda r: evolve(r, status=FAILED, completed_at=time.time(), error=error))
                 continue
             run = Run(runtime, task, claimed["task_id"], args, kwargs, session, None, claimed.get("lock_key"), call)
-            runtime.resume(run, claimed.get("scheduled_for"))
+            runtime.resume(run, claimed.get("scheduled_for"), claimed.get("every"))
             adopted += 1
         return adopted
 
