@@ -25,7 +25,7 @@ from . import portable as _portable
 from .checks import whole_number
 from .collections import Collection, Database
 from .cron import parse_cron, parse_tz
-from .engine.runtime import KEEP_FINISHED, Runtime, Settings
+from .engine.runtime import Runtime, Settings
 from .engine.upkeep import stored_arguments
 from .handle import Endings, TaskHandle
 from .notebook import kernel
@@ -35,7 +35,6 @@ from .record import RunRecord
 from .schedules import Schedule
 from .session import Session, local_user
 from .store import open_store
-from .store.rows import APP_SETTINGS
 from .tables import TableSpec
 from .tasks import Task, note_options
 
@@ -109,8 +108,7 @@ class App:
         if "runtime" in self.__dict__:  # the same app again (``__new__``): the cell's options apply
             self.image = image
             self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
-            if keep_finished is not None:
-                self.runtime.settings.keep_finished = self._retention(keep_finished)
+            self._set_retention(keep_finished)
             return
         self.name = name
         self.image = image
@@ -125,8 +123,8 @@ class App:
         notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
         settings = Settings(app=name, max_threads=whole_number("max_threads", max_threads, minimum=1),
-                            keep_finished=self._retention(keep_finished),
                             immediate=executor == "immediate")
+        self._set_retention(keep_finished)
         self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,
                                session_for=self._session_for, display=KernelDisplay())
         self._closed = False
@@ -142,28 +140,23 @@ class App:
     def __reduce__(self) -> tuple:
         """To a worker process (a ``process=True`` run using the notebook's app): the app of
         the same name on the same store, opened there."""
-        return _app_at, (self.name, str(self.home), self.keep_finished)
+        return _app_at, (self.name, str(self.home))
 
     @property
     def home(self) -> Path:
         return self.store.path
 
-    def _retention(self, keep_finished: int | None) -> int:
-        """``keep_finished`` is the app's, on its store: given, it is kept for every process
-        that opens the app; not given, the kept one applies (else 10,000). A second notebook
-        or a script opening the app with the default pruned the history the first kept."""
-        key = f"{APP_SETTINGS}{self.name}"
-        if keep_finished is None:
-            kept = (self.store.get(key) or {}).get("keep_finished")
-            return kept if type(kept) is int and kept >= 0 else KEEP_FINISHED
-        whole_number("keep_finished", keep_finished)
-        self.store.update_value(key, lambda s: {**(s if isinstance(s, dict) else {}), "keep_finished": keep_finished})
-        return keep_finished
+    def _set_retention(self, keep_finished: int | None) -> None:
+        """``keep_finished`` is the app's, on its store, for every process: the one set last
+        holds (a second notebook or a script opening the app with the default used to cut
+        the history the first kept); not given, it is left as it is."""
+        if keep_finished is not None:
+            self.store.set_retention(self.name, whole_number("keep_finished", keep_finished))
 
     @property
     def keep_finished(self) -> int:
         """Finished runs kept for this app; older ones are pruned (``configure`` sets it)."""
-        return self.runtime.settings.keep_finished
+        return self.store.retention(self.name)
 
     @property
     def max_result_bytes(self) -> int:
@@ -321,9 +314,8 @@ class App:
             log.exception("capsule_nb: app %r could not record how its live runs end in %s", self.name, self.home)
 
 
-def _app_at(name: str, home: str, keep_finished: int) -> App:
-    """(With the notebook's retention: the default one would prune the store's history.)"""
-    return App(name, home=home, keep_finished=keep_finished)
+def _app_at(name: str, home: str) -> App:
+    return App(name, home=home)
 
 
 def _close_all() -> None:
@@ -416,8 +408,7 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
         app.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
     if max_result_bytes is not None:
         app.runtime.settings.max_result_bytes = whole_number("max_result_bytes", max_result_bytes)
-    if keep_finished is not None:
-        app.runtime.settings.keep_finished = app._retention(keep_finished)
+    app._set_retention(keep_finished)
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
     return app

@@ -372,7 +372,7 @@ def test_a_pickled_row_written_behind_our_back_is_refused(app, caplog):
 
 
 def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
-    app.runtime.settings.keep_finished = 5
+    app.store.set_retention(app.name, 5)
     finished_at = {}
     app.store.events.subscribe(lambda r: r["status"] == "completed" and finished_at.setdefault(r["task_id"], r["completed_at"]))
 
@@ -398,7 +398,7 @@ def test_retention_set_for_an_app_holds_for_every_process_that_opens_it_without_
     """``keep_finished`` belongs to the app on its store: a notebook keeping 100,000 runs had
     its history cut to 10,000 by a second notebook or a script opening the app with the
     default. A process that says nothing now keeps what the app keeps; one that says a
-    number sets it for all."""
+    number sets it for all, processes already running included."""
     app = cpsl.App("reports", home=tmp_path, keep_finished=100_000)
     opened = "app = cpsl.App('reports', home=os.environ['CAPSULE_NB_HOME']{})\nprint(app.keep_finished, flush=True)"
     default = spawn(opened.format(""), tmp_path)
@@ -407,7 +407,7 @@ def test_retention_set_for_an_app_holds_for_every_process_that_opens_it_without_
     assert setting.communicate(timeout=60)[0].split() == ["500"]
     again = spawn(opened.format(""), tmp_path)
     assert again.communicate(timeout=60)[0].split() == ["500"]
-    assert app.keep_finished == 100_000  # (a running process keeps its own until it says otherwise)
+    assert app.keep_finished == 500  # the one set last, in a running process too (its maintenance asks)
     assert cpsl.App("other", home=tmp_path).keep_finished == 10_000  # another app: its own
     app.close()
 
@@ -415,7 +415,7 @@ def test_retention_set_for_an_app_holds_for_every_process_that_opens_it_without_
 async def test_waiters_get_the_final_status_of_runs_retention_prunes_first(app):
     """Fan out far past keep_finished, then wait on every run: a run pruned before its
     waiter looked still reports how it ended (and its JSON result), never a KeyError."""
-    app.runtime.settings.keep_finished = 5
+    app.store.set_retention(app.name, 5)
 
     @app.task
     async def square(n):
@@ -488,7 +488,7 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
     waiter is busy (it does not poll) while the owner finishes all 50 and runs its retention:
     each run outlives retention long enough for the waiter to hear how it ended."""
     owner = spawn(f"""
-        app.runtime.settings.keep_finished = 5
+        app.store.set_retention(app.name, 5)
         go = {str(tmp_path / "go")!r}
 
         @app.task

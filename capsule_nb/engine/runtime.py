@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 _runtimes: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
-KEEP_FINISHED = 10_000  # an app's retention unless it (in any process) says otherwise
-
-
 def _takes_key_when_due(lock_key: str | None, every: float | None, start_at: float | None) -> bool:
     """A repeat's next run takes its key when it is due, not while it waits: held from one
     run to the next, the key would make every other submit with it join a run an hour away
@@ -59,13 +56,12 @@ def _takes_key_when_due(lock_key: str | None, every: float | None, start_at: flo
     return lock_key is not None and every is not None and start_at is not None and start_at > time.time()
 
 
-@dataclass
+@dataclass(slots=True)  # (a setting that is not one is an error, not an attribute nobody reads)
 class Settings:
     """An app's tunables, read by the runtime at the moment it needs them."""
 
     app: str
     max_threads: int = 32
-    keep_finished: int = KEEP_FINISHED  # finished runs kept per app; older ones are pruned
     max_result_bytes: int = 64 * 2**20  # the largest pickled result kept
     immediate: bool = False  # run each submit to its end in the caller (tests)
 

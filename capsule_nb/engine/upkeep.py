@@ -73,7 +73,7 @@ class Upkeep:
             runtime.queues.wake_all()
             self.recover()
             now = time.monotonic()
-            keep = runtime.settings.keep_finished
+            keep = self.store.retention(runtime.settings.app)  # (another process may have set it since)
             app = runtime.settings.app
             over = self.store.finished_count(app) > keep * 1.1  # a burst: prune now
             if over or now - self._last_prune > PRUNE_SECONDS:

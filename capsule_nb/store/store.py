@@ -37,7 +37,7 @@ from .documents import Condition, Documents
 from .events import EventBus
 from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive
-from .rows import Rows
+from .rows import APP_SETTINGS, Rows
 from .runs import RunTable
 from .writer import NOT_QUEUED, WriteBehind, fresh
 
@@ -46,6 +46,7 @@ log = logging.getLogger("capsule_nb")
 Change = Callable[[RunRecord], "RunRecord | None"]
 Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
+KEEP_FINISHED = 10_000  # finished runs an app keeps unless it was told otherwise (``set_retention``)
 RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
 RETENTION_GRACE = 10.0  # a finished run outlives retention this long: kernels waiting on it see how it ended
 UNWRITTEN_SECONDS = 10.0  # a key's holder with no record for longer than this is gone (pruned, deleted)
@@ -275,6 +276,15 @@ class Store:
         """Every app, task name or session id (``column``) that has runs."""
         self._settle()
         return self._runs.values(column)
+
+    def retention(self, app: str) -> int:
+        """How many finished runs ``app`` keeps: what any process last set, read afresh (each
+        maintenance pass asks), so no process prunes the app by a number of its own."""
+        kept = (self.get(APP_SETTINGS + app) or {}).get("keep_finished")
+        return kept if type(kept) is int and kept >= 0 else KEEP_FINISHED
+
+    def set_retention(self, app: str, keep: int) -> None:
+        self.update_value(APP_SETTINGS + app, lambda s: {**(s if isinstance(s, dict) else {}), "keep_finished": keep})
 
     def finished_count(self, app: str) -> int:
         """Finished runs of ``app`` on disk (retention's trigger)."""
