@@ -101,8 +101,9 @@ class Collection:
         matched, _ = self._change_first(filter, change)
         if matched or not upsert:
             return ReadyValue({"matched": int(matched), "modified": int(bool(modified) and modified[-1])})
-        seed = {key: value for key, value in filter.items() if not key.startswith("$") and "." not in key
-                and not (isinstance(value, dict) and any(str(k).startswith("$") for k in value))}
+        plain = {key: value for key, value in filter.items() if not key.startswith("$")
+                 and not (isinstance(value, dict) and any(str(k).startswith("$") for k in value))}
+        seed = _updated({}, {"$set": plain})  # (a dotted field becomes the nested one it names, as in MongoDB)
         inserted = self.insert_many([_updated(seed, operations)])[0]
         return ReadyValue({"matched": 0, "modified": 0, "upserted_id": inserted["_id"]})
 

@@ -54,9 +54,12 @@ async def test_an_upsert_inserts_the_filters_fields_with_the_update_once_and_cha
         "_id": first["upserted_id"], "id": first["upserted_id"], "name": "visits", "n": 1}
     assert await counters.update_one({"name": "visits"}, {"$inc": {"n": 1}}, upsert=True) == {"matched": 1, "modified": 1}
     assert [d["n"] for d in await counters.find()] == [2]
+    for _ in range(2):  # a dotted field in the filter: the document it inserts matches it
+        await counters.update_one({"user.id": "u1"}, {"$inc": {"hits": 1}}, upsert=True)
+    assert [(d["user"], d["hits"]) for d in await counters.find({"user.id": "u1"})] == [({"id": "u1"}, 2)]
     with pytest.raises(TypeError, match="upsert is True or False, not 'yes'"):
         counters.update_one({"name": "visits"}, {"n": 0}, upsert="yes")
-    assert [d["n"] for d in await counters.find()] == [2]
+    assert [d["n"] for d in await counters.find({"name": "visits"})] == [2]
 
 
 async def test_the_three_ways_to_name_a_collection_are_one(app):
