@@ -64,7 +64,7 @@ class Session:
         self.user = user or local_user()
         self._app = app  # None in a worker process, where only the store (by path) is at hand
         self._home = Path(home) if home is not None else app.home  # type: ignore[union-attr]
-        self.data = SessionData(self._store, id)
+        self._data = SessionData(self._store, id)
 
     _run: Any = None  # the run this session was handed to (``bound_to``), if any
 
@@ -87,6 +87,13 @@ class Session:
     def __reduce__(self) -> tuple:
         """To a worker process: the same id and user, on the same store by path."""
         return _detached_session, (self.id, self.user, str(self._home))
+
+    @property
+    def data(self) -> SessionData:
+        """The session's data (``session_data.py``), as the store holds it now: code that reads
+        the dict itself (``json.dumps``) sees it too, not only its methods."""
+        self._data.refresh()
+        return self._data
 
     def _store(self) -> Store:
         return self._app.store if self._app is not None else open_store(self._home)
@@ -191,6 +198,7 @@ class Session:
         run = self._current_run()
         if self._app is None:
             if run is not None:  # to the parent, whose session for the run comes back here
+                self._store().flush()  # (a run submitted here is on disk before the parent looks it up)
                 run.show_task(handle_or_id if isinstance(handle_or_id, str) else handle_or_id.task_id, message)
             return DONE
         from . import ui

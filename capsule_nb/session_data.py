@@ -11,7 +11,7 @@ other ``Session`` objects with its id, worker processes and other kernels, all a
 time. Each write changes the stored dict in one transaction and sets only the key it
 changed, so writers of different keys never lose each other's. Reads through the dict's
 methods see the store as it is now; C code reading the dict itself (``json.dumps``)
-sees it as of the last read or write.
+sees it as of the last read or write, or of ``session.data``, which reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class SessionData(dict):
         self._lock = threading.Lock()  # one session's data is read by many task threads at once
 
     # ------------------------------------------------------------------ reads
+
+    def refresh(self) -> None:
+        self._now()
 
     def _now(self) -> dict[str, Any]:
         """What the store holds now (tracked values, so changes inside them are kept), which

@@ -37,16 +37,19 @@ async def test_a_process_run_uses_the_notebooks_app_collections_and_tasks_as_cap
     exec(
         "def other(x):\n"
         "    return x * 2\n"
-        "def sync_threads(owner):\n"
+        "def sync_threads(owner, session=None):\n"
         "    threads.insert_one({'owner': owner})\n"
         "    app.collection('threads').insert_one({'owner': owner, 'via': 'app'})\n"
         "    handle = other.submit(21)\n"
+        "    session.show_task(handle)\n"  # (the kernel looks it up: it is on disk first)
         "    return handle.task_id, app.keep_finished\n",
         cell,
     )
     cell["other"] = app.task(cell["other"])
     sync_threads = app.task(process=True)(cell["sync_threads"])
-    task_id, kept = await sync_threads.submit("ops").result(timeout=60)
+    handle = sync_threads.submit("ops", session=app.session)
+    task_id, kept = await handle.result(timeout=60)
+    assert [m for m in handle.snapshot()["messages"] if "KeyError" in m["text"]] == []
     assert kept == 12_345
     assert [(d["owner"], d.get("via")) for d in app.collection("threads").find()] == [("ops", None), ("ops", "app")]
     assert await app.get_task(task_id).result(timeout=10) == 42

@@ -197,6 +197,7 @@ async def test_session_data_is_a_dict_whose_changes_inside_values_are_kept(app):
     assert again == {"history": ["a", "a", "b", "d"], "counts": {"a": 2, "b": 1}, "last": "c",
                      "prefs": {"lang": "fr", "seen": ["c"]}}
     assert isinstance(session.data, dict) and json.loads(json.dumps(session.data)) == again
+    assert json.loads(json.dumps(cpsl.Session(app, id=session.id).data)) == again  # one not read before
     rows = session.data.setdefault("rows", [])
     rows.append({"n": 1})
     rows[0]["n"] += 1  # a dict put in a list is tracked too
