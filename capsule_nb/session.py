@@ -95,6 +95,12 @@ class Session:
         self._data.refresh()
         return self._data
 
+    @data.setter
+    def data(self, value: dict[str, Any]) -> None:
+        """``session.data = {...}`` sets the whole dict; ``session.data |= {...}`` lands here too."""
+        if value is not self._data:
+            self._data.replace(value)
+
     def _store(self) -> Store:
         return self._app.store if self._app is not None else open_store(self._home)
 

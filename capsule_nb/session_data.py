@@ -3,13 +3,14 @@
 Capsule code uses it as a dict: ``session.data["theme"] = "dark"``, and also
 ``session.data.setdefault("history", []).append(item)`` or ``session.data["prefs"]["lang"] = "fr"``,
 changes made *inside* a value; ``await session.data.set(key, value)`` says the write out loud.
-So it is a ``dict`` (``isinstance`` and ``json.dumps`` work), whose lists and dicts report
-their changes: each change writes its top-level key to the store at once.
+So it is a ``dict`` (``isinstance`` and ``json.dumps`` work), whose lists and dicts know
+where they are in it: each change is made to the stored data at once.
 
 Why at once, not after the run as Capsule does: here one session is written by task threads,
 other ``Session`` objects with its id, worker processes and other kernels, all at the same
-time. Each write changes the stored dict in one transaction and sets only the key it
-changed, so writers of different keys never lose each other's. Reads through the dict's
+time. Each change is made to the stored value in one transaction (an ``append`` appends
+to the list as stored, not to a copy written back), so runs changing one session at once
+never lose each other's changes. Reads through the dict's
 methods see the store as it is now; C code reading the dict itself (``json.dumps``)
 sees it as of the last read or write, or of ``session.data``, which reads it.
 """
@@ -48,7 +49,7 @@ class SessionData(dict):
         return self._show(self._store().get(self._key) or {})
 
     def _show(self, stored: dict[str, Any]) -> dict[str, Any]:
-        now = {key: _tracked(value, self, key) for key, value in stored.items()}
+        now = {key: _tracked(value, self, (key,)) for key, value in stored.items()}
         with self._lock:
             super().clear()
             super().update(now)
@@ -134,13 +135,27 @@ class SessionData(dict):
         self._write(lambda data: data.clear())
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        if key not in self:
-            self._put(key, default)
-        return self[key]
+        """In one transaction: runs doing ``setdefault("history", []).append(x)`` at once
+        must not each find the key missing and set it to ``[]`` over the others' items."""
+        if not isinstance(key, str):
+            raise TypeError(f"session.data keys are strings (JSON's), not {key!r}")
+        plain = _plain(default)
+        if not json_safe(plain)[1]:
+            raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {default!r}")
+        return _tracked(self._write(lambda data: data.setdefault(key, plain)), self, (key,))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
             self._put(key, value)
+
+    def replace(self, value: dict[str, Any]) -> None:
+        """Set the whole dict to ``value``, in one transaction."""
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise TypeError(f"session.data is a dict with string keys (JSON's), not {value!r}")
+        plain = _plain(value)
+        if not json_safe(plain)[1]:
+            raise TypeError(f"session.data must be JSON (str, number, list, dict), not {value!r}")
+        self._write(lambda data: (data.clear(), data.update(plain)))
 
     def __ior__(self, other: Any) -> "SessionData":
         self.update(other)
@@ -151,22 +166,41 @@ class SessionData(dict):
 
 
 class _Tracked:
-    """A list or dict inside ``session.data``: a change to it, or to what it holds, writes
-    its top-level value (``head``) again; new lists and dicts put in it are tracked too."""
+    """A list or dict inside ``session.data``, at ``path`` (its top-level key first). A change
+    to it is made to the stored value, inside the transaction that writes it: two runs
+    appending to one list at once each keep their item (a copy written back would lose
+    one). Then it shows the stored value, others' changes included."""
 
     _root: SessionData
-    _top: str
-    _head: Any
+    _path: tuple[Any, ...]
     _plain_type: type  # what it is once it leaves (a copy, a pickle): a plain list or dict
 
-    def _track(self, root: SessionData, key: str, head: Any) -> None:
-        self._root, self._top, self._head = root, key, self if head is None else head
+    def _track(self, root: SessionData, path: tuple[Any, ...]) -> None:
+        self._root, self._path = root, path
 
-    def _changed(self) -> None:
-        for place, item in self._places():
-            if type(item) in (list, dict):
-                self._set_plainly(place, _tracked(item, self._root, self._top, self._head))
-        self._root._put(self._top, self._head)
+    def _change(self, name: str, args: tuple, kwargs: dict) -> Any:
+        plain_args = _plain(args)
+        kind, top = self._plain_type, self._path[0]
+
+        def change(data: dict[str, Any]) -> tuple[Any, Any]:
+            target: Any = data
+            try:
+                for step in self._path:
+                    target = target[step]
+            except (KeyError, IndexError, TypeError):
+                raise KeyError(f"session.data[{top!r}] no longer holds this {kind.__name__} (it was changed or "
+                               "deleted meanwhile): read it again") from None
+            if type(target) is not kind:
+                raise KeyError(f"session.data[{top!r}] no longer holds this {kind.__name__}: read it again")
+            result = getattr(kind, name)(target, *plain_args, **kwargs)
+            if not json_safe(data[top])[1]:
+                raise TypeError(f"session.data[{top!r}] must be JSON (str, number, list, dict); "
+                                f"{name}{args!r} would make it not")
+            return result, _plain(target)
+
+        result, now = self._root._write(change)
+        self._show(now)
+        return result
 
     def __reduce__(self) -> Any:
         return (self._plain_type, (_plain(self),))
@@ -175,38 +209,32 @@ class _Tracked:
 class _TrackedList(_Tracked, list):
     _plain_type = list
 
-    def __init__(self, items: list, root: SessionData, key: str, head: Any = None):
-        self._track(root, key, head)
-        list.__init__(self, (_tracked(item, root, key, self._head) for item in items))
+    def __init__(self, items: list, root: SessionData, path: tuple[Any, ...]):
+        self._track(root, path)
+        self._show(items)
 
-    def _places(self) -> Any:
-        return enumerate(self)
-
-    def _set_plainly(self, place: int, item: Any) -> None:
-        list.__setitem__(self, place, item)
+    def _show(self, items: list) -> None:
+        list.__init__(self, (_tracked(item, self._root, (*self._path, i)) for i, item in enumerate(items)))
 
 
 class _TrackedDict(_Tracked, dict):
     _plain_type = dict
 
-    def __init__(self, items: dict, root: SessionData, key: str, head: Any = None):
-        self._track(root, key, head)
-        dict.__init__(self, ((k, _tracked(v, root, key, self._head)) for k, v in items.items()))
+    def __init__(self, items: dict, root: SessionData, path: tuple[Any, ...]):
+        self._track(root, path)
+        self._show(items)
 
-    def _places(self) -> Any:
-        return list(dict.items(self))
-
-    def _set_plainly(self, place: str, item: Any) -> None:
-        dict.__setitem__(self, place, item)
+    def _show(self, items: dict) -> None:
+        dict.clear(self)
+        dict.update(self, ((k, _tracked(v, self._root, (*self._path, k))) for k, v in items.items()))
 
 
-def _write_back(name: str, container: type) -> Callable[..., Any]:
-    base = getattr(container, name)
-
+def _made_in_store(name: str) -> Callable[..., Any]:
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = base(self, *args, **kwargs)
-        self._changed()
-        if name == "setdefault":  # the value now held (tracked), not the default given
+        result = self._change(name, args, kwargs)
+        if name in ("__iadd__", "__imul__", "__ior__"):
+            return self
+        if name == "setdefault":  # the value held now (tracked), not a copy
             return dict.__getitem__(self, args[0])
         return result
 
@@ -216,16 +244,16 @@ def _write_back(name: str, container: type) -> Callable[..., Any]:
 
 for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
               "clear", "sort", "reverse"):
-    setattr(_TrackedList, _name, _write_back(_name, list))
+    setattr(_TrackedList, _name, _made_in_store(_name))
 for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
-    setattr(_TrackedDict, _name, _write_back(_name, dict))
+    setattr(_TrackedDict, _name, _made_in_store(_name))
 
 
-def _tracked(value: Any, root: SessionData, key: str, head: Any = None) -> Any:
+def _tracked(value: Any, root: SessionData, path: tuple[Any, ...]) -> Any:
     if type(value) is list:
-        return _TrackedList(value, root, key, head)
+        return _TrackedList(value, root, path)
     if type(value) is dict:
-        return _TrackedDict(value, root, key, head)
+        return _TrackedDict(value, root, path)
     return value
 
 

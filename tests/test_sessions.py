@@ -208,6 +208,26 @@ async def test_session_data_is_a_dict_whose_changes_inside_values_are_kept(app):
     assert again["prefs"] == {"lang": "fr", "seen": ["c"]}  # the bad change is not stored
 
 
+async def test_runs_appending_to_one_list_in_session_data_at_once_each_keep_their_item(app):
+    """The docs' own example, from 40 thread runs at once: a change inside a value is made to
+    the stored value in the write's transaction (a copy written back kept 4 of 40)."""
+    @app.task
+    def log_visit(i, session=None):
+        session.data.setdefault("history", []).append(i)
+
+    handles = [log_visit.submit(i, session=app.session) for i in range(40)]
+    assert [await handle.wait(30) for handle in handles] == ["completed"] * 40
+    assert sorted(app.session.data["history"]) == list(range(40))
+    prefs = app.session.data.setdefault("prefs", {"lang": "en"})
+    del app.session.data["prefs"]
+    with pytest.raises(KeyError, match=r"session.data\['prefs'\] no longer holds this dict"):
+        prefs["lang"] = "fr"  # (it brought the deleted key back)
+    assert "prefs" not in app.session.data
+    app.session.data |= {"theme": "dark"}
+    app.session.data = {"only": 1}
+    assert app.session.data == {"only": 1}
+
+
 def test_session_data_written_at_once_through_two_sessions_loses_no_key(app):
     """Two handles on one session (a worker process's copy is one) write ``data`` at the same
     time: each write changes the stored dict in one transaction, so no key is lost (each
