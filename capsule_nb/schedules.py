@@ -79,7 +79,10 @@ class Schedule:
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        state = "paused" if self.paused else f"next {self.next_runs(1)[0].isoformat()}"
+        if self._superseded_by:
+            state = f"not firing here: another kernel's {self._superseded_by} is in force"
+        else:
+            state = "paused" if self.paused else f"next {self.next_runs(1)[0].isoformat()}"
         return f"<capsule schedule {self.name!r} {self.cron!r} {self.tz.key}, {state}>"
 
     def __call__(self) -> Any:

@@ -274,6 +274,7 @@ def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definitio
     later = [r for r in (h.snapshot() for h in shared.runs.find(limit=0)) if r["created_at"] > defined + 1]
     assert later and all(int(r["scheduled_for"]) % 2 == 0 for r in later)  # every run since is the new cadence
     assert shared.state()["cron"] == "* * * * * */2"
+    assert "next" in repr(shared)
     shared.stop()
     stopped = time.time()
     until_sync(lambda: any(d["at"] > stopped for d in ticks.find({"pid": older.pid})), timeout=20)
