@@ -175,8 +175,12 @@ class _Tracked:
     _path: tuple[Any, ...]
     _plain_type: type  # what it is once it leaves (a copy, a pickle): a plain list or dict
 
-    def _track(self, root: SessionData, path: tuple[Any, ...]) -> None:
+    def __init__(self, items: Any, root: SessionData, path: tuple[Any, ...]):
         self._root, self._path = root, path
+        self._show(items)
+
+    def _show(self, items: Any) -> None:
+        raise NotImplementedError
 
     def _change(self, name: str, args: tuple, kwargs: dict) -> Any:
         plain_args = _plain(args)
@@ -209,20 +213,12 @@ class _Tracked:
 class _TrackedList(_Tracked, list):
     _plain_type = list
 
-    def __init__(self, items: list, root: SessionData, path: tuple[Any, ...]):
-        self._track(root, path)
-        self._show(items)
-
     def _show(self, items: list) -> None:
         list.__init__(self, (_tracked(item, self._root, (*self._path, i)) for i, item in enumerate(items)))
 
 
 class _TrackedDict(_Tracked, dict):
     _plain_type = dict
-
-    def __init__(self, items: dict, root: SessionData, path: tuple[Any, ...]):
-        self._track(root, path)
-        self._show(items)
 
     def _show(self, items: dict) -> None:
         dict.clear(self)

@@ -483,12 +483,11 @@ threading.Event().wait()
 """
 
 
-async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_at_once(tmp_path):
-    """A kernel waits on runs another kernel owns, whose retention keeps 5 finished runs. The
-    waiter is busy (it does not poll) while the owner finishes all 50 and runs its retention:
-    each run outlives retention long enough for the waiter to hear how it ended."""
-    owner = spawn(f"""
-        app.store.set_retention(app.name, 5)
+def _owner_of_runs_that_end_on_go(tmp_path, n: int, then: str, first: str = "") -> subprocess.Popen:
+    """A kernel (after ``first``) submitting ``n`` runs that end once the file ``go`` is there;
+    it prints their ids and "submitted", then, all ended and flushed, what ``then`` gives and "done"."""
+    return spawn(f"""
+        {first}
         go = {str(tmp_path / "go")!r}
 
         @app.task
@@ -497,24 +496,33 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
                 time.sleep(0.01)
             return i
 
-        hs = [work.submit(i) for i in range(50)]
+        hs = [work.submit(i) for i in range({n})]
         app.store.flush()
         print(" ".join(h.task_id for h in hs), flush=True)
         print("submitted", flush=True)
         while any(h.snapshot()["status"] != "completed" for h in hs):
             time.sleep(0.01)
         app.store.flush()
-        print(app.store.prune(app.name, keep=5), flush=True)  # what its retention pass does
-        print("pruned", flush=True)
+        print({then}, flush=True)
+        app.store.flush()
+        print("done", flush=True)
         threading.Event().wait()
         """, tmp_path)
+
+
+async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_at_once(tmp_path):
+    """A kernel waits on runs another kernel owns, whose retention keeps 5 finished runs. The
+    waiter is busy (it does not poll) while the owner finishes all 50 and runs its retention:
+    each run outlives retention long enough for the waiter to hear how it ended."""
+    owner = _owner_of_runs_that_end_on_go(tmp_path, 50, "app.store.prune(app.name, keep=5)",  # its retention pass
+                                          "app.store.set_retention(app.name, 5)")
     (ids,) = lines_until(owner, "submitted")
     app = cpsl.App(home=tmp_path)
     waits = asyncio.gather(*(app.get_task(task_id).wait(10) for task_id in ids.split()))
     await asyncio.sleep(0)  # each wait takes its first step: it listens, and asks for polls
     with app.store._poll_lock:  # this kernel is busy meanwhile
         (tmp_path / "go").touch()
-        lines_until(owner, "pruned")
+        lines_until(owner, "done")
     assert await waits == ["completed"] * 50
 
 
@@ -523,34 +531,14 @@ async def test_a_wait_on_a_run_deleted_before_its_end_was_seen_here_says_so_inst
     retention with no grace) while this kernel, waiting on them, is busy: no end will ever
     come. The waits hung (with a timeout: then a bare KeyError). Now each raises a KeyError
     that says the run was deleted before this process saw how it ended."""
-    owner = spawn(f"""
-        go = {str(tmp_path / "go")!r}
-
-        @app.task
-        def work(i):
-            while not os.path.exists(go):
-                time.sleep(0.01)
-            return i
-
-        hs = [work.submit(i) for i in range(3)]
-        app.store.flush()
-        print(" ".join(h.task_id for h in hs), flush=True)
-        print("submitted", flush=True)
-        while any(h.snapshot()["status"] != "completed" for h in hs):
-            time.sleep(0.01)
-        app.store.flush()
-        print(app.store.prune(app.name, keep=0, grace=0), flush=True)
-        app.store.flush()
-        print("deleted", flush=True)
-        threading.Event().wait()
-        """, tmp_path)
+    owner = _owner_of_runs_that_end_on_go(tmp_path, 3, "app.store.prune(app.name, keep=0, grace=0)")
     (ids,) = lines_until(owner, "submitted")
     app = cpsl.App(home=tmp_path)
     waits = [asyncio.ensure_future(app.get_task(task_id).wait()) for task_id in ids.split()]
     await asyncio.sleep(0)  # each wait takes its first step: it listens, and asks for polls
     with app.store._poll_lock:  # this kernel is busy meanwhile
         (tmp_path / "go").touch()
-        assert lines_until(owner, "deleted") == ["3"]
+        assert lines_until(owner, "done") == ["3"]
     done, _ = await asyncio.wait(waits, timeout=20)
     assert len(done) == 3
     for wait in waits:
