@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="capsule-nb-demo-") as scratch:
         home = Path(args.home).resolve() if args.home else Path(scratch) / "store"
         print(f"running {path}")
-        print(f"store   {home}")
+        print(f"store   {home}" if args.home else "store   a temporary one, removed at the end (--home PATH keeps it)")
         started = time.monotonic()
         status, failure = 0, None
         kernel_log = Path(scratch) / "kernel.log"

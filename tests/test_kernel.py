@@ -653,6 +653,7 @@ def test_demo_command_runs_the_quickstart(tmp_path: Path) -> None:
     assert "[completed]" in out and "[failed]" in out
     assert "reply: Crunched 8 steps" in out and "ValueError" in out
     assert not (tmp_path / ".capsule").exists()  # the demo's store is a temporary one
+    assert "store   a temporary one, removed at the end (--home PATH keeps it)" in out  # (it printed a path now gone)
 
 
 def test_demo_command_fails_when_the_notebook_fails(tmp_path: Path) -> None:
