@@ -34,7 +34,7 @@ from .queries import TaskQuery
 from .record import RunRecord
 from .schedules import Schedule
 from .session import Session, local_user
-from .store import open_store
+from .store import open_store, retention
 from .tables import TableSpec
 from .tasks import Task, note_options
 
@@ -151,12 +151,12 @@ class App:
         holds (a second notebook or a script opening the app with the default used to cut
         the history the first kept); not given, it is left as it is."""
         if keep_finished is not None:
-            self.store.set_retention(self.name, whole_number("keep_finished", keep_finished))
+            retention.keep(self.store, self.name, whole_number("keep_finished", keep_finished))
 
     @property
     def keep_finished(self) -> int:
         """Finished runs kept for this app; older ones are pruned (``configure`` sets it)."""
-        return self.store.retention(self.name)
+        return retention.kept(self.store, self.name)
 
     @property
     def max_result_bytes(self) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
+from capsule_nb.store import retention
 from capsule_nb.store.store import RETENTION_GRACE, Store
 
 from .conftest import record_on_disk, until, until_sync
@@ -372,7 +373,7 @@ def test_a_pickled_row_written_behind_our_back_is_refused(app, caplog):
 
 
 def test_retention_prunes_the_oldest_finished_runs_with_payloads(app):
-    app.store.set_retention(app.name, 5)
+    retention.keep(app.store, app.name, 5)
     finished_at = {}
     app.store.events.subscribe(lambda r: r["status"] == "completed" and finished_at.setdefault(r["task_id"], r["completed_at"]))
 
@@ -415,7 +416,7 @@ def test_retention_set_for_an_app_holds_for_every_process_that_opens_it_without_
 async def test_waiters_get_the_final_status_of_runs_retention_prunes_first(app):
     """Fan out far past keep_finished, then wait on every run: a run pruned before its
     waiter looked still reports how it ended (and its JSON result), never a KeyError."""
-    app.store.set_retention(app.name, 5)
+    retention.keep(app.store, app.name, 5)
 
     @app.task
     async def square(n):
@@ -515,7 +516,7 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
     waiter is busy (it does not poll) while the owner finishes all 50 and runs its retention:
     each run outlives retention long enough for the waiter to hear how it ended."""
     owner = _owner_of_runs_that_end_on_go(tmp_path, 50, "app.store.prune(app.name, keep=5)",  # its retention pass
-                                          "app.store.set_retention(app.name, 5)")
+                                          "from capsule_nb.store import retention; retention.keep(app.store, app.name, 5)")
     (ids,) = lines_until(owner, "submitted")
     app = cpsl.App(home=tmp_path)
     waits = asyncio.gather(*(app.get_task(task_id).wait(10) for task_id in ids.split()))

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from capsule_nb.store import retention
+
 from .conftest import process_gone, until, worker_pids
 
 jupyter_client = pytest.importorskip("jupyter_client")
@@ -32,7 +34,7 @@ async def test_a_process_run_uses_the_notebooks_app_collections_and_tasks_as_cap
     Here they go to the worker by reference (they used to fail the submit: a store holds
     locks): the same collection and app on the same store, opened there, with the notebook's
     retention. A task submitted there runs in that worker, and the notebook sees its end."""
-    app.store.set_retention(app.name, 12_345)
+    retention.keep(app.store, app.name, 12_345)
     cell: dict = {"__name__": "__main__", "app": app, "threads": app.collection("threads")}
     exec(
         "def other(x):\n"

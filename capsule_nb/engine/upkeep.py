@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
+from ..store import retention
 from ..store.owners import owner_alive
 from .run import Run
 
@@ -73,7 +74,7 @@ class Upkeep:
             runtime.queues.wake_all()
             self.recover()
             now = time.monotonic()
-            keep = self.store.retention(runtime.settings.app)  # (another process may have set it since)
+            keep = retention.kept(self.store, runtime.settings.app)  # (another process may have set it since)
             app = runtime.settings.app
             over = self.store.finished_count(app) > keep * 1.1  # a burst: prune now
             if over or now - self._last_prune > PRUNE_SECONDS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from typing import Any
 
 
 def process_owner(pid: int) -> str:
@@ -55,3 +56,11 @@ def _start_time(pid: int) -> str:
                 pass
             return "?"
         return ""
+
+
+def worker_alive(lock: dict[str, Any]) -> bool:
+    """Whether the worker process running a lock holder's body lives: while it does, the key
+    is held even if its owner died (whatever the run's record says by now: another kernel
+    may have settled it)."""
+    worker = lock.get("worker")
+    return type(worker) is str and owner_alive(worker)

@@ -36,8 +36,8 @@ from . import disk, folder
 from .documents import Condition, Documents
 from .events import EventBus
 from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
-from .owners import owner_alive
-from .rows import APP_SETTINGS, Rows
+from .owners import owner_alive, worker_alive
+from .rows import Rows
 from .runs import RunTable
 from .writer import NOT_QUEUED, WriteBehind, fresh
 
@@ -46,7 +46,6 @@ log = logging.getLogger("capsule_nb")
 Change = Callable[[RunRecord], "RunRecord | None"]
 Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
-KEEP_FINISHED = 10_000  # finished runs an app keeps unless it was told otherwise (``set_retention``)
 RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
 RETENTION_GRACE = 10.0  # a finished run outlives retention this long: kernels waiting on it see how it ended
 UNWRITTEN_SECONDS = 10.0  # a key's holder with no record for longer than this is gone (pruned, deleted)
@@ -277,15 +276,6 @@ class Store:
         self._settle()
         return self._runs.values(column)
 
-    def retention(self, app: str) -> int:
-        """How many finished runs ``app`` keeps: what any process last set, read afresh (each
-        maintenance pass asks), so no process prunes the app by a number of its own."""
-        kept = (self.get(APP_SETTINGS + app) or {}).get("keep_finished")
-        return kept if type(kept) is int and kept >= 0 else KEEP_FINISHED
-
-    def set_retention(self, app: str, keep: int) -> None:
-        self.update_value(APP_SETTINGS + app, lambda s: {**(s if isinstance(s, dict) else {}), "keep_finished": keep})
-
     def finished_count(self, app: str) -> int:
         """Finished runs of ``app`` on disk (retention's trigger)."""
         return self._runs.finished(app)
@@ -471,7 +461,7 @@ class Store:
                         return held["task_id"]
                     if holder is None and time.time() - held["at"] < UNWRITTEN_SECONDS:
                         return held["task_id"]  # its write is still in its process's buffer
-                elif _worker_alive(held):  # its kernel died; the worker running its body dies in a moment
+                elif worker_alive(held):  # its kernel died; the worker running its body dies in a moment
                     return held["task_id"]
             cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
         return None
@@ -489,7 +479,7 @@ class Store:
         with cache.transact(retry=True):
             held = self._rows.read(LOCK + key)
             if held is not None and held["task_id"] == task_id and not (
-                    _worker_alive(held) and not owner_alive(held["owner"])):
+                    worker_alive(held) and not owner_alive(held["owner"])):
                 cache.delete(LOCK + key)  # (recovery settling a dead kernel's run leaves a live body's key held)
 
     # --------------------------------------------------------- plain values
@@ -523,10 +513,3 @@ class Store:
         self._writes.close()
         self._cache.close()
 
-
-def _worker_alive(lock: dict[str, Any]) -> bool:
-    """Whether the worker process running the holder's body lives: while it does, the key is
-    held even if its owner died (whatever the run's record says by now: another kernel may
-    have settled it)."""
-    worker = lock.get("worker")
-    return type(worker) is str and owner_alive(worker)
