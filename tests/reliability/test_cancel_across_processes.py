@@ -159,5 +159,9 @@ def test_a_cancel_from_another_process_stops_a_repeat_whose_run_ends_before_the_
             and not app.store.items("cancel/")
 
     until_sync(series_over, timeout=10, what="no run of the series left to run, and the request answered")
-    assert app.tasks.count(status="completed") == 1  # the first run, which ended before the owner acted
+    # The first run ended before the owner acted (completed; the next run it armed is cancelled),
+    # or, on a loaded machine, the owner's pass came within the millisecond before its body saw
+    # "go" (cancelled, and no next run: seen once in a full run). Either way the series is over.
+    statuses = sorted(h.snapshot()["status"] for h in app.tasks.find())
+    assert statuses in (["cancelled", "completed"], ["cancelled"]), statuses
     app.close()
