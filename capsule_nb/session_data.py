@@ -104,12 +104,18 @@ class SessionData(dict):
         self._show(self._store().update_value(self._key, changed))
         return given[0]
 
-    def _put(self, key: str, value: Any) -> None:
+    @staticmethod
+    def _checked(key: str, value: Any) -> Any:
+        """``value`` as the store keeps it; a ``TypeError`` names a key or value JSON cannot hold."""
         if not isinstance(key, str):
             raise TypeError(f"session.data keys are strings (JSON's), not {key!r}")
         plain = _plain(value)
         if not json_safe(plain)[1]:
             raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
+        return plain
+
+    def _put(self, key: str, value: Any) -> None:
+        plain = self._checked(key, value)
         self._write(lambda data: data.__setitem__(key, plain))
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -137,11 +143,7 @@ class SessionData(dict):
     def setdefault(self, key: str, default: Any = None) -> Any:
         """In one transaction: runs doing ``setdefault("history", []).append(x)`` at once
         must not each find the key missing and set it to ``[]`` over the others' items."""
-        if not isinstance(key, str):
-            raise TypeError(f"session.data keys are strings (JSON's), not {key!r}")
-        plain = _plain(default)
-        if not json_safe(plain)[1]:
-            raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {default!r}")
+        plain = self._checked(key, default)
         return _tracked(self._write(lambda data: data.setdefault(key, plain)), self, (key,))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
