@@ -591,6 +591,33 @@ async def test_cancel_from_another_process_stops_the_owners_run(tmp_path):
         owner.wait(10)
 
 
+async def test_a_submit_after_cancelling_another_processes_run_runs_anew_once_it_stops(tmp_path):
+    """Kernel B cancels kernel A's locked run and submits again: the cancel is a request A
+    answers at its next pass, so the run still holds the key. B's submit waits for the key
+    and runs; it used to join A's run and end ``cancelled``."""
+    tasks = """
+        @app.task(lock="sync:{name}")
+        async def sync(name, seconds=3600):
+            import asyncio
+            await asyncio.sleep(seconds)
+            return os.getpid()
+        """
+    holder, held_id = spawn_holder(tasks, 'sync.submit("crm")', tmp_path)
+    try:
+        app = cpsl.App(home=tmp_path)
+        namespace = {"app": app, "os": os}
+        exec(textwrap.dedent(tasks), namespace)
+        assert await app.get_task(held_id).cancel() is True
+        again = namespace["sync"].submit("crm", seconds=0)
+        assert again.task_id != held_id
+        assert await again.result(timeout=20) == os.getpid()
+        assert app.get_task(held_id).snapshot()["status"] == "cancelled"
+        app.close()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 async def test_cancel_through_a_second_app_on_the_same_home_stops_the_run(tmp_path):
     """Two apps on one home in one process share the store and the owner id: a cancel asked
     of either stops the run where it really runs, not just its record."""

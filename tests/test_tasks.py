@@ -313,6 +313,38 @@ async def test_a_repeat_holds_its_lock_key_only_while_a_run_of_it_is_due_or_runn
         handle.cancel()
 
 
+@pytest.mark.parametrize("kind", ["async", "thread"])
+async def test_a_submit_just_after_a_cancel_is_new_work_not_the_run_being_stopped(app, kind):
+    """A user cancels a locked run and submits again at once: the cancel said True, so the
+    submit means "do it anew". It used to join the run being stopped, so its handle ended
+    ``cancelled`` and the new work never ran. Now it waits for the key and then runs."""
+    gate = threading.Event()
+    if kind == "async":
+        @app.task(lock="report:{report_id}")
+        async def build_report(report_id="daily", seconds=0.0):
+            await asyncio.sleep(seconds)
+            return seconds
+    else:
+        @app.task(lock="report:{report_id}")
+        def build_report(report_id="daily", seconds=0.0):
+            gate.wait(seconds)  # a blocked call: the thread stops once it returns
+            return seconds
+
+    first = build_report.submit(seconds=30)
+    await until(lambda: first.snapshot()["status"] == "running")
+    assert first.cancel()
+    again = build_report.submit(seconds=0.01)
+    assert again.task_id != first.task_id
+    gate.set()
+    assert await again.result(timeout=10) == 0.01
+    assert first.snapshot()["status"] == "cancelled"
+    assert again.snapshot()["started_at"] >= first.snapshot()["completed_at"]  # never beside it
+    gate.clear()
+    assert build_report.submit(seconds=30).task_id == build_report.submit().task_id  # a live run is still joined
+    await build_report.cancel(status="running")
+    gate.set()
+
+
 async def test_positional_and_keyword_arguments_are_checked_at_submit(logic_app):
     @logic_app.task
     def f(a, b=1, *, c=2):

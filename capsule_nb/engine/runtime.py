@@ -167,9 +167,10 @@ class Runtime:
                     raise LockedError(lock_key, holder)
                 if task.on_lock == "join":
                     held = self._await_record(holder)
-                    if (held["app"], held["task_name"]) == (self.settings.app, task.name):
+                    if (held["app"], held["task_name"]) == (self.settings.app, task.name) and not self._stopped_or_stopping(held):
                         return held, self.store.generation
-                    # another task holds the key: never hand its run out; wait for the key instead
+                    # another task holds the key, or its run is being stopped: never hand that
+                    # run out (a submit just after a cancel means new work); wait for the key
                 record["queued"] = True
         if not (args_ok and kwargs_ok):
             try:  # kept so another kernel can resume the run; in-kernel runs go ahead without
@@ -191,6 +192,11 @@ class Runtime:
         else:
             self._launch(run, start_at)
         return record, gen
+
+    def _stopped_or_stopping(self, record: RunRecord) -> bool:
+        """Whether ``record``'s run is asked to stop (here or by another process) or has ended."""
+        return (record["status"] in FINISHED or bool(record.get("stopping"))
+                or record["task_id"] in self.store.cancel_requests())
 
     def resume(self, run: Run, start_at: float | None, every: float | None = None) -> None:
         """Arm a run adopted from a dead process (queued again if its lock is taken)."""
