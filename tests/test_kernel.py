@@ -390,6 +390,39 @@ def test_task_output_stays_out_of_later_cells_and_is_stored(kernel: Kernel) -> N
     assert "thread-log 9" in by_stream["log"]
 
 
+def test_logging_basicconfig_in_a_cell_works_once_the_extension_is_loaded(kernel: Kernel) -> None:
+    """A notebook's usual first lines about logging, after ``%load_ext capsule_nb`` and a
+    run: ``basicConfig`` used to do nothing, because capsule_nb's capture was a handler on
+    the root logger. A run's records still stay with the run, out of the cell."""
+    kernel.run(
+        """
+        import logging
+
+        @cpsl.task
+        def logs_a_step(step):
+            logging.getLogger("app.task").info("step %s", step)
+            return step
+
+        await logs_a_step.submit(0).wait(30)
+        """
+    )
+    cell = kernel.run(
+        """
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s|%(name)s|%(message)s")
+        logging.getLogger("app").info("info from the cell")
+        h_log = logs_a_step.submit(1)
+        print(await h_log.wait(30))
+        """
+    )
+    kernel.wait_for(lambda: cell.done, what="the logging cell")
+    kernel.pump()
+    assert cell.stream("stderr") == "INFO|app|info from the cell\n"
+    assert cell.stdout == "completed\n"
+    kept = kernel.value("[o['text'] for o in h_log.snapshot()['output'] if o['stream'] == 'log']")
+    assert kept == ["INFO app.task: step 1\n"]
+    kernel.run("logging.root.handlers.clear(); logging.root.setLevel(logging.WARNING)")
+
+
 def test_current_session_in_a_cell_and_in_tasks(kernel: Kernel) -> None:
     kernel.run(
         """

@@ -4,9 +4,9 @@
 *route* where a write belongs: inside a run it is kept with that run (and
 shown on its card), elsewhere it goes to the original stream untouched. In
 a kernel the route is the ``current_run`` context variable; in a worker
-process it is the job the worker is running, whatever thread prints. A root logging handler does the same for log
-records, so a task's ``logging.info`` never lands in whichever cell
-happens to be executing. A ``tqdm`` bar (``from tqdm import tqdm``) inside
+process it is the job the worker is running, whatever thread prints. A log
+record factory does the same for log records, so a task's ``logging.info``
+never lands in whichever cell happens to be executing. A ``tqdm`` bar (``from tqdm import tqdm``) inside
 a run drives the run's progress instead of printing frames: its ``display``
 is wrapped, remembering the run it was created in, because tqdm's monitor
 thread redraws bars from a thread that has no run context.
@@ -77,40 +77,54 @@ class _RoutedStream(io.TextIOBase):
         return getattr(self._original, name)
 
 
-class _RunLogHandler(logging.Handler):
-    """Keeps log records of a run with the run; does nothing outside runs."""
+class _RunLogCapture:
+    """Keeps the log records made inside a run with the run; outside runs it does nothing.
+
+    It is a log record factory, wrapping whichever was set before, not a handler on the
+    root logger: a root handler makes a later ``logging.basicConfig()`` in a notebook do
+    nothing (it configures only a root with no handlers), and makes ``hasHandlers()`` true
+    for every logger. A record is made only once its logger's level lets it through."""
 
     def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
         self.route: Route = current_run.get
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.made: Callable[..., logging.LogRecord] = logging.LogRecord
+        self._formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        run = self.route()
-        if run is not None:
-            run.capture("log", self.format(record) + "\n")
-        elif logging.lastResort and record.levelno >= logging.lastResort.level and _only_handler(record):
-            logging.lastResort.handle(record)  # what Python would have done without us
+    def __call__(self, name: Any, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.made(name, *args, **kwargs)
+        if name is not None:  # (``logging.makeLogRecord`` makes a blank one first, to fill in)
+            run = self.route()
+            if run is not None:
+                _not_in_runs.add_to_handlers()
+                run.capture("log", self._text(record) + "\n")
+        return record
 
-
-def _only_handler(record: logging.LogRecord) -> bool:
-    """True when no handler but ours would see ``record`` (so Python's last resort applies)."""
-    logger: logging.Logger | None = logging.getLogger(record.name)
-    while logger is not None:
-        if any(h is not _handler for h in logger.handlers):
-            return False
-        logger = logger.parent if logger.propagate else None
-    return True
+    def _text(self, record: logging.LogRecord) -> str:
+        try:
+            return self._formatter.format(record)
+        except Exception as exc:  # bad arguments for the message: what a handler would say
+            return f"{record.levelname} {record.name}: {record.msg!r} {record.args!r} (cannot format: {exc})"
 
 
 class _NotInRuns(logging.Filter):
-    """Added to the other root handlers: a run's records are already kept with the run."""
+    """Added to the root's handlers and to Python's last resort: a run's records are kept
+    with the run, not also printed under whichever cell is executing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _handler.route() is None
+        return _capture.route() is None
+
+    def add_to_handlers(self) -> None:
+        for handler in (*logging.root.handlers, logging.lastResort):
+            if handler is not None and self not in handler.filters:
+                handler.addFilter(self)
+
+    def remove_from_handlers(self) -> None:
+        for handler in (*logging.root.handlers, logging.lastResort):
+            if handler is not None:
+                handler.removeFilter(self)
 
 
-_handler = _RunLogHandler()
+_capture = _RunLogCapture()
 _not_in_runs = _NotInRuns()
 
 
@@ -127,7 +141,7 @@ def _patch_tqdm() -> None:
     def display(bar: Any, msg: str | None = None, pos: int | None = None) -> Any:
         run = bar.__dict__.get("_capsule_run", _NO_RUN)
         if run is _NO_RUN:
-            run = bar._capsule_run = _handler.route()
+            run = bar._capsule_run = _capture.route()
         if run is None:
             return original(bar, msg, pos)
         run.progress(bar.n, bar.total, bar.desc or None)
@@ -148,21 +162,20 @@ def install(route: Route | None = None) -> None:
     if "tqdm.std" in sys.modules:
         _patch_tqdm()
     if (route is None and isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream)
-            and _handler in logging.root.handlers):
+            and logging.getLogRecordFactory() is _capture):
         return
     with _install_lock:
         if route is not None:
-            _handler.route = route
+            _capture.route = route
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if stream is not None and not isinstance(stream, _RoutedStream):
-                setattr(sys, name, _RoutedStream(stream, name, _handler.route))
-        root = logging.getLogger()
-        if _handler not in root.handlers:
-            root.addHandler(_handler)
-        for handler in root.handlers:
-            if handler is not _handler and _not_in_runs not in handler.filters:
-                handler.addFilter(_not_in_runs)
+                setattr(sys, name, _RoutedStream(stream, name, _capture.route))
+        made = logging.getLogRecordFactory()
+        if made is not _capture:
+            _capture.made = made
+            logging.setLogRecordFactory(_capture)
+        _not_in_runs.add_to_handlers()
 
 
 def uninstall() -> None:
@@ -171,7 +184,6 @@ def uninstall() -> None:
             stream = getattr(sys, name)
             if isinstance(stream, _RoutedStream):
                 setattr(sys, name, stream._original)
-        root = logging.getLogger()
-        root.removeHandler(_handler)
-        for handler in root.handlers:
-            handler.removeFilter(_not_in_runs)
+        if logging.getLogRecordFactory() is _capture:
+            logging.setLogRecordFactory(_capture.made)
+        _not_in_runs.remove_from_handlers()
