@@ -62,6 +62,20 @@ class ReadyList(list, Steps):
         yield  # pragma: no cover
 
 
+class ReadyDict(dict, Steps):
+    """A document or a write's summary: a real dict (``json.dumps``, item assignment,
+    ``isinstance(d, dict)``), which ``await`` gives as a plain one."""
+
+    @property
+    def value(self) -> dict:
+        """The plain dict (what 0.1's stand-in called ``.value``)."""
+        return dict(self)
+
+    def __await__(self) -> Generator[Any, None, dict]:
+        return dict(self)
+        yield  # pragma: no cover
+
+
 class ReadyBool(Steps):
     """``bool`` cannot be subclassed; this is truthy like the bool and awaits to it."""
 
@@ -114,53 +128,16 @@ class ReadyNone(Steps):
     def __repr__(self) -> str:
         return "None"
 
+    @property
+    def value(self) -> None:
+        """None (what 0.1's stand-in called ``.value``)."""
+        return None
+
     def _ipython_display_(self) -> None:
         """As the last line of a cell it shows nothing, like None."""
 
 
 DONE = ReadyNone()
-
-
-class ReadyValue(Steps):
-    """Any other value (a document, a card, or None): ``await`` it for the value, or use it
-    as it is in sync code, where it stands in for the value (``.value`` is the value itself)."""
-
-    __slots__ = ("value", "_steps")
-
-    def __init__(self, value: Any):
-        self.value = value
-        self._steps = None
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self.value
-        yield  # pragma: no cover
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.value, name)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.value[key]
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self.value
-
-    def __iter__(self) -> Any:
-        return iter(self.value)
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def __bool__(self) -> bool:
-        return bool(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return self.value == (other.value if isinstance(other, ReadyValue) else other)
-
-    def __hash__(self) -> int:
-        return hash(self.value)
-
-    def __repr__(self) -> str:
-        return repr(self.value)
 
 
 def resolve(future: "asyncio.Future[None]", failure: BaseException | None = None) -> None:

@@ -21,7 +21,7 @@ import operator
 import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .awaitables import ReadyInt, ReadyList, ReadyValue
+from .awaitables import ReadyDict, ReadyInt, ReadyList, ReadyNone
 from .checks import whole_number
 from .record import new_task_id, short_repr
 from .store.documents import Condition, json_path, text
@@ -62,9 +62,9 @@ class Collection:
 
     # ----------------------------------------------------------------- writes
 
-    def insert_one(self, doc: dict[str, Any]) -> ReadyValue:
+    def insert_one(self, doc: dict[str, Any]) -> ReadyDict:
         """Store ``doc`` (a copy) with a new ``_id`` and ``id``; gives the stored document."""
-        return ReadyValue(self.insert_many([doc])[0])
+        return ReadyDict(self.insert_many([doc])[0])
 
     def insert_many(self, docs: Iterable[dict[str, Any]]) -> ReadyList:
         """All of ``docs``, or none if an ``_id`` is taken or given twice (MongoDB's duplicate
@@ -83,7 +83,7 @@ class Collection:
                              f"nothing inserted (update_one changes a document)")
         return doc
 
-    def update_one(self, filter: dict[str, Any], update: dict[str, Any], *, upsert: bool = False) -> ReadyValue:
+    def update_one(self, filter: dict[str, Any], update: dict[str, Any], *, upsert: bool = False) -> ReadyDict:
         """Update the first match; a plain dict is a patch (``$set``). Gives what Capsule's
         does, ``{"matched": 0 or 1, "modified": 0 or 1}``; ``upsert``: no match inserts the
         filter's plain fields with the update applied (and gives its ``"upserted_id"``)."""
@@ -100,17 +100,17 @@ class Collection:
 
         matched, _ = self._change_first(filter, change)
         if matched or not upsert:
-            return ReadyValue({"matched": int(matched), "modified": int(bool(modified) and modified[-1])})
+            return ReadyDict({"matched": int(matched), "modified": int(bool(modified) and modified[-1])})
         plain = {key: value for key, value in filter.items() if not key.startswith("$")
                  and not (isinstance(value, dict) and any(str(k).startswith("$") for k in value))}
         seed = _updated({}, {"$set": plain})  # (a dotted field becomes the nested one it names, as in MongoDB)
         inserted = self.insert_many([_updated(seed, operations)])[0]
-        return ReadyValue({"matched": 0, "modified": 0, "upserted_id": inserted["_id"]})
+        return ReadyDict({"matched": 0, "modified": 0, "upserted_id": inserted["_id"]})
 
-    def delete_one(self, filter: dict[str, Any]) -> ReadyValue:
+    def delete_one(self, filter: dict[str, Any]) -> ReadyDict:
         """Delete the first match; gives what Capsule's does, ``{"deleted": 0 or 1}``."""
         _check_filter(filter)
-        return ReadyValue({"deleted": int(self._change_first(filter, lambda current: None)[0])})
+        return ReadyDict({"deleted": int(self._change_first(filter, lambda current: None)[0])})
 
     def _change_first(self, filter: dict[str, Any], change: Callable[[dict], dict | None]) -> tuple[bool, dict | None]:
         """``(whether a match was changed, the new document)``: ``change`` applied to the first
@@ -135,10 +135,10 @@ class Collection:
 
     # ------------------------------------------------------------------ reads
 
-    def find_one(self, filter: dict[str, Any] | None = None) -> ReadyValue:
-        """The first matching document, or None (``await`` it, or read ``.value`` in sync code)."""
+    def find_one(self, filter: dict[str, Any] | None = None) -> ReadyDict | ReadyNone:
+        """The first matching document, or a stand-in for None (falsy, ``== None``)."""
         found = self.find(filter, limit=1)
-        return ReadyValue(found[0] if found else None)
+        return ReadyDict(found[0]) if found else ReadyNone()
 
     def find(self, filter: dict[str, Any] | None = None, limit: int = 0, skip: int = 0,
              sort: str | list[tuple[str, int]] | dict[str, int] | None = None) -> ReadyList:

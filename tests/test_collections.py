@@ -79,7 +79,22 @@ def test_filters_sort_limit_skip_sync(app):
     assert [d["n"] for d in items.find({"kind": "even"}, sort="-n", limit=2)] == [8, 6]
     assert [d["n"] for d in items.find(sort=[("kind", 1), ("n", -1)], skip=1, limit=3)] == [6, 4, 2]
     assert items.find_one({"n": 4})["kind"] == "even"
-    assert items.find_one({"n": 99}).value is None and not items.find_one({"n": 99})
+    assert items.find_one({"n": 99}) == None and not items.find_one({"n": 99})  # noqa: E711 (a stand-in)
+
+
+async def test_writes_and_lookups_without_await_give_real_dicts(app):
+    """Sync code uses what a write gives as the dict it is: item assignment, ``json.dumps``,
+    ``isinstance``. These were stand-ins that refused all three."""
+    items = app.collection("items")
+    doc = items.insert_one({"a": 1})
+    doc["note"] = "mine"  # the caller's copy
+    summaries = [items.update_one({"a": 1}, {"b": 2}), items.delete_one({"a": 5}), items.find_one({"a": 1})]
+    assert all(isinstance(d, dict) for d in [doc, *summaries])
+    assert json.loads(json.dumps(summaries[:2])) == [{"matched": 1, "modified": 1}, {"deleted": 0}]
+    assert summaries[2] == {"a": 1, "b": 2, "_id": doc["_id"], "id": doc["id"]}
+    awaited = await items.find_one({"a": 1})
+    assert type(awaited) is dict and awaited == summaries[2]
+    assert type(await items.delete_one({"a": 1})) is dict and await items.find_one({"a": 1}) is None
 
 
 def test_documents_are_copies(app):
