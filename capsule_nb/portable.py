@@ -88,10 +88,10 @@ def note(code: str) -> None:
         if code in _warned:
             return
         _warned.add(code)
-    warnings.warn(advice(code), PortabilityWarning, stacklevel=_user_level())
+    warnings.warn(advice(code), PortabilityWarning, stacklevel=user_level())
 
 
-def _user_level() -> int:
+def user_level() -> int:
     """The stack level of the first caller outside capsule_nb: the user's line."""
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):

@@ -16,7 +16,6 @@ import inspect
 import math
 import random
 import re
-import string
 import sys
 import time
 import warnings
@@ -270,10 +269,11 @@ class Task:
         return self.fn(*args, **kwargs)
 
     def lock_key(self, params: dict[str, Any]) -> str | None:
-        """The template filled from the call; with ``**kwargs`` a keyword not given reads as "" (Capsule's rule)."""
+        """The template filled from the call by Capsule's rule: each ``{name}`` is ``str()`` of
+        that argument (with ``**kwargs``, a keyword not given reads as ""); all else is literal."""
         if self.lock is None:
             return None
-        return string.Formatter().vformat(self.lock, (), _Blank(params) if self.var_keyword else params)
+        return _PLACEHOLDER.sub(lambda m: str(params.get(m.group(1), "")), self.lock)
 
     # ---------------------------------------------------------- retry policy
 
@@ -366,13 +366,6 @@ def _is_session(value: Any) -> bool:
     return isinstance(value, Session)
 
 
-class _Blank(dict):
-    """Lock fields of a ``**kwargs`` task: a keyword the submit did not give is ""."""
-
-    def __missing__(self, key: str) -> str:
-        return ""
-
-
 async def _in_executor(call: Callable[[], Any]) -> Any:
     """A sync task called inline: in the loop's executor, with the caller's context (its run, its session)."""
     context = contextvars.copy_context()
@@ -407,16 +400,22 @@ def _note_when(when: Any, delay: Any, at: Any) -> None:
         portable.note("delay_number")
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")  # what Capsule's runner fills in a lock template
+_BRACED = re.compile(r"\{[^{}]*\}")
+
+
 def _check_lock_template(template: str, signature: inspect.Signature, name: str) -> None:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise ValueError(f"@task({name}): bad lock template {template!r}: {exc}") from None
+    """Each ``{name}`` must be a parameter (unless the function takes ``**kwargs``). Other
+    braces (``{x.id}``, ``{x!r}``) stay as written, as in Capsule: said once, here."""
+    literal = [b for b in _BRACED.findall(template) if not _PLACEHOLDER.fullmatch(b)]
+    if literal:
+        warnings.warn(f"@task({name}): lock {template!r} keeps {', '.join(literal)} as written: only "
+                      f"{{name}} placeholders are filled from the arguments (Capsule's rule)",
+                      stacklevel=portable.user_level())
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return  # filled from the submit's keywords, as Capsule does
-    for field in fields:
-        root = field.split(".", 1)[0].split("[", 1)[0]
-        if root not in signature.parameters:
+    for field in _PLACEHOLDER.findall(template):
+        if field not in signature.parameters:
             raise ValueError(
                 f"@task({name}): lock {template!r} names {{{field}}}, which is not a parameter of "
                 f"{name}{signature}"

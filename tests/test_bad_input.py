@@ -32,6 +32,18 @@ def test_lock_template_filled_from_positional_keyword_and_defaults(app):
     assert build.lock_key(build.bind((), {"report_id": "r2", "region": "us"})) == "report:r2:us"
 
 
+def test_a_lock_template_fills_only_name_placeholders_as_capsules_runner_does(app):
+    """Capsule fills ``{name}`` with ``str()`` of the argument and leaves other braces as
+    written. ``{x.id}`` was formatted here, and failed at submit with an AttributeError."""
+    with pytest.warns(UserWarning, match=r"keeps \{order\.id\}, \{n!r\} as written") as caught:
+        @app.task(lock="ship:{order.id}:{n!r}:{n}")
+        def ship(order, n=1):
+            pass
+    assert caught[0].filename == __file__  # said at the decorator's line
+    assert ship.lock_key(ship.bind(({"id": 7},), {})) == "ship:{order.id}:{n!r}:1"
+    assert ship.lock_key(ship.bind((None,), {"n": "x"})) == "ship:{order.id}:{n!r}:x"
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
