@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
 from .awaitables import ReadyInt, ReadyList, ReadyNone
-from .record import check_status
+from .record import PENDING, RETRY, SCHEDULED, check_status
+
+_WAITING = frozenset({PENDING, SCHEDULED, RETRY})  # what a cancel with no status stops
 
 if TYPE_CHECKING:
     from .app import App
@@ -56,11 +58,15 @@ class TaskQuery:
                                                    arguments=kwarg_filters))
 
     def cancel(self, status: str | None = None, session_id: str | None = None, **kwarg_filters: Any) -> ReadyInt:
-        """Cancel matching unfinished runs; returns how many were cancelled."""
-        where, keep = self._where(status, session_id), _arguments(kwarg_filters)
+        """Cancel matching runs that wait (Capsule's rule: pending, scheduled or retry, so a
+        backlog is cleared without killing work in progress); ``status="running"`` stops
+        running ones too. Gives how many were cancelled."""
+        check_status(status)
+        statuses = _WAITING if status is None else {status}
+        where, keep = self._where(None, session_id), _arguments(kwarg_filters)
         self._app.store.poll()  # runs other processes started lately
-        live = [r["task_id"] for r in self._app.store.unfinished_runs()
-                if all(r.get(k) == v for k, v in where.items()) and (keep is None or keep(r))]
+        live = [r["task_id"] for r in self._app.store.unfinished_runs() if r["status"] in statuses
+                and all(r.get(k) == v for k, v in where.items()) and (keep is None or keep(r))]
         return ReadyInt(sum(1 for task_id in live if self._app.runtime.cancel(task_id)))
 
     def get(self, task_id: str) -> "TaskHandle | ReadyNone":

@@ -232,6 +232,32 @@ async def test_cancel_pending_and_scheduled_runs_never_start(app):
     assert ran == []
 
 
+async def test_a_run_waiting_for_a_free_thread_is_cancelled_at_once_and_never_starts(app):
+    """Every thread is busy; the next run waits for one. Its cancel used to wait too (the
+    card said "pending, stopping..." with no button until a thread freed up, minutes if
+    the busy run was long) and then recorded an attempt that never ran."""
+    gate, ran = threading.Event(), []
+
+    @app.task
+    def work(i):
+        ran.append(i)
+        gate.wait(10)
+
+    app.runtime.max_threads = 1
+    busy = work.submit(1)
+    await until(lambda: busy.snapshot()["status"] == "running")
+    queued = work.submit(2)
+    assert queued.snapshot()["status"] == "pending"
+    assert queued.cancel()
+    record = queued.snapshot()
+    assert (record["status"], record["attempt"], record["started_at"], record.get("stopping")) == (
+        "cancelled", 0, None, None)
+    gate.set()
+    assert await busy.wait(10) == "completed"
+    last = work.submit(3)  # the thread goes on to the next run, not the cancelled one
+    assert await last.wait(10) == "completed" and ran == [1, 3]
+
+
 async def test_cancel_a_pending_queued_run_it_never_starts(app):
     gate = asyncio.Event()
     ran = []
@@ -380,6 +406,28 @@ async def test_find_count_cancel_and_app_tasks(app):
     assert app.get_task("no-such-run") is None
     with pytest.raises(ValueError, match="unknown status 'done'"):
         report.find(status="done")
+
+
+async def test_a_task_wide_cancel_clears_the_backlog_and_leaves_work_in_progress(app):
+    """Capsule's ``t.cancel()`` cancels "matching pending/scheduled/retry runs": code that
+    clears a backlog with it must not kill the run in progress. ``status="running"`` does."""
+    gate = threading.Event()
+
+    @app.task
+    def sync_threads(i):
+        gate.wait(10)
+        return i
+
+    app.runtime.max_threads = 1
+    running = sync_threads.submit(1)
+    await until(lambda: running.snapshot()["status"] == "running")
+    waiting = [sync_threads.submit(2), await sync_threads.schedule(delay="1h", i=3)]
+    assert await sync_threads.cancel() == 2
+    assert [h.snapshot()["status"] for h in waiting] == ["cancelled", "cancelled"]
+    assert running.snapshot()["status"] == "running"
+    assert await sync_threads.cancel(status="running") == 1
+    gate.set()
+    assert await running.wait(10) == "cancelled"
 
 
 async def test_redefining_a_task_replaces_it(logic_app):

@@ -43,8 +43,10 @@ class Executor:
     def start(self, run: Run) -> None:
         raise NotImplementedError
 
-    def interrupt(self, run: Run) -> None:
-        """Stop a running run; caller holds ``run.lock`` and has set ``run.stop_reason``."""
+    def interrupt(self, run: Run) -> bool:
+        """Stop a running run; caller holds ``run.lock`` and has set ``run.stop_reason``.
+        True: the attempt never began and never will, so the caller settles the run now."""
+        return False
 
     def context(self, run: Run) -> contextvars.Context:
         ctx = contextvars.copy_context()
@@ -117,16 +119,22 @@ class AsyncExecutor(Executor):
             outcome = self.ended(run, value)
         self.runtime.finish(run, outcome)
 
-    def interrupt(self, run: Run) -> None:
+    def interrupt(self, run: Run) -> bool:
         if run.aio_task is not None:
             self.runtime.loops.loop.call_soon_threadsafe(run.aio_task.cancel)
+        return False
 
 
 class ThreadExecutor(Executor):
     def start(self, run: Run) -> None:
+        run.claimed = False
         self.runtime.threads.submit(self.context(run).run, self._body, run)
 
     def _body(self, run: Run) -> None:
+        with run.lock:
+            if run.claimed:
+                return  # cancelled while it waited for a free thread, and settled then
+            run.claimed = True
         self.runtime.finish(run, self.outcome(run, lambda: self._call(run)))
 
     def _call(self, run: Run) -> Any:
@@ -143,10 +151,14 @@ class ThreadExecutor(Executor):
                 if run.interrupt_sent:  # drop an interrupt that has not landed yet
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), None)
 
-    def interrupt(self, run: Run) -> None:
+    def interrupt(self, run: Run) -> bool:
+        if not run.claimed:  # still queued for a thread (all of them are busy): no thread takes it now
+            run.claimed = True
+            return True
         if run.in_function and run.thread_id is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), ctypes.py_object(_Interrupt))
             run.interrupt_sent = True
+        return False
 
 
 class ProcessExecutor(Executor):
@@ -193,9 +205,10 @@ class ProcessExecutor(Executor):
             failure = Failure.from_worker(outcome.exception, outcome.error, outcome.traceback)
             self.runtime.finish(run, ("error", failure))
 
-    def interrupt(self, run: Run) -> None:
+    def interrupt(self, run: Run) -> bool:
         if run.job is not None:  # else start() sees stop_reason once it has the job
-            run.job.kill(run.stop_reason or "cancel")
+            run.job.kill(run.stop_reason or "cancel")  # (a queued job ends at once, unstarted)
+        return False
 
 
 class ImmediateExecutor(Executor):

@@ -116,7 +116,7 @@ class Run:
     alive at once after a burst of submits, and each is scanned by every garbage collection."""
 
     __slots__ = ("runtime", "task", "task_id", "args", "kwargs", "session", "target", "lock_key", "call", "lock",
-                 "takes_key_when_due", "phase", "stop_reason", "thread_id", "in_function", "interrupt_sent",
+                 "takes_key_when_due", "phase", "stop_reason", "claimed", "thread_id", "in_function", "interrupt_sent",
                  "aio_task", "job", "start_timer", "deadline_timer", "session_view", "_out", "_out_flushed",
                  "_open_streams")
 
@@ -135,6 +135,7 @@ class Run:
         self.takes_key_when_due = False  # a repeat's next run: see ``Runtime.submit``
         self.phase = "waiting"  # waiting -> running -> (waiting for a retry) -> done
         self.stop_reason: str | None = None  # "cancel" or "timeout"
+        self.claimed = False  # a thread run's attempt: taken by a thread, or by a cancel before one could
         self.thread_id: int | None = None
         self.in_function = False
         self.interrupt_sent = False

@@ -353,11 +353,14 @@ class Runtime:
                 run.stop_reason = "cancel"
             elif phase == "running" and not run.stop_reason:
                 run.stop_reason = "cancel"
-                self._executor(run.task).interrupt(run)
+                unbegun = self._executor(run.task).interrupt(run)
             else:
                 return phase == "running"  # (a stop is under way)
         if phase == "running":
-            self._stopping(run)
+            if unbegun:
+                self.finish(run, ("stop", "cancel"))
+            else:
+                self._stopping(run)
             return True
         if run.start_timer is not None:
             run.start_timer.cancel()
