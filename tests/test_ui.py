@@ -26,7 +26,7 @@ from capsule_nb.record import new_task_id
 from capsule_nb.ui import assets, views
 from capsule_nb.ui.live import LiveWidget
 
-from .conftest import until
+from .conftest import until, until_sync
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -111,6 +111,36 @@ async def test_a_card_follows_its_run_to_the_result(app):
     assert not card.run["can_cancel"] and not card.run["can_retry"]
     assert card.clock > 0  # the view's clocks count from the kernel's time
     card.close()
+
+
+@pytest.mark.parametrize("widget", ["card", "board"])
+async def test_a_run_ending_while_its_widget_is_made_is_shown_ended(app, monkeypatch, widget):
+    """``show_task(t.submit())`` of a fast run: the widget reads the run, then opens its
+    comm and subscribes. A run that ended in that gap left its card "pending" for good."""
+    gate = threading.Event()
+
+    @app.task
+    def quick():
+        gate.wait(10)
+        return 1
+
+    handle = quick.submit()
+    made = {"card": ui.TaskCard, "board": ui.TaskBoard}[widget]
+    subscribe = made._subscribe
+
+    def late(self):  # the run ends between the first read and the subscription
+        gate.set()
+        until_sync(lambda: handle.snapshot()["status"] == "completed")
+        subscribe(self)
+
+    monkeypatch.setattr(made, "_subscribe", late)
+    shown = ui.TaskCard(handle) if widget == "card" else ui.TaskBoard(app=app)
+    if widget == "card":
+        await until(lambda: shown.run["status"] == "completed")
+    else:
+        await until(lambda: {c["task_id"]: c["status"] for lane in shown.lanes for c in lane["cards"]}
+                    .get(handle.task_id) == "completed")
+    shown.close()
 
 
 async def test_a_failed_card_has_the_error_the_traceback_and_retry(app):

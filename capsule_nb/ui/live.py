@@ -83,6 +83,9 @@ class LiveWidget(anywidget.AnyWidget):
         super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name}, **state)
         self.on_msg(self._on_view_msg)
         self._subscribe()
+        # The state above was read before the subscription: a run that ended in between
+        # (a fast one, while the comm opened) sent its last event to nobody. Read it again.
+        self._changed()
         self._runtime.call_soon(self._arm, "poll", refresh_ms / 1000, self._poll)
 
     # ------------------------------------------------------- what subclasses say
