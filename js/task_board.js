@@ -11,8 +11,8 @@
 // (live.js holdStill) and catch up after. When the kernel is gone the board
 // says so and shows what the store says (ui/server.py).
 import {
-  actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, placeCard,
-  progressBar, staleNote, staleText, stopping,
+  actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, ORPHANED,
+  placeCard, progressBar, shownStatus, staleNote, staleText, stopping,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -82,10 +82,12 @@ function who(card) {
 /** The inside of a mini card (the <li> itself stays, and so does its focus). */
 function miniParts(card, { lead, act, live }) {
   const attempt = card.max_attempts > 1 && attempts(card, true);
-  const noteClass = card.status === "failed" || card.status === "timeout" ? "cnb-note cnb-error" : "cnb-note";
+  const status = shownStatus(card);
+  const note = card.orphaned ? ORPHANED : card.note;
+  const noteClass = ["failed", "timeout", "interrupted"].includes(status) ? "cnb-note cnb-error" : "cnb-note";
   return [
     h("div", { className: "cnb-head" },
-      h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(card.status),
+      h("span", { className: "cnb-title", textContent: card.title, title: card.title }), badge(status),
       stopping(card)),
     who(card),
     h("div", { className: "cnb-head cnb-meta" },
@@ -93,7 +95,7 @@ function miniParts(card, { lead, act, live }) {
       attempt && h("span", { textContent: attempt }),
       actions(card, act, live)),
     card.progress != null && progressBar(card.progress, card.status),
-    card.note && h("div", { className: noteClass, textContent: card.note, title: card.note }),
+    note && h("div", { className: noteClass, textContent: note, title: note }),
   ];
 }
 
@@ -118,7 +120,7 @@ function patchMini(mini, card, context) {
   // (a Retry leaves the retried run as it was).
   if (key === mini.key && !(context.live && mini.node.querySelector(".cnb-actions :disabled"))) return;
   mini.key = key;
-  mini.node.className = `cnb-mini cnb-is-${card.status}${selected ? " cnb-selected" : ""}`;
+  mini.node.className = `cnb-mini cnb-is-${shownStatus(card)}${selected ? " cnb-selected" : ""}`;
   const fresh = h("div", {}, miniParts(card, context));
   keepActions(mini.node, fresh);
   mini.node.replaceChildren(...fresh.childNodes);

@@ -34,6 +34,8 @@ export function elapsed(run, lead, live = true) {
     node.textContent = "not started";
   } else if (run.completed_at) {
     node.textContent = seconds(run.completed_at - run.started_at);
+  } else if (run.orphaned) {
+    node.textContent = `started ${clockTime(run.started_at)}`;
   } else if (run.status !== "running") {
     node.textContent = run.status === "retry" ? "waiting to retry" : "waiting";
   } else if (live) {
@@ -46,6 +48,12 @@ export function elapsed(run, lead, live = true) {
 }
 
 export const badge = (status) => h("span", { className: `cnb-badge cnb-${status}`, textContent: status });
+
+/** The status a view shows: a run whose process is gone is not running, whatever its record says. */
+export const shownStatus = (run) => (run.orphaned ? "interrupted" : run.status);
+
+/** Said of such a run: the server found its process gone (ui/server.py). */
+export const ORPHANED = "The process that ran it is gone: the next kernel to open this store records it as interrupted.";
 
 /** "stopping…" on a running run asked to stop that has not yet (it has no Cancel then). */
 export const stopping = (run) => run.stopping && h("span", {
@@ -152,17 +160,18 @@ function renderCard({ title, run, messages = [], output = [] },
     ontoggle: (event) => (ui.traceback = event.currentTarget.open),
   }, h("summary", { textContent: "Traceback" }), h("pre", { textContent: run.traceback }));
 
-  return h("div", { className: `cnb-card cnb-is-${run.status}${live ? "" : " cnb-not-live"}` },
+  return h("div", { className: `cnb-card cnb-is-${shownStatus(run)}${live ? "" : " cnb-not-live"}` },
     h("div", { className: "cnb-head" },
       h("span", { className: "cnb-title", textContent: title, title }),
-      badge(run.status),
+      badge(shownStatus(run)),
       stopping(run),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
       startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
       run.every && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
       elapsed(run, lead, live),
       actions(run, act, live)),
-    h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}` }),
+    h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}`,
+      title: `task ${run.task_name}, run ${run.task_id}` }),
     p && h("div", { className: "cnb-progress-row" },
       fraction != null && progressBar(fraction, run.status),
       h("span", { className: "cnb-meta",
@@ -194,8 +203,6 @@ export function placeCard(parent, card, options, before = [], after = []) {
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */
 export const notice = (text) => h("div", { className: "cnb-notice", textContent: text ?? "" });
 
-const ORPHANED = " The process that ran it is gone: the next kernel to open this store records it as interrupted.";
-
 export default {
   render({ model, el }) {
     el.classList.add("cnb");
@@ -218,7 +225,7 @@ export default {
       const [title, run, messages, output] = ["title", "run", "messages", "output"].map((name) => model.get(name));
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
-      const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.orphaned ? ORPHANED : ""));
+      const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.run.orphaned ? ` ${ORPHANED}` : ""));
       placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(model.get("notice"))]);
     };
     const hold = holdStill(el, draw);

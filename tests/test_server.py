@@ -98,7 +98,7 @@ def test_the_server_answers_a_cards_record_and_a_board(jupyter: Server, tmp_path
         card = answer["cards"][done.task_id]
         assert list(answer["cards"]) == [done.task_id] and answer["now"] > 0
         assert card["run"]["status"] == "completed" and card["run"]["result_repr"] == "{'rows': 42}"
-        assert card["messages"][0]["text"] == "counting 42 rows" and card["orphaned"] is False
+        assert card["messages"][0]["text"] == "counting 42 rows" and card["run"]["orphaned"] is False
 
         view = {"app": app.name, "columns": [["Done", ["completed"]], ["Other", ["failed", "running"]]],
                 "filter": {"task_name": "report"}, "limits": {}, "page": 10, "selected": done.task_id}
@@ -143,10 +143,14 @@ def test_a_run_whose_process_died_is_reported_orphaned(tmp_path: Path) -> None:
     """)], stdout=subprocess.PIPE, text=True)
     try:
         task_id = child.stdout.readline().strip()
-        assert server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]["orphaned"] is False
+        assert server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]["run"]["orphaned"] is False
     finally:
         child.kill()
         child.wait(10)
     until_sync(lambda: process_gone(child.pid), 10)
     card = server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]
-    assert card["run"]["status"] == "running" and card["orphaned"] is True
+    assert card["run"]["status"] == "running" and card["run"]["orphaned"] is True
+    view = {"columns": [["Running", ["running"]]], "selected": task_id}  # a board says so too
+    board = server.board(str(tmp_path / "store"), view)
+    (mini,) = board["lanes"][0]["cards"]
+    assert (mini["task_id"], mini["orphaned"], board["detail"]["run"]["orphaned"]) == (task_id, True, True)

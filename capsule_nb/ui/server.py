@@ -54,13 +54,13 @@ def orphaned(record: dict[str, Any]) -> bool:
 
 
 def cards(home: str, ids: list[str]) -> dict[str, Any]:
-    """``{task_id: card}`` for the ids the store still has (views.card, plus ``orphaned``)."""
+    """``{task_id: card}`` for the ids the store still has (views.card, ``orphaned`` said)."""
     store = _store(home)
     found = {}
     for task_id in ids:
         record = store.get_run(task_id)
         if record is not None:
-            found[task_id] = {"task_id": task_id, **views.card(record), "orphaned": orphaned(record)}
+            found[task_id] = {"task_id": task_id, **views.card(record, orphaned=orphaned(record))}
     return {"cards": found, "now": time.time()}
 
 
@@ -70,7 +70,7 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
     columns = [(label, list(statuses)) for label, statuses in view["columns"]]
     state = views.board(store, columns=columns, filter=view.get("filter") or {},
                         limits=view.get("limits") or {}, page=int(view.get("page") or 50),
-                        selected=view.get("selected") or "")
+                        selected=view.get("selected") or "", orphaned=orphaned)
     return {**state, "now": time.time()}
 
 

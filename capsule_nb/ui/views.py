@@ -10,7 +10,7 @@ most ``page`` cards a column.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..record import COMPLETED, FINISHED
 
@@ -38,8 +38,9 @@ def title(record: Mapping[str, Any], message: str | None = None) -> str:
     return message or record.get("display_name") or record["task_name"]
 
 
-def run(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's head: who, status, attempts, times, progress, error, result."""
+def run(record: Mapping[str, Any], orphaned: bool = False) -> dict[str, Any]:
+    """The card's head: who, status, attempts, times, progress, error, result; ``orphaned``:
+    its record says running but its process is gone (a view shows it as interrupted)."""
     status = record["status"]
     return {
         "task_id": record["task_id"],
@@ -61,6 +62,7 @@ def run(record: Mapping[str, Any]) -> dict[str, Any]:
         "stopping": _stopping(record),
         "can_cancel": _can_cancel(record),
         "can_retry": _can_retry(status),
+        "orphaned": orphaned,
     }
 
 
@@ -84,9 +86,9 @@ def output(record: Mapping[str, Any]) -> list[dict[str, str]]:
     return tail
 
 
-def card(record: Mapping[str, Any], message: str | None = None) -> dict[str, Any]:
+def card(record: Mapping[str, Any], message: str | None = None, orphaned: bool = False) -> dict[str, Any]:
     """Everything a card shows, keyed by the widget trait that carries it."""
-    return {"title": title(record, message), "run": run(record), "messages": messages(record),
+    return {"title": title(record, message), "run": run(record, orphaned), "messages": messages(record),
             "output": output(record)}
 
 
@@ -114,7 +116,7 @@ def _said(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def summary(record: Mapping[str, Any]) -> dict[str, Any]:
+def summary(record: Mapping[str, Any], orphaned: bool = False) -> dict[str, Any]:
     """A card on the board: name and status; what it last said, when it started and its
     id (runs of one task look alike otherwise); a bar; the error or result."""
     status = record["status"]
@@ -137,6 +139,7 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "stopping": _stopping(record),
         "can_cancel": _can_cancel(record),
         "can_retry": _can_retry(status),
+        "orphaned": orphaned,
     }
 
 
@@ -153,11 +156,13 @@ class RunSource(Protocol):
 
 
 def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
-          filter: Mapping[str, Any], limits: Mapping[str, int], page: int, selected: str = "") -> dict[str, Any]:
+          filter: Mapping[str, Any], limits: Mapping[str, int], page: int, selected: str = "",
+          orphaned: Callable[[Mapping[str, Any]], bool] = lambda record: False) -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
     limit), ``choices`` (values the filter menus offer), ``total``, and ``detail``: the
     ``selected`` run as a card ({} when none is, or it is gone). The widget and the
-    server (for a view whose kernel is gone) both answer with this.
+    server (for a view whose kernel is gone) both answer with this; the server says
+    which runs are ``orphaned``.
 
     Counts and menus come from the counts the store keeps, and each lane's cards
     from one index walk per status, so a store with a million runs renders as
@@ -174,10 +179,10 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
                                         for r in source.runs({**filter, "status": s}, limit=limit)),
                                 key=lambda r: r["task_id"])
         lanes.append({"label": label, "statuses": list(statuses), "count": sum(counts.get(s, 0) for s in shown),
-                      "limit": limit, "cards": [summary(r) for r in newest]})
+                      "limit": limit, "cards": [summary(r, orphaned(r)) for r in newest]})
     record = source.get_run(selected) if selected else None
     return {"lanes": lanes, "total": sum(counts.values()),
             "choices": {"app": source.run_values("app"), "task_name": source.run_values("task_name"),
                         "session_id": source.run_values("session_id"),
                         "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))},
-            "detail": {"task_id": selected, **card(record)} if record is not None else {}}
+            "detail": {"task_id": selected, **card(record, orphaned=orphaned(record))} if record is not None else {}}
