@@ -130,6 +130,12 @@ def elapsed_ticks(card: Any, seconds: float = 2.5) -> bool:
     return card.locator(".cnb-elapsed").first.inner_text() != before
 
 
+def shown_seconds(text: str) -> float:
+    """A card's elapsed time ("4.2s", "3m 5s", "2h 10m") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)([hms])", text))
+
+
 def save_and_wait(day: Day, notebook: str) -> None:
     path = day.lab.root / notebook
     before = path.stat().st_mtime_ns
@@ -158,6 +164,10 @@ def test_reload_mid_run_brings_the_cards_and_the_board_back_live(day: Day) -> No
         card = day.card("Held by this kernel")
         card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
         assert elapsed_ticks(card), "the clock of a live card counts on after a reload"
+        # ... from the run's start, not from the reload (the run has said nothing since its start)
+        held_id = card.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        running_for = time.time() - day.app.store.get_run(held_id)["started_at"]
+        assert shown_seconds(card.locator(".cnb-elapsed").first.inner_text()) > running_for - 1.5  # (ticks 1 a second)
         assert day.page.locator(".cnb-stale").count() == 0
         wait_until(lambda: running.locator(".cnb-mini").count() == 3, 15, "the board back, live")
         assert day.page.get_by_text("model not found").count() == 0

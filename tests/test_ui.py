@@ -600,6 +600,28 @@ async def test_500_cards_created_and_closed_leave_nothing_behind(app):
     assert not set(threading.enumerate()) - threads
 
 
+async def test_a_view_drawn_anew_gets_the_kernels_clock_now_not_the_last_states(app):
+    """A view counts a running run's clock from the kernel's time in ``clock``: after a
+    reload it got the last state's, minutes old when the run had said nothing since, and
+    its clock started again near 0. A view that says it is shown is sent the time now."""
+    @app.task
+    async def quiet():
+        await asyncio.sleep(3600)
+
+    handle = quiet.submit()
+    await until(lambda: handle.snapshot()["status"] == "running")
+    card = ui.TaskCard(handle)
+    await until(lambda: card.run["status"] == "running")
+    sent = counting(card)
+    card.clock -= 300  # as though the last state went out five minutes ago
+    before = len(sent.updates)
+    from_view(card, {"view": "shown"})
+    await until(lambda: any("clock" in u for u in sent.updates[before:]))
+    assert abs(card.clock - time.time()) < 5
+    handle.cancel()
+    card.close()
+
+
 async def test_a_widget_nobody_sees_any_more_closes(app, monkeypatch):
     monkeypatch.setattr(LiveWidget, "UNSEEN_SECONDS", 0.05)
 

@@ -186,6 +186,8 @@ class LiveWidget(anywidget.AnyWidget):
     def _counted(self, step: int) -> None:
         """A view was shown (+1) or hidden (-1); none left: close after a grace period."""
         self._views = max(0, self._views + step)
+        if step > 0:  # a view drawn anew (a reload, a reopened tab) got the last state's clock,
+            self.clock = time.time()  # maybe minutes old: its running clocks would restart near 0
         if step < 0 and self._views == 0:
             self._arm("unseen", self.UNSEEN_SECONDS, self._close_if_unseen)
 
