@@ -51,6 +51,8 @@ def _home(home: str | os.PathLike[str] | None) -> Path:
     if home is None:
         env = os.environ.get("CAPSULE_NB_HOME")
         home = env if env else Path.cwd() / ".capsule"
+    if not isinstance(home, (str, os.PathLike)) or not str(home):
+        raise TypeError(f"home is the path of a store folder, not {home!r}")
     return Path(home).expanduser().resolve()
 
 

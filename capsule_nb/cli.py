@@ -202,6 +202,13 @@ def _doctor_text(home: Any, bad: list) -> str:
     return "\n".join(lines + ["", "`capsule-nb doctor --fix` moves them aside"])
 
 
+def _whole(text: str) -> int:
+    """An argument that is a whole number, 0 or more (argparse says which one is not)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return int(text)
+
+
 def _store_options(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
     """``--home`` and ``--json``, on the main parser and on each store command: a value given
     after the command wins, and a command that is not given one keeps the main parser's."""
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--status", help="only runs with this status")
     tasks.add_argument("--name", help="only runs of this task")
     tasks.add_argument("--app", help="only runs of this app (default: every app on the store)")
-    tasks.add_argument("--limit", type=int, default=50, help="at most this many (0: all; default 50)")
+    tasks.add_argument("--limit", type=_whole, default=50, help="at most this many (0: all; default 50)")
     _store_options(tasks)
     tasks.set_defaults(func=cmd_tasks)
 

@@ -18,6 +18,7 @@ import random
 import re
 import sys
 import time
+import urllib.parse
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -86,8 +87,9 @@ class Task:
         if on_lock not in ON_LOCK:
             raise ValueError(f"@task({self.name}): on_lock must be one of {ON_LOCK}, got {on_lock!r}")
         self.on_lock = on_lock
-        if callback_url is not None and not str(callback_url).startswith(("http://", "https://")):
-            raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL, got {callback_url!r}")
+        if callback_url is not None and not (isinstance(callback_url, str) and callback_url.startswith(
+                ("http://", "https://")) and urllib.parse.urlsplit(callback_url).hostname):
+            raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, got {callback_url!r}")
         self.callback_url = callback_url
         if not isinstance(process, bool):  # "yes" or "no" as True would surprise either way
             raise TypeError(f"@task({self.name}): process must be True or False, got {process!r}")
@@ -161,13 +163,13 @@ class Task:
             when, session = None, when
         _note_when(when, delay, at)
         if when is not None and delay is not None:
-            raise TypeError(f"{self.name}.schedule(): give `when` or `delay`, not both")
+            raise ValueError(f"{self.name}.schedule(): provide either when or delay, not both")  # (the SDK's)
         first_delay, every = parse_when(when)
         if delay is not None:
             first_delay = parse_delay(delay)
         if at is not None:
             if first_delay is not None:
-                raise TypeError(f"{self.name}.schedule(): give `at` or a delay, not both")
+                raise ValueError(f"{self.name}.schedule(): provide either at or a delay, not both")
             if not isinstance(at, dt.datetime):
                 raise TypeError(f"{self.name}.schedule(): `at` must be a datetime, got {at!r}")
             start = at.timestamp()

@@ -113,9 +113,9 @@ def test_schedule_needs_a_time_and_only_one(app):
 
     with pytest.raises(TypeError, match="say when"):
         job.schedule()
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ValueError, match="provide either when or delay, not both"):  # the SDK's words
         job.schedule("5m", delay="5m")
-    with pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ValueError, match="not both"):
         job.schedule(delay="5m", at=dt.datetime.now())
     with pytest.raises(TypeError, match="must be a datetime"):
         job.schedule(at="tomorrow")
@@ -158,6 +158,20 @@ def test_store_path_under_a_file_cannot_be_created(tmp_path):
 def test_store_folder_and_key_modes(app):
     assert stat.S_IMODE(os.stat(app.home).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(app.home / "secret.key").st_mode) == 0o600
+
+
+@pytest.mark.parametrize("home", [5, ""])
+def test_a_home_that_is_no_path_is_refused_naming_it(home):
+    with pytest.raises(TypeError, match=f"home is the path of a store folder, not {home!r}"):
+        cpsl.configure(home=home)
+
+
+@pytest.mark.parametrize("url", ["http://", "https:///hook", "ftp://host/hook", 5])
+def test_a_callback_url_without_a_host_is_refused_at_decoration(app, url):
+    with pytest.raises(ValueError, match=f"callback_url must be an http\\(s\\) URL with a host, got {re.escape(repr(url))}"):
+        @app.task(callback_url=url)
+        def job():
+            pass
 
 
 def test_app_name_must_be_text(tmp_path):

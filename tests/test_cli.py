@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import capsule_nb as cpsl
 from capsule_nb.cli import main
 
@@ -55,6 +57,9 @@ def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
     assert not (tmp_path / "empty").exists()  # a typo never creates a store
     code, _, err = cli(capsys, "--home", str(app.home), "tasks", "--status", "done")
     assert code == 2 and "unknown status 'done'" in err
+    with pytest.raises(SystemExit) as refused:  # (argparse's own exit, with usage)
+        cli(capsys, "--home", str(app.home), "tasks", "--limit", "-3")
+    assert refused.value.code == 2 and "--limit: not a whole number >= 0: '-3'" in capsys.readouterr().err
 
 
 def test_prune_older_than(app, capsys):

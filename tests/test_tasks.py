@@ -559,7 +559,7 @@ async def test_callback_url_posts_each_finished_attempt(app):
     await until(lambda: len(posts) == 2)
     server.shutdown()
     assert [p["status"] for p in posts] == ["retry", "completed"]
-    assert posts[0]["error"] == "ValueError: once" and posts[1]["task_id"] == handle.task_id
+    assert posts[0]["error"] == "ValueError: once" and posts[1]["error"] == "" and posts[1]["task_id"] == handle.task_id
     assert all(set(p) == {"task_id", "status", "duration", "error"} for p in posts)
 
 

@@ -50,7 +50,7 @@ class Callbacks:
             "task_id": record["task_id"],
             "status": record["status"],
             "duration": (time.time() - started) if started else None,
-            "error": record.get("error"),
+            "error": record.get("error") or "",  # (a string, as Capsule's runner sends)
         }
         parts = urllib.parse.urlsplit(url)
         endpoint = f"{parts.scheme}://{parts.netloc}"
