@@ -618,6 +618,34 @@ async def test_a_submit_after_cancelling_another_processes_run_runs_anew_once_it
         holder.wait(10)
 
 
+@pytest.mark.parametrize("kind", ["async", "thread", "process"])
+async def test_refresh_from_another_process_pushes_the_owners_deadline(tmp_path, kind):
+    """Kernel B refreshes (heartbeats) kernel A's run with ``timeout=2`` that takes 3 s: it
+    completes. ``refresh()`` in B used to say False and do nothing, so the run timed out."""
+    body = {"async": "async def work(seconds):\n    import asyncio\n    await asyncio.sleep(seconds)",
+            "thread": "def work(seconds):\n    time.sleep(seconds)",
+            "process": "def work(seconds):\n    import time\n    time.sleep(seconds)"}[kind]
+    holder, held_id = spawn_holder(f"""
+        @app.task(timeout=2, process={kind == "process"})
+        {textwrap.indent(body, "        ").lstrip()}
+            return "done"
+        """, "work.submit(3)", tmp_path)
+    try:
+        app = cpsl.App(home=tmp_path)
+        handle = app.get_task(held_id)
+        beats = []
+        while (status := app.get_task(held_id).snapshot()["status"]) == "running":
+            beats.append(await handle.refresh())
+            await asyncio.sleep(0.5)
+            app.store.poll()
+        assert status == "completed" and beats and all(beats)
+        assert await handle.refresh() is False  # (finished: nothing to push)
+        app.close()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 async def test_cancel_through_a_second_app_on_the_same_home_stops_the_run(tmp_path):
     """Two apps on one home in one process share the store and the owner id: a cancel asked
     of either stops the run where it really runs, not just its record."""

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from ..errors import LockedError
 from ..record import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RETRY, RUNNING, SCHEDULED, TIMEOUT,
                       RunRecord, evolve, new_record, new_task_id, storable, submitted_record)
-from ..store import Store
-from ..store.owners import owner_alive, owner_id
+from ..store import Store, refreshes
+from ..store.owners import owner_id
 from ..workers.pickling import Call, CallPickler
-from . import capture
+from . import capture, elsewhere
 from .callbacks import Callbacks
 from .executors import AsyncExecutor, Executor, ImmediateExecutor, Outcome, ProcessExecutor, ThreadExecutor
 from .key_queues import KeyQueues
@@ -345,7 +345,7 @@ class Runtime:
             run = self._live.get(task_id)
         if run is None:
             holder = self.holder(task_id)
-            return holder.cancel(task_id) if holder is not None else self._cancel_elsewhere(task_id)
+            return holder.cancel(task_id) if holder is not None else elsewhere.cancel(self, task_id)
         with run.lock:
             phase = run.phase
             if phase == "waiting":
@@ -381,33 +381,6 @@ class Runtime:
         self.store.update_run(run.task_id, lambda r: None if r["status"] in FINISHED or r.get("stopping")
                               else evolve(r, stopping=reason))
 
-    def _cancel_elsewhere(self, task_id: str) -> bool:
-        """Cancel a run no runtime of this process is working on: ask its live owner, or,
-        when nobody works on it (its owner died, or this process let it go), record the end
-        on disk, where a process adopting it at the same moment cannot also take it."""
-        for _ in range(3):  # an adoption between our look and our claim: look again
-            record = self.store.get_run(task_id)
-            if record is None:
-                return False
-            if record["status"] in FINISHED:
-                return self.cancel_series(record)
-            owner = record.get("owner", "")
-            if owner != self.owner and owner_alive(owner):
-                self.store.request_cancel(task_id)
-                return True
-
-            def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
-                return cancelled(disk) if disk.get("owner", "") == owner else None
-
-            claimed = self.store.claim_run(task_id, settle)
-            if claimed is not None:
-                if claimed.get("lock_key"):
-                    self.store.release_lock(claimed["lock_key"], task_id)
-                    self.queues.wake_all()
-                return True
-            self.store.poll()
-        return False
-
     def cancel_series(self, record: RunRecord) -> bool:
         """Stop what is left of the repeat ``record`` belongs to (its unfinished runs)."""
         series = record.get("series")
@@ -417,6 +390,10 @@ class Runtime:
         return any([self.cancel(r["task_id"]) for r in live])
 
     def _expire(self, run: Run) -> None:
+        asked = refreshes.asked_at(self.store, run.task_id)  # by another process, meanwhile
+        if asked is not None and asked + run.task.timeout > time.time():
+            self._arm_deadline(run, asked + run.task.timeout)
+            return
         with run.lock:
             if run.phase != "running" or run.stop_reason:
                 return
@@ -425,10 +402,14 @@ class Runtime:
         self._stopping(run)
 
     def refresh(self, task_id: str) -> bool:
-        """Push a running run's deadline to now + timeout (a heartbeat for long work)."""
+        """Push a running run's deadline to now + timeout (a heartbeat for long work); a run
+        another live process owns is asked through the store (``store.refreshes``)."""
         with self._live_lock:
             run = self._live.get(task_id)
-        if run is None or not run.task.timeout or run.phase != "running":
+        if run is None:
+            holder = self.holder(task_id)
+            return holder.refresh(task_id) if holder is not None else elsewhere.refresh(self, task_id)
+        if not run.task.timeout or run.phase != "running":
             return False
         self._arm_deadline(run, time.time() + run.task.timeout)
         return True

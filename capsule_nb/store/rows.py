@@ -26,6 +26,7 @@ log = logging.getLogger("capsule_nb")
 SCHEDULE = "sched/"
 CELL_REPEATS = "cell/"  # the repeats a notebook cell's last run started (``tasks.Task.schedule``)
 APP_SETTINGS = "app/"  # an app's settings that hold for every process opening it (``App._retention``)
+REFRESH = "refresh/"  # when another process last asked to push a run's deadline on (``refreshes``)
 
 
 def problem(key: str, value: Any) -> str | None:
@@ -39,7 +40,7 @@ def problem(key: str, value: Any) -> str | None:
     elif key.startswith(LOCK):
         if type(value) is not dict or not all(type(value.get(k)) is str for k in ("task_id", "owner")):
             return f"a lock is {{task_id, owner}}, not {short_repr(value, 60)}"
-    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS, APP_SETTINGS)):
+    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS, APP_SETTINGS, REFRESH)):
         if type(value) is not dict:
             return f"expected a JSON object, not {short_repr(value, 60)}"
     elif key.startswith(ENTRY):

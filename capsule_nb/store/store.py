@@ -37,7 +37,7 @@ from .documents import Condition, Documents
 from .events import EventBus
 from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
 from .owners import owner_alive, worker_alive
-from .rows import Rows
+from .rows import REFRESH, Rows
 from .runs import RunTable
 from .writer import NOT_QUEUED, WriteBehind, fresh
 
@@ -200,7 +200,7 @@ class Store:
                 self._mirror(task_id, None)
                 self._cancel_requests.pop(task_id, None)
                 gone.update(dict.fromkeys((RUN + task_id, f"{PAYLOAD}{task_id}/result", f"{PAYLOAD}{task_id}/args",
-                                           CANCEL + task_id)))
+                                           CANCEL + task_id, REFRESH + task_id)))
             self._writes.queue(gone)
 
     def claim_run(self, task_id: str, change: Claim) -> RunRecord | None:

@@ -1,0 +1,55 @@
+"""Cancel and refresh of a run that no runtime of this process works on.
+
+Its live owner is asked through the store: a cancel request it answers at its next
+pass, a refresh it reads when the run's deadline comes (``store.refreshes``). A run
+nobody works on (its owner died, or this process let it go) is cancelled on disk,
+where a process adopting it at the same moment cannot also take it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..record import FINISHED, RUNNING, RunRecord
+from ..store import refreshes
+from ..store.owners import owner_alive
+from .upkeep import cancelled
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+def cancel(runtime: "Runtime", task_id: str) -> bool:
+    """True if the run was cancelled on disk, or its live owner was asked to."""
+    for _ in range(3):  # an adoption between our look and our claim: look again
+        record = runtime.store.get_run(task_id)
+        if record is None:
+            return False
+        if record["status"] in FINISHED:
+            return runtime.cancel_series(record)
+        owner = record.get("owner", "")
+        if owner != runtime.owner and owner_alive(owner):
+            runtime.store.request_cancel(task_id)
+            return True
+
+        def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
+            return cancelled(disk) if disk.get("owner", "") == owner else None
+
+        claimed = runtime.store.claim_run(task_id, settle)
+        if claimed is not None:
+            if claimed.get("lock_key"):
+                runtime.store.release_lock(claimed["lock_key"], task_id)
+                runtime.queues.wake_all()
+            return True
+        runtime.store.poll()
+    return False
+
+
+def refresh(runtime: "Runtime", task_id: str) -> bool:
+    """True if the run is running with a deadline, for a live owner, who was asked."""
+    record = runtime.store.get_run(task_id)
+    if (record is None or record["status"] != RUNNING or record.get("deadline") is None
+            or not owner_alive(record.get("owner", ""))):
+        return False
+    refreshes.ask(runtime.store, task_id)
+    return True
