@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable
 
 from . import portable
-from .awaitables import DONE, ReadyNone
+from .awaitables import DONE, ReadyNone, ReadyStr
 from .collections import Database
 from .engine.context import current_run
 from .notebook import kernel
@@ -170,22 +170,37 @@ class Session:
         An async iterable gives a coroutine to await (from a sync task the
         call blocks until the stream ends, on the runtime's loop).
         """
+        return self._stream(chunks, give_text=False)
+
+    def stream_reply_from(self, stream: AsyncIterable[str] | Iterable[str]) -> Any:
+        """``stream``, giving back the whole text once it ends (Capsule's, for a model's answer)."""
+        return self._stream(stream, give_text=True)
+
+    def _stream(self, chunks: AsyncIterable[str] | Iterable[str], give_text: bool) -> Any:
         if hasattr(chunks, "__aiter__"):
-            coro = self._stream_async(chunks)  # type: ignore[arg-type]
+            coro = self._stream_async(chunks, give_text)  # type: ignore[arg-type]
             if _on_a_loop():
                 return coro
             if self._app is None:  # a worker process: no runtime loop to borrow
-                return asyncio.run(coro)
-            return self._app.runtime.loops.run_coroutine(coro)
-        with self.stream_reply() as out:
-            for chunk in chunks:  # type: ignore[union-attr]
-                out.write(chunk)
-        return DONE
+                text = asyncio.run(coro)
+            else:
+                text = self._app.runtime.loops.run_coroutine(coro)
+        else:
+            parts = []
+            with self.stream_reply() as out:
+                for chunk in chunks:  # type: ignore[union-attr]
+                    out.write(chunk)
+                    parts.append(str(chunk))
+            text = "".join(parts)
+        return ReadyStr(text) if give_text else DONE
 
-    async def _stream_async(self, chunks: AsyncIterable[str]) -> None:
+    async def _stream_async(self, chunks: AsyncIterable[str], give_text: bool) -> str | None:
+        parts = []
         with self.stream_reply() as out:
             async for chunk in chunks:
                 out.write(chunk)
+                parts.append(str(chunk))
+        return "".join(parts) if give_text else None
 
     def stream_reply(self) -> "StreamReply":
         """``with session.stream_reply() as out: out.write(...)`` (``async with`` works too)."""

@@ -135,6 +135,28 @@ async def test_async_stream_from_a_sync_task_runs_on_the_loop(app):
     assert kinds(handle) == [("stream", "one two")]
 
 
+async def test_stream_reply_from_grows_a_reply_and_gives_back_its_whole_text(app):
+    """Capsule's ``await session.stream_reply_from(stream)`` (a model's streamed answer):
+    the reply grows as the chunks come, and the call gives the final text."""
+    async def answer():
+        for chunk in ("The report ", "is ready."):
+            yield chunk
+
+    @app.task
+    async def reply_async(session):
+        return await session.stream_reply_from(answer())
+
+    @app.task
+    def reply_sync(session):
+        return [session.stream_reply_from(answer()), session.stream_reply_from(["a", "b"])]
+
+    first, second = reply_async.submit(), reply_sync.submit()
+    assert await first.result(timeout=5) == "The report is ready."
+    assert await second.result(timeout=5) == ["The report is ready.", "ab"]
+    assert kinds(first) == [("stream", "The report is ready.")]
+    assert kinds(second) == [("stream", "The report is ready."), ("stream", "ab")]
+
+
 async def test_current_session_is_the_bound_one_in_async_and_sync_tasks(app):
     @app.task
     async def a():
