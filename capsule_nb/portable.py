@@ -46,6 +46,9 @@ EXTENSIONS: dict[str, tuple[str, str]] = {
     "json_args": ("task arguments that are not JSON (a set, a DataFrame, an object)",
                   "pass JSON values (text, numbers, lists, dicts): Capsule sends a submit's keywords as JSON "
                   "and fails the submit on anything else; pass a path or an id to what is big"),
+    "no_await": ("a Capsule call without `await` (h = t.submit(...), h.status(), coll.insert_one(...))",
+                 "await it: on Capsule these are coroutines, so without `await` nothing is submitted, inserted or "
+                 "read (hand many to `asyncio.gather(...)`)"),
     "get_task": ("cpsl.get_task(id)",
                  "keep handle.task_id and look runs up with `await t.find(...)`; read `await handle.status()`"),
 }

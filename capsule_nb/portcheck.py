@@ -8,7 +8,10 @@ file cannot be read.
 
 It reads the code, so it sees what is written, not what runs: a task is a
 function decorated with ``@<something>.task`` (or ``@task``), a handle is a
-name bound to what such a task's ``submit``/``schedule``/``find`` gave.
+name bound to what such a task's ``submit``/``schedule``/``find`` gave, a
+collection is reached through ``.db`` or ``.collection(...)``, and the session
+is named ``session``. Portable mode cannot see a missing ``await`` (the value
+is only used later, if ever): this does.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from typing import Any, Iterator
 from .portable import advice
 
 HANDLE_CALLS = ("submit", "schedule", "find")
+# Capsule's coroutines, which capsule_nb also runs without ``await``: by receiver
+TASK_COROUTINES = ("submit", "schedule", "find", "count", "cancel")
+HANDLE_COROUTINES = ("status", "cancel", "refresh")
+SESSION_COROUTINES = ("reply", "notify", "stream", "stream_reply_from", "show_task")
+COLLECTION_COROUTINES = ("insert_one", "insert_many", "find_one", "find", "update_one", "delete_one", "count")
+# What takes a coroutine and runs it, so a call handed to one needs no ``await`` of its own
+RUNNERS = ("gather", "create_task", "ensure_future", "run", "wait_for", "wait", "shield", "as_completed",
+           "run_coroutine_threadsafe", "run_until_complete")
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,14 @@ def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
             tasks |= {fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and any(_decorator(d)[0] == "task" for d in fn.decorator_list)}
     handles = _handle_names([t for t, _ in trees if t is not None], tasks)
+    collections = {target.id for tree, _ in trees if tree is not None for node in ast.walk(tree)
+                   if isinstance(node, ast.Assign) and _reaches_a_collection(node.value)
+                   for target in node.targets if isinstance(target, ast.Name)}
     found: list[Finding] = []
     for number, (tree, lines) in enumerate(trees, start=1):
         if tree is None:
             continue
-        for line, code in sorted(set(_uses(tree, tasks, handles, notebook))):
+        for line, code in sorted(set(_uses(tree, tasks, handles, collections, notebook))):
             source = lines[line - 1].strip() if 0 < line <= len(lines) else ""
             found.append(Finding(number, line, code, source))
     return found
@@ -136,13 +150,54 @@ def _handle_names(trees: list[ast.Module], tasks: set[str]) -> set[str]:
             return handles
 
 
-def _uses(tree: ast.Module, tasks: set[str], handles: set[str], notebook: bool) -> Iterator[tuple[int, str]]:
+def _uses(tree: ast.Module, tasks: set[str], handles: set[str], collections: set[str],
+          notebook: bool) -> Iterator[tuple[int, str]]:
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for decorator in node.decorator_list:
                 yield from _decorator_uses(decorator, notebook)
         elif isinstance(node, ast.Call):
             yield from _call_uses(node, tasks, handles)
+            if _capsule_coroutine(node, tasks, handles, collections) and not _awaited(node, parents):
+                yield node.lineno, "no_await"
+
+
+def _reaches_a_collection(node: ast.expr) -> bool:
+    """``app.collection("x")``, ``session.db.x``, ``session.db["x"]``."""
+    reached = ast.unparse(node)
+    return ".db." in f"{reached}." or ".db[" in reached or ".collection(" in reached
+
+
+def _capsule_coroutine(call: ast.Call, tasks: set[str], handles: set[str], collections: set[str]) -> bool:
+    """Whether ``call`` is one of Capsule's coroutine methods, as far as the code says."""
+    func = call.func
+    if not isinstance(func, ast.Attribute):
+        return False
+    owner, method = _receiver(call)
+    if method in TASK_COROUTINES and owner in tasks or method in HANDLE_COROUTINES and owner in handles:
+        return True
+    if method in SESSION_COROUTINES and owner == "session":
+        return True
+    if method in COLLECTION_COROUTINES:
+        return owner in collections or _reaches_a_collection(func.value)
+    return False
+
+
+def _awaited(call: ast.Call, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Awaited, handed to what runs coroutines (``gather``, ``create_task``), an argument of an
+    awaited call, or returned (its caller may await it); not a bare statement, a name, a print."""
+    node: ast.AST = call
+    while (parent := parents.get(node)) is not None:
+        if isinstance(parent, ast.Await) or isinstance(parent, (ast.Return, ast.Lambda)):
+            return True
+        if isinstance(parent, ast.Call) and node is not parent.func:
+            if _receiver(parent)[1] in RUNNERS or isinstance(parents.get(parent), ast.Await):
+                return True
+        if isinstance(parent, ast.stmt):
+            return False
+        node = parent
+    return False
 
 
 def _decorator_uses(decorator: ast.expr, notebook: bool) -> Iterator[tuple[int, str]]:

@@ -695,6 +695,9 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
         '@app.schedule("*/10 * * * * *", tz="Europe/Paris")\ndef tick():\n    pass',
         "later = build_report.schedule(at=datetime.datetime.now() + datetime.timedelta(hours=1))\n"
         "print(await handle.status(), await later.wait())",
+        # Capsule's coroutines without await do nothing there (handed to gather, they run)
+        "threads = app.collection('threads')\nprint(handle.status())\nthreads.insert_one({'subject': 'hi'})\n"
+        "await asyncio.gather(*(build_report.submit(report_id=r) for r in 'ab'), session.db.threads.count())",
         "this is not python",
     )
     assert main(["check", str(prototype)]) == 1
@@ -702,14 +705,19 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
     found = re.findall(r"cell (\d+), line (\d+): (.*)\n    (.*)", out)
     where = [(int(cell), int(line), source) for cell, line, source, _ in found]
     assert where == [(4, 2, '@app.task(retries=2, retry_delay="1s", backoff=2)'),
-                     (4, 6, 'runs = [parse.submit(f) for f in ("a", "bb")]'),
+                     (4, 6, 'runs = [parse.submit(f) for f in ("a", "bb")]'),  # positional
+                     (4, 6, 'runs = [parse.submit(f) for f in ("a", "bb")]'),  # and not awaited
                      (4, 7, "print([await h.result() for h in runs])"),
                      (5, 1, '@app.schedule("*/10 * * * * *", tz="Europe/Paris")'),
                      (5, 1, '@app.schedule("*/10 * * * * *", tz="Europe/Paris")'),
                      (6, 1, "later = build_report.schedule(at=datetime.datetime.now() + datetime.timedelta(hours=1))"),
-                     (6, 2, "print(await handle.status(), await later.wait())")]
-    assert "7 capsule_nb-only extension(s) in 3 cell(s)" in out
+                     (6, 1, "later = build_report.schedule(at=datetime.datetime.now() + datetime.timedelta(hours=1))"),
+                     (6, 2, "print(await handle.status(), await later.wait())"),
+                     (7, 2, "print(handle.status())"),
+                     (7, 3, "threads.insert_one({'subject': 'hi'})")]
+    assert "11 capsule_nb-only extension(s) in 4 cell(s)" in out
     assert "The Capsule way: pass task arguments by keyword" in out
+    assert "The Capsule way: await it: on Capsule these are coroutines" in out
 
     plain = _notebook(tmp_path / "plain.ipynb", "import asyncio\nimport capsule_nb as cpsl\napp = cpsl.App(name='x')",
                       D4_TASK, 'handle = await build_report.submit(report_id="daily", duration=5)\n'
