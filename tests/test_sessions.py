@@ -344,6 +344,31 @@ async def test_logging_in_a_run_is_captured_with_the_run(app, caplog):
     assert "disk almost full" not in caplog.text  # other handlers do not see a run's records
 
 
+async def test_a_log_record_factory_set_after_capsule_nbs_keeps_both_working(app):
+    """A library that wraps the log record factory after capsule_nb, and capsule_nb wrapping
+    that one at the next submit, must not call each other for ever; both keep working."""
+    @app.task
+    def logs():
+        logging.getLogger("report.builder").warning("inside")
+
+    await logs.submit().wait(5)
+    ours = logging.getLogRecordFactory()
+
+    def tagging(*args, **kwargs):
+        record = ours(*args, **kwargs)
+        record.tag = "theirs"
+        return record
+
+    logging.setLogRecordFactory(tagging)
+    try:
+        handle = logs.submit()
+        await handle.wait(5)
+        assert [o["text"] for o in handle.snapshot()["output"]] == ["WARNING report.builder: inside\n"]
+        assert logging.makeLogRecord({"msg": "x"}).tag == "theirs"
+    finally:
+        logging.setLogRecordFactory(ours)
+
+
 async def test_show_task_in_a_task_records_it_and_returns_a_card(app):
     @app.task
     async def child():

@@ -89,9 +89,16 @@ class _RunLogCapture:
         self.route: Route = current_run.get
         self.made: Callable[..., logging.LogRecord] = logging.LogRecord
         self._formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        self._making = threading.local()
 
     def __call__(self, name: Any, *args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = self.made(name, *args, **kwargs)
+        if getattr(self._making, "now", False):  # a factory set after ours, which calls ours, wrapped
+            return logging.LogRecord(name, *args, **kwargs)  # again at a next install: no loop
+        self._making.now = True
+        try:
+            record = self.made(name, *args, **kwargs)
+        finally:
+            self._making.now = False
         if name is not None:  # (``logging.makeLogRecord`` makes a blank one first, to fill in)
             run = self.route()
             if run is not None:
