@@ -618,6 +618,41 @@ async def test_a_submit_after_cancelling_another_processes_run_runs_anew_once_it
         holder.wait(10)
 
 
+async def test_the_owner_submitting_just_after_another_process_cancelled_its_run_runs_anew(tmp_path):
+    """Kernel B cancels kernel A's locked run; A submits again at once, before its next pass
+    has answered the request: A's submit used to join its own run being cancelled."""
+    go = tmp_path / "go"
+    owner = spawn(f"""
+        import asyncio
+
+        @app.task(lock="sync:{{name}}")
+        async def sync(name, seconds=3600):
+            await asyncio.sleep(seconds)
+            return "synced"
+
+        first = sync.submit("crm")
+        while first.snapshot()["status"] != "running":
+            time.sleep(0.001)
+        app.store.flush()
+        print(first.task_id, flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        again = sync.submit("crm", seconds=0)
+        print(again.task_id != first.task_id, asyncio.run(again.result(timeout=20)), flush=True)
+        """, tmp_path)
+    try:
+        first_id = owner.stdout.readline().strip()
+        app = cpsl.App(home=tmp_path)
+        assert await app.get_task(first_id).cancel() is True  # a request on disk; A answers at its next pass
+        go.touch()
+        assert lines_until(owner, "True synced") == []
+        assert await app.get_task(first_id).wait(10) == "cancelled"
+        app.close()
+    finally:
+        owner.kill()
+        owner.wait(10)
+
+
 @pytest.mark.parametrize("kind", ["async", "thread", "process"])
 async def test_refresh_from_another_process_pushes_the_owners_deadline(tmp_path, kind):
     """Kernel B refreshes (heartbeats) kernel A's run with ``timeout=2`` that takes 3 s: it

@@ -195,8 +195,10 @@ class Runtime:
 
     def _stopped_or_stopping(self, record: RunRecord) -> bool:
         """Whether ``record``'s run is asked to stop (here or by another process) or has ended."""
-        return (record["status"] in FINISHED or bool(record.get("stopping"))
-                or record["task_id"] in self.store.cancel_requests())
+        if record["status"] in FINISHED or record.get("stopping"):
+            return True
+        self.store.poll()  # a cancel another process asked for a moment ago: the owner may not know yet
+        return record["task_id"] in self.store.cancel_requests()
 
     def resume(self, run: Run, start_at: float | None, every: float | None = None) -> None:
         """Arm a run adopted from a dead process (queued again if its lock is taken)."""
