@@ -232,6 +232,25 @@ async def test_cancel_pending_and_scheduled_runs_never_start(app):
     assert ran == []
 
 
+async def test_an_async_run_cancelled_before_the_loop_starts_it_is_cancelled_at_once_never_started(app):
+    """``h = t.submit(); h.cancel()`` in one cell: the run's task is made but has not run.
+    The record said ``pending`` until the loop ran again (for ever, while a cell blocked
+    it), and then ``cancelled`` with an attempt and a start that never were."""
+    ran = []
+
+    @app.task
+    async def work():
+        ran.append(1)
+
+    handle = work.submit()
+    assert handle.cancel()
+    record = handle.snapshot()
+    assert (record["status"], record["attempt"], record["started_at"]) == ("cancelled", 0, None)
+    assert await handle.wait(5) == "cancelled"
+    await asyncio.sleep(0.05)
+    assert ran == [] and handle.snapshot()["attempt"] == 0
+
+
 async def test_a_run_waiting_for_a_free_thread_is_cancelled_at_once_and_never_starts(app):
     """Every thread is busy; the next run waits for one. Its cancel used to wait too (the
     card said "pending, stopping..." with no button until a thread freed up, minutes if

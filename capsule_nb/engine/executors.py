@@ -48,6 +48,23 @@ class Executor:
         True: the attempt never began and never will, so the caller settles the run now."""
         return False
 
+    # An attempt handed to a loop or a thread pool may wait there; whichever comes first,
+    # its body or a stop, claims it: a cancel before the body settles the run at once, as
+    # never started, and the body, coming later, does nothing.
+
+    @staticmethod
+    def _begins(run: Run) -> bool:
+        """The body's claim (False: a stop came first and settled the run)."""
+        with run.lock:
+            began, run.claimed = not run.claimed, True
+        return began
+
+    @staticmethod
+    def _unbegun(run: Run) -> bool:
+        """A stop's claim, under ``run.lock``: True if the body has not begun, and now never will."""
+        unbegun, run.claimed = not run.claimed, True
+        return unbegun
+
     def context(self, run: Run) -> contextvars.Context:
         ctx = contextvars.copy_context()
         ctx.run(current_run.set, run)
@@ -93,6 +110,7 @@ class AsyncExecutor(Executor):
     def start(self, run: Run) -> None:
         """On the loop's thread the task is made at once, so it runs before what the caller
         schedules next (``gather`` of waits finds noop runs already done)."""
+        run.claimed = False
         loops = self.runtime.loops
         if loops.on_loop_thread():  # the task copies this context, as asyncio.create_task does
             run.aio_task = loops.loop.create_task(self._async_body(run))
@@ -103,6 +121,8 @@ class AsyncExecutor(Executor):
         run.aio_task = self.runtime.loops.loop.create_task(self._async_body(run), context=ctx)
 
     async def _async_body(self, run: Run) -> None:
+        if not self._begins(run):
+            return
         current_run.set(run)  # in the task's own context: no copy of its own made at submit
         bound_session.set(self.session(run))
         self.runtime.mark_running(run)
@@ -120,6 +140,8 @@ class AsyncExecutor(Executor):
         self.runtime.finish(run, outcome)
 
     def interrupt(self, run: Run) -> bool:
+        if self._unbegun(run):
+            return True
         if run.aio_task is not None:
             self.runtime.loops.loop.call_soon_threadsafe(run.aio_task.cancel)
         return False
@@ -131,11 +153,8 @@ class ThreadExecutor(Executor):
         self.runtime.threads.submit(self.context(run).run, self._body, run)
 
     def _body(self, run: Run) -> None:
-        with run.lock:
-            if run.claimed:
-                return  # cancelled while it waited for a free thread, and settled then
-            run.claimed = True
-        self.runtime.finish(run, self.outcome(run, lambda: self._call(run)))
+        if self._begins(run):  # (else cancelled while it waited for a free thread)
+            self.runtime.finish(run, self.outcome(run, lambda: self._call(run)))
 
     def _call(self, run: Run) -> Any:
         try:
@@ -152,8 +171,7 @@ class ThreadExecutor(Executor):
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), None)
 
     def interrupt(self, run: Run) -> bool:
-        if not run.claimed:  # still queued for a thread (all of them are busy): no thread takes it now
-            run.claimed = True
+        if self._unbegun(run):  # still queued for a thread (all of them are busy)
             return True
         if run.in_function and run.thread_id is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread_id), ctypes.py_object(_Interrupt))

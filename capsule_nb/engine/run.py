@@ -135,7 +135,7 @@ class Run:
         self.takes_key_when_due = False  # a repeat's next run: see ``Runtime.submit``
         self.phase = "waiting"  # waiting -> running -> (waiting for a retry) -> done
         self.stop_reason: str | None = None  # "cancel" or "timeout"
-        self.claimed = False  # a thread run's attempt: taken by a thread, or by a cancel before one could
+        self.claimed = False  # an attempt's: by its body (async, thread), or by a stop before it began
         self.thread_id: int | None = None
         self.in_function = False
         self.interrupt_sent = False
