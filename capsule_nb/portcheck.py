@@ -80,14 +80,16 @@ def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
             tasks |= {fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and any(_decorator(d)[0] == "task" for d in fn.decorator_list)}
     handles = _handle_names([t for t, _ in trees if t is not None], tasks)
-    collections = {target.id for tree, _ in trees if tree is not None for node in ast.walk(tree)
+    parsed = [tree for tree, _ in trees if tree is not None]
+    collections = {target.id for tree in parsed for node in ast.walk(tree)
                    if isinstance(node, ast.Assign) and _reaches_a_collection(node.value)
                    for target in node.targets if isinstance(target, ast.Name)}
+    names = _Names(collections, _consumed(parsed), _rebinds_session(parsed))
     found: list[Finding] = []
     for number, (tree, lines) in enumerate(trees, start=1):
         if tree is None:
             continue
-        for line, code in sorted(set(_uses(tree, tasks, handles, collections, notebook))):
+        for line, code in sorted(set(_uses(tree, tasks, handles, names, notebook))):
             source = lines[line - 1].strip() if 0 < line <= len(lines) else ""
             found.append(Finding(number, line, code, source))
     return found
@@ -150,7 +152,44 @@ def _handle_names(trees: list[ast.Module], tasks: set[str]) -> set[str]:
             return handles
 
 
-def _uses(tree: ast.Module, tasks: set[str], handles: set[str], collections: set[str],
+@dataclass(frozen=True)
+class _Names:
+    """What the notebook's names hold, as far as a missing ``await`` goes."""
+
+    collections: set[str]  # bound to ``app.collection(...)`` or ``session.db.x``
+    consumed: set[str]  # awaited (``await c``) or handed to a runner (``gather(*coros)``) somewhere
+    session_rebound: bool  # ``session`` names something else somewhere (``async with ... as session``)
+
+
+def _consumed(trees: list[ast.Module]) -> set[str]:
+    found: set[str] = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Await) and isinstance(node.value, ast.Name):
+                found.add(node.value.id)
+            elif isinstance(node, ast.Call) and _receiver(node)[1] in RUNNERS:
+                for arg in node.args:
+                    arg = arg.value if isinstance(arg, ast.Starred) else arg
+                    if isinstance(arg, ast.Name):
+                        found.add(arg.id)
+    return found
+
+
+def _rebinds_session(trees: list[ast.Module]) -> bool:
+    """Whether ``session`` is bound by an assignment, ``with ... as`` or ``for`` (not the notebook's)."""
+    for tree in trees:
+        for node in ast.walk(tree):
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.optional_vars] if isinstance(node, ast.withitem) and node.optional_vars
+                       else [node.target] if isinstance(node, (ast.For, ast.AsyncFor, ast.AnnAssign)) else [])
+            if any(isinstance(t, ast.Name) and t.id == "session" for t in targets):
+                value = getattr(node, "value", None)
+                if not (isinstance(value, ast.Call) and _receiver(value)[1] == "current_session"):
+                    return True
+    return False
+
+
+def _uses(tree: ast.Module, tasks: set[str], handles: set[str], names: _Names,
           notebook: bool) -> Iterator[tuple[int, str]]:
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
@@ -159,17 +198,17 @@ def _uses(tree: ast.Module, tasks: set[str], handles: set[str], collections: set
                 yield from _decorator_uses(decorator, notebook)
         elif isinstance(node, ast.Call):
             yield from _call_uses(node, tasks, handles)
-            if _capsule_coroutine(node, tasks, handles, collections) and not _awaited(node, parents):
+            if _capsule_coroutine(node, tasks, handles, names) and not _awaited(node, parents, names.consumed):
                 yield node.lineno, "no_await"
 
 
 def _reaches_a_collection(node: ast.expr) -> bool:
-    """``app.collection("x")``, ``session.db.x``, ``session.db["x"]``."""
+    """``app.collection("x")``, ``session.db.x``, ``session.db["x"]`` (not pymongo's ``client.db.x``)."""
     reached = ast.unparse(node)
-    return ".db." in f"{reached}." or ".db[" in reached or ".collection(" in reached
+    return reached.startswith(("session.db.", "session.db[")) or ".collection(" in reached
 
 
-def _capsule_coroutine(call: ast.Call, tasks: set[str], handles: set[str], collections: set[str]) -> bool:
+def _capsule_coroutine(call: ast.Call, tasks: set[str], handles: set[str], names: _Names) -> bool:
     """Whether ``call`` is one of Capsule's coroutine methods, as far as the code says."""
     func = call.func
     if not isinstance(func, ast.Attribute):
@@ -178,19 +217,22 @@ def _capsule_coroutine(call: ast.Call, tasks: set[str], handles: set[str], colle
     if method in TASK_COROUTINES and owner in tasks or method in HANDLE_COROUTINES and owner in handles:
         return True
     if method in SESSION_COROUTINES and owner == "session":
-        return True
+        return not names.session_rebound
     if method in COLLECTION_COROUTINES:
-        return owner in collections or _reaches_a_collection(func.value)
+        return owner in names.collections or _reaches_a_collection(func.value)
     return False
 
 
-def _awaited(call: ast.Call, parents: dict[ast.AST, ast.AST]) -> bool:
+def _awaited(call: ast.Call, parents: dict[ast.AST, ast.AST], consumed: set[str]) -> bool:
     """Awaited, handed to what runs coroutines (``gather``, ``create_task``), an argument of an
-    awaited call, or returned (its caller may await it); not a bare statement, a name, a print."""
+    awaited call, returned (its caller may await it), or bound to a name that is awaited or
+    handed on (``coros = [...]`` then ``gather(*coros)``); not a bare statement, nor a print."""
     node: ast.AST = call
     while (parent := parents.get(node)) is not None:
         if isinstance(parent, ast.Await) or isinstance(parent, (ast.Return, ast.Lambda)):
             return True
+        if isinstance(parent, ast.Assign):
+            return any(isinstance(t, ast.Name) and t.id in consumed for t in parent.targets)
         if isinstance(parent, ast.Call) and node is not parent.func:
             if _receiver(parent)[1] in RUNNERS or isinstance(parents.get(parent), ast.Await):
                 return True

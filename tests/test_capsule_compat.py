@@ -721,7 +721,13 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
 
     plain = _notebook(tmp_path / "plain.ipynb", "import asyncio\nimport capsule_nb as cpsl\napp = cpsl.App(name='x')",
                       D4_TASK, 'handle = await build_report.submit(report_id="daily", duration=5)\n'
-                               "print(await handle.status())")
+                               "print(await handle.status())",
+                      # coroutines kept in names and awaited or gathered later; other libraries' look-alikes
+                      "coros = [build_report.submit(report_id=r) for r in 'ab']\nhandles = await asyncio.gather(*coros)\n"
+                      "pending = build_report.submit(report_id='c')\nhandle = await pending",
+                      "async def fetch(url):\n    async with httpx.AsyncClient() as session:\n"
+                      "        async with session.stream('GET', url) as r:\n            return await r.aread()\n"
+                      "pymongo.MongoClient().db.users.insert_one({'a': 1})")
     done = subprocess.run([sys.executable, "-m", "capsule_nb", "check", str(plain)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "no capsule_nb-only extensions" in done.stdout, done.stdout + done.stderr
