@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from .demo import cmd_demo
 from .errors import StoreError
+from .schedules import on_store
 
 
 class _UsageError(Exception):
@@ -137,36 +138,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_schedules(args: argparse.Namespace) -> int:
     app = _open(args)
-    rows = [_schedule_row(key, state) for key, state in app.store.items("sched/")]
+    rows = on_store(app.store)
     lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'NEXT':<26} LAST"] + [
         f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {('paused' if r['paused'] else r['next'] or '-'):<26} "
         f"{r['last'] or '-'}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else "") for r in rows]
     _emit(args, rows, "\n".join(lines) if rows else "no schedules")
     return 0
-
-
-def _schedule_row(key: str, state: dict[str, Any]) -> dict[str, Any]:
-    """One schedule's line; a value the store holds but cannot use (an impossible cron, an
-    unknown zone) is shown as what is wrong with it, never a crash."""
-    import datetime as dt
-
-    from .cron import next_due, parse_cron, parse_tz
-
-    _, app_name, name = key.split("/", 2)
-    cron, tz, last = state.get("cron"), str(state.get("tz", "UTC")), state.get("last_due")
-    upcoming = None
-    if cron and not state.get("paused"):
-        try:
-            upcoming = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(
-                timespec="seconds")
-        except (TypeError, ValueError) as exc:
-            upcoming = f"bad: {exc}"
-    try:
-        last = dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None
-    except (TypeError, ValueError, OverflowError, OSError):
-        last = f"?{last!r}"
-    return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz,
-            "paused": bool(state.get("paused")), "next": upcoming, "last": last, "skipped": state.get("skipped", 0)}
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -277,3 +277,29 @@ def _lost(state: dict[str, Any]) -> bool:
     claimant = state.get("claimed_by")
     return (claimant is not None and state.get("last_due") is not None
             and state.get("settled_due", 0) < state["last_due"] and not owner_alive(claimant))
+
+
+def on_store(store: Any) -> list[dict[str, Any]]:
+    """Every schedule defined on ``store``, by any process or app, as it stands there: what
+    ``%capsule`` and ``capsule-nb schedules`` list, also in a kernel that defines none."""
+    return [_row(key, state) for key, state in store.items("sched/")]
+
+
+def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
+    """One schedule's line; a value the store holds but cannot use (an impossible cron, an
+    unknown zone) is shown as what is wrong with it, never a crash."""
+    _, app_name, name = key.split("/", 2)
+    cron, tz, last = state.get("cron"), str(state.get("tz", "UTC")), state.get("last_due")
+    upcoming = None
+    if cron and not state.get("paused"):
+        try:
+            upcoming = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(
+                timespec="seconds")
+        except (TypeError, ValueError) as exc:
+            upcoming = f"bad: {exc}"
+    try:
+        last = dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None
+    except (TypeError, ValueError, OverflowError, OSError):
+        last = f"?{last!r}"
+    return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz,
+            "paused": bool(state.get("paused")), "next": upcoming, "last": last, "skipped": state.get("skipped", 0)}

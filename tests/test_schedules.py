@@ -3,6 +3,9 @@
 import datetime as dt
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from zoneinfo import ZoneInfo
@@ -389,6 +392,26 @@ def test_capsule_magic_lists_schedules_with_their_next_run(app):
     assert digest.next_runs(1)[0].isoformat(timespec="seconds") in line
     digest.pause()
     assert "paused" in next(line for line in capsule_summary(app).splitlines() if "digest" in line)
+
+
+def test_capsule_magic_lists_the_schedules_other_kernels_defined(tmp_path):
+    """``%capsule`` in a kernel that defines no schedule listed "no schedules" while another
+    kernel's fired on the same store; ``capsule-nb schedules`` listed them. Both read the store."""
+    from capsule_nb.notebook.magics import capsule_summary
+
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import capsule_nb as cpsl
+        app = cpsl.App("reports", home={str(tmp_path)!r})
+
+        @app.schedule("0 9 * * 1-5", tz="Europe/Paris")
+        def morning():
+            pass
+        app.close()
+        """)], check=True, timeout=60)
+    app = cpsl.App(home=tmp_path)
+    line = next(line for line in capsule_summary(app).splitlines() if "morning" in line)
+    assert "0 9 * * 1-5" in line and "Europe/Paris" in line and "next 20" in line
+    app.close()
 
 
 def test_a_timer_fires_promptly_after_the_wall_clock_jumps(monkeypatch):

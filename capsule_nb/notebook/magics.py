@@ -11,6 +11,7 @@ from typing import Any
 from ..app import App, configure, default_app
 from ..portable import is_portable
 from ..record import RUNNING
+from ..schedules import on_store
 
 
 def register(ip: Any) -> None:
@@ -74,13 +75,12 @@ def capsule_summary(app: App | None = None) -> str:
         lines.append(table_text(running))
     if waiting:
         lines.append(f"waiting ({len(waiting)}): " + ", ".join(f"{r['task_name']} {r['status']}" for r in waiting[:10]))
-    schedules = [s for a in app.apps_on_store() for s in a.schedules()]
+    schedules = on_store(app.store)  # every kernel's, not just this one's
     lines.append(f"schedules ({len(schedules)}):" if schedules else "no schedules")
-    for schedule in schedules:
-        when = "paused" if schedule.paused else "next " + schedule.next_runs(1)[0].isoformat(timespec="seconds")
-        skipped = schedule.state().get("skipped", 0)
-        lines.append(f"  {schedule.name:<24} {schedule.cron:<20} {schedule.tz.key:<16} {when}"
-                     + (f"  ({skipped} ticks skipped)" if skipped else ""))
+    for row in schedules:
+        when = "paused" if row["paused"] else f"next {row['next']}"
+        lines.append(f"  {row['name']:<24} {row['cron'] or '?':<20} {row['tz']:<16} {when}"
+                     + (f"  ({row['skipped']} ticks skipped)" if row["skipped"] else ""))
     return "\n".join(lines)
 
 
