@@ -140,6 +140,23 @@ class ReadyNone(Steps):
 DONE = ReadyNone()
 
 
+def unwrapped(value: Any) -> Any:
+    """``value`` with the stand-ins for None and bools in it (nested too) made the plain ones,
+    for what stores JSON: ``json`` knows only the plain ones. ``value`` itself when it has none."""
+    if isinstance(value, ReadyNone):
+        return None
+    if isinstance(value, ReadyBool):
+        return value.value
+    if isinstance(value, dict):
+        items = {key: unwrapped(item) for key, item in value.items()}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    if isinstance(value, (list, tuple)):
+        items = [unwrapped(item) for item in value]
+        changed = any(a is not b for a, b in zip(items, value))
+        return (tuple(items) if isinstance(value, tuple) else items) if changed else value
+    return value
+
+
 def resolve(future: "asyncio.Future[None]", failure: BaseException | None = None) -> None:
     """Settle a future unless it is done (for ``call_soon_threadsafe``)."""
     if not future.done():

@@ -21,7 +21,7 @@ import operator
 import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .awaitables import ReadyDict, ReadyInt, ReadyList, ReadyNone
+from .awaitables import ReadyDict, ReadyInt, ReadyList, ReadyNone, unwrapped
 from .checks import whole_number
 from .record import new_task_id, short_repr
 from .store.documents import Condition, json_path, text
@@ -223,6 +223,9 @@ def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
     try:
         text = json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as exc:
+        plain = unwrapped(doc)  # a stand-in for None or a bool given on (``find_one()`` of nothing)
+        if plain is not doc:
+            return _stored(plain, what)
         raise TypeError(f"documents are stored as JSON; {what} is not ({exc}): {short_repr(doc, 200)}") from None
     if len(text) > MAX_DOCUMENT_BYTES:
         raise ValueError(f"{what} would be {len(text):,} bytes of JSON, over the {MAX_DOCUMENT_BYTES:,}-byte "

@@ -20,6 +20,7 @@ from typing import Any, TypedDict
 
 import orjson
 
+from .awaitables import unwrapped
 from .durations import MIN_INTERVAL
 
 PENDING = "pending"
@@ -240,7 +241,11 @@ def json_safe(value: Any) -> tuple[Any, bool]:
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        return short_repr(value), False
+        try:  # a stand-in for None or a bool given on (``find_one()`` of nothing) is the plain one
+            plain = unwrapped(value)
+        except RecursionError:
+            plain = value
+        return json_safe(plain) if plain is not value else (short_repr(value), False)
     copy = json.loads(text)  # a copy: later changes to the caller's object do not leak in
     return (copy, True) if copy == value else (short_repr(value), False)
 

@@ -109,10 +109,10 @@ class SessionData(dict):
         """``value`` as the store keeps it; a ``TypeError`` names a key or value JSON cannot hold."""
         if not isinstance(key, str):
             raise TypeError(f"session.data keys are strings (JSON's), not {key!r}")
-        plain = _plain(value)
-        if not json_safe(plain)[1]:
+        copy, ok = json_safe(_plain(value))
+        if not ok:
             raise TypeError(f"session.data[{key!r}] must be JSON (str, number, list, dict), not {value!r}")
-        return plain
+        return copy
 
     def _put(self, key: str, value: Any) -> None:
         plain = self._checked(key, value)
@@ -154,8 +154,8 @@ class SessionData(dict):
         """Set the whole dict to ``value``, in one transaction."""
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
             raise TypeError(f"session.data is a dict with string keys (JSON's), not {value!r}")
-        plain = _plain(value)
-        if not json_safe(plain)[1]:
+        plain, ok = json_safe(_plain(value))
+        if not ok:
             raise TypeError(f"session.data must be JSON (str, number, list, dict), not {value!r}")
         self._write(lambda data: (data.clear(), data.update(plain)))
 

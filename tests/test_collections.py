@@ -95,6 +95,14 @@ async def test_writes_and_lookups_without_await_give_real_dicts(app):
     awaited = await items.find_one({"a": 1})
     assert type(awaited) is dict and awaited == summaries[2]
     assert type(await items.delete_one({"a": 1})) is dict and await items.find_one({"a": 1}) is None
+    # The stand-in for None (a lookup of nothing) given on is kept as null, in documents and session data
+    nothing = items.find_one({"a": 99})
+    kept = items.insert_one({"ref": nothing, "refs": [nothing]})
+    items.update_one({"_id": kept["_id"]}, {"$set": {"also": nothing, "done": bool(nothing)}})
+    assert {k: v for k, v in (await items.find_one({"_id": kept["_id"]})).items() if k not in ("_id", "id")} == {
+        "ref": None, "refs": [None], "also": None, "done": False}
+    app.session.data["last"] = nothing
+    assert json.dumps(app.session.data) == '{"last": null}'
 
 
 def test_documents_are_copies(app):
