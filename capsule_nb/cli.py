@@ -181,8 +181,8 @@ def _doctor_text(home: Any, bad: list) -> str:
 
 def _whole(text: str) -> int:
     """An argument that is a whole number, 0 or more (argparse says which one is not)."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    if not text.isdigit() or int(text) > 2**63 - 1:  # (SQLite's integers)
+        raise argparse.ArgumentTypeError(f"not a whole number from 0 to 2**63 - 1: {text!r}")
     return int(text)
 
 

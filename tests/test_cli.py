@@ -57,9 +57,11 @@ def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
     assert not (tmp_path / "empty").exists()  # a typo never creates a store
     code, _, err = cli(capsys, "--home", str(app.home), "tasks", "--status", "done")
     assert code == 2 and "unknown status 'done'" in err
-    with pytest.raises(SystemExit) as refused:  # (argparse's own exit, with usage)
-        cli(capsys, "--home", str(app.home), "tasks", "--limit", "-3")
-    assert refused.value.code == 2 and "--limit: not a whole number >= 0: '-3'" in capsys.readouterr().err
+    for limit in ("-3", "99999999999999999999"):
+        with pytest.raises(SystemExit) as refused:  # (argparse's own exit, with usage)
+            cli(capsys, "--home", str(app.home), "tasks", "--limit", limit)
+        assert refused.value.code == 2 and f"--limit: not a whole number from 0 to 2**63 - 1: '{limit}'" in (
+            capsys.readouterr().err)
 
 
 def test_prune_older_than(app, capsys):
