@@ -87,8 +87,7 @@ class Task:
         if on_lock not in ON_LOCK:
             raise ValueError(f"@task({self.name}): on_lock must be one of {ON_LOCK}, got {on_lock!r}")
         self.on_lock = on_lock
-        if callback_url is not None and not (isinstance(callback_url, str) and callback_url.startswith(
-                ("http://", "https://")) and urllib.parse.urlsplit(callback_url).hostname):
+        if callback_url is not None and not _web_address(callback_url):
             raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, got {callback_url!r}")
         self.callback_url = callback_url
         if not isinstance(process, bool):  # "yes" or "no" as True would surprise either way
@@ -392,6 +391,17 @@ def _in_ipython() -> bool:
     """A cell's ``__main__``, not a script's (Capsule imports a script's functions as they are)."""
     shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
     return shell is not None
+
+
+def _web_address(url: Any) -> bool:
+    """An http(s) URL with a host (and a port that can be), as ``urllib`` will post to."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # "[::1" (a bracket not closed), a port past 65535
+        return False
 
 
 def _note_when(when: Any, delay: Any, at: Any) -> None:

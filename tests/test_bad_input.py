@@ -166,7 +166,8 @@ def test_a_home_that_is_no_path_is_refused_naming_it(home):
         cpsl.configure(home=home)
 
 
-@pytest.mark.parametrize("url", ["http://", "https:///hook", "ftp://host/hook", 5])
+@pytest.mark.parametrize("url", ["http://", "https:///hook", "ftp://host/hook", 5, "http://exa mple.com",
+                                 "http://host:99999/", "http://[::1"])
 def test_a_callback_url_without_a_host_is_refused_at_decoration(app, url):
     with pytest.raises(ValueError, match=f"callback_url must be an http\\(s\\) URL with a host, got {re.escape(repr(url))}"):
         @app.task(callback_url=url)

@@ -47,6 +47,7 @@ def cancel(runtime: "Runtime", task_id: str) -> bool:
 
 def refresh(runtime: "Runtime", task_id: str) -> bool:
     """True if the run is running with a deadline, for a live owner, who was asked."""
+    runtime.store.poll()  # (its end may be on disk already)
     record = runtime.store.get_run(task_id)
     if (record is None or record["status"] != RUNNING or record.get("deadline") is None
             or not owner_alive(record.get("owner", ""))):
