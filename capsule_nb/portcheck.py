@@ -9,8 +9,8 @@ file cannot be read.
 It reads the code, so it sees what is written, not what runs: a task is a
 function decorated with ``@<something>.task`` (or ``@task``), a handle is a
 name bound to what such a task's ``submit``/``schedule``/``find`` gave, a
-collection is reached through ``.db`` or ``.collection(...)``, and the session
-is named ``session``. Portable mode cannot see a missing ``await`` (the value
+collection is reached through ``session.db`` or ``.collection(...)``, and the
+session is named ``session``. Portable mode cannot see a missing ``await`` (the value
 is only used later, if ever): this does.
 """
 

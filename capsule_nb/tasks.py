@@ -88,7 +88,8 @@ class Task:
             raise ValueError(f"@task({self.name}): on_lock must be one of {ON_LOCK}, got {on_lock!r}")
         self.on_lock = on_lock
         if callback_url is not None and not _web_address(callback_url):
-            raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, got {callback_url!r}")
+            raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, "
+                             f"got {callback_url!r}")
         self.callback_url = callback_url
         if not isinstance(process, bool):  # "yes" or "no" as True would surprise either way
             raise TypeError(f"@task({self.name}): process must be True or False, got {process!r}")

@@ -6,8 +6,9 @@ shown on its card), elsewhere it goes to the original stream untouched. In
 a kernel the route is the ``current_run`` context variable; in a worker
 process it is the job the worker is running, whatever thread prints. A log
 record factory does the same for log records, so a task's ``logging.info``
-never lands in whichever cell happens to be executing. A ``tqdm`` bar (``from tqdm import tqdm``) inside
-a run drives the run's progress instead of printing frames: its ``display``
+never lands in whichever cell happens to be executing. A ``tqdm`` bar
+(``from tqdm import tqdm``) inside a run drives the run's progress instead
+of printing frames: its ``display``
 is wrapped, remembering the run it was created in, because tqdm's monitor
 thread redraws bars from a thread that has no run context.
 """

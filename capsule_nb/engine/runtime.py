@@ -167,7 +167,8 @@ class Runtime:
                     raise LockedError(lock_key, holder)
                 if task.on_lock == "join":
                     held = self._await_record(holder)
-                    if (held["app"], held["task_name"]) == (self.settings.app, task.name) and not self._stopped_or_stopping(held):
+                    same_task = (held["app"], held["task_name"]) == (self.settings.app, task.name)
+                    if same_task and not self._stopped_or_stopping(held):
                         return held, self.store.generation
                     # another task holds the key, or its run is being stopped: never hand that
                     # run out (a submit just after a cancel means new work); wait for the key
