@@ -27,11 +27,13 @@ from .awaitables import ReadyInt, ReadyList
 from .checks import whole_number
 from .durations import parse_delay, parse_when
 from .engine.context import current_run
+from .engine.executors import LoopClosed
 from .handle import TaskHandle
 from .notebook import kernel
 from .queries import TaskQuery
 from .session import Session
 from .store.rows import CELL_REPEATS
+from .workers.outcome import WorkerCrashed
 
 if TYPE_CHECKING:
     from .app import App
@@ -281,9 +283,13 @@ class Task:
 
     def should_retry(self, exc: BaseException) -> bool:
         """Capsule's rule: ``retry_for`` names exact types, so a subclass of a listed error
-        (``ConnectionRefusedError`` of ``ConnectionError``) fails at once; list it too."""
+        (``ConnectionRefusedError`` of ``ConnectionError``) fails at once; list it too. An
+        attempt that was interrupted (a worker killed by a signal, a closing loop) did not
+        fail by itself: it is retried whatever ``retry_for`` says, as Capsule's runner does."""
         if not isinstance(exc, Exception):
             return False
+        if isinstance(exc, LoopClosed) or isinstance(exc, WorkerCrashed) and getattr(exc, "by_signal", False):
+            return True
         return self.retry_for is None or type(exc) in self.retry_for
 
     def retry_wait(self, attempt: int) -> float:

@@ -139,6 +139,22 @@ async def test_a_crashing_child_fails_its_run_and_the_next_run_works(app, body, 
     assert await fine.submit().result(timeout=60) == "still here"
 
 
+@pytest.mark.parametrize("body, attempts", [
+    ("import ctypes; ctypes.string_at(0)", 2),  # killed by a signal: retried whatever retry_for says
+    ("import os; os._exit(3)", 1),  # an exit code is the task's own failure: retry_for decides
+])
+async def test_a_child_killed_by_a_signal_is_retried_whatever_retry_for_names(app, body, attempts):
+    """Capsule's runner: "a child killed by a signal always gives retry". With ``retry_for``
+    set, a segfault used to fail at once."""
+    @app.task(process=True, retries=1, retry_for=[ValueError], name="crashy_for")
+    def crashy():
+        exec(body)
+
+    handle = crashy.submit()
+    assert await handle.wait(60) == "failed"
+    assert handle.snapshot()["attempt"] == attempts
+
+
 async def test_timeout_and_cancel_kill_the_child(app):
     @app.task(process=True, timeout=1)
     def stuck(path):

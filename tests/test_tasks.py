@@ -1,6 +1,7 @@
 """Tasks end to end in a plain asyncio program: submit, statuses, results, retries, timeouts."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -230,6 +231,47 @@ async def test_cancel_pending_and_scheduled_runs_never_start(app):
     assert later.cancel()
     assert await later.status() == "cancelled"
     assert ran == []
+
+
+@pytest.mark.parametrize("retries, said", [
+    (2, "retry interrupted: the event loop it ran on closed first (asyncio.run returned before the run ended; "
+        "await it there)\n1"),
+    (0, "failed interrupted: the event loop it ran on closed first"),
+])
+def test_a_run_whose_script_loop_closes_is_interrupted_not_cancelled(tmp_path, retries, said):
+    """A script's ``asyncio.run(main())`` returns while a run it submitted still goes: the loop
+    cancels the run's task on its way out. That was recorded ``cancelled``, which nobody asked
+    for, and ``retries`` were ignored. It is an interruption: retried (on another loop) if
+    attempts remain, else failed, saying why."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio
+        import capsule_nb as cpsl
+
+        @cpsl.task(retries={retries})
+        async def job(i: int):
+            await asyncio.sleep(0.5)
+            return i
+
+        async def main():
+            return await job.submit(i=1)
+
+        handle = asyncio.run(main())
+        record = handle.snapshot()
+        print(record["status"], record["error"])
+        try:
+            print(asyncio.run(handle.result(timeout=20)))
+        except cpsl.TaskFailed:
+            pass
+        """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path / "store")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(said), done.stdout
 
 
 async def test_an_async_run_cancelled_before_the_loop_starts_it_is_cancelled_at_once_never_started(app):

@@ -36,6 +36,12 @@ class _Interrupt(BaseException):
     """Raised inside a thread run to stop it (BaseException: ``except Exception`` must not swallow it)."""
 
 
+class LoopClosed(Exception):
+    """An async run's event loop cancelled it on its way out (a script's ``asyncio.run`` that
+    returned before the run ended): the attempt was interrupted, as by a dying process,
+    and is retried if attempts remain. Nobody asked for a cancel."""
+
+
 class Executor:
     def __init__(self, runtime: "Runtime"):
         self.runtime = runtime
@@ -132,7 +138,11 @@ class AsyncExecutor(Executor):
                 raise asyncio.CancelledError
             value = await run.task.invoke(run.args, run.kwargs, self.session(run))
         except asyncio.CancelledError:
-            outcome = ("stop", run.stop_reason or "cancel")
+            if run.stop_reason or not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                outcome = ("stop", run.stop_reason or "cancel")
+            else:  # cancelled from outside: only a closing loop (asyncio.run's end) cancels every task
+                self.runtime.loops.forget(asyncio.get_running_loop())
+                outcome = ("error", Failure(LoopClosed(), _LOOP_CLOSED, ""))
         except BaseException as exc:
             outcome = self.ended(run, error=exc)
         else:
@@ -145,6 +155,10 @@ class AsyncExecutor(Executor):
         if run.aio_task is not None:
             self.runtime.loops.loop.call_soon_threadsafe(run.aio_task.cancel)
         return False
+
+
+_LOOP_CLOSED = ("interrupted: the event loop it ran on closed first (asyncio.run returned before the run "
+                "ended; await it there)")
 
 
 class ThreadExecutor(Executor):

@@ -46,6 +46,13 @@ class LoopBinding:
         self._loop = loop
         self._thread = threading.get_ident()
 
+    def forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop`` is closing (a script's ``asyncio.run`` ends): runs started from now on,
+        such as a retry of one it interrupted, go to another loop, not to it."""
+        with self._making:
+            if self._loop is loop:
+                self._loop, self._thread = None, None
+
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread
 

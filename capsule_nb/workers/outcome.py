@@ -113,8 +113,10 @@ def crashed(pid: int | None, exitcode: int | None, dump: str, memory_limit: int 
     message = prefix + crash_message(exitcode, dump)
     if memory_limit:
         message += f" (it had a memory limit of {size(memory_limit)}; going over it can end this way)"
+    exception = WorkerCrashed(message)
+    exception.by_signal = exitcode is not None and exitcode < 0  # (kept when it is pickled)
     return Outcome(CRASHED, error_type="WorkerCrashed", message=message, traceback=dump,
-                   exception=WorkerCrashed(message), pid=pid, exitcode=exitcode)
+                   exception=exception, pid=pid, exitcode=exitcode)
 
 
 def killed(pid: int | None, reason: str) -> Outcome:
