@@ -88,17 +88,20 @@ class TaskHandle(Steps):
     def error(self) -> str | None:
         return self._get("error")
 
-    @property
-    def created_at(self) -> dt.datetime | None:
-        return _datetime(self._get("created_at"))
+    # The times are ISO 8601 text in UTC, "" until there is one, as Capsule's handles give them
+    # (Capsule code slices them and stores them in documents); ``snapshot()`` has the numbers.
 
     @property
-    def started_at(self) -> dt.datetime | None:
-        return _datetime(self._get("started_at"))
+    def created_at(self) -> str:
+        return _iso(self._get("created_at"))
 
     @property
-    def completed_at(self) -> dt.datetime | None:
-        return _datetime(self._get("completed_at"))
+    def started_at(self) -> str:
+        return _iso(self._get("started_at"))
+
+    @property
+    def completed_at(self) -> str:
+        return _iso(self._get("completed_at"))
 
     # ------------------------------------------------------------- actions
 
@@ -401,5 +404,5 @@ def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any] |
                 ended.set_result(outcome)
 
 
-def _datetime(value: float | None) -> dt.datetime | None:
-    return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+def _iso(value: float | None) -> str:
+    return "" if value is None else dt.datetime.fromtimestamp(value, tz=dt.timezone.utc).isoformat()

@@ -341,6 +341,29 @@ async def test_collections_take_capsules_options_and_dict_sort(capsule):
         await threads.find(sort={"priority": "up"})
 
 
+async def test_a_handles_times_are_iso_text_as_the_sdk_gives_them(capsule):
+    """SDK ``TaskHandle``: ``created_at: str; started_at: str; completed_at: str  # ISO strings``,
+    "" until set. Capsule code slices them and stores them in documents."""
+    import datetime
+
+    app = cpsl.App(name="my-app")
+    runs = app.collection("runs")
+
+    @app.task
+    async def build_report(report_id: str = "daily"):
+        return report_id
+
+    done = await build_report.submit(report_id="daily")
+    await done.wait(10)
+    later = await build_report.schedule(delay="1h", report_id="weekly")
+    (found,) = await build_report.find(status="completed")
+    assert datetime.datetime.fromisoformat(found.completed_at) >= datetime.datetime.fromisoformat(found.created_at)
+    assert found.created_at[:4].isdigit() and later.started_at == "" and later.completed_at == ""
+    await runs.insert_one({"task_id": found.task_id, "created_at": found.created_at})
+    assert (await runs.find_one({}))["created_at"] == found.created_at
+    await later.cancel()
+
+
 async def test_writes_and_lookups_give_back_what_the_sdk_gives(capsule):
     """Code that reads what a call gives back: the SDK's ``update_one`` gives ``{"matched",
     "modified"}``, ``delete_one`` ``{"deleted"}`` (counts), session collections take
