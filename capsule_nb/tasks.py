@@ -100,6 +100,9 @@ class Task:
             raise ValueError(f"@task({self.name}): memory_limit needs process=True")
         self.memory_limit = _parse_size(memory_limit, self.name) if memory_limit is not None else None
         self.signature = inspect.signature(fn)
+        if next(iter(self.signature.parameters), None) in ("self", "cls"):  # it would fail at every submit
+            raise TypeError(f"@task({self.name}): a method of a class is no task here (Capsule's @app.cls "
+                            f"classes are not supported); define {self.name} as a function")
         self.session_param = _session_param(self.signature)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         self._plain_params = _plain_params(self.signature, self.session_param)
@@ -141,7 +144,7 @@ class Task:
         A Session given first is the session, as Capsule's ``submit(session, ...)`` takes it."""
         if args and _is_session(args[0]):
             if session is not None:
-                raise TypeError(f"{self.name}.submit(): session was given twice")
+                raise TypeError(f"{self.name}.submit(): session was provided twice")  # (the SDK's words)
             session, args = args[0], args[1:]
         return self._submit(args, kwargs, session=session, display_name=display_name)
 
@@ -161,7 +164,7 @@ class Task:
         which its SDK still takes."""
         if _is_session(when):
             if session is not None:
-                raise TypeError(f"{self.name}.schedule(): session was given twice")
+                raise TypeError(f"{self.name}.schedule(): session was provided twice")  # (the SDK's words)
             when, session = None, when
         _note_when(when, delay, at)
         if when is not None and delay is not None:

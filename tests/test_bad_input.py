@@ -198,6 +198,16 @@ def test_task_options_of_the_wrong_type_are_refused_at_decoration(app, options, 
     assert app.tasks.count() == 0
 
 
+def test_a_method_is_refused_at_decoration_not_at_every_submit(app):
+    """Capsule's class-based apps (``@app.cls``) are not here: ``@task`` on a method was taken,
+    and each submit then failed with "missing a required argument: 'self'"."""
+    with pytest.raises(TypeError, match=r"@task\(work\): a method of a class is no task here"):
+        class Worker:
+            @app.task
+            def work(self, n: int):
+                return n
+
+
 def test_a_generator_function_is_no_task_its_body_would_never_run(app):
     with pytest.raises(TypeError, match=r"@task\(rows\): a task is a function or an async function, not a generator"):
 

@@ -174,7 +174,7 @@ async def test_a_session_given_first_to_schedule_is_the_session(capsule):
     handle = await my_task.schedule(session, delay="30m", report_id="scheduled")
     assert await handle.status() == "scheduled" and handle.session_id == session.id
     assert handle.kwargs["report_id"] == "scheduled"
-    with pytest.raises(TypeError, match="session was given twice"):
+    with pytest.raises(TypeError, match="session was provided twice"):
         await my_task.schedule(session, session=session, delay="30m", report_id="again")
     assert await my_task.count() == 1
     assert await handle.cancel() is True
@@ -289,7 +289,7 @@ async def test_a_session_given_first_to_submit_is_the_session(capsule):
     assert await handle.result(timeout=10) == (app.session.id, "weekly") and handle.session_id == app.session.id
     handle = await monitor_topic.submit(app.session, topic="launch")
     assert await handle.result(timeout=10) == (app.session.id, "launch")
-    with pytest.raises(TypeError, match="session was given twice"):
+    with pytest.raises(TypeError, match="session was provided twice"):
         monitor_topic.submit(app.session, session=app.session)
 
 
@@ -362,6 +362,17 @@ async def test_a_handles_times_are_iso_text_as_the_sdk_gives_them(capsule):
     await runs.insert_one({"task_id": found.task_id, "created_at": found.created_at})
     assert (await runs.find_one({}))["created_at"] == found.created_at
     await later.cancel()
+
+
+def test_a_board_and_its_columns_say_themselves_as_the_sdk_does(capsule):
+    """SDK ``ui.py``: ``TaskBoardColumn.to_dict() -> {"label", "statuses"}``; ``TaskBoard.to_dict()
+    -> {"type": "task_board", "refresh_ms"}`` plus title, filter and columns when given."""
+    failed = cpsl.ui.TaskBoardColumn("Failed", ["failed", "cancelled", "timeout"])
+    assert failed.to_dict() == {"label": "Failed", "statuses": ["failed", "cancelled", "timeout"]}
+    assert cpsl.ui.TaskBoard().to_dict() == {"type": "task_board", "refresh_ms": 5000}
+    board = cpsl.ui.TaskBoard(title="Reports", filter={"task_name": "build_report"}, columns=[failed], refresh_ms=2000)
+    assert board.to_dict() == {"type": "task_board", "refresh_ms": 2000, "title": "Reports",
+                               "filter": {"task_name": "build_report"}, "columns": [failed.to_dict()]}
 
 
 async def test_writes_and_lookups_give_back_what_the_sdk_gives(capsule):

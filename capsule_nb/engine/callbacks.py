@@ -28,7 +28,7 @@ import time
 import urllib.parse
 from collections import deque
 
-from ..record import RunRecord
+from ..record import FAILED, RETRY, RunRecord
 from .threads import WorkerPool
 
 log = logging.getLogger("capsule_nb")
@@ -48,7 +48,7 @@ class Callbacks:
         started = record.get("started_at")
         body = {
             "task_id": record["task_id"],
-            "status": record["status"],
+            "status": FAILED if record["status"] == RETRY else record["status"],  # (the attempt's, as Capsule's)
             "duration": (time.time() - started) if started else None,
             "error": record.get("error") or "",  # (a string, as Capsule's runner sends)
         }

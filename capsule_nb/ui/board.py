@@ -30,6 +30,10 @@ class TaskBoardColumn:
         object.__setattr__(self, "label", label)
         object.__setattr__(self, "statuses", statuses)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The SDK's form: ``{"label": ..., "statuses": [...]}``."""
+        return {"label": self.label, "statuses": list(self.statuses)}
+
 
 DEFAULT_COLUMNS = (
     TaskBoardColumn("Pending", ("pending", "claimed", "scheduled", "retry")),
@@ -83,6 +87,7 @@ class TaskBoard(LiveWidget):
         from ..app import app_in_use
 
         self.columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
+        self._given = {"title": title, "columns": columns is not None}  # what ``to_dict`` says, as the SDK's
         if not self.columns:
             raise ValueError("a TaskBoard needs at least one column")
         whole_number("page_size", page_size, minimum=1)
@@ -118,6 +123,18 @@ class TaskBoard(LiveWidget):
     def _retried(self, task_id: str, handle: Any) -> None:
         if self.selected == task_id:
             self.selected = handle.task_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """The SDK's form: ``{"type": "task_board", "refresh_ms": N}``, with ``title``,
+        ``filter`` and ``columns`` when they were given."""
+        spec: dict[str, Any] = {"type": "task_board", "refresh_ms": self.refresh_ms}
+        if self._given["title"] is not None:
+            spec["title"] = self._given["title"]
+        if self.filter:
+            spec["filter"] = dict(self.filter)
+        if self._given["columns"]:
+            spec["columns"] = [column.to_dict() for column in self.columns]
+        return spec
 
     # ------------------------------------------------------------------- text
 
