@@ -101,7 +101,7 @@ class App:
         return super().__new__(cls)
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
-                 image: Any = None, max_threads: int = 32, keep_finished: int | None = None,
+                 image: Any = None, max_threads: int | None = None, keep_finished: int | None = None,
                  executor: str = "default"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
@@ -109,7 +109,8 @@ class App:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         if "runtime" in self.__dict__:  # the same app again (``__new__``): the cell's options apply
             self.image = image
-            self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
+            if max_threads is not None:  # (not given: as it was, not back to the default)
+                self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
             self._set_retention(keep_finished)
             return
         self.name = name
@@ -124,7 +125,8 @@ class App:
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
-        settings = Settings(app=name, max_threads=whole_number("max_threads", max_threads, minimum=1),
+        threads = 32 if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
+        settings = Settings(app=name, max_threads=threads,
                             immediate=executor == "immediate")
         self._set_retention(keep_finished)
         self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,

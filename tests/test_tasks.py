@@ -293,6 +293,37 @@ async def test_an_async_run_cancelled_before_the_loop_starts_it_is_cancelled_at_
     assert ran == [] and handle.snapshot()["attempt"] == 0
 
 
+async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_again_keeps_them(app):
+    """``configure(max_threads=4)`` after a burst had grown the pool: idle threads went on
+    taking runs, so 12 ran at once. And ``App()`` opened again without ``max_threads`` set
+    it back to 32."""
+    gate, running, most = threading.Event(), [], []
+
+    @app.task
+    def work(i):
+        running.append(i)
+        most.append(len(running))
+        gate.wait(10)
+        running.remove(i)
+
+    burst = [work.submit(i) for i in range(20)]  # the pool grows to 20 threads
+    await until(lambda: len(running) == 20)
+    gate.set()
+    for handle in burst:
+        await handle.wait(10)
+    gate.clear()
+    most.clear()
+    app.runtime.max_threads = 4
+    assert cpsl.App(app.name, home=app.home) is app and app.runtime.max_threads == 4
+    batch = [work.submit(i) for i in range(12)]
+    await until(lambda: len(running) == 4)
+    assert [h.snapshot()["status"] for h in batch].count("pending") == 8
+    gate.set()
+    for handle in batch:
+        assert await handle.wait(10) == "completed"
+    assert max(most) == 4
+
+
 async def test_a_run_waiting_for_a_free_thread_is_cancelled_at_once_and_never_starts(app):
     """Every thread is busy; the next run waits for one. Its cancel used to wait too (the
     card said "pending, stopping..." with no button until a thread freed up, minutes if

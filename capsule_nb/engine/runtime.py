@@ -117,7 +117,8 @@ class Runtime:
 
     @max_threads.setter
     def max_threads(self, value: int) -> None:
-        self.settings.max_threads = self.threads.max_workers = value  # the pool grows from the next submit
+        self.settings.max_threads = value
+        self.threads.resize(value)
 
     def is_live(self, task_id: str) -> bool:
         return task_id in self._live
