@@ -252,6 +252,9 @@ export function holdStill(root, draw, { hover = false, rest = 1500 } = {}) {
     hovering = true;
     clearTimeout(restTimer);
     restTimer = setTimeout(() => {
+      // A pointer resting on a button is about to press it: what is under it holds still
+      // until it moves on, or the press would land on whichever run moved there meanwhile.
+      if (root.querySelector("button:hover")) return;
       hovering = false;
       flush();
     }, rest);

@@ -105,7 +105,9 @@ function miniCard(card, context) {
     tabIndex: 0,
     title: `run ${card.task_id}: show details`,
     onclick: () => context.select(node.dataset.taskId),
-    onkeydown: (event) => event.key === "Enter" && event.target === node && node.click(),
+    onkeydown: (event) => { // (a handler property that returns false cancels the key: Tab, a button's Enter)
+      if (event.key === "Enter" && event.target === node) node.click();
+    },
   });
   node.dataset.taskId = card.task_id;
   const mini = { node, key: "" };

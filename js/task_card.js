@@ -56,7 +56,7 @@ export const shownStatus = (run) => (run.orphaned ? "interrupted" : run.status);
 export const ORPHANED = "The process that ran it is gone: the next kernel to open this store records it as interrupted.";
 
 /** "stopping…" on a running run asked to stop that has not yet (it has no Cancel then). */
-export const stopping = (run) => run.stopping && h("span", {
+export const stopping = (run) => run.stopping && !run.orphaned && h("span", {
   className: "cnb-meta cnb-stopping",
   textContent: run.stopping === "timeout" ? "timing out…" : "stopping…",
   title: "Asked to stop: a thread run stops between two Python steps, so one blocked in a call stops when the call returns",
@@ -167,7 +167,8 @@ function renderCard({ title, run, messages = [], output = [] },
       stopping(run),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
       startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
-      run.every && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
+      run.every && run.status !== "cancelled"
+        && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
       elapsed(run, lead, live),
       actions(run, act, live)),
     h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}`,

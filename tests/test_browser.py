@@ -272,6 +272,24 @@ def test_retry_on_the_board_leaves_the_retried_runs_button_usable(scenario: Scen
         assert "malformed XML" in mini.locator(".cnb-note").inner_text()
 
 
+def test_the_boards_cards_work_from_the_keyboard(scenario: Scenario) -> None:
+    """Tab moves on from a board's card, and Enter on its Retry presses it. The card's key
+    handler returned false for every other key, which cancelled them: Tab stayed put."""
+    page = scenario.page
+    board = page.locator(".cnb-board")
+    with scenario.screenshots_on_failure("board-keys"):
+        board.scroll_into_view_if_needed()
+        failed = board.locator(".cnb-mini.cnb-is-failed", has=page.locator(".cnb-title", has_text="parse_feed"))
+        before = failed.count()
+        mini = failed.first
+        mini.focus()
+        page.keyboard.press("Tab")
+        assert mini.evaluate("node => document.activeElement !== node"), "Tab left the focus on the card"
+        mini.locator("button", has_text="Retry").focus()
+        page.keyboard.press("Enter")
+        wait_until(lambda: failed.count() == before + 1, 30, "a run retried from the keyboard")
+
+
 def test_the_saved_notebook_keeps_the_widget_state_with_default_settings(scenario: Scenario) -> None:
     """"Save Widget State Automatically" is off (JupyterLab's default): capsule_nb's widgets are kept anyway."""
     with scenario.screenshots_on_failure("save"):
