@@ -246,6 +246,8 @@ export function holdStill(root, draw, { hover = false, rest = 1500 } = {}) {
   const up = () => {
     if (!pressed) return;
     pressed = false;
+    hovering = false; // what the press did shows now, even with the pointer still on the button
+    clearTimeout(restTimer);
     setTimeout(flush, 0); // after the click this press makes has been handled
   };
   const moved = () => {

@@ -457,6 +457,34 @@ def kernel_pid(lab: Lab, notebook: str) -> int:
     raise LookupError(f"no kernel process for {notebook}")
 
 
+def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_that_run(day: Day) -> None:
+    """The pointer rests on a board card's Cancel for a while, new runs arriving at the top of
+    its column meanwhile, then presses: the run cancelled is the one that was under it. After
+    1.5 s of rest the board used to redraw under the pointer, so the press hit another run."""
+    page = day.run_notebook(
+        "churn", SETUP,
+        "@cpsl.task\nasync def churn(i: int):\n    await asyncio.sleep(120)\n\n"
+        "async def drive():\n    for i in range(60):\n        churn.submit(i)\n        await asyncio.sleep(0.3)\n\n"
+        "driving = asyncio.ensure_future(drive())",
+        'cpsl.ui.TaskBoard(title="Churn", filter={"task_name": "churn"}, refresh_ms=500)')
+    with day.screenshots_on_failure("churn-rest"):
+        running = page.locator(".cnb-board .cnb-lane", has=page.locator(".cnb-lane-head", has_text="Running"))
+        wait_until(lambda: running.locator(".cnb-mini").count() >= 4, 60, "churn runs in Running")
+        aimed = running.locator(".cnb-mini").nth(2)
+        aimed_id = aimed.get_attribute("data-task-id")
+        box = aimed.locator("button", has_text="Cancel").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        before = running.locator(".cnb-mini").count()
+        time.sleep(2.5)  # the user's pause, over the button
+        page.mouse.down()
+        page.mouse.up()
+        wait_until(lambda: day.status(aimed_id) == "cancelled", 15, "the run under the pointer cancelled")
+        churned = day.app.store.runs({"task_name": "churn"})
+        assert [r["task_id"] for r in churned if r["status"] == "cancelled"] == [aimed_id]
+        assert len(churned) > before  # runs did arrive while the pointer rested
+        page.mouse.move(0, 0)
+
+
 def test_a_kernel_that_dies_is_said_at_once_and_the_store_tells_what_became_of_its_run(day: Day) -> None:
     maker = day.page = day.pages["maker"]
     with day.screenshots_on_failure("death"):
