@@ -8,7 +8,7 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import StoreError
 
-from ..conftest import record_on_disk, until
+from ..conftest import record_on_disk, until, until_sync
 
 
 @pytest.mark.parametrize("fault", [
@@ -45,17 +45,25 @@ async def test_a_disk_that_refuses_writes_then_recovers(app, monkeypatch, fault)
 
 def test_closing_an_app_while_the_disk_refuses_writes_says_so(app, monkeypatch, caplog):
     """What close could not make durable is logged with the store's path (it was passed over)."""
+    import threading
+
+    gate = threading.Event()
+
     @app.task
     def work(n):
+        gate.wait(10)  # live at the close, which has its end to record
         return n
 
-    work.submit(1)
+    handle = work.submit(1)
+    until_sync(lambda: handle.snapshot()["status"] == "running")
+    app.store.flush()
 
     def refuse(key, value, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(app.store._cache, "set", refuse)
     app.close()
+    gate.set()
     assert "could not record how its live runs end" in caplog.text and str(app.home) in caplog.text
 
 
