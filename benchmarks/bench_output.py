@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 AIM = 1.5  # time per write at 3x the volume over time per write at 1x
 

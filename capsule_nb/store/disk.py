@@ -90,16 +90,49 @@ def lenient(connection: sqlite3.Connection) -> sqlite3.Connection:
     return connection
 
 
+# How the store runs, fixed here rather than read from the database. diskcache keeps its
+# settings as rows of the database's Settings table: it runs each ``sqlite_`` row as a PRAGMA
+# on every new connection and sets each other row as an attribute. A row another program, an
+# older diskcache or a person wrote would rule them: ``journal_mode = delete`` locks every
+# thread but the opener's out of a store others hold in WAL mode, ``synchronous = 0`` loses
+# commits, a ``disk_store`` row replaces a method.
+_SETTINGS: dict[str, Any] = {
+    **diskcache.DEFAULT_SETTINGS,
+    "eviction_policy": "none",
+    "cull_limit": 0,  # nothing here expires or is evicted: skip diskcache's cull query on every set
+    "size_limit": 2**62,
+    "statistics": 0,
+    "tag_index": 0,
+    "sqlite_journal_size_limit": 4 * 2**20,  # after a checkpoint, a write-ahead log bigger than this shrinks
+    # diskcache's defaults (a 32 MiB page cache and a 64 MiB map, for each connection: one per
+    # thread) grew a kernel by 70 MB over 100k runs. SQLite's own size of cache does as well
+    # here: most reads are a few rows by index, and another kernel's write empties it anyway.
+    "sqlite_cache_size": 512,  # pages: 2 MiB at the usual 4 KiB a page
+    "sqlite_mmap_size": 0,
+}
+
+
 class _Cache(diskcache.Cache):
-    """diskcache's Cache, its per-thread connections ``lenient``."""
+    """diskcache's Cache: its per-thread connections ``lenient``, its settings ``_SETTINGS``."""
 
     @property
     def _con(self) -> sqlite3.Connection:
         return lenient(super()._con)
 
+    def reset(self, key: str, value: Any = diskcache.core.ENOVAL, update: bool = True) -> Any:
+        if key in diskcache.core.METADATA:  # (its counts: read and kept by diskcache's triggers)
+            return super().reset(key, value, update)
+        if key not in _SETTINGS:
+            return None  # a row capsule_nb never wrote is never run
+        return super().reset(key, _SETTINGS[key], update)
+
 
 class JSONDisk(diskcache.Disk):
     """Keys are plain strings, values JSON text or signed payload bytes. Never pickle."""
+
+    def __init__(self, directory: str, **_from_the_table: Any):
+        """diskcache hands over every ``disk_`` row of the Settings table: see ``_SETTINGS``."""
+        super().__init__(directory, _SETTINGS["disk_min_file_size"], _SETTINGS["disk_pickle_protocol"])
 
     def put(self, key: Any) -> tuple[Any, bool]:
         if type(key) is not str:
@@ -209,17 +242,7 @@ def has_store(path: Path) -> bool:
 
 def open_cache(path: Path) -> diskcache.Cache:
     try:
-        return _Cache(
-            str(path / "db"),
-            disk=JSONDisk,
-            eviction_policy="none",
-            cull_limit=0,  # nothing here expires or is evicted: skip diskcache's cull query on every set
-            size_limit=2**62,
-            sqlite_journal_size_limit=4 * 2**20,  # after a checkpoint, a write-ahead log bigger than this shrinks
-            statistics=0,
-            tag_index=0,
-            timeout=60,
-        )
+        return _Cache(str(path / "db"), disk=JSONDisk, timeout=60, **_SETTINGS)
     except Exception as exc:
         hint = ""
         if isinstance(exc, sqlite3.OperationalError) and "disk I/O error" in str(exc):

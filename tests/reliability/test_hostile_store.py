@@ -8,6 +8,7 @@ would write them. The tests hold as root (CI): loose modes are made with
 os.chmod, links with os.symlink, and ownership compares st_uid with getuid.
 """
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -483,6 +484,63 @@ def test_bad_lock_schedule_and_document_rows_do_not_break_their_users(app, capsy
     items = app.collection("items")
     assert items.update_one({"_id": "a"}, {"$set": {"x": 1}}) == {"matched": 0, "modified": 0}
     assert items.insert_one({"_id": "a", "x": 2}).value["x"] == 2  # the bad row is simply replaced
+
+
+@pytest.mark.parametrize("key, value", [
+    ("sqlite_journal_mode", "delete"),  # was: every thread but the opener's locked out
+    ("sqlite_synchronous", 0),  # was: commits lost at a power cut
+    ("sqlite_query_only", 1),  # was: run as a pragma on every new connection
+    ("sqlite_cache_size", 10**6),  # was: a 4 GB page cache per connection
+    ("sqlite_foreign_keys", "1; DROP TABLE capsule_runs"),
+    ("disk_min_file_size", "many"),
+    ("disk_store", 5),  # was: diskcache's Disk.store replaced
+    ("_disk", "not a disk"),  # was: the cache's Disk replaced
+])
+def test_a_settings_row_written_behind_our_back_never_sets_how_the_store_runs(tmp_path, capsys, caplog, key, value):
+    """diskcache reads its settings from a table of the database; capsule_nb's own rule.
+    The open, the writer, the maintenance pass (which answers a cancel from the CLI) and
+    every new thread's connection run as if the row were not there."""
+    home = tmp_path / "store"
+    (kept,) = good_store(home)
+    with sqlite3.connect(home / "db" / "cache.db") as db:
+        db.execute("INSERT OR REPLACE INTO Settings (key, value) VALUES (?, ?)", (key, value))
+    db.close()
+    app = cpsl.App(home=home)
+    try:
+        @app.task
+        async def job(hold):
+            if hold:
+                await asyncio.sleep(60)
+            return ["x"] * 20_000  # its record is big
+
+        stopped, finished = job.submit(True), job.submit(False)
+        until_sync(lambda: stopped.snapshot()["status"] == "running")
+        assert cli(capsys, "--home", str(home), "cancel", stopped.task_id)[0] == 0  # answered by the upkeep's pass
+        until_sync(lambda: stopped.snapshot()["status"] == "cancelled")
+        until_sync(lambda: finished.snapshot()["status"] == "completed")
+        app.collection("tickets").insert_one({"text": "y" * 100_000})  # a big value: diskcache's Disk
+        app.store.flush()
+        pragmas = {}
+
+        def connect():  # a thread's first use of the store opens its connection
+            pragmas.update((name, app.store._cache._sql(f"PRAGMA {name}").fetchone()[0])
+                           for name in ("journal_mode", "synchronous", "query_only", "cache_size", "mmap_size"))
+
+        thread = threading.Thread(target=connect)
+        thread.start()
+        thread.join()
+        assert pragmas == {"journal_mode": "wal", "synchronous": 1, "query_only": 0, "cache_size": 512, "mmap_size": 0}
+    finally:
+        app.close()
+    assert record_on_disk(home, finished.task_id)["status"] == "completed"
+    assert record_on_disk(home, kept)["status"] == "completed"
+    store = Store(home)
+    try:
+        assert store.get_run(stopped.task_id)["status"] == "cancelled"
+        assert store.run_counts() == {("completed",): 2, ("cancelled",): 1}
+    finally:
+        store.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # ------------------------------------------------------------- 4. callbacks
