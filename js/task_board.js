@@ -220,12 +220,18 @@ export default {
       Object.assign(context, { lead: view.lead(), live: view.live() });
       context.selected = state("selected");
       const columns = state("lanes");
+      const focused = lanesRoot.contains(document.activeElement) && document.activeElement;
+      const focusedRun = focused && focused.closest(".cnb-mini")?.dataset.taskId;
       if (columns.map((c) => c.label).join("\n") !== [...lanes.keys()].join("\n")) {
         lanes.clear();
         for (const column of columns) lanes.set(column.label, makeLane(column.label, context));
         lanesRoot.replaceChildren(...[...lanes.values()].map((lane) => lane.root));
       }
       for (const column of columns) updateLane(lanes.get(column.label), column, context);
+      if (focusedRun && !focused.isConnected) { // the run moved to another column, or its button went
+        const lane = [...lanes.values()].find((l) => l.minis.has(focusedRun));
+        lane?.minis.get(focusedRun).node.focus({ preventScroll: true }); // the keyboard stays on it
+      }
     };
     const hold = holdStill(lanesRoot, drawLanes, { hover: true });
     const drawDetail = () => {

@@ -91,7 +91,9 @@ export function actions(run, act, live = true) {
       title: live ? `${label} run ${run.task_id}` : `${label} needs the kernel that drew this`,
       onclick: (event) => {
         event.stopPropagation();
-        event.currentTarget.disabled = true; // until the new state arrives
+        const pressed = event.currentTarget;
+        pressed.closest(".cnb-mini, .cnb-card")?.focus({ preventScroll: true }); // (a disabled button drops it)
+        pressed.disabled = true; // until the new state arrives
         act(action, run.task_id);
       },
     });
@@ -160,7 +162,7 @@ function renderCard({ title, run, messages = [], output = [] },
     ontoggle: (event) => (ui.traceback = event.currentTarget.open),
   }, h("summary", { textContent: "Traceback" }), h("pre", { textContent: run.traceback }));
 
-  return h("div", { className: `cnb-card cnb-is-${shownStatus(run)}${live ? "" : " cnb-not-live"}` },
+  return h("div", { className: `cnb-card cnb-is-${shownStatus(run)}${live ? "" : " cnb-not-live"}`, tabIndex: -1 },
     h("div", { className: "cnb-head" },
       h("span", { className: "cnb-title", textContent: title, title }),
       badge(shownStatus(run)),
@@ -197,8 +199,10 @@ export function placeCard(parent, card, options, before = [], after = []) {
   const old = parent.querySelector(".cnb-card");
   const fresh = keepActions(old, renderCard(card, options));
   const restoreScroll = keepScroll(old, fresh);
+  const focused = old?.contains(document.activeElement) && document.activeElement;
   parent.replaceChildren(...[...before, fresh, ...after].filter(Boolean));
   restoreScroll();
+  if (focused && !focused.isConnected) fresh.focus({ preventScroll: true }); // the keyboard stays on the run
 }
 
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */

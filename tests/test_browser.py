@@ -142,9 +142,11 @@ def test_cancel_on_a_running_card_cancels_the_run_in_the_kernel(scenario: Scenar
         card = scenario.card("Waiting for data")
         card.locator(".cnb-badge", has_text="running").wait_for(timeout=30_000)
         task_id = scenario.task_id("Waiting for data")
-        card.locator("button", has_text="Cancel").click()
+        card.locator("button", has_text="Cancel").focus()
+        scenario.page.keyboard.press("Enter")  # from the keyboard: the focus stays on the card
         card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
         assert card.locator("button", has_text="Retry").is_visible()
+        assert card.evaluate("node => node.contains(document.activeElement)"), "the focus left the card"
 
         app = capsule_nb.App(home=scenario.lab.home)
         try:
@@ -272,9 +274,14 @@ def test_retry_on_the_board_leaves_the_retried_runs_button_usable(scenario: Scen
         assert "malformed XML" in mini.locator(".cnb-note").inner_text()
 
 
+FOCUSED_RUN = "() => document.activeElement?.closest('.cnb-mini')?.dataset.taskId ?? document.activeElement?.tagName"
+
+
 def test_the_boards_cards_work_from_the_keyboard(scenario: Scenario) -> None:
-    """Tab moves on from a board's card, and Enter on its Retry presses it. The card's key
-    handler returned false for every other key, which cancelled them: Tab stayed put."""
+    """Tab moves on from a board's card, and Enter on its Retry or Cancel presses it. The card's
+    key handler returned false for every other key, which cancelled them: Tab stayed put. After
+    the press the focus stays on the run's card, in whichever column it moves to; it dropped to
+    the page, and the next Tab started again from its top."""
     page = scenario.page
     board = page.locator(".cnb-board")
     with scenario.screenshots_on_failure("board-keys"):
@@ -282,12 +289,22 @@ def test_the_boards_cards_work_from_the_keyboard(scenario: Scenario) -> None:
         failed = board.locator(".cnb-mini.cnb-is-failed", has=page.locator(".cnb-title", has_text="parse_feed"))
         before = failed.count()
         mini = failed.first
+        retried = mini.get_attribute("data-task-id")
         mini.focus()
         page.keyboard.press("Tab")
         assert mini.evaluate("node => document.activeElement !== node"), "Tab left the focus on the card"
         mini.locator("button", has_text="Retry").focus()
         page.keyboard.press("Enter")
         wait_until(lambda: failed.count() == before + 1, 30, "a run retried from the keyboard")
+        assert page.evaluate(FOCUSED_RUN) == retried
+
+        later = board.locator(".cnb-mini.cnb-is-scheduled").first  # "Crunching later": Cancel moves it
+        cancelled = later.get_attribute("data-task-id")
+        later.locator("button", has_text="Cancel").focus()
+        page.keyboard.press("Enter")
+        moved = board.locator(f".cnb-mini.cnb-is-cancelled[data-task-id='{cancelled}']")
+        moved.wait_for(timeout=10_000)
+        wait_until(lambda: page.evaluate(FOCUSED_RUN) == cancelled, 5, "the focus on the cancelled run's card")
 
 
 def test_the_saved_notebook_keeps_the_widget_state_with_default_settings(scenario: Scenario) -> None:
