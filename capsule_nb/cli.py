@@ -55,8 +55,13 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _run(app: Any, task_id: str) -> dict[str, Any]:
+    from .queries import whole_run_id
     from .store.feed import RUN
 
+    try:
+        task_id = whole_run_id(app.store, task_id)
+    except LookupError as exc:
+        raise _UsageError(f"{exc} ({app.home})") from None
     record = app.store.get_run(task_id)
     damage = app.store.problem(RUN + task_id)
     if record is None and damage:
@@ -109,15 +114,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     app = _open(args)
     record = _run(app, args.id)
+    task_id = record["task_id"]
     if record["status"] in FINISHED and not record.get("series"):
-        _emit(args, {"task_id": args.id, "cancelled": False, "status": record["status"]},
-              f"run {args.id} already ended {record['status']}")
+        _emit(args, {"task_id": task_id, "cancelled": False, "status": record["status"]},
+              f"run {task_id} already ended {record['status']}")
         return 1
-    asked = app.runtime.cancel(args.id)
-    now = (app.store.get_run(args.id) or {}).get("status")
+    asked = app.runtime.cancel(task_id)
+    now = (app.store.get_run(task_id) or {}).get("status")
     where = "cancelled" if now == CANCELLED else "its kernel will stop it"  # a live owner was asked
-    _emit(args, {"task_id": args.id, "cancelled": asked, "status": now},
-          f"run {args.id}: {where}" if asked else f"run {args.id}: nothing to cancel")
+    _emit(args, {"task_id": task_id, "cancelled": asked, "status": now},
+          f"run {task_id}: {where}" if asked else f"run {task_id}: nothing to cancel")
     return 0 if asked else 1
 
 
@@ -226,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.set_defaults(func=cmd_tasks)
 
     show = commands.add_parser("show", help="one run: record, messages, error, result preview")
-    show.add_argument("id")
+    show.add_argument("id", help="the run's id, or its last characters (a board's card shows 6)")
     _store_options(show)
     show.set_defaults(func=cmd_show)
 
     cancel = commands.add_parser("cancel", help="cancel a run (a live kernel that owns it stops it)")
-    cancel.add_argument("id")
+    cancel.add_argument("id", help="the run's id, or its last characters (a board's card shows 6)")
     _store_options(cancel)
     cancel.set_defaults(func=cmd_cancel)
 

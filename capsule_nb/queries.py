@@ -8,6 +8,7 @@ awaited, as in Capsule.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
@@ -15,10 +16,25 @@ from .awaitables import ReadyInt, ReadyList, ReadyNone
 from .record import PENDING, RETRY, SCHEDULED, check_status
 
 _WAITING = frozenset({PENDING, SCHEDULED, RETRY})  # what a cancel with no status stops
+_ID_TAIL = re.compile(r"[0-9a-f]{4,23}")  # the end of a run id (24 hex digits), as a board's card shows it
 
 if TYPE_CHECKING:
     from .app import App
     from .handle import TaskHandle
+    from .store.store import Store
+
+
+def whole_run_id(store: "Store", text: str) -> str:
+    """The run ``text`` names, for ``%task`` and the CLI: a whole id, or the end of one (a
+    board's card shows its last 6 characters) that only one run's id ends with. A LookupError
+    lists the runs when several do; an id nothing matches comes back for the caller to refuse."""
+    if not _ID_TAIL.fullmatch(text) or store.get_run(text) is not None:
+        return text
+    found = store.run_ids_ending(text, limit=6)
+    if len(found) > 1:
+        listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise LookupError(f"more than one run's id ends with {text!r} ({listed}): give more of the id")
+    return found[0] if found else text
 
 
 class TaskQuery:

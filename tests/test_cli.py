@@ -80,6 +80,35 @@ def test_prune_older_than(app, capsys):
     assert cli(capsys, "--home", str(app.home), "prune", "--older-than", "soon")[0] == 2
 
 
+def test_show_and_cancel_take_the_end_of_an_id_as_a_boards_card_shows_it(app, capsys):
+    """A board's card shows a run's last 6 characters: ``show`` and ``cancel`` find the run by
+    them, and say which runs when more than one id ends so."""
+    from capsule_nb.record import new_record
+
+    @app.task
+    def later():
+        return 1
+
+    waiting = later.schedule(delay="1h")
+    now = time.time()
+    twins = ["0" * 18 + "beef00", "1" * 18 + "beef00"]
+    for task_id in twins:
+        app.store.put_run(new_record(task_id=task_id, app="default", task_name="later", status="completed",
+                                     attempt=1, max_attempts=1, created_at=now, updated_at=now))
+    app.store.flush()
+    home = str(app.home)
+    code, out, _ = cli(capsys, "--home", home, "--json", "show", waiting.task_id[-6:])
+    assert code == 0 and json.loads(out)["task_id"] == waiting.task_id
+    code, out, _ = cli(capsys, "--home", home, "--json", "cancel", waiting.task_id[-6:])
+    assert code == 0 and json.loads(out) == {"task_id": waiting.task_id, "cancelled": True, "status": "cancelled"}
+    code, out, err = cli(capsys, "--home", home, "show", "beef00")
+    assert code == 2 and "more than one run's id ends with 'beef00'" in err and all(t in err for t in twins)
+    code, out, err = cli(capsys, "--home", home, "show", twins[1])  # a whole id is never a tail
+    assert code == 0 and twins[1] in out
+    code, out, err = cli(capsys, "--home", home, "show", "f00d42")
+    assert code == 2 and "no run 'f00d42'" in err
+
+
 def test_home_and_json_go_before_or_after_every_store_command(app, capsys):
     # docs/api.md: "`--home PATH` and `--json` go before or after the command"
     @app.task

@@ -475,6 +475,8 @@ def test_magics_show_the_store_the_board_and_a_card(kernel: Kernel) -> None:
 
     card = "\n".join(kernel.run("%task {h_probe.task_id}").displays)
     assert "magic_probe" in card and task_id in card and "[completed]" in card and "probed" in card
+    by_its_end = "\n".join(kernel.run(f"%task {task_id[-6:]}").displays)  # as a board's card shows the id
+    assert "magic_probe" in by_its_end and task_id in by_its_end
 
     missing = kernel.run("%task 0000nope")
     assert "no run '0000nope'" in missing.stdout

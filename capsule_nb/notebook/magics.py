@@ -10,6 +10,7 @@ from typing import Any
 
 from ..app import App, configure, default_app
 from ..portable import is_portable
+from ..queries import whole_run_id
 from ..record import RUNNING
 from ..schedules import on_store
 
@@ -44,7 +45,13 @@ def _task_magic(line: str) -> None:
 
     task_id = line.strip()
     if not task_id:
-        print("usage: %task <task id>   (ids are on the %tasks board and in handle.task_id)")
+        print("usage: %task <task id>   (ids are on the %tasks board, or their last characters, and in "
+              "handle.task_id)")
+        return
+    try:
+        task_id = whole_run_id(default_app().store, task_id)
+    except LookupError as exc:
+        print(exc)
         return
     handle = default_app().get_task(task_id)
     if handle is None:

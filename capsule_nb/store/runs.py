@@ -206,6 +206,11 @@ class RunTable:
         rows = self._sql()(f"SELECT {READ} FROM capsule_runs WHERE task_id = ?", (task_id,)).fetchall()
         return next(self._records(rows), None)
 
+    def ids_ending(self, tail: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of runs that end with ``tail`` (no ``*?[`` in it: GLOB's marks)."""
+        rows = self._sql()("SELECT task_id FROM capsule_runs WHERE task_id GLOB ? LIMIT ?", ("*" + tail, limit))
+        return [task_id for (task_id,) in rows if type(task_id) is str]
+
     def get_many(self, task_ids: Sequence[str]) -> dict[str, RunRecord]:
         found: dict[str, RunRecord] = {}
         for chunk in batches(task_ids):

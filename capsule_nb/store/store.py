@@ -276,6 +276,11 @@ class Store:
         self._settle()
         return self._runs.values(column)
 
+    @disk.says_which_store
+    def run_ids_ending(self, tail: str, limit: int) -> list[str]:
+        self._settle()
+        return self._runs.ids_ending(tail, limit)
+
     def finished_count(self, app: str) -> int:
         """Finished runs of ``app`` on disk (retention's trigger)."""
         return self._runs.finished(app)
