@@ -113,6 +113,9 @@ class App:
                 self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
             self._set_retention(keep_finished)
             return
+        threads = 32 if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
+        if keep_finished is not None:  # (checked before the store opens: a bad value opens nothing)
+            whole_number("keep_finished", keep_finished)
         self.name = name
         self.image = image
         self.store = open_store(_home(home))
@@ -125,7 +128,6 @@ class App:
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
-        threads = 32 if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
         settings = Settings(app=name, max_threads=threads,
                             immediate=executor == "immediate")
         self._set_retention(keep_finished)
@@ -393,6 +395,14 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     makes each capsule_nb-only extension warn once with the Capsule way to
     write it (for the whole process).
     """
+    # Every value is checked before anything changes: a bad one leaves the app as it was.
+    threads = None if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
+    result_bytes = None if max_result_bytes is None else whole_number("max_result_bytes", max_result_bytes)
+    keep = None if keep_finished is None else whole_number("keep_finished", keep_finished)
+    if cluster is not _UNSET and cluster is not None:
+        from .workers.dask import check_client
+
+        check_client(cluster)
     if portable is not None:
         _portable.set_portable(portable)
     global _default
@@ -402,17 +412,18 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
             _default = App(home=home)
         app = _default
     if old is not None and old is not app:
+        kernel.follow_default_session(old.session, app.session)
         if old.tasks_defined():  # they stay on the old store: say so, once, instead of moving them
             log.warning("capsule_nb: configure(home=%s) made a new default app; the %d task(s) defined before "
                         "it stay on %s. Call configure(home=...) before defining tasks.",
                         app.home, len(old.tasks_defined()), old.home)
         else:  # nothing was defined on it: it goes, and its maintenance of the old store with it
             old.close()
-    if max_threads is not None:
-        app.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
-    if max_result_bytes is not None:
-        app.runtime.settings.max_result_bytes = whole_number("max_result_bytes", max_result_bytes)
-    app._set_retention(keep_finished)
+    if threads is not None:
+        app.runtime.max_threads = threads
+    if result_bytes is not None:
+        app.runtime.settings.max_result_bytes = result_bytes
+    app._set_retention(keep)
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
     return app

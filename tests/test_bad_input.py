@@ -281,6 +281,31 @@ def test_configure_tunes_the_default_app_and_checks_values(tmp_path, monkeypatch
         cpsl.configure(portable="no")  # (it turned portable mode on)
 
 
+def test_a_configure_with_one_bad_value_changes_nothing(tmp_path, monkeypatch):
+    """Each value used to apply in turn: the store moved (and the old one closed), then a bad
+    max_threads raised; or max_threads changed, then a bad keep_finished raised."""
+    import threading
+
+    import capsule_nb.app
+
+    monkeypatch.setattr(capsule_nb.app, "_default", None)
+    app = cpsl.configure(home=tmp_path / "first", max_threads=4, keep_finished=50)
+    threads = threading.active_count()
+    for bad, error in (({"home": tmp_path / "second", "max_threads": 0}, "max_threads must be a whole number"),
+                       ({"max_threads": 3, "keep_finished": -1}, "keep_finished must be a whole number"),
+                       ({"max_threads": 3, "cluster": "tcp://127.0.0.1:8786"},
+                        "cluster must be a distributed.Client .*, got 'tcp://127.0.0.1:8786'")):
+        with pytest.raises((ValueError, TypeError), match=error):
+            cpsl.configure(**bad)
+    assert cpsl.configure() is app and not app._closed
+    assert (app.runtime.max_threads, app.keep_finished) == (4, 50)
+    assert not (tmp_path / "second").exists() and threading.active_count() == threads  # (the cluster's thread)
+    with pytest.raises(ValueError, match="max_threads must be a whole number"):
+        cpsl.App("other", home=tmp_path / "third", max_threads=0)
+    assert not (tmp_path / "third").exists()  # checked before the store opens
+    app.close()
+
+
 @pytest.mark.parametrize("args, kwargs", [
     ((), {}), (("eu",), {}), (("eu", 2023), {}), (("eu", 2023, "csv"), {}), (("eu", 2023, "csv", "x"), {}),
     ((), {"region": "eu"}), (("eu",), {"region": "us"}), (("eu",), {"fmt": "csv", "year": 1}),

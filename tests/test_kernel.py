@@ -546,6 +546,29 @@ def test_reload_ext_while_a_task_runs_leaves_no_error_behind(kernel: Kernel) -> 
     assert status in ("failed", "cancelled") and errors == ["None"]
 
 
+def test_the_notebooks_session_follows_configure_home_to_the_new_store(tmp_path: Path) -> None:
+    """The docs say: ``configure(home=...)`` first. The ``session`` that ``%load_ext`` put in
+    the namespace kept the old app's: its documents and data went to the old store."""
+    k = Kernel(tmp_path / "old", cwd=tmp_path)
+    try:
+        k.run(f"""
+            %load_ext capsule_nb
+            cpsl.configure(home={str(tmp_path / "new")!r})
+            await session.db.things.insert_one({{"a": 1}})
+            session.data["seen"] = True
+            """)
+        facts = k.value('{"same": cpsl.current_session() is session, '
+                        '"count": cpsl.configure().collection("things").count()}')
+    finally:
+        k.close()
+    assert facts == {"same": True, "count": 1}
+    old = Store(tmp_path / "old")
+    try:
+        assert old.docs("things") == []
+    finally:
+        old.close()
+
+
 def test_kernel_shutdown_records_running_work_as_interrupted(tmp_path: Path) -> None:
     k = Kernel(tmp_path / "store", cwd=tmp_path)
     try:

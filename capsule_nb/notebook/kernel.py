@@ -32,6 +32,18 @@ def kernel() -> Any | None:
     return getattr(shell, "kernel", None) if shell is not None else None
 
 
+def follow_default_session(old: Any, new: Any) -> None:
+    """``configure(home=...)`` made a new default app: the notebook's ``session`` (put in the
+    namespace by ``%load_ext``) becomes its session, unless the name was bound to another."""
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None and shell.user_ns.get("session") is old:
+        shell.user_ns["session"] = new
+
+
 def on_exit(callback: Callable[[], None]) -> None:
     """Call ``callback`` (once per process, however often given) when the kernel is shut down
     or restarted: ipykernel's ``do_shutdown`` sets the shell's ``exit_now``, before it ends the

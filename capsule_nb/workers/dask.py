@@ -100,12 +100,21 @@ class DaskJob(Job):
             log.exception("capsule_nb: could not reach the Dask workers to kill job %s", self.id)
 
 
+def check_client(client: Any) -> None:
+    """A TypeError naming ``client`` unless it is a ``distributed.Client`` (an optional extra:
+    it fails here, clearly, if distributed is missing)."""
+    import distributed
+
+    if not isinstance(client, distributed.Client):
+        raise TypeError(f"cluster must be a distributed.Client (or None: this machine's worker processes), "
+                        f"got {client!r}")
+
+
 class DaskBackend:
     """Runs pickled calls on a ``distributed.Client``'s cluster, one Dask task per call."""
 
     def __init__(self, client: Any):
-        import distributed  # noqa: F401  (an optional extra: fail here, clearly, if it is missing)
-
+        check_client(client)
         self.client = client
         self.topic = f"capsule-nb-{uuid.uuid4().hex}"
         self._jobs: dict[str, DaskJob] = {}
