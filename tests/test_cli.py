@@ -55,6 +55,9 @@ def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
     code, _, err = cli(capsys, "--home", str(tmp_path / "empty"), "tasks")
     assert code == 2 and "is not a capsule_nb store" in err
     assert not (tmp_path / "empty").exists()  # a typo never creates a store
+    (tmp_path / "a file").write_text("not a store")
+    code, _, err = cli(capsys, "--home", str(tmp_path / "a file"), "tasks")  # (was a NotADirectoryError traceback)
+    assert code == 2 and "is not a capsule_nb store" in err
     code, _, err = cli(capsys, "--home", str(app.home), "tasks", "--status", "done")
     assert code == 2 and "unknown status 'done'" in err
     for limit in ("-3", "99999999999999999999"):

@@ -59,7 +59,7 @@ def check_database_kept(path: Path) -> None:
     try:
         if db.stat().st_size > 0:
             return
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a path through a file: no store there either)
         pass
     left = sum(1 for _, _, files in os.walk(path / "db") for name in files if name.endswith(".val"))
     if left:
