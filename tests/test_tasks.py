@@ -324,6 +324,29 @@ async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_agai
     assert max(most) == 4
 
 
+async def test_fewer_threads_hold_for_the_runs_already_waiting_for_one(app):
+    """4 threads busy, 8 runs waiting: lowered to 1, the waiting runs go one at a time. They
+    went 4 at a time, the threads' leave notes queued behind them (w46)."""
+    gate, running, most = threading.Event(), [], []
+
+    @app.task
+    def work(i):
+        running.append(i)
+        most.append(len(running))
+        gate.wait(10)
+        running.remove(i)
+
+    app.runtime.max_threads = 4
+    batch = [work.submit(i) for i in range(12)]
+    await until(lambda: len(running) == 4)
+    app.runtime.max_threads = 1
+    most.clear()
+    gate.set()
+    for handle in batch:
+        assert await handle.wait(10) == "completed"
+    assert most and max(most) == 1, most
+
+
 async def test_a_run_waiting_for_a_free_thread_is_cancelled_at_once_and_never_starts(app):
     """Every thread is busy; the next run waits for one. Its cancel used to wait too (the
     card said "pending, stopping..." with no button until a thread freed up, minutes if

@@ -17,7 +17,7 @@ from typing import Any, Callable
 log = logging.getLogger("capsule_nb")
 
 IDLE_SECONDS = 60.0
-_LEAVE = (None, ())  # what tells one thread more than ``max_workers`` allows to go
+_WAKE = (None, ())  # wakes an idle thread to see whether it is one too many
 
 
 class WorkerPool:
@@ -31,21 +31,21 @@ class WorkerPool:
         self._workers = 0  # live threads
         self._idle = 0  # threads waiting for a job
         self._pending = 0  # jobs queued and not yet taken
-        self._leaving = 0  # threads told to go (``resize``) that have not yet
+        self._leaving = 0  # threads one too many since ``resize``: the next ones free leave
         self._count = 0
 
     def resize(self, max_workers: int) -> None:
-        """Allow ``max_workers`` threads: more start on demand; a smaller number takes effect as
-        threads come for their next job, each one too many leaving instead (jobs queued first
-        are taken first, by as many threads as there were when they were queued)."""
+        """Allow ``max_workers`` threads: more start on demand; a smaller number holds from the
+        next job a thread takes, each thread one too many leaving instead of taking it."""
         if max_workers < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_workers!r}")
         with self._lock:
             self.max_workers = max_workers
             excess = max(0, self._workers - self._leaving - max_workers)
             self._leaving += excess
-        for _ in range(excess):
-            self._jobs.put(_LEAVE)
+            idle = min(excess, self._idle)
+        for _ in range(idle):  # (busy ones see it when their job ends)
+            self._jobs.put(_WAKE)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on a worker; exceptions are logged (runs record their own)."""
@@ -63,6 +63,10 @@ class WorkerPool:
     def _work(self) -> None:
         while True:
             with self._lock:
+                if self._leaving:  # one too many since ``resize``: leave before the next job
+                    self._leaving -= 1
+                    self._workers -= 1
+                    return
                 self._idle += 1
             try:
                 fn, args = self._jobs.get(timeout=IDLE_SECONDS)
@@ -75,10 +79,8 @@ class WorkerPool:
                 continue
             with self._lock:
                 self._idle -= 1
-                if fn is None:  # one too many since ``resize``: leave
-                    self._leaving -= 1
-                    self._workers -= 1
-                    return
+                if fn is None:  # ``_WAKE``: back to the top, which says whether to leave
+                    continue
                 self._pending -= 1
             try:
                 fn(*args)
