@@ -12,7 +12,7 @@
 // says so and shows what the store says (ui/server.py).
 import {
   actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, ORPHANED,
-  placeCard, progressBar, shownStatus, staleNote, staleText, stopping,
+  placeCard, progressBar, refocus, shownStatus, staleNote, staleText, stopping,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -228,9 +228,9 @@ export default {
         lanesRoot.replaceChildren(...[...lanes.values()].map((lane) => lane.root));
       }
       for (const column of columns) updateLane(lanes.get(column.label), column, context);
-      if (focusedRun && !focused.isConnected) { // the run moved to another column, or its button went
+      if (focused) { // (the run may have moved to another column)
         const lane = [...lanes.values()].find((l) => l.minis.has(focusedRun));
-        lane?.minis.get(focusedRun).node.focus({ preventScroll: true }); // the keyboard stays on it
+        refocus(focused, lane?.minis.get(focusedRun).node);
       }
     };
     const hold = holdStill(lanesRoot, drawLanes, { hover: true });

@@ -197,12 +197,22 @@ function renderCard({ title, run, messages = [], output = [] },
  */
 export function placeCard(parent, card, options, before = [], after = []) {
   const old = parent.querySelector(".cnb-card");
+  const focused = old?.contains(document.activeElement) && document.activeElement;
   const fresh = keepActions(old, renderCard(card, options));
   const restoreScroll = keepScroll(old, fresh);
-  const focused = old?.contains(document.activeElement) && document.activeElement;
   parent.replaceChildren(...[...before, fresh, ...after].filter(Boolean));
   restoreScroll();
-  if (focused && !focused.isConnected) fresh.focus({ preventScroll: true }); // the keyboard stays on the run
+  refocus(focused, fresh);
+}
+
+/**
+ * After a redraw, give the focus back to `focused` (a kept button: moving it out of the page
+ * and back dropped the focus), or to `fallback` (the run's card) when it is gone: the
+ * keyboard stays on the run, where it used to fall to the page.
+ */
+export function refocus(focused, fallback) {
+  if (!focused || document.activeElement === focused) return;
+  (focused.isConnected ? focused : fallback)?.focus({ preventScroll: true });
 }
 
 /** What the last Cancel or Retry said when it could not act (empty: hidden). */

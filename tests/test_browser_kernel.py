@@ -485,6 +485,35 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
         page.mouse.move(0, 0)
 
 
+def test_a_cancel_focused_from_the_keyboard_stays_focused_while_its_run_reports_progress(day: Day) -> None:
+    """Tab to a card's Cancel, wait while the run reports progress, press Enter: it cancels.
+    Each update moved the focused button out of the page and back, which dropped the focus
+    to the page, so Enter did nothing (w47); and the same on a board's card."""
+    page = day.run_notebook(
+        "ticking", SETUP,
+        "@cpsl.task\nasync def ticking(i: int, session):\n    for n in range(1000):\n"
+        "        session.progress(n, 1000, f'tick {n}')\n        await asyncio.sleep(0.3)\n\n"
+        "h_card, h_board = ticking.submit(1), ticking.submit(2)\nsession.show_task(h_card)",
+        'cpsl.ui.TaskBoard(title="Ticking", filter={"task_name": "ticking"}, refresh_ms=300)')
+    focused = "() => document.activeElement?.closest('.cnb-mini, .cnb-card')?.textContent ?? 'the page'"
+    with day.screenshots_on_failure("ticking-keys"):
+        card = page.locator(CARD, has=page.locator(".cnb-title", has_text="ticking"))
+        running = page.locator(".cnb-board .cnb-lane", has=page.locator(".cnb-lane-head", has_text="Running"))
+        wait_until(lambda: running.locator(".cnb-mini").count() == 2, 60, "both runs on the board")
+        card_id = card.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        board_id = next(i for i in running.locator(".cnb-mini").evaluate_all("ns => ns.map(n => n.dataset.taskId)")
+                        if i != card_id)
+        for button, task_id in ((card.locator("button", has_text="Cancel"), card_id),
+                                (running.locator(f".cnb-mini[data-task-id='{board_id}'] button", has_text="Cancel"),
+                                 board_id)):
+            button.focus()
+            said = button.evaluate("b => b.closest('.cnb-mini, .cnb-card').textContent")
+            wait_until(lambda: page.evaluate(focused) != said, 10, "the run's progress redrawn")
+            assert button.evaluate("b => document.activeElement === b"), page.evaluate(focused)
+            page.keyboard.press("Enter")
+            wait_until(lambda: day.status(task_id) == "cancelled", 15, f"run {task_id} cancelled from the keyboard")
+
+
 def test_a_kernel_that_dies_is_said_at_once_and_the_store_tells_what_became_of_its_run(day: Day) -> None:
     maker = day.page = day.pages["maker"]
     with day.screenshots_on_failure("death"):
