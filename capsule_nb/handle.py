@@ -183,9 +183,27 @@ class TaskHandle(Steps):
         return f"<TaskHandle {record['task_name']} {self.task_id} {record['status']}>"
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """What the run was doing, and when that was: text does not change as the run goes."""
+        from .ui.live import as_of
         from .ui.text import run_text
 
-        printer.text(run_text(self.snapshot()))
+        try:
+            record = self._record()
+        except KeyError:  # pruned by retention: a cell showing it must not fail
+            printer.text(repr(self))
+            return
+        printer.text(run_text(record) + as_of(live=False))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        """In a kernel, a cell ending in a handle shows the run's live card; elsewhere (and for a
+        run no longer in the store) None, and IPython shows ``_repr_pretty_``'s text."""
+        from .notebook.kernel import kernel
+
+        if kernel() is None or self._app.store.get_run(self.task_id) is None:
+            return None
+        from .ui import TaskCard
+
+        return TaskCard(self)._repr_mimebundle_(include=include, exclude=exclude)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TaskHandle) and other.task_id == self.task_id

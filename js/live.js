@@ -224,22 +224,26 @@ function keepAsking(ask, ms = 5000) {
  * Hold a view's redraws while the pointer is pressed in `root` (so the
  * button under it is the one released on) and, with `hover`, while it moves
  * over `root` and for `rest` ms after (so what is under it stays put).
- * Returns { request(): draw now or when let go, release() }.
+ * `waiting(true/false)` is told when a redraw starts and stops waiting, so the
+ * view can say it is paused. Returns { request(): draw now or when let go, release() }.
  */
-export function holdStill(root, draw, { hover = false, rest = 1500 } = {}) {
+export function holdStill(root, draw, { hover = false, rest = 1500, waiting = () => {} } = {}) {
   let pressed = false;
   let hovering = false;
   let pending = false;
   let restTimer = null;
   const held = () => pressed || hovering;
+  const wait = (value) => {
+    if (pending !== value) waiting((pending = value));
+  };
   const flush = () => {
     if (pending && !held()) {
-      pending = false;
+      wait(false);
       draw();
     }
   };
   const request = () => {
-    if (held()) pending = true;
+    if (held()) wait(true);
     else draw();
   };
   const down = () => (pressed = true);

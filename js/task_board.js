@@ -200,7 +200,9 @@ export default {
     const lanesRoot = h("div", { className: "cnb-lanes" });
     const detail = h("div", { className: "cnb-detail" });
     const footer = h("div");
-    const head = h("div", { className: "cnb-board-head" }, title, total, filters);
+    // Always there, shown or hidden: its coming and going never moves what is under the pointer.
+    const paused = h("span", { className: "cnb-meta cnb-paused", textContent: "paused while the pointer is over the runs" });
+    const head = h("div", { className: "cnb-board-head" }, title, total, paused, filters);
     el.replaceChildren(head, stale, lanesRoot, detail, footer);
 
     const lanes = new Map(); // label -> lane
@@ -233,7 +235,9 @@ export default {
         refocus(focused, lane?.minis.get(focusedRun).node);
       }
     };
-    const hold = holdStill(lanesRoot, drawLanes, { hover: true });
+    const hold = holdStill(lanesRoot, drawLanes, {
+      hover: true, waiting: (held) => (paused.style.visibility = held ? "visible" : "hidden") });
+    paused.style.visibility = "hidden";
     const drawDetail = () => {
       const card = state("detail");
       const selected = state("selected");

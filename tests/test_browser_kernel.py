@@ -475,7 +475,10 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
         box = aimed.locator("button", has_text="Cancel").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         before = running.locator(".cnb-mini").count()
+        paused = page.locator(".cnb-board .cnb-paused")
+        assert not paused.is_visible()
         time.sleep(2.5)  # the user's pause, over the button
+        assert paused.is_visible()  # the board says it holds still (w47: it showed ended runs as running)
         page.mouse.down()
         page.mouse.up()
         wait_until(lambda: day.status(aimed_id) == "cancelled", 15, "the run under the pointer cancelled")
@@ -483,6 +486,8 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
         assert [r["task_id"] for r in churned if r["status"] == "cancelled"] == [aimed_id]
         assert len(churned) > before  # runs did arrive while the pointer rested
         page.mouse.move(0, 0)
+        wait_until(lambda: not paused.is_visible(), 5, "the board live again once the pointer left")
+        assert running.locator(".cnb-mini").count() > before
 
 
 def test_a_cancel_focused_from_the_keyboard_stays_focused_while_its_run_reports_progress(day: Day) -> None:

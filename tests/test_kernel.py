@@ -478,6 +478,11 @@ def test_magics_show_the_store_the_board_and_a_card(kernel: Kernel) -> None:
     by_its_end = "\n".join(kernel.run(f"%task {task_id[-6:]}").displays)  # as a board's card shows the id
     assert "magic_probe" in by_its_end and task_id in by_its_end
 
+    shown = kernel.run("h_probe")  # a cell ending in a handle: its live card (it was frozen text, w47)
+    (result,) = [m["content"]["data"] for m in shown.messages if m["msg_type"] == "execute_result"]
+    assert "application/vnd.jupyter.widget-view+json" in result
+    assert result["text/plain"].startswith("magic_probe [completed]") and "(as of " in result["text/plain"]
+
     missing = kernel.run("%task 0000nope")
     assert "no run '0000nope'" in missing.stdout
     assert "usage: %task <task id>" in kernel.run("%task").stdout

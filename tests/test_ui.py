@@ -688,6 +688,32 @@ async def test_text_forms_and_the_widget_bundle(app, capsys):
     assert "report [completed]" in capsys.readouterr().out and shown._closed
 
 
+async def test_a_handle_as_text_says_when_and_never_fails_once_its_run_is_pruned(app):
+    """Outside a kernel a handle shows as text: what its run was doing, and when that was.
+    A run not started yet says so (not "attempt 0/1"), one waiting for a retry has no clock
+    counting on, and a run retention pruned showed as a KeyError that failed the cell (w46)."""
+    from IPython.lib.pretty import pretty
+
+    from capsule_nb.ui.text import table_text
+
+    @app.task(retries=1, retry_delay=60)
+    def flaky():
+        raise OSError("try again")
+
+    later, retried = flaky.schedule(delay="1h"), flaky.submit()
+    await until(lambda: retried.snapshot()["status"] == "retry")
+    assert later._repr_mimebundle_() is None  # no kernel: IPython uses the text
+    text = pretty(later)
+    assert text.startswith("flaky [scheduled]") and "not started  elapsed -" in text and "attempt 0" not in text
+    assert re.search(r"\n\(as of \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+\)$", text), text
+    assert "attempt 1/2  elapsed -" in pretty(retried)
+    table = table_text([retried.snapshot(), later.snapshot()])  # (the CLI's; its clock ran on: w46)
+    row = next(line for line in table.splitlines() if line.startswith(retried.task_id))
+    assert row.split()[2:5] == ["retry", "1/2", "-"], table
+    app.store.delete_runs([later.task_id])
+    assert pretty(later) == f"<TaskHandle {later.task_id} (not in store)>"
+
+
 def test_modules_link_their_sibling_imports_and_css_uses_theme_variables():
     board = assets.esm("task_board.js")
     assert './task_card.js"' not in board and 'from "data:text/javascript,' in board

@@ -45,9 +45,11 @@ ACTIONS = ("cancel", "retry")
 VIEW_STEPS = {"shown": 1, "hidden": -1}
 
 
-def as_of() -> str:
-    """What ends the text of a live view shown where it cannot be drawn: when it was made."""
-    return f"\n(as of {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; live with its kernel, in a trusted notebook)"
+def as_of(live: bool = True) -> str:
+    """What ends the text of a view shown where it cannot be drawn (``live``: a widget's), or
+    of a handle: when it was made."""
+    where = "; live with its kernel, in a trusted notebook" if live else ""
+    return f"\n(as of {time.strftime('%Y-%m-%d %H:%M:%S %Z')}{where})"
 
 
 class LiveWidget(anywidget.AnyWidget):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from ..record import short_repr
+from ..record import RUNNING, short_repr
 
 
 def _number(value: Any) -> bool:
@@ -28,11 +28,12 @@ def _shown(value: Any, kind: type | tuple[type, ...] = str) -> str:
 
 
 def elapsed(record: dict[str, Any]) -> str:
-    """How long a run has taken ("-" before it starts; counting on while it runs)."""
+    """How long a run has taken ("-" before it starts, and while it waits for a retry;
+    counting on while it runs)."""
     start = record.get("started_at")
-    if not start:
+    end = record.get("completed_at") or (time.time() if record.get("status") == RUNNING else None)
+    if not start or end is None:
         return "-"
-    end = record.get("completed_at") or time.time()
     if not (_number(start) and _number(end)):
         return "?"
     seconds = max(0.0, end - start)
@@ -54,10 +55,11 @@ def run_text(record: dict[str, Any], message: str | None = None, *, messages: in
     """A few lines that say what a run is doing or did: the newest ``messages`` (None: all)
     and the last ``output_lines`` of what it printed."""
     name = message or record.get("display_name") or _shown(record.get("task_name"))
+    attempt = (f"attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
+               if record.get("attempt") else "not started")  # (attempt 0 is no attempt)
     lines = [
         f"{_one_line(name)} [{_shown(record.get('status'))}]  run {_shown(record.get('task_id'))}",
-        f"  attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
-        f"  elapsed {elapsed(record)}",
+        f"  {attempt}  elapsed {elapsed(record)}",
     ]
     progress = record.get("progress")
     if isinstance(progress, dict):
