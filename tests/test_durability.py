@@ -219,6 +219,50 @@ async def test_join_returns_the_run_in_flight_and_reject_raises(app):
     assert await build_reject.submit("a").result(timeout=5) == "a"  # free again
 
 
+def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_found(tmp_path):
+    """A kernel killed mid-run, the store opened again later: the run used to be recorded as
+    ending when it was found, so its card said it had run until then (w47: 16.5 s for a
+    run cut off at 12 s; hours, for a store opened the next day)."""
+    from capsule_nb.store import heartbeats
+
+    victim = spawn(
+        """
+        @app.task
+        def silent():
+            threading.Event().wait()  # says nothing: its record is not written again
+
+        h = silent.submit()
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        print(h.task_id, flush=True)
+        print(app.runtime.owner, flush=True)
+        print("running", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    task_id, owner = lines_until(victim, "running")
+    watcher = Store(tmp_path)  # reads the store beside it (an App would recover the run at once)
+    try:
+        first = until_sync(lambda: heartbeats.last_seen(watcher, owner), 10, what="a first beat")
+        until_sync(lambda: heartbeats.last_seen(watcher, owner) > first, 10, what="a second beat")  # it ran a while
+    finally:
+        watcher.close()
+    os.kill(victim.pid, signal.SIGKILL)
+    killed = time.time()
+    victim.wait(10)
+    app = cpsl.App(home=tmp_path)
+    try:
+        record = until_sync(lambda: (r := app.store.get_run(task_id)) and r["status"] == "failed" and r)
+        assert record["error"] == "interrupted"
+        assert killed - heartbeats.BEAT_SECONDS - 1 < record["completed_at"] <= killed, (killed, record)
+        assert record["completed_at"] - record["started_at"] >= heartbeats.BEAT_SECONDS  # as long as it ran
+        assert heartbeats.last_seen(app.store, owner) is None  # its entry went with it
+    finally:
+        app.close()
+
+
 def test_kill_9_recovery_and_resume_once(tmp_path):
     victim = spawn(
         """

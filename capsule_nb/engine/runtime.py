@@ -123,6 +123,10 @@ class Runtime:
     def is_live(self, task_id: str) -> bool:
         return task_id in self._live
 
+    def working(self) -> bool:
+        """Whether a run of this runtime is running now (its process beats: ``store.heartbeats``)."""
+        return any(run.phase == "running" for run in list(self._live.values()))
+
     def holder(self, task_id: str) -> "Runtime | None":
         """The runtime of this process working on ``task_id`` (this one first), if any."""
         if self.is_live(task_id):

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
-from ..store import retention
+from ..store import heartbeats, retention
 from ..store.owners import owner_alive
 from .run import Run
 
@@ -53,6 +53,8 @@ class Upkeep:
         self.store = runtime.store
         self._generation: object | None = None  # the live pass's token
         self._last_prune = time.monotonic()
+        self._last_beat = -heartbeats.BEAT_SECONDS
+        self._beaten = False
         self._watch_lock = threading.Lock()
         self._watchers = 0  # waits on runs owned by other processes
         self._watch_armed = False
@@ -65,11 +67,24 @@ class Upkeep:
 
     def stop(self) -> None:
         self._generation = None
+        if self._beaten:  # nothing of ours runs any more: our entry goes
+            self._beaten = False
+            with contextlib.suppress(Exception):  # (a store refusing writes: it goes in FORGET_SECONDS)
+                heartbeats.forget(self.store, {self.runtime.owner})
+
+    def _beat(self) -> None:
+        """Say this process is alive, while it has runs running (``store.heartbeats``)."""
+        now = time.monotonic()
+        if now - self._last_beat >= heartbeats.BEAT_SECONDS and self.runtime.working():
+            self._last_beat = now
+            self._beaten = True
+            heartbeats.beat(self.store, self.runtime.owner)
 
     def _maintain(self, generation: object) -> None:
         runtime = self.runtime
         try:
             self.store.poll()
+            self._beat()
             self.answer_cancel_requests()
             runtime.queues.wake_all()
             self.recover()
@@ -154,24 +169,30 @@ class Upkeep:
         Adopting a waiting run needs its task, so only a process that defines it does that."""
         recovered = 0
         others = self._not_ours()
+        dead: dict[str, float | None] = {}  # owner -> when it was last seen alive
         for record in others:
             if record["status"] not in (RUNNING, CLAIMED):
                 continue
             owner = record.get("owner", "")
             if owner_alive(owner):
                 continue
+            if owner not in dead:
+                dead[owner] = heartbeats.last_seen(self.store, owner)
 
             def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
                 if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
                     return None  # somebody else recovered it first
                 if requested:  # it was asked to stop: stopped it is
                     return cancelled(disk)
-                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk)
+                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk,
+                                   dead[owner] or disk.get("started_at"))
 
             if self.store.claim_run(record["task_id"], take) is not None:
                 recovered += 1
                 if record.get("lock_key"):
                     self.store.release_lock(record["lock_key"], record["task_id"])
+        if dead:
+            heartbeats.forget(self.store, set(dead))
         if recovered:  # (a run just recovered for a retry is adopted in this same pass)
             others = self._not_ours()
         for task in list(self.runtime.tasks()):
@@ -233,15 +254,19 @@ def stored_arguments(store: Any, record: RunRecord) -> tuple[tuple, dict]:
     return tuple(record.get("args") or ()), dict(record.get("kwargs") or {})
 
 
-def interrupted(record: RunRecord) -> RunRecord | None:
+def interrupted(record: RunRecord, last_seen: float | None = None) -> RunRecord | None:
     """How a run its process left behind is recorded: a running one is retried if it has
-    attempts left, else failed; a waiting one stays as it is, for the next kernel."""
+    attempts left, else failed; a waiting one stays as it is, for the next kernel. A failed
+    one ended when its dead process was ``last_seen`` alive (its beat, or its own last write
+    of the record); None: it is this process, ending it now."""
     if record["status"] in FINISHED:
         return None
     if record["status"] == RUNNING and record["attempt"] < record["max_attempts"]:
         return evolve(record, status=RETRY, error="interrupted")
     if record["status"] == RUNNING:
-        return evolve(record, status=FAILED, error="interrupted", completed_at=time.time())
+        now = time.time()
+        ended = now if last_seen is None else min(now, max(last_seen, record.get("updated_at") or 0.0))
+        return evolve(record, status=FAILED, error="interrupted", completed_at=ended)
     return None
 
 

@@ -27,6 +27,7 @@ SCHEDULE = "sched/"
 CELL_REPEATS = "cell/"  # the repeats a notebook cell's last run started (``tasks.Task.schedule``)
 APP_SETTINGS = "app/"  # an app's settings that hold for every process opening it (``App._retention``)
 REFRESH = "refresh/"  # when another process last asked to push a run's deadline on (``refreshes``)
+ALIVE = "alive"  # when each process with runs running was last seen alive (``heartbeats``)
 
 
 def problem(key: str, value: Any) -> str | None:
