@@ -23,10 +23,10 @@ fire once, on time:
   (``timers.MAX_WAIT``), never one long monotonic wait.
 * **DST.** ``cron.next_due`` fires a job with a fixed hour once on the day a
   wall time repeats or is skipped.
-* **One definition in force.** A schedule defined again with another cron or zone
-  (the cell edited in one notebook while an older kernel still runs the old one) is in
-  force everywhere: a kernel whose definition is not the one stored, by a live
-  kernel, stops firing and says so once; it fires again if that kernel goes.
+* **One definition in force.** A schedule defined again (the cell edited in one
+  notebook while an older kernel still runs the old one: another cron or zone, or only
+  another body) is in force everywhere: a kernel that is not the latest to define it,
+  while that one lives, stops firing and says so once; it fires again if that kernel goes.
 """
 
 from __future__ import annotations
@@ -181,9 +181,9 @@ class Schedule:
 
         def claim(state: dict[str, Any] | None) -> dict[str, Any]:
             state = dict(state or {})
-            if (state.get("cron"), state.get("tz")) != (self.cron, self.tz.key):
-                definer = state.get("defined_by")
-                if definer not in (None, me) and owner_alive(definer):
+            definer = state.get("defined_by")
+            if definer != me:  # (its body may differ too, even with the same cron: it runs its own)
+                if definer is not None and owner_alive(definer):
                     verdict["superseded"] = f"{state.get('cron')!r} ({state.get('tz')})"
                     return state
                 state.update(self._definition())  # its definer has gone: this one is in force now

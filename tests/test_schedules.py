@@ -287,6 +287,41 @@ def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definitio
     assert "not firing" in older.stderr.read()
 
 
+def test_a_schedule_defined_again_with_another_body_runs_only_that_body(tmp_path):
+    """The cell edited in one notebook, the cron kept: whichever kernel claimed a tick ran its
+    own body, so the old code went on running, tick by tick, beside the new (w46). The latest
+    definition is in force, body and all, while its kernel runs."""
+    older = spawn(
+        """
+        @app.schedule("* * * * * *", name="shared")
+        def shared():
+            app.collection("ticks").insert_one({"body": "old", "at": time.time()})
+
+        print("defined", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    lines_until(older, "defined")
+    app = cpsl.App(home=tmp_path)
+    ticks = app.collection("ticks")
+    until_sync(lambda: ticks.count({"body": "old"}) >= 2, timeout=20)
+
+    @app.schedule("* * * * * *", name="shared")
+    def shared():
+        ticks.insert_one({"body": "new", "at": time.time()})
+
+    defined = time.time()
+    until_sync(lambda: ticks.count({"body": "new"}) >= 4, timeout=20)
+    assert all(d["at"] < defined + 1.5 for d in ticks.find({"body": "old"}))  # its next tick saw it
+    dues = [r["scheduled_for"] for r in app.store.runs() if r["task_name"] == "shared"]
+    assert len(dues) == len(set(dues))  # and each tick still fired once
+    app.close()
+    older.kill()
+    older.wait(10)
+    assert "not firing" in older.stderr.read()
+
+
 def test_a_tick_left_pending_by_a_killed_kernel_runs_in_another(tmp_path):
     """The kernel that claimed a tick dies before the run started (its one thread was busy):
     another kernel defining the schedule adopts the run, as it would a task's."""
