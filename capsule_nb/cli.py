@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from .demo import cmd_demo
 from .errors import StoreError
-from .schedules import on_store
+from .schedules import on_store, when
 
 
 class _UsageError(Exception):
@@ -145,8 +145,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_schedules(args: argparse.Namespace) -> int:
     app = _open(args)
     rows = on_store(app.store)
-    lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'NEXT':<26} LAST"] + [
-        f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {('paused' if r['paused'] else r['next'] or '-'):<26} "
+    lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'WHEN':<31} LAST"] + [
+        f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {when(r):<31} "
         f"{r['last'] or '-'}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else "") for r in rows]
     _emit(args, rows, "\n".join(lines) if rows else "no schedules")
     return 0

@@ -129,7 +129,9 @@ class Schedule:
         """Arm the first tick (and a catch-up run if asked for and one was missed)."""
         if self.task.is_async:
             self.app.runtime.loop  # ticks fire from the timer thread: bind the loop we are defined on
-        self._update(lambda s: {**s, **self._definition(), "catchup": self.catchup})
+        me = self.app.runtime.owner
+        self._update(lambda s: {**s, **self._definition(), "catchup": self.catchup,
+                                "definers": [*_definers(s, without=me), me]})
         now = dt.datetime.now(self.tz)
         last = self.state().get("last_due")
         if self.catchup and last is not None:
@@ -144,7 +146,8 @@ class Schedule:
                 self._timer.cancel()
         if self.app.registered_schedule(self.name) is self:  # (not replaced by a re-run cell, whose it is now)
             me = self.app.runtime.owner
-            self._update(lambda s: {**s, "defined_by": None} if s.get("defined_by") == me else s)
+            self._update(lambda s: {**s, "defined_by": None if s.get("defined_by") == me else s.get("defined_by"),
+                                    "definers": _definers(s, without=me)})
 
     def _definition(self) -> dict[str, Any]:
         return {"cron": self.cron, "tz": self.tz.key, "defined_by": self.app.runtime.owner}
@@ -279,6 +282,19 @@ def _lost(state: dict[str, Any]) -> bool:
             and state.get("settled_due", 0) < state["last_due"] and not owner_alive(claimant))
 
 
+def _definers(state: dict[str, Any], without: str) -> list[str]:
+    """The processes that define the schedule, still alive, ``without`` one."""
+    found = state.get("definers")
+    return [o for o in found if type(o) is str and o != without and owner_alive(o)] if type(found) is list else []
+
+
+def when(row: dict[str, Any]) -> str:
+    """What a listing (``%capsule``, ``capsule-nb schedules``) says of when a schedule fires."""
+    if row["paused"]:
+        return "paused"
+    return f"next {row['next']}" if row["defined"] else "not firing: no live kernel defines it"
+
+
 def on_store(store: Any) -> list[dict[str, Any]]:
     """Every schedule defined on ``store``, by any process or app, as it stands there: what
     ``%capsule`` and ``capsule-nb schedules`` list, also in a kernel that defines none."""
@@ -290,8 +306,10 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
     unknown zone) is shown as what is wrong with it, never a crash."""
     _, app_name, name = key.split("/", 2)
     cron, tz, last = state.get("cron"), str(state.get("tz", "UTC")), state.get("last_due")
+    definer = state.get("defined_by")
+    defined = bool(_definers(state, without="")) or (type(definer) is str and owner_alive(definer))
     upcoming = None
-    if cron and not state.get("paused"):
+    if cron and defined and not state.get("paused"):
         try:
             upcoming = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(
                 timespec="seconds")
@@ -301,5 +319,5 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
         last = dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None
     except (TypeError, ValueError, OverflowError, OSError):
         last = f"?{last!r}"
-    return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz,
+    return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz, "defined": defined,
             "paused": bool(state.get("paused")), "next": upcoming, "last": last, "skipped": state.get("skipped", 0)}

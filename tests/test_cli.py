@@ -143,10 +143,30 @@ def test_schedules_listing(app, capsys):
 
     code, out, _ = cli(capsys, "--home", str(app.home), "schedules")
     line = next(line for line in out.splitlines() if line.startswith("weekly_digest"))
-    assert "0 9 * * 1" in line and "Europe/Paris" in line and "T09:00:00+0" in line
+    assert "0 9 * * 1" in line and "Europe/Paris" in line and "next 20" in line and "T09:00:00+0" in line
     weekly_digest.pause()
     rows = json.loads(cli(capsys, "--home", str(app.home), "--json", "schedules")[1])
-    assert rows == [dict(rows[0], name="weekly_digest", paused=True, next=None)]
+    assert rows == [dict(rows[0], name="weekly_digest", paused=True, next=None, defined=True)]
+
+
+def test_a_schedule_no_live_kernel_defines_is_listed_as_not_firing(tmp_path, capsys):
+    """Its kernel killed, the listing still gave the next time it would fire: nothing fires it (w46)."""
+    definer = spawn("""
+        @app.schedule("0 9 * * *", tz="Europe/Paris", name="daily")
+        def daily():
+            pass
+
+        print("defined", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    lines_until(definer, "defined")
+    listed = json.loads(cli(capsys, "--home", str(tmp_path), "--json", "schedules")[1])
+    assert [(r["name"], r["defined"], r["next"][11:19]) for r in listed] == [("daily", True, "09:00:00")]
+    definer.kill()
+    definer.wait(10)
+    code, out, _ = cli(capsys, "--home", str(tmp_path), "schedules")
+    line = next(line for line in out.splitlines() if line.startswith("daily"))
+    assert "not firing: no live kernel defines it" in line and "next" not in line
 
 
 def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):

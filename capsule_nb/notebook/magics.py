@@ -12,7 +12,7 @@ from ..app import App, configure, default_app
 from ..portable import is_portable
 from ..queries import whole_run_id
 from ..record import RUNNING
-from ..schedules import on_store
+from ..schedules import on_store, when
 
 
 def register(ip: Any) -> None:
@@ -85,8 +85,7 @@ def capsule_summary(app: App | None = None) -> str:
     schedules = on_store(app.store)  # every kernel's, not just this one's
     lines.append(f"schedules ({len(schedules)}):" if schedules else "no schedules")
     for row in schedules:
-        when = "paused" if row["paused"] else f"next {row['next']}"
-        lines.append(f"  {row['name']:<24} {row['cron'] or '?':<20} {row['tz']:<16} {when}"
+        lines.append(f"  {row['name']:<24} {row['cron'] or '?':<20} {row['tz']:<16} {when(row)}"
                      + (f"  ({row['skipped']} ticks skipped)" if row["skipped"] else ""))
     return "\n".join(lines)
 
