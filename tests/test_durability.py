@@ -263,6 +263,37 @@ def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_f
         app.close()
 
 
+def test_runs_a_killed_kernel_left_on_one_lock_go_in_the_order_they_were_submitted(tmp_path):
+    """``on_lock="queue"`` runs things in order. The kernel dies running the first, the second
+    waiting behind it: the kernel that took them over ran the second first (w46)."""
+    tasks = """
+        @app.task(lock="k:{x}", on_lock="queue", retries=1)
+        def step(x, tag):
+            app.collection("order").insert_one({"tag": tag, "pid": os.getpid(), "at": time.time()})
+            time.sleep(60 if os.environ.get("DIES") else 0.1)
+        """
+    victim = spawn(tasks + """
+        first = step.submit(1, "first")
+        while first.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        second = step.submit(1, "second")
+        app.store.flush()
+        print("ready", flush=True)
+        threading.Event().wait()
+        """, tmp_path, DIES="1")
+    lines_until(victim, "ready")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    heir = spawn(tasks + """
+        while app.collection("order").count({"pid": os.getpid()}) < 2:
+            time.sleep(0.01)
+        print(*[d["tag"] for d in app.collection("order").find({"pid": os.getpid()}, sort={"at": 1})], flush=True)
+        print("done", flush=True)
+        """, tmp_path)
+    assert lines_until(heir, "done") == ["first second"]
+    heir.wait(10)
+
+
 def test_kill_9_recovery_and_resume_once(tmp_path):
     victim = spawn(
         """

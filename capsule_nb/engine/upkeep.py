@@ -211,11 +211,11 @@ class Upkeep:
         runs to look through, when the caller has them (else all of them)."""
         runtime = self.runtime
         adopted = 0
-        for record in self.store.unfinished_runs() if records is None else records:
-            if (record["app"] != runtime.settings.app or record["task_name"] != task.name
-                    or record["status"] not in WAITING or record.get("owner") == runtime.owner
-                    or owner_alive(record.get("owner", ""))):
-                continue
+        orphans = [record for record in (self.store.unfinished_runs() if records is None else records)
+                   if record["app"] == runtime.settings.app and record["task_name"] == task.name
+                   and record["status"] in WAITING and record.get("owner") != runtime.owner
+                   and not owner_alive(record.get("owner", ""))]
+        for record in sorted(orphans, key=lambda r: r["task_id"]):  # oldest first: a lock's queue keeps its order
             old = record.get("owner")
 
             def take(disk: RunRecord, requested: bool, old: str | None = old) -> RunRecord | None:
