@@ -441,3 +441,18 @@ def test_a_card_or_board_given_the_wrong_kind_of_value_says_what_it_takes(app):
             ui.TaskCard(bad)
     with pytest.raises(TypeError, match=r"filter is a dict such as \{'task_name': 'build_report'\}, not 'f'"):
         ui.TaskBoard(app=app, filter="f")
+    with pytest.raises(TypeError, match="TaskBoard filter 'task_name' is a string or a list of strings, not 5"):
+        ui.TaskBoard(app=app, filter={"task_name": 5})
+    # (w46: these were taken, or failed with "'dict' object has no attribute 'label'")
+    for label, statuses, error in ((123, ["running"], "label is a non-empty string, not 123"),
+                                   ("a", None, r"'a': statuses is a list such as \['running'\], not None")):
+        with pytest.raises(TypeError, match=error):
+            ui.TaskBoardColumn(label, statuses)
+    for columns, error in (([{"label": "x", "statuses": ["running"]}], r"not \{'label': 'x'"),
+                           (["running"], "not 'running'"), ("running", "not 'running'")):
+        with pytest.raises(TypeError, match=f"TaskBoard columns .*{error}"):
+            ui.TaskBoard(app=app, columns=columns)
+    twice = [ui.TaskBoardColumn("Done", ["completed"]), ui.TaskBoardColumn("Done", ["failed"])]
+    for columns in (twice, []):
+        with pytest.raises(ValueError, match="at least one column, each with its own label"):
+            ui.TaskBoard(app=app, columns=columns)

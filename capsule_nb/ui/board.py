@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from traitlets import Dict, Int, List, TraitError, Unicode, observe, validate
 
@@ -24,6 +25,10 @@ class TaskBoardColumn:
     statuses: tuple[str, ...]
 
     def __init__(self, label: str, statuses: Iterable[str]):
+        if not isinstance(label, str) or not label:
+            raise TypeError(f"TaskBoardColumn label is a non-empty string, not {label!r}")
+        if not isinstance(statuses, (str, list, tuple, set, frozenset)):
+            raise TypeError(f"TaskBoardColumn {label!r}: statuses is a list such as ['running'], not {statuses!r}")
         statuses = (statuses,) if isinstance(statuses, str) else tuple(statuses)
         for status in statuses:
             check_status(status)
@@ -51,11 +56,30 @@ def _clean_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
     unknown = set(filter) - set(FILTER_KEYS)
     if unknown:
         raise ValueError(f"TaskBoard filter keys are {FILTER_KEYS}, not {sorted(unknown)}")
+    for key, value in filter.items():
+        if not (value is None or isinstance(value, str)
+                or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise TypeError(f"TaskBoard filter {key!r} is a string or a list of strings, not {value!r}")
     filter = {key: value for key, value in filter.items() if value not in (None, "", [], ())}
     wanted = filter.get("status")
     for status in wanted if isinstance(wanted, (list, tuple)) else [wanted] if wanted is not None else []:
         check_status(status)
     return filter
+
+
+def _columns(columns: Iterable[TaskBoardColumn]) -> tuple[TaskBoardColumn, ...]:
+    """``columns`` checked: at least one, each a ``TaskBoardColumn``, no label twice ("show
+    more" counts by label)."""
+    if isinstance(columns, (str, dict)) or not isinstance(columns, Iterable):
+        raise TypeError(f"TaskBoard columns is a list of cpsl.ui.TaskBoardColumn, not {columns!r}")
+    columns = tuple(columns)
+    wrong = next((c for c in columns if not isinstance(c, TaskBoardColumn)), None)
+    if wrong is not None:
+        raise TypeError(f"TaskBoard columns are cpsl.ui.TaskBoardColumn(label, statuses), not {wrong!r}")
+    labels = [c.label for c in columns]
+    if not columns or len(set(labels)) < len(labels):
+        raise ValueError(f"a TaskBoard needs at least one column, each with its own label; got {labels}")
+    return columns
 
 
 class TaskBoard(LiveWidget):
@@ -86,10 +110,8 @@ class TaskBoard(LiveWidget):
                  page_size: int = 50, app: Any = None):
         from ..app import app_in_use
 
-        self.columns = tuple(columns) if columns is not None else DEFAULT_COLUMNS
+        self.columns = _columns(columns) if columns is not None else DEFAULT_COLUMNS
         self._given = {"title": title, "columns": columns is not None}  # what ``to_dict`` says, as the SDK's
-        if not self.columns:
-            raise ValueError("a TaskBoard needs at least one column")
         whole_number("page_size", page_size, minimum=1)
         app = app or app_in_use()
         self._app = app
