@@ -14,6 +14,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
 _EVERY = re.compile(r"(?:repeat\s+)?every\b", re.IGNORECASE)
 MIN_INTERVAL = 1.0  # seconds between repeats: as often as a cron seconds field allows, never a busy loop
+MAX_DELAY = 100 * 365.25 * 86400  # 100 years: more is a typo, and its date no longer fits a datetime
 
 
 def parse_delay(value: object, *, what: str = "delay") -> float:
@@ -37,6 +38,8 @@ def parse_delay(value: object, *, what: str = "delay") -> float:
         raise TypeError(f"bad {what} {value!r}: expected a string like '5m', seconds or a timedelta")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"bad {what} {value!r}: must be zero or more seconds")
+    if seconds > MAX_DELAY:
+        raise ValueError(f"bad {what} {value!r}: at most 100 years")
     return seconds
 
 

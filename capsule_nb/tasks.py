@@ -326,13 +326,17 @@ _UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**
 
 
 def _parse_size(value: int | str, name: str) -> int:
-    """Bytes from an int or "512MB" / "2GiB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    """Bytes from an int or "512MB" / "2GiB": at least one, and no more than an address space holds."""
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if not match:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    else:
         raise ValueError(f"@task({name}): memory_limit must be bytes or like '512MB', got {value!r}")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if not 0 < size < 2**63:
+        raise ValueError(f"@task({name}): memory_limit must be from 1 byte to 8 EiB, got {value!r}")
+    return size
 
 
 def _plain_params(signature: inspect.Signature, session_param: str | None) -> tuple[tuple, dict, tuple] | None:

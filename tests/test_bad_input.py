@@ -104,6 +104,28 @@ def test_good_delay_strings(text, seconds):
     assert parse_delay(text) == seconds
 
 
+@pytest.mark.parametrize("delay", [1e300, "99999999d", "every 99999999d"])
+def test_a_delay_of_centuries_is_refused_not_stored(app, delay):
+    """They were taken (w46): a run due when no datetime can say."""
+    @app.task
+    def job():
+        pass
+
+    with pytest.raises(ValueError, match=f"bad (delay|interval) .*{re.escape(str(delay).split()[-1])}.*: at most 100 years"):
+        job.schedule(delay) if isinstance(delay, str) and delay.startswith("every") else job.schedule(delay=delay)
+    assert app.tasks.count() == 0
+    assert parse_delay("36500d") == 36500 * 86400  # (a hundred years, give or take leap days, still is)
+
+
+@pytest.mark.parametrize("limit", ["0MB", 0, -1, "99999999999999999999GB", 2**63])
+def test_a_memory_limit_of_nothing_or_past_any_machine_is_refused(app, limit):
+    """"0MB" was taken as 0 where 0 was refused, and 10**29 bytes was taken (w46)."""
+    with pytest.raises(ValueError, match=f"memory_limit must be from 1 byte to 8 EiB, got {re.escape(repr(limit))}"):
+        @app.task(process=True, memory_limit=limit)
+        def job():
+            pass
+
+
 def test_schedule_needs_a_time_and_only_one(app):
     import datetime as dt
 
