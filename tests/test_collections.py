@@ -129,6 +129,10 @@ def test_documents_are_copies(app):
          "update conflict: \\$inc 'a' and \\$set 'a' change the same field"),
         (lambda c: c.update_one({}, {"$set": {"b": {}, "b.c": 1}}), ValueError,
          "update conflict: \\$set 'b' and \\$set 'b.c'"),
+        # w46: taken, and then no filter found them ({"a.b": 2} finds a path)
+        (lambda c: c.insert_one({"a.b": 2}), ValueError, "the field name 'a.b': no filter could find it"),
+        (lambda c: c.insert_one({"$set": 2}), ValueError, "the field name '\\$set'"),
+        (lambda c: c.update_one({}, {"$set": {"b": [{"c.d": 1}]}}), ValueError, "the field name 'c.d'"),
     ],
 )
 def test_bad_queries_and_documents_are_refused_and_lose_nothing(app, call, error, message):

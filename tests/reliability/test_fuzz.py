@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capsule_nb.collections import Collection, _get, _matches, _sortable, _updated
-from capsule_nb.durations import parse_delay, parse_when
+from capsule_nb.durations import MAX_DELAY, parse_delay, parse_when
 from capsule_nb.cron import parse_cron
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -30,8 +30,14 @@ def test_delay_parser_returns_seconds_or_a_documented_error(value):
 @FAST
 @given(st.integers(min_value=0, max_value=10**6), st.sampled_from("smhd"))
 def test_delay_parser_reads_every_unit(number, unit):
-    assert parse_delay(f"{number}{unit}") == number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
-    assert parse_when(f"every {number + 1}{unit}")[1] == (number + 1) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    for text, read, amount in ((f"{number}{unit}", parse_delay, number),
+                               (f"every {number + 1}{unit}", lambda t: parse_when(t)[1], number + 1)):
+        if amount * seconds > MAX_DELAY:
+            with pytest.raises(ValueError, match=f"'{amount}{unit}': at most 100 years"):
+                read(text)
+        else:
+            assert read(text) == amount * seconds
 
 
 @FAST
@@ -119,6 +125,11 @@ def test_collection_round_trips_arbitrary_json_documents(app, document):
     given_id = document.get("_id", "ours")
     if not (isinstance(given_id, str) and given_id and "/" not in given_id):
         with pytest.raises(ValueError, match="_id must be a string"):
+            coll.insert_one(document)
+        return
+    unfindable = [key for key in document if "." in key or key.startswith("$")]
+    if unfindable:
+        with pytest.raises(ValueError, match="no filter could find it"):
             coll.insert_one(document)
         return
     stored = coll.insert_one(document).value
