@@ -11,6 +11,8 @@ a silent new key.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import itertools
 import json
 import math
@@ -267,6 +269,15 @@ def short_repr(value: Any, limit: int = 2000) -> str:
     except Exception as exc:  # a broken __repr__ must not break the run record
         text = f"<unrepresentable {type(value).__name__}: {exc}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def iso_utc(at: Any) -> str:
+    """A Unix time (a record's ``scheduled_for``, a schedule's last tick) as ISO text in UTC;
+    ``?`` and its repr when it is none (a row written behind our back)."""
+    try:
+        return dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?" + short_repr(at, 40)
 
 
 def add_message(record: RunRecord, kind: str, text: str, **extra: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from .checks import whole_number
 from .cron import last_due, next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
-from .record import FINISHED
+from .record import FINISHED, iso_utc
 from .store.owners import owner_alive
 from .tasks import Task
 
@@ -292,7 +292,9 @@ def when(row: dict[str, Any]) -> str:
     """What a listing (``%capsule``, ``capsule-nb schedules``) says of when a schedule fires."""
     if row["paused"]:
         return "paused"
-    return f"next {row['next']}" if row["defined"] else "not firing: no live kernel defines it"
+    if row["next"] is None:
+        return "not firing: no live kernel defines it"
+    return row["next"] if row["next"].startswith("bad:") else f"next {row['next']}"
 
 
 def on_store(store: Any) -> list[dict[str, Any]]:
@@ -309,15 +311,11 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
     definer = state.get("defined_by")
     defined = bool(_definers(state, without="")) or (type(definer) is str and owner_alive(definer))
     upcoming = None
-    if cron and defined and not state.get("paused"):
+    if cron and not state.get("paused"):
         try:
-            upcoming = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc)).isoformat(
-                timespec="seconds")
+            due = next_due(parse_cron(cron), parse_tz(tz), dt.datetime.now(dt.timezone.utc))
+            upcoming = due.isoformat(timespec="seconds") if defined else None  # (none: nothing fires it)
         except (TypeError, ValueError) as exc:
             upcoming = f"bad: {exc}"
-    try:
-        last = dt.datetime.fromtimestamp(last, dt.timezone.utc).isoformat(timespec="seconds") if last else None
-    except (TypeError, ValueError, OverflowError, OSError):
-        last = f"?{last!r}"
     return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz, "defined": defined,
-            "paused": bool(state.get("paused")), "next": upcoming, "last": last, "skipped": state.get("skipped", 0)}
+            "paused": bool(state.get("paused")), "next": upcoming, "last": iso_utc(last) if last else None, "skipped": state.get("skipped", 0)}

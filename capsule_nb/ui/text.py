@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from ..record import RUNNING, short_repr
+from ..record import RUNNING, iso_utc, short_repr
 
 
 def _number(value: Any) -> bool:
@@ -57,9 +57,10 @@ def run_text(record: dict[str, Any], message: str | None = None, *, messages: in
     name = message or record.get("display_name") or _shown(record.get("task_name"))
     attempt = (f"attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
                if record.get("attempt") else "not started")  # (attempt 0 is no attempt)
+    due = record.get("scheduled_for") if record.get("status") in ("scheduled", "retry") else None
     lines = [
         f"{_one_line(name)} [{_shown(record.get('status'))}]  run {_shown(record.get('task_id'))}",
-        f"  {attempt}  elapsed {elapsed(record)}",
+        f"  {attempt}  elapsed {elapsed(record)}" + (f"  starts {iso_utc(due)}" if due is not None else ""),
     ]
     progress = record.get("progress")
     if isinstance(progress, dict):
