@@ -246,16 +246,14 @@ def test_two_processes_fire_each_tick_once_and_survive_a_death(tmp_path):
     assert completed <= ticks.count() <= completed + 2
 
 
-def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definition(tmp_path):
-    """An older kernel still runs ``*/1``; this one defines the schedule again as ``*/2``
-    (the cell edited). Both cadences fired, under one name. Now the newer definition is
-    in force in every kernel while its kernel runs: the older one stops firing, and says
-    so. Once this kernel stops its schedule, the older one fires again."""
+def _an_older_kernel_ticking(tmp_path):
+    """A kernel firing ``shared`` every second (its ticks insert ``{pid, body: "old", at}``),
+    seen to tick twice; and this process's app on the same store, and the ticks."""
     older = spawn(
         """
         @app.schedule("* * * * * *", name="shared")
         def shared():
-            app.collection("ticks").insert_one({"pid": os.getpid(), "at": time.time()})
+            app.collection("ticks").insert_one({"pid": os.getpid(), "body": "old", "at": time.time()})
 
         print("defined", flush=True)
         threading.Event().wait()
@@ -266,6 +264,15 @@ def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definitio
     app = cpsl.App(home=tmp_path)
     ticks = app.collection("ticks")
     until_sync(lambda: ticks.count({"pid": older.pid}) >= 2, timeout=20)
+    return older, app, ticks
+
+
+def test_a_schedule_defined_again_with_another_cron_fires_only_by_that_definition(tmp_path):
+    """An older kernel still runs ``*/1``; this one defines the schedule again as ``*/2``
+    (the cell edited). Both cadences fired, under one name. Now the newer definition is
+    in force in every kernel while its kernel runs: the older one stops firing, and says
+    so. Once this kernel stops its schedule, the older one fires again."""
+    older, app, ticks = _an_older_kernel_ticking(tmp_path)
 
     @app.schedule("* * * * * */2", name="shared")
     def shared():
@@ -291,21 +298,7 @@ def test_a_schedule_defined_again_with_another_body_runs_only_that_body(tmp_path
     """The cell edited in one notebook, the cron kept: whichever kernel claimed a tick ran its
     own body, so the old code went on running, tick by tick, beside the new (w46). The latest
     definition is in force, body and all, while its kernel runs."""
-    older = spawn(
-        """
-        @app.schedule("* * * * * *", name="shared")
-        def shared():
-            app.collection("ticks").insert_one({"body": "old", "at": time.time()})
-
-        print("defined", flush=True)
-        threading.Event().wait()
-        """,
-        tmp_path,
-    )
-    lines_until(older, "defined")
-    app = cpsl.App(home=tmp_path)
-    ticks = app.collection("ticks")
-    until_sync(lambda: ticks.count({"body": "old"}) >= 2, timeout=20)
+    older, app, ticks = _an_older_kernel_ticking(tmp_path)
 
     @app.schedule("* * * * * *", name="shared")
     def shared():

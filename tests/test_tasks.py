@@ -293,10 +293,9 @@ async def test_an_async_run_cancelled_before_the_loop_starts_it_is_cancelled_at_
     assert ran == [] and handle.snapshot()["attempt"] == 0
 
 
-async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_again_keeps_them(app):
-    """``configure(max_threads=4)`` after a burst had grown the pool: idle threads went on
-    taking runs, so 12 ran at once. And ``App()`` opened again without ``max_threads`` set
-    it back to 32."""
+def _counted_work(app):
+    """A thread task that holds until ``gate`` is set; ``running``: the runs in it now,
+    ``most``: how many were in it as each one started."""
     gate, running, most = threading.Event(), [], []
 
     @app.task
@@ -306,6 +305,14 @@ async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_agai
         gate.wait(10)
         running.remove(i)
 
+    return work, gate, running, most
+
+
+async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_again_keeps_them(app):
+    """``configure(max_threads=4)`` after a burst had grown the pool: idle threads went on
+    taking runs, so 12 ran at once. And ``App()`` opened again without ``max_threads`` set
+    it back to 32."""
+    work, gate, running, most = _counted_work(app)
     burst = [work.submit(i) for i in range(20)]  # the pool grows to 20 threads
     await until(lambda: len(running) == 20)
     gate.set()
@@ -327,15 +334,7 @@ async def test_fewer_threads_hold_once_the_pool_has_grown_and_an_app_opened_agai
 async def test_fewer_threads_hold_for_the_runs_already_waiting_for_one(app):
     """4 threads busy, 8 runs waiting: lowered to 1, the waiting runs go one at a time. They
     went 4 at a time, the threads' leave notes queued behind them (w46)."""
-    gate, running, most = threading.Event(), [], []
-
-    @app.task
-    def work(i):
-        running.append(i)
-        most.append(len(running))
-        gate.wait(10)
-        running.remove(i)
-
+    work, gate, running, most = _counted_work(app)
     app.runtime.max_threads = 4
     batch = [work.submit(i) for i in range(12)]
     await until(lambda: len(running) == 4)
