@@ -318,4 +318,5 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError) as exc:
             upcoming = f"bad: {exc}"
     return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz, "defined": defined,
-            "paused": bool(state.get("paused")), "next": upcoming, "last": iso_utc(last) if last else None, "skipped": state.get("skipped", 0)}
+            "paused": bool(state.get("paused")), "next": upcoming, "last": iso_utc(last) if last else None,
+            "skipped": state.get("skipped", 0)}
