@@ -23,20 +23,23 @@ fire once, on time:
   (``timers.MAX_WAIT``), never one long monotonic wait.
 * **DST.** ``cron.next_due`` fires a job with a fixed hour once on the day a
   wall time repeats or is skipped.
-* **One definition in force.** A schedule defined again (the cell edited in one
-  notebook while an older kernel still runs the old one: another cron or zone, or only
-  another body) is in force everywhere: a kernel that is not the latest to define it,
-  while that one lives, stops firing and says so once; it fires again if that kernel goes.
+* **One definition in force.** A schedule defined again otherwise (the cell edited in
+  one notebook while an older kernel still runs the old one: another cron, zone or body)
+  is in force everywhere: a kernel whose definition is not the one stored, by a live
+  kernel, stops firing and says so once; it fires again if that kernel goes. Kernels
+  that define it alike share its ticks, so one that hangs or sleeps holds nothing up.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import inspect
 import logging
 import threading
 import time
+import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
@@ -71,6 +74,7 @@ class Schedule:
         self.app = app
         self.catchup = bool(catchup)
         self.task = Task(fn, app=app, name=self.name)
+        self._body = _fingerprint(fn)
         self._key = f"sched/{app.name}/{self.name}"
         self._timer: Any = None
         self._lock = threading.Lock()
@@ -150,7 +154,7 @@ class Schedule:
                                     "definers": _definers(s, without=me)})
 
     def _definition(self) -> dict[str, Any]:
-        return {"cron": self.cron, "tz": self.tz.key, "defined_by": self.app.runtime.owner}
+        return {"cron": self.cron, "tz": self.tz.key, "body": self._body, "defined_by": self.app.runtime.owner}
 
     def _next_after(self, after: dt.datetime) -> dt.datetime:
         return next_due(self.cron, self.tz, after)
@@ -184,9 +188,9 @@ class Schedule:
 
         def claim(state: dict[str, Any] | None) -> dict[str, Any]:
             state = dict(state or {})
-            definer = state.get("defined_by")
-            if definer != me:  # (its body may differ too, even with the same cron: it runs its own)
-                if definer is not None and owner_alive(definer):
+            if (state.get("cron"), state.get("tz"), state.get("body")) != (self.cron, self.tz.key, self._body):
+                definer = state.get("defined_by")  # (kernels that define it alike share its ticks)
+                if definer not in (None, me) and owner_alive(definer):
                     verdict["superseded"] = f"{state.get('cron')!r} ({state.get('tz')})"
                     return state
                 state.update(self._definition())  # its definer has gone: this one is in force now
@@ -280,6 +284,23 @@ def _lost(state: dict[str, Any]) -> bool:
     claimant = state.get("claimed_by")
     return (claimant is not None and state.get("last_due") is not None
             and state.get("settled_due", 0) < state["last_due"] and not owner_alive(claimant))
+
+
+def _fingerprint(fn: Callable[..., Any]) -> str:
+    """What tells two definitions' bodies apart: their source (the same cell in two kernels
+    is the same body), or their bytecode where the source cannot be read."""
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = _code_text(code) if code is not None else repr(fn)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _code_text(code: types.CodeType) -> str:
+    """Bytecode, constants and names, nested code alike (a code object's repr has its address)."""
+    consts = [_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return repr((code.co_code, consts, code.co_names))
 
 
 def _definers(state: dict[str, Any], without: str) -> list[str]:

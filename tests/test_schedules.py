@@ -315,6 +315,40 @@ def test_a_schedule_defined_again_with_another_body_runs_only_that_body(tmp_path
     assert "not firing" in older.stderr.read()
 
 
+def test_kernels_defining_a_schedule_alike_share_its_ticks_so_one_asleep_holds_nothing_up(tmp_path):
+    """The latest of two kernels defining a schedule the same way is suspended (SIGSTOP: a
+    laptop asleep, a process stuck): the other one fires its ticks meanwhile (w48: no tick
+    for as long as it slept, in any kernel)."""
+    code = """
+        @app.schedule("* * * * * *", name="shared")
+        def shared():
+            app.collection("ticks").insert_one({"pid": os.getpid(), "at": time.time()})
+
+        print("defined", flush=True)
+        threading.Event().wait()
+        """
+    first = spawn(code, tmp_path)
+    lines_until(first, "defined")
+    latest = spawn(code, tmp_path)
+    lines_until(latest, "defined")
+    app = cpsl.App(home=tmp_path)
+    ticks = app.collection("ticks")
+    try:
+        os.kill(latest.pid, signal.SIGSTOP)
+        asleep = time.time()
+        until_sync(lambda: ticks.count({"pid": first.pid, "at": {"$gt": asleep + 1}}) >= 2, timeout=20)
+        os.kill(latest.pid, signal.SIGCONT)
+        dues = [r["scheduled_for"] for r in app.store.runs() if r["task_name"] == "shared"]
+        assert len(dues) == len(set(dues))  # still once each
+    finally:
+        app.close()
+        for child in (first, latest):
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait(10)
+    assert "not firing" not in first.stderr.read() + latest.stderr.read()
+
+
 def test_a_tick_left_pending_by_a_killed_kernel_runs_in_another(tmp_path):
     """The kernel that claimed a tick dies before the run started (its one thread was busy):
     another kernel defining the schedule adopts the run, as it would a task's."""
