@@ -205,6 +205,10 @@ class Database:
 def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise TypeError(f"a document is a dict, not {short_repr(doc, 200)}")
+    operator = next((key for key in doc if isinstance(key, str) and key.startswith("$")), None)
+    if operator is not None:  # (names with dots are kept: a filter reaches them as paths or not at all)
+        raise ValueError(f"an insert takes a document, not an update: its field {operator!r} is an operator "
+                         f"(update_one(filter, {{{operator!r}: ...}}) applies it)")
     value = _stored(doc, "the document")
     doc_id = value.get("_id")
     if doc_id is None:
@@ -218,8 +222,8 @@ def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
     """``doc`` as the store keeps it (a JSON copy), or an error that says why it cannot be:
-    not JSON (NaN and Infinity included), nested too deep, with a name no filter finds, or too big."""
-    _check_depth(doc, what, names=True)
+    not JSON (NaN and Infinity included), nested too deep, or too big."""
+    _check_depth(doc, what)
     try:
         text = json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -236,21 +240,13 @@ def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
     return copy
 
 
-def _check_depth(value: Any, what: str, names: bool = False) -> None:
-    """Refuse nesting past ``MAX_DEPTH`` before anything recurses into it (no RecursionError);
-    with ``names`` (a document), a field name no filter could find: with a '.' (a path)
-    or a leading '$' (an operator), as MongoDB refuses them."""
+def _check_depth(value: Any, what: str) -> None:
+    """Refuse nesting past ``MAX_DEPTH`` before anything recurses into it (no RecursionError)."""
     level, depth = [value] if isinstance(value, (dict, list, tuple)) else [], 0
     while level:
         depth += 1
         if depth > MAX_DEPTH:
             raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
-        for item in level if names else ():
-            bad = isinstance(item, dict) and next((k for k in item if isinstance(k, str)
-                                                   and ("." in k or k.startswith("$"))), None)
-            if bad:
-                raise ValueError(f"{what} has the field name {bad!r}: no filter could find it (a '.' makes "
-                                 f"a path, a leading '$' an operator)")
         level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
                  if isinstance(child, (dict, list, tuple))]
 

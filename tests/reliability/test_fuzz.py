@@ -127,9 +127,8 @@ def test_collection_round_trips_arbitrary_json_documents(app, document):
         with pytest.raises(ValueError, match="_id must be a string"):
             coll.insert_one(document)
         return
-    unfindable = [key for key in document if "." in key or key.startswith("$")]
-    if unfindable:
-        with pytest.raises(ValueError, match="no filter could find it"):
+    if any(key.startswith("$") for key in document):
+        with pytest.raises(ValueError, match="an insert takes a document, not an update"):
             coll.insert_one(document)
         return
     stored = coll.insert_one(document).value
