@@ -346,6 +346,37 @@ async def test_fewer_threads_hold_for_the_runs_already_waiting_for_one(app):
     assert most and max(most) == 1, most
 
 
+async def test_more_threads_start_for_the_runs_already_waiting_for_one(app):
+    """1 thread busy, 7 runs waiting: raised to 8, the waiting runs start at once. They
+    went on one at a time; and lowered then raised again, they stayed on one thread (w48)."""
+    ends, running = threading.Semaphore(0), []
+
+    @app.task
+    def held(i):
+        running.append(i)
+        ends.acquire(timeout=10)  # one run ends for each release
+        running.remove(i)
+
+    app.runtime.max_threads = 1
+    first = [held.submit(i) for i in range(8)]
+    await until(lambda: len(running) == 1)
+    app.runtime.max_threads = 8
+    await until(lambda: len(running) == 8)
+    ends.release(8)
+    for handle in first:
+        assert await handle.wait(10) == "completed"
+    app.runtime.max_threads = 4
+    second = [held.submit(i) for i in range(12)]
+    await until(lambda: len(running) == 4)
+    app.runtime.max_threads = 1
+    app.runtime.max_threads = 4  # (the threads about to leave stay)
+    ends.release(4)
+    await until(lambda: len(running) == 4 and [h.snapshot()["status"] for h in second].count("completed") == 4)
+    ends.release(8)
+    for handle in second:
+        assert await handle.wait(10) == "completed"
+
+
 async def test_a_run_waiting_for_a_free_thread_is_cancelled_at_once_and_never_starts(app):
     """Every thread is busy; the next run waits for one. Its cancel used to wait too (the
     card said "pending, stopping..." with no button until a thread freed up, minutes if

@@ -35,17 +35,27 @@ class WorkerPool:
         self._count = 0
 
     def resize(self, max_workers: int) -> None:
-        """Allow ``max_workers`` threads: more start on demand; a smaller number holds from the
-        next job a thread takes, each thread one too many leaving instead of taking it."""
+        """Allow ``max_workers`` threads. A smaller number holds from the next job a thread
+        takes, each thread one too many leaving instead of taking it; a bigger one starts
+        threads for the jobs already waiting (threads about to leave stay instead)."""
         if max_workers < 1:
             raise ValueError(f"max_threads must be at least 1, got {max_workers!r}")
         with self._lock:
             self.max_workers = max_workers
-            excess = max(0, self._workers - self._leaving - max_workers)
+            staying = self._workers - self._leaving
+            excess = max(0, staying - max_workers)
             self._leaving += excess
+            kept = min(self._leaving, max(0, max_workers - staying))
+            self._leaving -= kept
+            spawn = max(0, min(max_workers - self._workers, self._pending - self._idle))
+            self._workers += spawn
+            names = [f"{self._name}-{self._count + n + 1}" for n in range(spawn)]
+            self._count += spawn
             idle = min(excess, self._idle)
         for _ in range(idle):  # (busy ones see it when their job ends)
             self._jobs.put(_WAKE)
+        for name in names:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on a worker; exceptions are logged (runs record their own)."""
