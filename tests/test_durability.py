@@ -219,10 +219,12 @@ async def test_join_returns_the_run_in_flight_and_reject_raises(app):
     assert await build_reject.submit("a").result(timeout=5) == "a"  # free again
 
 
-def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_found(tmp_path):
+@pytest.mark.parametrize("asked_to_cancel", [False, True])
+def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_found(tmp_path, asked_to_cancel):
     """A kernel killed mid-run, the store opened again later: the run used to be recorded as
     ending when it was found, so its card said it had run until then (w47: 16.5 s for a
-    run cut off at 12 s; hours, for a store opened the next day)."""
+    run cut off at 12 s; hours, for a store opened the next day). A run asked to cancel that
+    its kernel, stuck in a call, never stopped is recorded cancelled, ending then too (w48)."""
     from capsule_nb.store import heartbeats
 
     victim = spawn(
@@ -247,6 +249,8 @@ def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_f
     try:
         first = until_sync(lambda: heartbeats.last_seen(watcher, owner), 10, what="a first beat")
         until_sync(lambda: heartbeats.last_seen(watcher, owner) > first, 10, what="a second beat")  # it ran a while
+        if asked_to_cancel:
+            watcher.request_cancel(task_id)  # (the run is stuck in a call: it cannot stop)
     finally:
         watcher.close()
     os.kill(victim.pid, signal.SIGKILL)
@@ -254,8 +258,9 @@ def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_f
     victim.wait(10)
     app = cpsl.App(home=tmp_path)
     try:
-        record = until_sync(lambda: (r := app.store.get_run(task_id)) and r["status"] == "failed" and r)
-        assert record["error"] == "interrupted"
+        status = "cancelled" if asked_to_cancel else "failed"
+        record = until_sync(lambda: (r := app.store.get_run(task_id)) and r["status"] == status and r)
+        assert record["error"] == ("cancelled" if asked_to_cancel else "interrupted")
         assert killed - heartbeats.BEAT_SECONDS - 1 < record["completed_at"] <= killed, (killed, record)
         assert record["completed_at"] - record["started_at"] >= heartbeats.BEAT_SECONDS  # as long as it ran
         assert heartbeats.last_seen(app.store, owner) is None  # its entry went with it

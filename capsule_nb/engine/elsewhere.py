@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..record import FINISHED, RUNNING, RunRecord
-from ..store import refreshes
+from ..record import CLAIMED, FINISHED, RUNNING, RunRecord
+from ..store import heartbeats, refreshes
 from ..store.owners import owner_alive
 from .upkeep import cancelled
 
@@ -32,8 +32,12 @@ def cancel(runtime: "Runtime", task_id: str) -> bool:
             runtime.store.request_cancel(task_id)
             return True
 
+        seen = heartbeats.last_seen(runtime.store, owner)  # (a dead owner's run ended then, if it ran)
+
         def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
-            return cancelled(disk) if disk.get("owner", "") == owner else None
+            if disk.get("owner", "") != owner:
+                return None
+            return cancelled(disk, (seen or disk.get("started_at")) if disk["status"] in (RUNNING, CLAIMED) else None)
 
         claimed = runtime.store.claim_run(task_id, settle)
         if claimed is not None:

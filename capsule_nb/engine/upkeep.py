@@ -182,10 +182,10 @@ class Upkeep:
             def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
                 if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
                     return None  # somebody else recovered it first
+                seen = dead[owner] or disk.get("started_at")
                 if requested:  # it was asked to stop: stopped it is
-                    return cancelled(disk)
-                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk,
-                                   dead[owner] or disk.get("started_at"))
+                    return cancelled(disk, seen)
+                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk, seen)
 
             if self.store.claim_run(record["task_id"], take) is not None:
                 recovered += 1
@@ -264,14 +264,19 @@ def interrupted(record: RunRecord, last_seen: float | None = None) -> RunRecord 
     if record["status"] == RUNNING and record["attempt"] < record["max_attempts"]:
         return evolve(record, status=RETRY, error="interrupted")
     if record["status"] == RUNNING:
-        now = time.time()
-        ended = now if last_seen is None else min(now, max(last_seen, record.get("updated_at") or 0.0))
-        return evolve(record, status=FAILED, error="interrupted", completed_at=ended)
+        return evolve(record, status=FAILED, error="interrupted", completed_at=_ended(record, last_seen))
     return None
 
 
-def cancelled(record: RunRecord) -> RunRecord | None:
-    """How a run that was asked to stop, and has stopped (or never started), is recorded."""
+def cancelled(record: RunRecord, last_seen: float | None = None) -> RunRecord | None:
+    """How a run that was asked to stop, and has stopped (or never started), is recorded;
+    ``last_seen`` as for ``interrupted``."""
     if record["status"] in FINISHED:
         return None
-    return evolve(record, status=CANCELLED, completed_at=time.time(), error="cancelled")
+    return evolve(record, status=CANCELLED, completed_at=_ended(record, last_seen), error="cancelled")
+
+
+def _ended(record: RunRecord, last_seen: float | None) -> float:
+    """When a run its process left ended: now, or when that dead process was last seen alive."""
+    now = time.time()
+    return now if last_seen is None else min(now, max(last_seen, record.get("updated_at") or 0.0))
