@@ -404,7 +404,7 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
 
         check_client(cluster)
     if portable is not None:
-        _portable.set_portable(portable)
+        _portable.check_portable(portable)
     global _default
     with _default_lock:
         old = _default
@@ -426,6 +426,8 @@ def configure(*, home: str | os.PathLike[str] | None = None, max_threads: int | 
     app._set_retention(keep)
     if cluster is not _UNSET:
         app.runtime.cluster = cluster
+    if portable is not None:
+        _portable.set_portable(portable)
     return app
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import Any
 
 # code -> (what the extension is, how Capsule code says it)
 EXTENSIONS: dict[str, tuple[str, str]] = {
@@ -64,11 +65,15 @@ _warned: set[str] = set()
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
+def check_portable(on: Any) -> None:
+    if not isinstance(on, bool):  # "no" would turn it on
+        raise TypeError(f"portable must be True or False, got {on!r}")
+
+
 def set_portable(on: bool) -> None:
     """Turn portable mode on or off; turning it on again warns afresh."""
     global _enabled
-    if not isinstance(on, bool):  # "no" would turn it on
-        raise TypeError(f"portable must be True or False, got {on!r}")
+    check_portable(on)
     with _lock:
         _enabled = bool(on)
         _warned.clear()

@@ -320,6 +320,9 @@ def test_a_configure_with_one_bad_value_changes_nothing(tmp_path, monkeypatch):
                         "cluster must be a distributed.Client .*, got 'tcp://127.0.0.1:8786'")):
         with pytest.raises((ValueError, TypeError), match=error):
             cpsl.configure(**bad)
+    with pytest.raises(TypeError, match="home is the path of a store folder, not 123"):
+        cpsl.configure(portable=True, home=123)  # (w48: portable mode went on all the same)
+    assert not capsule_nb.portable.is_portable()
     assert cpsl.configure() is app and not app._closed
     assert (app.runtime.max_threads, app.keep_finished) == (4, 50)
     assert not (tmp_path / "second").exists() and threading.active_count() == threads  # (the cluster's thread)
