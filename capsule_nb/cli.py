@@ -145,8 +145,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_schedules(args: argparse.Namespace) -> int:
     app = _open(args)
     rows = on_store(app.store)
-    lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'WHEN':<31} LAST"] + [
-        f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {when(r):<31} "
+    width = max([len(when(r)) for r in rows] + [4])
+    lines = [f"{'NAME':<24} {'CRON':<18} {'TZ':<16} {'WHEN':<{width}} LAST"] + [
+        f"{r['name']:<24} {r['cron'] or '?':<18} {r['tz']:<16} {when(r):<{width}} "
         f"{r['last'] or '-'}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else "") for r in rows]
     _emit(args, rows, "\n".join(lines) if rows else "no schedules")
     return 0

@@ -28,9 +28,9 @@ def whole_run_id(store: "Store", text: str) -> str:
     """The run ``text`` names, for ``%task`` and the CLI: a whole id, or the end of one (a
     board's card shows its last 6 characters) that only one run's id ends with. A LookupError
     lists the runs when several do; an id nothing matches comes back for the caller to refuse."""
-    if not _ID_TAIL.fullmatch(text) or store.get_run(text) is not None:
+    if not _ID_TAIL.fullmatch(text.lower()) or store.get_run(text) is not None:
         return text
-    found = store.run_ids_ending(text, limit=6)
+    found = store.run_ids_ending(text.lower(), limit=6)  # (ids are lower-case hex: B04326 is b04326)
     if len(found) > 1:
         listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise LookupError(f"more than one run's id ends with {text!r} ({listed}): give more of the id")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from . import portable
 from .awaitables import ReadyInt, ReadyList
 from .checks import whole_number
-from .durations import parse_delay, parse_when
+from .durations import MAX_DELAY, parse_delay, parse_when
 from .engine.context import current_run
 from .engine.executors import LoopClosed
 from .handle import TaskHandle
@@ -178,6 +178,8 @@ class Task:
             if not isinstance(at, dt.datetime):
                 raise TypeError(f"{self.name}.schedule(): `at` must be a datetime, got {at!r}")
             start = at.timestamp()
+            if start - time.time() > MAX_DELAY:  # (as a delay: its date no longer fits a datetime here)
+                raise ValueError(f"{self.name}.schedule(): `at` is at most 100 years ahead, got {at!r}")
         elif first_delay is not None:
             start = time.time() + first_delay
         elif every is not None:

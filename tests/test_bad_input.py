@@ -115,7 +115,12 @@ def test_a_delay_of_centuries_is_refused_not_stored(app, delay):
     with pytest.raises(ValueError, match=f"bad (delay|interval) .*{said}.*: at most 100 years"):
         job.schedule(delay) if isinstance(delay, str) and delay.startswith("every") else job.schedule(delay=delay)
     assert app.tasks.count() == 0
-    assert parse_delay("36500d") == 36500 * 86400  # (a hundred years, give or take leap days, still is)
+    assert parse_delay("36500d") == 36500 * 86400
+    import datetime as dt
+
+    with pytest.raises(ValueError, match="`at` is at most 100 years ahead"):  # (w48: shown as '?253402318799.0')
+        job.schedule(at=dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc))
+    assert app.tasks.count() == 0  # (a hundred years, give or take leap days, still is)
 
 
 @pytest.mark.parametrize("limit", ["0MB", 0, -1, "99999999999999999999GB", 2**63])
@@ -478,6 +483,8 @@ def test_a_card_or_board_given_the_wrong_kind_of_value_says_what_it_takes(app):
                            (["running"], "not 'running'"), ("running", "not 'running'")):
         with pytest.raises(TypeError, match=f"TaskBoard columns .*{error}"):
             ui.TaskBoard(app=app, columns=columns)
+    with pytest.raises(ValueError, match="TaskBoardColumn 'A' needs at least one status"):
+        ui.TaskBoardColumn("A", [])
     twice = [ui.TaskBoardColumn("Done", ["completed"]), ui.TaskBoardColumn("Done", ["failed"])]
     for columns in (twice, []):
         with pytest.raises(ValueError, match="at least one column, each with its own label"):

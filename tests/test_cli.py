@@ -100,6 +100,8 @@ def test_show_and_cancel_take_the_end_of_an_id_as_a_boards_card_shows_it(app, ca
                                      attempt=1, max_attempts=1, created_at=now, updated_at=now))
     app.store.flush()
     home = str(app.home)
+    code, out, _ = cli(capsys, "--home", home, "--json", "show", waiting.task_id[-6:].upper())  # (any case)
+    assert code == 0 and json.loads(out)["task_id"] == waiting.task_id
     code, out, _ = cli(capsys, "--home", home, "--json", "show", waiting.task_id[-6:])
     assert code == 0 and json.loads(out)["task_id"] == waiting.task_id
     code, out, _ = cli(capsys, "--home", home, "--json", "cancel", waiting.task_id[-6:])
@@ -165,8 +167,9 @@ def test_a_schedule_no_live_kernel_defines_is_listed_as_not_firing(tmp_path, cap
     definer.kill()
     definer.wait(10)
     code, out, _ = cli(capsys, "--home", str(tmp_path), "schedules")
-    line = next(line for line in out.splitlines() if line.startswith("daily"))
+    header, line = out.splitlines()
     assert "not firing: no live kernel defines it" in line and "next" not in line
+    assert line.index("not firing") == header.index("WHEN") and line[header.index("LAST"):] == "-"  # (aligned)
 
 
 def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):

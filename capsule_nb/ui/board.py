@@ -30,6 +30,8 @@ class TaskBoardColumn:
         if not isinstance(statuses, (str, list, tuple, set, frozenset)):
             raise TypeError(f"TaskBoardColumn {label!r}: statuses is a list such as ['running'], not {statuses!r}")
         statuses = (statuses,) if isinstance(statuses, str) else tuple(statuses)
+        if not statuses:
+            raise ValueError(f"TaskBoardColumn {label!r} needs at least one status: it would never hold a run")
         for status in statuses:
             check_status(status)
         object.__setattr__(self, "label", label)
