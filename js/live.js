@@ -218,6 +218,29 @@ function keepAsking(ask, ms = 5000) {
   };
 }
 
+let owningKeys = false;
+
+/**
+ * A plain key pressed in a view is the view's, not the notebook's: with a card's button
+ * focused, "d d" deleted its cell. JupyterLab skips its shortcuts for a focused element
+ * that says so (its command-mode keys match ":focus" itself); a key with Ctrl, Alt, Meta or
+ * Shift (Ctrl+S, Shift+Enter) goes on to it. One listener for every view, on the window
+ * while it captures: it comes before JupyterLab's.
+ */
+function ownKeys() {
+  if (owningKeys) return;
+  owningKeys = true;
+  window.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if (!(target instanceof Element) || !target.closest(".cnb")) return;
+    if (event.ctrlKey || event.altKey || event.metaKey || event.shiftKey) {
+      target.removeAttribute("data-lm-suppress-shortcuts");
+    } else {
+      target.setAttribute("data-lm-suppress-shortcuts", "true");
+    }
+  }, true);
+}
+
 // ------------------------------------------------------------ holding still
 
 /**
@@ -258,9 +281,9 @@ export function holdStill(root, draw, { hover = false, rest = 1500, waiting = ()
     hovering = true;
     clearTimeout(restTimer);
     restTimer = setTimeout(() => {
-      // A pointer resting on a button is about to press it: what is under it holds still
-      // until it moves on, or the press would land on whichever run moved there meanwhile.
-      if (root.querySelector("button:hover")) return;
+      // A pointer resting on a button or a card is about to press it: what is under it holds
+      // still until it moves on, or the press would land on whichever run moved there meanwhile.
+      if (root.querySelector(":is(button, [tabindex]):hover")) return;
       hovering = false;
       flush();
     }, rest);
@@ -358,6 +381,7 @@ function tickClocks(root, lead) {
  * gone by the time its views are removed).
  */
 export function liveView(model, el, { lost, ask }) {
+  ownKeys();
   const [lead, stopClock] = kernelClock(model);
   let stopAsking = () => {};
   const askWhileNotLive = () => (stopAsking = keepAsking(ask));

@@ -290,7 +290,11 @@ def test_the_boards_cards_work_from_the_keyboard(scenario: Scenario) -> None:
         before = failed.count()
         mini = failed.first
         retried = mini.get_attribute("data-task-id")
+        cells = page.locator(".jp-Notebook .jp-Cell").count()
         mini.focus()
+        page.keyboard.press("d")
+        page.keyboard.press("d")  # (w49: the notebook's "delete cell", its cell and all)
+        assert page.locator(".jp-Notebook .jp-Cell").count() == cells and mini.is_visible()
         page.keyboard.press("Tab")
         assert mini.evaluate("node => document.activeElement !== node"), "Tab left the focus on the card"
         mini.locator("button", has_text="Retry").focus()

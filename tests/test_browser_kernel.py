@@ -464,7 +464,7 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
     page = day.run_notebook(
         "churn", SETUP,
         "@cpsl.task\nasync def churn(i: int):\n    await asyncio.sleep(120)\n\n"
-        "async def drive():\n    for i in range(60):\n        churn.submit(i)\n        await asyncio.sleep(0.3)\n\n"
+        "async def drive():\n    for i in range(120):\n        churn.submit(i)\n        await asyncio.sleep(0.3)\n\n"
         "driving = asyncio.ensure_future(drive())",
         'cpsl.ui.TaskBoard(title="Churn", filter={"task_name": "churn"}, refresh_ms=500)')
     with day.screenshots_on_failure("churn-rest"):
@@ -488,6 +488,22 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
         page.mouse.move(0, 0)
         wait_until(lambda: not paused.is_visible(), 5, "the board live again once the pointer left")
         assert running.locator(".cnb-mini").count() > before
+
+        # The same resting on a card itself, not its button: a click opens that run's details
+        # (w49: the hold let go after 1.5 s, and the click opened another run's).
+        aimed = running.locator(".cnb-mini").nth(2)
+        aimed_id = aimed.get_attribute("data-task-id")
+        box = aimed.locator(".cnb-who").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        arrived = len(day.app.store.runs({"task_name": "churn"}))
+        time.sleep(2.5)  # the user's pause, over the card
+        assert paused.is_visible() and len(day.app.store.runs({"task_name": "churn"})) > arrived
+        page.mouse.down()
+        page.mouse.up()
+        label = page.locator(".cnb-board .cnb-detail .cnb-detail-head .cnb-label")
+        label.wait_for(timeout=10_000)
+        assert label.inner_text() == f"Run details · {aimed_id}"
+        page.mouse.move(0, 0)
 
 
 def test_a_cancel_focused_from_the_keyboard_stays_focused_while_its_run_reports_progress(day: Day) -> None:
