@@ -163,15 +163,19 @@ function pageConfig() {
   return config;
 }
 
-/** GET capsule-nb/api/<what> from the Jupyter server; null when it cannot answer. */
-export async function askServer(what, params) {
+/** The page's `_xsrf` cookie: the Jupyter server wants it back with a POST (as JupyterLab's requests send it). */
+const xsrf = () => document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/)?.[1];
+
+/** GET (or POST) capsule-nb/api/<what> from the Jupyter server; null when it cannot answer. */
+export async function askServer(what, params, method = "GET") {
   const page = pageConfig();
   if (!page) return null;
   const url = new URL(`${page.baseUrl ?? "/"}capsule-nb/api/${what}`, location.origin);
   for (const [key, value] of Object.entries(params)) url.searchParams.set(key, value);
   const headers = page.token ? { Authorization: `token ${page.token}` } : {};
+  if (method !== "GET" && xsrf()) headers["X-XSRFToken"] = decodeURIComponent(xsrf());
   try {
-    const response = await fetch(url, { headers, credentials: "same-origin", cache: "no-store" });
+    const response = await fetch(url, { method, headers, credentials: "same-origin", cache: "no-store" });
     return response.ok ? await response.json() : null;
   } catch {
     return null;
@@ -365,6 +369,32 @@ function tickClocks(root, lead) {
   return () => clearInterval(timer);
 }
 
+// ------------------------------------------------------- a cancel unheard
+
+/** How long a kernel may take to say it heard a click before a Cancel goes another way. */
+const HEARD_MS = 1000;
+
+/**
+ * A kernel running a cell reads a click only once the cell ends, and a cell waiting on this
+ * very run (a loop on its status, `await h.result()`) never would. The kernel says at once
+ * that it heard a click ({heard: task_id}); a Cancel it has not heard within HEARD_MS is
+ * filed in the store through the Jupyter server instead, where the run's kernel answers it
+ * from a thread of its own (ui/server.py). The click, heard when the cell ends, then finds
+ * the run cancelled. The kernel's busy status cannot tell: a debugger or another client's
+ * request flips it to idle while a cell runs.
+ */
+function cancelIfUnheard(model, task_id) {
+  let heard = false;
+  const listen = (content) => {
+    if (content?.heard === task_id) heard = true;
+  };
+  model.on("msg:custom", listen);
+  setTimeout(() => {
+    model.off("msg:custom", listen);
+    if (!heard) askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
+  }, HEARD_MS);
+}
+
 // ------------------------------------------------------------ a live view
 
 /**
@@ -373,7 +403,8 @@ function tickClocks(root, lead) {
  * and once the kernel is gone (or never was), `lost()` (redraw as not live)
  * and `ask()` the server for as long as it says there is more to learn.
  *
- * Returns { lead(), live(), why(), act(action, task_id), start(release) }.
+ * Returns { lead(), live(), why(), act(action, task_id), start(release) }; `act` sends a
+ * click to the kernel (a Cancel it does not hear: through the server, cancelIfUnheard).
  * `start`, after the first draw, tells the kernel the view is shown and ticks
  * the running clocks under `el`; it returns the teardown, which says "hidden"
  * and runs `release` (the view's own listeners). Neither is sent when the
@@ -394,7 +425,11 @@ export function liveView(model, el, { lost, ask }) {
     lead,
     live: liveness.live,
     why: liveness.why,
-    act: (action, task_id) => liveness.send({ action, task_id }),
+    act: (action, task_id) => {
+      const sent = liveness.send({ action, task_id });
+      if (sent && action === "cancel") cancelIfUnheard(model, task_id);
+      return sent;
+    },
     start(release) {
       if (!liveness.live()) askWhileNotLive();
       liveness.send({ view: "shown" });

@@ -378,6 +378,36 @@ def test_a_thread_run_cancelled_while_blocked_in_a_call_says_stopping_until_the_
         assert card.locator(".cnb-stopping").count() == 0
 
 
+def test_cancel_on_a_card_stops_the_run_a_cell_is_blocked_on(day: Day) -> None:
+    """The cell waits on the run (a loop that blocks the kernel, or ``await h.result()``) and the reader presses the
+    card's Cancel: the run stops and the cell ends. A click travels as a comm message, which
+    the kernel reads only once the cell ends, so the Cancel waited on the very cell waiting on
+    the run, for good (w49). The page now files it through the Jupyter server in the store,
+    where the kernel answers from a thread of its own."""
+    cells = (SETUP + "\nimport time\n\n\n@cpsl.task\ndef crunch():\n    for _ in range(36000):\n"
+             "        time.sleep(0.1)\n\n\n"
+             'crunching = crunch.submit()\nsession.show_task(crunching, message="Crunch, a cell blocked on it")\n'
+             'waiting = slow.submit("waits")\nsession.show_task(waiting, message="Waits, a cell awaiting it")',
+             'while crunching.snapshot()["status"] == "running":  # blocks the kernel\n    time.sleep(0.05)',
+             "await waiting.result()")
+    with day.screenshots_on_failure("cancel-blocked"):
+        page = day.run_notebook("blocked-on-run", *cells)
+        prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
+        for title, cell in (("Crunch, a cell blocked on it", 1), ("Waits, a cell awaiting it", 2)):
+            card = day.card(title, page)
+            card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+            wait_until(lambda: "[*]" in prompts.nth(cell).inner_text()
+                       and "[*]" not in prompts.nth(cell - 1).inner_text(), 30, f"cell {cell} waiting on the run")
+            card.locator("button", has_text="Cancel").click()
+            card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=10_000)
+            wait_until(lambda: "[*]" not in prompts.nth(cell).inner_text(), 10, f"cell {cell} ended")
+        # The clicks reach the kernel once its cells are done, and find their runs cancelled:
+        # nothing to say, where they used to say "had already finished".
+        wait_until(lambda: day.lab.kernel_state("blocked-on-run.ipynb") == "idle", 10, "the kernel idle")
+        for title in ("Crunch, a cell blocked on it", "Waits, a cell awaiting it"):
+            assert day.wrapper(title, page).locator(".cnb-notice").inner_text() == ""
+
+
 def _writer(fifo: Path) -> int | None:
     """A descriptor writing to ``fifo`` once a reader has it open (None before)."""
     try:

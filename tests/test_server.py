@@ -8,6 +8,7 @@ orphaned, from the record its dead owner left behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -52,9 +53,9 @@ class Server:
             assert self.process.poll() is None, "the Jupyter server exited"
             return False
 
-    def get(self, path: str, token: str | None = TOKEN, **params: str) -> Any:
+    def get(self, path: str, token: str | None = TOKEN, method: str = "GET", **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        request = urllib.request.Request(f"{self.url}/{path}{query}",
+        request = urllib.request.Request(f"{self.url}/{path}{query}", method=method,
                                          headers={"Authorization": f"token {token}"} if token else {})
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
@@ -122,6 +123,44 @@ def test_the_server_refuses_what_it_should(jupyter: Server, tmp_path: Path) -> N
     with pytest.raises(urllib.error.HTTPError) as bad:
         jupyter.get("capsule-nb/api/board", home=str(app.home), view=json.dumps({"app": "default", "columns": "x"}))
     assert bad.value.code == 400 and "columns" in bad.value.read().decode()
+
+
+def test_a_cancel_filed_through_the_server_is_answered_by_the_runs_kernel(jupyter: Server, tmp_path: Path) -> None:
+    """What a card's Cancel does while its kernel runs a cell (js/live.js): the server asks
+    the run's owner through the store, and the owner's maintenance pass stops the run."""
+    app = cpsl.App(home=tmp_path / "store")
+    try:
+        @app.task
+        async def stuck():
+            await asyncio.sleep(3600)
+
+        @app.task
+        async def quick():
+            return 1
+
+        running, done = stuck.submit(), quick.submit()
+        until_sync(lambda: running.snapshot()["status"] == "running" and done.snapshot()["status"] == "completed", 10)
+        app.store.flush()
+        home = str(app.home)
+
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a write is a POST, with a token
+            jupyter.get("capsule-nb/api/cancel", home=home, task_id=running.task_id)
+        assert refused.value.code == 405
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            jupyter.get("capsule-nb/api/cancel", token=None, method="POST", home=home, task_id=running.task_id)
+        assert refused.value.code == 403
+        assert running.snapshot()["status"] == "running"
+
+        assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id=done.task_id) == {
+            "asked": False, "status": "completed"}
+        assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id="nope") == {
+            "asked": False, "status": None}
+        assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id=running.task_id) == {
+            "asked": True, "status": "running"}
+        until_sync(lambda: running.snapshot()["status"] == "cancelled", 10, what="the owner answering the cancel")
+        assert done.snapshot()["status"] == "completed"
+    finally:
+        app.close()
 
 
 def test_a_run_whose_process_died_is_reported_orphaned(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from traitlets import Dict, Float, Unicode
 
 from ..checks import whole_number
 from ..engine.timers import Timer
+from ..record import CANCELLED
 from . import assets
 
 if TYPE_CHECKING:
@@ -160,6 +161,7 @@ class LiveWidget(anywidget.AnyWidget):
         if not isinstance(content, dict):
             return
         if content.get("action") in ACTIONS and isinstance(content.get("task_id"), str):
+            self.send({"heard": content["task_id"]})  # else the view files a Cancel through the server
             self._runtime.call_soon(self._act, content["action"], content["task_id"])
         elif content.get("view") in VIEW_STEPS:
             self._runtime.call_soon(self._counted, VIEW_STEPS[content["view"]])
@@ -170,7 +172,8 @@ class LiveWidget(anywidget.AnyWidget):
         if record is None:
             notice = f"run {task_id} is not in this store"
         elif action == "cancel":
-            if not self._app.for_run(record).runtime.cancel(task_id):
+            # (one cancelled already: a click heard late, its cancel filed meanwhile through the server)
+            if not self._app.for_run(record).runtime.cancel(task_id) and record["status"] != CANCELLED:
                 notice = f"run {task_id} had already finished"
         else:
             try:

@@ -13,10 +13,22 @@ That is Capsule's own model for a page without a live session: the
 renderer fetches the data, statelessly. The answers have the shapes the
 widgets' traits have (``views.py``), so a view draws them the same way.
 
+A Cancel pressed while the kernel runs a cell cannot go through the widget's
+comm: the kernel reads that message only once the cell ends, and a cell
+waiting on the run (``await h.result()``) waits for the very run the reader
+wants to stop. A view whose kernel has not said within a second that it heard
+the click files the cancel here (``js/live.js`` cancelIfUnheard):
+
+    POST {base_url}capsule-nb/api/cancel?home=<store>&task_id=<id>
+
+which asks the run's live owner through the store, as ``capsule-nb cancel``
+does: the owner's maintenance pass (a thread of its own, not the kernel's
+busy loop) stops the run, and the card hears of it as of any change.
+
 ``pip install capsule_nb`` enables it: the wheel puts
 ``etc/jupyter/jupyter_server_config.d/capsule_nb.json`` in the environment.
-It reads stores that already exist, through the store layer, and never
-writes; it imports no widget (``ui/__init__`` loads the widgets lazily).
+It reads stores that already exist, through the store layer, and writes
+nothing but cancel requests; it imports no widget (``ui/__init__`` loads the widgets lazily).
 """
 
 from __future__ import annotations
@@ -27,13 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..record import CLAIMED, RUNNING
+from ..record import CLAIMED, FINISHED, RUNNING
 from ..store import open_store
 from ..store.disk import has_store
 from ..store.owners import owner_alive
 from . import views
 
-ROUTE = "capsule-nb/api/(cards|board)"
+ROUTE = "capsule-nb/api/(cards|board|cancel)"
 MAX_IDS = 500  # cards asked for in one request (a page of reopened cards)
 
 
@@ -74,6 +86,19 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
     return {**state, "now": time.time()}
 
 
+def cancel(home: str, task_id: str) -> dict[str, Any]:
+    """Ask the live owner of an unfinished run to cancel it; ``asked`` says whether it was
+    (else ``status`` says why not: the run has finished, or nobody runs it to ask)."""
+    store = _store(home)
+    record = store.get_run(task_id)
+    if record is None:
+        return {"asked": False, "status": None}
+    if record["status"] in FINISHED or not owner_alive(record.get("owner", "")):
+        return {"asked": False, "status": record["status"]}
+    store.request_cancel(task_id)
+    return {"asked": True, "status": record["status"]}
+
+
 def _board_view(text: str) -> dict[str, Any]:
     """The ``view`` argument, checked: a bad one is a 400 that says what is wrong."""
     try:
@@ -96,6 +121,8 @@ def _answer(what: str, arguments: dict[str, list[bytes]]) -> dict[str, Any]:
     def argument(name: str) -> str:
         return arguments.get(name, [b""])[0].decode("utf-8", "replace")
 
+    if what == "cancel":
+        return cancel(argument("home"), argument("task_id"))
     if what == "cards":
         ids = [i for i in argument("ids").split(",") if i][:MAX_IDS]
         return cards(argument("home"), ids)
@@ -114,6 +141,18 @@ def _handler() -> type:
         @web.authenticated
         @authorized
         async def get(self, what: str) -> None:
+            if what == "cancel":
+                raise web.HTTPError(405, "cancel is a POST")
+            await self._reply(what)
+
+        @web.authenticated
+        @authorized
+        async def post(self, what: str) -> None:
+            if what != "cancel":
+                raise web.HTTPError(405, f"{what} is a GET")
+            await self._reply(what)
+
+        async def _reply(self, what: str) -> None:
             try:
                 reply = await asyncio.to_thread(_answer, what, self.request.query_arguments)
             except LookupError as exc:  # a store that is gone: an answer, not an error page
