@@ -15,7 +15,9 @@
 // get_state_sync, has_model), each checked before use: where one is missing
 // (Voila, another front end) the view simply assumes its kernel lives.
 
-const GONE = new Set(["restarting", "autorestarting", "dead", "terminating"]);
+// A kernel restarted from elsewhere (another tab, the REST API) says only "starting": the
+// new process's first word. A kernel that drew a view has started long since.
+const GONE = new Set(["restarting", "autorestarting", "starting", "dead", "terminating"]);
 const STATE = "application/vnd.jupyter.widget-state+json";
 
 // Set in the state saveOurs() writes: a model that has it was drawn from a
