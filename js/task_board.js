@@ -44,30 +44,48 @@ export function labels(key, values) {
   return shown;
 }
 
-function menus(state, set) {
+/**
+ * The filter menus, drawn into `filters`. Each menu's <select> is made once and its options
+ * patched: a menu the reader has focused, or open, stays so while new choices arrive.
+ */
+function patchMenus(filters, selects, state, set) {
   const filter = state("filter");
   const choices = state("choices");
   // The app menu only where the store holds more than one app.
   const shown = MENUS.filter(([key]) => key !== "app" || (choices.app ?? []).length > 1 || filter.app);
-  return shown.map(([key, label]) => {
+  for (const [key, label] of shown) {
     const values = new Set(choices[key] ?? []);
     if (filter[key]) values.add(filter[key]); // a filter set in Python stays visible
     const names = labels(key, [...values]);
-    const select = h("select", {
-      className: "cnb-select",
-      title: filter[key] ? `${key}: ${filter[key]}` : `filter by ${key}`,
-      onchange: (event) => {
-        const next = { ...state("filter") };
-        if (event.currentTarget.value) next[key] = event.currentTarget.value;
-        else delete next[key];
-        set("filter", next);
-      },
-    }, h("option", { value: "", textContent: `all` }),
-      [...values].map((v) => h("option", {
-        value: v, textContent: names.get(v), title: v, selected: v === filter[key],
-      })));
-    return h("label", { className: "cnb-filter" }, `${label} `, select);
-  });
+    let menu = selects.get(key);
+    if (!menu) {
+      const select = h("select", {
+        className: "cnb-select",
+        onchange: (event) => {
+          const next = { ...state("filter") };
+          if (event.currentTarget.value) next[key] = event.currentTarget.value;
+          else delete next[key];
+          set("filter", next);
+        },
+      });
+      menu = { select, label: h("label", { className: "cnb-filter" }, `${label} `, select), key: "" };
+      selects.set(key, menu);
+    }
+    menu.select.title = filter[key] ? `${key}: ${filter[key]}` : `filter by ${key}`;
+    const options = JSON.stringify([...values].map((v) => [v, names.get(v)]));
+    if (options !== menu.key) {
+      menu.key = options;
+      menu.select.replaceChildren(h("option", { value: "", textContent: "all" }),
+        ...[...values].map((v) => h("option", { value: v, textContent: names.get(v), title: v })));
+    }
+    menu.select.value = filter[key] ?? "";
+  }
+  const wanted = shown.map(([key]) => selects.get(key).label);
+  if (wanted.length !== filters.children.length || wanted.some((node, i) => filters.children[i] !== node)) {
+    const focused = filters.contains(document.activeElement) && document.activeElement;
+    filters.replaceChildren(...wanted);
+    refocus(focused, null);
+  }
 }
 
 /** What tells runs of one task apart: what it last said, when it started, its id's tail. */
@@ -211,12 +229,17 @@ export default {
       state, set, act: view.act, lead: 0, live: true, selected: "",
       epoch: 0, // raised by a notice: every card is drawn afresh, and a refused button comes back
       column: (label) => state("lanes").find((c) => c.label === label),
-      select: (task_id) => set("selected", state("selected") === task_id ? "" : task_id),
+      revealing: false, // the reader opened details: scroll them into view once drawn
+      select: (task_id) => {
+        context.revealing = state("selected") !== task_id;
+        set("selected", context.revealing ? task_id : "");
+      },
     };
 
     const drawTitle = () => (title.textContent = model.get("title"));
     const drawTotal = () => (total.textContent = `${state("total")} run${state("total") === 1 ? "" : "s"}`);
-    const drawMenus = () => filters.replaceChildren(...menus(state, set)); // not on every update: a menu may be open
+    const selects = new Map(); // filter key -> its menu
+    const drawMenus = () => patchMenus(filters, selects, state, set);
     const drawStale = () =>
       stale.replaceChildren(...(view.live() ? [] : [staleNote(staleText(view.why(), asked))]));
     const drawLanes = () => {
@@ -239,14 +262,24 @@ export default {
     const hold = holdStill(lanesRoot, drawLanes, {
       hover: true, waiting: (held) => (paused.style.visibility = held ? "visible" : "hidden") });
     paused.style.visibility = "hidden";
+    // Closed, the details give the focus back to their run's card (else it fell to the page).
+    const close = () => {
+      const run = state("selected");
+      set("selected", "");
+      lanesRoot.querySelector(`.cnb-mini[data-task-id="${CSS.escape(run)}"]`)?.focus({ preventScroll: true });
+    };
     const drawDetail = () => {
       const card = state("detail");
       const selected = state("selected");
       if (!card.run || card.task_id !== selected) return detail.replaceChildren();
+      const opening = !detail.hasChildNodes();
       placeCard(detail, card, { lead: view.lead(), ui, act: view.act, live: view.live() }, [
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
-          h("button", { className: "cnb-button", textContent: "Close", onclick: () => set("selected", "") }))]);
+          h("button", { className: "cnb-button", textContent: "Close", onclick: close }))]);
+      // In a narrow window the columns stack, and the details open below them all: bring them in.
+      if (opening && context.revealing) detail.scrollIntoView({ block: "nearest" });
+      context.revealing = false;
     };
     const holdDetail = holdStill(detail, drawDetail);
     const drawNotice = () => {

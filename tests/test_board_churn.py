@@ -179,5 +179,61 @@ def test_a_click_opens_the_details_of_the_run_clicked(churn: Churn) -> None:
             churn.page.mouse.move(5, 5)
 
 
+def test_close_gives_the_focus_back_to_the_runs_card(churn: Churn) -> None:
+    """w49: Close on the details pane dropped the focus to the page."""
+    with churn.screenshots_on_failure("close"):
+        detail = churn.board.locator(".cnb-detail")
+        target = churn.held_ids()[4]
+        churn.lane("Running").locator(f".cnb-mini[data-task-id='{target}'] .cnb-title").click()
+        detail.locator(".cnb-label", has_text=f"Run details · {target}").wait_for(timeout=10_000)
+        detail.locator("button", has_text="Close").click()
+        wait_until(lambda: detail.locator(".cnb-card").count() == 0, 10, "the details closed")
+        assert churn.page.evaluate("document.activeElement?.dataset.taskId") == target
+        churn.page.mouse.move(5, 5)
+
+
+def test_in_a_narrow_window_the_details_opened_come_into_view(churn: Churn) -> None:
+    """The columns stack in a narrow window, and the details pane, below them all, opened out
+    of sight (w49): the reader clicked and saw nothing happen."""
+    page = churn.page
+    with churn.screenshots_on_failure("narrow-details"):
+        page.set_viewport_size({"width": 700, "height": 700})
+        try:
+            churn.board.scroll_into_view_if_needed()
+            churn.lane("Running").scroll_into_view_if_needed()
+            target = churn.held_ids()[0]
+            churn.lane("Running").locator(f".cnb-mini[data-task-id='{target}'] .cnb-title").click()
+            label = churn.board.locator(".cnb-detail .cnb-label", has_text=f"Run details · {target}")
+            label.wait_for(timeout=10_000)
+            wait_until(lambda: 0 <= label.bounding_box()["y"] < 700, 5, "the details in view")
+            churn.board.locator(".cnb-detail button", has_text="Close").click()
+        finally:
+            page.mouse.move(5, 5)
+            page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_focused_filter_menu_keeps_the_focus_while_new_choices_arrive(churn: Churn) -> None:
+    """w49: each new choice (a task first run in another kernel) made the menus anew, so the
+    menu the reader had focused lost it, and a keyboard reader was sent back to the page."""
+    import capsule_nb
+
+    with churn.screenshots_on_failure("menu-focus"):
+        menu = churn.board.locator("select[title='filter by task_name']")
+        menu.focus()
+        app = capsule_nb.App(home=churn.lab.home)
+        try:
+            @app.task
+            async def newcomer() -> int:
+                return 1
+
+            newcomer.submit()
+            app.store.flush()
+            wait_until(lambda: "newcomer" in menu.locator("option").all_inner_texts(), 15, "the new choice")
+        finally:
+            app.close()
+        assert menu.evaluate("select => document.activeElement === select")
+        assert menu.evaluate("select => select.value") == ""
+
+
 def test_nothing_threw_and_nothing_complained(churn: Churn) -> None:
     assert churn.problems == []

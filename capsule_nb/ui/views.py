@@ -155,14 +155,21 @@ class RunSource(Protocol):
     def get_run(self, task_id: str) -> Any: ...
 
 
+def _kept_by(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
+    """Whether the board's ``filter`` keeps ``record`` by what a run keeps all its life (its app,
+    task and session): details left open on a run whose status moves on stay open."""
+    return all(record.get(key) in (value if isinstance(value, list) else [value])
+               for key, value in filter.items() if key != "status")
+
+
 def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
           filter: Mapping[str, Any], limits: Mapping[str, int], page: int, selected: str = "",
           orphaned: Callable[[Mapping[str, Any]], bool] = lambda record: False) -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
     limit), ``choices`` (values the filter menus offer), ``total``, and ``detail``: the
-    ``selected`` run as a card ({} when none is, or it is gone). The widget and the
-    server (for a view whose kernel is gone) both answer with this; the server says
-    which runs are ``orphaned``.
+    ``selected`` run as a card ({} when none is, it is gone, or the filter leaves it out).
+    The widget and the server (for a view whose kernel is gone) both answer with this; the
+    server says which runs are ``orphaned``.
 
     Counts and menus come from the counts the store keeps, and each lane's cards
     from one index walk per status, so a store with a million runs renders as
@@ -181,6 +188,8 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
         lanes.append({"label": label, "statuses": list(statuses), "count": sum(counts.get(s, 0) for s in shown),
                       "limit": limit, "cards": [summary(r, orphaned(r)) for r in newest]})
     record = source.get_run(selected) if selected else None
+    if record is not None and not _kept_by(record, filter):
+        record = None  # the details show a run of the board, not one its filter has since left out
     return {"lanes": lanes, "total": sum(counts.values()),
             "choices": {"app": source.run_values("app"), "task_name": source.run_values("task_name"),
                         "session_id": source.run_values("session_id"),
