@@ -100,9 +100,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from .ui.text import runs_text
 
+    from .record import FINISHED
+
     app = _open(args)
     record = _run(app, args.id)
     text = runs_text([record])
+    if record["task_id"] in app.store.cancel_requests() and record["status"] not in FINISHED \
+            and not record.get("stopping"):
+        text += "\n  cancel asked: the kernel that owns the run has not taken it up yet"
     if record.get("traceback"):
         text += "\n\n" + record["traceback"].rstrip()
     _emit(args, record, text)

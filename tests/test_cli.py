@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,14 +174,27 @@ def test_a_schedule_no_live_kernel_defines_is_listed_as_not_firing(tmp_path, cap
 
 
 def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
+    """And ``show`` says the cancel was asked while the owner (here stopped with SIGSTOP) has
+    not taken it up: it said "running", as if nothing had been asked."""
     owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60, env=os.environ)
+
     try:
         (task_id,) = lines_until(owner, "running")
-        done = subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(tmp_path), "cancel", task_id],
-                              capture_output=True, text=True, timeout=60, env=os.environ)
-        assert done.returncode == 0, done.stderr
-        assert "its kernel will stop it" in done.stdout
+        os.kill(owner.pid, signal.SIGSTOP)
+        try:
+            done = command("cancel", task_id)
+            assert done.returncode == 0, done.stderr
+            assert "its kernel will stop it" in done.stdout
+            shown = command("show", task_id)
+            assert "[running]" in shown.stdout and "cancel asked" in shown.stdout, shown.stdout
+        finally:
+            os.kill(owner.pid, signal.SIGCONT)
         lines_until(owner, "stopped")
+        assert "cancel asked" not in command("show", task_id).stdout
         assert cpsl.App(home=tmp_path).get_task(task_id).status() == "cancelled"
     finally:
         owner.kill()

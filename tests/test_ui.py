@@ -310,6 +310,7 @@ async def test_a_thread_run_blocked_in_a_call_shows_it_is_stopping_until_the_cal
     from_view(card, {"action": "cancel", "task_id": handle.task_id})
     await until(lambda: card.run["stopping"] == "cancel" and not card.run["can_cancel"])
     assert handle.snapshot()["status"] == "running"
+    assert repr(card).startswith("fetch [running, stopping]")  # the text (terminal, CLI) says so too
     await until(lambda: [c["stopping"] for c in lane(board, "Running")["cards"]] == ["cancel"])
     board._act("cancel", handle.task_id)  # a second click, on the board (what its message handler calls)
     assert board.notice == card.notice == ""

@@ -58,8 +58,11 @@ def run_text(record: dict[str, Any], message: str | None = None, *, messages: in
     attempt = (f"attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
                if record.get("attempt") else "not started")  # (attempt 0 is no attempt)
     due = record.get("scheduled_for") if record.get("status") in ("scheduled", "retry") else None
+    status = _shown(record.get("status"))
+    if record.get("stopping") and record.get("status") == RUNNING:  # (as its card says: asked, not yet stopped)
+        status += ", timing out" if record["stopping"] == "timeout" else ", stopping"
     lines = [
-        f"{_one_line(name)} [{_shown(record.get('status'))}]  run {_shown(record.get('task_id'))}",
+        f"{_one_line(name)} [{status}]  run {_shown(record.get('task_id'))}",
         f"  {attempt}  elapsed {elapsed(record)}" + (f"  starts {iso_utc(due)}" if due is not None else ""),
     ]
     progress = record.get("progress")
