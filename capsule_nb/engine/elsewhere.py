@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..record import CLAIMED, FINISHED, RUNNING, RunRecord
-from ..store import heartbeats, refreshes
+from ..store import refreshes
 from ..store.owners import owner_alive
-from .upkeep import cancelled
+from .upkeep import cancelled, last_seen
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -32,12 +32,12 @@ def cancel(runtime: "Runtime", task_id: str) -> bool:
             runtime.store.request_cancel(task_id)
             return True
 
-        seen = heartbeats.last_seen(runtime.store, owner)  # (a dead owner's run ended then, if it ran)
+        seen = last_seen(runtime.store, owner)  # (a dead owner's run ended then, if it ran)
 
         def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
             if disk.get("owner", "") != owner:
                 return None
-            return cancelled(disk, (seen or disk.get("started_at")) if disk["status"] in (RUNNING, CLAIMED) else None)
+            return cancelled(disk, seen if disk["status"] in (RUNNING, CLAIMED) else None)
 
         claimed = runtime.store.claim_run(task_id, settle)
         if claimed is not None:

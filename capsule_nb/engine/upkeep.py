@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
-from ..store import heartbeats, retention
+from ..store import Store, heartbeats, retention
 from ..store.owners import owner_alive
 from .run import Run
 
@@ -169,7 +169,7 @@ class Upkeep:
         Adopting a waiting run needs its task, so only a process that defines it does that."""
         recovered = 0
         others = self._not_ours()
-        dead: dict[str, float | None] = {}  # owner -> when it was last seen alive
+        dead: dict[str, float] = {}  # owner -> when it was last seen alive
         for record in others:
             if record["status"] not in (RUNNING, CLAIMED):
                 continue
@@ -177,15 +177,14 @@ class Upkeep:
             if owner_alive(owner):
                 continue
             if owner not in dead:
-                dead[owner] = heartbeats.last_seen(self.store, owner)
+                dead[owner] = last_seen(self.store, owner)
 
             def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
                 if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
                     return None  # somebody else recovered it first
-                seen = dead[owner] or disk.get("started_at")
                 if requested:  # it was asked to stop: stopped it is
-                    return cancelled(disk, seen)
-                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk, seen)
+                    return cancelled(disk, dead[owner])
+                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk, dead[owner])
 
             if self.store.claim_run(record["task_id"], take) is not None:
                 recovered += 1
@@ -274,6 +273,12 @@ def cancelled(record: RunRecord, last_seen: float | None = None) -> RunRecord | 
     if record["status"] in FINISHED:
         return None
     return evolve(record, status=CANCELLED, completed_at=_ended(record, last_seen), error="cancelled")
+
+
+def last_seen(store: Store, owner: str) -> float:
+    """When the dead ``owner`` was last seen alive: its last beat (``store.heartbeats``), or 0.0
+    if it never beat, and then its runs ended at their own last write (``_ended``)."""
+    return heartbeats.last_seen(store, owner) or 0.0
 
 
 def _ended(record: RunRecord, last_seen: float | None) -> float:
