@@ -183,10 +183,15 @@ class TaskHandle(Steps):
         return f"<TaskHandle {record['task_name']} {self.task_id} {record['status']}>"
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        """What the run was doing, and when that was: text does not change as the run goes."""
+        """What the run was doing, and when that was: text does not change as the run goes.
+        In a list or a dict (the printer holds more than this handle) it is one line, its repr:
+        a run's lines and "(as of …)" after each item made a list of handles hard to read."""
         from .ui.live import as_of
         from .ui.text import run_text
 
+        if len(getattr(printer, "stack", ())) > 1:
+            printer.text(repr(self))
+            return
         try:
             record = self._record()
         except KeyError:  # pruned by retention: a cell showing it must not fail

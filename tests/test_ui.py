@@ -733,6 +733,8 @@ async def test_a_handle_as_text_says_when_and_never_fails_once_its_run_is_pruned
     table = table_text([retried.snapshot(), later.snapshot()])  # (the CLI's; its clock ran on: w46)
     row = next(line for line in table.splitlines() if line.startswith(retried.task_id))
     assert row.split()[2:5] == ["retry", "1/2", "-"], table
+    listed = pretty([later, retried])  # each its one line in a list, and no "(as of …)" after each
+    assert listed == f"[<TaskHandle flaky {later.task_id} scheduled>,\n <TaskHandle flaky {retried.task_id} retry>]"
     app.store.delete_runs([later.task_id])
     assert pretty(later) == f"<TaskHandle {later.task_id} (not in store)>"
 
