@@ -36,7 +36,7 @@ from ..engine import capture
 from ..engine.context import bound_session, current_run
 from ..store import flush_all
 from .outcome import ERROR, OK, PayloadError, size
-from .pickling import unpicklable
+from .pickling import pickle_value, unpicklable
 
 log = logging.getLogger("capsule_nb")
 
@@ -100,6 +100,7 @@ class _ChildWorker:
         self.conn = conn
         self.job: ChildRun | None = None
         self._send_lock = threading.Lock()
+        self._kept: tuple[bytes, tuple] | None = None  # a kept function's bytes and what they unpickled to
         capture.install(route=lambda: self.job)  # prints from any thread go to the running job
 
     def send(self, message: tuple) -> None:
@@ -117,15 +118,26 @@ class _ChildWorker:
             return
         while True:
             try:
-                tag, job_id, function, arguments, memory_limit = pickle.loads(self.conn.recv_bytes())
+                tag, job_id, function, arguments, memory_limit, kept = pickle.loads(self.conn.recv_bytes())
             except EOFError:
                 return
             if tag != "job":
                 return
-            if not self.run_job(job_id, function, arguments, memory_limit):
+            if not self.run_job(job_id, function, arguments, memory_limit, kept):
                 return  # recycle: the parent starts a fresh worker when one is needed
 
-    def run_job(self, job_id: str, function: bytes, arguments: bytes, memory_limit: int | None) -> bool:
+    def _function(self, function: bytes, kept: bool) -> tuple:
+        """``(fn, session, session_param)`` from ``function``; what the last kept bytes gave, when
+        these are the same (``pickling.Call``)."""
+        if kept and self._kept is not None and self._kept[0] == function:
+            return self._kept[1]
+        loaded = cloudpickle.loads(function)
+        if kept:
+            self._kept = (function, loaded)
+        return loaded
+
+    def run_job(self, job_id: str, function: bytes, arguments: bytes, memory_limit: int | None,
+                kept: bool = False) -> bool:
         """Run one job and send its ``done``; False if this worker should exit afterwards."""
         run = self.job = ChildRun(self, job_id)
         run_token = current_run.set(run)
@@ -133,7 +145,7 @@ class _ChildWorker:
         keep = True
         try:
             try:
-                fn, session, session_param = cloudpickle.loads(function)
+                fn, session, session_param = self._function(function, kept)
                 args, kwargs = cloudpickle.loads(arguments)
             except BaseException as exc:
                 raise PayloadError(f"the call could not be unpickled in the worker: {type(exc).__name__}: {exc}") from exc
@@ -149,7 +161,7 @@ class _ChildWorker:
                 if inspect.iscoroutine(value):
                     value = asyncio.run(value)
             try:
-                kind, data = OK, {"value": cloudpickle.dumps(value)}
+                kind, data = OK, {"value": pickle_value(value)}
             except Exception:
                 problem = unpicklable("the return value", value) or "the return value cannot be pickled"
                 message = f"cannot send the result back from the worker process: {problem}"

@@ -144,7 +144,7 @@ class DaskBackend:
                 raise RuntimeError("this DaskBackend has been shut down")
             self._jobs[job.id] = job
         payload: Any = tuple(call)
-        if sum(map(len, payload)) > SCATTER_BYTES:
+        if len(call.function) + len(call.arguments) > SCATTER_BYTES:
             payload = self.client.scatter([payload], hash=False)[0]  # (held by the task until it ends)
         job.future = self.client.submit(
             _run_on_worker, job.id, payload, memory_limit, self.topic,

@@ -47,7 +47,7 @@ class Worker:
     def send_job(self, job: ProcessJob) -> None:
         call = job._call
         assert call is not None
-        data = pickle.dumps(("job", job.id, call.function, call.arguments, job.memory_limit), protocol=5)
+        data = pickle.dumps(("job", job.id, call.function, call.arguments, job.memory_limit, call.kept), protocol=5)
         try:
             if len(data) < _SMALL:  # framed as ``send_bytes`` does, in one write, without its layers
                 fd = self.conn.fileno()  # (OSError once the listener closed it, before its number can name another file)
