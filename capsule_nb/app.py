@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import portable as _portable
-from .checks import whole_number
+from .checks import true_or_false, whole_number
 from .collections import Collection, Database
 from .cron import parse_cron, parse_tz
 from .engine.runtime import Runtime, Settings
@@ -213,6 +213,7 @@ class App:
         """``@app.schedule("*/5 * * * *", tz="Europe/Paris")``: run a no-argument function on a cron cadence."""
         parse_cron(cron)  # a bad cron fails here, before there is a function
         parse_tz(tz)
+        true_or_false(f"@schedule({cron!r}): catchup", catchup)
         _note_schedule(cron, tz, name, catchup)
 
         def decorate(function: F) -> Schedule:

@@ -13,3 +13,10 @@ def whole_number(name: str, value: object, minimum: int = 0) -> int:
     if value > LARGEST:
         raise ValueError(f"{name} must be a whole number <= 2**63 - 1, got {value!r}")
     return value
+
+
+def true_or_false(name: str, value: object) -> bool:
+    """``value`` if it is a bool; else ``TypeError``: "no" and "yes" are both truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

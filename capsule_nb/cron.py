@@ -34,6 +34,8 @@ def parse_cron(cron: str) -> str:
 
 
 def parse_tz(tz: str) -> zoneinfo.ZoneInfo:
+    if not isinstance(tz, str):
+        raise TypeError(f"tz is the name of a time zone, such as 'UTC' or 'Europe/Paris', not {tz!r}")
     try:
         return zoneinfo.ZoneInfo(tz)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):

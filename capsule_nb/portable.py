@@ -16,6 +16,8 @@ import threading
 import warnings
 from typing import Any
 
+from .checks import true_or_false
+
 # code -> (what the extension is, how Capsule code says it)
 EXTENSIONS: dict[str, tuple[str, str]] = {
     "positional": ("positional task arguments (t.submit(1, 2))",
@@ -66,8 +68,7 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def check_portable(on: Any) -> None:
-    if not isinstance(on, bool):  # "no" would turn it on
-        raise TypeError(f"portable must be True or False, got {on!r}")
+    true_or_false("portable", on)
 
 
 def set_portable(on: bool) -> None:

@@ -17,6 +17,7 @@ from .record import PENDING, RETRY, SCHEDULED, check_status
 
 _WAITING = frozenset({PENDING, SCHEDULED, RETRY})  # what a cancel with no status stops
 _ID_TAIL = re.compile(r"[0-9a-f]{4,23}")  # the end of a run id (24 hex digits), as a board's card shows it
+_SHORT_TAIL = re.compile(r"[0-9a-f]{1,3}")  # too little of one to look for
 
 if TYPE_CHECKING:
     from .app import App
@@ -28,6 +29,8 @@ def whole_run_id(store: "Store", text: str) -> str:
     """The run ``text`` names, for ``%task`` and the CLI: a whole id, or the end of one (a
     board's card shows its last 6 characters) that only one run's id ends with. A LookupError
     lists the runs when several do; an id nothing matches comes back for the caller to refuse."""
+    if _SHORT_TAIL.fullmatch(text.lower()) and store.get_run(text) is None:
+        raise LookupError(f"no run {text!r}: give at least 4 characters of a run's id (a board's card shows 6)")
     if not _ID_TAIL.fullmatch(text.lower()) or store.get_run(text) is not None:
         return text
     found = store.run_ids_ending(text.lower(), limit=6)  # (ids are lower-case hex: B04326 is b04326)

@@ -42,7 +42,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
-from .checks import whole_number
+from .checks import true_or_false, whole_number
 from .cron import last_due, next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
@@ -72,7 +72,7 @@ class Schedule:
             raise TypeError(f"@schedule({self.cron!r}): {self.name}() must take no arguments, it requires {required}")
         self.fn = fn
         self.app = app
-        self.catchup = bool(catchup)
+        self.catchup = true_or_false(f"@schedule({self.cron!r}): catchup", catchup)
         self.task = Task(fn, app=app, name=self.name)
         self._body = _fingerprint(fn)
         self._key = f"sched/{app.name}/{self.name}"
@@ -237,7 +237,8 @@ class Schedule:
         record, gen = self.app.runtime.submit(self.task, (), {}, {}, session=None, target=None,
                                               extra={"schedule": self.cron, "scheduled_for": due})
         self.app.store.flush()  # on disk before the tick counts as fired: a kill now loses nothing
-        self._update(lambda s: {**s, "last_run": record["task_id"], "settled_due": max(s.get("settled_due", 0), due)})
+        self._update(lambda s: {**s, "last_run": record["task_id"], "fired_due": max(s.get("fired_due", 0), due),
+                                "settled_due": max(s.get("settled_due", 0), due)})
         return self.app._endings.add(TaskHandle(self.app, record["task_id"], gen))
 
     def _watch(self, due: float) -> None:
@@ -328,7 +329,10 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
     """One schedule's line; a value the store holds but cannot use (an impossible cron, an
     unknown zone) is shown as what is wrong with it, never a crash."""
     _, app_name, name = key.split("/", 2)
-    cron, tz, last = state.get("cron"), str(state.get("tz", "UTC")), state.get("last_due")
+    # The last tick that ran: ``last_due`` moves on with paused and skipped ticks too (w51 read
+    # them as run); a store from before ``fired_due`` has only it, once a tick ran (``last_run``).
+    cron, tz = state.get("cron"), str(state.get("tz", "UTC"))
+    last = state.get("fired_due", state.get("last_due") if state.get("last_run") else None)
     definer = state.get("defined_by")
     defined = bool(_definers(state, without="")) or (type(definer) is str and owner_alive(definer))
     upcoming = None

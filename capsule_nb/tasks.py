@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import portable
 from .awaitables import ReadyInt, ReadyList
-from .checks import whole_number
+from .checks import true_or_false, whole_number
 from .durations import MAX_DELAY, parse_delay, parse_when
 from .engine.context import current_run
 from .engine.executors import LoopClosed
@@ -93,9 +93,7 @@ class Task:
             raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, "
                              f"got {callback_url!r}")
         self.callback_url = callback_url
-        if not isinstance(process, bool):  # "yes" or "no" as True would surprise either way
-            raise TypeError(f"@task({self.name}): process must be True or False, got {process!r}")
-        self.process = process
+        self.process = true_or_false(f"@task({self.name}): process", process)
         if memory_limit is not None and not self.process:
             raise ValueError(f"@task({self.name}): memory_limit needs process=True")
         self.memory_limit = _parse_size(memory_limit, self.name) if memory_limit is not None else None
@@ -436,6 +434,7 @@ def _check_lock_template(template: str, signature: inspect.Signature, name: str)
     """Each ``{name}`` must be a parameter (unless the function takes ``**kwargs``). Other
     braces (``{x.id}``, ``{x!r}``) stay as written, as in Capsule: said once, here."""
     literal = [b for b in _BRACED.findall(template) if not _PLACEHOLDER.fullmatch(b)]
+    literal += [repr(brace) for brace in "{}" if brace in _BRACED.sub("", template)]  # one left open: "x:{a"
     if literal:
         warnings.warn(f"@task({name}): lock {template!r} keeps {', '.join(literal)} as written: only "
                       f"{{name}} placeholders are filled from the arguments (Capsule's rule)",

@@ -44,6 +44,24 @@ def test_a_lock_template_fills_only_name_placeholders_as_capsules_runner_does(ap
     assert ship.lock_key(ship.bind((None,), {"n": "x"})) == "ship:{order.id}:{n!r}:x"
 
 
+def test_a_brace_left_open_in_a_lock_template_is_said_too(app):
+    """w51: ``x:{a`` and ``x:{a}}`` were taken without the warning other braces get."""
+    for template, said in (("x:{a", "'{'"), ("x:{a}}", "'}'")):
+        with pytest.warns(UserWarning, match=f"keeps {said} as written"):
+            @app.task(lock=template)
+            def f(a=1):
+                pass
+    assert f.lock_key(f.bind((5,), {})) == "x:5}"
+
+
+def test_schedule_options_of_the_wrong_type_are_refused_before_there_is_a_function(app):
+    """w51: ``catchup="no"`` turned catch-up on, as "no" is truthy; ``tz=5`` was a ValueError."""
+    with pytest.raises(TypeError, match="catchup must be True or False, got 'no'"):
+        app.schedule("* * * * *", catchup="no")
+    with pytest.raises(TypeError, match="tz is the name of a time zone, such as 'UTC' or 'Europe/Paris', not 5"):
+        app.schedule("* * * * *", tz=5)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -113,6 +113,8 @@ def test_show_and_cancel_take_the_end_of_an_id_as_a_boards_card_shows_it(app, ca
     assert code == 0 and twins[1] in out
     code, out, err = cli(capsys, "--home", home, "show", "f00d42")
     assert code == 2 and "no run 'f00d42'" in err
+    code, out, err = cli(capsys, "--home", home, "show", waiting.task_id[-3:])  # (w51: said "no run" alone)
+    assert code == 2 and "give at least 4 characters of a run's id" in err
 
 
 def test_home_and_json_go_before_or_after_every_store_command(app, capsys):

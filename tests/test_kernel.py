@@ -244,6 +244,14 @@ def test_async_and_sync_tasks_with_and_without_await(kernel: Kernel) -> None:
     assert record["attempt"] == 1 and record["params"] == {"x": 7} and record["result"] == result
     assert record["started_at"] <= record["completed_at"]
     assert kernel.value("h_add.snapshot()['params']") == {"x": 1, "y": 41}
+    # The await forgotten (w51): the cell says what to write, not "<coroutine object ...>".
+    for what in ("result", "wait"):
+        (shown,) = kernel.run(f"h_add.{what}()").results
+        assert shown == f"<{what}() of run {kernel.value('h_add.task_id')}, not awaited: write `await h.{what}()` " \
+                        f"(in a script, `asyncio.run(h.{what}())`)>"
+    assert kernel.run("asyncio.sleep(0)").results[0].startswith("<coroutine object sleep at")  # others as ever
+    assert "not awaited" in kernel.run("forgotten = h_add.result()\nforgotten").results[0]
+    assert kernel.value("await forgotten") == 42  # still the coroutine it was: awaited later, it gives the value
 
 
 def test_sync_task_finishes_while_a_cell_blocks_the_kernel(kernel: Kernel, tmp_path: Path) -> None:

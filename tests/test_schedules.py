@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 import capsule_nb as cpsl
+from capsule_nb import schedules
 
 from .conftest import until, until_sync
 from .test_durability import lines_until, spawn
@@ -92,8 +93,11 @@ def test_pause_resume_and_next_runs(app):
     time_paused = time.time()
     until_sync(lambda: tick.state().get("last_due", 0) > time_paused + 1.5)  # two ticks passed while paused
     assert fired == []
+    (row,) = schedules.on_store(app.store)
+    assert row["last"] is None  # (w51: the listings' LAST moved on with each tick paused, as if it ran)
     tick.resume()
     until_sync(lambda: len(fired) >= 1)
+    until_sync(lambda: schedules.on_store(app.store)[0]["last"] is not None)
     upcoming = tick.next_runs(3)
     assert [b - a for a, b in zip(upcoming, upcoming[1:])] == [dt.timedelta(seconds=1)] * 2
     assert all(t.tzinfo is not None and t > dt.datetime.now(dt.timezone.utc) for t in upcoming)

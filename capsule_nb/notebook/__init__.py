@@ -16,7 +16,7 @@ def load_ipython_extension(ip: Any) -> None:
 
     from ..app import default_app
     from ..engine import capture
-    from . import magics, messages
+    from . import magics, messages, unawaited
 
     app = default_app()
     try:
@@ -26,6 +26,7 @@ def load_ipython_extension(ip: Any) -> None:
     capture.install()
     app.runtime.start_maintenance()  # again after an unload stopped it
     magics.register(ip)
+    unawaited.register(ip)
     if messages.flush_held not in ip.events.callbacks["post_run_cell"]:
         ip.events.register("post_run_cell", messages.flush_held)
     ip.user_ns.setdefault("cpsl", capsule_nb)
@@ -35,8 +36,9 @@ def load_ipython_extension(ip: Any) -> None:
 def unload_ipython_extension(ip: Any) -> None:
     from ..app import default_app
     from ..engine import capture
-    from . import messages
+    from . import messages, unawaited
 
+    unawaited.unregister(ip)
     if messages.flush_held in ip.events.callbacks["post_run_cell"]:
         ip.events.unregister("post_run_cell", messages.flush_held)
     default_app().runtime.shutdown()
