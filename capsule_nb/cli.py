@@ -98,9 +98,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .ui.text import runs_text
-
     from .record import FINISHED
+    from .ui.text import runs_text
 
     app = _open(args)
     record = _run(app, args.id)
