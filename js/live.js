@@ -385,15 +385,17 @@ const HEARD_MS = 1000;
  * the run cancelled. The kernel's busy status cannot tell: a debugger or another client's
  * request flips it to idle while a cell runs.
  */
-function cancelIfUnheard(model, task_id) {
+function cancelIfUnheard(model, task_id, tell) {
   let heard = false;
   const listen = (content) => {
     if (content?.heard === task_id) heard = true;
   };
   model.on("msg:custom", listen);
-  setTimeout(() => {
+  setTimeout(async () => {
     model.off("msg:custom", listen);
-    if (!heard) askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
+    if (heard) return;
+    const answer = await askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
+    if (answer?.said) tell(answer.said); // now, not once the cell ends (w50)
   }, HEARD_MS);
 }
 
@@ -405,16 +407,25 @@ function cancelIfUnheard(model, task_id) {
  * and once the kernel is gone (or never was), `lost()` (redraw as not live)
  * and `ask()` the server for as long as it says there is more to learn.
  *
- * Returns { lead(), live(), why(), act(action, task_id), start(release) }; `act` sends a
- * click to the kernel (a Cancel it does not hear: through the server, cancelIfUnheard).
+ * Returns { lead(), live(), why(), notice(), act(action, task_id), start(release) }; `act`
+ * sends a click to the kernel (a Cancel it does not hear: through the server, cancelIfUnheard),
+ * and `notice()` is what the view says of the last click: the kernel's `notice`, or what the
+ * server said of a Cancel the kernel has not heard (`told()` is called to draw it).
  * `start`, after the first draw, tells the kernel the view is shown and ticks
  * the running clocks under `el`; it returns the teardown, which says "hidden"
  * and runs `release` (the view's own listeners). Neither is sent when the
  * kernel is gone, and so never an error when a tab closes (the connection is
  * gone by the time its views are removed).
  */
-export function liveView(model, el, { lost, ask }) {
+export function liveView(model, el, { lost, ask, told = () => {} }) {
   ownKeys();
+  let said = ""; // what the view says of a click the kernel has not heard (till the kernel says more)
+  const tell = (text) => {
+    said = text;
+    told();
+  };
+  const forget = () => tell("");
+  model.on("change:notice", forget);
   const [lead, stopClock] = kernelClock(model);
   let stopAsking = () => {};
   const askWhileNotLive = () => (stopAsking = keepAsking(ask));
@@ -427,9 +438,11 @@ export function liveView(model, el, { lost, ask }) {
     lead,
     live: liveness.live,
     why: liveness.why,
+    notice: () => said || model.get("notice"),
     act: (action, task_id) => {
+      said = "";
       const sent = liveness.send({ action, task_id });
-      if (sent && action === "cancel") cancelIfUnheard(model, task_id);
+      if (sent && action === "cancel") cancelIfUnheard(model, task_id, tell);
       return sent;
     },
     start(release) {
@@ -437,6 +450,7 @@ export function liveView(model, el, { lost, ask }) {
       liveness.send({ view: "shown" });
       const stopTicking = tickClocks(el, lead);
       return () => {
+        model.off("change:notice", forget);
         liveness.send({ view: "hidden" });
         release();
         liveness.dispose();

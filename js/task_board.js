@@ -198,10 +198,16 @@ export default {
       const answer = await askServer("board", { home: model.get("source")?.home ?? "", view: JSON.stringify(query) });
       if (!answer) return false;
       asked = answer;
+      if ("selected" in answer) model.set("selected", answer.selected); // closed by the filter (no kernel to sync)
       redrawAll();
       return !answer.missing; // other kernels may still be changing the store
     };
-    const view = liveView(model, el, { lost: redrawAll, ask });
+    const told = () => { // what the server said of a Cancel the kernel has not heard
+      drawNotice();
+      hold.request();
+      holdDetail.request();
+    };
+    const view = liveView(model, el, { lost: redrawAll, ask, told });
 
     // Traits, or what the store said in their place once the kernel is gone.
     const state = (name) => (!view.live() && asked && name in asked ? asked[name] : model.get(name));
@@ -284,7 +290,7 @@ export default {
     const holdDetail = holdStill(detail, drawDetail);
     const drawNotice = () => {
       context.epoch += 1;
-      footer.replaceChildren(notice(model.get("notice")));
+      footer.replaceChildren(notice(view.notice()));
     };
     function redrawAll() {
       drawStale();

@@ -225,6 +225,7 @@ export default {
     let asked = null; // what the store said, once the kernel is gone
     const view = liveView(model, el, {
       lost: () => hold.request(),
+      told: () => hold.request(),
       ask: async () => { // true while the run may still change
         const answer = await askCard(model.get("source")?.home ?? "", model.get("task_id"));
         if (!answer) return false;
@@ -241,7 +242,7 @@ export default {
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
       const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.run.orphaned ? ` ${ORPHANED}` : ""));
-      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(model.get("notice"))]);
+      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(view.notice())]);
     };
     const hold = holdStill(el, draw);
     hold.request();

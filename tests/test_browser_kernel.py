@@ -408,6 +408,40 @@ def test_cancel_on_a_card_stops_the_run_a_cell_is_blocked_on(day: Day) -> None:
             assert day.wrapper(title, page).locator(".cnb-notice").inner_text() == ""
 
 
+def test_a_cancel_the_kernel_cannot_hear_of_a_run_ended_elsewhere_says_so_at_once(day: Day) -> None:
+    """The kernel cannot hear the click (here it is stopped, as a busy one is for a comm), and
+    the run, another process's, has ended meanwhile: the card still says running. The server
+    said so to the page, which dropped it; the card said nothing until the kernel came back (w50)."""
+    gate = threading.Event()
+
+    @day.app.task
+    def elsewhere_run() -> str:
+        gate.wait(600)
+        return "done"
+
+    run = elsewhere_run.submit()
+    wait_until(lambda: run.snapshot()["status"] == "running", 10, "the run running")
+    day.app.store.flush()
+    with day.screenshots_on_failure("unheard-ended"):
+        page = day.run_notebook("unheard", SETUP, f'cpsl.ui.TaskCard("{run.task_id}", message="Ends elsewhere")')
+        card = day.card("Ends elsewhere", page)
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        pid = kernel_pid(day.lab, "unheard.ipynb")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            gate.set()
+            wait_until(lambda: day.status(run.task_id) == "completed", 10, "the run ended")
+            day.app.store.flush()
+            assert card.locator(".cnb-badge").inner_text() == "running"  # what the stopped kernel last sent
+            card.locator("button", has_text="Cancel").click()
+            notice = day.wrapper("Ends elsewhere", page).locator(".cnb-notice")
+            wait_until(lambda: notice.inner_text() == f"run {run.task_id} had already finished", 10, "the notice")
+            assert card.locator("button", has_text="Cancel").is_enabled()  # the refused button comes back
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        card.locator(".cnb-badge", has_text="completed").wait_for(timeout=15_000)
+
+
 def test_a_kernel_restarted_from_elsewhere_makes_the_views_say_so(day: Day) -> None:
     """Restarted from another tab or the REST API, the kernel tells this page only that it is
     "starting": the cards looked live, with a Retry that did nothing ("Comm not found") (w49)."""

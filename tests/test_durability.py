@@ -607,6 +607,29 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
     assert await waits == ["completed"] * 50
 
 
+def test_a_cancel_of_another_kernels_run_that_just_ended_says_it_had_ended(tmp_path):
+    """This kernel last saw the run running; its owner has finished it since, and this kernel
+    has not polled yet (its maintenance pass is stopped here). The cancel said True, as asked
+    of a live owner, so a card's Cancel said nothing where it should say "already finished"
+    (w50). It now looks at the store first."""
+    owner = _owner_of_runs_that_end_on_go(tmp_path, 1, "'ended'")
+    try:
+        (task_id,) = lines_until(owner, "submitted")
+        app = cpsl.App(home=tmp_path)
+        app.runtime.upkeep.stop()
+        assert app.store.get_run(task_id)["status"] in ("pending", "running")
+        (tmp_path / "go").touch()
+        lines_until(owner, "done")
+        assert app.store.get_run(task_id)["status"] != "completed"  # what this kernel last saw
+        assert app.runtime.cancel(task_id) is False
+        assert app.store.get_run(task_id)["status"] == "completed"
+        assert task_id not in app.store.cancel_requests()
+        app.close()
+    finally:
+        owner.kill()
+        owner.wait(10)
+
+
 async def test_a_wait_on_a_run_deleted_before_its_end_was_seen_here_says_so_instead_of_hanging(tmp_path):
     """Another kernel finishes its runs and deletes them at once (``capsule-nb prune``, or a
     retention with no grace) while this kernel, waiting on them, is busy: no end will ever

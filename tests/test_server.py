@@ -152,9 +152,9 @@ def test_a_cancel_filed_through_the_server_is_answered_by_the_runs_kernel(jupyte
         assert running.snapshot()["status"] == "running"
 
         assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id=done.task_id) == {
-            "asked": False, "status": "completed"}
+            "asked": False, "status": "completed", "said": f"run {done.task_id} had already finished"}
         assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id="nope") == {
-            "asked": False, "status": None}
+            "asked": False, "status": None, "said": "run nope is not in this store"}
         assert jupyter.get("capsule-nb/api/cancel", method="POST", home=home, task_id=running.task_id) == {
             "asked": True, "status": "running"}
         until_sync(lambda: running.snapshot()["status"] == "cancelled", 10, what="the owner answering the cancel")

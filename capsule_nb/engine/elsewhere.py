@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 def cancel(runtime: "Runtime", task_id: str) -> bool:
     """True if the run was cancelled on disk, or its live owner was asked to."""
+    runtime.store.poll()  # (its end may be on disk already: a request for it said True, w50)
     for _ in range(3):  # an adoption between our look and our claim: look again
         record = runtime.store.get_run(task_id)
         if record is None:

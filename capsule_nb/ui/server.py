@@ -87,14 +87,18 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
 
 
 def cancel(home: str, task_id: str) -> dict[str, Any]:
-    """Ask the live owner of an unfinished run to cancel it; ``asked`` says whether it was
-    (else ``status`` says why not: the run has finished, or nobody runs it to ask)."""
+    """Ask the live owner of an unfinished run to cancel it; ``asked`` says whether it was,
+    and ``said`` why not, as the view shows it: the run has finished, is gone, or nobody
+    runs it (the next kernel to open the store records it, as ``orphaned`` says)."""
     store = _store(home)
     record = store.get_run(task_id)
     if record is None:
-        return {"asked": False, "status": None}
-    if record["status"] in FINISHED or not owner_alive(record.get("owner", "")):
-        return {"asked": False, "status": record["status"]}
+        return {"asked": False, "status": None, "said": f"run {task_id} is not in this store"}
+    if record["status"] in FINISHED:
+        return {"asked": False, "status": record["status"], "said": f"run {task_id} had already finished"}
+    if not owner_alive(record.get("owner", "")):
+        return {"asked": False, "status": record["status"],
+                "said": f"run {task_id}: the process that ran it is gone, nobody to ask"}
     store.request_cancel(task_id)
     return {"asked": True, "status": record["status"]}
 

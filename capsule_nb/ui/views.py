@@ -167,7 +167,8 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
           orphaned: Callable[[Mapping[str, Any]], bool] = lambda record: False) -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
     limit), ``choices`` (values the filter menus offer), ``total``, and ``detail``: the
-    ``selected`` run as a card ({} when none is, it is gone, or the filter leaves it out).
+    ``selected`` run as a card ({} when none is, or it is gone); ``selected`` too, as "", when
+    the filter leaves that run out (the details close).
     The widget and the server (for a view whose kernel is gone) both answer with this; the
     server says which runs are ``orphaned``.
 
@@ -188,10 +189,12 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
         lanes.append({"label": label, "statuses": list(statuses), "count": sum(counts.get(s, 0) for s in shown),
                       "limit": limit, "cards": [summary(r, orphaned(r)) for r in newest]})
     record = source.get_run(selected) if selected else None
-    if record is not None and not _kept_by(record, filter):
-        record = None  # the details show a run of the board, not one its filter has since left out
+    closed = record is not None and not _kept_by(record, filter)
+    if closed:  # the details show a run of the board, not one its filter has since left out: they close
+        record = None
     return {"lanes": lanes, "total": sum(counts.values()),
             "choices": {"app": source.run_values("app"), "task_name": source.run_values("task_name"),
                         "session_id": source.run_values("session_id"),
                         "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))},
-            "detail": {"task_id": selected, **card(record, orphaned=orphaned(record))} if record is not None else {}}
+            "detail": {"task_id": selected, **card(record, orphaned=orphaned(record))} if record is not None else {},
+            **({"selected": ""} if closed else {})}
