@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -176,9 +175,13 @@ def test_a_schedule_no_live_kernel_defines_is_listed_as_not_firing(tmp_path, cap
 
 
 def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
-    """And ``show`` says the cancel was asked while the owner (here stopped with SIGSTOP) has
-    not taken it up: it said "running", as if nothing had been asked."""
-    owner = spawn(OWNER_OF_A_RUNNING_RUN, tmp_path)
+    """And ``show`` says the cancel was asked while the owner has not taken it up (here its
+    maintenance pass waits for a file): it said "running", as if nothing had been asked."""
+    go = tmp_path / "answer"
+    owner = spawn(OWNER_OF_A_RUNNING_RUN.replace(
+        'print("running", flush=True)\n',
+        f'app.runtime.upkeep.stop()\nprint("running", flush=True)\n'
+        f'while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\napp.runtime.upkeep.start()\n'), tmp_path)
 
     def command(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "capsule_nb", "--home", str(tmp_path), *args],
@@ -186,15 +189,12 @@ def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
 
     try:
         (task_id,) = lines_until(owner, "running")
-        os.kill(owner.pid, signal.SIGSTOP)
-        try:
-            done = command("cancel", task_id)
-            assert done.returncode == 0, done.stderr
-            assert "its kernel will stop it" in done.stdout
-            shown = command("show", task_id)
-            assert "[running]" in shown.stdout and "cancel asked" in shown.stdout, shown.stdout
-        finally:
-            os.kill(owner.pid, signal.SIGCONT)
+        done = command("cancel", task_id)
+        assert done.returncode == 0, done.stderr
+        assert "its kernel will stop it" in done.stdout
+        shown = command("show", task_id)
+        assert "[running]" in shown.stdout and "cancel asked" in shown.stdout, shown.stdout
+        go.touch()
         lines_until(owner, "stopped")
         assert "cancel asked" not in command("show", task_id).stdout
         assert cpsl.App(home=tmp_path).get_task(task_id).status() == "cancelled"
