@@ -15,8 +15,9 @@
 // get_state_sync, has_model), each checked before use: where one is missing
 // (Voila, another front end) the view simply assumes its kernel lives.
 
-// A kernel restarted from elsewhere (another tab, the REST API) says only "starting": the
-// new process's first word. A kernel that drew a view has started long since.
+// A kernel restarted from elsewhere (another tab, the REST API) says only "starting", the new
+// process's first word, and the page may not hear even that (it can go out before the page
+// listens again). A kernel that drew a view has started long since.
 const GONE = new Set(["restarting", "autorestarting", "starting", "dead", "terminating"]);
 const STATE = "application/vnd.jupyter.widget-state+json";
 

@@ -442,20 +442,6 @@ def test_a_cancel_the_kernel_cannot_hear_of_a_run_ended_elsewhere_says_so_at_onc
         card.locator(".cnb-badge", has_text="completed").wait_for(timeout=15_000)
 
 
-def test_a_kernel_restarted_from_elsewhere_makes_the_views_say_so(day: Day) -> None:
-    """Restarted from another tab or the REST API, the kernel tells this page only that it is
-    "starting": the cards looked live, with a Retry that did nothing ("Comm not found") (w49)."""
-    with day.screenshots_on_failure("restart-elsewhere"):
-        page = day.run_notebook("elsewhere", SETUP, 'far = slow.submit("far")\nsession.show_task(far, message="Far")')
-        card = day.card("Far", page)
-        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
-        day.lab.api(f"kernels/{day.lab.kernel_id('elsewhere.ipynb')}/restart", method="POST")
-        day.wrapper("Far", page).locator(".cnb-stale", has_text="Not live: its kernel restarted").wait_for(
-            timeout=10_000)
-        card.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)  # interrupted, the store says
-        assert all(button.is_disabled() for button in card.locator("button").all())
-
-
 def _writer(fifo: Path) -> int | None:
     """A descriptor writing to ``fifo`` once a reader has it open (None before)."""
     try:

@@ -81,6 +81,8 @@ class Upkeep:
             heartbeats.beat(self.store, self.runtime.owner)
 
     def _maintain(self, generation: object) -> None:
+        if self._generation is not generation:
+            return  # stopped (or restarted) since this pass was armed: a stopped upkeep answers nothing
         runtime = self.runtime
         try:
             self.store.poll()
