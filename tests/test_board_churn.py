@@ -202,10 +202,14 @@ def test_in_a_narrow_window_the_details_opened_come_into_view(churn: Churn) -> N
             churn.board.scroll_into_view_if_needed()
             churn.lane("Running").scroll_into_view_if_needed()
             target = churn.held_ids()[0]
+            below = churn.board.locator(".cnb-lanes").evaluate("lanes => lanes.getBoundingClientRect().bottom")
+            assert below >= 700, f"the columns end in view (y={below}), and the details with them: the test proves nothing"
             churn.lane("Running").locator(f".cnb-mini[data-task-id='{target}'] .cnb-title").click()
             label = churn.board.locator(".cnb-detail .cnb-label", has_text=f"Run details · {target}")
             label.wait_for(timeout=10_000)
-            wait_until(lambda: 0 <= label.bounding_box()["y"] < 700, 5, "the details in view")
+            box = wait_until(lambda: (b := label.bounding_box()) is not None and 0 <= b["y"] < 700 and b, 5,
+                             "the details in view")
+            assert 0 <= box["y"] and box["y"] + box["height"] <= 700, box  # all of the label, in the window
             churn.board.locator(".cnb-detail button", has_text="Close").click()
         finally:
             page.mouse.move(5, 5)
