@@ -35,7 +35,7 @@ from traitlets import Dict, Float, Unicode
 from ..checks import whole_number
 from ..engine.timers import Timer
 from ..record import CANCELLED
-from . import assets
+from . import assets, views
 
 if TYPE_CHECKING:
     from ..app import App
@@ -170,11 +170,11 @@ class LiveWidget(anywidget.AnyWidget):
         record = self._app.store.get_run(task_id)
         notice = ""
         if record is None:
-            notice = f"run {task_id} is not in this store"
+            notice = views.refusal(task_id, "missing")
         elif action == "cancel":
             # (one cancelled already: a click heard late, its cancel filed meanwhile through the server)
             if not self._app.for_run(record).runtime.cancel(task_id) and record["status"] != CANCELLED:
-                notice = f"run {task_id} had already finished"
+                notice = views.refusal(task_id, "finished")
         else:
             try:
                 handle = self._app.resubmit(task_id)

@@ -93,12 +93,12 @@ def cancel(home: str, task_id: str) -> dict[str, Any]:
     store = _store(home)
     record = store.get_run(task_id)
     if record is None:
-        return {"asked": False, "status": None, "said": f"run {task_id} is not in this store"}
+        return {"asked": False, "status": None, "said": views.refusal(task_id, "missing")}
     if record["status"] in FINISHED:
-        return {"asked": False, "status": record["status"], "said": f"run {task_id} had already finished"}
+        return {"asked": False, "status": record["status"], "said": views.refusal(task_id, "finished")}
     if not owner_alive(record.get("owner", "")):
         return {"asked": False, "status": record["status"],
-                "said": f"run {task_id}: the process that ran it is gone, nobody to ask"}
+                "said": views.refusal(task_id, "orphaned")}
     store.request_cancel(task_id)
     return {"asked": True, "status": record["status"]}
 

@@ -155,6 +155,19 @@ class RunSource(Protocol):
     def get_run(self, task_id: str) -> Any: ...
 
 
+_REFUSALS = {
+    "missing": "run {} is not in this store",
+    "finished": "run {} had already finished",
+    "orphaned": "run {}: the process that ran it is gone, nobody to ask",
+}
+
+
+def refusal(task_id: str, why: str) -> str:
+    """What a view says of a click that could not act (``missing``, ``finished``, ``orphaned``):
+    the kernel's ``notice`` and the server's answer to a Cancel the kernel did not hear alike."""
+    return _REFUSALS[why].format(task_id)
+
+
 def _kept_by(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
     """Whether the board's ``filter`` keeps ``record`` by what a run keeps all its life (its app,
     task and session): details left open on a run whose status moves on stay open."""
