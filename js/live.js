@@ -17,7 +17,9 @@
 
 // A kernel restarted from elsewhere (another tab, the REST API) says only "starting", the new
 // process's first word, and the page may not hear even that (it can go out before the page
-// listens again). A kernel that drew a view has started long since.
+// listens again). A kernel that drew a view has started long since. What the page does hear
+// is the new process's next message, signed with a session of its own: follow() compares
+// each with the model's kernel_session.
 const GONE = new Set(["restarting", "autorestarting", "starting", "dead", "terminating"]);
 const STATE = "application/vnd.jupyter.widget-state+json";
 
@@ -60,6 +62,13 @@ function follow(model, changed) {
     stops.push(on(kernel.statusChanged, (_, status) => {
       if (GONE.has(status)) lose(status === "dead" || status === "terminating" ? "stopped" : "restarted");
     }));
+    const session = model.get("kernel_session");
+    if (session) {
+      stops.push(on(kernel.iopubMessage, (_, msg) => {
+        const from = msg?.header?.session;
+        if (from && from !== session) lose("restarted"); // (the server's "dead" came as a status first)
+      }));
+    }
     stops.push(on(kernel.disposed, () => lose("stopped")));
     stops.push(on(manager.context?.sessionContext?.kernelChanged, () => lose("stopped")));
   }

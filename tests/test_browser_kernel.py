@@ -442,6 +442,35 @@ def test_a_cancel_the_kernel_cannot_hear_of_a_run_ended_elsewhere_says_so_at_onc
         card.locator(".cnb-badge", has_text="completed").wait_for(timeout=15_000)
 
 
+def test_a_kernel_restarted_from_elsewhere_makes_the_views_say_so(day: Day) -> None:
+    """Restarted from another tab or the REST API, the kernel tells this page that it is
+    "starting", a word the page may not hear: the cards looked live, with a Retry that did
+    nothing ("Comm not found") (w49). Whatever the new kernel says next, as the other tab
+    goes on working in it, is signed with its new session."""
+    from jupyter_client import BlockingKernelClient
+
+    with day.screenshots_on_failure("restart-elsewhere"):
+        page = day.run_notebook("elsewhere", SETUP, 'far = slow.submit("far")\nsession.show_task(far, message="Far")')
+        card = day.card("Far", page)
+        card.locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+        kernel = day.lab.kernel_id("elsewhere.ipynb")
+        day.lab.api(f"kernels/{kernel}/restart", method="POST")
+        other_tab = BlockingKernelClient(connection_file=str(day.lab.base / "runtime" / f"kernel-{kernel}.json"))
+        other_tab.load_connection_file()
+        other_tab.start_channels()
+        try:
+            stale = day.wrapper("Far", page).locator(".cnb-stale", has_text="Not live: its kernel restarted")
+            deadline = time.monotonic() + 30
+            while not stale.is_visible():
+                assert time.monotonic() < deadline, "the page still shows the card live, 30 s after the restart"
+                other_tab.execute("1 + 1")
+                other_tab.get_shell_msg(timeout=10)  # (the page hears its busy and idle)
+        finally:
+            other_tab.stop_channels()
+        card.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)  # interrupted, the store says
+        assert all(button.is_disabled() for button in card.locator("button").all())
+
+
 def _writer(fifo: Path) -> int | None:
     """A descriptor writing to ``fifo`` once a reader has it open (None before)."""
     try:

@@ -34,6 +34,7 @@ from traitlets import Dict, Float, Unicode
 
 from ..checks import whole_number
 from ..engine.timers import Timer
+from ..notebook.kernel import kernel
 from ..record import CANCELLED
 from . import assets, views
 
@@ -66,6 +67,10 @@ class LiveWidget(anywidget.AnyWidget):
     # Where the records live ({home, app}): a view whose kernel is gone asks the
     # Jupyter server for them there (ui/server.py). Sent once, with the first state.
     source = Dict().tag(sync=True)
+    # The kernel process that made the widget ("" outside a kernel): ipykernel signs every
+    # message it publishes with it, so a view that sees another has a restarted kernel behind
+    # it, whether or not it heard the restart (js/live.js).
+    kernel_session = Unicode("").tag(sync=True)
 
     FLUSH_SECONDS = 0.1  # at most 10 state messages a second per widget
     UNSEEN_SECONDS = 2.0  # a view re-rendered (a moved cell) comes back within this
@@ -83,7 +88,9 @@ class LiveWidget(anywidget.AnyWidget):
         self._flush_timer: Timer | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._views = 0  # views that said "shown" and not yet "hidden"
-        super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name}, **state)
+        running_in = kernel()
+        super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name},
+                         kernel_session=running_in.session.session if running_in is not None else "", **state)
         self.on_msg(self._on_view_msg)
         self._subscribe()
         # The state above was read before the subscription: a run that ended in between
