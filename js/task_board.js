@@ -222,7 +222,12 @@ export default {
     const filters = h("span", { className: "cnb-filters" });
     const stale = h("div");
     const lanesRoot = h("div", { className: "cnb-lanes" });
-    const detail = h("div", { className: "cnb-detail" });
+    // A region the focus moves to when the reader opens it: Tab goes on to its buttons, not
+    // through every card after the run's, and Escape closes it.
+    const detail = h("div", { className: "cnb-detail", tabIndex: -1, role: "region",
+      onkeydown: (event) => {
+        if (event.key === "Escape" && state("selected")) close();
+      } });
     const footer = h("div");
     // Always there, shown or hidden: its coming and going never moves what is under the pointer.
     const paused = h("span", {
@@ -283,8 +288,12 @@ export default {
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
           h("button", { className: "cnb-button", textContent: "Close", onclick: close }))]);
+      detail.ariaLabel = `Run details · ${card.task_id}`;
       // In a narrow window the columns stack, and the details open below them all: bring them in.
-      if (opening && context.revealing) detail.scrollIntoView({ block: "nearest" });
+      if (opening && context.revealing) {
+        detail.scrollIntoView({ block: "nearest" });
+        detail.focus({ preventScroll: true });
+      }
       context.revealing = false;
     };
     const holdDetail = holdStill(detail, drawDetail);

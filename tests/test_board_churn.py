@@ -192,6 +192,29 @@ def test_close_gives_the_focus_back_to_the_runs_card(churn: Churn) -> None:
         churn.page.mouse.move(5, 5)
 
 
+def test_details_opened_from_the_keyboard_take_the_focus_and_escape_gives_it_back(churn: Churn) -> None:
+    """w50: Enter opened the details and left the focus on the card, and the details' buttons
+    came after every card in Tab order: a keyboard reader tabbed through the board to reach them."""
+    page = churn.page
+    with churn.screenshots_on_failure("keyboard-details"):
+        detail = churn.board.locator(".cnb-detail")
+        target = churn.held_ids()[2]
+        churn.lane("Running").locator(f".cnb-mini[data-task-id='{target}']").focus()
+        page.keyboard.press("Enter")
+        detail.locator(".cnb-label", has_text=f"Run details · {target}").wait_for(timeout=10_000)
+        wait_until(lambda: page.evaluate("document.activeElement?.classList.contains('cnb-detail')"), 5,
+                   "the focus on the details")
+        assert detail.get_attribute("aria-label") == f"Run details · {target}"
+        page.keyboard.press("Tab")
+        inside = page.evaluate("(() => { const a = document.activeElement;"
+                               " return [a?.tagName, a?.closest('.cnb-detail') !== null, a?.outerHTML.slice(0, 300)]; })()")
+        assert inside[:2] == ["BUTTON", True], f"Tab from the details went to {inside}"
+        page.keyboard.press("Escape")
+        wait_until(lambda: detail.locator(".cnb-card").count() == 0, 10, "the details closed by Escape")
+        assert page.evaluate("document.activeElement?.dataset.taskId") == target
+        assert churn.statuses()[target] == "running"  # (Escape pressed nothing on the way)
+
+
 def test_in_a_narrow_window_the_details_opened_come_into_view(churn: Churn) -> None:
     """The columns stack in a narrow window, and the details pane, below them all, opened out
     of sight (w49): the reader clicked and saw nothing happen."""
