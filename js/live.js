@@ -381,33 +381,44 @@ function tickClocks(root, lead) {
   return () => clearInterval(timer);
 }
 
-// ------------------------------------------------------- a cancel unheard
+// ------------------------------------------------------- a click unheard
 
-/** How long a kernel may take to say it heard a click before a Cancel goes another way. */
+/** How long a kernel may take to say it heard a click before the view does without it. */
 const HEARD_MS = 1000;
 
 /**
  * A kernel running a cell reads a click only once the cell ends, and a cell waiting on this
  * very run (a loop on its status, `await h.result()`) never would. The kernel says at once
- * that it heard a click ({heard: task_id}); a Cancel it has not heard within HEARD_MS is
+ * that it heard a click ({heard: task_id}). A Cancel it has not heard within HEARD_MS is
  * filed in the store through the Jupyter server instead, where the run's kernel answers it
- * from a thread of its own (ui/server.py). The click, heard when the cell ends, then finds
- * the run cancelled. The kernel's busy status cannot tell: a debugger or another client's
- * request flips it to idle while a cell runs.
+ * from a thread of its own (ui/server.py); the click, heard when the cell ends, then finds
+ * the run cancelled. A Retry needs the kernel's own task function: the view says that it
+ * waits for the cell, until the kernel hears it. The kernel's busy status cannot tell: a
+ * debugger or another client's request flips it to idle while a cell runs.
  */
-function cancelIfUnheard(model, task_id, tell) {
+function unheard(model, action, task_id, tell, retrying) {
   let heard = false;
+  if (action === "retry") retrying.add(task_id); // (a second press would retry it twice)
   const listen = (content) => {
-    if (content?.heard === task_id) heard = true;
+    if (content?.heard !== task_id) return;
+    heard = true;
+    model.off("msg:custom", listen);
+    if (retrying.delete(task_id) && action === "retry") tell(""); // (what it does, the kernel says)
   };
   model.on("msg:custom", listen);
   setTimeout(async () => {
-    model.off("msg:custom", listen);
     if (heard) return;
+    if (action === "retry") {
+      tell(retryWaits(task_id));
+      return;
+    }
+    model.off("msg:custom", listen);
     const answer = await askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
     if (answer?.said) tell(answer.said); // now, not once the cell ends (w50)
   }, HEARD_MS);
 }
+
+const retryWaits = (task_id) => `retry of run ${task_id} waits for the kernel: it is running a cell`;
 
 // ------------------------------------------------------------ a live view
 
@@ -418,9 +429,9 @@ function cancelIfUnheard(model, task_id, tell) {
  * and `ask()` the server for as long as it says there is more to learn.
  *
  * Returns { lead(), live(), why(), notice(), act(action, task_id), start(release) }; `act`
- * sends a click to the kernel (a Cancel it does not hear: through the server, cancelIfUnheard),
- * and `notice()` is what the view says of the last click: the kernel's `notice`, or what the
- * server said of a Cancel the kernel has not heard (`told()` is called to draw it).
+ * sends a click to the kernel (one it does not hear: see `unheard`), and `notice()` is what
+ * the view says of the last click: the kernel's `notice`, or what the view learned of a click
+ * the kernel has not heard (`told()` is called to draw it).
  * `start`, after the first draw, tells the kernel the view is shown and ticks
  * the running clocks under `el`; it returns the teardown, which says "hidden"
  * and runs `release` (the view's own listeners). Neither is sent when the
@@ -435,6 +446,7 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
     told();
   };
   const forget = () => tell("");
+  const retrying = new Set(); // runs whose Retry the kernel has not heard yet
   model.on("change:notice", forget);
   const [lead, stopClock] = kernelClock(model);
   let stopAsking = () => {};
@@ -450,10 +462,9 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
     why: liveness.why,
     notice: () => said || model.get("notice"),
     act: (action, task_id) => {
+      if (action === "retry" && retrying.has(task_id)) return tell(retryWaits(task_id));
       said = "";
-      const sent = liveness.send({ action, task_id });
-      if (sent && action === "cancel") cancelIfUnheard(model, task_id, tell);
-      return sent;
+      if (liveness.send({ action, task_id })) unheard(model, action, task_id, tell, retrying);
     },
     start(release) {
       if (!liveness.live()) askWhileNotLive();

@@ -202,7 +202,7 @@ export default {
       redrawAll();
       return !answer.missing; // other kernels may still be changing the store
     };
-    const told = () => { // what the server said of a Cancel the kernel has not heard
+    const told = () => { // what the view learned of a click the kernel has not heard
       drawNotice();
       hold.request();
       holdDetail.request();

@@ -442,6 +442,43 @@ def test_a_cancel_the_kernel_cannot_hear_of_a_run_ended_elsewhere_says_so_at_onc
         card.locator(".cnb-badge", has_text="completed").wait_for(timeout=15_000)
 
 
+def test_a_retry_the_busy_kernel_cannot_hear_says_it_waits_and_runs_once_when_the_cell_ends(
+        day: Day, tmp_path: Path) -> None:
+    """Retry needs the kernel's own task function, so it waits while a cell runs. The button
+    was pressed and nothing said why nothing happened; pressed again, it would retry twice."""
+    release = tmp_path / "release"
+    cells = ("%load_ext capsule_nb\nimport os, time\nimport capsule_nb as cpsl",
+             '@cpsl.task\ndef brittle():\n    raise ValueError("brittle")\n\n'
+             'broke = brittle.submit()\nsession.show_task(broke, message="Brittle")',
+             f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
+             "\n    time.sleep(0.05)")
+    try:
+        with day.screenshots_on_failure("retry-unheard"):
+            page = day.run_notebook("retry-busy", *cells)
+            card = day.card("Brittle", page)
+            card.locator(".cnb-badge", has_text="failed").wait_for(timeout=60_000)
+            failed_id = card.locator(".cnb-sub").inner_text().split()[-1]
+            prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
+            wait_until(lambda: "[*]" in prompts.nth(2).inner_text(), 30, "the blocking cell running")
+            notice = day.wrapper("Brittle", page).locator(".cnb-notice")
+            for press in ("first", "second"):
+                retry = card.locator("button", has_text="Retry")
+                wait_until(retry.is_enabled, 10, f"Retry enabled for the {press} press")
+                retry.click()
+                wait_until(lambda: "waits for the kernel: it is running a cell" in notice.inner_text(), 10,
+                           f"the notice after the {press} press")
+                assert f"retry of run {failed_id}" in notice.inner_text()
+            release.touch()
+            wait_until(lambda: card.locator(".cnb-sub").inner_text().split()[-1] != failed_id, 20,
+                       "the card on the retried run")
+            wait_until(lambda: notice.inner_text() == "", 10, "the notice gone")
+            day.app.store.poll()
+            runs = [r for r in day.app.store.runs() if r["task_name"] == "brittle"]
+            assert len(runs) == 2, [(r["task_id"], r["status"]) for r in runs]  # one retry, however many presses
+    finally:
+        release.touch()
+
+
 def test_a_kernel_restarted_from_elsewhere_makes_the_views_say_so(day: Day) -> None:
     """Restarted from another tab or the REST API, the kernel tells this page that it is
     "starting", a word the page may not hear: the cards looked live, with a Retry that did

@@ -273,7 +273,7 @@ async def test_cancel_from_the_card_and_from_another_thread(app):
     assert board.notice == ""
 
     # A click heard late (its kernel ran a cell) finds its run cancelled through the store
-    # meanwhile (js/live.js cancelIfUnheard): nothing went wrong, and nothing is said.
+    # meanwhile (js/live.js unheard): nothing went wrong, and nothing is said.
     heard = []
     board.send = lambda content, buffers=None: heard.append(content)  # what goes back to the view
     from_view(board, {"action": "cancel", "task_id": two.task_id})

@@ -17,7 +17,7 @@ A Cancel pressed while the kernel runs a cell cannot go through the widget's
 comm: the kernel reads that message only once the cell ends, and a cell
 waiting on the run (``await h.result()``) waits for the very run the reader
 wants to stop. A view whose kernel has not said within a second that it heard
-the click files the cancel here (``js/live.js`` cancelIfUnheard):
+the click files the cancel here (``js/live.js`` ``unheard``):
 
     POST {base_url}capsule-nb/api/cancel?home=<store>&task_id=<id>
 
