@@ -92,6 +92,11 @@ class Schedule:
     def __call__(self) -> Any:
         return self.fn()
 
+    def __reduce__(self) -> tuple:
+        """To a worker process (a process task that calls it inline, as Capsule's templates call
+        a task's function): the same schedule, its clock left in the kernel that keeps it."""
+        return _unstarted, (self.fn, self.app, self.cron, self.tz.key, self.name, self.catchup)
+
     # --------------------------------------------------------------- public
 
     def next_runs(self, n: int = 5, after: dt.datetime | None = None) -> list[dt.datetime]:
@@ -345,3 +350,7 @@ def _row(key: str, state: dict[str, Any]) -> dict[str, Any]:
     return {"app": app_name, "name": name, "cron": str(cron) if cron else None, "tz": tz, "defined": defined,
             "paused": bool(state.get("paused")), "next": upcoming, "last": iso_utc(last) if last else None,
             "skipped": state.get("skipped", 0)}
+
+
+def _unstarted(fn: Callable[[], Any], app: "App", cron: str, tz: str, name: str, catchup: bool) -> Schedule:
+    return Schedule(fn, app=app, cron=cron, tz=tz, name=name, catchup=catchup)

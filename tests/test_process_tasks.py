@@ -337,6 +337,39 @@ assert pid != os.getpid() and values == [0, 7, 14, 21], (pid, values)
         manager.shutdown_kernel(now=True)
 
 
+def test_a_process_task_calls_a_notebook_schedule_inline(tmp_path):
+    """Capsule's templates call a scheduled function inline from a task. In a process task the
+    schedule, defined in a cell, went to the worker by value, and could not be pickled (its timer)."""
+    from .kernels import kernel_manager
+
+    manager = kernel_manager()
+    manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)})
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive("""
+%load_ext capsule_nb
+import os
+
+@cpsl.schedule("0 9 1 1 *")
+async def yearly_digest():
+    return f"digest from {os.getpid()}"
+
+@cpsl.task(process=True)
+async def monitor():
+    return await yearly_digest()
+
+said = await monitor.submit().result(timeout=60)
+assert said.startswith("digest from ") and said != f"digest from {os.getpid()}", said
+assert not yearly_digest.paused and yearly_digest.next_runs(1)[0].month == 1
+""", timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
 async def test_the_same_tasks_on_a_dask_cluster(app):
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
