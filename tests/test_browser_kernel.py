@@ -327,6 +327,12 @@ def test_a_refused_retry_says_why_each_time_and_its_button_comes_back(day: Day) 
         assert board.locator(".cnb-total").inner_text() == total  # no new run
 
 
+def _blocks_until(release: Path) -> str:
+    """A cell that blocks the kernel (up to a minute) until ``release`` exists."""
+    return (f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
+            "\n    time.sleep(0.05)")
+
+
 def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, tmp_path: Path) -> None:
     """A blocking cell (a sleep, a blocking ``result()``) stops the kernel's loop, not a ``def``
     task's thread: the card follows its run to its end meanwhile, rather than saying "running"
@@ -336,8 +342,7 @@ def test_a_card_follows_its_thread_run_while_a_cell_blocks_the_kernel(day: Day, 
              "@cpsl.task\ndef grind(steps: int, session=None):\n    for step in range(steps):\n"
              "        time.sleep(0.2)\n        session.progress(step + 1, steps)\n    return steps\n\n"
              'ground = grind.submit(10, session=session)\nsession.show_task(ground, message="Grinding")',
-             f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
-             "\n    time.sleep(0.05)")
+             _blocks_until(release))
     try:
         with day.screenshots_on_failure("blocked-loop"):
             page = day.run_notebook("busy", *cells)
@@ -450,8 +455,7 @@ def test_a_retry_the_busy_kernel_cannot_hear_says_it_waits_and_runs_once_when_th
     cells = ("%load_ext capsule_nb\nimport os, time\nimport capsule_nb as cpsl",
              '@cpsl.task\ndef brittle():\n    raise ValueError("brittle")\n\n'
              'broke = brittle.submit()\nsession.show_task(broke, message="Brittle")',
-             f"_until = time.monotonic() + 60\nwhile not os.path.exists({str(release)!r}) and time.monotonic() < _until:"
-             "\n    time.sleep(0.05)")
+             _blocks_until(release))
     try:
         with day.screenshots_on_failure("retry-unheard"):
             page = day.run_notebook("retry-busy", *cells)

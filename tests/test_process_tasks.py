@@ -307,16 +307,25 @@ async def test_locks_retries_and_statuses_as_in_kernel(app):
     assert first.snapshot()["attempt"] == 3
 
 
-def test_a_notebook_function_with_closures_runs_in_a_process(tmp_path):
+def _run_in_a_kernel(home, code: str) -> None:
+    """``code`` run as one cell of a real kernel on the store at ``home``; it must end ok."""
     from .kernels import kernel_manager
 
     manager = kernel_manager()
-    manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)})
+    manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(home)})
     client = manager.client()
     client.start_channels()
     try:
         client.wait_for_ready(timeout=60)
-        reply = client.execute_interactive("""
+        reply = client.execute_interactive(code, timeout=120)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+def test_a_notebook_function_with_closures_runs_in_a_process(tmp_path):
+    _run_in_a_kernel(tmp_path, """
 %load_ext capsule_nb
 import os
 FACTOR = 7
@@ -330,25 +339,13 @@ def scaled(n):
 
 pid, values = await scaled.submit(4).result(timeout=60)
 assert pid != os.getpid() and values == [0, 7, 14, 21], (pid, values)
-""", timeout=120)
-        assert reply["content"]["status"] == "ok", reply["content"]
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
+""")
 
 
 def test_a_process_task_calls_a_notebook_schedule_inline(tmp_path):
     """Capsule's templates call a scheduled function inline from a task. In a process task the
     schedule, defined in a cell, went to the worker by value, and could not be pickled (its timer)."""
-    from .kernels import kernel_manager
-
-    manager = kernel_manager()
-    manager.start_kernel(env={**os.environ, "CAPSULE_NB_HOME": str(tmp_path)})
-    client = manager.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=60)
-        reply = client.execute_interactive("""
+    _run_in_a_kernel(tmp_path, """
 %load_ext capsule_nb
 import os
 
@@ -363,11 +360,7 @@ async def monitor():
 said = await monitor.submit().result(timeout=60)
 assert said.startswith("digest from ") and said != f"digest from {os.getpid()}", said
 assert not yearly_digest.paused and yearly_digest.next_runs(1)[0].month == 1
-""", timeout=120)
-        assert reply["content"]["status"] == "ok", reply["content"]
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
+""")
 
 
 async def test_the_same_tasks_on_a_dask_cluster(app):
