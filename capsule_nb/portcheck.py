@@ -3,8 +3,8 @@
 Reads a notebook (or a ``.py`` file) without running it and lists, cell by
 cell, each capsule_nb-only extension it uses (the codes and advice of
 ``portable.EXTENSIONS``, which portable mode warns about at run time).
-Exits 1 when it found any, 0 when the code is plain Capsule, 2 when the
-file cannot be read.
+Exits 1 when it found any, 0 when the code is plain Capsule, 2 when a
+file, or a cell of it, cannot be read as Python (it is named, and not checked).
 
 It reads the code, so it sees what is written, not what runs: a task is a
 function decorated with ``@<something>.task`` (or ``@task``), a handle is a
@@ -58,22 +58,55 @@ def code_cells(path: Path) -> list[str]:
             for c in cells if c.get("cell_type") == "code"]
 
 
-def _parse(source: str) -> ast.Module | None:
-    """A cell as Python, top-level ``await`` allowed. A line magic or shell line (``%...``,
-    ``!...``) reads as ``pass``, so line numbers stay the cell's; a cell magic is not Python."""
-    if source.lstrip().startswith("%%"):
-        return None
-    lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
-             for line in source.splitlines()]
+# Cell magics whose body is Python, run: read as the cell's code. Others (%%bash, %%html) are no Python.
+PYTHON_CELL_MAGICS = ("time", "timeit", "capture", "prun", "debug")
+
+
+@dataclass(frozen=True)
+class _Cell:
+    tree: ast.Module | None  # None: nothing to check (a cell magic of another language), or not read
+    lines: list[str]
+    problem: str = ""  # why it could not be read as Python: then it is not checked, and that is said
+
+
+def _parse(source: str) -> _Cell:
+    """A cell as Python, top-level ``await`` allowed. IPython's own syntax (a line magic, a
+    shell line, ``x?``) reads as ``pass``, so line numbers stay the cell's."""
+    lines = source.splitlines()
+    first = lines[0].strip() if lines else ""
+    if first.startswith("%%"):
+        magic = first[2:].split(maxsplit=1)
+        if not magic or magic[0] not in PYTHON_CELL_MAGICS:
+            return _Cell(None, lines)
+        code = ["pass", *lines[1:]]
+    else:
+        code = list(lines)
+    code = [line[: len(line) - len(line.lstrip())] + "pass" if _ipython_only(line) else line for line in code]
     try:
-        return compile("\n".join(lines), "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    except (SyntaxError, ValueError):
-        return None
+        tree = compile("\n".join(code), "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    except (SyntaxError, ValueError) as exc:
+        where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
+        return _Cell(None, lines, f"{where}{getattr(exc, 'msg', None) or exc}")
+    return _Cell(tree, lines)
+
+
+def _ipython_only(line: str) -> bool:
+    """A line IPython reads and Python cannot: ``%magic``, ``!shell``, ``x = !ls``, ``obj?``."""
+    text = line.strip()
+    if text.startswith(("%", "!", "?")) or (text.endswith("?") and not text.startswith("#")):
+        return True
+    target, sep, value = text.partition("=")
+    return bool(sep) and target.strip().isidentifier() and value.lstrip().startswith(("%", "!"))
+
+
+def unread(cells: list[str]) -> list[tuple[int, str]]:
+    """The cells (1-based) that could not be read as Python, with why: they were not checked."""
+    return [(number, cell.problem) for number, cell in enumerate(map(_parse, cells), start=1) if cell.problem]
 
 
 def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
     """Every extension used in ``cells``, in order. Tasks and handles are known across cells."""
-    trees = [(_parse(src), src.splitlines()) for src in cells]
+    trees = [(cell.tree, cell.lines) for cell in map(_parse, cells)]
     tasks: set[str] = set()
     for tree, _ in trees:
         if tree is not None:
@@ -291,7 +324,7 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[t
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``capsule-nb check PATH...``: list the capsule_nb-only extensions, cell by cell."""
-    total = 0
+    total = unchecked = 0
     for name in args.paths:
         path = Path(name)
         try:
@@ -299,16 +332,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"capsule-nb check: cannot read {path}: {exc}", file=sys.stderr)
             return 2
-        found = check_cells(cells, notebook=path.suffix == ".ipynb")
+        notebook = path.suffix == ".ipynb"
+        found = check_cells(cells, notebook=notebook)
+        not_read = unread(cells)
         total += len(found)
-        if not found:
-            print(f"{path}: plain Capsule code, no capsule_nb-only extensions")
+        unchecked += len(not_read)
+        if not notebook and not_read:
+            print(f"{path}: not checked: it is not Python ({not_read[0][1]})")
             continue
-        cells_hit = len({f.cell for f in found})
-        print(f"{path}: {len(found)} capsule_nb-only extension(s) in {cells_hit} cell(s)")
+        if found:
+            cells_hit = len({f.cell for f in found})
+            print(f"{path}: {len(found)} capsule_nb-only extension(s) in {cells_hit} cell(s)")
+        elif not_read:
+            print(f"{path}: no capsule_nb-only extensions in the cells that could be read")
+        else:
+            print(f"{path}: plain Capsule code, no capsule_nb-only extensions")
         for finding in found:
             print("  " + finding.text())
-    return 1 if total else 0
+        for number, problem in not_read:
+            print(f"  cell {number} was not checked: it is not Python ({problem})")
+    return 1 if total else 2 if unchecked else 0
 
 
 def add_parser(commands: Any) -> None:

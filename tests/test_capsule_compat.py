@@ -768,6 +768,28 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
 
 
+def test_check_reads_ipython_syntax_and_says_what_it_could_not_read(tmp_path, capsys):
+    """A cell under ``%%time``, a line ending in ``?`` or a syntax error was skipped without a
+    word, and a file that is no Python at all was "plain Capsule code" (w52)."""
+    task = '@cpsl.task(retry_delay="1s")\ndef sync():\n    pass'
+    notebook = _notebook(tmp_path / "magics.ipynb", f"%%time\n{task}", f"sync.submit?\nfiles = !ls\n{task}",
+                         "%%bash\necho not python", f'print("unclosed"\n{task}')
+    assert main(["check", str(notebook)]) == 1
+    out = capsys.readouterr().out
+    assert re.findall(r"cell (\d+), line (\d+): @cpsl", out) == [("1", "2"), ("2", "3")]
+    assert "cell 4 was not checked: it is not Python (line 1: '(' was never closed)" in out
+    assert "cell 3" not in out  # (a bash cell: nothing to port)
+
+    broken = _notebook(tmp_path / "broken.ipynb", "import asyncio", f'print("unclosed"\n{task}')
+    assert main(["check", str(broken)]) == 2
+    out = capsys.readouterr().out
+    assert "plain Capsule code" not in out and "cell 2 was not checked" in out
+    script = tmp_path / "broken.py"
+    script.write_text(f"{task}\ndef half(:\n")
+    assert main(["check", str(script)]) == 2
+    assert capsys.readouterr().out == f"{script}: not checked: it is not Python (line 4: invalid syntax)\n"
+
+
 # ========================================================== in a real kernel
 
 
