@@ -15,7 +15,7 @@ from .notebook import load_ipython_extension, unload_ipython_extension
 from .session import Session
 from .tables import Column
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # after the 0.1.0 release, whose stores open here (migrated once)
 
 
 def __getattr__(name: str) -> Any:

@@ -214,6 +214,8 @@ class App:
         parse_cron(cron)  # a bad cron fails here, before there is a function
         parse_tz(tz)
         true_or_false(f"@schedule({cron!r}): catchup", catchup)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"@schedule({cron!r}): name must be a non-empty string, got {name!r}")
         _note_schedule(cron, tz, name, catchup)
 
         def decorate(function: F) -> Schedule:

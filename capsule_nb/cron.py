@@ -10,9 +10,13 @@ seconds last (croniter's rule): ``"* * * * * */2"`` is every two seconds.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import zoneinfo
 
 from croniter import CroniterBadDateError, croniter
+
+
+_JENKINS = re.compile(r"H(\(\d+-\d+\))?(/\d+)?")  # H, H(0-29), H/15: croniter wants a hash_id for them
 
 
 def parse_cron(cron: str) -> str:
@@ -22,6 +26,8 @@ def parse_cron(cron: str) -> str:
     fields = cron.split()
     if len(fields) not in (5, 6):
         raise ValueError(f"bad cron {cron!r}: expected 5 fields (minute hour day month weekday) or 6 (seconds last)")
+    if any(_JENKINS.fullmatch(part) for field in fields for part in field.split(",")):
+        raise ValueError(f"bad cron {cron!r}: H (Jenkins' hashed value) is not cron; write the minute or hour itself")
     try:
         croniter(cron)
     except Exception as exc:  # croniter's errors say which field

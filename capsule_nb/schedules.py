@@ -103,6 +103,8 @@ class Schedule:
         """The next ``n`` fire times after ``after`` (default now), in the schedule's time
         zone, DST repeats left out."""
         whole_number("n", n)
+        if after is not None and not isinstance(after, dt.datetime):
+            raise TypeError(f"next_runs(after=...) takes a datetime, got {after!r}")
         out: list[dt.datetime] = []
         after = dt.datetime.now(self.tz) if after is None else after
         while len(out) < n:

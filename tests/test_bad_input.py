@@ -60,6 +60,19 @@ def test_schedule_options_of_the_wrong_type_are_refused_before_there_is_a_functi
         app.schedule("* * * * *", catchup="no")
     with pytest.raises(TypeError, match="tz is the name of a time zone, such as 'UTC' or 'Europe/Paris', not 5"):
         app.schedule("* * * * *", tz=5)
+    with pytest.raises(TypeError, match="name must be a non-empty string, got ''"):  # as @task(name="")
+        app.schedule("* * * * *", name="")
+    with pytest.raises(ValueError, match=r"bad cron 'H 9 \* \* \*': H \(Jenkins' hashed value\) is not cron"):
+        app.schedule("H 9 * * *")  # (croniter said "Hashed definitions must include hash_id")
+    assert app.schedule("0 9 * * THU")(lambda: None).next_runs(1)[0].weekday() == 3  # an H in a day name is no hash
+
+
+def test_next_runs_after_what_is_no_datetime_is_a_type_error_naming_it(app):
+    """w52: an AttributeError ('str' object has no attribute 'astimezone')."""
+    daily = app.schedule("0 9 * * *")(lambda: None)
+    for after in ("2030-01-01", 5):
+        with pytest.raises(TypeError, match=f"next_runs\\(after=...\\) takes a datetime, got {after!r}"):
+            daily.next_runs(2, after=after)
 
 
 @pytest.mark.parametrize(
