@@ -219,23 +219,28 @@ async def test_join_returns_the_run_in_flight_and_reject_raises(app):
     assert await build_reject.submit("a").result(timeout=5) == "a"  # free again
 
 
-@pytest.mark.parametrize("asked_to_cancel", [False, True])
-def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_found(tmp_path, asked_to_cancel):
+@pytest.mark.parametrize("cancel_by", [None, "another process", "its own process"])
+def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_found(tmp_path, cancel_by):
     """A kernel killed mid-run, the store opened again later: the run used to be recorded as
     ending when it was found, so its card said it had run until then (w47: 16.5 s for a
     run cut off at 12 s; hours, for a store opened the next day). A run asked to cancel that
-    its kernel, stuck in a call, never stopped is recorded cancelled, ending then too (w48)."""
+    its kernel, stuck in a call, never stopped is recorded cancelled, ending then too (w48);
+    asked by its own kernel (its card said "stopping"), it was recorded failed (w53)."""
     from capsule_nb.store import heartbeats
 
+    own_cancel = """
+        assert h.cancel()
+        while h.snapshot().get("stopping") != "cancel":
+            time.sleep(0.01)""" if cancel_by == "its own process" else ""
     victim = spawn(
-        """
+        f"""
         @app.task
         def silent():
             threading.Event().wait()  # says nothing: its record is not written again
 
         h = silent.submit()
         while h.snapshot()["status"] != "running":
-            time.sleep(0.01)
+            time.sleep(0.01){own_cancel}
         app.store.flush()
         print(h.task_id, flush=True)
         print(app.runtime.owner, flush=True)
@@ -249,7 +254,7 @@ def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_f
     try:
         first = until_sync(lambda: heartbeats.last_seen(watcher, owner), 10, what="a first beat")
         until_sync(lambda: heartbeats.last_seen(watcher, owner) > first, 10, what="a second beat")  # it ran a while
-        if asked_to_cancel:
+        if cancel_by == "another process":
             watcher.request_cancel(task_id)  # (the run is stuck in a call: it cannot stop)
     finally:
         watcher.close()
@@ -258,14 +263,43 @@ def test_a_run_whose_process_died_ends_when_its_process_was_last_seen_not_when_f
     victim.wait(10)
     app = cpsl.App(home=tmp_path)
     try:
-        status = "cancelled" if asked_to_cancel else "failed"
+        status = "cancelled" if cancel_by else "failed"
         record = until_sync(lambda: (r := app.store.get_run(task_id)) and r["status"] == status and r)
-        assert record["error"] == ("cancelled" if asked_to_cancel else "interrupted")
+        assert record["error"] == ("cancelled" if cancel_by else "interrupted") and not record.get("stopping")
         assert killed - heartbeats.BEAT_SECONDS - 1 < record["completed_at"] <= killed, (killed, record)
         assert record["completed_at"] - record["started_at"] >= heartbeats.BEAT_SECONDS  # as long as it ran
         assert heartbeats.last_seen(app.store, owner) is None  # its entry went with it
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("stop, ends", [("cancel", ("cancelled", "cancelled")), ("timeout", ("timeout", "timed out"))])
+def test_a_run_stopping_when_its_kernel_shuts_down_or_restarts_ends_as_the_stop_would(tmp_path, stop, ends):
+    """Cancelled, its card said "stopping" (a thread stuck in a call); the kernel restarted and
+    left it "failed: interrupted", with a Retry button (w53). Timed out, it was retried."""
+    import threading
+
+    release = threading.Event()
+    app = cpsl.App(home=tmp_path)
+    try:
+        @app.task(retries=2, timeout=0.5 if stop == "timeout" else 0)
+        def stuck():
+            release.wait()  # one call: the stop lands when it returns
+
+        h = stuck.submit()
+        until_sync(lambda: h.snapshot()["status"] == "running", 10, what="the run running")
+        if stop == "cancel":
+            assert h.cancel()
+        until_sync(lambda: h.snapshot().get("stopping") == stop, 10, what="the run stopping")
+    finally:
+        app.close()  # as a kernel's restart or shutdown does
+        release.set()
+    again = cpsl.App(home=tmp_path)
+    try:
+        record = again.store.get_run(h.task_id)
+        assert (record["status"], record["error"], record.get("stopping")) == (*ends, None)
+    finally:
+        again.close()
 
 
 def test_runs_a_killed_kernel_left_on_one_lock_go_in_the_order_they_were_submitted(tmp_path):

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
-from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, WAITING, RunRecord, evolve
+from ..record import CANCELLED, CLAIMED, FAILED, FINISHED, RETRY, RUNNING, TIMEOUT, WAITING, RunRecord, evolve
 from ..store import Store, heartbeats, retention
 from ..store.owners import owner_alive
 from .run import Run
@@ -259,9 +259,15 @@ def interrupted(record: RunRecord, last_seen: float | None = None) -> RunRecord 
     """How a run its process left behind is recorded: a running one is retried if it has
     attempts left, else failed; a waiting one stays as it is, for the next kernel. A failed
     one ended when its dead process was ``last_seen`` alive (its beat, or its own last write
-    of the record); None: it is this process, ending it now."""
+    of the record); None: it is this process, ending it now. One its process was stopping
+    ends as that stop would have ended it: cancelled, or timed out (never retried)."""
     if record["status"] in FINISHED:
         return None
+    if record["status"] == RUNNING and record.get("stopping") == "cancel":
+        return cancelled(record, last_seen)
+    if record["status"] == RUNNING and record.get("stopping") == "timeout":
+        return evolve(record, status=TIMEOUT, error="timed out", completed_at=_ended(record, last_seen),
+                      stopping=None)
     if record["status"] == RUNNING and record["attempt"] < record["max_attempts"]:
         return evolve(record, status=RETRY, error="interrupted")
     if record["status"] == RUNNING:
@@ -274,7 +280,7 @@ def cancelled(record: RunRecord, last_seen: float | None = None) -> RunRecord | 
     ``last_seen`` as for ``interrupted``."""
     if record["status"] in FINISHED:
         return None
-    return evolve(record, status=CANCELLED, completed_at=_ended(record, last_seen), error="cancelled")
+    return evolve(record, status=CANCELLED, completed_at=_ended(record, last_seen), error="cancelled", stopping=None)
 
 
 def last_seen(store: Store, owner: str) -> float:
