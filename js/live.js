@@ -392,9 +392,11 @@ const HEARD_MS = 1000;
  * that it heard a click ({heard: task_id}). A Cancel it has not heard within HEARD_MS is
  * filed in the store through the Jupyter server instead, where the run's kernel answers it
  * from a thread of its own (ui/server.py); the click, heard when the cell ends, then finds
- * the run cancelled. A Retry needs the kernel's own task function: the view says that it
- * waits for the cell, until the kernel hears it. The kernel's busy status cannot tell: a
- * debugger or another client's request flips it to idle while a cell runs.
+ * the run cancelled. A Retry needs the kernel's own task function: the view says that the
+ * kernel has not answered, until it does. (It may never: a page that missed a restart made
+ * elsewhere sends clicks to a kernel subshell the new kernel never had, which drops them.)
+ * The kernel's busy status cannot tell: a debugger or another client's request flips it to
+ * idle while a cell runs.
  */
 function unheard(model, action, task_id, tell, retrying) {
   let heard = false;
@@ -418,7 +420,7 @@ function unheard(model, action, task_id, tell, retrying) {
   }, HEARD_MS);
 }
 
-const retryWaits = (task_id) => `retry of run ${task_id} waits for the kernel: it is running a cell`;
+const retryWaits = (task_id) => `retry of run ${task_id}: the kernel has not answered yet (a cell may be running)`;
 
 // ------------------------------------------------------------ a live view
 
