@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +91,15 @@ def _parse(source: str) -> _Cell:
     return _Cell(tree, lines)
 
 
+# ``obj?``, ``obj.attr??``, ``x[0]?``: IPython's help (its own pattern); a line ending in
+# "?" otherwise ("# why?", "f(x)?") is no help, and stays as written.
+_HELP = re.compile(r"%{0,2}(?!\d)[\w*]+(\.(?!\d)[\w*]+|\[-?[0-9]+\])*\?\??")
+
+
 def _ipython_only(line: str) -> bool:
     """A line IPython reads and Python cannot: ``%magic``, ``!shell``, ``x = !ls``, ``obj?``."""
     text = line.strip()
-    if text.startswith(("%", "!", "?")) or (text.endswith("?") and not text.startswith("#")):
+    if text.startswith(("%", "!", "?")) or _HELP.fullmatch(text):
         return True
     target, sep, value = text.partition("=")
     return bool(sep) and target.strip().isidentifier() and value.lstrip().startswith(("%", "!"))

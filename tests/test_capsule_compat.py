@@ -772,11 +772,11 @@ def test_check_reads_ipython_syntax_and_says_what_it_could_not_read(tmp_path, ca
     """A cell under ``%%time``, a line ending in ``?`` or a syntax error was skipped without a
     word, and a file that is no Python at all was "plain Capsule code" (w52)."""
     task = '@cpsl.task(retry_delay="1s")\ndef sync():\n    pass'
-    notebook = _notebook(tmp_path / "magics.ipynb", f"%%time\n{task}", f"sync.submit?\nfiles = !ls\n{task}",
+    notebook = _notebook(tmp_path / "magics.ipynb", f"%%time\n{task}", f"sync.submit?\nfiles = !ls\nsync.__doc__  # really?\n{task}",
                          "%%bash\necho not python", f'print("unclosed"\n{task}')
     assert main(["check", str(notebook)]) == 1
     out = capsys.readouterr().out
-    assert re.findall(r"cell (\d+), line (\d+): @cpsl", out) == [("1", "2"), ("2", "3")]
+    assert re.findall(r"cell (\d+), line (\d+): @cpsl", out) == [("1", "2"), ("2", "4")]
     assert "cell 4 was not checked: it is not Python (line 1: '(' was never closed)" in out
     assert "cell 3" not in out  # (a bash cell: nothing to port)
 
