@@ -110,6 +110,29 @@ function references(entry) {
 
 const saving = (globalThis.__capsuleNbSaving ??= new WeakMap()); // manager -> kept entries
 
+const VIEW = "application/vnd.jupyter.widget-view+json";
+
+/**
+ * The ids of the widgets the notebook's outputs show; null when they cannot be read. A
+ * kernel restarted leaves its models with the widget manager (nothing closes them), and a
+ * cell run again drops their outputs: saved all the same, a notebook grew with each restart.
+ */
+function displayed(notebook) {
+  try {
+    const ids = new Set();
+    for (const cell of notebook.cells) {
+      const outputs = cell.outputs;
+      for (let i = 0; outputs && i < outputs.length; i++) {
+        const id = outputs.get(i).data?.[VIEW]?.model_id;
+        if (id) ids.add(id);
+      }
+    }
+    return ids;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * Keep capsule_nb's widgets in the notebook when it is saved, whatever the
  * "Save Widget State Automatically" setting says: a reopened notebook then
@@ -143,15 +166,22 @@ function saveOurs(model) {
     const widgets = context.model.getMetadata("widgets") ?? {};
     const saved = widgets[STATE] ?? { version_major: 2, version_minor: 0, state: {} };
     const state = { ...saved.state };
+    const shown = displayed(context.model);
+    const keep = (id) => manager.has_model(id) && (!shown || shown.has(id));
     for (const [id, entry] of Object.entries(state)) { // ours from an earlier save, gone since
-      if (isOurs(entry) && !manager.has_model(id)) {
+      if (isOurs(entry) && !keep(id)) {
         delete state[id];
         for (const ref of references(entry)) delete state[ref];
       }
     }
     for (const [id, entry] of Object.entries(kept)) {
-      if (manager.has_model(id)) state[id] = entry;
-      else delete kept[id];
+      if (!isOurs(entry)) continue; // (what ours point at goes with them)
+      if (!keep(id)) {
+        delete kept[id];
+        continue;
+      }
+      state[id] = entry;
+      for (const ref of references(entry)) if (kept[ref]) state[ref] = kept[ref];
     }
     context.model.setMetadata("widgets", { ...widgets, [STATE]: { ...saved, state } });
   };

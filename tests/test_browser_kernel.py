@@ -265,6 +265,35 @@ def test_save_shut_down_and_reopen_shows_the_last_state_and_what_finished(day: D
         assert page.get_by_text("Error displaying widget").count() == 0
 
 
+def test_a_notebook_saved_after_each_restart_keeps_only_the_widgets_it_shows(day: Day) -> None:
+    """Restart, run all, save, again and again: the file kept every board each kernel had made,
+    one more per restart, while the notebook showed one (w53: 318 KB for one board after five)."""
+    import json
+
+    path = day.lab.root / "regrown.ipynb"
+    with day.screenshots_on_failure("regrown"):
+        page = day.run_notebook("regrown", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                                'cpsl.ui.TaskBoard(title="Regrown")')
+        board = page.locator(".cnb-board")
+        for restart in range(3):
+            board.locator(".cnb-board-head").wait_for(timeout=60_000)
+            restart_kernel(page)
+            board.locator(".cnb-stale", has_text="its kernel restarted").wait_for(timeout=30_000)
+            run_all(page)
+            wait_until(lambda: board.count() == 1 and board.locator(".cnb-stale").count() == 0, 60,
+                       f"the board live again after restart {restart + 1}")
+        before = path.stat().st_mtime_ns
+        save(page)
+        wait_until(lambda: path.stat().st_mtime_ns != before and "_capsule_saved" in path.read_text(), 15,
+                   "regrown.ipynb saved")
+        state = json.loads(path.read_text())["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]
+        ours = [m["state"] for m in state["state"].values()
+                if m["state"].get("_anywidget_id", "").startswith("capsule_nb.")]
+        assert [s["title"] for s in ours] == ["Regrown"], [s.get("title") for s in ours]
+        shown = json.loads(path.read_text())["cells"][1]["outputs"][0]["data"]["application/vnd.jupyter.widget-view+json"]
+        assert shown["model_id"] in state["state"]  # the one shown: reopened, it is drawn
+
+
 def test_two_notebooks_on_one_store(day: Day) -> None:
     """One notebook makes a run; another's board shows it at once and follows it to its end.
     (Cancel from the other notebook's board is issue 16's: a cancel request to another kernel.)"""
