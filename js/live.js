@@ -450,6 +450,19 @@ function unheard(model, action, task_id, tell, retrying) {
   }, HEARD_MS);
 }
 
+/**
+ * A Cancel pressed in a view whose kernel is gone, of a run a live process runs (another
+ * kernel, a script): filed through the server, as `capsule-nb cancel` files one, for that
+ * process to answer. The view says what the server said.
+ */
+async function fileCancel(model, task_id, tell) {
+  const answer = await askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
+  tell(!answer ? `cancel of run ${task_id}: the server did not answer`
+    : answer.said || `cancel of run ${task_id}: asked of the process that runs it`);
+}
+
+const [FILED_ASK_MS, FILED_ASK_ROUNDS] = [1000, 30]; // how often, and how many times, a view asks after filing
+
 const retryWaits = (task_id) => `retry of run ${task_id}: the kernel has not answered yet (a cell may be running)`;
 
 // ------------------------------------------------------------ a live view
@@ -497,6 +510,18 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
       if (action === "retry" && retrying.has(task_id)) return tell(retryWaits(task_id));
       said = "";
       if (liveness.send({ action, task_id })) unheard(model, action, task_id, tell, retrying);
+      else if (action === "cancel") { // drawn from the store: the process that runs it answers
+        fileCancel(model, task_id, tell).then(() => {
+          stopAsking();
+          let rounds = 0; // asked often for a while, then as before
+          stopAsking = keepAsking(async () => {
+            const again = await ask();
+            if (!again || ++rounds < FILED_ASK_ROUNDS) return again;
+            stopAsking = keepAsking(ask);
+            return false;
+          }, FILED_ASK_MS);
+        });
+      }
     },
     start(release) {
       if (!liveness.live()) askWhileNotLive();

@@ -98,7 +98,7 @@ function who(card) {
 }
 
 /** The inside of a mini card (the <li> itself stays, and so does its focus). */
-function miniParts(card, { lead, act, live }) {
+function miniParts(card, { lead, act, live, fileable }) {
   const attempt = card.max_attempts > 1 && attempts(card, true);
   const status = shownStatus(card);
   const note = card.orphaned ? ORPHANED : card.note;
@@ -111,7 +111,7 @@ function miniParts(card, { lead, act, live }) {
     h("div", { className: "cnb-head cnb-meta" },
       elapsed(card, lead, live),
       attempt && h("span", { textContent: attempt }),
-      actions(card, act, live)),
+      actions(card, act, live, fileable)),
     card.progress != null && progressBar(card.progress, card.status),
     note && h("div", { className: noteClass, textContent: note, title: note }),
   ];
@@ -135,7 +135,7 @@ function miniCard(card, context) {
 
 function patchMini(mini, card, context) {
   const selected = context.selected === card.task_id;
-  const key = JSON.stringify([card, selected, context.live, context.epoch]);
+  const key = JSON.stringify([card, selected, context.live, context.fileable, context.epoch]);
   // A button clicked in a live view waits for the next state, not for its own run to change
   // (a Retry leaves the retried run as it was).
   if (key === mini.key && !(context.live && mini.node.querySelector(".cnb-actions :disabled"))) return;
@@ -211,6 +211,7 @@ export default {
 
     // Traits, or what the store said in their place once the kernel is gone.
     const state = (name) => (!view.live() && asked && name in asked ? asked[name] : model.get(name));
+    const fileable = () => !view.live() && Boolean(asked) && !asked.missing; // the store drew it: see actions
     const set = (name, value) => {
       model.set(name, value);
       if (view.live()) model.save_changes();
@@ -237,7 +238,7 @@ export default {
 
     const lanes = new Map(); // label -> lane
     const context = {
-      state, set, act: view.act, lead: 0, live: true, selected: "",
+      state, set, act: view.act, lead: 0, live: true, fileable: false, selected: "",
       epoch: 0, // raised by a notice: every card is drawn afresh, and a refused button comes back
       column: (label) => state("lanes").find((c) => c.label === label),
       revealing: false, // the reader opened details: scroll them into view once drawn
@@ -254,7 +255,7 @@ export default {
     const drawStale = () =>
       stale.replaceChildren(...(view.live() ? [] : [staleNote(staleText(view.why(), asked))]));
     const drawLanes = () => {
-      Object.assign(context, { lead: view.lead(), live: view.live() });
+      Object.assign(context, { lead: view.lead(), live: view.live(), fileable: fileable() });
       context.selected = state("selected");
       const columns = state("lanes");
       const focused = lanesRoot.contains(document.activeElement) && document.activeElement;
@@ -284,7 +285,7 @@ export default {
       const selected = state("selected");
       if (!card.run || card.task_id !== selected) return detail.replaceChildren();
       const opening = !detail.hasChildNodes();
-      placeCard(detail, card, { lead: view.lead(), ui, act: view.act, live: view.live() }, [
+      placeCard(detail, card, { lead: view.lead(), ui, act: view.act, live: view.live(), fileable: fileable() }, [
         h("div", { className: "cnb-detail-head" },
           h("span", { className: "cnb-label", textContent: `Run details · ${card.task_id}` }),
           h("button", { className: "cnb-button", textContent: "Close", onclick: close }))]);

@@ -79,16 +79,20 @@ export function attempts(run, short = false) {
 
 /**
  * Cancel while unfinished, Retry when finished without success; disabled when
- * `live` is false (nothing could carry the click). The span's `data-key` says
- * what it holds, so a redraw can keep the very same buttons (keepActions).
+ * `live` is false (nothing could carry the click), except a Cancel the server can
+ * file (`fileable`: the store drew the run, and a live process runs it). The span's
+ * `data-key` says what it holds, so a redraw can keep the very same buttons (keepActions).
  */
-export function actions(run, act, live = true) {
+export function actions(run, act, live = true, fileable = false) {
+  const filed = !live && fileable && !run.orphaned;
   const button = (label, action) =>
     h("button", {
       className: `cnb-button cnb-${action}`,
       textContent: label,
-      disabled: !live,
-      title: live ? `${label} run ${run.task_id}` : `${label} needs the kernel that drew this`,
+      disabled: !live && !(filed && action === "cancel"),
+      title: live ? `${label} run ${run.task_id}`
+        : filed && action === "cancel" ? `Cancel run ${run.task_id}: asked of the process that runs it`
+          : `${label} needs the kernel that drew this`,
       onclick: (event) => {
         event.stopPropagation();
         const pressed = event.currentTarget;
@@ -100,7 +104,7 @@ export function actions(run, act, live = true) {
   const span = h("span", { className: "cnb-actions" },
     run.can_cancel && button("Cancel", "cancel"),
     run.can_retry && button("Retry", "retry"));
-  span.dataset.key = `${run.task_id} ${run.can_cancel} ${run.can_retry} ${live}`;
+  span.dataset.key = `${run.task_id} ${run.can_cancel} ${run.can_retry} ${live} ${filed}`;
   return span;
 }
 
@@ -151,11 +155,12 @@ export const staleNote = (text) => h("div", { className: "cnb-stale", role: "sta
  * a click. With `live` false the buttons are disabled and no clock runs.
  */
 function renderCard({ title, run, messages = [], output = [] },
-  { lead, ui, act, live = true }) {
+  { lead, ui, act, live = true, fileable = false }) {
   const p = run.progress;
   const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
   const fraction = p && p.total ? Math.min(1, Math.max(0, p.done / p.total)) : null;
   const attempt = attempts(run);
+  const named = run.display_name !== title && run.display_name;  // show_task's message took the title
   const trace = run.traceback && h("details", {
     className: "cnb-traceback",
     open: ui.traceback ?? false,
@@ -172,8 +177,8 @@ function renderCard({ title, run, messages = [], output = [] },
       run.every && run.status !== "cancelled"
         && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
       elapsed(run, lead, live),
-      actions(run, act, live)),
-    h("div", { className: "cnb-sub", textContent: `${run.task_name} · ${run.task_id}`,
+      actions(run, act, live, fileable)),
+    h("div", { className: "cnb-sub", textContent: [named, run.task_name, run.task_id].filter(Boolean).join(" · "),
       title: `task ${run.task_name}, run ${run.task_id}` }),
     p && h("div", { className: "cnb-progress-row" },
       fraction != null && progressBar(fraction, run.status),
@@ -242,7 +247,8 @@ export default {
       const card = fromStore ? { ...fromStore, title: title || fromStore.title } : { title, run, messages, output };
       if (!card.run.task_id) return;
       const stale = !live && staleNote(staleText(view.why(), asked) + (fromStore?.run.orphaned ? ` ${ORPHANED}` : ""));
-      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live }, [stale], [notice(view.notice())]);
+      placeCard(el, card, { lead: view.lead(), ui, act: view.act, live, fileable: Boolean(fromStore) },
+        [stale], [notice(view.notice())]);
     };
     const hold = holdStill(el, draw);
     hold.request();

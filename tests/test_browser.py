@@ -111,6 +111,8 @@ def test_a_card_goes_from_running_to_completed_with_its_result(scenario: Scenari
         card = scenario.card("Crunching numbers")
         assert card.locator(".cnb-result").inner_text() == "result {'steps': 12, 'total': 650}"
         assert "attempt 1 of 1" in card.inner_text()
+        # show_task's message is the headline; the run's own name stays under it
+        assert card.locator(".cnb-sub").inner_text().startswith("Nightly crunch · crunch · ")
         assert "REPLY" in card.locator(".cnb-messages").inner_text().upper()
         assert "step 12: total 650" in card.locator(".cnb-output").inner_text()
         assert card.locator(".cnb-button").count() == 0  # completed: nothing to cancel or retry
@@ -171,7 +173,7 @@ def test_the_board_shows_the_runs_in_their_columns(scenario: Scenario) -> None:
             return sorted(lane(label).locator(".cnb-mini .cnb-title").all_inner_texts())
 
         wait_until(lambda: titles("Failed") == ["parse_feed", "wait_for_data"], 10, "the failed column")
-        assert titles("Completed") == ["crunch"] and titles("Running") == [] and titles("Pending") == ["crunch"]
+        assert titles("Completed") == ["Nightly crunch"] and titles("Running") == [] and titles("Pending") == ["crunch"]
         assert [lane(x).locator(".cnb-count").inner_text() for x in ("Pending", "Running", "Completed", "Failed")] \
             == ["1", "0", "1", "2"]
         assert board.locator(".cnb-board-title").inner_text() == "All runs"

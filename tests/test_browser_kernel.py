@@ -212,13 +212,18 @@ def test_a_kernel_restart_makes_cards_and_board_say_so_at_once(day: Day) -> None
         board.locator(".cnb-stale", has_text="Not live").wait_for(timeout=5_000)
         said = time.monotonic() - started
 
-        # Clocks stopped, buttons disabled: on the cards and on the board.
+        # Clocks stopped; the buttons that need the kernel disabled, on the cards and on the board.
+        # The test's own run keeps its Cancel, drawn from the store: this process runs it, and the
+        # server files the click (test_a_saved_card_cancels_a_run_another_process_runs).
         outside = day.card("Held by the test")
         assert not elapsed_ticks(outside, 2.2)
-        assert outside.locator("button", has_text="Cancel").is_disabled()
         minis = board.locator(".cnb-mini", has=page.locator(".cnb-badge", has_text="running"))
         assert minis.count() >= 1
-        assert all(b.is_disabled() for b in board.locator(".cnb-mini button").all())
+        wait_until(lambda: outside.locator("button", has_text="Cancel").is_enabled(), 10, "the store's Cancel")
+        usable = board.locator(".cnb-mini button:enabled")
+        wait_until(lambda: usable.count() == 1, 10, "one usable button on the board")
+        assert usable.inner_text() == "Cancel"
+        assert board.locator(f".cnb-mini[data-task-id='{day.outside.task_id}'] button:enabled").count() == 1
 
         # What the store says: the restarted kernel recorded its run as interrupted on the way out.
         wait_until(lambda: day.status(held_id) == "failed", 15, "the held run failed in the store")
@@ -329,6 +334,48 @@ def test_two_notebooks_on_one_store(day: Day) -> None:
         assert day.status(made_id) == "cancelled"
 
 
+def test_a_saved_card_cancels_a_run_another_process_runs(day: Day) -> None:
+    """A notebook reopened without running its cells draws its cards from the store. The Cancel
+    of a run another process runs (a kernel next door, a script) was greyed out there, while a
+    board in that kernel could cancel it (w53). It files the cancel through the server now,
+    and the card follows the run to its end."""
+    stop = threading.Event()
+
+    @day.app.task
+    def next_door() -> str:
+        while not stop.wait(0.05):  # (a thread run stops between two Python steps)
+            pass
+        return "let go"
+
+    run = next_door.submit()
+    wait_until(lambda: run.snapshot()["status"] == "running", 10, "the run next door running")
+    day.app.store.flush()
+    try:
+        with day.screenshots_on_failure("saved-cancel"):
+            page = day.run_notebook("saved-cancel", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
+                                    f'cpsl.ui.TaskCard("{run.task_id}", message="Next door")')
+            day.card("Next door", page).locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+            save_and_wait(day, "saved-cancel.ipynb")
+            for session in day.lab.api("sessions"):
+                if session["path"] == "saved-cancel.ipynb":
+                    day.lab.api(f"sessions/{session['id']}", method="DELETE")
+            page.close()
+
+            page = day.new_page("saved-cancel-reopened")
+            open_notebook(page, day.lab, "saved-cancel.ipynb", workspace="saved-cancel-reopened")
+            wrapper = day.wrapper("Next door", page)
+            wrapper.locator(".cnb-stale", has_text="drawn from the saved notebook").wait_for(timeout=30_000)
+            card = day.card("Next door", page)
+            card.locator(".cnb-badge", has_text="running").wait_for(timeout=15_000)  # as the store says
+            assert card.locator("button", has_text="Cancel").is_enabled()
+            card.locator("button", has_text="Cancel").click()
+            card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
+            assert day.status(run.task_id) == "cancelled"
+            assert f"cancel of run {run.task_id}: asked of the process that runs it" in wrapper.inner_text()
+    finally:
+        stop.set()
+
+
 def test_a_refused_retry_says_why_each_time_and_its_button_comes_back(day: Day) -> None:
     """The watcher's kernel does not define ``slow``: Retry there is refused, with the reason.
     Clicked again, it is refused again, and no button stays disabled with nothing said: on the
@@ -337,7 +384,8 @@ def test_a_refused_retry_says_why_each_time_and_its_button_comes_back(day: Day) 
     with day.screenshots_on_failure("refused-retry"):
         board = watcher.locator(".cnb-board")
         board.scroll_into_view_if_needed()
-        target = board.locator(".cnb-mini.cnb-is-cancelled").first.get_attribute("data-task-id")
+        slow_runs = board.locator(".cnb-mini.cnb-is-cancelled", has=watcher.locator(".cnb-title", has_text="slow"))
+        target = slow_runs.first.get_attribute("data-task-id")
         mini = board.locator(f".cnb-mini[data-task-id='{target}']")
         notice = board.locator(".cnb-notice")
         total = board.locator(".cnb-total").inner_text()

@@ -93,10 +93,12 @@ async def test_a_card_follows_its_run_to_the_result(app):
         session.log("writing")
         return {"report_id": report_id, "rows": 42}
 
-    handle = build.submit("daily")
+    handle = build.submit("daily", display_name="Daily build")
     card = ui.TaskCard(handle, message="Daily report")
     await until(lambda: card.run.get("status") == "running" and card.run.get("progress"))
     assert card.title == "Daily report" and card.task_id == handle.task_id
+    assert card.run["display_name"] == "Daily build"  # (the view shows it under the title: test_browser)
+    assert repr(card).startswith("Daily report · Daily build [running]")
     assert card.run["progress"] == {"done": 1, "total": 3, "message": "fetched"}
     assert (card.run["attempt"], card.run["max_attempts"]) == (1, 3)
     assert card.run["can_cancel"] and not card.run["can_retry"]

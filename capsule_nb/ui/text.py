@@ -55,6 +55,8 @@ def run_text(record: dict[str, Any], message: str | None = None, *, messages: in
     """A few lines that say what a run is doing or did: the newest ``messages`` (None: all)
     and the last ``output_lines`` of what it printed."""
     name = message or record.get("display_name") or _shown(record.get("task_name"))
+    if message and record.get("display_name") not in (None, message):  # the headline, and the run's own name
+        name = f"{message} · {_shown(record['display_name'])}"
     attempt = (f"attempt {_shown(record.get('attempt'), int)}/{_shown(record.get('max_attempts'), int)}"
                if record.get("attempt") else "not started")  # (attempt 0 is no attempt)
     due = record.get("scheduled_for") if record.get("status") in ("scheduled", "retry") else None

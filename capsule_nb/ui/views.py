@@ -45,6 +45,7 @@ def run(record: Mapping[str, Any], orphaned: bool = False) -> dict[str, Any]:
     return {
         "task_id": record["task_id"],
         "task_name": record["task_name"],
+        "display_name": record.get("display_name"),  # (shown under a title that show_task's message took)
         "status": status,
         "attempt": record.get("attempt", 0),
         "max_attempts": record.get("max_attempts", 1),
