@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("capsule_nb")
 
 WATCH_SECONDS = 1.0  # how often a kernel that lost a claim looks whether the claimant recorded the run
+NEXT_RUNS_MAX = 10_000  # fire times ``next_runs`` lists at most
 
 
 class Schedule:
@@ -102,7 +103,8 @@ class Schedule:
     def next_runs(self, n: int = 5, after: dt.datetime | None = None) -> list[dt.datetime]:
         """The next ``n`` fire times after ``after`` (default now), in the schedule's time
         zone, DST repeats left out."""
-        whole_number("n", n)
+        if whole_number("n", n) > NEXT_RUNS_MAX:  # (a list of a billion datetimes hangs the kernel)
+            raise ValueError(f"next_runs(n) lists at most {NEXT_RUNS_MAX:,} fire times, got n={n!r}")
         if after is not None and not isinstance(after, dt.datetime):
             raise TypeError(f"next_runs(after=...) takes a datetime, got {after!r}")
         out: list[dt.datetime] = []

@@ -75,6 +75,14 @@ def test_next_runs_after_what_is_no_datetime_is_a_type_error_naming_it(app):
             daily.next_runs(2, after=after)
 
 
+def test_next_runs_of_more_than_a_list_can_hold_is_refused_at_once(app):
+    """w52: ``next_runs(10**9)`` of a cron firing every minute hung the kernel, building a list."""
+    minutely = app.schedule("* * * * *")(lambda: None)
+    with pytest.raises(ValueError, match="next_runs\\(n\\) lists at most 10,000 fire times, got n=1000000000"):
+        minutely.next_runs(10**9)
+    assert len(minutely.next_runs(10_000)) == 10_000
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
