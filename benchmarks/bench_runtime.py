@@ -452,25 +452,31 @@ def _report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         if r:
             print(f"  {name:24} {r['submit_seconds']:7.3f} {r['complete_seconds']:7.3f} {r['seconds']:7.3f}")
 
-    waits, plain, bare = (best(n) if n in results else None
-                          for n in ("capsule-async-waits", "capsule-async", "asyncio-bare"))
-    if waits:
+    def paired(top: str, bottom: str) -> tuple[float, str] | None:
+        """The median of ``top``'s rate over ``bottom``'s, round by round (the two measured
+        seconds apart, so drift in the machine's speed cancels), and the rounds' ratios."""
+        pairs = [(a["rate"] / b["rate"]) for a, b in zip(results.get(top, []), results.get(bottom, []))
+                 if "error" not in a and "error" not in b]
+        if not pairs:
+            return None
+        rounds = f" (rounds: {', '.join(f'{x:.2f}' for x in pairs)})" if len(pairs) > 1 else ""
+        return statistics.median(pairs), rounds
+
+    if "capsule-async-waits" in results:
         print()
-        print("  waiting on many runs (the hot path users take):")
-        if plain:
-            x = waits["rate"] / plain["rate"]
-            print(f"    gather(h.wait()) vs the same runs seen from a subscription: {x:.2f}x "
-                  f"{'ok' if x >= 0.8 else '--'} (aim >= 0.8x)")
-        if huey_n:
-            x = waits["rate"] / huey_n["rate"]
-            print(f"    with waits vs SqliteHuey NORMAL: {x:.1f}x {'ok' if x >= AIM_RATIO else '--'} (aim >= 5x)")
-        if huey_2w := best("huey-normal-2w") if "huey-normal-2w" in results else None:
-            x = waits["rate"] / huey_2w["rate"]
-            print(f"    with waits vs SqliteHuey NORMAL with 2 workers, as issue 15 measured it: {x:.1f}x "
-                  f"{'ok' if x >= AIM_RATIO else '--'} (the line above is the aim: Huey's fastest setting)")
-        if bare:
-            x = bare["rate"] / waits["rate"]
-            print(f"    bare asyncio vs capsule_nb with waits: {x:.1f}x {'ok' if x <= 10 else '--'} (aim <= 10x)")
+        print("  waiting on many runs (the hot path users take), median of the rounds' ratios:")
+        if r := paired("capsule-async-waits", "capsule-async"):
+            print(f"    gather(h.wait()) vs the same runs seen from a subscription: {r[0]:.2f}x "
+                  f"{'ok' if r[0] >= 0.8 else '--'} (aim >= 0.8x){r[1]}")
+        if r := paired("capsule-async-waits", "huey-normal"):
+            print(f"    with waits vs SqliteHuey NORMAL: {r[0]:.1f}x {'ok' if r[0] >= AIM_RATIO else '--'} "
+                  f"(aim >= 5x){r[1]}")
+        if r := paired("capsule-async-waits", "huey-normal-2w"):
+            print(f"    with waits vs SqliteHuey NORMAL with 2 workers, as issue 15 measured it: {r[0]:.1f}x "
+                  f"{'ok' if r[0] >= AIM_RATIO else '--'} (the line above is the aim: Huey's fastest setting){r[1]}")
+        if r := paired("asyncio-bare", "capsule-async-waits"):
+            print(f"    bare asyncio vs capsule_nb with waits: {r[0]:.1f}x {'ok' if r[0] <= 10 else '--'} "
+                  f"(aim <= 10x){r[1]}")
 
     lat_rows = [(n, c) for n, c in CASES.items() if c[0] == "latency" and n in results]
     if lat_rows:
@@ -549,8 +555,8 @@ def main() -> None:
              and not (n == "huey-latency-default-poll" and args.huey_default_poll_n <= 0)]
     results: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
-    for name in names:
-        for _ in range(args.repeat):
+    for _ in range(args.repeat):  # in rounds, each case once a round: peers are measured minutes apart at most
+        for name in names:
             t = time.perf_counter()
             r = _run_child(name, args)
             results.setdefault(name, []).append(r)

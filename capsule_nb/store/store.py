@@ -180,8 +180,16 @@ class Store:
         with self._lock:
             return list(self._unfinished.values())
 
-    @disk.says_which_store
     def get_run(self, task_id: str) -> RunRecord | None:
+        """A live run's record is one dict read, without the lock (every wait, card and snapshot
+        asks, while a burst's writers hold the lock): records are immutable, and a read racing a
+        change gets the record as it was just before."""
+        record = self._unfinished.get(task_id)
+        return record if record is not None else self._run_at_rest(task_id)
+
+    @disk.says_which_store
+    def _run_at_rest(self, task_id: str) -> RunRecord | None:
+        """A run not live here: not written yet, touched lately, or only on disk."""
         with self._lock:
             record = self._held(task_id)
         if record is not _NOT_HELD:
