@@ -262,6 +262,10 @@ def test_save_shut_down_and_reopen_shows_the_last_state_and_what_finished(day: D
         assert day.status(held_id) == "failed"
         for title in ("Held by this kernel", "Held by the test"):
             assert "Not live: drawn from the saved notebook" in day.wrapper(title).locator(".cnb-stale").inner_text()
+        # The line says it, not ipywidgets' red broken-link icon above it as well (w53).
+        icons = page.evaluate("""() => [...document.querySelectorAll('.cnb.jupyter-widgets-disconnected')]
+            .map((view) => getComputedStyle(view, '::before').content)""")
+        assert icons and set(icons) == {"none"}, icons
         board = page.locator(".cnb-board")
         board.locator(".cnb-stale", has_text="drawn from the saved notebook").wait_for(timeout=10_000)
         completed = board.locator(".cnb-lane", has=page.locator(".cnb-lane-head", has_text="Completed"))
