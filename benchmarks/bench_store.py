@@ -42,8 +42,8 @@ def bench_locks(n: int) -> None:
 
         def capsule() -> None:
             for i in range(n):
-                store.acquire_lock("k", f"t{i}", me)
-                store.release_lock("k", f"t{i}")
+                store.locks.acquire("k", f"t{i}", me)
+                store.locks.release("k", f"t{i}")
 
         ours = n / timed(capsule)
         app.close()

@@ -130,11 +130,11 @@ def test_a_key_whose_holder_has_no_record_is_free_once_its_write_is_long_overdue
     be on its way, so the key stays held; a run that has no record long after is gone (its
     record pruned or deleted) and the key is free, never held for good."""
     store = app.store
-    assert store.acquire_lock("k", "ghost", app.runtime.owner) is None
-    assert store.acquire_lock("k", "next", app.runtime.owner) == "ghost"
+    assert store.locks.acquire("k", "ghost", app.runtime.owner) is None
+    assert store.locks.acquire("k", "next", app.runtime.owner) == "ghost"
     row = store._cache.get("lock/k")
     store._cache.set("lock/k", {**row, "at": row["at"] - 60})  # as though taken a minute ago
-    assert store.acquire_lock("k", "next", app.runtime.owner) is None
+    assert store.locks.acquire("k", "next", app.runtime.owner) is None
 
 
 def test_a_lock_stays_held_while_a_killed_kernels_worker_still_runs_the_body(tmp_path):

@@ -43,7 +43,7 @@ def cancel(runtime: "Runtime", task_id: str) -> bool:
         claimed = runtime.store.claim_run(task_id, settle)
         if claimed is not None:
             if claimed.get("lock_key"):
-                runtime.store.release_lock(claimed["lock_key"], task_id)
+                runtime.store.locks.release(claimed["lock_key"], task_id)
                 runtime.queues.wake_all()
             return True
         runtime.store.poll()

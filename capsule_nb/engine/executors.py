@@ -215,7 +215,7 @@ class ProcessExecutor(Executor):
     def _started(self, run: Run, cluster: Any, data: dict) -> None:
         """A worker took the run: the run (and its timeout) starts now."""
         if run.lock_key is not None and "pid" in data and cluster is None:  # a local worker
-            self.runtime.store.lock_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
+            self.runtime.store.locks.note_worker(run.lock_key, run.task_id, process_owner(data["pid"]))
         self.runtime.mark_running(run)
 
     def _show_task(self, run: Run, task_id: str, message: str | None) -> None:

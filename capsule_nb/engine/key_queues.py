@@ -51,7 +51,7 @@ class KeyQueues:
                 with self._lock:
                     waiting = self._queued.get(key) or []
                     run = waiting[0] if waiting else None
-                if run is None or self._store.acquire_lock(key, run.task_id, self._owner) is not None:
+                if run is None or self._store.locks.acquire(key, run.task_id, self._owner) is not None:
                     return
                 with self._lock:
                     taken = run in waiting
@@ -61,5 +61,5 @@ class KeyQueues:
                         self._queued.pop(key, None)
                 if taken:
                     break
-                self._store.release_lock(key, run.task_id)  # a cancel took it out meanwhile: the next one
+                self._store.locks.release(key, run.task_id)  # a cancel took it out meanwhile: the next one
         self._start(run)

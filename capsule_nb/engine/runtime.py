@@ -166,7 +166,7 @@ class Runtime:
             record = new_record(**{**record, **extra})  # (which checks their names)
         later_repeat = _takes_key_when_due(lock_key, every, start_at)
         if lock_key is not None and not later_repeat:
-            holder = self.store.acquire_lock(lock_key, task_id, self.owner)
+            holder = self.store.locks.acquire(lock_key, task_id, self.owner)
             if holder is not None:
                 if task.on_lock == "reject":
                     raise LockedError(lock_key, holder)
@@ -213,7 +213,7 @@ class Runtime:
         run.takes_key_when_due = _takes_key_when_due(run.lock_key, every, start_at)
         if run.takes_key_when_due:
             self._launch(run, start_at)
-        elif run.lock_key is not None and self.store.acquire_lock(run.lock_key, run.task_id, self.owner):
+        elif run.lock_key is not None and self.store.locks.acquire(run.lock_key, run.task_id, self.owner):
             self.queues.add(run)
         else:
             self._launch(run, start_at)
@@ -241,7 +241,7 @@ class Runtime:
     def _start(self, run: Run) -> None:
         if run.takes_key_when_due:  # due now: it waits for its key if another run has it
             run.takes_key_when_due = False
-            if self.store.acquire_lock(run.lock_key, run.task_id, self.owner) is not None:  # type: ignore[arg-type]
+            if self.store.locks.acquire(run.lock_key, run.task_id, self.owner) is not None:  # type: ignore[arg-type]
                 self.queues.add(run)
                 self.queues.wake(run.lock_key)  # type: ignore[arg-type]
                 return
@@ -320,7 +320,7 @@ class Runtime:
         live here until then, so a cancel request for it waits until its next run is armed."""
         try:
             if run.lock_key is not None:
-                self.store.release_lock(run.lock_key, run.task_id)
+                self.store.locks.release(run.lock_key, run.task_id)
                 self.queues.wake(run.lock_key)
             if record is None:
                 return
@@ -489,7 +489,7 @@ class Runtime:
             except TimeoutError:
                 pass
         if run.lock_key is not None:
-            self.store.release_lock(run.lock_key, run.task_id)
+            self.store.locks.release(run.lock_key, run.task_id)
 
     def shutdown(self) -> None:
         """Record what is still running as interrupted, then make it all durable."""

@@ -191,7 +191,7 @@ class Upkeep:
             if self.store.claim_run(record["task_id"], take) is not None:
                 recovered += 1
                 if record.get("lock_key"):
-                    self.store.release_lock(record["lock_key"], record["task_id"])
+                    self.store.locks.release(record["lock_key"], record["task_id"])
         if dead:
             heartbeats.forget(self.store, set(dead))
         if recovered:  # (a run just recovered for a retry is adopted in this same pass)
@@ -229,7 +229,7 @@ class Upkeep:
                 continue
             if claimed["status"] == CANCELLED:
                 if claimed.get("lock_key"):
-                    self.store.release_lock(claimed["lock_key"], claimed["task_id"])
+                    self.store.locks.release(claimed["lock_key"], claimed["task_id"])
                 continue
             try:
                 args, kwargs = stored_arguments(self.store, claimed)

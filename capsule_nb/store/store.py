@@ -35,8 +35,8 @@ from ..record import FINISHED, RunRecord
 from . import disk, folder
 from .documents import Condition, Documents
 from .events import EventBus
-from .feed import CANCEL, DOC, LOCK, PAYLOAD, RUN, Feed
-from .owners import owner_alive, worker_alive
+from .feed import CANCEL, DOC, PAYLOAD, RUN, Feed
+from .locks import KeyLocks
 from .rows import REFRESH, Rows
 from .runs import RunTable
 from .writer import NOT_QUEUED, WriteBehind, fresh
@@ -48,7 +48,6 @@ Claim = Callable[[RunRecord, bool], "RunRecord | None"]
 
 RECENT = 1024  # finished runs kept in memory after this process touched them (handles read them back)
 RETENTION_GRACE = 10.0  # a finished run outlives retention this long: kernels waiting on it see how it ended
-UNWRITTEN_SECONDS = 10.0  # a key's holder with no record for longer than this is gone (pruned, deleted)
 _NOT_HELD = object()
 
 
@@ -73,6 +72,7 @@ class Store:
         try:
             self._runs = RunTable(self._cache, self._rows.check)
             self._documents = Documents(self._cache, self._rows.check, self._feed)
+            self.locks = KeyLocks(self._cache, self._rows, self.get_run)
             for prefix, table, what in ((RUN, self._runs, "run records"), (DOC, self._documents, "documents")):
                 moved = self._rows.move(prefix, table.adopt)
                 if moved:
@@ -455,45 +455,6 @@ class Store:
         """Apply ``{doc_id: change(current) -> new or None (delete)}`` in one transaction,
         each change reading the document on disk (``$inc`` from two processes adds up)."""
         return self._documents.write(collection, changes)
-
-    # ------------------------------------------------------------------ locks
-
-    def acquire_lock(self, key: str, task_id: str, owner: str) -> str | None:
-        """Take ``key`` for ``task_id`` unless a live, unfinished run holds it.
-
-        Returns ``None`` on success, else the holder's task id. Runs in one
-        SQLite transaction so two processes can never both win.
-        """
-        cache = self._cache
-        with cache.transact(retry=True):
-            held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] != task_id:
-                if owner_alive(held["owner"]):
-                    holder = self.get_run(held["task_id"])
-                    if holder is not None and holder["status"] not in FINISHED:
-                        return held["task_id"]
-                    if holder is None and time.time() - held["at"] < UNWRITTEN_SECONDS:
-                        return held["task_id"]  # its write is still in its process's buffer
-                elif worker_alive(held):  # its kernel died; the worker running its body dies in a moment
-                    return held["task_id"]
-            cache.set(LOCK + key, {"task_id": task_id, "owner": owner, "at": time.time()})
-        return None
-
-    def lock_worker(self, key: str, task_id: str, worker: str) -> None:
-        """Note that ``task_id``, holding ``key``, runs in the process ``worker``, a worker that
-        dies with its owner: if the owner dies first, the key stays held until the worker has."""
-        with self._cache.transact(retry=True):
-            held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] == task_id:
-                self._cache.set(LOCK + key, {**held, "worker": worker})
-
-    def release_lock(self, key: str, task_id: str) -> None:
-        cache = self._cache
-        with cache.transact(retry=True):
-            held = self._rows.read(LOCK + key)
-            if held is not None and held["task_id"] == task_id and not (
-                    worker_alive(held) and not owner_alive(held["owner"])):
-                cache.delete(LOCK + key)  # (recovery settling a dead kernel's run leaves a live body's key held)
 
     # --------------------------------------------------------- plain values
 
