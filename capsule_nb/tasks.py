@@ -89,10 +89,10 @@ class Task:
         if on_lock not in ON_LOCK:
             raise ValueError(f"@task({self.name}): on_lock must be one of {ON_LOCK}, got {on_lock!r}")
         self.on_lock = on_lock
-        if callback_url is not None and not _web_address(callback_url):
+        if callback_url not in (None, "") and not _web_address(callback_url):
             raise ValueError(f"@task({self.name}): callback_url must be an http(s) URL with a host, "
                              f"got {callback_url!r}")
-        self.callback_url = callback_url
+        self.callback_url = callback_url or None  # "" is no callback, as lock="" is no lock
         self.process = true_or_false(f"@task({self.name}): process", process)
         if memory_limit is not None and not self.process:
             raise ValueError(f"@task({self.name}): memory_limit needs process=True")
@@ -164,6 +164,8 @@ class Task:
             if session is not None:
                 raise TypeError(f"{self.name}.schedule(): session was provided twice")  # (the SDK's words)
             when, session = None, when
+        if at is not None and self._owns_at(at):  # Capsule's schedule has no at=: it goes to the task
+            kwargs, at = {**kwargs, "at": at}, None
         _note_when(when, delay, at)
         if when is not None and delay is not None:
             raise ValueError(f"{self.name}.schedule(): provide either when or delay, not both")  # (the SDK's)
@@ -188,6 +190,14 @@ class Task:
         if every is not None and current_run.get() is None:
             self._replace_the_cells_earlier_repeats(handle.task_id)
         return handle
+
+    def _owns_at(self, value: Any) -> bool:
+        """Whether ``at=`` is the task's argument, as Capsule code means it: the task has a
+        parameter ``at``, or takes ``**kwargs`` and ``value`` is no datetime (no start time)."""
+        named = self.signature.parameters.get("at")
+        if named is not None and named.kind not in (named.VAR_POSITIONAL, named.POSITIONAL_ONLY):
+            return True
+        return self.var_keyword is not None and not isinstance(value, dt.datetime)
 
     def _replace_the_cells_earlier_repeats(self, series: str) -> None:
         """A notebook cell that starts a repeat, run again (edited, or after a restart and "Run
@@ -370,9 +380,9 @@ def _exception_types(value: Any, name: str) -> tuple[type[BaseException], ...] |
     except TypeError:
         items = (value,)
     bad = [x for x in items if not (isinstance(x, type) and issubclass(x, BaseException))]
-    if bad or not items:
-        raise TypeError(f"@task({name}): retry_for must be exception types, got {(bad[0] if bad else value)!r}")
-    return items
+    if bad:
+        raise TypeError(f"@task({name}): retry_for must be exception types, got {bad[0]!r}")
+    return items or None  # empty: not set, as Capsule's runner reads it (every failure retries)
 
 
 def _is_session(value: Any) -> bool:

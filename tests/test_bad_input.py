@@ -106,7 +106,7 @@ def test_bad_task_options_name_the_value(app, options, message):
 
 
 @pytest.mark.parametrize("retry_for, named", [(ValueError(), "ValueError()"), ("ValueError", "'ValueError'"),
-                                               ([ValueError, "3"], "'3'"), ([], "[]")])
+                                               ([ValueError, "3"], "'3'")])
 def test_retry_for_must_be_exception_types(app, retry_for, named):
     with pytest.raises(TypeError, match=re.escape(f"retry_for must be exception types, got {named}")):
 
@@ -125,6 +125,22 @@ def test_retry_for_accepts_one_type_or_a_list(app):
         pass
 
     assert one.retry_for == (KeyError,) and two.retry_for == (KeyError, OSError)
+
+
+async def test_an_empty_retry_for_or_callback_url_is_not_set_as_in_capsule(app):
+    """w54: Capsule's runner reads an empty ``retry_for`` as not set (every failure retries) and
+    an empty ``callback_url`` as no callback; both were refused at decoration here."""
+    attempts = []
+
+    @app.task(retries=2, retry_for=[], retry_delay=0, callback_url="")
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ValueError("not yet")
+        return "third time"
+
+    assert flaky.retry_for is None and flaky.callback_url is None
+    assert await flaky.submit().result(timeout=10) == "third time" and len(attempts) == 3
 
 
 @pytest.mark.parametrize("bad", ["1h30m", "soon", "-5s", "5", "5 fortnights", "", "every", "repeat 5m"])

@@ -180,6 +180,29 @@ async def test_a_session_given_first_to_schedule_is_the_session(capsule):
     assert await handle.cancel() is True
 
 
+async def test_a_task_parameter_named_at_gets_its_argument_from_schedule(capsule):
+    """SDK: ``schedule(when=None, *, session=None, delay=None, display_name="", **kwargs)``, all
+    other kwargs forwarded to the handler. ``at=`` was taken as capsule_nb's start time (w54)."""
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def remind(at: str, text: str):
+        return f"{text} at {at}"
+
+    @app.task()
+    async def anything(**kwargs):
+        return kwargs
+
+    later = await remind.schedule(delay="30m", at="home", text="hi")
+    assert await later.status() == "scheduled" and later.kwargs == {"at": "home", "text": "hi"}
+    soon = await remind.schedule("1s", at="home", text="hi")
+    assert await soon.result(timeout=10) == "hi at home"
+    assert await (await anything.schedule(delay="1s", at="the office")).result(timeout=10) == {"at": "the office"}
+    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)  # a datetime: the start, for **kwargs
+    assert (await anything.schedule(at=when)).snapshot()["scheduled_for"] == pytest.approx(when.timestamp())
+    assert await later.cancel() is True
+
+
 # ------------------------------------------------------- 4: display_name, session_id
 
 
