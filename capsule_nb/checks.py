@@ -15,6 +15,14 @@ def whole_number(name: str, value: object, minimum: int = 0) -> int:
     return value
 
 
+def text_or_none(name: str, value: object) -> str | None:
+    """``value`` if it is a string or None; else ``TypeError`` (a widget's trait would say
+    only that *its* trait expected a unicode string)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
 def true_or_false(name: str, value: object) -> bool:
     """``value`` if it is a bool; else ``TypeError``: "no" and "yes" are both truthy."""
     if not isinstance(value, bool):

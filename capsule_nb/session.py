@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterable, Callable, Iterable
 
 from . import portable
 from .awaitables import DONE, ReadyNone, ReadyStr
+from .checks import text_or_none
 from .collections import Database
 from .engine.context import current_run
 from .notebook import kernel
@@ -177,6 +178,8 @@ class Session:
         return self._stream(stream, give_text=True)
 
     def _stream(self, chunks: AsyncIterable[str] | Iterable[str], give_text: bool) -> Any:
+        if not hasattr(chunks, "__aiter__") and not hasattr(chunks, "__iter__"):
+            raise TypeError(f"session.stream() takes an iterable or async iterable of text chunks, got {chunks!r}")
         if hasattr(chunks, "__aiter__"):
             coro = self._stream_async(chunks, give_text)  # type: ignore[arg-type]
             if _on_a_loop():
@@ -214,6 +217,7 @@ class Session:
         the run up: the worker's view of the store may not have the parent's newest runs yet.
         An empty id shows nothing, as in Capsule (whose refused submits give one).
         """
+        text_or_none("show_task message", message)
         if handle_or_id == "" or getattr(handle_or_id, "task_id", None) == "":
             return DONE
         run = self._current_run()

@@ -53,6 +53,8 @@ class TableSpec:
                  filterable: bool = False, paginate: int = 0):
         if scope not in SCOPES:
             raise ValueError(f"collection scope must be one of {SCOPES}, got {scope!r}")
+        if columns is not None and (isinstance(columns, (str, bytes)) or not hasattr(columns, "__iter__")):
+            raise TypeError(f"collection columns is a list of names, cpsl.Column or dicts, got {columns!r}")
         self.columns = [_column(c) for c in columns] if columns is not None else None
         self.scope = scope
         self.sortable = bool(sortable)

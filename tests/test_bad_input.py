@@ -544,3 +544,24 @@ def test_a_card_or_board_given_the_wrong_kind_of_value_says_what_it_takes(app):
     for columns in (twice, []):
         with pytest.raises(ValueError, match="at least one column, each with its own label"):
             ui.TaskBoard(app=app, columns=columns)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda app, h: app.collection("notes", columns=5),
+     "collection columns is a list of names, cpsl.Column or dicts, got 5"),
+    (lambda app, h: cpsl.ui.TaskBoard(title=5, app=app), "TaskBoard title must be a string, got 5"),
+    (lambda app, h: cpsl.ui.TaskCard(h, message=5), "TaskCard message must be a string, got 5"),
+    (lambda app, h: cpsl.current_session().show_task(h, message=5), "show_task message must be a string, got 5"),
+    (lambda app, h: cpsl.current_session().stream(5),
+     "session.stream() takes an iterable or async iterable of text chunks, got 5"),
+])
+def test_a_widget_option_or_a_stream_of_the_wrong_type_is_named(app, call, message):
+    """w54: the widget library's "The 'title' trait of a TaskCard instance expected a unicode
+    string" named a trait the user never set; the others said only "'int' object is not iterable"."""
+    @app.task
+    def job():
+        return 1
+
+    handle = job.submit()
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call(app, handle)

@@ -8,7 +8,7 @@ from typing import Any
 
 from traitlets import Dict, Int, List, TraitError, Unicode, observe, validate
 
-from ..checks import whole_number
+from ..checks import text_or_none, whole_number
 from ..record import check_status
 from . import assets, views
 from .live import LiveWidget
@@ -112,6 +112,7 @@ class TaskBoard(LiveWidget):
                  page_size: int = 50, app: Any = None):
         from ..app import app_in_use
 
+        text_or_none("TaskBoard title", title)
         self.columns = _columns(columns) if columns is not None else DEFAULT_COLUMNS
         self._given = {"title": title, "columns": columns is not None}  # what ``to_dict`` says, as the SDK's
         whole_number("page_size", page_size, minimum=1)

@@ -6,6 +6,7 @@ from typing import Any
 
 from traitlets import Dict, List, Unicode
 
+from ..checks import text_or_none
 from ..handle import TaskHandle
 from . import assets, views
 from .live import LiveWidget
@@ -32,6 +33,7 @@ class TaskCard(LiveWidget):
     output = List().tag(sync=True)  # [{stream, text}]: the tail of what the run printed
 
     def __init__(self, handle: "TaskHandle | str", message: str | None = None, *, refresh_ms: int = 5000):
+        text_or_none("TaskCard message", message)
         if isinstance(handle, str):
             from ..app import app_in_use
 
