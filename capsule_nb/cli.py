@@ -7,7 +7,7 @@
     capsule-nb prune --older-than 7d [--home PATH] [--json]
     capsule-nb schedules [--home PATH] [--json]
     capsule-nb doctor [--fix] [--home PATH] [--json]
-    capsule-nb check NOTEBOOK...
+    capsule-nb check NOTEBOOK... [--json]
 
 ``demo`` executes the quickstart notebook headless (``demo.py``) and exits
 non-zero when a cell of the notebook raises. ``check`` lists a notebook's

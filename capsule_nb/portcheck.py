@@ -21,7 +21,7 @@ import ast
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -330,7 +330,7 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[t
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``capsule-nb check PATH...``: list the capsule_nb-only extensions, cell by cell."""
-    total = unchecked = 0
+    reports = []
     for name in args.paths:
         path = Path(name)
         try:
@@ -339,25 +339,33 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"capsule-nb check: cannot read {path}: {exc}", file=sys.stderr)
             return 2
         notebook = path.suffix == ".ipynb"
-        found = check_cells(cells, notebook=notebook)
-        not_read = unread(cells)
-        total += len(found)
-        unchecked += len(not_read)
-        if not notebook and not_read:
-            print(f"{path}: not checked: it is not Python ({not_read[0][1]})")
-            continue
-        if found:
-            cells_hit = len({f.cell for f in found})
-            print(f"{path}: {len(found)} capsule_nb-only extension(s) in {cells_hit} cell(s)")
-        elif not_read:
-            print(f"{path}: no capsule_nb-only extensions in the cells that could be read")
-        else:
-            print(f"{path}: plain Capsule code, no capsule_nb-only extensions")
-        for finding in found:
-            print("  " + finding.text())
-        for number, problem in not_read:
-            print(f"  cell {number} was not checked: it is not Python ({problem})")
-    return 1 if total else 2 if unchecked else 0
+        reports.append((path, notebook, check_cells(cells, notebook=notebook), unread(cells)))
+    if getattr(args, "json", False):
+        print(json.dumps([{"path": str(path), "python": notebook or not not_read,
+                           "extensions": [{**asdict(f), "advice": advice(f.code)} for f in found],
+                           "not_checked": [{"cell": number, "why": problem} for number, problem in not_read]}
+                          for path, notebook, found, not_read in reports], indent=2))
+    else:
+        for path, notebook, found, not_read in reports:
+            _say(path, notebook, found, not_read)
+    total = sum(len(found) for _, _, found, _ in reports)
+    return 1 if total else 2 if any(not_read for *_, not_read in reports) else 0
+
+
+def _say(path: Path, notebook: bool, found: list[Finding], not_read: list[tuple[int, str]]) -> None:
+    if not notebook and not_read:
+        print(f"{path}: not checked: it is not Python ({not_read[0][1]})")
+        return
+    if found:
+        print(f"{path}: {len(found)} capsule_nb-only extension(s) in {len({f.cell for f in found})} cell(s)")
+    elif not_read:
+        print(f"{path}: no capsule_nb-only extensions in the cells that could be read")
+    else:
+        print(f"{path}: plain Capsule code, no capsule_nb-only extensions")
+    for finding in found:
+        print("  " + finding.text())
+    for number, problem in not_read:
+        print(f"  cell {number} was not checked: it is not Python ({problem})")
 
 
 def add_parser(commands: Any) -> None:
@@ -367,5 +375,6 @@ def add_parser(commands: Any) -> None:
                     "extension they use, with the way to write it for Capsule. Exit code 1 when any is found.",
     )
     check.add_argument("paths", nargs="+", metavar="NOTEBOOK")
+    check.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
     check.set_defaults(func=cmd_check)
 

@@ -775,6 +775,11 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
     assert "11 capsule_nb-only extension(s) in 4 cell(s)" in out
     assert "The Capsule way: pass task arguments by keyword" in out
     assert "The Capsule way: await it: on Capsule these are coroutines" in out
+    for argv in (["check", str(prototype), "--json"], ["--json", "check", str(prototype)]):  # as every command (w54)
+        assert main(argv) == 1
+        [report] = json.loads(capsys.readouterr().out)
+        assert [(e["cell"], e["line"], e["source"]) for e in report["extensions"]] == where
+        assert report["not_checked"] == [] and report["python"]  # ("this is not python" is: an `is not` test)
 
     plain = _notebook(tmp_path / "plain.ipynb", "import asyncio\nimport capsule_nb as cpsl\napp = cpsl.App(name='x')",
                       D4_TASK, 'handle = await build_report.submit(report_id="daily", duration=5)\n'
@@ -811,6 +816,10 @@ def test_check_reads_ipython_syntax_and_says_what_it_could_not_read(tmp_path, ca
     script.write_text(f"{task}\ndef half(:\n")
     assert main(["check", str(script)]) == 2
     assert capsys.readouterr().out == f"{script}: not checked: it is not Python (line 4: invalid syntax)\n"
+    assert main(["check", "--json", str(broken), str(script)]) == 2
+    assert [(r["python"], r["not_checked"], r["extensions"]) for r in json.loads(capsys.readouterr().out)] == [
+        (True, [{"cell": 2, "why": "line 1: '(' was never closed"}], []),
+        (False, [{"cell": 1, "why": "line 4: invalid syntax"}], [])]
 
 
 # ========================================================== in a real kernel
