@@ -303,7 +303,13 @@ def _holds(op: str, value: Any, arg: Any) -> bool:
 
 
 def _equal(value: Any, wanted: Any) -> bool:
-    return value == wanted or (type(value) is list and wanted in value)
+    return json_equal(value, wanted) or (type(value) is list and any(json_equal(v, wanted) for v in value))
+
+
+def json_equal(value: Any, wanted: Any) -> bool:
+    """Equal as JSON values are, and as Mongo matches them: a boolean is no number
+    (Python's ``True == 1`` found ``{"v": 1}`` for ``{"v": True}``)."""
+    return value == wanted and (type(value) is bool) == (type(wanted) is bool)
 
 
 def _each(value: Any) -> list[Any]:
@@ -312,8 +318,11 @@ def _each(value: Any) -> list[Any]:
 
 
 def _ordered(compare: Callable[[Any, Any], bool], value: Any, bound: Any) -> bool:
+    """Values of one kind only, as Mongo orders them: ``{"$gt": 0}`` finds no ``true``."""
+    if value is None or (type(value) is bool) != (type(bound) is bool):
+        return False
     try:
-        return value is not None and compare(value, bound)
+        return compare(value, bound)
     except TypeError:
         return False
 
@@ -321,9 +330,10 @@ def _ordered(compare: Callable[[Any, Any], bool], value: Any, bound: Any) -> boo
 def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
     """What SQL can test of ``filter`` (``store/documents.py``): conditions every match of
     ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives
-    None for a missing or null field, and 1 for true (as Python's ``True == 1``), so
-    equality with the values ``_sql_value`` lets through is exact; an order comparison
-    with a number is tested inclusively (a superset); the rest is left to Python."""
+    None for a missing or null field, and 1 for true, so an equality tests the JSON type
+    too (``store/documents.py``) and is exact for the values ``_sql_value`` lets through,
+    as is ``$in`` of such values that are no booleans or numbers; an order comparison with a
+    number is tested inclusively (a superset); the rest is left to Python."""
     found: list[Condition] = []
     exact = True
     for field, condition in filter.items():
@@ -337,8 +347,9 @@ def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
         else:
             for op, arg in condition.items():
                 if op == "$in" and all(_sql_value(item) for item in arg):
-                    found.append((field, "in", list(arg)))
-                    continue
+                    found.append((field, "in", list(arg)))  # (true is 1 there: a number decides in Python)
+                    if not any(isinstance(item, (bool, int, float)) for item in arg):
+                        continue
                 exact = False
                 if op in _RANGES and _sql_number(arg):
                     found.append((field, _RANGES[op], arg))

@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import whole_number
+from .collections import json_equal
 from .awaitables import ReadyInt, ReadyList, ReadyNone
 from .record import PENDING, RETRY, SCHEDULED, check_status
 
@@ -104,6 +105,6 @@ def _arguments(filters: dict[str, Any]) -> Callable[[dict[str, Any]], bool] | No
 
     def keep(record: dict[str, Any]) -> bool:
         params = record.get("params") or {}
-        return all(k in params and params[k] == v for k, v in filters.items())
+        return all(k in params and json_equal(params[k], v) for k, v in filters.items())
 
     return keep

@@ -286,7 +286,8 @@ FILTERS = [{"v": None}, {"v": 1}, {"v": 1.0}, {"v": True}, {"v": False}, {"v": 0
            {"v": 10**30}, {"v": {"$gt": 0}}, {"v": {"$gte": 1, "$lt": 2}}, {"v": {"$lte": 1}}, {"v": {"$gt": 2**60}},
            {"v": {"$gt": 2.4, "$lte": 2.5}}, {"v": {"$lt": 1.0000000000000002}}, {"v": {"$gte": 10**30}},
            {"v": {"$in": [1, "a", None]}}, {"v": {"$in": []}}, {"v": {"$in": [[1], "1"]}}, {"v": {"$ne": 1}},
-           {"größe": 1}, {"größe": None}, {'v"q': 1}, {"v": 1, "v.w": None}]
+           {"größe": 1}, {"größe": None}, {'v"q': 1}, {"v": 1, "v.w": None}, {"v": {"$in": [True]}},
+           {"v": {"$in": [1.0, False]}}, {"v": {"$gt": False}}, {"v": {"$ne": True}}, {"v.w": {"$in": [1]}}]
 
 
 @pytest.mark.parametrize("flt", FILTERS, ids=repr)
@@ -301,6 +302,30 @@ def test_sql_finds_and_counts_what_matches_says(app, flt):
     if wanted:
         assert items.update_one(flt, {"$set": {"seen": 1}}) == {"matched": 1, "modified": 1}
         assert [d["_id"] for d in items.find({"seen": 1})] == wanted[:1]
+
+
+async def test_a_boolean_matches_only_a_boolean_as_in_mongodb(app):
+    """w54: ``True == 1`` in Python (and ``json_extract`` reads true as 1), so ``{"archived": False}``
+    found ``archived: 0``, ``$gt: 0`` found true, and ``find(x=True)`` found runs of ``x=1``."""
+    items = app.collection("items")
+    for v in [1, True, 1.0, "1", 0, False, [True], [0]]:
+        items.insert_one({"v": v})
+
+    def found(flt: dict) -> list:
+        return [d["v"] for d in items.find(flt)]
+
+    assert found({"v": True}) == [True, [True]] and items.count({"v": True}) == 2
+    assert found({"v": False}) == [False] and found({"v": 0}) == [0, [0]] and items.count({"v": 0}) == 2
+    assert found({"v": 1}) == [1, 1.0] and found({"v": {"$gt": 0}}) == [1, 1.0]
+    assert found({"v": {"$in": [False]}}) == [False] and items.count({"v": {"$in": [1]}}) == 2
+
+    @app.task
+    def job(x=None):
+        return x
+
+    for x in (1, 1.0, True, "1"):
+        await job.submit(x=x)
+    assert [h.kwargs["x"] for h in await job.find(x=True)] == [True] and await job.count(x=1) == 2
 
 
 def test_sort_order_across_types_is_one_in_sql_and_in_python(app):

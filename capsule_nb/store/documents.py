@@ -103,7 +103,12 @@ def _clause(condition: Condition) -> tuple[str, list[Any], str]:
         return f"doc_id IN ({marks(len(values))})", values, "doc_id"
     expr = _expr(field)
     if op == "=":
-        return (f"{expr} IS NULL", [], expr) if value is None else (f"{expr} = ?", [value], expr)
+        if value is None:
+            return f"{expr} IS NULL", [], expr
+        if isinstance(value, (bool, int, float)):  # json_extract reads true as 1: its JSON type tells them apart
+            kinds = ("'true'" if value else "'false'") if isinstance(value, bool) else "'integer', 'real'"
+            return f"({expr} = ? AND {expr.replace('json_extract', 'json_type', 1)} IN ({kinds}))", [value], expr
+        return f"{expr} = ?", [value], expr
     if op in (">=", "<="):
         return f"{expr} {op} ?", [value], expr
     if op != "in":
