@@ -196,6 +196,7 @@ class App:
 
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)
+            self._one_name(task.name, "task", self._schedules)
             note_options(task, options)
             old = self._tasks.get(task.name)
             self._tasks[task.name] = task  # a re-run cell replaces, never doubles
@@ -220,6 +221,7 @@ class App:
 
         def decorate(function: F) -> Schedule:
             schedule = Schedule(function, app=self, cron=cron, tz=tz, name=name, catchup=catchup)
+            self._one_name(schedule.name, "schedule", self._tasks)
             old = self._schedules.get(schedule.name)
             self._schedules[schedule.name] = schedule  # a re-run cell replaces, never doubles
             if old is not None:
@@ -228,6 +230,14 @@ class App:
             return schedule
 
         return decorate
+
+    def _one_name(self, name: str, kind: str, others: dict[str, Any]) -> None:
+        """A task and a schedule of one app never share a name: their runs, kept by name, would
+        be one list (each one's ``find``, ``count`` and ``runs`` giving the other's too)."""
+        if name in others:
+            other = "schedule" if kind == "task" else "task"
+            raise ValueError(f"app {self.name!r} has a {other} named {name!r}: a {kind} of that name would share "
+                             f"its runs; give one of them another name (name=...)")
 
     def page(self, title: str, icon: str | None = None) -> Callable[[F], F]:
         """``@app.page("Tasks", icon="layout-grid")``: a Capsule page. In a notebook, call the

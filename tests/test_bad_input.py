@@ -565,3 +565,21 @@ def test_a_widget_option_or_a_stream_of_the_wrong_type_is_named(app, call, messa
     handle = job.submit()
     with pytest.raises(TypeError, match=re.escape(message)):
         call(app, handle)
+
+
+def test_a_task_and_a_schedule_of_one_app_never_share_a_name(app):
+    """w54: their runs are kept by name, so each one's ``find``, ``count`` and ``runs`` gave the other's."""
+    @app.task
+    def sync_inbox():
+        return "task"
+
+    with pytest.raises(ValueError, match="app 'default' has a task named 'sync_inbox': a schedule of that name"):
+        app.schedule("* * * * *", name="sync_inbox")(lambda: "schedule")
+
+    @app.schedule("0 0 1 1 *")
+    def report():
+        pass
+
+    with pytest.raises(ValueError, match="has a schedule named 'report': a task of that name would share its runs"):
+        app.task(name="report")(lambda: None)
+    assert app.registered("report") is None and app.registered_schedule("sync_inbox") is None
