@@ -58,4 +58,3 @@ class KeyLocks:
             if held is not None and held["task_id"] == task_id and not (
                     worker_alive(held) and not owner_alive(held["owner"])):
                 self._cache.delete(LOCK + key)  # (recovery settling a dead kernel's run leaves a live body's key held)
-
