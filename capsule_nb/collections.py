@@ -307,8 +307,7 @@ def _equal(value: Any, wanted: Any) -> bool:
 
 
 def json_equal(value: Any, wanted: Any) -> bool:
-    """Equal as JSON values are, and as Mongo matches them: a boolean is no number
-    (Python's ``True == 1`` found ``{"v": 1}`` for ``{"v": True}``)."""
+    """Equal as JSON values are, and as Mongo matches them: a boolean is no number (``True == 1``)."""
     return value == wanted and (type(value) is bool) == (type(wanted) is bool)
 
 
@@ -319,21 +318,18 @@ def _each(value: Any) -> list[Any]:
 
 def _ordered(compare: Callable[[Any, Any], bool], value: Any, bound: Any) -> bool:
     """Values of one kind only, as Mongo orders them: ``{"$gt": 0}`` finds no ``true``."""
-    if value is None or (type(value) is bool) != (type(bound) is bool):
-        return False
     try:
-        return compare(value, bound)
+        return value is not None and (type(value) is bool) == (type(bound) is bool) and compare(value, bound)
     except TypeError:
         return False
 
 
 def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
     """What SQL can test of ``filter`` (``store/documents.py``): conditions every match of
-    ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives
-    None for a missing or null field, and 1 for true, so an equality tests the JSON type
-    too (``store/documents.py``) and is exact for the values ``_sql_value`` lets through,
-    as is ``$in`` of such values that are no booleans or numbers; an order comparison with a
-    number is tested inclusively (a superset); the rest is left to Python."""
+    ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives None
+    for a missing or null field and 1 for true, so an equality tests the JSON type too and is
+    exact for the values ``_sql_value`` lets through, as is ``$in`` of them but booleans and
+    numbers; an order comparison with a number is tested inclusively (a superset)."""
     found: list[Condition] = []
     exact = True
     for field, condition in filter.items():

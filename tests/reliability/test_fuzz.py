@@ -80,16 +80,20 @@ def filters(draw, fields=("x", "y"), of=values):
 
 
 def reference_match(doc, flt):
-    """A deliberately plain model of the filter language (Mongo's: missing reads as None)."""
+    """A deliberately plain model of the filter language (Mongo's: missing reads as None, and
+    a boolean is no number)."""
+    def same(a, b):
+        return a == b and isinstance(a, bool) == isinstance(b, bool)
+
     for field, cond in flt.items():
         value = doc.get(field)
         if isinstance(cond, dict):
             (op, arg), = cond.items()
             if op == "$ne":
-                ok = value != arg
+                ok = not same(value, arg)
             elif op == "$in":
-                ok = value in arg
-            elif value is None:
+                ok = any(same(value, item) for item in arg)
+            elif value is None or isinstance(value, bool) != isinstance(arg, bool):
                 ok = False
             else:
                 try:
@@ -97,7 +101,7 @@ def reference_match(doc, flt):
                 except TypeError:
                     ok = False
         else:
-            ok = value == cond
+            ok = same(value, cond)
         if not ok:
             return False
     return True
