@@ -672,6 +672,12 @@ def kernel_pid(lab: Lab, notebook: str) -> int:
     raise LookupError(f"no kernel process for {notebook}")
 
 
+def _run_under(page: Any, point: tuple[float, float]) -> str:
+    """The id of the board card under ``point``, as the page draws it now."""
+    return page.evaluate("([x, y]) => document.elementFromPoint(x, y).closest('.cnb-mini').dataset.taskId",
+                         list(point))
+
+
 def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_that_run(day: Day) -> None:
     """The pointer rests on a board card's Cancel for a while, new runs arriving at the top of
     its column meanwhile, then presses: the run cancelled is the one that was under it. After
@@ -685,15 +691,15 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
     with day.screenshots_on_failure("churn-rest"):
         running = page.locator(".cnb-board .cnb-lane", has=page.locator(".cnb-lane-head", has_text="Running"))
         wait_until(lambda: running.locator(".cnb-mini").count() >= 4, 60, "churn runs in Running")
-        aimed = running.locator(".cnb-mini").nth(2)
-        aimed_id = aimed.get_attribute("data-task-id")
-        box = aimed.locator("button", has_text="Cancel").bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        box = running.locator(".cnb-mini").nth(2).locator("button", has_text="Cancel").bounding_box()
+        point = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.move(*point)
         before = running.locator(".cnb-mini").count()
         paused = page.locator(".cnb-board .cnb-paused")
         assert not paused.is_visible()
         time.sleep(2.5)  # the user's pause, over the button
         assert paused.is_visible()  # the board says it holds still (w47: it showed ended runs as running)
+        aimed_id = _run_under(page, point)  # what the user sees there now (cards moved until the pointer came)
         page.mouse.down()
         page.mouse.up()
         wait_until(lambda: day.status(aimed_id) == "cancelled", 15, "the run under the pointer cancelled")
@@ -706,13 +712,13 @@ def test_a_cancel_pressed_after_resting_on_the_button_while_runs_arrive_cancels_
 
         # The same resting on a card itself, not its button: a click opens that run's details
         # (w49: the hold let go after 1.5 s, and the click opened another run's).
-        aimed = running.locator(".cnb-mini").nth(2)
-        aimed_id = aimed.get_attribute("data-task-id")
-        box = aimed.locator(".cnb-who").bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        box = running.locator(".cnb-mini").nth(2).locator(".cnb-who").bounding_box()
+        point = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.move(*point)
         arrived = len(day.app.store.runs({"task_name": "churn"}))
         time.sleep(2.5)  # the user's pause, over the card
         assert paused.is_visible() and len(day.app.store.runs({"task_name": "churn"})) > arrived
+        aimed_id = _run_under(page, point)
         page.mouse.down()
         page.mouse.up()
         label = page.locator(".cnb-board .cnb-detail .cnb-detail-head .cnb-label")
