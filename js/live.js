@@ -94,10 +94,11 @@ function follow(model, changed) {
 
 // ------------------------------------------------------- saving our state
 
-const isOurs = (entry) =>
-  String(entry?.state?._anywidget_id ?? "").startsWith("capsule_nb.");
+const isView = (entry) => String(entry?.state?._anywidget_id ?? "").startsWith("capsule_nb.");
+// Ours: a card or board, or a `cpsl.ui.Page` (an ipywidgets box of them, with its headings).
+const isOurs = (entry) => isView(entry) || (entry?.state?._dom_classes ?? []).includes("cnb-page");
 
-/** The model ids an entry's state points at ("IPY_MODEL_<id>": its layout). */
+/** The model ids an entry's state points at ("IPY_MODEL_<id>": its layout, a page's children). */
 function references(entry) {
   const found = [];
   for (const value of Object.values(entry?.state ?? {})) {
@@ -105,6 +106,18 @@ function references(entry) {
       if (typeof item === "string" && item.startsWith("IPY_MODEL_")) found.push(item.slice(10));
     }
   }
+  return found;
+}
+
+/** `ids` and every id their entries in `state` point at, and so on (a page, its children, their layouts). */
+function reach(ids, state) {
+  const found = new Set();
+  const visit = (id) => {
+    if (found.has(id)) return;
+    found.add(id);
+    references(state[id]).forEach(visit);
+  };
+  [...ids].forEach(visit);
   return found;
 }
 
@@ -155,10 +168,10 @@ function saveOurs(model) {
     } catch {
       return;
     }
-    for (const [id, entry] of Object.entries(state)) {
-      if (!isOurs(entry)) continue;
-      kept[id] = { ...entry, state: { ...entry.state, [SAVED]: true } };
-      for (const ref of references(entry)) if (state[ref]) kept[ref] = state[ref];
+    const ours = Object.keys(state).filter((id) => isOurs(state[id]));
+    for (const id of reach(ours, state)) {
+      const entry = state[id];
+      if (entry) kept[id] = isView(entry) ? { ...entry, state: { ...entry.state, [SAVED]: true } } : entry;
     }
   };
   const write = () => {
@@ -167,21 +180,14 @@ function saveOurs(model) {
     const saved = widgets[STATE] ?? { version_major: 2, version_minor: 0, state: {} };
     const state = { ...saved.state };
     const shown = displayed(context.model);
-    const keep = (id) => manager.has_model(id) && (!shown || shown.has(id));
-    for (const [id, entry] of Object.entries(state)) { // ours from an earlier save, gone since
-      if (isOurs(entry) && !keep(id)) {
-        delete state[id];
-        for (const ref of references(entry)) delete state[ref];
-      }
-    }
-    for (const [id, entry] of Object.entries(kept)) {
-      if (!isOurs(entry)) continue; // (what ours point at goes with them)
-      if (!keep(id)) {
-        delete kept[id];
-        continue;
-      }
-      state[id] = entry;
-      for (const ref of references(entry)) if (kept[ref]) state[ref] = kept[ref];
+    const inSight = shown && reach(shown, { ...state, ...kept }); // shown, or inside a page shown
+    const keep = (id) => manager.has_model(id) && (!inSight || inSight.has(id));
+    const gone = Object.keys(state).filter((id) => isOurs(state[id]) && !keep(id)); // ours from an earlier save
+    for (const id of reach(gone, state)) delete state[id];
+    const wanted = reach(Object.keys(kept).filter((id) => isOurs(kept[id]) && keep(id)), kept);
+    for (const id of Object.keys(kept)) {
+      if (wanted.has(id)) state[id] = kept[id];
+      else delete kept[id]; // (a view closed, a page's child replaced)
     }
     context.model.setMetadata("widgets", { ...widgets, [STATE]: { ...saved, state } });
   };

@@ -92,7 +92,7 @@ export function actions(run, act, live = true, fileable = false) {
       disabled: !live && !(filed && action === "cancel"),
       title: live ? `${label} run ${run.task_id}`
         : filed && action === "cancel" ? `Cancel run ${run.task_id}: asked of the process that runs it`
-          : `${label} needs the kernel that drew this`,
+          : run.orphaned ? `${label}: the process that ran it is gone` : `${label} needs the kernel that drew this`,
       onclick: (event) => {
         event.stopPropagation();
         const pressed = event.currentTarget;

@@ -357,12 +357,17 @@ def test_a_saved_card_cancels_a_run_another_process_runs(day: Day) -> None:
     try:
         with day.screenshots_on_failure("saved-cancel"):
             page = day.run_notebook("saved-cancel", "%load_ext capsule_nb\nimport capsule_nb as cpsl",
-                                    f'cpsl.ui.TaskCard("{run.task_id}", message="Next door")')
+                                    f'cpsl.ui.TaskCard("{run.task_id}", message="Next door")',
+                                    'cpsl.ui.Page([cpsl.ui.TaskBoard(title="Paged", filter={"task_name": "next_door"}, '
+                                    'refresh_ms=500), "under the board"], title="A page")')
             day.card("Next door", page).locator(".cnb-badge", has_text="running").wait_for(timeout=60_000)
+            paged = page.locator(".cnb-page .cnb-board")
+            paged.locator(f".cnb-mini[data-task-id='{run.task_id}']").wait_for(timeout=30_000)
             save_and_wait(day, "saved-cancel.ipynb")
             for session in day.lab.api("sessions"):
                 if session["path"] == "saved-cancel.ipynb":
                     day.lab.api(f"sessions/{session['id']}", method="DELETE")
+            paged.locator(".cnb-stale", has_text="its kernel stopped").wait_for(timeout=10_000)
             page.close()
 
             page = day.new_page("saved-cancel-reopened")
@@ -371,6 +376,16 @@ def test_a_saved_card_cancels_a_run_another_process_runs(day: Day) -> None:
             wrapper.locator(".cnb-stale", has_text="drawn from the saved notebook").wait_for(timeout=30_000)
             card = day.card("Next door", page)
             card.locator(".cnb-badge", has_text="running").wait_for(timeout=15_000)  # as the store says
+            # A board in a page is saved with the page, and drawn from the store too (w55: "model not found")
+            paged = page.locator(".cnb-page .cnb-board")
+            paged.locator(".cnb-stale", has_text="drawn from the saved notebook").wait_for(timeout=15_000)
+            paged.locator(f".cnb-mini[data-task-id='{run.task_id}']").wait_for(timeout=15_000)
+            assert page.locator(".cnb-page").inner_text().count("under the board") == 1
+            assert page.get_by_text("model not found").count() == 0
+            # Not a red broken-link icon over the page's boxes either, only the board's line (w55)
+            marked = page.evaluate("""() => [...document.querySelectorAll('.jupyter-widgets-disconnected')]
+                .filter((v) => v.closest('.cnb-page')).map((v) => getComputedStyle(v, '::before').content)""")
+            assert len(marked) >= 3 and set(marked) == {"none"}, marked
             assert card.locator("button", has_text="Cancel").is_enabled()
             card.locator("button", has_text="Cancel").click()
             card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)

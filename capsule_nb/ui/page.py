@@ -38,6 +38,7 @@ class Page(ipywidgets.VBox):
         if title:
             shown.insert(0, ipywidgets.HTML(value=f"<h3>{_escape(title)}</h3>"))
         super().__init__(children=shown, **kwargs)
+        self.add_class("cnb-page")  # (a saved notebook keeps it with its cards: js/live.js saveOurs)
 
     def __repr__(self) -> str:
         parts = [self.page_title] if self.page_title else []
