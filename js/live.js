@@ -250,18 +250,18 @@ export function askCard(home, task_id) {
 }
 
 /**
- * `ask()` now and again every `ms` for as long as it says there is more to
- * learn (true): a server that cannot answer is not asked again and again.
- * Returns the stop (the view is gone).
+ * `ask()` now and again every `ms` (the first `soon` times every `soonMs`) for as long as
+ * it says there is more to learn (true): a server that cannot answer is not asked again
+ * and again. Returns the stop (the view is gone).
  */
-function keepAsking(ask, ms = 5000) {
+function keepAsking(ask, ms = 5000, { soon = 0, soonMs = ms } = {}) {
   let timer = null;
   let stopped = false;
   const round = async () => {
     timer = null;
     if (stopped) return;
     const again = await ask();
-    if (again && !stopped) timer = setTimeout(round, ms);
+    if (again && !stopped) timer = setTimeout(round, soon-- > 0 ? soonMs : ms);
   };
   round();
   return () => {
@@ -451,21 +451,18 @@ function unheard(model, action, task_id, tell, retrying) {
       return;
     }
     model.off("msg:custom", listen);
-    const answer = await askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
+    const answer = await fileCancel(model, task_id);
     if (answer?.said) tell(answer.said); // now, not once the cell ends (w50)
   }, HEARD_MS);
 }
 
 /**
- * A Cancel pressed in a view whose kernel is gone, of a run a live process runs (another
- * kernel, a script): filed through the server, as `capsule-nb cancel` files one, for that
- * process to answer. The view says what the server said.
+ * A Cancel filed through the server, as `capsule-nb cancel` files one, for the process
+ * that runs the run to answer: one the kernel has not heard (`unheard`), or one pressed in
+ * a view whose kernel is gone, of a run a live process runs. Gives the server's answer.
  */
-async function fileCancel(model, task_id, tell) {
-  const answer = await askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
-  tell(!answer ? `cancel of run ${task_id}: the server did not answer`
-    : answer.said || `cancel of run ${task_id}: asked of the process that runs it`);
-}
+const fileCancel = (model, task_id) =>
+  askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
 
 const [FILED_ASK_MS, FILED_ASK_ROUNDS] = [1000, 30]; // how often, and how many times, a view asks after filing
 
@@ -517,15 +514,11 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
       said = "";
       if (liveness.send({ action, task_id })) unheard(model, action, task_id, tell, retrying);
       else if (action === "cancel") { // drawn from the store: the process that runs it answers
-        fileCancel(model, task_id, tell).then(() => {
+        fileCancel(model, task_id).then((answer) => {
+          tell(!answer ? `cancel of run ${task_id}: the server did not answer`
+            : answer.said || `cancel of run ${task_id}: asked of the process that runs it`);
           stopAsking();
-          let rounds = 0; // asked often for a while, then as before
-          stopAsking = keepAsking(async () => {
-            const again = await ask();
-            if (!again || ++rounds < FILED_ASK_ROUNDS) return again;
-            stopAsking = keepAsking(ask);
-            return false;
-          }, FILED_ASK_MS);
+          stopAsking = keepAsking(ask, undefined, { soon: FILED_ASK_ROUNDS, soonMs: FILED_ASK_MS });
         });
       }
     },
