@@ -2,8 +2,8 @@
 
 A real ``jupyter server`` with a token, started in this environment, where
 ``pip install`` of the package enabled the extension; requests go over HTTP
-as the browser's would. A run whose process was SIGKILLed is reported as
-orphaned, from the record its dead owner left behind.
+as the browser's would. A run whose process was SIGKILLed is recorded as a
+kernel would record it, so views drawn by the server say what became of it.
 """
 
 from __future__ import annotations
@@ -163,33 +163,48 @@ def test_a_cancel_filed_through_the_server_is_answered_by_the_runs_kernel(jupyte
         app.close()
 
 
-def test_a_run_whose_process_died_is_reported_orphaned(tmp_path: Path) -> None:
+def test_a_dead_kernels_runs_are_recorded_for_the_views_that_ask(tmp_path: Path) -> None:
+    """No kernel has the store open: a saved notebook's card and board, drawn by the server, must
+    not show "running" for a run nobody runs (w55: the board counted it under Running). The
+    server records it as a kernel would, and cancels a waiting run of the dead process."""
+    home = str(tmp_path / "store")
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import asyncio, time
         import capsule_nb as cpsl
-        app = cpsl.App(home={str(tmp_path / "store")!r})
+        app = cpsl.App(home={home!r})
 
         @app.task
         async def stuck():
             await asyncio.sleep(3600)
 
         h = stuck.submit()
+        later = stuck.schedule(delay="1h")
         while h.snapshot()["status"] != "running":
             time.sleep(0.01)
         app.store.flush()
-        print(h.task_id, flush=True)
+        print(h.task_id, later.task_id, flush=True)
         time.sleep(3600)
     """)], stdout=subprocess.PIPE, text=True)
     try:
-        task_id = child.stdout.readline().strip()
-        assert server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]["run"]["orphaned"] is False
+        task_id, waiting_id = child.stdout.readline().split()
+        assert server.cards(home, [task_id])["cards"][task_id]["run"]["status"] == "running"
     finally:
         child.kill()
         child.wait(10)
     until_sync(lambda: process_gone(child.pid), 10)
-    card = server.cards(str(tmp_path / "store"), [task_id])["cards"][task_id]
-    assert card["run"]["status"] == "running" and card["run"]["orphaned"] is True
-    view = {"columns": [["Running", ["running"]]], "selected": task_id}  # a board says so too
-    board = server.board(str(tmp_path / "store"), view)
-    (mini,) = board["lanes"][0]["cards"]
-    assert (mini["task_id"], mini["orphaned"], board["detail"]["run"]["orphaned"]) == (task_id, True, True)
+    card = server.cards(home, [task_id])["cards"][task_id]
+    assert (card["run"]["status"], card["run"]["error"], card["run"]["orphaned"]) == ("failed", "interrupted", False)
+    view = {"columns": [["Running", ["running"]], ["Failed", ["failed"]]], "selected": task_id}
+    board = server.board(home, view)
+    running, failed = board["lanes"]
+    assert (running["count"], running["cards"]) == (0, [])
+    assert failed["count"] == 1 and [c["task_id"] for c in failed["cards"]] == [task_id]
+    assert board["detail"]["run"]["status"] == "failed"
+
+    assert server.cancel(home, waiting_id) == {"asked": True, "status": "cancelled"}
+    assert server.cancel(home, task_id)["said"] == f"run {task_id} had already finished"
+    app = cpsl.App(home=home)  # what any process reads: the disk, not the server's memory
+    try:
+        assert {r["task_id"]: r["status"] for r in app.store.runs()} == {task_id: "failed", waiting_id: "cancelled"}
+    finally:
+        app.close()

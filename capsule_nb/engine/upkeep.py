@@ -163,37 +163,10 @@ class Upkeep:
         self.store.drop_cancel_request(task_id)
 
     def recover(self) -> int:
-        """Runs left ``running`` by a dead process: ``retry`` if attempts remain, else
-        ``failed`` with error ``interrupted``; then adopt waiting runs of dead owners.
-
-        Any app recovers the runs of every app: that needs no task code, and a card or a wait
-        must not show "running" for a run nobody runs until someone defines its app again.
-        Adopting a waiting run needs its task, so only a process that defines it does that."""
-        recovered = 0
+        """Record the runs of dead processes (``recover_dead``); then adopt waiting runs of dead
+        owners. Adopting a waiting run needs its task, so only a process that defines it does that."""
         others = self._not_ours()
-        dead: dict[str, float] = {}  # owner -> when it was last seen alive
-        for record in others:
-            if record["status"] not in (RUNNING, CLAIMED):
-                continue
-            owner = record.get("owner", "")
-            if owner_alive(owner):
-                continue
-            if owner not in dead:
-                dead[owner] = last_seen(self.store, owner)
-
-            def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
-                if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
-                    return None  # somebody else recovered it first
-                if requested:  # it was asked to stop: stopped it is
-                    return cancelled(disk, dead[owner])
-                return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk, dead[owner])
-
-            if self.store.claim_run(record["task_id"], take) is not None:
-                recovered += 1
-                if record.get("lock_key"):
-                    self.store.locks.release(record["lock_key"], record["task_id"])
-        if dead:
-            heartbeats.forget(self.store, set(dead))
+        recovered = recover_dead(self.store, others)
         if recovered:  # (a run just recovered for a retry is adopted in this same pass)
             others = self._not_ours()
         for task in list(self.runtime.tasks()):
@@ -243,6 +216,43 @@ class Upkeep:
             runtime.resume(run, claimed.get("scheduled_for"), claimed.get("every"))
             adopted += 1
         return adopted
+
+
+def recover_dead(store: Store, records: list[RunRecord]) -> int:
+    """Record those of ``records`` left ``running`` by a dead process: ``retry`` if attempts
+    remain, else ``failed`` with error ``interrupted``; returns how many.
+
+    Any process on the store does it for runs of every app: that needs no task code, and a
+    card, a board or a wait must not show "running" for a run nobody runs until someone
+    defines its app again. The Jupyter server does it too, for views whose kernel is gone."""
+    recovered = 0
+    alive: dict[str, bool] = {}  # owner -> whether it runs (asked once per owner: a read of /proc)
+    dead: dict[str, float] = {}  # owner -> when it was last seen alive
+    for record in records:
+        if record["status"] not in (RUNNING, CLAIMED):
+            continue
+        owner = record.get("owner", "")
+        if owner not in alive:
+            alive[owner] = owner_alive(owner)
+        if alive[owner]:
+            continue
+        if owner not in dead:
+            dead[owner] = last_seen(store, owner)
+
+        def take(disk: RunRecord, requested: bool, owner: str = owner) -> RunRecord | None:
+            if disk.get("owner") != owner or disk["status"] not in (RUNNING, CLAIMED):
+                return None  # somebody else recovered it first
+            if requested:  # it was asked to stop: stopped it is
+                return cancelled(disk, dead[owner])
+            return interrupted(evolve(disk, status=RUNNING) if disk["status"] == CLAIMED else disk, dead[owner])
+
+        if store.claim_run(record["task_id"], take) is not None:
+            recovered += 1
+            if record.get("lock_key"):
+                store.locks.release(record["lock_key"], record["task_id"])
+    if dead:
+        heartbeats.forget(store, set(dead))
+    return recovered
 
 
 def stored_arguments(store: Any, record: RunRecord) -> tuple[tuple, dict]:

@@ -27,23 +27,31 @@ busy loop) stops the run, and the card hears of it as of any change.
 
 ``pip install capsule_nb`` enables it: the wheel puts
 ``etc/jupyter/jupyter_server_config.d/capsule_nb.json`` in the environment.
-It reads stores that already exist, through the store layer, and writes
-nothing but cancel requests; it imports no widget (``ui/__init__`` loads the widgets lazily).
+It reads stores that already exist, through the store layer, and writes what
+any process on a store writes: cancel requests, and the runs of dead processes,
+recorded as a kernel records them (``engine.upkeep.recover_dead``), so that a
+view whose kernel died says what became of its runs. It imports no widget
+(``ui/__init__`` loads the widgets lazily).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from ..engine.upkeep import cancelled, recover_dead
+from ..errors import StoreError
 from ..record import CLAIMED, FINISHED, RUNNING
 from ..store import open_store
 from ..store.disk import has_store
 from ..store.owners import owner_alive
 from . import views
+
+log = logging.getLogger("capsule_nb")
 
 ROUTE = "capsule-nb/api/(cards|board|cancel)"
 MAX_IDS = 500  # cards asked for in one request (a page of reopened cards)
@@ -56,12 +64,16 @@ def _store(home: str) -> Any:
         raise LookupError(f"no capsule_nb store at {home!r}")
     store = open_store(path)
     store.poll()
+    try:  # a dead kernel's runs are recorded as any process on the store records them
+        recover_dead(store, store.unfinished_runs())
+    except StoreError as exc:  # a store this server may not write: views say ``orphaned``
+        log.warning("capsule_nb: cannot record the runs of dead processes in %s: %s", path, exc)
     return store
 
 
 def orphaned(record: dict[str, Any]) -> bool:
-    """A run marked running whose process is gone: the next runtime to open the
-    store records it as interrupted (or retries it); until then it is not running."""
+    """A run marked running whose process is gone, and which could not be recorded as
+    interrupted (``_store``): it is not running, whatever its record says."""
     return record["status"] in (RUNNING, CLAIMED) and not owner_alive(record.get("owner", ""))
 
 
@@ -88,18 +100,25 @@ def board(home: str, view: dict[str, Any]) -> dict[str, Any]:
 
 def cancel(home: str, task_id: str) -> dict[str, Any]:
     """Ask the live owner of an unfinished run to cancel it; ``asked`` says whether it was,
-    and ``said`` why not, as the view shows it: the run has finished, is gone, or nobody
-    runs it (the next kernel to open the store records it, as ``orphaned`` says)."""
+    and ``said`` why not, as the view shows it: the run has finished or is gone. A run of a
+    dead process nobody holds (``_store`` has recorded its running ones) is cancelled here."""
     store = _store(home)
     record = store.get_run(task_id)
     if record is None:
         return {"asked": False, "status": None, "said": views.refusal(task_id, "missing")}
     if record["status"] in FINISHED:
         return {"asked": False, "status": record["status"], "said": views.refusal(task_id, "finished")}
-    if not owner_alive(record.get("owner", "")):
-        return {"asked": False, "status": record["status"],
-                "said": views.refusal(task_id, "orphaned")}
-    store.request_cancel(task_id)
+    owner = record.get("owner", "")
+    if not owner_alive(owner):
+        def take(disk: dict[str, Any], requested: bool) -> dict[str, Any] | None:
+            return cancelled(disk) if disk.get("owner") == owner else None  # (else adopted meanwhile)
+
+        done = store.claim_run(task_id, take)
+        if done is not None:
+            if done.get("lock_key"):
+                store.locks.release(done["lock_key"], task_id)
+            return {"asked": True, "status": done["status"]}
+    store.request_cancel(task_id)  # its owner answers it, or whoever adopts the run
     return {"asked": True, "status": record["status"]}
 
 

@@ -159,12 +159,11 @@ class RunSource(Protocol):
 _REFUSALS = {
     "missing": "run {} is not in this store",
     "finished": "run {} had already finished",
-    "orphaned": "run {}: the process that ran it is gone, nobody to ask",
 }
 
 
 def refusal(task_id: str, why: str) -> str:
-    """What a view says of a click that could not act (``missing``, ``finished``, ``orphaned``):
+    """What a view says of a click that could not act (``missing``, ``finished``):
     the kernel's ``notice`` and the server's answer to a Cancel the kernel did not hear alike."""
     return _REFUSALS[why].format(task_id)
 
