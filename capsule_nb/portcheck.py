@@ -113,17 +113,16 @@ def unread(cells: list[str]) -> list[tuple[int, str]]:
 def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
     """Every extension used in ``cells``, in order. Tasks and handles are known across cells."""
     trees = [(cell.tree, cell.lines) for cell in map(_parse, cells)]
-    tasks: set[str] = set()
-    for tree, _ in trees:
-        if tree is not None:
-            tasks |= {fn.name for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                      and any(_decorator(d)[0] == "task" for d in fn.decorator_list)}
+    functions = [fn for tree, _ in trees if tree is not None for fn in ast.walk(tree)
+                 if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and any(_decorator(d)[0] == "task" for d in fn.decorator_list)]
+    tasks = {fn.name for fn in functions}
     handles = _handle_names([t for t, _ in trees if t is not None], tasks)
     parsed = [tree for tree, _ in trees if tree is not None]
     collections = {target.id for tree in parsed for node in ast.walk(tree)
                    if isinstance(node, ast.Assign) and _reaches_a_collection(node.value)
                    for target in node.targets if isinstance(target, ast.Name)}
-    names = _Names(collections, _consumed(parsed), _rebinds_session(parsed))
+    names = _Names(collections, _consumed(parsed), _rebinds_session(parsed), _taking_at(functions))
     found: list[Finding] = []
     for number, (tree, lines) in enumerate(trees, start=1):
         if tree is None:
@@ -198,6 +197,19 @@ class _Names:
     collections: set[str]  # bound to ``app.collection(...)`` or ``session.db.x``
     consumed: set[str]  # awaited (``await c``) or handed to a runner (``gather(*coros)``) somewhere
     session_rebound: bool  # ``session`` names something else somewhere (``async with ... as session``)
+    taking_at: dict[str, bool]  # task -> whether ``at=`` is its own argument: True, or only if no datetime (**kwargs)
+
+
+def _taking_at(functions: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> dict[str, bool]:
+    """The tasks that take an argument ``at``, as ``Task._owns_at`` decides at run time: Capsule's
+    ``schedule`` has no ``at=`` and hands it to such a task, which is plain Capsule code."""
+    found: dict[str, bool] = {}
+    for fn in functions:
+        if any(a.arg == "at" for a in (*fn.args.args, *fn.args.kwonlyargs)):
+            found[fn.name] = True
+        elif fn.args.kwarg is not None:
+            found[fn.name] = False
+    return found
 
 
 def _consumed(trees: list[ast.Module]) -> set[str]:
@@ -236,7 +248,7 @@ def _uses(tree: ast.Module, tasks: set[str], handles: set[str], names: _Names,
             for decorator in node.decorator_list:
                 yield from _decorator_uses(decorator, notebook)
         elif isinstance(node, ast.Call):
-            yield from _call_uses(node, tasks, handles)
+            yield from _call_uses(node, tasks, handles, names.taking_at)
             if _capsule_coroutine(node, tasks, handles, names) and not _awaited(node, parents, names.consumed):
                 yield node.lineno, "no_await"
 
@@ -306,7 +318,8 @@ def _decorator_uses(decorator: ast.expr, notebook: bool) -> Iterator[tuple[int, 
             yield line, "schedule_options"
 
 
-def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[tuple[int, str]]:
+def _call_uses(call: ast.Call, tasks: set[str], handles: set[str],
+               taking_at: dict[str, bool]) -> Iterator[tuple[int, str]]:
     owner, method = _receiver(call)
     line = call.lineno
     if owner in tasks and method in ("submit", "schedule"):
@@ -314,7 +327,7 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[t
         if method == "submit" and call.args:
             yield line, "positional"
         if method == "schedule":
-            if "at" in options:
+            if "at" in options and not _the_tasks_at(options["at"], taking_at.get(owner)):
                 yield line, "schedule_at"
             delays = [*call.args[:1], *(v for k, v in options.items() if k in ("when", "delay"))]
             if any(isinstance(_constant(d), (int, float)) and not isinstance(_constant(d), bool) for d in delays):
@@ -326,6 +339,12 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str]) -> Iterator[t
         yield line, "progress_log"
     if method == "get_task":
         yield line, "get_task"
+
+
+def _the_tasks_at(value: ast.expr, taking: bool | None) -> bool:
+    """Whether ``schedule(at=value)`` hands ``value`` to the task (see ``_taking_at``): always
+    when the task names ``at``; with only ``**kwargs``, when ``value`` is written as no datetime."""
+    return taking is True or taking is False and isinstance(value, (ast.Constant, ast.JoinedStr, ast.Dict, ast.List))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

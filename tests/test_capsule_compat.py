@@ -787,6 +787,10 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
                       # coroutines kept in names and awaited or gathered later; other libraries' look-alikes
                       "coros = [build_report.submit(report_id=r) for r in 'ab']\nhandles = await asyncio.gather(*coros)\n"
                       "pending = build_report.submit(report_id='c')\nhandle = await pending",
+                      # Capsule hands schedule's at= to a task that takes it: no extension (w54)
+                      "@app.task\nasync def visit(at: str, session=None):\n    return at\n\n"
+                      "@app.task\nasync def log(**fields):\n    return fields\n\n"
+                      "await visit.schedule(delay='30m', at='home')\nawait log.schedule(delay='1m', at='desk')",
                       "async def fetch(url):\n    async with httpx.AsyncClient() as session:\n"
                       "        async with session.stream('GET', url) as r:\n            return await r.aread()\n"
                       "pymongo.MongoClient().db.users.insert_one({'a': 1})")
