@@ -353,3 +353,13 @@ def screenshots_on_failure(page: Any, name: str, parts: dict[str, Any] | None = 
                 for i, element in enumerate(locator.all()):
                     element.screenshot(path=str(ARTIFACTS / f"{name}-{part}{i}.png"))
         raise
+
+
+def kernel_pid(lab: Lab, notebook: str) -> int:
+    """The process of ``notebook``'s kernel (its command line names its connection file)."""
+    marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker in cmdline.read_bytes() and b"ipykernel" in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+    raise LookupError(f"no kernel process for {notebook}")

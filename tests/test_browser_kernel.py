@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, save, screenshots_on_failure,
-                  wait_until, watch, write_notebook)
+from .lab import (CHROMIUM, Lab, chromium, kernel_pid, open_notebook, restart_kernel, run_all, save,
+                  screenshots_on_failure, wait_until, watch, write_notebook)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
@@ -675,16 +675,6 @@ def _restarted(lab: Lab, notebook: str, before: int) -> bool:
     with contextlib.suppress(LookupError):
         return kernel_pid(lab, notebook) != before and lab.kernel_state(notebook) == "idle"
     return False
-
-
-def kernel_pid(lab: Lab, notebook: str) -> int:
-    """The process of ``notebook``'s kernel (its command line names its connection file)."""
-    marker = f"kernel-{lab.kernel_id(notebook)}.json".encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            if marker in cmdline.read_bytes() and b"ipykernel" in cmdline.read_bytes():
-                return int(cmdline.parent.name)
-    raise LookupError(f"no kernel process for {notebook}")
 
 
 def _run_under(page: Any, point: tuple[float, float]) -> str:

@@ -7,12 +7,14 @@ server serves the module; notebooks/widgets.ipynb is run as a user would.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Iterator
 
 import pytest
 
-from .lab import (CHROMIUM, Lab, chromium, open_notebook, restart_kernel, run_all, screenshots_on_failure, wait_until,
-                  watch)
+from .lab import (CHROMIUM, Lab, chromium, kernel_pid, open_notebook, restart_kernel, run_all, screenshots_on_failure,
+                  wait_until, watch)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
@@ -78,6 +80,34 @@ def test_a_kernel_restart_in_notebook_7_makes_the_views_say_so(nb7: Page) -> Non
             view.locator(".cnb-stale", has_text="Not live: its kernel restarted").wait_for(timeout=5_000)
         assert all(b.is_disabled() for b in nb7.page.locator(".cnb button.cnb-retry").all())
         wait_until(lambda: nb7.lab.kernel_state("widgets.ipynb") == "idle", 30, "the restarted kernel idle")
+
+
+def test_a_kernel_killed_mid_run_leaves_the_board_counting_its_run_where_its_card_says(nb7: Page) -> None:
+    """No process but the server has the store open once the kernel is killed: the board drawn
+    from the store counted the dead kernel's run under Running while its card said
+    "interrupted" (w55). The server records the run as a kernel would: both say failed."""
+    page = nb7.page
+    with nb7.screenshots_on_failure("killed"):
+        run_all(page)
+        card = nb7.card("Waiting for data")
+        wait_until(lambda: "running" in card.locator(".cnb-badge").inner_text() and page.locator(".cnb-stale").count() == 0,
+                   60, "the run running, every view live")
+        board = page.locator(".cnb-board")
+
+        def lane(label: str) -> Any:
+            return board.locator(".cnb-lane", has=page.locator(".cnb-lane-head", has_text=label))
+
+        task_id = card.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        mini = f".cnb-mini[data-task-id='{task_id}']"
+        lane("Running").locator(mini).wait_for(timeout=15_000)
+        os.kill(kernel_pid(nb7.lab, "widgets.ipynb"), signal.SIGKILL)
+        board.locator(".cnb-stale", has_text="Not live").wait_for(timeout=15_000)
+        card.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        assert "interrupted" in card.locator(".cnb-error").inner_text()
+        wait_until(lambda: lane("Running").locator(".cnb-count").inner_text().strip() in ("", "0"), 15,
+                   "nothing counted under Running")
+        assert lane("Running").locator(".cnb-mini").count() == 0
+        lane("Failed").locator(mini).wait_for(timeout=15_000)
 
 
 def test_nothing_threw_and_nothing_complained(nb7: Page) -> None:
