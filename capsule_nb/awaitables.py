@@ -57,6 +57,12 @@ class ReadyStr(str, Steps):
 
 
 class ReadyList(list, Steps):
+    """A page of results. Hashed by identity, as a coroutine is: ``asyncio.gather`` and
+    ``as_completed`` key what they are given by it (a list cannot be a key), and two
+    equal pages from two calls stay two."""
+
+    __hash__ = object.__hash__
+
     def __await__(self) -> Generator[Any, None, list]:
         return list(self)
         yield  # pragma: no cover
@@ -64,7 +70,10 @@ class ReadyList(list, Steps):
 
 class ReadyDict(dict, Steps):
     """A document or a write's summary: a real dict (``json.dumps``, item assignment,
-    ``isinstance(d, dict)``), which ``await`` gives as a plain one."""
+    ``isinstance(d, dict)``), which ``await`` gives as a plain one. Hashed by identity, as
+    ``ReadyList`` is (two inserts of one document stay two writes to ``gather``)."""
+
+    __hash__ = object.__hash__
 
     @property
     def value(self) -> dict:
@@ -77,7 +86,9 @@ class ReadyDict(dict, Steps):
 
 
 class ReadyBool(Steps):
-    """``bool`` cannot be subclassed; this is truthy like the bool and awaits to it."""
+    """``bool`` cannot be subclassed; this is truthy like the bool and awaits to it. It equals
+    only a bool: were it equal to 1 as ``True`` is, ``gather(coll.count(), h.cancel())`` would
+    take the two for one and give ``[1, 1]``."""
 
     __slots__ = ("value", "_steps")
 
@@ -89,7 +100,9 @@ class ReadyBool(Steps):
         return self.value
 
     def __eq__(self, other: object) -> bool:
-        return self.value == other
+        if isinstance(other, ReadyBool):
+            return self.value is other.value
+        return self.value is other if type(other) is bool else NotImplemented
 
     def __hash__(self) -> int:
         return hash(self.value)

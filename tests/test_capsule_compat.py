@@ -295,6 +295,31 @@ async def test_what_capsules_coroutines_return_goes_where_only_coroutines_go(cap
     await asyncio.create_task(app.owner_session.notify("done"))
 
 
+async def test_asyncio_gather_and_as_completed_take_what_capsules_coroutines_return(capsule):
+    """Gathering Capsule's coroutines is ordinary code (w57): ``gather`` keys its arguments by
+    hash, so a page or a document was refused as unhashable after its write had been made,
+    and a cancel's True merged with a count of 1."""
+    app = cpsl.App(name="my-app")
+    threads = app.collection("threads")
+
+    @app.task()
+    async def idle() -> None:
+        await asyncio.sleep(3600)
+
+    first, second = await asyncio.gather(threads.insert_one({"s": 1}), threads.insert_one({"s": 1}))
+    assert first["_id"] != second["_id"]
+    rows, n, found = await asyncio.gather(threads.find({"s": 1}, limit=25), threads.count(), idle.find())
+    assert (len(rows), n, found) == (2, 2, [])
+    empty, also_empty = await asyncio.gather(threads.find({"s": 2}), threads.find({"s": 3}))
+    assert empty == also_empty == []
+    handle = await idle.submit()
+    ones = await asyncio.gather(threads.count({"_id": first["_id"]}), handle.cancel())
+    assert ones == [1, True] and type(ones[1]) is bool
+    pages = [await page for page in asyncio.as_completed([threads.find({"s": 1}), threads.find({"s": 1})])]
+    assert [len(page) for page in pages] == [2, 2]
+    assert await threads.count() == 2  # each insert made once
+
+
 async def test_a_session_given_first_to_submit_is_the_session(capsule):
     """SDK: ``async def submit(self, session=None, display_name="", **kwargs)``: Capsule code may
     pass the session first, whether or not the task's first parameter is the session."""
