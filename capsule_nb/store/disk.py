@@ -189,25 +189,35 @@ class JSONDisk(diskcache.Disk):
 
 
 class Signer:
-    """Signs pickled bytes with the store's key, and refuses bytes it did not sign."""
+    """Signs pickled bytes with the store's key, bound to the row they are written to, and
+    refuses bytes it did not sign for that row: one run's result moved onto another's row
+    (or its arguments, which a process run of another kernel would be called with) is refused
+    as any forged payload is. Payloads written before the row was bound in (0.2 and older)
+    still read: their signature covers the bytes alone."""
 
     def __init__(self, key: bytes, where: Path):
         self._key = key
         self._where = where
 
-    def sign(self, blob: bytes) -> bytes:
-        return hmac.new(self._key, blob, hashlib.sha256).digest() + blob
+    def sign(self, name: str, blob: bytes) -> bytes:
+        return self._bound(name, blob) + blob
 
-    def signed_by_us(self, signed: bytes) -> bool:
+    def signed_by_us(self, name: str, signed: bytes) -> bool:
         sig, blob = signed[:SIGNATURE_BYTES], signed[SIGNATURE_BYTES:]
-        return hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest())
+        return (hmac.compare_digest(sig, self._bound(name, blob))
+                or hmac.compare_digest(sig, hmac.new(self._key, blob, hashlib.sha256).digest()))  # (before binding)
+
+    def _bound(self, name: str, blob: bytes) -> bytes:
+        # A pickle starts with b"\x80", never with this prefix: no unbound signature is a bound one.
+        return hmac.new(self._key, b"capsule_nb payload\0" + name.encode() + b"\0" + blob, hashlib.sha256).digest()
 
     def load(self, name: str, signed: Any) -> Any:
-        """Unpickle ``signed`` if, and only if, its signature is ours."""
+        """Unpickle ``signed`` if, and only if, its signature is ours, for the row ``name``."""
         if type(signed) is not bytes or len(signed) < SIGNATURE_BYTES:
             raise StoreError(f"payload {name} in {self._where} is not a signed payload; refused")
-        if not self.signed_by_us(signed):
-            raise StoreError(f"payload {name} in {self._where} has a bad signature; refused")
+        if not self.signed_by_us(name, signed):
+            raise StoreError(f"payload {name} in {self._where} has a bad signature "
+                             f"(not signed with this store's key, or for another row); refused")
         return pickle.loads(signed[SIGNATURE_BYTES:])
 
 

@@ -195,8 +195,9 @@ class _Doctor:
         except StoreError as exc:
             return BadRow(rowid, key, str(exc), None)
         wrong = problem(key, decoded)
-        if wrong is None and key.startswith(PAYLOAD) and not self._signer.signed_by_us(decoded):
-            wrong = f"its signature is not this store's ({SIGNATURE_BYTES}-byte HMAC of its key)"
+        if wrong is None and key.startswith(PAYLOAD) and not self._signer.signed_by_us(key, decoded):
+            wrong = (f"its signature is not this store's for this row ({SIGNATURE_BYTES}-byte HMAC with "
+                     f"its key): forged, or moved here from another row")
         return None if wrong is None else BadRow(rowid, key, wrong, decoded)
 
     @staticmethod

@@ -336,8 +336,9 @@ class Store:
         """``put_payload`` for bytes already pickled (a process run's arguments are pickled once)."""
         if limit is not None and len(blob) > limit:
             raise ValueError(f"{len(blob):,} bytes pickled is over the {limit:,}-byte cap")
+        key = f"{PAYLOAD}{task_id}/{name}"
         with self._lock:
-            self._writes.queue({f"{PAYLOAD}{task_id}/{name}": self._signer.sign(blob)})
+            self._writes.queue({key: self._signer.sign(key, blob)})
         return len(blob)
 
     def get_payload(self, task_id: str, name: str) -> Any:

@@ -891,3 +891,49 @@ def test_a_lost_key_is_replaced_with_a_warning_saying_what_that_costs(tmp_path):
     assert "had no secret.key, so a new key was made" in reopened.stderr
     assert "now reads as 'bad signature'" in reopened.stderr
     assert (home / "secret.key").is_file()
+
+
+def test_a_payload_moved_onto_another_runs_row_is_refused_and_doctor_names_it(tmp_path, capsys):
+    """Two runs' signed results swapped with sqlite3: each was signed with the store's key, so
+    both were accepted, and run A answered with B's result (w57). A payload is now signed for
+    its row; a payload signed before that (bytes alone) still reads."""
+    import hashlib
+    import hmac
+
+    from capsule_nb.store.disk import SIGNATURE_BYTES
+    from capsule_nb.store.folder import load_key
+
+    home = tmp_path / "store"
+    app = cpsl.App(home=home)
+
+    @app.task
+    def pair(label: str) -> tuple:  # a tuple is no JSON value: it is kept as a signed payload
+        return (label, "tuple")
+
+    a, b = pair.submit(label="AAA"), pair.submit(label="BBB")
+    assert asyncio.run(a.result(timeout=10)) == ("AAA", "tuple") and asyncio.run(b.result(timeout=10)) == ("BBB", "tuple")
+    app.close()
+    db = sqlite3.connect(home / "db" / "cache.db")
+    rows = dict(db.execute("SELECT key, value FROM Cache WHERE key IN (?, ?)",
+                           (f"payload/{a.task_id}/result", f"payload/{b.task_id}/result")))
+    with db:
+        for mine, theirs in ((a, b), (b, a)):
+            db.execute("UPDATE Cache SET value = ? WHERE key = ?",
+                       (rows[f"payload/{theirs.task_id}/result"], f"payload/{mine.task_id}/result"))
+    db.close()
+
+    app = cpsl.App(home=home)
+    try:
+        with pytest.raises(StoreError, match=f"payload/{a.task_id}/result .* bad signature .*for another row"):
+            asyncio.run(app.get_task(a.task_id).result(timeout=10))
+        code, out, _ = cli(capsys, "--home", str(home), "doctor")
+        assert code == 1 and out.count("moved here from another row") == 2, out
+
+        # A payload from before (signed over its bytes alone) still reads, on its own row.
+        blob = rows[f"payload/{a.task_id}/result"][SIGNATURE_BYTES:]
+        unbound = hmac.new(load_key(home), blob, hashlib.sha256).digest() + blob
+        app.store._cache.set(f"payload/{a.task_id}/result", unbound)
+        app.runtime.results._recent.clear()
+        assert asyncio.run(app.get_task(a.task_id).result(timeout=10)) == ("AAA", "tuple")
+    finally:
+        app.close()
