@@ -11,8 +11,9 @@ user who opens it:
   to keep, once nothing inside it is writable by others or theirs (they
   could enter it: everything under it is looked at, once). One that others
   may write is refused: it may already hold their key or their rows;
-* ``db/`` and the database files are the user's and nobody else may write
-  them, checked at every open (a few stats), even in a private folder;
+* ``db/`` and the database files are the user's, nobody else may write them,
+  and none is a symbolic link (SQLite would follow it, and keep its journal
+  beside the target), checked at every open (a few stats), even in a private folder;
 * ``secret.key`` is a regular file (not a symlink, not even one into the
   folder), belongs to the user, and has no group or other bits at all.
 
@@ -93,10 +94,10 @@ def _check_folder(path: Path) -> None:
 
 def _database(path: Path) -> Iterator[Path]:
     """What the store trusts most, looked at on every open (a few stats): ``db/`` and the
-    database files. Inside a private folder diskcache makes nothing else others could write
-    but value folders (0777 under umask 000), which nobody else can reach."""
+    database files, none of them a link. Inside a private folder diskcache makes nothing else
+    others could write but value folders (0777 under umask 000), which nobody else can reach."""
     for inside in ("db", "db/cache.db", "db/cache.db-wal", "db/cache.db-shm"):
-        if os.path.exists(path / inside):
+        if os.path.lexists(path / inside):
             yield path / inside
 
 
@@ -108,18 +109,26 @@ def _walk(path: Path) -> Iterator[Path]:
 
 
 def _check_inside(path: Path, inside: Path, loose: bool) -> None:
-    info = os.stat(inside) if not os.path.islink(inside) else os.lstat(inside)
+    info = os.lstat(inside)
     mode = stat.S_IMODE(info.st_mode)
     how = (f"{path} could be entered by other users (mode {stat.S_IMODE(os.stat(path).st_mode):04o}): they "
            f"could have" if loose else "they could have")
-    fix = (f"If you trust everything in the store, make it yours alone (`chmod -R go-w {path}` and "
-           f"`chmod 700 {path}`); otherwise delete it and start a new store")
+    if stat.S_ISLNK(info.st_mode) and inside.relative_to(path).parts[0] == "db":
+        # SQLite follows the link, and keeps its -wal and -shm files beside the target, where
+        # the folder's checks never look (w57: a link to a file another user owns was used).
+        raise StoreError(f"capsule_nb store file {inside} is a symbolic link (to {os.readlink(inside)}): "
+                         f"the store's database must be inside its folder, so the store is not used. To keep "
+                         f"a store elsewhere, point --home, CAPSULE_NB_HOME or App(home=...) at that folder")
     if info.st_uid != os.getuid():
         raise StoreError(f"capsule_nb store file {inside} belongs to user id {info.st_uid}, not to you "
-                         f"({os.getuid()}): {how} put their rows in it, so the store is not used. {fix}")
+                         f"({os.getuid()}): {how} put their rows in it, so the store is not used. If you trust "
+                         f"everything in the store, have it made yours (`sudo chown -R {os.getuid()} {path}`); "
+                         f"otherwise delete it and start a new store")
     if mode & _OTHERS_WRITE and not stat.S_ISLNK(info.st_mode):
         raise StoreError(f"capsule_nb store file {inside} is writable by other users (mode {mode:04o}): {how} "
-                         f"written rows this process would trust, so the store is not used. {fix}")
+                         f"written rows this process would trust, so the store is not used. If you trust "
+                         f"everything in the store, make it yours alone (`chmod -R go-w {path}` and "
+                         f"`chmod 700 {path}`); otherwise delete it and start a new store")
 
 
 def load_key(folder: Path) -> bytes:

@@ -10,6 +10,7 @@ is refused too. Holds as root: modes by os.chmod, owners by os.chown.
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,34 @@ def test_a_database_of_another_user_in_a_store_is_refused(tmp_path):
     os.chown(home / "db" / "cache.db", 4321, 4321)
     message = _refused(home, home / "db" / "cache.db", "belongs to user id 4321")
     assert f"not to you ({os.getuid()})" in message and "the store is not used" in message
+    assert f"chown -R {os.getuid()} {home}" in message  # the fix that fixes it: a chmod leaves the owner (w57)
+
+
+@pytest.mark.parametrize("linked", ["db", "db/cache.db"])
+def test_a_database_reached_through_a_link_is_refused_wherever_it_points(tmp_path, linked):
+    """w57: ``db/cache.db`` (or ``db/``) linked to a file others may write was used: the checks
+    looked at the link. SQLite follows it and keeps its journal beside the target, so a link
+    is refused whatever it points at, and the data where it points is left as it was."""
+    home = tmp_path / "store"
+    (task_id,) = good_store(home)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = elsewhere / Path(linked).name
+    os.rename(home / linked, moved)
+    os.chmod(moved, 0o777 if linked == "db" else 0o666)
+    os.symlink(moved, home / linked)
+    before = sorted((p.name, p.stat().st_size) for p in elsewhere.rglob("*"))
+    message = _refused(home, home / linked, "is a symbolic link")
+    assert str(moved) in message and "point --home" in message
+    assert sorted((p.name, p.stat().st_size) for p in elsewhere.rglob("*")) == before
+    os.unlink(home / linked)  # put back where it belongs, it opens with its run
+    os.rename(moved, home / linked)
+    os.chmod(home / linked, 0o700 if linked == "db" else 0o600)
+    app = cpsl.App(home=home)
+    try:
+        assert app.get_task(task_id).snapshot()["status"] == "completed"
+    finally:
+        app.close()
 
 
 def test_a_private_store_is_opened_as_before(tmp_path, caplog):
