@@ -26,6 +26,7 @@ CANCEL = "cancel/"
 ENTRY = "chg/"
 # The window of entries kept. A reader further behind (a suspended laptop, a stalled
 # process) reloads what is live instead, which is cheap: a few indexed reads.
+SEQ_LIMIT = 10**12  # the counter's range: entries are named by 12 digits, so they sort as they count
 KEEP = 500  # entries at most (one per commit, each up to thousands of keys)
 KEEP_SECONDS = 5.0  # and none older than this
 PRUNE_EVERY = 50  # commits between two trims of the window (or KEEP_SECONDS, if sooner)
@@ -35,6 +36,11 @@ def past(prefix: str) -> str:
     """The first key after every key that starts with ``prefix``: ``key >= prefix AND
     key < past(prefix)`` is one range of diskcache's key index."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def good_seq(value: object) -> bool:
+    """Whether ``value`` can be the change-feed counter: a whole number that names an entry."""
+    return type(value) is int and 0 <= value < SEQ_LIMIT
 
 
 def doc_key(collection: str, doc_id: str) -> str:
@@ -85,8 +91,8 @@ class Feed:
             seq = self._cache.get("seq", 0)
         except StoreError:
             seq = None
-        if type(seq) is not int:
-            raise StoreError("the store's change-feed counter (row 'seq') is damaged; "
+        if not good_seq(seq):
+            raise StoreError(f"the store's change-feed counter (row 'seq') is damaged ({seq!r}); "
                              "`capsule-nb doctor --fix` moves it aside")
         return seq
 

@@ -19,7 +19,7 @@ import diskcache
 from ..errors import StoreError
 from ..record import short_repr, validate
 from .disk import SIGNATURE_BYTES, batches, marks
-from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, past, split_doc_key
+from .feed import CANCEL, DOC, ENTRY, LOCK, PAYLOAD, RUN, SEQ_LIMIT, good_seq, past, split_doc_key
 
 log = logging.getLogger("capsule_nb")
 
@@ -50,8 +50,8 @@ def problem(key: str, value: Any) -> str | None:
     elif key.startswith(PAYLOAD):
         if type(value) is not bytes or len(value) < SIGNATURE_BYTES:
             return f"a payload is signed bytes, not {short_repr(value, 60)}"
-    elif key == "seq" and type(value) is not int:
-        return f"the change-feed counter is a whole number, not {short_repr(value, 60)}"
+    elif key == "seq" and not good_seq(value):
+        return f"the change-feed counter is a whole number from 0 to {SEQ_LIMIT - 1}, not {short_repr(value, 60)}"
     return None
 
 

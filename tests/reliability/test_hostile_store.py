@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import socket
 import sqlite3
 import stat
@@ -935,5 +936,30 @@ def test_a_payload_moved_onto_another_runs_row_is_refused_and_doctor_names_it(tm
         app.store._cache.set(f"payload/{a.task_id}/result", unbound)
         app.runtime.results._recent.clear()
         assert asyncio.run(app.get_task(a.task_id).result(timeout=10)) == ("AAA", "tuple")
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("seq", ["-100", str(10**12), "1.5", '"abc"'])
+def test_a_damaged_change_feed_counter_is_named_listed_and_moved_aside(tmp_path, capsys, seq):
+    """w57: a negative counter passed as whole, and every write failed with "can only
+    concatenate str (not "int") to str", naming nothing; doctor found nothing. A counter is a
+    whole number an entry's 12-digit name can hold."""
+    home = tmp_path / "store"
+    (good,) = good_store(home)
+    raw_row(home, "seq", seq)
+    with pytest.raises(StoreError, match=re.escape(f"counter (row 'seq') is damaged ({json.loads(seq)!r})")):
+        cpsl.App(home=home)  # at open, before anything is accepted that could not be written
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    assert code == 1 and "seq: the change-feed counter is a whole number from 0 to 999999999999" in out, out
+    assert cli(capsys, "--home", str(home), "doctor", "--fix")[0] == 0
+    app = cpsl.App(home=home)
+    try:
+        @app.task
+        def job() -> int:
+            return 1
+
+        assert asyncio.run(job.submit().result(timeout=10)) == 1
+        assert {r["task_id"] for r in app.store.runs()} >= {good}  # nothing already there was lost
     finally:
         app.close()
