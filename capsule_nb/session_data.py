@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .awaitables import DONE, ReadyNone
 from .record import json_safe
+from .store.rows import SESSION_DATA
 
 if TYPE_CHECKING:
     from .store import Store
@@ -35,7 +36,7 @@ class SessionData(dict):
     def __init__(self, store: Callable[[], "Store"], session_id: str):
         super().__init__()
         self._store = store
-        self._key = f"session/{session_id}/data"
+        self._key = f"{SESSION_DATA}{session_id}/data"
         self._lock = threading.Lock()  # one session's data is read by many task threads at once
 
     # ------------------------------------------------------------------ reads

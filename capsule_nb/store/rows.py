@@ -27,6 +27,7 @@ SCHEDULE = "sched/"
 CELL_REPEATS = "cell/"  # the repeats a notebook cell's last run started (``tasks.Task.schedule``)
 APP_SETTINGS = "app/"  # an app's settings that hold for every process opening it (``App._retention``)
 REFRESH = "refresh/"  # when another process last asked to push a run's deadline on (``refreshes``)
+SESSION_DATA = "session/"  # a session's ``data``, a JSON object (``session_data.SessionData``)
 ALIVE = "alive"  # when each process with runs running was last seen alive (``heartbeats``)
 
 
@@ -41,7 +42,7 @@ def problem(key: str, value: Any) -> str | None:
     elif key.startswith(LOCK):
         if type(value) is not dict or not all(type(value.get(k)) is str for k in ("task_id", "owner")):
             return f"a lock is {{task_id, owner}}, not {short_repr(value, 60)}"
-    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS, APP_SETTINGS, REFRESH)):
+    elif key.startswith((CANCEL, SCHEDULE, CELL_REPEATS, APP_SETTINGS, REFRESH, SESSION_DATA)):
         if type(value) is not dict:
             return f"expected a JSON object, not {short_repr(value, 60)}"
     elif key.startswith(ENTRY):

@@ -963,3 +963,28 @@ def test_a_damaged_change_feed_counter_is_named_listed_and_moved_aside(tmp_path,
         assert {r["task_id"] for r in app.store.runs()} >= {good}  # nothing already there was lost
     finally:
         app.close()
+
+
+def test_session_data_stored_as_no_object_reads_as_empty_and_is_named(tmp_path, caplog, capsys):
+    """w57: ``[1, 2]`` written as a session's data broke ``session.data`` for good (reads, writes,
+    ``len`` and ``repr`` raised AttributeError) and doctor found nothing: a session's data is a
+    JSON object, and another row is skipped with one warning naming it, as broken JSON is."""
+    home = tmp_path / "store"
+    good_store(home)
+    app = cpsl.App(home=home)
+    session = app.owner_session
+    row = f"session/{session.id}/data"
+    app.close()
+    raw_row(home, row, "[1, 2]")
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    assert code == 1 and f"{row}: expected a JSON object, not [1, 2]" in out, out
+    app = cpsl.App(home=home)
+    try:
+        data = app.owner_session.data
+        assert dict(data) == {} and len(data) == 0 and "theme" not in data
+        assert len(warnings_naming(caplog, row)) == 1
+        data["theme"] = "dark"  # a write makes it a session's data again
+        assert app.owner_session.data == {"theme": "dark"}
+    finally:
+        app.close()
+    assert cli(capsys, "--home", str(home), "doctor")[0] == 0
