@@ -12,7 +12,7 @@
 // says so and shows what the store says (ui/server.py).
 import {
   actions, askServer, attempts, badge, clockTime, elapsed, h, holdStill, keepActions, liveView, notice, ORPHANED,
-  placeCard, progressBar, refocus, shownStatus, staleNote, staleText, stopping,
+  placeCard, progressBar, refocus, shownStatus, staleNote, staleText, startsAt, stopping,
 } from "./task_card.js";
 
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
@@ -88,11 +88,14 @@ function patchMenus(filters, selects, state, set) {
   }
 }
 
-/** What tells runs of one task apart: what it last said, when it started, its id's tail. */
+/** What tells runs of one task apart: what it last said, when it started (or starts: a
+ *  scheduled run's queued time read as its start), its id's tail. */
 function who(card) {
-  const at = card.started_at ?? card.created_at;
-  const text = [card.said, at && clockTime(at), card.task_id.slice(-6)].filter(Boolean).join(" · ");
-  const when = at && `${card.started_at ? "started" : "queued"} ${clockTime(at, true)}`;
+  const starts = startsAt(card);
+  const at = starts || (card.started_at ?? card.created_at);
+  const text = [card.said, at && (starts ? `starts ${clockTime(at)}` : clockTime(at)), card.task_id.slice(-6)]
+    .filter(Boolean).join(" · ");
+  const when = at && `${starts ? "starts" : card.started_at ? "started" : "queued"} ${clockTime(at, true)}`;
   const full = [`run ${card.task_id}`, when, card.said].filter(Boolean).join(" · ");
   return h("div", { className: "cnb-who", textContent: text, title: full });
 }

@@ -147,6 +147,9 @@ function message(m) {
 }
 
 /** The line that says a view is not live, and why. */
+/** When a run waiting for its time (scheduled, or to retry) starts; else false. */
+export const startsAt = (run) => ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
+
 export const staleNote = (text) => h("div", { className: "cnb-stale", role: "status", textContent: text });
 
 /**
@@ -157,7 +160,7 @@ export const staleNote = (text) => h("div", { className: "cnb-stale", role: "sta
 function renderCard({ title, run, messages = [], output = [] },
   { lead, ui, act, live = true, fileable = false }) {
   const p = run.progress;
-  const startsAt = ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
+  const starts = startsAt(run);
   const fraction = p && p.total ? Math.min(1, Math.max(0, p.done / p.total)) : null;
   const attempt = attempts(run);
   const named = run.display_name !== title && run.display_name;  // show_task's message took the title
@@ -173,7 +176,7 @@ function renderCard({ title, run, messages = [], output = [] },
       badge(shownStatus(run)),
       stopping(run),
       attempt && h("span", { className: "cnb-meta", textContent: attempt }),
-      startsAt && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(startsAt)}` }),
+      starts && h("span", { className: "cnb-meta", textContent: `starts ${clockTime(starts)}` }),
       run.every && run.status !== "cancelled"
         && h("span", { className: "cnb-meta cnb-every", textContent: `repeats every ${interval(run.every)}` }),
       elapsed(run, lead, live),

@@ -195,12 +195,19 @@ def test_a_scheduled_card_says_when_it_starts_not_attempt_0(scenario: Scenario) 
         text = card.inner_text()
         assert "starts " in text and "attempt" not in text, text
         assert card.locator("button", has_text="Cancel").is_enabled()
+        # On the board too: the time shown is when it starts, not when it was queued (w56).
+        starts = card.locator(".cnb-meta", has_text="starts ").inner_text()
+        task_id = card.locator(".cnb-sub").inner_text().split("·")[-1].strip()
+        board = scenario.page.locator(".cnb-board")
+        board.locator("select[title*='task_name']").select_option("")  # (the last test's filter)
+        who = board.locator(f".cnb-mini[data-task-id='{task_id}'] .cnb-who")
+        assert who.inner_text().startswith(starts + " · "), (who.inner_text(), starts)
 
 
 def test_cancelled_runs_look_neutral_not_failed(scenario: Scenario) -> None:
     with scenario.screenshots_on_failure("neutral"):
         board = scenario.page.locator(".cnb-board")
-        board.locator("select[title^='task_name']").select_option("")  # the filter back to all
+        board.locator("select[title*='task_name']").select_option("")  # the filter back to all
         cancelled = board.locator(".cnb-mini.cnb-is-cancelled")
         cancelled.wait_for(timeout=10_000)
         failed = board.locator(".cnb-mini.cnb-is-failed")

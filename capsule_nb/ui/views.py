@@ -134,6 +134,7 @@ def summary(record: Mapping[str, Any], orphaned: bool = False) -> dict[str, Any]
         "created_at": record.get("created_at"),
         "started_at": record.get("started_at"),
         "completed_at": record.get("completed_at"),
+        "scheduled_for": record.get("scheduled_for"),
         "progress": fraction,
         "said": _said(record),
         "note": _note(record),
