@@ -300,7 +300,8 @@ function ownKeys() {
  * button under it is the one released on) and, with `hover`, while it moves
  * over `root` and for `rest` ms after (so what is under it stays put).
  * `waiting(true/false)` is told when a redraw starts and stops waiting, so the
- * view can say it is paused. Returns { request(): draw now or when let go, release() }.
+ * view can say it is paused. Returns { request(): draw now or when let go, now(): draw now
+ * whatever holds it (what the reader asked for themselves), release() }.
  */
 export function holdStill(root, draw, { hover = false, rest = 1500, waiting = () => {} } = {}) {
   let pressed = false;
@@ -354,6 +355,10 @@ export function holdStill(root, draw, { hover = false, rest = 1500, waiting = ()
   }
   return {
     request,
+    now() {
+      wait(false);
+      draw();
+    },
     release() {
       clearTimeout(restTimer);
       root.removeEventListener("pointerdown", down);

@@ -15,6 +15,7 @@ import {
   placeCard, progressBar, refocus, shownStatus, staleNote, staleText, startsAt, stopping,
 } from "./task_card.js";
 
+const ASKED_MS = 5000; // a change of the columns this soon after the reader filtered is the answer
 const MENUS = [["app", "app"], ["task_name", "task"], ["session_id", "session"], ["status", "status"]];
 
 /**
@@ -254,7 +255,20 @@ export default {
     const drawTitle = () => (title.textContent = model.get("title"));
     const drawTotal = () => (total.textContent = `${state("total")} run${state("total") === 1 ? "" : "s"}`);
     const selects = new Map(); // filter key -> its menu
-    const drawMenus = () => patchMenus(filters, selects, state, set);
+    // The columns a filter the reader picked gives show at once, even with the pointer
+    // resting on a card (picked from the keyboard): the total above them already does (w56).
+    let filteredAt = -Infinity;
+    const filterBy = (key, value) => {
+      filteredAt = performance.now();
+      set(key, value);
+    };
+    const drawMenus = () => patchMenus(filters, selects, state, filterBy);
+    const lanesChanged = () => {
+      const asked = performance.now() - filteredAt < ASKED_MS;
+      filteredAt = -Infinity;
+      if (asked) hold.now();
+      else hold.request();
+    };
     const drawStale = () =>
       stale.replaceChildren(...(view.live() ? [] : [staleNote(staleText(view.why(), asked))]));
     const drawLanes = () => {
@@ -318,7 +332,8 @@ export default {
       ["change:total", drawTotal],
       ["change:filter change:choices", drawMenus],
       ["change:notice", drawNotice],
-      ["change:lanes change:selected change:notice", hold.request],
+      ["change:lanes", lanesChanged],
+      ["change:selected change:notice", hold.request],
       ["change:detail change:selected change:notice", holdDetail.request],
     ];
     drawStale();

@@ -219,6 +219,33 @@ def test_cancelled_runs_look_neutral_not_failed(scenario: Scenario) -> None:
             ".cnb-error").evaluate(color)
 
 
+def test_a_filter_picked_from_the_keyboard_shows_at_once_with_the_pointer_on_a_card(scenario: Scenario) -> None:
+    """The pointer resting on a card holds the columns still; a filter the reader picks from the
+    keyboard meanwhile changed the total at once, but the columns only when the pointer
+    moved: "1 run" above all the runs (w56)."""
+    page = scenario.page
+    with scenario.screenshots_on_failure("filter-held"):
+        board = page.locator(".cnb-board")
+        menu = board.locator("select[title*='task_name']")
+
+        def counts() -> list[int]:
+            return [int(n or 0) for n in board.locator(".cnb-lane .cnb-count").all_inner_texts()]
+
+        def shown() -> list[str]:
+            return sorted(board.locator(".cnb-lane .cnb-mini .cnb-title").all_inner_texts())
+
+        wait_until(lambda: len(shown()) > 1, 10, "the board showing every run")
+        board.locator(".cnb-lane .cnb-mini").first.hover()
+        menu.focus()
+        menu.select_option("parse_feed")  # as the keyboard picks it: the pointer stays where it is
+        wait_until(lambda: shown() == ["parse_feed"] and sum(counts()) == 1, 3,
+                   "the columns following the filter with the pointer still on a card")
+        assert board.locator(".cnb-total").inner_text() == "1 run"
+        menu.select_option("")
+        wait_until(lambda: len(shown()) > 1, 3, "every run again")
+        page.mouse.move(0, 0)
+
+
 def test_text_wraps_and_says_all_of_itself_in_a_narrow_window(scenario: Scenario) -> None:
     """1000 px wide with the file browser open: no name cut to "cr…", the whole text on hover,
     and runs of one task told apart (what they said, when they started, their id)."""
