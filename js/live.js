@@ -215,16 +215,25 @@ function pageConfig() {
 const xsrf = () => document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/)?.[1];
 
 /** GET (or POST) capsule-nb/api/<what> from the Jupyter server; null when it cannot answer. */
+// A server without our extension (standalone Voilà loads none) redirects, or answers with a
+// page of its own: each such ask was a console error. Such a page is asked once.
+let noExtension = false;
+
 export async function askServer(what, params, method = "GET") {
   const page = pageConfig();
-  if (!page) return null;
+  if (!page || noExtension) return null;
   const url = new URL(`${page.baseUrl ?? "/"}capsule-nb/api/${what}`, location.origin);
   for (const [key, value] of Object.entries(params)) url.searchParams.set(key, value);
   const headers = page.token ? { Authorization: `token ${page.token}` } : {};
   if (method !== "GET" && xsrf()) headers["X-XSRFToken"] = decodeURIComponent(xsrf());
   try {
-    const response = await fetch(url, { method, headers, credentials: "same-origin", cache: "no-store" });
-    return response.ok ? await response.json() : null;
+    const response = await fetch(url, { method, headers, credentials: "same-origin", cache: "no-store",
+      redirect: "manual" });
+    if (response.ok) return await response.json();
+    if (response.type === "opaqueredirect" || !response.headers.get("content-type")?.includes("json")) {
+      noExtension = true; // (our routes answer JSON, refusals too)
+    }
+    return null;
   } catch {
     return null;
   }

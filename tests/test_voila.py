@@ -11,8 +11,10 @@ tests/artifacts/.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,13 @@ def test_the_dashboard_submits_a_build_that_reaches_completed(tmp_path: Path) ->
         with chromium() as page:
             page_errors: list[str] = []
             page.on("pageerror", lambda error: page_errors.append(str(error)))
+            ours = []  # console errors of requests to capsule_nb's routes
+            page.on("console", lambda m: m.type == "error" and "capsule-nb" in m.location.get("url", "")
+                    and ours.append(m.text))
+            asked, ended = [], []  # requests to them, and those that have ended (a redirect not followed fails)
+            page.on("request", lambda r: "capsule-nb/api" in r.url and asked.append(r.url))
+            for event in ("requestfinished", "requestfailed"):
+                page.on(event, lambda r: "capsule-nb/api" in r.url and ended.append(r.url))
             try:
                 page.goto(voila.url)
                 board = page.locator(".cnb-board")
@@ -79,6 +88,17 @@ def test_the_dashboard_submits_a_build_that_reaches_completed(tmp_path: Path) ->
                         == [("weekly", 2100)]
                 finally:
                     app.close()
+
+                # The page's kernel dies. `voila` on its own loads no server extension, so no
+                # capsule_nb route answers there: the board says it shows what it last received,
+                # and asks once, without a console error (w56: a 403 every few seconds).
+                for pid in kernels:
+                    os.kill(pid, signal.SIGKILL)
+                stale = board.locator(".cnb-stale")
+                stale.wait_for(timeout=15_000)
+                wait_until(lambda: asked and len(ended) == len(asked), 15, "the board asking the server")
+                assert "Showing the last state it received" in stale.inner_text()
+                assert ours == [] and page_errors == []
             except BaseException:
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "voila-dashboard.png"), full_page=True)
