@@ -89,6 +89,17 @@ def test_the_dashboard_submits_a_build_that_reaches_completed(tmp_path: Path) ->
                 finally:
                     app.close()
 
+                # A narrow window (a phone, a side panel): the form goes above the schedules, whole,
+                # instead of squashed beside them to "eport id" and a sliver of slider (w56).
+                page.set_viewport_size({"width": 480, "height": 900})
+                form = page.locator(".widget-vbox", has=page.locator("button", has_text="Submit")).last
+                schedules = page.locator(".widget-html", has_text="Schedules")
+                wait_until(lambda: schedules.bounding_box()["y"] >= form.bounding_box()["y"]
+                           + form.bounding_box()["height"] - 1, 10, "the schedules below the form")
+                labels = page.locator(".widget-text .widget-label, .widget-slider .widget-label")
+                assert all(label.evaluate("e => e.scrollWidth <= e.clientWidth") for label in labels.all())
+                page.set_viewport_size({"width": 1280, "height": 900})
+
                 # The page's kernel dies. `voila` on its own loads no server extension, so no
                 # capsule_nb route answers there: the board says it shows what it last received,
                 # and asks once, without a console error (w56: a 403 every few seconds).
