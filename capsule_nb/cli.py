@@ -45,7 +45,10 @@ def _open(args: argparse.Namespace) -> Any:
     from .app import App, _home
     from .store.folder import check_database_kept
 
-    home = _home(args.home)
+    try:
+        home = _home(args.home)
+    except (TypeError, ValueError) as exc:  # --home "" names no folder
+        raise _UsageError(f"--home: {exc}") from None
     if not (home / "db" / "cache.db").is_file():
         check_database_kept(home)  # (a store that lost it says so)
         named_by = ("given by --home" if args.home else "from CAPSULE_NB_HOME" if os.environ.get("CAPSULE_NB_HOME")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .portable import advice
+from .record import short_repr
 
 HANDLE_CALLS = ("submit", "schedule", "find")
 # Capsule's coroutines, which capsule_nb also runs without ``await``: by receiver
@@ -54,9 +55,21 @@ def code_cells(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".ipynb":
         return [text]
-    cells = json.loads(text).get("cells", [])
-    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-            for c in cells if c.get("cell_type") == "code"]
+    notebook = json.loads(text)
+    cells = notebook.get("cells") if isinstance(notebook, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        raise ValueError("it is not a notebook (a JSON object with a list of cells)")
+    found = []
+    for number, cell in enumerate(cells, start=1):
+        if cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        if isinstance(source, list) and all(isinstance(line, str) for line in source):
+            source = "".join(source)
+        if not isinstance(source, str):
+            raise ValueError(f"cell {number}'s source is {short_repr(source, 40)}, not text")
+        found.append(source)
+    return found
 
 
 # Cell magics whose body is Python, run: read as the cell's code. Others (%%bash, %%html) are no Python.

@@ -823,6 +823,12 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
                           timeout=60)
     assert done.returncode == 0 and "no capsule_nb-only extensions" in done.stdout, done.stdout + done.stderr
     assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
+    capsys.readouterr()
+    for text in ("[]", '{"cells": [5]}', '{"cells": 5}', "{}", '{"cells": [{"cell_type": "code", "source": 5}]}'):
+        (tmp_path / "odd.ipynb").write_text(text)  # JSON, but no notebook: named, never "plain Capsule" (w57)
+        assert main(["check", str(tmp_path / "odd.ipynb")]) == 2, text
+        said = capsys.readouterr()
+        assert "cannot read" in said.err and ("not a notebook" in said.err or "source is 5" in said.err), said
 
 
 def test_check_reads_ipython_syntax_and_says_what_it_could_not_read(tmp_path, capsys):

@@ -60,6 +60,8 @@ def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
     assert code == 2 and "is not a capsule_nb store" in err
     code, _, err = cli(capsys, "--home", str(app.home), "tasks", "--status", "done")
     assert code == 2 and "unknown status 'done'" in err
+    code, _, err = cli(capsys, "--home", "", "tasks")  # (was a TypeError traceback, exit 1: w57)
+    assert code == 2 and err.strip() == "capsule-nb tasks: --home: home is the path of a store folder, not ''"
     for limit in ("-3", "99999999999999999999"):
         with pytest.raises(SystemExit) as refused:  # (argparse's own exit, with usage)
             cli(capsys, "--home", str(app.home), "tasks", "--limit", limit)
