@@ -58,8 +58,10 @@ class Results:
             try:
                 return self._store.get_payload(task_id, "result")
             except KeyError:
-                raise ValueError(f"run {task_id}'s result is no longer in the store: retention pruned the "
-                                 f"run (keep_finished); its repr: {record.get('result_repr')}") from None
+                why = ("retention pruned the run (keep_finished)" if self._store.get_run(task_id) is None
+                       else f"the store has the run but not the row payload/{task_id}/result, which was removed")
+                raise ValueError(f"run {task_id}'s result is no longer in the store: {why}; "
+                                 f"its repr: {record.get('result_repr')}") from None
         if kind == "repr":
             raise ValueError(
                 f"run {task_id}'s result was not kept ({record.get('result_note')}); "

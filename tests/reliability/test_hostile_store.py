@@ -988,3 +988,24 @@ def test_session_data_stored_as_no_object_reads_as_empty_and_is_named(tmp_path, 
     finally:
         app.close()
     assert cli(capsys, "--home", str(home), "doctor")[0] == 0
+
+
+def test_a_result_whose_payload_row_was_removed_says_so_not_that_retention_pruned_it(tmp_path):
+    home = tmp_path / "store"
+    app = cpsl.App(home=home)
+
+    @app.task
+    def pair() -> tuple:  # kept as a signed payload
+        return ("AAA", "tuple")
+
+    handle = pair.submit()
+    assert asyncio.run(handle.result(timeout=10)) == ("AAA", "tuple")
+    app.close()
+    with contextlib.closing(sqlite3.connect(home / "db" / "cache.db")) as db, db:
+        db.execute("DELETE FROM Cache WHERE key = ?", (f"payload/{handle.task_id}/result",))
+    app = cpsl.App(home=home)
+    try:
+        with pytest.raises(ValueError, match=f"the store has the run but not the row payload/{handle.task_id}/result"):
+            asyncio.run(app.get_task(handle.task_id).result(timeout=10))
+    finally:
+        app.close()
