@@ -156,7 +156,8 @@ class Task:
         display_name: str | None = None,
         **kwargs: Any,
     ) -> TaskHandle:
-        """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``).
+        """Run later (``delay="5m"``, ``at=datetime``) or repeatedly (``"every 5m"``); told no
+        time (``delay=None``), at once, as in Capsule.
 
         A session given first is the session, as in Capsule's older ``schedule(session, delay=...)``,
         which its SDK still takes."""
@@ -184,8 +185,8 @@ class Task:
             start = time.time() + first_delay
         elif every is not None:
             start = time.time() + every
-        else:
-            raise TypeError(f"{self.name}.schedule(): say when: a delay like '5m', at=datetime or 'every 5m'")
+        else:  # Capsule's SDK then sends no time, and the run is due at once, as a submit's
+            start = time.time()
         handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
         if every is not None and current_run.get() is None:
             self._replace_the_cells_earlier_repeats(handle.task_id)

@@ -295,6 +295,20 @@ async def test_what_capsules_coroutines_return_goes_where_only_coroutines_go(cap
     await asyncio.create_task(app.owner_session.notify("done"))
 
 
+async def test_schedule_told_no_time_runs_at_once_as_capsules_does(capsule):
+    """SDK: ``schedule()`` with neither ``when`` nor ``delay`` sends no time, and the server runs
+    it as a submit (w57: here it was a TypeError, for code passing a delay that may be None)."""
+    app = cpsl.App(name="my-app")
+
+    @app.task()
+    async def build_report(report_id: str = "daily") -> str:
+        return report_id
+
+    for handle in (await build_report.schedule(report_id="now"), await build_report.schedule(delay=None)):
+        assert await handle.result(timeout=10) in ("now", "daily")
+    assert await build_report.count(status="completed") == 2
+
+
 async def test_asyncio_gather_and_as_completed_take_what_capsules_coroutines_return(capsule):
     """Gathering Capsule's coroutines is ordinary code (w57): ``gather`` keys its arguments by
     hash, so a page or a document was refused as unhashable after its write had been made,
