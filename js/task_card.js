@@ -53,7 +53,7 @@ export const badge = (status) => h("span", { className: `cnb-badge cnb-${status}
 export const shownStatus = (run) => (run.orphaned ? "interrupted" : run.status);
 
 /** Said of such a run: the server found its process gone (ui/server.py). */
-export const ORPHANED = "The process that ran it is gone: it is not running, though the store, which could not be written, says so.";
+export const ORPHANED = "The process that ran it is gone, so it is not running (the store, which could not be written, still says so).";
 
 /** "stopping…" on a running run asked to stop that has not yet (it has no Cancel then). */
 export const stopping = (run) => run.stopping && !run.orphaned && h("span", {
