@@ -111,6 +111,14 @@ def move_aside(path: Path, rows: list[BadRow]) -> Fixed:
 
 def _keep(target: Path, moving: dict[str, tuple[list[str], list[tuple]]]) -> None:
     """Write ``{table: (its columns, rows)}`` to quarantine.db, each table's rows to its own table there."""
+    try:
+        _write_kept(target, moving)
+    except (OSError, sqlite3.Error) as exc:  # its own fault, not the store's: said so, nothing deleted
+        raise StoreError(f"cannot keep the bad rows in {target}: {exc}; nothing was moved. Move {target} "
+                         f"aside (it holds rows moved before) and run `capsule-nb doctor --fix` again") from None
+
+
+def _write_kept(target: Path, moving: dict[str, tuple[list[str], list[tuple]]]) -> None:
     if not target.exists():
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
     with sqlite3.connect(target, timeout=60) as quarantine:

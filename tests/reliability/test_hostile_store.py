@@ -1009,3 +1009,19 @@ def test_a_result_whose_payload_row_was_removed_says_so_not_that_retention_prune
             asyncio.run(app.get_task(handle.task_id).result(timeout=10))
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("kept", ["garbage", "a folder"])
+def test_doctor_fix_blames_a_broken_quarantine_db_not_the_store_and_moves_nothing(tmp_path, capsys, kept):
+    home = tmp_path / "store"
+    good_store(home)
+    raw_row(home, "run/y", pickle.dumps({"task_id": "y"}), mode=4)
+    if kept == "garbage":
+        (home / "quarantine.db").write_bytes(b"not a database, " * 100)
+    else:
+        (home / "quarantine.db").mkdir()
+    code, _, err = cli(capsys, "--home", str(home), "doctor", "--fix")
+    assert code == 2 and f"cannot keep the bad rows in {home / 'quarantine.db'}" in err, err
+    assert "nothing was moved" in err and "cannot read the capsule_nb store" not in err
+    code, out, _ = cli(capsys, "--home", str(home), "doctor")
+    assert code == 1 and "run/y" in out  # still there, for a fix once quarantine.db is moved aside
