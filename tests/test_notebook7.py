@@ -85,7 +85,8 @@ def test_a_kernel_restart_in_notebook_7_makes_the_views_say_so(nb7: Page) -> Non
 def test_a_kernel_killed_mid_run_leaves_the_board_counting_its_run_where_its_card_says(nb7: Page) -> None:
     """No process but the server has the store open once the kernel is killed: the board drawn
     from the store counted the dead kernel's run under Running while its card said
-    "interrupted" (w55). The server records the run as a kernel would: both say failed."""
+    "interrupted" (w55). The server records the run as a kernel would: both say failed. Its
+    waiting run can be cancelled from its card."""
     page = nb7.page
     with nb7.screenshots_on_failure("killed"):
         run_all(page)
@@ -108,6 +109,13 @@ def test_a_kernel_killed_mid_run_leaves_the_board_counting_its_run_where_its_car
                    "nothing counted under Running")
         assert lane("Running").locator(".cnb-mini").count() == 0
         lane("Failed").locator(mini).wait_for(timeout=15_000)
+
+        # The dead kernel's scheduled run: nobody holds it, so a Cancel filed through the server
+        # cancels it there (w56: refused, "nobody to ask", though the button looked usable).
+        page.locator(".jp-Dialog button", has_text="Ok").click()  # "The kernel ... appears to have died"
+        later = nb7.card("Crunching later")
+        later.locator("button", has_text="Cancel").click()
+        later.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
 
 
 def test_nothing_threw_and_nothing_complained(nb7: Page) -> None:
