@@ -113,8 +113,10 @@ class Lab:
             "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.open_browser=False",
             "--ServerApp.allow_root=True",
             "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root}",
-            f"--{app}.user_settings_dir={self._settings()}", f"--{app}.workspaces_dir={self.base / 'workspaces'}",
         ]
+        # Notebook 7 reads settings through JupyterLab's server extension, loaded beside it.
+        for each in {app, "LabApp"}:
+            command += [f"--{each}.user_settings_dir={self._settings()}", f"--{each}.workspaces_dir={self.base / 'workspaces'}"]
         if self.app == "lab":
             command += ["--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
         log = self.log_path.open("wb")
@@ -363,3 +365,41 @@ def kernel_pid(lab: Lab, notebook: str) -> int:
             if marker in cmdline.read_bytes() and b"ipykernel" in cmdline.read_bytes():
                 return int(cmdline.parent.name)
     raise LookupError(f"no kernel process for {notebook}")
+
+
+# Every element of the widgets with text of its own: its text color against what is behind it,
+# composited through every translucent layer (WCAG 2 contrast ratio).
+CONTRAST = """root => {
+  const parse = (text) => {
+    const m = text.match(/^(?:rgba?|color)\\((?:srgb )?([^)]*)\\)$/);
+    if (!m) return null;
+    const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+    const scale = text.startsWith("color(") ? 1 : 255;
+    return [p[0] / scale, p[1] / scale, p[2] / scale, p.length > 3 ? p[3] : 1];
+  };
+  const over = (top, under) => [0, 1, 2].map((i) => top[i] * top[3] + under[i] * (1 - top[3])).concat([1]);
+  const behind = (node) => {
+    const layers = [];
+    for (let n = node; n; n = n.parentElement) {
+      const c = parse(getComputedStyle(n).backgroundColor);
+      if (c && c[3] > 0) layers.push(c);
+      if (c && c[3] >= 1) break;
+    }
+    return layers.reverse().reduce((under, layer) => over(layer, under), [1, 1, 1, 1]);
+  };
+  const lum = (c) => {
+    const [r, g, b] = c.slice(0, 3).map((v) => (v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4));
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const found = [];
+  for (const node of root.querySelectorAll(".cnb *")) {
+    const own = [...node.childNodes].some((c) => c.nodeType === 3 && c.textContent.trim());
+    if (!own || !node.getClientRects().length || node.closest(":disabled, option")) continue;
+    const back = behind(node);
+    const text = over(parse(getComputedStyle(node).color), back);
+    const [a, b] = [lum(text), lum(back)].sort((x, y) => y - x);
+    found.push({ what: `${node.className || node.tagName}: ${node.textContent.trim().slice(0, 30)}`,
+                 ratio: (a + 0.05) / (b + 0.05) });
+  }
+  return found;
+}"""

@@ -2,7 +2,8 @@
 
 Notebook 7 is JupyterLab's pieces in a one-notebook page: the widgets must
 draw, update, cancel and say when their kernel restarted there too. One
-server serves the module; notebooks/widgets.ipynb is run as a user would.
+server serves the module, in the dark theme; notebooks/widgets.ipynb is run
+as a user would.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from .lab import (CHROMIUM, Lab, chromium, kernel_pid, open_notebook, restart_kernel, run_all, screenshots_on_failure,
-                  wait_until, watch)
+from .lab import (CHROMIUM, CONTRAST, DARK, Lab, chromium, kernel_pid, open_notebook, restart_kernel, run_all,
+                  screenshots_on_failure, wait_until, watch)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (CI installs it)")
 
@@ -36,7 +37,7 @@ class Page:
 
 @pytest.fixture(scope="module")
 def nb7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
-    with Lab(tmp_path_factory.mktemp("nb7"), app="notebook") as lab, chromium() as page:
+    with Lab(tmp_path_factory.mktemp("nb7"), app="notebook", theme=DARK) as lab, chromium() as page:
         scene = Page(lab, page)
         with scene.screenshots_on_failure("startup"):
             open_notebook(page, lab, "widgets.ipynb")
@@ -57,6 +58,10 @@ def test_a_card_and_the_board_draw_and_update_in_notebook_7(nb7: Page) -> None:
         completed.locator(".cnb-mini", has_text="crunch").wait_for(timeout=15_000)
         completed.locator(".cnb-mini").first.click()
         board.locator(".cnb-detail .cnb-result").wait_for(timeout=10_000)
+        # In the dark theme (the helper set it for JupyterLab only, w56), every text reads at 4.5:1.
+        assert nb7.page.evaluate("document.body.dataset.jpThemeName") == DARK
+        measured = nb7.page.evaluate(CONTRAST, nb7.page.locator("body").element_handle())
+        assert len(measured) > 50 and [m for m in measured if m["ratio"] < 4.5] == []
 
 
 def test_cancel_works_in_notebook_7(nb7: Page) -> None:
