@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import sqlite3
+from shlex import quote
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -230,7 +231,7 @@ def says_which_store(method: Callable[..., T]) -> Callable[..., T]:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot read the capsule_nb store at {self.path}: {exc} "
-                             f"(`capsule-nb doctor --home {self.path}` checks it)") from exc
+                             f"(`capsule-nb doctor --home {quote(str(self.path))}` checks it)") from exc
     return query
 
 

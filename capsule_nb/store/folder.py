@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from shlex import quote
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -82,7 +83,7 @@ def _check_folder(path: Path) -> None:
         raise StoreError(
             f"capsule_nb store folder {path} is writable by other users (mode {mode:04o}): anyone who can "
             f"write it can make this process run their code, so it is not used. If you trust everything in "
-            f"it, make it private with `chmod 700 {path}`; otherwise delete it and start a new store")
+            f"it, make it private with `chmod 700 {quote(str(path))}`; otherwise delete it and start a new store")
     loose = bool(mode & _OTHERS_ANY)
     for inside in (_walk(path) if loose else _database(path)):
         _check_inside(path, inside, loose)
@@ -113,6 +114,7 @@ def _check_inside(path: Path, inside: Path, loose: bool) -> None:
     mode = stat.S_IMODE(info.st_mode)
     how = (f"{path} could be entered by other users (mode {stat.S_IMODE(os.stat(path).st_mode):04o}): they "
            f"could have" if loose else "they could have")
+    shell = quote(str(path))  # (pasted into a shell as it is said: a path with a space stays one)
     if stat.S_ISLNK(info.st_mode) and inside.relative_to(path).parts[0] == "db":
         # SQLite follows the link, and keeps its -wal and -shm files beside the target, where
         # the folder's checks never look (w57: a link to a file another user owns was used).
@@ -122,13 +124,13 @@ def _check_inside(path: Path, inside: Path, loose: bool) -> None:
     if info.st_uid != os.getuid():
         raise StoreError(f"capsule_nb store file {inside} belongs to user id {info.st_uid}, not to you "
                          f"({os.getuid()}): {how} put their rows in it, so the store is not used. If you trust "
-                         f"everything in the store, have it made yours (`sudo chown -R {os.getuid()} {path}`); "
+                         f"everything in the store, have it made yours (`sudo chown -R {os.getuid()} {shell}`); "
                          f"otherwise delete it and start a new store")
     if mode & _OTHERS_WRITE and not stat.S_ISLNK(info.st_mode):
         raise StoreError(f"capsule_nb store file {inside} is writable by other users (mode {mode:04o}): {how} "
                          f"written rows this process would trust, so the store is not used. If you trust "
-                         f"everything in the store, make it yours alone (`chmod -R go-w {path}` and "
-                         f"`chmod 700 {path}`); otherwise delete it and start a new store")
+                         f"everything in the store, make it yours alone (`chmod -R go-w {shell}` and "
+                         f"`chmod 700 {shell}`); otherwise delete it and start a new store")
 
 
 def load_key(folder: Path) -> bytes:
@@ -167,7 +169,7 @@ def load_key(folder: Path) -> bytes:
 def _check_key(key_path: Path) -> None:
     info = os.lstat(key_path)
     mode = stat.S_IMODE(info.st_mode)
-    renew = (f"Remove it (`rm {key_path}`) and a new key is made at the next open; results kept as "
+    renew = (f"Remove it (`rm {quote(str(key_path))}`) and a new key is made at the next open; results kept as "
              f"signed payloads (not JSON) then cannot be read back")
     if stat.S_ISLNK(info.st_mode):
         target = os.readlink(key_path)
@@ -190,4 +192,4 @@ def _check_key(key_path: Path) -> None:
         raise StoreError(
             f"capsule_nb store key {key_path} is readable by other users (mode {mode:04o}): anyone who read "
             f"it can forge payloads this process would unpickle. If nobody else could have read it, "
-            f"`chmod 600 {key_path}`; otherwise: {renew}")
+            f"`chmod 600 {quote(str(key_path))}`; otherwise: {renew}")

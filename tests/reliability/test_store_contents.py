@@ -105,3 +105,16 @@ def test_a_private_store_is_opened_as_before(tmp_path, caplog):
         assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
     finally:
         app.close()
+
+
+def test_the_fix_a_refusal_names_pastes_into_a_shell_whatever_the_path(tmp_path):
+    """w58: the advice named `chmod -R go-w /tmp/x/my store`, which a shell reads as two paths
+    (the second, ``store``, in whatever folder the user is in)."""
+    import shlex
+
+    home = tmp_path / "my store"
+    good_store(home)
+    os.chmod(home / "db", 0o777)
+    message = _refused(home, home / "db", "writable by other users")
+    command = message.split("`chmod -R go-w ")[1].split("`")[0]
+    assert shlex.split(command) == [str(home)]
