@@ -215,8 +215,11 @@ function pageConfig() {
 const xsrf = () => document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/)?.[1];
 
 /** GET (or POST) capsule-nb/api/<what> from the Jupyter server; null when it cannot answer. */
-// A server without our extension (standalone Voilà loads none) redirects, or answers with a
-// page of its own: each such ask was a console error. Such a page is asked once.
+// A server without our extension (standalone Voilà loads none) redirects, or answers 403 or
+// 404 with a page of its own: each such ask was a console error. Such a page is asked once.
+// Once the extension has answered, nothing stops the asking: a proxy's redirect to a login
+// page or its 502 page is passing, and the views must catch up after it.
+let answered = false;
 let noExtension = false;
 
 export async function askServer(what, params, method = "GET") {
@@ -229,10 +232,13 @@ export async function askServer(what, params, method = "GET") {
   try {
     const response = await fetch(url, { method, headers, credentials: "same-origin", cache: "no-store",
       redirect: "manual" });
-    if (response.ok) return await response.json();
-    if (response.type === "opaqueredirect" || !response.headers.get("content-type")?.includes("json")) {
-      noExtension = true; // (our routes answer JSON, refusals too)
+    if (response.ok) {
+      answered = true;
+      return await response.json();
     }
+    const foreign = response.type === "opaqueredirect"
+      || ([403, 404].includes(response.status) && !response.headers.get("content-type")?.includes("json"));
+    if (foreign && !answered) noExtension = true; // (our routes answer JSON, refusals too)
     return null;
   } catch {
     return null;

@@ -146,10 +146,10 @@ function message(m) {
     m.detail && h("span", { className: "cnb-message-detail", textContent: m.detail }));
 }
 
-/** The line that says a view is not live, and why. */
 /** When a run waiting for its time (scheduled, or to retry) starts; else false. */
 export const startsAt = (run) => ["scheduled", "retry"].includes(run.status) && run.scheduled_for;
 
+/** The line that says a view is not live, and why. */
 export const staleNote = (text) => h("div", { className: "cnb-stale", role: "status", textContent: text });
 
 /**
