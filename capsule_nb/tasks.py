@@ -185,8 +185,8 @@ class Task:
             start = time.time() + first_delay
         elif every is not None:
             start = time.time() + every
-        else:  # Capsule's SDK then sends no time, and the run is due at once, as a submit's
-            start = time.time()
+        else:  # Capsule's SDK then sends no time: the run is a submit's, pending and due at once
+            start = None
         handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
         if every is not None and current_run.get() is None:
             self._replace_the_cells_earlier_repeats(handle.task_id)

@@ -305,6 +305,7 @@ async def test_schedule_told_no_time_runs_at_once_as_capsules_does(capsule):
         return report_id
 
     for handle in (await build_report.schedule(report_id="now"), await build_report.schedule(delay=None)):
+        assert handle.snapshot()["status"] != "scheduled" and handle.snapshot().get("scheduled_for") is None
         assert await handle.result(timeout=10) in ("now", "daily")
     assert await build_report.count(status="completed") == 2
 

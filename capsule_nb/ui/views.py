@@ -180,7 +180,8 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
           filter: Mapping[str, Any], limits: Mapping[str, int], page: int, selected: str = "",
           orphaned: Callable[[Mapping[str, Any]], bool] = lambda record: False) -> dict[str, Any]:
     """The board's traits: ``lanes`` (a column each: label, count, newest cards up to its
-    limit), ``choices`` (values the filter menus offer), ``total``, and ``detail``: the
+    limit), ``choices`` (values the filter menus offer), ``total`` (of the runs its columns
+    hold: a status no column shows is not counted), and ``detail``: the
     ``selected`` run as a card ({} when none is, or it is gone); ``selected`` too, as "", when
     the filter leaves that run out (the details close).
     The widget and the server (for a view whose kernel is gone) both answer with this; the
@@ -192,11 +193,14 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
     """
     counts = {status: n for (status,), n in source.run_counts(filter).items()}
     wanted = filter.get("status")
+
+    def passes(status: str) -> bool:  # the status filter
+        return wanted is None or status == wanted or (isinstance(wanted, (list, tuple)) and status in wanted)
+
     lanes = []
     for label, statuses in columns:
         limit = max(page, int(limits.get(label, page)))
-        shown = [s for s in statuses if wanted is None or s == wanted
-                 or (isinstance(wanted, (list, tuple)) and s in wanted)]
+        shown = [s for s in statuses if passes(s)]
         newest = heapq.nlargest(limit, (r for s in shown if counts.get(s)
                                         for r in source.runs({**filter, "status": s}, limit=limit)),
                                 key=lambda r: r["task_id"])
@@ -206,7 +210,8 @@ def board(source: RunSource, *, columns: Sequence[tuple[str, Sequence[str]]],
     closed = record is not None and not _kept_by(record, filter)
     if closed:  # the details show a run of the board, not one its filter has since left out: they close
         record = None
-    return {"lanes": lanes, "total": sum(counts.values()),
+    on_board = {s for _, statuses in columns for s in statuses if passes(s)}
+    return {"lanes": lanes, "total": sum(counts.get(s, 0) for s in on_board),  # (what no column shows is not counted)
             "choices": {"app": source.run_values("app"), "task_name": source.run_values("task_name"),
                         "session_id": source.run_values("session_id"),
                         "status": list(dict.fromkeys(s for _, statuses in columns for s in statuses))},
