@@ -71,6 +71,29 @@ def check_database_kept(path: Path) -> None:
             f"(and its -wal file) from a backup; or, to start afresh, move {path} aside (its files stay there)")
 
 
+def database_id(path: Path) -> tuple[int, int] | None:
+    """Which file the store's database is now (device, inode); None when there is none."""
+    try:
+        info = os.stat(path / "db" / "cache.db")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def replaced(path: Path, opened: tuple[int, int] | None) -> StoreError | None:
+    """Why the store at ``path`` cannot be written by a process that opened its database as
+    ``opened``: the file was deleted or replaced since (a reset, a restore from a backup).
+    SQLite goes on writing the file it opened, which nobody else reads, so every change made
+    from then on would be lost; None while it is the same file."""
+    now = database_id(path)
+    if now == opened:
+        return None
+    how = "removed" if now is None else "replaced by another file"
+    return StoreError(f"the database of the capsule_nb store at {path} was {how} while this process had it "
+                      f"open: what it writes from then on is lost, so it takes no new runs. Restart this "
+                      f"kernel (or process) to open the store as it is now")
+
+
 def _check_folder(path: Path) -> None:
     info = os.stat(path)
     mode = stat.S_IMODE(info.st_mode)

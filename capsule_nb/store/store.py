@@ -59,6 +59,8 @@ class Store:
         folder.prepare_folder(self.path)
         self._signer = disk.Signer(folder.load_key(self.path), self.path)
         self._cache = disk.open_cache(self.path)
+        self._opened = folder.database_id(self.path)  # (the file, so that a replaced one is noticed)
+        self._replaced: StoreError | None = None
         self._rows = Rows(self._cache, self.path)  # every read of a row goes through it
         self._feed = Feed(self._cache)
         self.events = EventBus()
@@ -364,7 +366,7 @@ class Store:
     def failure(self) -> StoreError | None:
         """Why the disk refuses writes, while it does (changes stay queued meanwhile): a new
         error on each read, so raising it keeps no tracebacks of earlier raises."""
-        failure = self._writes.failure
+        failure = self._replaced or self._writes.failure
         return failure and fresh(failure)
 
     def flushed(self, gen: int) -> asyncio.Future[None]:
@@ -392,6 +394,9 @@ class Store:
 
     def poll(self) -> list[RunRecord]:
         """Fold in what other processes wrote since the last poll; returns the run records."""
+        if self._replaced is None and (gone := folder.replaced(self.path, self._opened)) is not None:
+            self._replaced = gone  # (looked at on every poll: a maintenance pass makes one every 0.5 s)
+            log.error("capsule_nb: %s", gone)
         with self._poll_lock:
             seq, changed = self._feed.changes()
             if changed is None:  # fell behind the feed's window

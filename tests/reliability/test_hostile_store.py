@@ -1025,3 +1025,34 @@ def test_doctor_fix_blames_a_broken_quarantine_db_not_the_store_and_moves_nothin
     assert "nothing was moved" in err and "cannot read the capsule_nb store" not in err
     code, out, _ = cli(capsys, "--home", str(home), "doctor")
     assert code == 1 and "run/y" in out  # still there, for a fix once quarantine.db is moved aside
+
+
+@pytest.mark.parametrize("how", ["replaced", "removed"])
+def test_a_database_replaced_or_removed_under_an_open_store_refuses_new_runs(tmp_path, caplog, how):
+    """A reset (``rm -r`` of the store) or a restore from a backup while a kernel has the store
+    open: SQLite goes on writing the file it opened, which nobody reads any more, so the
+    kernel's new runs were lost without a word. It says so, once, and takes no new runs."""
+    import shutil
+
+    home = tmp_path / "store"
+    app = cpsl.App(home=home)
+    try:
+        @app.task
+        def job() -> int:
+            return 1
+
+        assert asyncio.run(job.submit().result(timeout=10)) == 1
+        app.store.flush()
+        db = home / "db" / "cache.db"
+        if how == "replaced":  # a restore: the same bytes, another file
+            shutil.copy(db, tmp_path / "backup.db")
+            os.replace(tmp_path / "backup.db", db)
+        else:
+            shutil.rmtree(home / "db")
+        until_sync(lambda: app.store.failure is not None, 10, what="the maintenance pass noticing")
+        with pytest.raises(StoreError, match=f"was {'replaced by another file' if how == 'replaced' else 'removed'} "
+                                             "while this process had it open"):
+            job.submit()
+        assert len([r for r in caplog.records if "while this process had it open" in r.getMessage()]) == 1
+    finally:
+        app.close()
