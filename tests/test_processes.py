@@ -573,6 +573,38 @@ def test_dask_kill_stops_the_child_within_a_second(dask_backend):
     assert dask_backend.run(os.getpid).wait(60).ok
 
 
+def _note_pid_then_sleep(path: str) -> str:
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(60)
+    return "slept"
+
+
+def _runs_here(job_id: str) -> bool:
+    from capsule_nb.workers import dask
+
+    return job_id in dask._live
+
+
+def test_a_dask_worker_that_dies_is_a_crash_not_a_second_attempt(dask_backend, tmp_path):
+    """Dask starts a task again when the worker running it dies: the run of a task with
+    ``retries=0`` ran twice and ended completed, attempt 2 of 1 (w59). The job ends crashed
+    once its worker is lost, and the body Dask started again is killed."""
+    import signal
+
+    workers = dask_backend.client.run(os.getpid)  # address -> the Dask worker process
+    started = tmp_path / "started"
+    recorder = Recorder()
+    job = dask_backend.run(_note_pid_then_sleep, (str(started),), on_message=recorder)
+    until_sync(lambda: job.worker_address is not None and started.exists(), 30, what="the job started")
+    os.kill(workers[job.worker_address], signal.SIGKILL)
+    outcome = job.wait(timeout=60)
+    assert outcome.kind == "crashed" and "Dask started it again" in outcome.message, outcome
+    assert [kind for kind, _ in recorder.calls].count("started") == 1
+    until_sync(lambda: not any(dask_backend.client.run(_runs_here, job.id).values()), 30,
+               what="no worker running the body Dask started again")
+
+
 def test_warm_starts_a_worker_the_next_job_uses():
     with ProcessPool(max_workers=2) as fresh:
         fresh.warm(1)

@@ -24,6 +24,9 @@ How it works:
   (no ``started`` message) ends ``killed`` at once and its future is
   cancelled; a running one ends when its task returns ``killed``, or after
   ``KILL_GRACE`` seconds without an answer (the worker is gone).
+* A Dask worker that dies itself (killed, out of memory) makes Dask start
+  its task again elsewhere: the second ``started`` message ends the job
+  ``crashed`` and the rerun is killed, so retries stay the run's policy.
 * Messages (prints, ``session.reply``/``progress``...) travel as Dask
   events (``Worker.log_event`` -> ``Client.subscribe_topic``) on one topic
   per backend; the task returns how many it sent, and the job ends only
@@ -220,6 +223,9 @@ class DaskBackend:
 
     def _message(self, job: DaskJob, message: dict) -> None:
         kind, data = message["kind"], message["data"]
+        if kind == "started" and job.pid is not None:
+            self._started_again(job, data)
+            return
         if kind == "started":
             job.pid, job.worker_address = data.get("pid"), data.get("worker")
         job._received += 1
@@ -230,6 +236,19 @@ class DaskBackend:
                 log.exception("capsule_nb: on_message failed for a Dask job message %r", kind)
         if job._finishing is not None and job._received >= job._finishing[1]:
             self._settle(job, job._finishing[0])
+
+    def _started_again(self, job: DaskJob, data: dict) -> None:
+        """Dask runs a task again when the worker running it dies (``allowed-failures`` times):
+        a second attempt that the run's retry policy never granted, counted as one (w59: a run
+        of ``retries=0`` ended completed, attempt 2 of 1). The attempt ends as a crash, as one
+        whose local worker died does, and the rerun is killed where it started."""
+        message = (f"worker process died: the Dask worker {job.worker_address} running it was lost, and Dask "
+                   f"started it again on {data.get('worker')}, which was stopped: a run is retried by its "
+                   f"own policy only")
+        threading.Thread(target=job._broadcast_kill, name="capsule-dask-kill", daemon=True).start()
+        if job.future is not None:
+            job.future.cancel()
+        self._settle(job, Outcome("crashed", error_type="WorkerCrashed", message=message))
 
     def _task_done(self, job: DaskJob, future: Any) -> None:
         status = future.status
