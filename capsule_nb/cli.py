@@ -25,6 +25,7 @@ Subcommands are argparse sub-parsers, each a ``cmd_<name>(args) -> int``;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -40,8 +41,6 @@ class _UsageError(Exception):
 
 def _open(args: argparse.Namespace) -> Any:
     """The App of the store named by ``--home`` (never creating one on a typo)."""
-    import os
-
     from .app import App, _home
     from .store.folder import check_database_kept
 
@@ -274,4 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_UsageError, StoreError) as exc:  # a store that cannot be used: one line, no traceback
         print(f"capsule-nb {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `capsule-nb tasks | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush says nothing)
+        return 0
 

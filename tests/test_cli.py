@@ -203,3 +203,21 @@ def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
     finally:
         owner.kill()
         owner.wait(10)
+
+
+def test_a_listing_piped_into_head_ends_quietly(app):
+    """``capsule-nb tasks | head -2``: the reader closes the pipe, and the listing printed a
+    BrokenPipeError traceback and exited 1 (w59)."""
+    @app.task
+    def job(i: int = 0) -> int:
+        return i
+
+    handles = [job.submit(i=i) for i in range(3000)]  # more than a pipe holds
+    until_sync(lambda: all(h.snapshot()["status"] == "completed" for h in handles), 60)
+    app.store.flush()
+    listing = subprocess.Popen([sys.executable, "-m", "capsule_nb", "--home", str(app.home), "tasks", "--limit", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = [listing.stdout.readline() for _ in range(2)]
+    listing.stdout.close()  # as head does once it has its lines
+    assert listing.wait(60) == 0 and listing.stderr.read() == b""
+    assert head[0].startswith(b"TASK ID") and b"completed" in head[1]
