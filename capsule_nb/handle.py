@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 _SWEEP_FROM = 4096  # handles held before the first sweep of dropped ones
+ANSWER_SECONDS = 2.0  # how long an awaited cancel of another process's run waits for its owner
 
 
 class TaskHandle(Steps):
@@ -115,8 +116,22 @@ class TaskHandle(Steps):
         return ReadyStr(self._get("status"))
 
     def cancel(self) -> ReadyBool:
-        """Stop the run in whatever state it is; for a repeating schedule, stop the repetition."""
-        return ReadyBool(self._app.runtime.cancel(self.task_id))
+        """Stop the run in whatever state it is; for a repeating schedule, stop the repetition.
+
+        A run another live process owns is only asked, and its owner answers at its next pass:
+        awaited, as Capsule code awaits the call, the answer comes back with it (up to
+        ``ANSWER_SECONDS``), so the status read next says ``cancelled``, as in Capsule, where
+        the server has marked the run by then."""
+        runtime = self._app.runtime
+        here = runtime.holder(self.task_id) is not None
+        asked = runtime.cancel(self.task_id)
+        return ReadyBool(asked) if here or not asked else _Answered(asked, self._answer)
+
+    async def _answer(self) -> None:
+        try:
+            await self._wait(ANSWER_SECONDS)
+        except TimeoutError:  # its owner is slow to stop it (a thread blocked in a call): asked is all we know
+            pass
 
     def refresh(self) -> ReadyBool:
         """Push a running run's timeout deadline to now + timeout."""
@@ -429,3 +444,18 @@ def _settle(endings: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any] |
 
 def _iso(value: float | None) -> str:
     return "" if value is None else dt.datetime.fromtimestamp(value, tz=dt.timezone.utc).isoformat()
+
+
+class _Answered(ReadyBool):
+    """``h.cancel()`` of a run another process owns: True at once, and awaited, True once the
+    owner has answered (``TaskHandle.cancel``)."""
+
+    __slots__ = ("_answer",)
+
+    def __init__(self, value: bool, answer: Any):
+        super().__init__(value)
+        self._answer = answer
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        yield from self._answer().__await__()
+        return self.value

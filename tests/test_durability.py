@@ -978,3 +978,36 @@ def test_a_flush_cuts_the_writers_gathering_short(app, monkeypatch):
         app.store.flush(timeout=20)
         assert time.monotonic() - started < 10
         assert record_on_disk(app.home, handle.task_id) is not None
+
+
+async def test_an_awaited_cancel_of_another_live_processs_waiting_run_returns_with_its_answer(tmp_path):
+    """Capsule code awaits ``h.cancel()`` and then reads the status: there the server has marked
+    the run. Here its owner answers at its next pass, and the status read next said
+    ``scheduled`` for up to half a second (w54). Awaited, the cancel returns with the answer;
+    not awaited, it is True at once, as before."""
+    owner = spawn(
+        """
+        @app.task
+        def later(tag):
+            return tag
+
+        waiting = [later.schedule(delay="1h", tag=str(n)) for n in range(2)]
+        app.store.flush()
+        print(*(h.task_id for h in waiting), flush=True)
+        print("ready", flush=True)
+        threading.Event().wait()
+        """,
+        tmp_path,
+    )
+    (ids,) = lines_until(owner, "ready")
+    first, second = ids.split()
+    app = cpsl.App(home=tmp_path)
+    try:
+        handle = app.get_task(first)
+        assert await handle.cancel() is True
+        assert await handle.status() == "cancelled"  # the very next read
+        quick = app.get_task(second).cancel()  # not awaited: asked, True at once
+        assert quick and app.get_task(second).snapshot()["status"] == "scheduled"
+        assert await app.get_task(second).wait(10) == "cancelled"
+    finally:
+        app.close()
