@@ -92,6 +92,16 @@ def record_json(task_id, **changes):
     return json.dumps({**record, **changes})
 
 
+def a_run_completes(app):
+    """A task of ``app`` whose run has just completed: the store takes and keeps runs."""
+    @app.task
+    def job() -> int:
+        return 1
+
+    assert asyncio.run(job.submit().result(timeout=10)) == 1
+    return job
+
+
 def cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -955,11 +965,7 @@ def test_a_damaged_change_feed_counter_is_named_listed_and_moved_aside(tmp_path,
     assert cli(capsys, "--home", str(home), "doctor", "--fix")[0] == 0
     app = cpsl.App(home=home)
     try:
-        @app.task
-        def job() -> int:
-            return 1
-
-        assert asyncio.run(job.submit().result(timeout=10)) == 1
+        a_run_completes(app)
         assert {r["task_id"] for r in app.store.runs()} >= {good}  # nothing already there was lost
     finally:
         app.close()
@@ -1037,11 +1043,7 @@ def test_a_database_replaced_or_removed_under_an_open_store_refuses_new_runs(tmp
     home = tmp_path / "store"
     app = cpsl.App(home=home)
     try:
-        @app.task
-        def job() -> int:
-            return 1
-
-        assert asyncio.run(job.submit().result(timeout=10)) == 1
+        job = a_run_completes(app)
         app.store.flush()
         db = home / "db" / "cache.db"
         if how == "replaced":  # a restore: the same bytes, another file
