@@ -208,3 +208,28 @@ def test_a_dead_kernels_runs_are_recorded_for_the_views_that_ask(tmp_path: Path)
         assert {r["task_id"]: r["status"] for r in app.store.runs()} == {task_id: "failed", waiting_id: "cancelled"}
     finally:
         app.close()
+
+
+def test_a_store_reset_under_the_server_is_read_afresh(tmp_path: Path) -> None:
+    """The server outlives kernels: a store deleted and made again (``rm -r``, a restore) while
+    it had it open was read from the old, deleted file for as long as the server ran, so saved
+    views showed runs that were gone and never the new ones."""
+    import shutil
+
+    home = tmp_path / "store"
+
+    def a_run() -> str:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import asyncio, capsule_nb as cpsl
+            app = cpsl.App(home={str(home)!r})
+            h = app.task(lambda: 1, name="one").submit()
+            asyncio.run(h.wait(10)); app.close(); print(h.task_id)
+        """)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-1]
+
+    old = a_run()
+    assert set(server.cards(str(home), [old])["cards"]) == {old}
+    shutil.rmtree(home)
+    new = a_run()
+    assert set(server.cards(str(home), [old, new])["cards"]) == {new}

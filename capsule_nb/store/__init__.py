@@ -21,11 +21,16 @@ _stores: dict[Path, Store] = {}
 _stores_lock = threading.Lock()
 
 
-def open_store(home: str | Path) -> Store:
-    """This process's ``Store`` for the folder ``home`` (opened on first use)."""
+def open_store(home: str | Path, *, afresh: bool = False) -> Store:
+    """This process's ``Store`` for the folder ``home`` (opened on first use). ``afresh``: open
+    it again if its database was deleted or replaced since (``Store.replaced``), for a process
+    that only reads and outlives kernels, the Jupyter server: a kernel's runs hold their store."""
     key = Path(home).expanduser().resolve()
     with _stores_lock:
         store = _stores.get(key)
+        if store is not None and afresh and store.replaced is not None:
+            store.close()
+            store = None
         if store is None:
             store = _stores[key] = Store(key)
         return store

@@ -363,6 +363,15 @@ class Store:
         return self._writes.generation
 
     @property
+    def replaced(self) -> StoreError | None:
+        """Why this store's database is not the store's any more (deleted or replaced since it
+        was opened), once that is seen; looked at on each poll, a stat."""
+        if self._replaced is None and (gone := folder.replaced(self.path, self._opened)) is not None:
+            self._replaced = gone
+            log.error("capsule_nb: %s", gone)
+        return self._replaced
+
+    @property
     def failure(self) -> StoreError | None:
         """Why the disk refuses writes, while it does (changes stay queued meanwhile): a new
         error on each read, so raising it keeps no tracebacks of earlier raises."""
@@ -394,9 +403,8 @@ class Store:
 
     def poll(self) -> list[RunRecord]:
         """Fold in what other processes wrote since the last poll; returns the run records."""
-        if self._replaced is None and (gone := folder.replaced(self.path, self._opened)) is not None:
-            self._replaced = gone  # (looked at on every poll: a maintenance pass makes one every 0.5 s)
-            log.error("capsule_nb: %s", gone)
+        if self.replaced is not None:
+            return []  # (what the file it has open says is nobody's any more)
         with self._poll_lock:
             seq, changed = self._feed.changes()
             if changed is None:  # fell behind the feed's window

@@ -62,7 +62,7 @@ def _store(home: str) -> Any:
     path = Path(home).expanduser()
     if not home or not path.is_absolute() or not has_store(path):
         raise LookupError(f"no capsule_nb store at {home!r}")
-    store = open_store(path)
+    store = open_store(path, afresh=True)  # (a store reset or restored since: the new file)
     store.poll()
     try:  # a dead kernel's runs are recorded as any process on the store records them
         recover_dead(store, store.unfinished_runs())
