@@ -43,6 +43,7 @@ import types
 from typing import TYPE_CHECKING, Any, Callable
 
 from .checks import true_or_false, whole_number
+from .errors import StoreError
 from .cron import last_due, next_due, parse_cron, parse_tz
 from .handle import TaskHandle
 from .queries import TaskQuery
@@ -80,6 +81,7 @@ class Schedule:
         self._timer: Any = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._refused = ""  # why the store refused the last tick's run (said once, until one runs)
         self._superseded_by: str | None = None  # the definition in force, when it is another kernel's
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
@@ -177,6 +179,11 @@ class Schedule:
     def _tick(self, due: dt.datetime) -> None:
         try:
             self._fire(due.timestamp())
+            self._refused = ""
+        except StoreError as exc:  # a full disk, a database replaced under the store: said once, not per tick
+            if str(exc) != self._refused:
+                log.error("capsule_nb schedule %s: tick at %s not run: %s", self.name, due, exc)
+            self._refused = str(exc)
         except Exception:
             log.exception("capsule_nb schedule %s: tick at %s failed", self.name, due)
         finally:  # the next tick after *now*: a late tick never turns into a burst

@@ -786,3 +786,26 @@ async def test_the_card_of_a_repeating_run_follows_its_series_and_its_cancel_sto
     assert again.task_id == card.task_id and again.run["status"] == "cancelled"
     card.close()
     again.close()
+
+
+async def test_a_board_and_a_card_say_when_their_store_can_no_longer_be_written(app):
+    """The store's database deleted under the kernel (a reset): the kernel's log line went under a
+    cell long finished, and its boards and cards went on as if nothing had happened (w60)."""
+    import shutil
+
+    @app.task
+    def job() -> int:
+        return 1
+
+    handle = job.submit()
+    await handle.wait(10)
+    board, card = ui.TaskBoard(app=app, refresh_ms=100), ui.TaskCard(handle, refresh_ms=100)
+    try:
+        assert board.notice == card.notice == ""
+        shutil.rmtree(app.store.path / "db")
+        await until(lambda: board.notice.startswith("Not saved: the database of the capsule_nb store")
+                    and card.notice == board.notice)
+        assert "restart this kernel" in board.notice
+    finally:
+        board.close()
+        card.close()

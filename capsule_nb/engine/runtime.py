@@ -15,13 +15,14 @@ run may be bound to, and a ``Display`` for messages. It never sees the App.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ..errors import LockedError
+from ..errors import LockedError, StoreError
 from ..record import (CANCELLED, COMPLETED, FAILED, FINISHED, PENDING, RETRY, RUNNING, SCHEDULED, TIMEOUT,
                       RunRecord, evolve, new_record, new_task_id, storable, submitted_record)
 from ..store import Store, refreshes
@@ -38,6 +39,7 @@ from .threads import WorkerPool
 from .timers import Timers
 from .upkeep import Upkeep, cancelled, interrupted
 
+log = logging.getLogger("capsule_nb")
 _LET_GO_KILL_SECONDS = 1.0  # how long a process going away waits for a worker it killed to be gone
 
 if TYPE_CHECKING:
@@ -335,9 +337,12 @@ class Runtime:
         every = record["every"]
         due = record.get("scheduled_for") or record["created_at"]
         due += every * max(1, int((time.time() - due) // every) + 1)  # skip slots missed while busy
-        self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
-                    target=run.target, start_at=due, every=every, series=record.get("series"),
-                    extra={"display_name": record.get("display_name")})
+        try:
+            self.submit(run.task.newest(), run.args, run.kwargs, record.get("params") or {}, session=run.session,
+                        target=run.target, start_at=due, every=every, series=record.get("series"),
+                        extra={"display_name": record.get("display_name")})
+        except StoreError as exc:  # the store takes no new runs: the series ends here, and says why
+            log.error("capsule_nb: the repeat of %s ends after run %s: %s", run.task.name, run.task_id, exc)
 
     def _callback(self, run: Run, record: RunRecord | None) -> None:
         if run.task.callback_url and record is not None:

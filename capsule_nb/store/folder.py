@@ -90,8 +90,8 @@ def replaced(path: Path, opened: tuple[int, int] | None) -> StoreError | None:
         return None
     how = "removed" if now is None else "replaced by another file"
     return StoreError(f"the database of the capsule_nb store at {path} was {how} while this process had it "
-                      f"open: what it writes from then on is lost, so it takes no new runs. Restart this "
-                      f"kernel (or process) to open the store as it is now")
+                      f"open: what it writes from then on is lost. It takes no new runs (those it had accepted "
+                      f"run on, unrecorded); restart this kernel (or process) to use the store as it is now")
 
 
 def _check_folder(path: Path) -> None:

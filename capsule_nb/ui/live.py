@@ -88,6 +88,7 @@ class LiveWidget(anywidget.AnyWidget):
         self._flush_timer: Timer | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._views = 0  # views that said "shown" and not yet "hidden"
+        self._store_said = ""  # the notice saying why the store does not write, while it does not
         running_in = kernel()
         super().__init__(clock=time.time(), source={"home": str(app.store.path), "app": app.name},
                          kernel_session=running_in.session.session if running_in is not None else "", **state)
@@ -143,11 +144,20 @@ class LiveWidget(anywidget.AnyWidget):
                 self.clock = time.time()
 
     def _poll(self) -> None:
-        """Fold in other kernels' writes; the store publishes them as events."""
+        """Fold in other kernels' writes; the store publishes them as events. What keeps the
+        store from writing (a full disk, its database deleted or replaced) is said on the view:
+        a log line from a maintenance thread goes under a cell long finished, which nobody sees."""
+        store = self._app.store
         try:
-            self._app.store.poll()
+            store.poll()
         except Exception:
-            log.exception("capsule_nb: polling the store at %s failed", self._app.store.path)
+            log.exception("capsule_nb: polling the store at %s failed", store.path)
+        failure = store.failure
+        said = f"Not saved: {failure}" if failure is not None else ""
+        if said != self._store_said:
+            if said or self.notice == self._store_said:
+                self.notice = said
+            self._store_said = said
         self._arm("poll", self.refresh_ms / 1000, self._poll)
 
     def _arm(self, name: str, delay: float, callback: Callable[[], None]) -> None:

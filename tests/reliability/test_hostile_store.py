@@ -10,6 +10,7 @@ os.chmod, links with os.symlink, and ownership compares st_uid with getuid.
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -1044,6 +1045,11 @@ def test_a_database_replaced_or_removed_under_an_open_store_refuses_new_runs(tmp
     app = cpsl.App(home=home)
     try:
         job = a_run_completes(app)
+
+        @app.schedule("0 0 1 1 *")
+        def tick() -> None:
+            job.submit()
+
         app.store.flush()
         db = home / "db" / "cache.db"
         if how == "replaced":  # a restore: the same bytes, another file
@@ -1056,5 +1062,9 @@ def test_a_database_replaced_or_removed_under_an_open_store_refuses_new_runs(tmp
                                              "while this process had it open"):
             job.submit()
         assert len([r for r in caplog.records if "while this process had it open" in r.getMessage()]) == 1
+        for second in (1, 2, 3):  # a schedule's ticks meanwhile: one line, not a traceback each (w60)
+            tick._tick(dt.datetime(2030, 1, 1, 0, 0, second, tzinfo=dt.timezone.utc))
+        refused = [r for r in caplog.records if "tick at" in r.getMessage()]
+        assert len(refused) == 1 and refused[0].exc_info is None and "not run" in refused[0].getMessage()
     finally:
         app.close()
