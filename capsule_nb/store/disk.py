@@ -193,7 +193,7 @@ class Signer:
     """Signs pickled bytes with the store's key, bound to the row they are written to, and
     refuses bytes it did not sign for that row: one run's result moved onto another's row
     (or its arguments, which a process run of another kernel would be called with) is refused
-    as any forged payload is. Payloads written before the row was bound in (0.2 and older)
+    as any forged payload is. Payloads written before the row was bound in (by earlier versions)
     still read: their signature covers the bytes alone."""
 
     def __init__(self, key: bytes, where: Path):
