@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..record import CLAIMED, FINISHED, RUNNING, RunRecord
-from ..store import refreshes
+from ..store import Store, refreshes
 from ..store.owners import owner_alive
 from .upkeep import cancelled, last_seen
 
@@ -33,21 +33,30 @@ def cancel(runtime: "Runtime", task_id: str) -> bool:
             runtime.store.request_cancel(task_id)
             return True
 
-        seen = last_seen(runtime.store, owner)  # (a dead owner's run ended then, if it ran)
-
-        def settle(disk: RunRecord, _requested: bool, owner: str = owner) -> RunRecord | None:
-            if disk.get("owner", "") != owner:
-                return None
-            return cancelled(disk, seen if disk["status"] in (RUNNING, CLAIMED) else None)
-
-        claimed = runtime.store.claim_run(task_id, settle)
+        claimed = cancel_unheld(runtime.store, task_id, owner)
         if claimed is not None:
             if claimed.get("lock_key"):
-                runtime.store.locks.release(claimed["lock_key"], task_id)
                 runtime.queues.wake_all()
             return True
         runtime.store.poll()
     return False
+
+
+def cancel_unheld(store: Store, task_id: str, owner: str) -> RunRecord | None:
+    """Record as ``cancelled`` on disk a run that ``owner`` left and nobody works on (it died, or
+    this process let the run go), unless someone took the run over meanwhile, and free its lock
+    key; gives the new record, or None. The Jupyter server cancels a dead kernel's runs so too."""
+    seen = last_seen(store, owner)  # (a dead owner's run ended then, if it ran)
+
+    def settle(disk: RunRecord, _requested: bool) -> RunRecord | None:
+        if disk.get("owner", "") != owner:
+            return None
+        return cancelled(disk, seen if disk["status"] in (RUNNING, CLAIMED) else None)
+
+    claimed = store.claim_run(task_id, settle)
+    if claimed is not None and claimed.get("lock_key"):
+        store.locks.release(claimed["lock_key"], task_id)
+    return claimed
 
 
 def refresh(runtime: "Runtime", task_id: str) -> bool:

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine.upkeep import cancelled, recover_dead
+from ..engine.elsewhere import cancel_unheld
+from ..engine.upkeep import recover_dead
 from ..errors import StoreError
 from ..record import CLAIMED, FINISHED, RUNNING
 from ..store import open_store
@@ -110,13 +111,8 @@ def cancel(home: str, task_id: str) -> dict[str, Any]:
         return {"asked": False, "status": record["status"], "said": views.refusal(task_id, "finished")}
     owner = record.get("owner", "")
     if not owner_alive(owner):
-        def take(disk: dict[str, Any], requested: bool) -> dict[str, Any] | None:
-            return cancelled(disk) if disk.get("owner") == owner else None  # (else adopted meanwhile)
-
-        done = store.claim_run(task_id, take)
+        done = cancel_unheld(store, task_id, owner)
         if done is not None:
-            if done.get("lock_key"):
-                store.locks.release(done["lock_key"], task_id)
             return {"asked": True, "status": done["status"]}
     store.request_cancel(task_id)  # its owner answers it, or whoever adopts the run
     return {"asked": True, "status": record["status"]}
