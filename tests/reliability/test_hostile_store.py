@@ -811,15 +811,21 @@ def test_a_store_whose_database_was_lost_beside_its_value_files_is_refused_not_s
     """db/cache.db cut to 0 bytes (a copy or restore cut short, a full disk), or deleted: the
     store opened as a new empty one over the old value files, and doctor gave an all-clear."""
     home = tmp_path / "store"
-    app = cpsl.App(home=home)
+    # Another process made the store and has ended: this one's threads, which keep the store
+    # open after app.close(), would read the cut file meanwhile (SQLite then drops the WAL).
+    made = subprocess.run([sys.executable, "-c", f"""if True:
+        import asyncio
+        import capsule_nb as cpsl
+        app = cpsl.App(home={str(home)!r})
 
-    @app.task
-    def big():
-        return "y" * 200_000  # its result lives in a value file
+        @app.task
+        def big():
+            return "y" * 200_000  # its result lives in a value file
 
-    handle = big.submit()
-    until_sync(lambda: handle.snapshot()["status"] == "completed")
-    app.close()
+        assert asyncio.run(big.submit().result()) == "y" * 200_000
+        app.close()
+        """], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
     for name in os.listdir(home / "db"):
         if name.startswith("cache.db"):
             path = home / "db" / name
