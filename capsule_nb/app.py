@@ -105,17 +105,21 @@ class App:
                  executor: str = "default"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
+        if "/" in name:  # (the store's keys join app and schedule names with it: "a" + "b/c" is "a/b" + "c")
+            raise ValueError(f"App name cannot contain '/', got {name!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        # Every option is checked before anything changes: a bad one opens nothing, and a re-run
+        # cell with one bad value leaves the app it made before as it was.
+        threads = None if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
+        if keep_finished is not None:
+            whole_number("keep_finished", keep_finished)
         if "runtime" in self.__dict__:  # the same app again (``__new__``): the cell's options apply
             self.image = image
-            if max_threads is not None:  # (not given: as it was, not back to the default)
-                self.runtime.max_threads = whole_number("max_threads", max_threads, minimum=1)
+            if threads is not None:  # (not given: as it was, not back to the default)
+                self.runtime.max_threads = threads
             self._set_retention(keep_finished)
             return
-        threads = 32 if max_threads is None else whole_number("max_threads", max_threads, minimum=1)
-        if keep_finished is not None:  # (checked before the store opens: a bad value opens nothing)
-            whole_number("keep_finished", keep_finished)
         self.name = name
         self.image = image
         self.store = open_store(_home(home))
@@ -128,7 +132,7 @@ class App:
         self.owner_session = Session(self, id=f"owner:{user.id}", user=user)
         notebook = kernel.notebook_name()
         self.session = Session(self, id=f"notebook:{notebook}" if notebook else f"local:{user.id}", user=user)
-        settings = Settings(app=name, max_threads=threads,
+        settings = Settings(app=name, max_threads=32 if threads is None else threads,
                             immediate=executor == "immediate")
         self._set_retention(keep_finished)
         self.runtime = Runtime(self.store, settings, tasks=self.tasks_defined, default_session=self.owner_session,

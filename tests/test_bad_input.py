@@ -261,6 +261,38 @@ def test_app_name_must_be_text(tmp_path):
         cpsl.App(name="", home=tmp_path)
 
 
+def test_an_app_name_with_a_slash_is_refused_its_schedules_would_be_anothers(tmp_path):
+    """App "a" with schedule "b/c" and app "a/b" with schedule "c" shared one key: pausing
+    one paused the other, and ``capsule-nb schedules`` listed one of them."""
+    with pytest.raises(ValueError, match="App name cannot contain '/', got 'a/b'"):
+        cpsl.App(name="a/b", home=tmp_path)
+    app = cpsl.App(name="a", home=tmp_path)
+    try:
+        @app.schedule("0 0 1 1 *", name="b/c")  # (a schedule's own name may: it comes last)
+        def yearly():
+            pass
+
+        yearly.pause()
+        assert yearly.paused
+    finally:
+        app.close()
+
+
+def test_a_rerun_app_cell_with_one_bad_option_changes_nothing(tmp_path):
+    app = cpsl.App(name="rerun", home=tmp_path, max_threads=8, keep_finished=100)
+    try:
+        with pytest.raises(ValueError, match="keep_finished must be .* got -1"):
+            cpsl.App(name="rerun", home=tmp_path, max_threads=4, keep_finished=-1, image="new")
+        assert (app.runtime.max_threads, app.keep_finished, app.image) == (8, 100, None)
+        with pytest.raises(ValueError, match="max_threads must be .* got 0"):
+            cpsl.App(name="rerun", home=tmp_path, max_threads=0, keep_finished=5)
+        assert (app.runtime.max_threads, app.keep_finished) == (8, 100)
+        assert cpsl.App(name="rerun", home=tmp_path, max_threads=4, keep_finished=5) is app  # good values apply
+        assert (app.runtime.max_threads, app.keep_finished) == (4, 5)
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

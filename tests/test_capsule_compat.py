@@ -1178,6 +1178,8 @@ def test_portable_mode_from_the_magic(nb: Kernel):
     assert EXTENSIONS["process_cell"][1] in warned and EXTENSIONS["positional"][1] in warned
     assert again.stream("stderr") == ""
     assert "usage: %capsule" in nb.run("%capsule portable maybe").stdout
+    for _ in range(2):  # asked alone, it says which it is, and changes nothing
+        assert nb.run("%capsule portable").stdout.strip() == "portable mode off"
 
 
 # ----------------------------------------------------------- 9: docs as pasted

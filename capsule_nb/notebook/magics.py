@@ -92,14 +92,15 @@ def capsule_summary(app: App | None = None) -> str:
 
 def _capsule_magic(line: str) -> None:
     """%capsule: store path, counts by status, what is running. %capsule portable on|off:
-    warn once for each capsule_nb-only extension used, with the Capsule way to write it."""
+    warn once for each capsule_nb-only extension used, with the Capsule way to write it;
+    %capsule portable alone says which it is (a question, so it changes nothing)."""
     words = line.split()
     if not words:
         print(capsule_summary())
-    elif words[0] == "portable" and len(words) <= 2 and (words[1:] or ["on"])[0] in ("on", "off"):
-        on = (words[1:] or ["on"])[0] == "on"
-        configure(portable=on)
+    elif words[0] == "portable" and (len(words) == 1 or len(words) == 2 and words[1] in ("on", "off")):
+        if len(words) == 2:
+            configure(portable=words[1] == "on")
         print("portable mode " + ("on: capsule_nb-only extensions warn once, with the Capsule way"
                                   if is_portable() else "off"))
     else:
-        print("usage: %capsule   |   %capsule portable on|off")
+        print("usage: %capsule   |   %capsule portable [on|off]")
