@@ -207,7 +207,9 @@ class Schedule:
             if (state.get("cron"), state.get("tz"), state.get("body")) != (self.cron, self.tz.key, self._body):
                 definer = state.get("defined_by")  # (kernels that define it alike share its ticks)
                 if definer not in (None, me) and owner_alive(definer):
-                    verdict["superseded"] = f"{state.get('cron')!r} ({state.get('tz')})"
+                    verdict["superseded"] = f"{state.get('cron')!r} ({state.get('tz')})" + (
+                        " with a different body" if (state.get("cron"), state.get("tz")) == (self.cron, self.tz.key)
+                        else "")  # (else its cron and zone read as this one's: nothing said what differs)
                     return state
                 state.update(self._definition())  # its definer has gone: this one is in force now
             if state.get("last_due", 0) >= due:
