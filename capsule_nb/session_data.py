@@ -148,8 +148,9 @@ class SessionData(dict):
         return _tracked(self._write(lambda data: data.setdefault(key, plain)), self, (key,))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        for key, value in dict(*args, **kwargs).items():
-            self._put(key, value)
+        """All or none, in one transaction: a value JSON cannot hold keeps the others out too."""
+        plain = {key: self._checked(key, value) for key, value in dict(*args, **kwargs).items()}
+        self._write(lambda data: data.update(plain))
 
     def replace(self, value: dict[str, Any]) -> None:
         """Set the whole dict to ``value``, in one transaction."""

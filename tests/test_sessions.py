@@ -186,6 +186,9 @@ async def test_session_data_is_persistent_json(app, tmp_path):
 
     with pytest.raises(TypeError, match="must be JSON"):
         app.session.data["bad"] = object()
+    with pytest.raises(TypeError, match=r"session.data\['b'\] must be JSON"):  # all or none, as insert_many
+        app.session.data.update(a=1, b=object(), c=3)
+    assert dict(cpsl.App(home=app.home).session.data) == {"theme": "dark"}
 
 
 async def test_session_data_is_a_dict_whose_changes_inside_values_are_kept(app):
