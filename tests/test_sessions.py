@@ -11,6 +11,8 @@ import pytest
 import capsule_nb as cpsl
 from capsule_nb.errors import TaskFailed
 
+from .conftest import until
+
 
 def kinds(handle):
     return [(m["kind"], m["text"]) for m in handle.snapshot()["messages"]]
@@ -301,6 +303,27 @@ async def test_print_in_concurrent_runs_is_kept_per_run(app):
     for n, handle in enumerate(handles[3:]):
         stdout = "".join(x["text"] for x in handle.snapshot()["output"])
         assert stdout == "".join(f"async {n} line {i}\n" for i in range(50))
+
+
+async def test_what_a_task_printed_before_it_went_quiet_is_on_its_record_while_it_runs(app):
+    """Prints then a long call: all but the first line waited for the next print, or the end
+    of the run, so a card showed "line 0" for as long as the call took."""
+    release = threading.Event()
+
+    @app.task
+    def fetch():
+        for i in range(20):
+            print(f"line {i}")
+        release.wait(30)  # a slow API call
+
+    handle = fetch.submit()
+    try:
+        await until(lambda: "line 19" in "".join(x["text"] for x in handle.snapshot()["output"]), timeout=5)
+        assert handle.snapshot()["status"] == "running"
+    finally:
+        release.set()
+    assert await handle.wait(10) == "completed"
+    assert "".join(x["text"] for x in handle.snapshot()["output"]) == "".join(f"line {i}\n" for i in range(20))
 
 
 async def test_a_task_printing_a_hundred_thousand_lines_keeps_the_newest(app):

@@ -163,12 +163,15 @@ class Run:
 
     def capture(self, stream: str, text: str) -> None:
         with self.lock:
-            if self._out is None:
+            first = self._out is None
+            if first:
                 self._out = []
             self._out.append((stream, text))
             due = time.monotonic() - self._out_flushed > OUTPUT_FLUSH_SECONDS
         if due:
             self.flush_output()
+        elif first:  # held back for the next print, which a task that goes quiet (a long call) makes late
+            self.runtime.timers.call_later(OUTPUT_FLUSH_SECONDS, self.flush_output)
 
     def flush_output(self) -> None:
         with self.lock:
