@@ -484,7 +484,12 @@ function unheard(model, action, task_id, tell, retrying) {
 const fileCancel = (model, task_id) =>
   askServer("cancel", { home: model.get("source")?.home ?? "", task_id }, "POST");
 
-const [FILED_ASK_MS, FILED_ASK_ROUNDS] = [1000, 30]; // how often, and how many times, a view asks after filing
+// A view drawn from the store asks every 5 s, but every second for a while once something is
+// about to change there: its kernel has just gone (and is recording how its runs end), or a
+// view on this page has filed a Cancel (FILED tells them all, not only the view that filed it).
+const SOON_MS = 1000;
+const [LOST_ASK_ROUNDS, FILED_ASK_ROUNDS] = [10, 30];
+const FILED = "capsule-nb-filed";
 
 const retryWaits = (task_id) => `retry of run ${task_id}: the kernel has not answered yet (a cell may be running)`;
 
@@ -518,11 +523,16 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
   model.on("change:notice", forget);
   const [lead, stopClock] = kernelClock(model);
   let stopAsking = () => {};
-  const askWhileNotLive = () => (stopAsking = keepAsking(ask));
+  const askSoon = (rounds) => {
+    stopAsking();
+    stopAsking = keepAsking(ask, undefined, { soon: rounds, soonMs: SOON_MS });
+  };
   const liveness = follow(model, () => {
     lost();
-    askWhileNotLive();
+    askSoon(LOST_ASK_ROUNDS);
   });
+  const onFiled = () => liveness.live() || askSoon(FILED_ASK_ROUNDS);
+  window.addEventListener(FILED, onFiled);
   saveOurs(model);
   return {
     lead,
@@ -537,17 +547,17 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
         fileCancel(model, task_id).then((answer) => {
           tell(!answer ? `cancel of run ${task_id}: the server did not answer`
             : answer.said || `cancel of run ${task_id}: asked of the process that runs it`);
-          stopAsking();
-          stopAsking = keepAsking(ask, undefined, { soon: FILED_ASK_ROUNDS, soonMs: FILED_ASK_MS });
+          window.dispatchEvent(new Event(FILED));
         });
       }
     },
     start(release) {
-      if (!liveness.live()) askWhileNotLive();
+      if (!liveness.live()) askSoon(LOST_ASK_ROUNDS);
       liveness.send({ view: "shown" });
       const stopTicking = tickClocks(el, lead);
       return () => {
         model.off("change:notice", forget);
+        window.removeEventListener(FILED, onFiled);
         liveness.send({ view: "hidden" });
         release();
         liveness.dispose();

@@ -91,7 +91,7 @@ export function actions(run, act, live = true, fileable = false) {
       textContent: label,
       disabled: !live && !(filed && action === "cancel"),
       title: live ? `${label} run ${run.task_id}`
-        : filed && action === "cancel" ? `Cancel run ${run.task_id}: asked of the process that runs it`
+        : filed && action === "cancel" ? `Cancel run ${run.task_id}: filed in the store, for whoever holds it`
           : run.orphaned ? `${label}: the process that ran it is gone` : `${label} needs the kernel that drew this`,
       onclick: (event) => {
         event.stopPropagation();
@@ -120,6 +120,16 @@ export function keepActions(old, fresh) {
 
 const SCROLLERS = [".cnb-messages", ".cnb-output", ".cnb-traceback pre"];
 
+// A list drawn out of sight (a reopened notebook lays its cells out later) cannot be scrolled
+// yet: it is placed when it first shows. Its geometry said nothing of the reader till then,
+// and read as "scrolled to the top", so the output of a reopened card stayed at its start.
+const placeOnShow = new ResizeObserver((entries) => entries.forEach(({ target }) => {
+  if (target.clientHeight > 0) {
+    placeOnShow.unobserve(target);
+    target.cnbPlace();
+  }
+}));
+
 /**
  * Carry the scroll of `old`'s lists over to `fresh` (call the result once `fresh`
  * is in the page): one scrolled to its end follows new lines, like a terminal,
@@ -129,11 +139,17 @@ function keepScroll(old, fresh) {
   const restores = SCROLLERS.map((selector) => {
     const before = old?.querySelector(selector);
     const after = fresh.querySelector(selector);
+    if (before) placeOnShow.unobserve(before);
     if (!after) return null;
-    const follow = before ? before.scrollTop + before.clientHeight >= before.scrollHeight - 4
-      : selector === ".cnb-output";
-    const top = before?.scrollTop ?? 0;
-    return () => (after.scrollTop = follow ? after.scrollHeight : top);
+    const read = before?.cnbPlaced; // (else where it was meant to be, not where it sits)
+    after.cnbFollow = read ? before.scrollTop + before.clientHeight >= before.scrollHeight - 4
+      : before?.cnbFollow ?? selector === ".cnb-output";
+    after.cnbTop = read ? before.scrollTop : before?.cnbTop ?? 0;
+    after.cnbPlace = () => {
+      after.scrollTop = after.cnbFollow ? after.scrollHeight : after.cnbTop;
+      after.cnbPlaced = true;
+    };
+    return () => (after.clientHeight > 0 ? after.cnbPlace() : placeOnShow.observe(after));
   });
   return () => restores.forEach((restore) => restore?.());
 }

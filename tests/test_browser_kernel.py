@@ -60,6 +60,8 @@ class Day:
 
         @self.app.task
         def outside(label: str) -> str:
+            for line in range(80):  # more than its card shows at once
+                print(f"{label}: line {line}")
             self.gate.wait(600)
             return f"{label} done"
 
@@ -211,6 +213,11 @@ def test_a_kernel_restart_makes_cards_and_board_say_so_at_once(day: Day) -> None
         board = page.locator(".cnb-board")
         board.locator(".cnb-stale", has_text="Not live").wait_for(timeout=5_000)
         said = time.monotonic() - started
+        # The old kernel records how its runs end as it goes: the views ask the store again within
+        # a second or two, not at their next round 5 s later, when the board said "running" under
+        # a card that said "failed" (w62).
+        held.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
+        board.locator(f".cnb-mini.cnb-is-failed[data-task-id='{held_id}']").wait_for(timeout=2_500)
 
         # Clocks stopped; the buttons that need the kernel disabled, on the cards and on the board.
         # The test's own run keeps its Cancel, drawn from the store: this process runs it, and the
@@ -257,6 +264,12 @@ def test_save_shut_down_and_reopen_shows_the_last_state_and_what_finished(day: D
         outside = day.card("Held by the test")
         outside.locator(".cnb-badge", has_text="completed").wait_for(timeout=30_000)
         assert outside.locator(".cnb-result").inner_text() == "result 'the outside run done'"
+        # Its output shows its end, as a live card's does: drawn before the cell was laid out, it
+        # stayed at "line 0" (w62).
+        output = outside.locator(".cnb-output")
+        output.scroll_into_view_if_needed()
+        at_end = "el => el.scrollHeight > el.clientHeight && el.scrollTop + el.clientHeight >= el.scrollHeight - 4"
+        wait_until(lambda: output.evaluate(at_end), 5, "the reopened card's output scrolled to its end")
         held = day.card("Held by this kernel")
         held.locator(".cnb-badge", has_text="failed").wait_for(timeout=15_000)
         assert day.status(held_id) == "failed"
@@ -390,6 +403,9 @@ def test_a_saved_card_cancels_a_run_another_process_runs(day: Day) -> None:
             card.locator("button", has_text="Cancel").click()
             card.locator(".cnb-badge", has_text="cancelled").wait_for(timeout=15_000)
             assert day.status(run.task_id) == "cancelled"
+            # The board drawn from the store on the same page asks again at once too (w62: it kept
+            # "stopping…" till its next round, 5 s)
+            paged.locator(f".cnb-mini.cnb-is-cancelled[data-task-id='{run.task_id}']").wait_for(timeout=2_500)
             assert f"cancel of run {run.task_id}: asked of the process that runs it" in wrapper.inner_text()
     finally:
         stop.set()

@@ -201,7 +201,8 @@ def test_a_dead_kernels_runs_are_recorded_for_the_views_that_ask(tmp_path: Path)
     assert failed["count"] == 1 and [c["task_id"] for c in failed["cards"]] == [task_id]
     assert board["detail"]["run"]["status"] == "failed"
 
-    assert server.cancel(home, waiting_id) == {"asked": True, "status": "cancelled"}
+    assert server.cancel(home, waiting_id) == {"asked": True, "status": "cancelled",
+                                               "said": f"run {waiting_id} cancelled: the process that held it is gone"}
     assert server.cancel(home, task_id)["said"] == f"run {task_id} had already finished"
     app = cpsl.App(home=home)  # what any process reads: the disk, not the server's memory
     try:

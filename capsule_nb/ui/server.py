@@ -112,8 +112,9 @@ def cancel(home: str, task_id: str) -> dict[str, Any]:
     owner = record.get("owner", "")
     if not owner_alive(owner):
         done = cancel_unheld(store, task_id, owner)
-        if done is not None:
-            return {"asked": True, "status": done["status"]}
+        if done is not None:  # (nobody to ask: "asked of the process that runs it" was untrue, w62)
+            return {"asked": True, "status": done["status"],
+                    "said": f"run {task_id} cancelled: the process that held it is gone"}
     store.request_cancel(task_id)  # its owner answers it, or whoever adopts the run
     return {"asked": True, "status": record["status"]}
 
