@@ -235,9 +235,8 @@ export default {
       } });
     const footer = h("div");
     // Always there, shown or hidden: its coming and going never moves what is under the pointer.
-    const paused = h("span", {
-      className: "cnb-meta cnb-paused", textContent: "paused while the pointer is over the runs",
-      title: "paused while the pointer is over the runs" });
+    const pausedText = "paused while the pointer is over the runs"; // (whole on hover where a narrow head cuts it)
+    const paused = h("span", { className: "cnb-meta cnb-paused", textContent: pausedText, title: pausedText });
     const head = h("div", { className: "cnb-board-head" }, title, total, paused, filters);
     el.replaceChildren(head, stale, lanesRoot, detail, footer);
 
