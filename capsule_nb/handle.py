@@ -21,6 +21,7 @@ from . import portable
 from .awaitables import ReadyBool, ReadyStr, Steps, resolve
 from .durations import parse_delay
 from .errors import TaskCancelled, TaskFailed
+from .queries import newest_in_series
 from .record import CANCELLED, COMPLETED, FINISHED
 
 if TYPE_CHECKING:
@@ -112,8 +113,14 @@ class TaskHandle(Steps):
         return self
 
     def status(self) -> ReadyStr:
+        """The run's status. A repeating run's, once it has ended, is its series' (the newest
+        run's), as its card shows: Capsule's server queues the one task again after each run,
+        so "completed" there would say the series is over."""
         self._app.store.poll()
-        return ReadyStr(self._get("status"))
+        record = self.snapshot()
+        if record.get("every") and record["status"] in FINISHED:
+            record = newest_in_series(self._app.store, record) or record
+        return ReadyStr(record["status"])
 
     def cancel(self) -> ReadyBool:
         """Stop the run in whatever state it is; for a repeating schedule, stop the repetition.

@@ -41,6 +41,17 @@ def whole_run_id(store: "Store", text: str) -> str:
     return found[0] if found else text
 
 
+def newest_in_series(store: "Store", record: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest run of a repeating run's series (``schedule("every 5m")``), when it is a later
+    run than ``record``: what the series' handle and card speak for once a run of it has ended."""
+    series = record.get("series") if record.get("every") else None
+    if series is None:
+        return None
+    newest = store.runs({"app": record["app"], "task_name": record["task_name"]},
+                        keep=lambda r: r.get("series") == series, limit=1)
+    return newest[0] if newest and newest[0]["task_id"] > record["task_id"] else None
+
+
 class TaskQuery:
     """Runs of one app, or of one task of it."""
 

@@ -8,6 +8,7 @@ from traitlets import Dict, List, Unicode
 
 from ..checks import text_or_none
 from ..handle import TaskHandle
+from ..queries import newest_in_series
 from . import assets, views
 from .live import LiveWidget
 from .text import run_text
@@ -46,7 +47,8 @@ class TaskCard(LiveWidget):
         self._app = handle._app
         record = self._app.store.get_run(handle.task_id) or {}
         self._series: str | None = record.get("series") if record.get("every") else None
-        self.handle = self._newest_in_series(record) or handle
+        newer = newest_in_series(self._app.store, record)  # (shown again after the series went on)
+        self.handle = TaskHandle(self._app, newer["task_id"]) if newer else handle
         self.message = message
         super().__init__(self._app, refresh_ms=refresh_ms, **self._state())
 
@@ -74,17 +76,6 @@ class TaskCard(LiveWidget):
         """A store event (any thread): a newer run of the series is the one to show."""
         if record.get("series") == self._series and record["task_id"] > self.handle.task_id:
             self._retried(self.handle.task_id, TaskHandle(self._app, record["task_id"]))
-
-    def _newest_in_series(self, record: dict[str, Any]) -> "TaskHandle | None":
-        """The newest run of ``record``'s series, when that is a later one (the card of a
-        repeating run shown again after the series went on)."""
-        if self._series is None:
-            return None
-        newest = self._app.store.runs({"app": record["app"], "task_name": record["task_name"]},
-                                      keep=lambda r: r.get("series") == self._series, limit=1)
-        if newest and newest[0]["task_id"] > record["task_id"]:
-            return TaskHandle(self._app, newest[0]["task_id"])
-        return None
 
     def _retried(self, task_id: str, handle: "TaskHandle") -> None:
         """Follow the new run (a Retry's, or the series' next): listen to it instead, and show it."""
