@@ -214,7 +214,7 @@ def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
     if doc_id is None:
         doc_id = new_task_id()
     elif not isinstance(doc_id, str) or "/" in doc_id or not doc_id:
-        raise ValueError(f"document _id must be a string without '/', got {doc_id!r}")
+        raise ValueError(f"document _id must be a non-empty string without '/', got {doc_id!r}")
     value["_id"] = doc_id
     value.setdefault("id", doc_id)
     return value

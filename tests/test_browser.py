@@ -236,14 +236,20 @@ def test_text_wraps_and_says_all_of_itself_in_a_narrow_window(scenario: Scenario
             assert options.all_inner_texts() == ["all", "widgets.ipynb"]
             assert options.nth(1).get_attribute("title").startswith("notebook:")
             # A phone's width: the hidden "paused while the pointer is over the runs" took a
-            # blank line of its own in the board's head (w62). It shares one now.
-            page.set_viewport_size({"width": 480, "height": 900})
+            # blank line of its own in the board's head (w62). It shares one now, and at every
+            # width it keeps room to say "paused…" (w63: squeezed to "p" at 512 px).
             page.mouse.move(0, 0)
             shares_a_line = """head => { const p = head.querySelector('.cnb-paused').getBoundingClientRect();
                 return [...head.children].some((c) => !c.classList.contains('cnb-paused')
                     && c.getBoundingClientRect().top < p.bottom && p.top < c.getBoundingClientRect().bottom); }"""
-            wait_until(lambda: board.locator(".cnb-board-head").evaluate(shares_a_line), 5,
-                       "the hidden paused label on a line with the rest of the head")
+            readable = """head => { const p = head.querySelector('.cnb-paused');
+                return p.getBoundingClientRect().width >= 4 * parseFloat(getComputedStyle(p).fontSize); }"""
+            head = board.locator(".cnb-board-head")
+            for width in (480, 500, 520, 540, 560, 600, 640):
+                page.set_viewport_size({"width": width, "height": 900})
+                wait_until(lambda: head.evaluate(readable), 5, f"room to read 'paused…' at {width} px")
+            page.set_viewport_size({"width": 480, "height": 900})
+            wait_until(lambda: head.evaluate(shares_a_line), 5, "the hidden paused label on a line with the rest")
         finally:
             page.set_viewport_size({"width": 1400, "height": 1000})
 

@@ -32,6 +32,18 @@ def test_schedules_notebook(tmp_path):
     assert "ticks so far:" in text and "every_two_seconds" in text
 
 
+def test_schedules_notebook_run_again_on_its_store_waits_for_ticks_of_its_own(tmp_path):
+    """Its wait counted every completed run on the store, so a second run passed at once, with
+    no new tick, and showed the first run's totals (w64)."""
+    done = []
+    for _ in range(2):
+        run_notebook(NOTEBOOKS / "schedules.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60)
+        app = cpsl.App(home=tmp_path / "store")
+        done.append(sum(h.task_name == "sync_crm" for h in app.tasks.find(status="completed", limit=0)))
+        app.close()
+    assert done[1] >= done[0] + 2, done
+
+
 def test_capsule_compat_notebook(tmp_path):
     nb = run_notebook(NOTEBOOKS / "capsule_compat.ipynb", tmp_path / "store", cwd=tmp_path, timeout=60)
     assert "2 reports built" in outputs(nb)
@@ -56,6 +68,16 @@ def test_cpu_parallel_notebook(tmp_path):
     risky = {h.snapshot()["params"]["n"]: h.snapshot() for h in app.tasks.find(limit=0) if h.task_name == "risky"}
     assert risky[2]["status"] == "failed" and "SIGSEGV" in risky[2]["error"]
     assert [risky[n]["result"] for n in (0, 1, 3, 4)] == [0, 1, 9, 16]
+
+
+def test_cpu_parallel_notebook_without_dask_skips_only_its_dask_part(tmp_path):
+    """README's ``pip install .`` brings no ``distributed``: "Run all" stopped at the Dask cell
+    with a ModuleNotFoundError (w64). A module of that name in the kernel's folder stands in
+    for its absence."""
+    (tmp_path / "distributed.py").write_text("raise ImportError('distributed is not installed here')\n")
+    text = outputs(run_notebook(NOTEBOOKS / "cpu_parallel.ipynb", tmp_path / "store", cwd=tmp_path, timeout=120))
+    assert "skipped: pip install 'capsule_nb[dask]'" in text
+    assert "148933 primes below 2,000,000" in text and "{'chunk': 0, 'pid'" in text  # (the last cell ran)
 
 
 def test_dashboard_notebook(tmp_path):
