@@ -197,6 +197,8 @@ class App:
         options by position, ``@app.task(2, 120)``, since its SDK takes them that way."""
         fn = args[0] if args and callable(args[0]) else None  # bare @app.task (retries is never callable)
         options = _task_options(args[1:] if fn is not None else args, options)
+        if fn is not None:
+            _portable.note("bare_task")
 
         def decorate(function: F) -> Task:
             task = Task(function, app=self, **options)

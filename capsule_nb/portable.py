@@ -25,6 +25,9 @@ EXTENSIONS: dict[str, tuple[str, str]] = {
     "wait_result": ("handle.wait() / handle.result()",
                     "Capsule keeps no result: poll `await handle.status()` and have the task write what it "
                     "made to a collection"),
+    "bare_task": ("@task without parentheses",
+                  "write @app.task(): Capsule's task takes its options first, so a bare @task takes the function "
+                  "as `retries`"),
     "retry_policy": ("retry_delay= / backoff= on @task",
                      "drop them: Capsule retries at once, `retries=` and `retry_for=` only"),
     "on_lock": ("on_lock= on @task",

@@ -311,6 +311,8 @@ def _decorator_uses(decorator: ast.expr, notebook: bool) -> Iterator[tuple[int, 
     options = _keywords(call)
     line = decorator.lineno
     if kind == "task":
+        if call is None:
+            yield line, "bare_task"
         if {"retry_delay", "backoff"} & options.keys():
             yield line, "retry_policy"
         if "on_lock" in options:

@@ -718,12 +718,16 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
                 pass
 
             tick.stop()
+
+            @app.task  # Capsule's task would take the function as `retries`
+            def bare():
+                pass
         messages = [str(w.message) for w in caught[plain:] if w.category is PortabilityWarning]
     finally:
         cpsl.configure(portable=False)
     assert plain == 0
     expected = ["retry_policy", "on_lock", "positional", "wait_result", "schedule_at", "json_args", "cron_tz",
-                "cron_seconds"]
+                "cron_seconds", "bare_task"]
     assert messages == [EXTENSIONS[code][0] + " is a capsule_nb extension, not Capsule's. The Capsule way: "
                         + EXTENSIONS[code][1] for code in expected]
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
@@ -828,8 +832,8 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
                       "coros = [build_report.submit(report_id=r) for r in 'ab']\nhandles = await asyncio.gather(*coros)\n"
                       "pending = build_report.submit(report_id='c')\nhandle = await pending",
                       # Capsule hands schedule's at= to a task that takes it: no extension (w54)
-                      "@app.task\nasync def visit(at: str, session=None):\n    return at\n\n"
-                      "@app.task\nasync def log(**fields):\n    return fields\n\n"
+                      "@app.task()\nasync def visit(at: str, session=None):\n    return at\n\n"
+                      "@app.task()\nasync def log(**fields):\n    return fields\n\n"
                       "await visit.schedule(delay='30m', at='home')\nawait log.schedule(delay='1m', at='desk')",
                       "async def fetch(url):\n    async with httpx.AsyncClient() as session:\n"
                       "        async with session.stream('GET', url) as r:\n            return await r.aread()\n"
@@ -837,6 +841,11 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "capsule_nb", "check", str(plain)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "no capsule_nb-only extensions" in done.stdout, done.stdout + done.stderr
+    # Capsule's task takes its options first: a bare @app.task there takes the function as `retries` (w64)
+    bare = _notebook(tmp_path / "bare.ipynb", "import capsule_nb as cpsl\napp = cpsl.App(name='x')",
+                     "@app.task\nasync def visit(place: str):\n    return place")
+    assert main(["check", str(bare)]) == 1
+    assert "cell 2, line 1: @app.task\n    @task without parentheses is a capsule_nb extension" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
     capsys.readouterr()
     for text in ("[]", '{"cells": [5]}', '{"cells": 5}', "{}", '{"cells": [{"cell_type": "code", "source": 5}]}'):
