@@ -13,6 +13,8 @@ import re
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
 _EVERY = re.compile(r"(?:repeat\s+)?every\b", re.IGNORECASE)
+# What the SDK reads: its regex, on the lower-cased text (whole numbers only), after "every ".
+_CAPSULE_DELAY = re.compile(r"((repeat\s+)?every\s+)?\d+\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
 MIN_INTERVAL = 1.0  # seconds between repeats: as often as a cron seconds field allows, never a busy loop
 MAX_DELAY = 100 * 365.25 * 86400  # 100 years: more is a typo, and its date no longer fits a datetime
 
@@ -41,6 +43,14 @@ def parse_delay(value: object, *, what: str = "delay") -> float:
     if seconds > MAX_DELAY:
         raise ValueError(f"bad {what} {value!r}: at most 100 years")
     return seconds
+
+
+def capsule_reads(delay: object) -> bool:
+    """Whether Capsule's ``schedule`` takes ``delay`` as it is: a timedelta, or its shorthand
+    ("30m", "every 5m"); not a number of seconds, nor a fraction ("1.5h"). For portable mode."""
+    if isinstance(delay, str):
+        return _CAPSULE_DELAY.fullmatch(delay.strip().lower()) is not None
+    return isinstance(delay, dt.timedelta)
 
 
 def parse_when(when: object) -> tuple[float | None, float | None]:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .durations import capsule_reads
 from .portable import advice
 from .record import short_repr
 
@@ -345,7 +346,7 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str],
             if "at" in options and not _the_tasks_at(options["at"], taking_at.get(owner)):
                 yield line, "schedule_at"
             delays = [*call.args[:1], *(v for k, v in options.items() if k in ("when", "delay"))]
-            if any(isinstance(_constant(d), (int, float)) and not isinstance(_constant(d), bool) for d in delays):
+            if any(type(_constant(d)) in (int, float, str) and not capsule_reads(_constant(d)) for d in delays):
                 yield line, "delay_number"
     elif method in ("wait", "result") and isinstance(call.func, ast.Attribute):
         if _gives_handles(call.func.value, tasks, handles):

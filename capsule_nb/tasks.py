@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from . import portable
 from .awaitables import ReadyInt, ReadyList
 from .checks import true_or_false, whole_number
-from .durations import MAX_DELAY, parse_delay, parse_when
+from .durations import MAX_DELAY, capsule_reads, parse_delay, parse_when
 from .engine.context import current_run
 from .engine.executors import LoopClosed
 from .handle import TaskHandle
@@ -167,7 +167,6 @@ class Task:
             when, session = None, when
         if at is not None and self._owns_at(at):  # Capsule's schedule has no at=: it goes to the task
             kwargs, at = {**kwargs, "at": at}, None
-        _note_when(when, delay, at)
         if when is not None and delay is not None:
             raise ValueError(f"{self.name}.schedule(): provide either when or delay, not both")  # (the SDK's)
         first_delay, every = parse_when(when)
@@ -187,6 +186,7 @@ class Task:
             start = time.time() + every
         else:  # Capsule's SDK then sends no time: the run is a submit's, pending and due at once
             start = None
+        _note_when(when, delay, at)  # (once they are good: a bad one is an error, not a warning as well)
         handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
         if every is not None and current_run.get() is None:
             self._replace_the_cells_earlier_repeats(handle.task_id)
@@ -433,7 +433,7 @@ def _note_when(when: Any, delay: Any, at: Any) -> None:
     """Portable mode: the ways to say when that Capsule's ``schedule`` has not."""
     if at is not None:
         portable.note("schedule_at")
-    if any(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (when, delay)):
+    if any(x is not None and not capsule_reads(x) for x in (when, delay)):
         portable.note("delay_number")
 
 
