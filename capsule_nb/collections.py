@@ -3,10 +3,9 @@
 A small Mongo-like surface over the store, as Capsule's: equality and
 ``$gt $gte $lt $lte $ne $in`` filters (an array field matching by any element), ``$set $inc $unset $push`` updates
 (``$push`` with ``$each`` too).
-``_matches`` is the one definition of a match. A query hands the store
-what SQL can test of it (``_conditions``), which the store's table and
-indexes answer; every document it gives back is checked with ``_matches``.
-Writes are transactional on disk. Every method does its work at once and
+A query hands the store what SQL can test of it (``doc_filters.conditions``),
+which the store's table and indexes answer; every document it gives back is
+checked with ``doc_filters.matches``. Writes are transactional on disk. Every method does its work at once and
 returns a value usable plainly (sync code, a thread task) or awaited
 (Capsule code).
 """
@@ -17,28 +16,22 @@ import copy
 import functools
 import json
 import math
-import operator
-import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from . import portable
 from .awaitables import ReadyDict, ReadyInt, ReadyList, ReadyNone, unwrapped
 from .checks import whole_number
+from .doc_filters import (MISSING, check_depth, check_filter, check_path, conditions, field_value, is_operators,
+                          matches, sort_keys, sortable)
 from .record import new_task_id, short_repr
-from .store.documents import Condition, json_path, text
+from .store.documents import json_path
 from .tables import TABLE_ROWS, TableSpec, declare, declared, table_html
 
 if TYPE_CHECKING:
     from .store import Store
 
-_ORDER = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
-_FILTERS = (*_ORDER, "$ne", "$in")
-_RANGES = {"$gt": ">=", "$gte": ">=", "$lt": "<=", "$lte": "<="}  # as SQL tests them (a superset)
 _UPDATES = ("$set", "$inc", "$unset", "$push")
-_MISSING = object()
-_SURROGATES = re.compile("[\ud800-\udfff]")
-_EXACT_INTEGERS = 2**53  # integral numbers up to here read back from JSON text exactly, as floats too
 MAX_DOCUMENT_BYTES = 16 * 2**20  # as JSON; MongoDB's cap
-MAX_DEPTH = 100  # nesting of a document, a filter or an update (MongoDB's too)
 
 
 class Collection:
@@ -88,9 +81,11 @@ class Collection:
         does, ``{"matched": 0 or 1, "modified": 0 or 1}``; ``upsert``: no match inserts the
         filter's plain fields with the update applied (and gives its ``"upserted_id"``)."""
         operations = _operations(update)
-        _check_filter(filter)
+        check_filter(filter)
         if not isinstance(upsert, bool):
             raise TypeError(f"upsert is True or False, not {upsert!r}")
+        if upsert:
+            portable.note("doc_options")
         modified = []
 
         def change(current: dict) -> dict:
@@ -109,7 +104,7 @@ class Collection:
 
     def delete_one(self, filter: dict[str, Any]) -> ReadyDict:
         """Delete the first match; gives what Capsule's does, ``{"deleted": 0 or 1}``."""
-        _check_filter(filter)
+        check_filter(filter)
         return ReadyDict({"deleted": int(self._change_first(filter, lambda current: None)[0])})
 
     def _change_first(self, filter: dict[str, Any], change: Callable[[dict], dict | None]) -> tuple[bool, dict | None]:
@@ -123,7 +118,7 @@ class Collection:
             stale = []
 
             def guarded(current: dict | None) -> dict | None:
-                if current is None or not _matches(current, filter):
+                if current is None or not matches(current, filter):
                     stale.append(True)
                     return current
                 return change(current)
@@ -148,26 +143,29 @@ class Collection:
         whole_number("limit", limit)
         whole_number("skip", skip)
         filter = filter or {}
-        _check_filter(filter)
-        return ReadyList(self._find(filter, _sort_keys(sort), limit, skip))
+        check_filter(filter)
+        keys = sort_keys(sort)
+        if sort is not None and not isinstance(sort, dict):
+            portable.note("doc_options")
+        return ReadyList(self._find(filter, keys, limit, skip))
 
     def _find(self, filter: dict[str, Any], sort: Sequence[tuple[str, int]] = (), limit: int = 0,
               skip: int = 0) -> list[dict[str, Any]]:
         """Sorted in SQL when SQL can name every sort field; else here, in the same order."""
-        where, _ = _conditions(filter)
-        keep = functools.partial(_matches, filter=filter)
+        where, _ = conditions(filter)
+        keep = functools.partial(matches, filter=filter)
         if all(json_path(field) is not None for field, _ in sort):
             return self._store.find_docs(self.name, where, sort, keep=keep, limit=limit or None, offset=skip)
         docs = self._store.find_docs(self.name, where, keep=keep)
         for field, direction in reversed(sort):
-            docs.sort(key=lambda d: _sortable(_get(d, field)), reverse=direction < 0)
+            docs.sort(key=lambda d: sortable(field_value(d, field)), reverse=direction < 0)
         return docs[skip : skip + limit] if limit else docs[skip:]
 
     def count(self, filter: dict[str, Any] | None = None) -> ReadyInt:
         filter = filter or {}
-        _check_filter(filter)
-        where, exact = _conditions(filter)
-        return ReadyInt(self._store.count_docs(self.name, where, keep=functools.partial(_matches, filter=filter),
+        check_filter(filter)
+        where, exact = conditions(filter)
+        return ReadyInt(self._store.count_docs(self.name, where, keep=functools.partial(matches, filter=filter),
                                                exact=exact))
 
     # ---------------------------------------------------------------- display
@@ -223,7 +221,7 @@ def _prepared(doc: dict[str, Any]) -> dict[str, Any]:
 def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
     """``doc`` as the store keeps it (a JSON copy), or an error that says why it cannot be:
     not JSON (NaN and Infinity included), nested too deep, or too big."""
-    _check_depth(doc, what)
+    check_depth(doc, what)
     try:
         text = json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -240,160 +238,12 @@ def _stored(doc: dict[str, Any], what: str) -> dict[str, Any]:
     return copy
 
 
-def _check_depth(value: Any, what: str) -> None:
-    """Refuse nesting past ``MAX_DEPTH`` before anything recurses into it (no RecursionError)."""
-    level, depth = [value] if isinstance(value, (dict, list, tuple)) else [], 0
-    while level:
-        depth += 1
-        if depth > MAX_DEPTH:
-            raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
-        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
-                 if isinstance(child, (dict, list, tuple))]
-
-
-def _check_path(field: Any, what: str) -> list[str]:
-    """A field name or dotted path, split; names the bad one."""
-    if not isinstance(field, str):
-        raise TypeError(f"{what} names fields with text, got the key {field!r}")
-    parts = field.split(".")
-    if not all(parts):
-        raise ValueError(f"{what}: bad field path {field!r} (an empty part)")
-    return parts
-
-
-def _check_filter(filter: dict[str, Any]) -> None:
-    if not isinstance(filter, dict):
-        raise TypeError(f"a filter is a dict, not {short_repr(filter, 200)}")
-    _check_depth(filter, "the filter")
-    for field, condition in filter.items():
-        _check_path(field, "a filter")
-        if field.startswith("$"):
-            raise ValueError(f"unknown filter operator {field!r}: filters are field conditions, "
-                             f"with {sorted(_FILTERS)} inside a field")
-        if isinstance(condition, dict) and any(k.startswith("$") for k in condition):
-            unknown = [k for k in condition if k not in _FILTERS]
-            if unknown:
-                raise ValueError(f"unknown filter operator {unknown[0]!r} on {field!r}; known: {sorted(_FILTERS)}")
-            if "$in" in condition and not isinstance(condition["$in"], (list, tuple, set)):
-                raise ValueError(f"$in on {field!r} needs a list, got {condition['$in']!r}")
-
-
-def _matches(doc: dict[str, Any], filter: dict[str, Any]) -> bool:
-    """Mongo's rules: a missing field reads as None (so ``{"x": None}`` matches it); an
-    array matches a condition that it or any of its elements meets (``{"tags": "urgent"}``
-    finds ``["urgent", "late"]``); an order comparison with None or an unlike type is
-    simply not a match."""
-    for field, condition in filter.items():
-        value = _get(doc, field)
-        value = None if value is _MISSING else value
-        if _is_operators(condition):
-            if not all(_holds(op, value, arg) for op, arg in condition.items()):
-                return False
-        elif not _equal(value, condition):
-            return False
-    return True
-
-
-def _holds(op: str, value: Any, arg: Any) -> bool:
-    if op == "$ne":
-        return not _equal(value, arg)
-    if op == "$in":
-        return any(_equal(value, item) for item in arg)
-    return any(_ordered(_ORDER[op], item, arg) for item in _each(value))
-
-
-def _equal(value: Any, wanted: Any) -> bool:
-    return json_equal(value, wanted) or (type(value) is list and any(json_equal(v, wanted) for v in value))
-
-
-def json_equal(value: Any, wanted: Any) -> bool:
-    """Equal as JSON values are, and as Mongo matches them: a boolean is no number (``True == 1``)."""
-    return value == wanted and (type(value) is bool) == (type(wanted) is bool)
-
-
-def _each(value: Any) -> list[Any]:
-    """What an order comparison tests: each element of an array, else the value."""
-    return value if type(value) is list else [value]
-
-
-def _ordered(compare: Callable[[Any, Any], bool], value: Any, bound: Any) -> bool:
-    """Values of one kind only, as Mongo orders them: ``{"$gt": 0}`` finds no ``true``."""
-    try:
-        return value is not None and (type(value) is bool) == (type(bound) is bool) and compare(value, bound)
-    except TypeError:
-        return False
-
-
-def _conditions(filter: dict[str, Any]) -> tuple[list[Condition], bool]:
-    """What SQL can test of ``filter`` (``store/documents.py``): conditions every match of
-    ``_matches`` meets, and whether they say all it says (exact). ``json_extract`` gives None
-    for a missing or null field and 1 for true, so an equality tests the JSON type too and is
-    exact for the values ``_sql_value`` lets through, as is ``$in`` of them but booleans and
-    numbers; an order comparison with a number is tested inclusively (a superset)."""
-    found: list[Condition] = []
-    exact = True
-    for field, condition in filter.items():
-        if json_path(field) is None:
-            exact = False
-        elif not _is_operators(condition):
-            if _sql_value(condition):
-                found.append((field, "=", condition))
-            else:
-                exact = False
-        else:
-            for op, arg in condition.items():
-                if op == "$in" and all(_sql_value(item) for item in arg):
-                    found.append((field, "in", list(arg)))  # (true is 1 there: a number decides in Python)
-                    if not any(isinstance(item, (bool, int, float)) for item in arg):
-                        continue
-                exact = False
-                if op in _RANGES and _sql_number(arg):
-                    found.append((field, _RANGES[op], arg))
-    return found, exact
-
-
-def _sql_value(value: Any) -> bool:
-    """Whether SQL's ``=`` agrees with Python's for ``value`` and any JSON value: not a
-    string SQLite might confuse with the JSON text of an object or an array, or that
-    holds a NUL (where SQLite stops reading) or a lone surrogate (not UTF-8), and no
-    number it might read back rounded from a document's JSON text."""
-    if value is None or isinstance(value, bool):
-        return True
-    if isinstance(value, str):
-        return "\x00" not in value and not value.startswith(("{", "[")) and not _SURROGATES.search(value)
-    if isinstance(value, (int, float)):
-        return abs(value) <= _EXACT_INTEGERS and float(value).is_integer()
-    return False
-
-
-def _sql_number(value: Any) -> bool:
-    """A number SQL can compare with (an ulp's error in reading a document's number back
-    is covered by testing order comparisons inclusively)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, int) and -(2**63) <= value < 2**63
-
-
-def _is_operators(condition: Any) -> bool:
-    """``{"$gt": 1}`` is a comparison; ``{"a": 1}`` (and ``{}``) a value to be equal to."""
-    return isinstance(condition, dict) and bool(condition) and all(k.startswith("$") for k in condition)
-
-
-def _get(doc: dict[str, Any], field: str) -> Any:
-    value: Any = doc
-    for part in field.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
-
-
 def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not isinstance(update, dict) or not update:
         raise TypeError(f"an update is a non-empty dict, not {short_repr(update, 200)}")
-    _check_depth(update, "the update")
+    check_depth(update, "the update")
     for key in update:
-        _check_path(key, "an update")
+        check_path(key, "an update")
     operators = [k for k in update if k.startswith("$")]
     if operators and len(operators) != len(update):
         raise ValueError(f"update mixes plain keys and operators: {sorted(update)}; use $set for the plain ones")
@@ -408,7 +258,7 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
     _check_conflicts(update)
     for op, fields in update.items():
         for field in fields:
-            if _check_path(field, op)[0] == "_id":
+            if check_path(field, op)[0] == "_id":
                 raise ValueError(f"_id cannot be changed ({op} {field!r})")
         if op == "$inc":
             bad = {k: v for k, v in fields.items()
@@ -417,7 +267,7 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 raise TypeError(f"$inc needs numbers (finite ones), got {bad!r}")
         if op == "$push":
             for field, arg in fields.items():
-                if _is_operators(arg) and (list(arg) != ["$each"] or not isinstance(arg["$each"], list)):
+                if is_operators(arg) and (list(arg) != ["$each"] or not isinstance(arg["$each"], list)):
                     raise ValueError(f"$push {field!r}: the one modifier here is {{'$each': [values]}}, got {arg!r}")
     return update
 
@@ -425,7 +275,7 @@ def _operations(update: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _check_conflicts(update: dict[str, dict[str, Any]]) -> None:
     """Refuse two changes to one field (``$set`` and ``$inc`` of ``n``; ``a`` and ``a.b``), as
     MongoDB does: applied in turn, the later one would silently undo the earlier."""
-    paths = sorted((tuple(_check_path(field, op)), op) for op, fields in update.items() for field in fields)
+    paths = sorted((tuple(check_path(field, op)), op) for op, fields in update.items() for field in fields)
     for (first, op1), (second, op2) in zip(paths, paths[1:]):
         if second[: len(first)] == first:
             raise ValueError(f"update conflict: {op1} {'.'.join(first)!r} and {op2} {'.'.join(second)!r} "
@@ -453,7 +303,7 @@ def _updated(doc: dict[str, Any], operations: dict[str, dict[str, Any]]) -> dict
                 current = target.setdefault(leaf, [])
                 if not isinstance(current, list):
                     raise TypeError(f"$push on {field!r}, which holds {short_repr(current, 100)}, not a list")
-                current.extend(arg["$each"] if _is_operators(arg) else [arg])
+                current.extend(arg["$each"] if is_operators(arg) else [arg])
     return _stored(new, "the updated document")
 
 
@@ -485,35 +335,6 @@ def _sum(current: int | float, arg: int | float, field: str) -> int | float:
     return total
 
 
-def _sort_keys(sort: str | list[tuple[str, int]] | dict[str, int] | None) -> list[tuple[str, int]]:
-    if sort is None:
-        return []
-    if isinstance(sort, str):
-        return [(sort[1:], -1)] if sort.startswith("-") else [(sort, 1)]
-    try:
-        keys = list(sort.items()) if isinstance(sort, dict) else list(sort)
-    except TypeError:
-        raise TypeError(f"sort takes 'field', '-field', {{'field': 1 or -1, ...}} or [('field', 1 or -1)], "
-                        f"got {sort!r}") from None
-    for item in keys:
-        if not (isinstance(item, tuple) and len(item) == 2 and item[1] in (1, -1)):
-            raise ValueError(f"sort takes {{'field': 1 or -1, ...}}, 'field', '-field' or [('field', 1 or -1)], "
-                             f"got {sort!r}")
-        _check_path(item[0], "a sort")
-    return keys
-
-
-def _sortable(value: Any) -> tuple:
-    """SQLite's order of what ``json_extract`` gives, so a sort here agrees with one in SQL:
-    missing and null, then numbers (false and true as 0 and 1), then text: strings, and
-    objects and arrays by their JSON text as stored. Never a TypeError."""
-    if value is None or value is _MISSING:
-        return (0, 0)
-    if isinstance(value, (int, float)):
-        return (1, value)
-    return (2, value if isinstance(value, str) else text(value))
-
-
 def _shown(doc: dict[str, Any], key: str) -> Any:
-    value = _get(doc, key)
-    return "" if value is _MISSING else value
+    value = field_value(doc, key)
+    return "" if value is MISSING else value

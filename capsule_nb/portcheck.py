@@ -265,6 +265,8 @@ def _uses(tree: ast.Module, tasks: set[str], handles: set[str], names: _Names,
             yield from _call_uses(node, tasks, handles, names.taking_at)
             if _capsule_coroutine(node, tasks, handles, names) and not _awaited(node, parents, names.consumed):
                 yield node.lineno, "no_await"
+            if _beyond_capsules_collections(node, _collection_method(node, names)):
+                yield node.lineno, "doc_options"
 
 
 def _reaches_a_collection(node: ast.expr) -> bool:
@@ -283,9 +285,25 @@ def _capsule_coroutine(call: ast.Call, tasks: set[str], handles: set[str], names
         return True
     if method in SESSION_COROUTINES and owner == "session":
         return not names.session_rebound
-    if method in COLLECTION_COROUTINES:
-        return owner in names.collections or _reaches_a_collection(func.value)
-    return False
+    return method in COLLECTION_COROUTINES and _collection_method(call, names) is not None
+
+
+def _collection_method(call: ast.Call, names: _Names) -> str | None:
+    """The method of a call on one of Capsule's collections, as far as the code says; else None."""
+    owner, method = _receiver(call)
+    if method in COLLECTION_COROUTINES and isinstance(call.func, ast.Attribute) \
+            and (owner in names.collections or _reaches_a_collection(call.func.value)):
+        return method
+    return None
+
+
+def _beyond_capsules_collections(call: ast.Call, method: str | None) -> bool:
+    """``find(sort="x")`` or a list of pairs (Capsule's takes a dict), ``update_one(upsert=...)``."""
+    options = _keywords(call)
+    sort = options.get("sort", call.args[3] if method == "find" and len(call.args) > 3 else None)
+    if method == "find" and sort is not None:
+        return isinstance(sort, (ast.List, ast.Tuple)) or isinstance(_constant(sort), str)
+    return method == "update_one" and "upsert" in options
 
 
 def _awaited(call: ast.Call, parents: dict[ast.AST, ast.AST], consumed: set[str]) -> bool:

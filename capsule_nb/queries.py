@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
-from .checks import whole_number
-from .collections import json_equal
 from .awaitables import ReadyInt, ReadyList, ReadyNone
+from .checks import whole_number
+from .doc_filters import json_equal
 from .record import PENDING, RETRY, SCHEDULED, check_status
 
 _WAITING = frozenset({PENDING, SCHEDULED, RETRY})  # what a cancel with no status stops

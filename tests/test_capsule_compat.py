@@ -724,12 +724,14 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
                 pass
 
             (await parse.schedule(delay="1.5h", feed="z")).cancel()  # the SDK's shorthand: whole numbers
+            await app.collection("seen").find({}, sort={"at": 1})  # Capsule's form: no warning
+            await app.collection("seen").find({}, sort="at")
         messages = [str(w.message) for w in caught[plain:] if w.category is PortabilityWarning]
     finally:
         cpsl.configure(portable=False)
     assert plain == 0
     expected = ["retry_policy", "on_lock", "positional", "wait_result", "schedule_at", "json_args", "cron_tz",
-                "cron_seconds", "bare_task", "delay_number"]
+                "cron_seconds", "bare_task", "delay_number", "doc_options"]
     assert messages == [EXTENSIONS[code][0] + " is a capsule_nb extension, not Capsule's. The Capsule way: "
                         + EXTENSIONS[code][1] for code in expected]
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
@@ -846,11 +848,16 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
     # Capsule's task takes its options first: a bare @app.task there takes the function as `retries` (w64)
     bare = _notebook(tmp_path / "bare.ipynb", "import capsule_nb as cpsl\napp = cpsl.App(name='x')",
                      "@app.task\nasync def visit(place: str):\n    return place",
-                     "await visit.schedule(delay='1.5h', place='x')\nawait visit.schedule(delay='90m', place='y')")
+                     "await visit.schedule(delay='1.5h', place='x')\nawait visit.schedule(delay='90m', place='y')",
+                     "seen = app.collection('seen')\nawait seen.find({}, sort={'at': 1})\nawait seen.find({}, sort='at')\n"
+                     "await seen.update_one({'a': 1}, {'b': 2}, upsert=True)\nawait seen.update_one({'a': 1}, {'b': 2})")
     assert main(["check", str(bare)]) == 1
     out = capsys.readouterr().out
     assert "cell 2, line 1: @app.task\n    @task without parentheses is a capsule_nb extension" in out
     assert "cell 3, line 1: await visit.schedule(delay='1.5h'" in out and "cell 3, line 2" not in out
+    assert [line for line in out.splitlines() if line.startswith("  cell 4")] == [
+        "  cell 4, line 3: await seen.find({}, sort='at')",
+        "  cell 4, line 4: await seen.update_one({'a': 1}, {'b': 2}, upsert=True)"]
     assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
     capsys.readouterr()
     for text in ("[]", '{"cells": [5]}', '{"cells": 5}', "{}", '{"cells": [{"cell_type": "code", "source": 5}]}'):

@@ -15,7 +15,7 @@ import pytest
 
 import capsule_nb as cpsl
 from capsule_nb.cli import main as cli_main
-from capsule_nb.collections import _get, _matches, _sortable
+from capsule_nb.doc_filters import field_value as _get, matches as _matches, sortable as _sortable
 from capsule_nb.store import disk, folder
 
 

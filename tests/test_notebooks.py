@@ -1,5 +1,7 @@
 """Every example notebook runs top to bottom in a real kernel, and does what it says."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,14 @@ def test_schedules_notebook_run_again_on_its_store_waits_for_ticks_of_its_own(tm
         done.append(sum(h.task_name == "sync_crm" for h in app.tasks.find(status="completed", limit=0)))
         app.close()
     assert done[1] >= done[0] + 2, done
+
+
+def test_the_capsule_code_notebook_is_plain_capsule_code():
+    """It says "Capsule code, unchanged": ``capsule-nb check`` found a ``wait()`` and a sort
+    Capsule's ``find`` does not take in it (w64)."""
+    done = subprocess.run([sys.executable, "-m", "capsule_nb", "check", str(NOTEBOOKS / "capsule_compat.ipynb")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "plain Capsule code" in done.stdout, done.stdout + done.stderr
 
 
 def test_capsule_compat_notebook(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsule_nb.collections import Collection, _get, _matches, _sortable, _updated
+from capsule_nb.collections import Collection, _updated
+from capsule_nb.doc_filters import field_value as _get, matches as _matches, sortable as _sortable
 from capsule_nb.durations import MAX_DELAY, parse_delay, parse_when
 from capsule_nb.cron import parse_cron
 
