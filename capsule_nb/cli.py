@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from . import __version__
 from .demo import cmd_demo
 from .errors import StoreError
 from .schedules import on_store, when
@@ -95,8 +96,16 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     where = {column: value for column, value in (("status", args.status), ("task_name", args.name), ("app", args.app))
              if value is not None}
     records = app.store.runs(where, limit=args.limit or None)
-    _emit(args, records, lambda: table_text(records) if records else "no runs")
+    _emit(args, records, lambda: table_text(records) if records else "no runs" + _apps_hint(app, args.app))
     return 0
+
+
+def _apps_hint(app: Any, name: str | None) -> str:
+    """What to say after "no runs" when ``--app`` names an app with no runs on the store at all."""
+    apps = sorted({key[0] for key in app.store.run_counts(by=("app",))}) if name is not None else []
+    if name is None or name in apps:
+        return ""
+    return f" (no app {name!r} has runs on {app.home}; " + (f"its apps: {', '.join(apps)})" if apps else "none has)")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -127,7 +136,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 1
     asked = app.runtime.cancel(task_id)
     now = (app.store.get_run(task_id) or {}).get("status")
-    where = "cancelled" if now == CANCELLED else "its kernel will stop it"  # a live owner was asked
+    where = "cancelled" if now == CANCELLED else "asked of the process that holds it"  # (a live owner)
     _emit(args, {"task_id": task_id, "cancelled": asked, "status": now},
           f"run {task_id}: {where}" if asked else f"run {task_id}: nothing to cancel")
     return 0 if asked else 1
@@ -216,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capsule-nb", description="Capsule-style background tasks for Jupyter notebooks."
     )
     _store_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"capsule-nb {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 

@@ -47,6 +47,17 @@ def test_tasks_show_and_json(app, capsys):
     assert "result: 42" in out and "| working 21" in out
     code, out, _ = cli(capsys, "--home", home, "show", b.task_id)
     assert "error: ValueError: nope" in out and "Traceback" in out
+    # An --app with no runs on the store says which apps have some: "no runs" alone read as
+    # an empty store (w64); an app that has runs, none of that status, says just that.
+    assert cli(capsys, "--home", home, "tasks", "--app", "nope")[1].strip() == \
+        f"no runs (no app 'nope' has runs on {home}; its apps: {app.name})"
+    assert cli(capsys, "--home", home, "tasks", "--app", app.name, "--status", "cancelled")[1].strip() == "no runs"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"capsule-nb {cpsl.__version__}"
 
 
 def test_unknown_id_and_not_a_store_exit_2(app, tmp_path, capsys):
@@ -193,7 +204,7 @@ def test_cancel_reaches_the_live_process_that_owns_the_run(tmp_path):
         (task_id,) = lines_until(owner, "running")
         done = command("cancel", task_id)
         assert done.returncode == 0, done.stderr
-        assert "its kernel will stop it" in done.stdout
+        assert f"run {task_id}: asked of the process that holds it" in done.stdout
         shown = command("show", task_id)
         assert "[running]" in shown.stdout and "cancel asked" in shown.stdout, shown.stdout
         go.touch()

@@ -269,3 +269,11 @@ def test_past_the_character_cap_replaced_notifications_go_first_then_the_oldest_
     assert [m["text"].split(" ")[0] for m in record["messages"]] == [*rows, "n2" + odd, "r14", "last"]
     assert record["messages_dropped"] == 2
     assert sum(len(v) for m in record["messages"] for v in m.values() if type(v) is str) <= MAX_MESSAGES_CHARS
+
+
+def test_a_memory_limit_is_named_as_it_was_likely_written():
+    """``memory_limit="50MB"`` failed saying "memory limit of 47.68 MiB exceeded" (w64)."""
+    from capsule_nb.workers.outcome import size
+
+    assert [size(n) for n in (50_000_000, 64 * 2**20, 2 * 2**30, 3 * 10**9, 1023, 1536)] == [
+        "50 MB", "64 MiB", "2 GiB", "3 GB", "1023 B", "1.5 KiB"]

@@ -126,6 +126,12 @@ def killed(pid: int | None, reason: str) -> Outcome:
 
 
 def size(n: int) -> str:
+    """``n`` bytes as the limit was likely written: "50 MB" or "64 MiB" when either is exact
+    ("50MB" read back as "47.68 MiB"), else in binary units to four digits."""
+    for power in (3, 2, 1):
+        for base, units in ((1024, ("KiB", "MiB", "GiB")), (1000, ("KB", "MB", "GB"))):
+            if n >= base**power and n % base**power == 0:
+                return f"{n // base**power} {units[power - 1]}"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
