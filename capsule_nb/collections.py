@@ -76,15 +76,15 @@ class Collection:
                              f"nothing inserted (update_one changes a document)")
         return doc
 
-    def update_one(self, filter: dict[str, Any], update: dict[str, Any], *, upsert: bool = False) -> ReadyDict:
+    def update_one(self, filter: dict[str, Any], update: dict[str, Any], *, upsert: bool | None = None) -> ReadyDict:
         """Update the first match; a plain dict is a patch (``$set``). Gives what Capsule's
         does, ``{"matched": 0 or 1, "modified": 0 or 1}``; ``upsert``: no match inserts the
         filter's plain fields with the update applied (and gives its ``"upserted_id"``)."""
         operations = _operations(update)
         check_filter(filter)
-        if not isinstance(upsert, bool):
-            raise TypeError(f"upsert is True or False, not {upsert!r}")
-        if upsert:
+        if upsert is not None:  # (given at all, False too: Capsule's update_one takes no upsert)
+            if not isinstance(upsert, bool):
+                raise TypeError(f"upsert is True or False, not {upsert!r}")
             portable.note("doc_options")
         modified = []
 

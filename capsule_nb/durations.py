@@ -13,8 +13,9 @@ import re
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
 _EVERY = re.compile(r"(?:repeat\s+)?every\b", re.IGNORECASE)
-# What the SDK reads: its regex, on the lower-cased text (whole numbers only), after "every ".
-_CAPSULE_DELAY = re.compile(r"((repeat\s+)?every\s+)?\d+\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
+# What the SDK reads: its regex, on the stripped lower-cased text (whole numbers only), after
+# "every " or "repeat every " (one space each: the SDK cuts those prefixes, as written).
+_CAPSULE_DELAY = re.compile(r"(repeat every |every )?\d+\s*(d|days?|h|hr|hours?|m|mins?|minutes?|s|secs?|seconds?)")
 MIN_INTERVAL = 1.0  # seconds between repeats: as often as a cron seconds field allows, never a busy loop
 MAX_DELAY = 100 * 365.25 * 86400  # 100 years: more is a typo, and its date no longer fits a datetime
 

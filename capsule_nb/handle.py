@@ -33,7 +33,7 @@ ANSWER_SECONDS = 2.0  # how long an awaited cancel of another process's run wait
 
 
 class TaskHandle(Steps):
-    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "__weakref__")  # thousands after a burst
+    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "speaks_for_series", "__weakref__")  # (many)
 
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
@@ -41,6 +41,7 @@ class TaskHandle(Steps):
         self._generation = generation
         self._final: dict[str, Any] | None = None  # the finished record, once seen: retention may prune it
         self._steps = None
+        self.speaks_for_series = False  # the handle ``schedule("every ...")`` gave: its status is the series'
 
     # ----------------------------------------------------------- the record
 
@@ -113,12 +114,13 @@ class TaskHandle(Steps):
         return self
 
     def status(self) -> ReadyStr:
-        """The run's status. A repeating run's, once it has ended, is its series' (the newest
-        run's), as its card shows: Capsule's server queues the one task again after each run,
-        so "completed" there would say the series is over."""
+        """The run's status. The handle ``schedule("every ...")`` gave, once its run has ended,
+        says its series' (the newest run's), as its card does: Capsule's server queues the one
+        task again after each run, so "completed" would say the series is over. A handle
+        ``find`` gives of a run of the series says that run's own."""
         self._app.store.poll()
         record = self.snapshot()
-        if record.get("every") and record["status"] in FINISHED:
+        if self.speaks_for_series and record["status"] in FINISHED:
             record = newest_in_series(self._app.store, record) or record
         return ReadyStr(record["status"])
 

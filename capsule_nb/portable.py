@@ -55,7 +55,7 @@ EXTENSIONS: dict[str, tuple[str, str]] = {
     "no_await": ("a Capsule call without `await` (h = t.submit(...), h.status(), coll.insert_one(...))",
                  "await it: on Capsule these are coroutines, so without `await` nothing is submitted, inserted or "
                  "read (hand many to `asyncio.gather(...)`)"),
-    "doc_options": ("find(sort=\"field\") or a list of pairs, or update_one(upsert=True)",
+    "doc_options": ("find(sort=\"field\") or a list of pairs, or update_one(upsert=...)",
                     "Capsule's find takes sort as a dict, sort={\"field\": 1}, and its update_one has no upsert: "
                     "find_one first, then insert_one or update_one"),
     "get_task": ("cpsl.get_task(id)",

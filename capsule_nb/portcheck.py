@@ -136,7 +136,8 @@ def check_cells(cells: list[str], *, notebook: bool = True) -> list[Finding]:
     collections = {target.id for tree in parsed for node in ast.walk(tree)
                    if isinstance(node, ast.Assign) and _reaches_a_collection(node.value)
                    for target in node.targets if isinstance(target, ast.Name)}
-    names = _Names(collections, _consumed(parsed), _rebinds_session(parsed), _taking_at(functions))
+    names = _Names(collections, _consumed(parsed), _rebinds_session(parsed), _taking_at(functions),
+                   _capsule_names(parsed))
     found: list[Finding] = []
     for number, (tree, lines) in enumerate(trees, start=1):
         if tree is None:
@@ -212,6 +213,22 @@ class _Names:
     consumed: set[str]  # awaited (``await c``) or handed to a runner (``gather(*coros)``) somewhere
     session_rebound: bool  # ``session`` names something else somewhere (``async with ... as session``)
     taking_at: dict[str, bool]  # task -> whether ``at=`` is its own argument: True, or only if no datetime (**kwargs)
+    capsule: set[str]  # what ``.task`` and ``task`` are Capsule's on: ``cpsl``, an App, ``task`` imported from it
+
+
+def _capsule_names(trees: list[ast.Module]) -> set[str]:
+    """``cpsl`` (``%load_ext`` provides it), what ``capsule_nb`` or ``cpsl`` is imported as, names
+    bound to an ``App(...)``, and what is imported from either (``from capsule_nb import task``):
+    ``@celery_app.task`` or Prefect's ``@task`` is none of Capsule's business."""
+    names = {"cpsl"}
+    for node in (n for tree in trees for n in ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name for a in node.names if a.name in ("capsule_nb", "cpsl")}
+        elif isinstance(node, ast.ImportFrom) and node.module in ("capsule_nb", "cpsl"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and _decorator(node.value)[0] == "App":
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
 
 
 def _taking_at(functions: list[ast.FunctionDef | ast.AsyncFunctionDef]) -> dict[str, bool]:
@@ -260,7 +277,7 @@ def _uses(tree: ast.Module, tasks: set[str], handles: set[str], names: _Names,
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for decorator in node.decorator_list:
-                yield from _decorator_uses(decorator, notebook)
+                yield from _decorator_uses(decorator, notebook, names.capsule)
         elif isinstance(node, ast.Call):
             yield from _call_uses(node, tasks, handles, names.taking_at)
             if _capsule_coroutine(node, tasks, handles, names) and not _awaited(node, parents, names.consumed):
@@ -325,12 +342,13 @@ def _awaited(call: ast.Call, parents: dict[ast.AST, ast.AST], consumed: set[str]
     return False
 
 
-def _decorator_uses(decorator: ast.expr, notebook: bool) -> Iterator[tuple[int, str]]:
+def _decorator_uses(decorator: ast.expr, notebook: bool, capsule: set[str]) -> Iterator[tuple[int, str]]:
     kind, call = _decorator(decorator)
     options = _keywords(call)
     line = decorator.lineno
     if kind == "task":
-        if call is None:
+        on = decorator.value if isinstance(decorator, ast.Attribute) else decorator
+        if call is None and isinstance(on, ast.Name) and on.id in capsule:
             yield line, "bare_task"
         if {"retry_delay", "backoff"} & options.keys():
             yield line, "retry_policy"

@@ -169,9 +169,7 @@ class Task:
             kwargs, at = {**kwargs, "at": at}, None
         if when is not None and delay is not None:
             raise ValueError(f"{self.name}.schedule(): provide either when or delay, not both")  # (the SDK's)
-        first_delay, every = parse_when(when)
-        if delay is not None:
-            first_delay = parse_delay(delay)
+        first_delay, every = parse_when(when if delay is None else delay)  # (the SDK reads "every 5m" in both)
         if at is not None:
             if first_delay is not None:
                 raise ValueError(f"{self.name}.schedule(): provide either at or a delay, not both")
@@ -188,8 +186,10 @@ class Task:
             start = None
         _note_when(when, delay, at)  # (once they are good: a bad one is an error, not a warning as well)
         handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
-        if every is not None and current_run.get() is None:
-            self._replace_the_cells_earlier_repeats(handle.task_id)
+        if every is not None:
+            handle.speaks_for_series = True
+            if current_run.get() is None:
+                self._replace_the_cells_earlier_repeats(handle.task_id)
         return handle
 
     def _owns_at(self, value: Any) -> bool:

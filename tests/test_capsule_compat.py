@@ -738,6 +738,23 @@ async def test_portable_mode_warns_once_per_extension_with_the_capsule_way(capsu
     assert all(w.filename == __file__ for w in caught[plain:])  # each points at the user's line
 
 
+def test_portable_mode_names_upsert_given_at_all(capsule):
+    """Capsule's ``update_one(filter, update)`` takes no ``upsert``: ``upsert=False`` is a
+    TypeError there too (w65)."""
+    app = cpsl.App(name="my-app")
+    cpsl.configure(portable=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            app.collection("seen").update_one({"a": 1}, {"b": 2})
+            assert not [w for w in caught if w.category is PortabilityWarning]
+            app.collection("seen").update_one({"a": 1}, {"b": 2}, upsert=False)
+        (warned,) = [w for w in caught if w.category is PortabilityWarning]
+        assert str(warned.message).startswith(EXTENSIONS["doc_options"][0])
+    finally:
+        cpsl.configure(portable=False)
+
+
 def test_from_a_script_asyncio_run_of_result_warns_at_the_users_line(capsule):
     # docs/api.md: "Only wait() and result() must be awaited (from a script: asyncio.run(h.result()))"
     app = cpsl.App(name="my-app")
@@ -840,6 +857,7 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
                       "@app.task()\nasync def visit(at: str, session=None):\n    return at\n\n"
                       "@app.task()\nasync def log(**fields):\n    return fields\n\n"
                       "await visit.schedule(delay='30m', at='home')\nawait log.schedule(delay='1m', at='desk')",
+                      "from celery import Celery\ncelery_app = Celery()\n\n@celery_app.task\ndef other(): pass",  # (w65)
                       "async def fetch(url):\n    async with httpx.AsyncClient() as session:\n"
                       "        async with session.stream('GET', url) as r:\n            return await r.aread()\n"
                       "pymongo.MongoClient().db.users.insert_one({'a': 1})")

@@ -277,3 +277,14 @@ def test_a_memory_limit_is_named_as_it_was_likely_written():
 
     assert [size(n) for n in (50_000_000, 64 * 2**20, 2 * 2**30, 3 * 10**9, 1023, 1536)] == [
         "50 MB", "64 MiB", "2 GiB", "3 GB", "1023 B", "1.5 KiB"]
+
+
+def test_portable_mode_reads_a_delay_as_capsules_sdk_does():
+    """Its regex on the stripped lower-cased text, whole numbers only, after "every " or
+    "repeat every " as written (w65: a tab or two spaces passed here, and fail there)."""
+    import datetime as dt
+
+    from capsule_nb.durations import capsule_reads
+
+    assert all(map(capsule_reads, ["30m", " 10 Minutes ", "every 5m", "repeat every 2h", "5 s", dt.timedelta(1)]))
+    assert not any(map(capsule_reads, ["1.5h", "every\t5m", "every\n5m", "repeat  every 5m", "1h30m", "", 30, 2.5]))

@@ -326,6 +326,24 @@ async def test_what_a_task_printed_before_it_went_quiet_is_on_its_record_while_i
     assert "".join(x["text"] for x in handle.snapshot()["output"]) == "".join(f"line {i}\n" for i in range(20))
 
 
+def test_a_printing_task_in_immediate_mode_starts_no_thread(tmp_path):
+    """Immediate mode has no threads and no timers: the flush of held-back output did start
+    the timer thread (w65); the run's end flushes it there."""
+    app = cpsl.App(name="immediate", home=tmp_path / "store", executor="immediate")
+    try:
+        @app.task
+        def chatty():
+            print("one")
+            print("two")
+
+        before = {t.name for t in threading.enumerate()}
+        handle = chatty.submit()
+        assert "".join(x["text"] for x in handle.snapshot()["output"]) == "one\ntwo\n"
+        assert {t.name for t in threading.enumerate()} - before == set()
+    finally:
+        app.close()
+
+
 async def test_a_task_printing_a_hundred_thousand_lines_keeps_the_newest(app):
     """Each print is several writes; the kept output is the newest 200,000 characters, in order.
     (How fast that goes is ``benchmarks/bench_output.py``: copying the kept text per write made

@@ -434,6 +434,18 @@ async def test_schedule_at_and_delay(app):
     assert await delayed.result(timeout=5) == "fired"
 
 
+async def test_a_delay_of_every_repeats_as_capsules_sdk_reads_it(app):
+    """The SDK sends ``when`` or ``delay`` through one parser: ``schedule(delay="every 5m")``
+    repeats there, and was a ValueError here (w65)."""
+    @app.task
+    async def tick():
+        return 1
+
+    series = tick.schedule(delay="every 2h")
+    assert series.snapshot()["every"] == 7200 and series.snapshot()["status"] == "scheduled"
+    assert series.cancel()
+
+
 async def test_every_repeats_until_cancelled(app):
     @app.task
     async def tick():
@@ -445,6 +457,8 @@ async def test_every_repeats_until_cancelled(app):
     # while it went on (w64). Capsule's server queues the one task again after each run.
     assert await series.wait() == "completed"  # (the run it was given has)
     assert await series.status() == "scheduled"
+    # A handle find() gives of a run of the series says that run's own (w65)
+    assert {await h.status() for h in tick.find(status="completed")} == {"completed"}
     assert series.cancel()
     await until(lambda: tick.count(status="scheduled") == 0)
     done = tick.count(status="completed")

@@ -170,7 +170,8 @@ class Run:
             due = time.monotonic() - self._out_flushed > OUTPUT_FLUSH_SECONDS
         if due:
             self.flush_output()
-        elif first:  # held back for the next print, which a task that goes quiet (a long call) makes late
+        elif first and not self.runtime.settings.immediate:  # (immediate: no timers; the run's end flushes)
+            # held back for the next print, which a task that goes quiet (a long call) makes late
             self.runtime.timers.call_later(OUTPUT_FLUSH_SECONDS, self.flush_output)
 
     def flush_output(self) -> None:
