@@ -33,7 +33,7 @@ ANSWER_SECONDS = 2.0  # how long an awaited cancel of another process's run wait
 
 
 class TaskHandle(Steps):
-    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "speaks_for_series", "__weakref__")  # (many)
+    __slots__ = ("_app", "task_id", "_generation", "_final", "_steps", "_speaks_for_series", "__weakref__")
 
     def __init__(self, app: "App", task_id: str, generation: int = 0):
         self._app = app
@@ -41,7 +41,7 @@ class TaskHandle(Steps):
         self._generation = generation
         self._final: dict[str, Any] | None = None  # the finished record, once seen: retention may prune it
         self._steps = None
-        self.speaks_for_series = False  # the handle ``schedule("every ...")`` gave: its status is the series'
+        self._speaks_for_series = False  # the handle ``schedule("every ...")`` gave: its status is the series'
 
     # ----------------------------------------------------------- the record
 
@@ -120,7 +120,7 @@ class TaskHandle(Steps):
         ``find`` gives of a run of the series says that run's own."""
         self._app.store.poll()
         record = self.snapshot()
-        if self.speaks_for_series and record["status"] in FINISHED:
+        if self._speaks_for_series and record["status"] in FINISHED:
             record = newest_in_series(self._app.store, record) or record
         return ReadyStr(record["status"])
 

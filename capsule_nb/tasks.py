@@ -187,7 +187,7 @@ class Task:
         _note_when(when, delay, at)  # (once they are good: a bad one is an error, not a warning as well)
         handle = self._submit((), kwargs, session=session, display_name=display_name, start_at=start, every=every)
         if every is not None:
-            handle.speaks_for_series = True
+            handle._speaks_for_series = True
             if current_run.get() is None:
                 self._replace_the_cells_earlier_repeats(handle.task_id)
         return handle
