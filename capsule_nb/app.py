@@ -103,7 +103,7 @@ class App:
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None, *,
                  image: Any = None, max_threads: int | None = None, keep_finished: int | None = None,
                  executor: str = "default"):
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise ValueError(f"App name must be a non-empty string, got {name!r}")
         if "/" in name:  # (the store's keys join app and schedule names with it: "a" + "b/c" is "a/b" + "c")
             raise ValueError(f"App name cannot contain '/', got {name!r}")

@@ -46,12 +46,19 @@ def parse_delay(value: object, *, what: str = "delay") -> float:
     return seconds
 
 
-def capsule_reads(delay: object) -> bool:
-    """Whether Capsule's ``schedule`` takes ``delay`` as it is: a timedelta, or its shorthand
-    ("30m", "every 5m"); not a number of seconds, nor a fraction ("1.5h"). For portable mode."""
-    if isinstance(delay, str):
-        return _CAPSULE_DELAY.fullmatch(delay.strip().lower()) is not None
-    return isinstance(delay, dt.timedelta)
+def only_here(delay: object) -> bool:
+    """Whether a ``schedule`` delay is a capsule_nb extension, for portable mode and ``capsule-nb
+    check``: read here, and not by Capsule's SDK, which takes a timedelta or its shorthand
+    ("30m", "every 5m"): a number of seconds, a fraction ("1.5h"), "every  5m". A delay neither
+    reads is an error, no extension."""
+    if delay is None or isinstance(delay, dt.timedelta) \
+            or isinstance(delay, str) and _CAPSULE_DELAY.fullmatch(delay.strip().lower()):
+        return False
+    try:
+        parse_when(delay)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_when(when: object) -> tuple[float | None, float | None]:

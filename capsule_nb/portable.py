@@ -38,8 +38,9 @@ EXTENSIONS: dict[str, tuple[str, str]] = {
     "timeout_text": ("a timeout given as text (timeout=\"5m\")", "give seconds: timeout=300"),
     "schedule_at": ("schedule(at=datetime)",
                     "Capsule schedules by a relative delay: t.schedule(delay=\"30m\") or delay=timedelta(...)"),
-    "delay_number": ("a delay in plain seconds or a fraction (schedule(delay=30), delay=\"1.5h\")",
-                     "write a whole number and one unit, \"30s\" or \"90m\", or a timedelta"),
+    "delay_number": ("a delay Capsule's shorthand does not read (schedule(delay=30), \"1.5h\", \"every  5m\")",
+                     "write a whole number and one unit, \"30s\" or \"90m\", after \"every \" with one space "
+                     "to repeat, or a timedelta"),
     "cron_tz": ("@schedule(tz=...)", "Capsule's cron runs in UTC: write the hours in UTC and drop tz="),
     "cron_seconds": ("a 6-field cron (seconds last)", "Capsule's cron has 5 fields: a minute is the finest step"),
     "schedule_options": ("name= / catchup= on @schedule",

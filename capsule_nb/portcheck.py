@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .durations import capsule_reads
+from .durations import only_here
 from .portable import advice
 from .record import short_repr
 
@@ -226,8 +226,10 @@ def _capsule_names(trees: list[ast.Module]) -> set[str]:
             names |= {a.asname or a.name for a in node.names if a.name in ("capsule_nb", "cpsl")}
         elif isinstance(node, ast.ImportFrom) and node.module in ("capsule_nb", "cpsl"):
             names |= {a.asname or a.name for a in node.names}
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and _decorator(node.value)[0] == "App":
-            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call) \
+                and _decorator(node.value)[0] == "App":  # (``app = cpsl.App(...)``, ``app: cpsl.App = ...``)
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return names
 
 
@@ -382,7 +384,7 @@ def _call_uses(call: ast.Call, tasks: set[str], handles: set[str],
             if "at" in options and not _the_tasks_at(options["at"], taking_at.get(owner)):
                 yield line, "schedule_at"
             delays = [*call.args[:1], *(v for k, v in options.items() if k in ("when", "delay"))]
-            if any(type(_constant(d)) in (int, float, str) and not capsule_reads(_constant(d)) for d in delays):
+            if any(type(_constant(d)) in (int, float, str) and only_here(_constant(d)) for d in delays):
                 yield line, "delay_number"
     elif method in ("wait", "result") and isinstance(call.func, ast.Attribute):
         if _gives_handles(call.func.value, tasks, handles):

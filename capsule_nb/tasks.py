@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from . import portable
 from .awaitables import ReadyInt, ReadyList
 from .checks import true_or_false, whole_number
-from .durations import MAX_DELAY, capsule_reads, parse_delay, parse_when
+from .durations import MAX_DELAY, only_here, parse_delay, parse_when
 from .engine.context import current_run
 from .engine.executors import LoopClosed
 from .handle import TaskHandle
@@ -433,7 +433,7 @@ def _note_when(when: Any, delay: Any, at: Any) -> None:
     """Portable mode: the ways to say when that Capsule's ``schedule`` has not."""
     if at is not None:
         portable.note("schedule_at")
-    if any(x is not None and not capsule_reads(x) for x in (when, delay)):
+    if only_here(when) or only_here(delay):
         portable.note("delay_number")
 
 

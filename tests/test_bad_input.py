@@ -257,8 +257,9 @@ def test_a_callback_url_without_a_host_is_refused_at_decoration(app, url):
 
 
 def test_app_name_must_be_text(tmp_path):
-    with pytest.raises(ValueError, match="App name"):
-        cpsl.App(name="", home=tmp_path)
+    for name in ("", " "):
+        with pytest.raises(ValueError, match="App name"):
+            cpsl.App(name=name, home=tmp_path)
 
 
 def test_an_app_name_with_a_slash_is_refused_its_schedules_would_be_anothers(tmp_path):

@@ -865,15 +865,17 @@ def test_check_lists_the_extensions_cell_by_cell(tmp_path, capsys):
                           timeout=60)
     assert done.returncode == 0 and "no capsule_nb-only extensions" in done.stdout, done.stdout + done.stderr
     # Capsule's task takes its options first: a bare @app.task there takes the function as `retries` (w64)
-    bare = _notebook(tmp_path / "bare.ipynb", "import capsule_nb as cpsl\napp = cpsl.App(name='x')",
+    bare = _notebook(tmp_path / "bare.ipynb", "import capsule_nb as cpsl\napp: cpsl.App = cpsl.App(name='x')",
                      "@app.task\nasync def visit(place: str):\n    return place",
-                     "await visit.schedule(delay='1.5h', place='x')\nawait visit.schedule(delay='90m', place='y')",
+                     "await visit.schedule(delay='1.5h', place='x')\nawait visit.schedule(delay='90m', place='y')\n"
+                     "await visit.schedule(delay='90', place='z')",  # (an error in both, no extension: w66)
                      "seen = app.collection('seen')\nawait seen.find({}, sort={'at': 1})\nawait seen.find({}, sort='at')\n"
                      "await seen.update_one({'a': 1}, {'b': 2}, upsert=True)\nawait seen.update_one({'a': 1}, {'b': 2})")
     assert main(["check", str(bare)]) == 1
     out = capsys.readouterr().out
     assert "cell 2, line 1: @app.task\n    @task without parentheses is a capsule_nb extension" in out
     assert "cell 3, line 1: await visit.schedule(delay='1.5h'" in out and "cell 3, line 2" not in out
+    assert "cell 3, line 3" not in out
     assert [line for line in out.splitlines() if line.startswith("  cell 4")] == [
         "  cell 4, line 3: await seen.find({}, sort='at')",
         "  cell 4, line 4: await seen.update_one({'a': 1}, {'b': 2}, upsert=True)"]

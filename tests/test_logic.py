@@ -281,10 +281,12 @@ def test_a_memory_limit_is_named_as_it_was_likely_written():
 
 def test_portable_mode_reads_a_delay_as_capsules_sdk_does():
     """Its regex on the stripped lower-cased text, whole numbers only, after "every " or
-    "repeat every " as written (w65: a tab or two spaces passed here, and fail there)."""
+    "repeat every " as written (w65: a tab or two spaces passed here, and fail there). What
+    neither reads is an error, never an extension (w66: check listed "90" as one)."""
     import datetime as dt
 
-    from capsule_nb.durations import capsule_reads
+    from capsule_nb.durations import only_here
 
-    assert all(map(capsule_reads, ["30m", " 10 Minutes ", "every 5m", "repeat every 2h", "5 s", dt.timedelta(1)]))
-    assert not any(map(capsule_reads, ["1.5h", "every\t5m", "every\n5m", "repeat  every 5m", "1h30m", "", 30, 2.5]))
+    assert not any(map(only_here, ["30m", " 10 Minutes ", "every 5m", "repeat every 2h", "5 s", dt.timedelta(1)]))
+    assert all(map(only_here, ["1.5h", "every\t5m", "every\n5m", "repeat  every 5m", 30, 2.5]))
+    assert not any(map(only_here, ["1h30m", "", "90", "in 5m", None, -5]))
