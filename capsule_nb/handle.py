@@ -119,7 +119,7 @@ class TaskHandle(Steps):
         task again after each run, so "completed" would say the series is over. A handle
         ``find`` gives of a run of the series says that run's own."""
         self._app.store.poll()
-        record = self.snapshot()
+        record = self._record()
         if self._speaks_for_series and record["status"] in FINISHED:
             record = newest_in_series(self._app.store, record) or record
         return ReadyStr(record["status"])

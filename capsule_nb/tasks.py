@@ -431,6 +431,8 @@ def _web_address(url: Any) -> bool:
 
 def _note_when(when: Any, delay: Any, at: Any) -> None:
     """Portable mode: the ways to say when that Capsule's ``schedule`` has not."""
+    if not portable.is_portable():
+        return  # (``only_here`` parses the delay again: not on every schedule() when nobody asked)
     if at is not None:
         portable.note("schedule_at")
     if only_here(when) or only_here(delay):
