@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -978,6 +979,75 @@ def test_a_flush_cuts_the_writers_gathering_short(app, monkeypatch):
         app.store.flush(timeout=20)
         assert time.monotonic() - started < 10
         assert record_on_disk(app.home, handle.task_id) is not None
+
+
+def test_a_burst_nobody_awaits_goes_to_disk_in_batches_and_a_flush_takes_all_that_is_left(tmp_path):
+    """In a burst, runs end while their submits' records are written: a writer that took the whole
+    queue at once wrote every end after the last run. Nobody awaiting, a batch is the oldest
+    ``BATCH_KEYS`` changes, each key once with its newest value; a flush takes the rest at once."""
+    from capsule_nb.store.writer import BATCH_KEYS, WriteBehind
+
+    lock = threading.Lock()
+    batches: list[dict] = []
+    hold = threading.Event()
+
+    def commit(batch):
+        batches.append(dict(batch))
+        hold.wait(10)  # the writer stays busy with this batch while the next burst is queued
+
+    def burst(tag):
+        with lock:
+            for n in range(3 * BATCH_KEYS):
+                writes.put(f"{tag}{n:05d}", n)
+            writes.put(f"{tag}00000", "newer")  # changed again before it was written
+
+    writes = WriteBehind(lock, commit, tmp_path)
+    try:
+        with lock:
+            writes.queue({"first": 0})
+        until_sync(lambda: batches, what="the first commit")
+        burst("a")
+        hold.set()
+        until_sync(lambda: sum(map(len, batches)) == 1 + 3 * BATCH_KEYS, what="the burst on disk")
+        assert [len(b) for b in batches] == [1, BATCH_KEYS, BATCH_KEYS, BATCH_KEYS]
+        assert [key for b in batches[1:] for key in b] == [f"a{n:05d}" for n in range(3 * BATCH_KEYS)]
+        assert batches[1]["a00000"] == "newer"
+
+        hold.clear()
+        with lock:
+            writes.queue({"second": 0})
+        until_sync(lambda: len(batches) == 5, what="the next commit")
+        burst("b")
+        flushing = threading.Thread(target=writes.flush)
+        flushing.start()
+        until_sync(lambda: writes._flushers, what="the flush waiting")
+        hold.set()
+        flushing.join(20)
+        assert not flushing.is_alive()
+        assert [len(b) for b in batches[4:]] == [1, 3 * BATCH_KEYS]  # what a flush waits for goes at once
+    finally:
+        hold.set()
+        writes.close()
+
+
+def test_a_bursts_log_is_copied_into_the_database_once_the_burst_is_written(tmp_path):
+    """SQLite copied the write-ahead log into the database at each commit that took it past
+    1,000 pages, a seventh of a burst's writing. Commits now leave it to 32 MiB, and the
+    writer copies it when its queue runs empty."""
+    app = cpsl.App(home=tmp_path / "s")
+
+    @app.task
+    def noop():
+        pass
+
+    assert app.store._cache._sql("PRAGMA wal_autocheckpoint").fetchall() == [(8192,)]
+    database = tmp_path / "s" / "db" / "cache.db"
+    before = database.stat().st_size
+    handles = [noop.submit() for _ in range(3000)]
+    until_sync(lambda: all(h.snapshot()["status"] == "completed" for h in handles), 60, what="the burst")
+    app.store.flush()
+    until_sync(lambda: database.stat().st_size > before + 2**20, 20, what="the log copied into the database")
+    app.close()
 
 
 async def test_an_awaited_cancel_of_another_live_processs_waiting_run_returns_with_its_answer(tmp_path):

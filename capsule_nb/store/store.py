@@ -70,7 +70,7 @@ class Store:
         self._poll_lock = threading.Lock()
         self._cancel_requests: dict[str, float] = {}  # task id -> when this process first saw it
         self._writes = WriteBehind(self._lock, self._commit, self.path,  # idle until something is queued
-                                   connect=lambda: self._cache._con)
+                                   connect=lambda: self._cache._con, checkpoint=lambda: disk.checkpoint(self._cache))
         try:
             self._runs = RunTable(self._cache, self._rows.check)
             self._documents = Documents(self._cache, self._rows.check, self._feed)
