@@ -1030,6 +1030,32 @@ def test_a_burst_nobody_awaits_goes_to_disk_in_batches_and_a_flush_takes_all_tha
         writes.close()
 
 
+def test_a_checkpoint_that_fails_leaves_the_writer_writing(tmp_path):
+    """A checkpoint is housekeeping: one the disk refuses (or a database swapped underneath)
+    is logged, and the changes queued after it are written as before."""
+    from capsule_nb.store.writer import CHECKPOINT_AFTER, WriteBehind
+
+    lock = threading.Lock()
+    written: list[str] = []
+    tried = []
+
+    def checkpoint():
+        tried.append(1)
+        raise OSError("disk I/O error")
+
+    writes = WriteBehind(lock, lambda batch: written.extend(batch), tmp_path, checkpoint=checkpoint)
+    try:
+        with lock:
+            writes.queue({f"k{n}": n for n in range(CHECKPOINT_AFTER)})
+        until_sync(lambda: tried, what="the checkpoint tried")
+        with lock:
+            writes.queue({"after": 1})
+        writes.flush(timeout=10)
+        assert written[-1] == "after" and len(written) == CHECKPOINT_AFTER + 1
+    finally:
+        writes.close()
+
+
 def test_a_bursts_log_is_copied_into_the_database_once_the_burst_is_written(tmp_path):
     """SQLite copied the write-ahead log into the database at each commit that took it past
     1,000 pages, a seventh of a burst's writing. Commits now leave it to 32 MiB, and the

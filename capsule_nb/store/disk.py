@@ -259,10 +259,7 @@ def has_store(path: Path) -> bool:
 def checkpoint(cache: diskcache.Cache) -> None:
     """Copy what the write-ahead log holds into the database, as far as no reader needs it
     (PASSIVE: it waits for nobody); the writer's thread calls it when its queue is empty."""
-    try:
-        cache._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    except sqlite3.Error as exc:  # busy, or the disk refuses: the next commit past the limit does it
-        log.debug("capsule_nb: no checkpoint of %s: %s", cache.directory, exc)
+    cache._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def open_cache(path: Path) -> diskcache.Cache:

@@ -203,7 +203,10 @@ class WriteBehind:
             self._unchecked += len(batch)
             if idle and self._unchecked >= CHECKPOINT_AFTER:
                 self._unchecked = 0
-                self._checkpoint()
+                try:
+                    self._checkpoint()
+                except Exception as exc:  # (housekeeping: the commit that takes the log past its limit does it)
+                    log.debug("capsule_nb: no checkpoint of the store at %s: %s", self._where, exc)
 
 
 def fresh(failure: StoreError) -> StoreError:
