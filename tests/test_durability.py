@@ -981,53 +981,104 @@ def test_a_flush_cuts_the_writers_gathering_short(app, monkeypatch):
         assert record_on_disk(app.home, handle.task_id) is not None
 
 
+class _HeldWriter:
+    """A ``WriteBehind`` whose commits are noted, and held while ``hold`` is clear."""
+
+    def __init__(self, tmp_path, refuse: tuple[int, ...] = ()):
+        from capsule_nb.store.rows import same_run
+        from capsule_nb.store.writer import WriteBehind
+
+        self.lock = threading.Lock()
+        self.batches: list[dict] = []
+        self.hold = threading.Event()
+        commits = iter(range(10**6))
+
+        def commit(batch):
+            self.hold.wait(10)
+            if next(commits) in refuse:  # the disk refuses this commit (the nth, from 0)
+                raise OSError("disk full")
+            self.batches.append(dict(batch))
+
+        self.writes = WriteBehind(self.lock, commit, tmp_path, together=same_run)  # as the store makes it
+
+    def busy(self):
+        """Queue one change and wait until the writer has taken it: what is queued next waits."""
+        self.hold.clear()
+        with self.lock:
+            self.writes.queue({"busy": len(self.batches)})
+        until_sync(lambda: self.writes._inflight, what="the writer busy")
+
+    def written(self, key):
+        return next(n for n, batch in enumerate(self.batches) if key in batch)
+
+
 def test_a_burst_nobody_awaits_goes_to_disk_in_batches_and_a_flush_takes_all_that_is_left(tmp_path):
     """In a burst, runs end while their submits' records are written: a writer that took the whole
-    queue at once wrote every end after the last run. Nobody awaiting, a batch is the oldest
-    ``BATCH_KEYS`` changes, each key once with its newest value; a flush takes the rest at once."""
-    from capsule_nb.store.writer import BATCH_KEYS, WriteBehind
+    queue at once wrote every end after the last run. Nobody awaiting, a batch is the
+    ``BATCH_KEYS`` changes made longest ago, each key once with its newest value; a flush takes
+    the rest at once."""
+    from capsule_nb.store.writer import BATCH_KEYS
 
-    lock = threading.Lock()
-    batches: list[dict] = []
-    hold = threading.Event()
-
-    def commit(batch):
-        batches.append(dict(batch))
-        hold.wait(10)  # the writer stays busy with this batch while the next burst is queued
-
-    def burst(tag):
-        with lock:
-            for n in range(3 * BATCH_KEYS):
-                writes.put(f"{tag}{n:05d}", n)
-            writes.put(f"{tag}00000", "newer")  # changed again before it was written
-
-    writes = WriteBehind(lock, commit, tmp_path)
+    held = _HeldWriter(tmp_path)
     try:
-        with lock:
-            writes.queue({"first": 0})
-        until_sync(lambda: batches, what="the first commit")
-        burst("a")
-        hold.set()
-        until_sync(lambda: sum(map(len, batches)) == 1 + 3 * BATCH_KEYS, what="the burst on disk")
-        assert [len(b) for b in batches] == [1, BATCH_KEYS, BATCH_KEYS, BATCH_KEYS]
-        assert [key for b in batches[1:] for key in b] == [f"a{n:05d}" for n in range(3 * BATCH_KEYS)]
-        assert batches[1]["a00000"] == "newer"
+        held.busy()
+        with held.lock:
+            for n in range(3 * BATCH_KEYS):
+                held.writes.put(f"a{n:05d}", n)
+            held.writes.put("a00000", "newer")  # changed again before it was written: written once
+        held.hold.set()
+        until_sync(lambda: sum(map(len, held.batches)) == 1 + 3 * BATCH_KEYS, what="the burst on disk")
+        assert [len(b) for b in held.batches] == [1, BATCH_KEYS, BATCH_KEYS, BATCH_KEYS]
+        assert [key for b in held.batches[1:] for key in b] == [f"a{n:05d}" for n in range(3 * BATCH_KEYS)]
+        assert held.batches[1]["a00000"] == "newer"
 
-        hold.clear()
-        with lock:
-            writes.queue({"second": 0})
-        until_sync(lambda: len(batches) == 5, what="the next commit")
-        burst("b")
-        flushing = threading.Thread(target=writes.flush)
+        held.busy()
+        with held.lock:
+            for n in range(3 * BATCH_KEYS):
+                held.writes.put(f"b{n:05d}", n)
+        flushing = threading.Thread(target=held.writes.flush)
         flushing.start()
-        until_sync(lambda: writes._flushers, what="the flush waiting")
-        hold.set()
+        until_sync(lambda: held.writes._flushers, what="the flush waiting")
+        held.hold.set()
         flushing.join(20)
         assert not flushing.is_alive()
-        assert [len(b) for b in batches[4:]] == [1, 3 * BATCH_KEYS]  # what a flush waits for goes at once
+        assert [len(b) for b in held.batches[4:]] == [1, 3 * BATCH_KEYS]  # what a flush waits for goes at once
     finally:
-        hold.set()
-        writes.close()
+        held.hold.set()
+        held.writes.close()
+
+
+def test_a_batch_takes_every_queued_change_of_each_run_it_writes(tmp_path):
+    """w67: a batch cut among the keys queued longest ago wrote a run's completed record, which
+    names its result payload, a batch before the payload: a kernel killed between the two left
+    a completed run whose result "was removed", and another kernel read it so. A batch now takes
+    every change queued for each run it touches (record, payloads, requests), so one run's
+    changes reach the disk together; a deleted run's rows go together too. A batch the disk
+    refuses goes first again."""
+    from capsule_nb.store.writer import BATCH_KEYS
+
+    held = _HeldWriter(tmp_path, refuse=(1,))
+    try:
+        held.busy()
+        with held.lock:
+            held.writes.put("run/a", "pending")  # submitted first, not written yet
+            held.writes.queue({"payload/b/args": "blob"})  # b's arguments go before its record
+            held.writes.put("run/b", "pending")
+            for n in range(BATCH_KEYS):
+                held.writes.put(f"run/{n:05d}", "pending")
+            held.writes.queue({"payload/a/result": "blob"})  # a ends: its payload, then its record
+            held.writes.put("run/a", "completed, its result in payload/a/result")
+            held.writes.queue({"run/b": None, "payload/b/args": None, "cancel/b": None})  # b deleted
+        held.hold.set()
+        until_sync(lambda: held.writes.idle, 20, what="all written")
+        assert held.written("payload/a/result") == held.written("run/a") == 1  # the first, refused, then again
+        assert held.batches[1]["run/a"].startswith("completed")
+        assert held.written("payload/b/args") == held.written("run/b") == held.written("cancel/b") == 1
+        assert held.batches[1]["run/b"] is None and held.batches[1]["payload/b/args"] is None
+        assert [len(b) for b in held.batches] == [1, BATCH_KEYS, 5]  # (the refused one: BATCH_KEYS + 2)
+    finally:
+        held.hold.set()
+        held.writes.close()
 
 
 def test_a_checkpoint_that_fails_leaves_the_writer_writing(tmp_path):

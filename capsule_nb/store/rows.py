@@ -31,6 +31,23 @@ SESSION_DATA = "session/"  # a session's ``data``, a JSON object (``session_data
 ALIVE = "alive"  # when each process with runs running was last seen alive (``heartbeats``)
 
 
+def run_keys(task_id: str) -> tuple[str, ...]:
+    """Every row a run may have: its record, its payloads, the requests about it."""
+    return (RUN + task_id, f"{PAYLOAD}{task_id}/result", f"{PAYLOAD}{task_id}/args", CANCEL + task_id,
+            REFRESH + task_id)
+
+
+def same_run(key: str) -> tuple[str, ...]:
+    """The rows of the run whose row ``key`` is (none for a row of no run): what the writer
+    commits together with ``key`` (``WriteBehind._take``)."""
+    if key.startswith(PAYLOAD):
+        return run_keys(key[len(PAYLOAD):].rpartition("/")[0])
+    for prefix in (RUN, CANCEL, REFRESH):
+        if key.startswith(prefix):
+            return run_keys(key[len(prefix):])
+    return ()
+
+
 def problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` as the row ``key``, or None."""
     if key.startswith(RUN):

@@ -37,7 +37,7 @@ from .documents import Condition, Documents
 from .events import EventBus
 from .feed import CANCEL, DOC, PAYLOAD, RUN, Feed
 from .locks import KeyLocks
-from .rows import REFRESH, Rows
+from .rows import Rows, run_keys, same_run
 from .runs import RunTable
 from .writer import NOT_QUEUED, WriteBehind, fresh
 
@@ -70,7 +70,8 @@ class Store:
         self._poll_lock = threading.Lock()
         self._cancel_requests: dict[str, float] = {}  # task id -> when this process first saw it
         self._writes = WriteBehind(self._lock, self._commit, self.path,  # idle until something is queued
-                                   connect=lambda: self._cache._con, checkpoint=lambda: disk.checkpoint(self._cache))
+                                   connect=lambda: self._cache._con, checkpoint=lambda: disk.checkpoint(self._cache),
+                                   together=same_run)
         try:
             self._runs = RunTable(self._cache, self._rows.check)
             self._documents = Documents(self._cache, self._rows.check, self._feed)
@@ -209,8 +210,7 @@ class Store:
             for task_id in task_ids:
                 self._mirror(task_id, None)
                 self._cancel_requests.pop(task_id, None)
-                gone.update(dict.fromkeys((RUN + task_id, f"{PAYLOAD}{task_id}/result", f"{PAYLOAD}{task_id}/args",
-                                           CANCEL + task_id, REFRESH + task_id)))
+                gone.update(dict.fromkeys(run_keys(task_id)))
             self._writes.queue(gone)
 
     def claim_run(self, task_id: str, change: Claim) -> RunRecord | None:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from ..awaitables import resolve
 from ..errors import StoreError
@@ -32,10 +32,10 @@ NOT_QUEUED = object()  # what ``held`` gives for a key with no change waiting
 # about a millisecond of the writer's time whatever its size). ``await submit()`` never waits.
 GATHER_SECONDS = 0.003
 GATHER_KEYS = 1000
-# A batch nobody awaits takes at most this many changes, the oldest first, so the writer comes
-# back sooner for what changed meanwhile: in a burst, runs end while their submits' records are
-# written, and their ends reach the disk as they come, not all after the last run (a fifth of
-# a 20,000-run burst's time). A batch someone awaits takes everything queued.
+# A batch nobody awaits takes about this many keys, those queued longest ago (``_take``), so the
+# writer comes back sooner for what changed meanwhile: in a burst, runs end while their submits'
+# records are written, and their ends reach the disk as they come, not all after the last run
+# (a fifth of a 20,000-run burst's time). A batch someone awaits takes everything.
 BATCH_KEYS = 4096
 # Changes written between two of the writer's checkpoints (``disk.checkpoint``): it makes one
 # when its queue runs empty after this many, so a burst's log is copied once, after the burst.
@@ -47,15 +47,17 @@ class WriteBehind:
     under one lock, so a reader never sees one without the other."""
 
     def __init__(self, lock: threading.Lock, commit: Callable[[dict[str, Any]], None], where: Path,
-                 connect: Callable[[], object] = lambda: None, checkpoint: Callable[[], None] = lambda: None):
+                 connect: Callable[[], object] = lambda: None, checkpoint: Callable[[], None] = lambda: None,
+                 together: Callable[[str], Sequence[str]] = lambda key: ()):
         self._connect = connect
+        self._together = together  # the keys whose changes go in the batch that takes ``key``'s
         self._checkpoint = checkpoint
         self._unchecked = 0  # changes written since the last checkpoint (the writer's thread only)
         self._wake = threading.Condition(lock)
         self._lock = lock
         self._commit = commit
         self._where = where
-        self._dirty: dict[str, Any] = {}
+        self._dirty: dict[str, Any] = {}  # in the order keys were queued (a key changed again keeps its place)
         self._inflight: dict[str, Any] = {}  # the batch being committed: readable until it is on disk
         self.generation = 0
         self._flushed = 0
@@ -143,6 +145,27 @@ class WriteBehind:
             self._wake.notify_all()
         self._thread.join(timeout=30)
 
+    def _take(self) -> tuple[dict[str, Any], int]:
+        """The next batch, and the generation on disk once it is written; the caller holds the
+        lock. Someone awaiting, or few changes: everything queued. Else the keys queued longest
+        ago, each with every key ``together`` names (a run's record, payloads and requests), so
+        one run's changes reach the disk together: its completed record never before the result
+        payload it names, its payloads never deleted before its record is."""
+        dirty = self._dirty
+        if len(dirty) <= BATCH_KEYS or self._waiters or self._flushers or self._closed:
+            self._dirty = {}
+            return dirty, self.generation
+        batch: dict[str, Any] = {}
+        for key in list(itertools.islice(dirty, BATCH_KEYS)):
+            if key in dirty:
+                batch[key] = dirty.pop(key)
+                for other in self._together(key):
+                    if other in dirty:
+                        batch[other] = dirty.pop(other)
+        # What is on disk after it: still what was before (the keys left may hold older
+        # changes), until a batch takes everything.
+        return batch, self._flushed
+
     def _loop(self) -> None:
         # The thread opens its connection now, while the store opens: the first commit of a
         # burst opened it before, a dozen statements that each waited behind the busy loop
@@ -164,14 +187,7 @@ class WriteBehind:
                     self._gathering = False
                 if not self._dirty and self._closed:
                     return
-                if len(self._dirty) > BATCH_KEYS and not (self._waiters or self._flushers or self._closed):
-                    batch = dict(itertools.islice(self._dirty.items(), BATCH_KEYS))
-                    for key in batch:
-                        del self._dirty[key]
-                    gen = self._flushed  # (what is on disk after it: still only what was before)
-                else:
-                    batch, self._dirty = self._dirty, {}
-                    gen = self.generation
+                batch, gen = self._take()
                 self._inflight = batch
             try:
                 self._commit(batch)
@@ -182,8 +198,8 @@ class WriteBehind:
                 with self._lock:
                     self.failure = failure
                     self._inflight = {}
-                    for key, value in batch.items():
-                        self._dirty.setdefault(key, value)
+                    back = {key: value for key, value in batch.items() if key not in self._dirty}  # (else newer)
+                    self._dirty = {**back, **self._dirty}  # first again
                     failed, self._waiters = self._waiters, []
                     self._wake.notify_all()
                 _settle(failed, failure)
