@@ -644,6 +644,35 @@ async def test_waits_in_another_process_hear_the_ends_of_runs_its_owner_prunes_a
     assert await waits == ["completed"] * 50
 
 
+async def test_many_waits_on_runs_owned_elsewhere_take_one_store_poll_a_tick(tmp_path):
+    """Issue 15: 300 waits on another kernel's runs. Each waiter polled the store on its own
+    timer, so N waits cost N polls a tick; the process now polls once a tick for all of
+    them (plus its maintenance pass). Counted while they wait, then every wait hears its end."""
+    from capsule_nb.engine.upkeep import MAINTAIN_SECONDS, WATCH_SECONDS
+
+    owner = _owner_of_runs_that_end_on_go(tmp_path, 300, "'ended'")
+    (ids,) = lines_until(owner, "submitted")
+    app = cpsl.App(home=tmp_path)
+    polls = 0
+    poll = app.store.poll
+
+    def counted_poll():
+        nonlocal polls
+        polls += 1
+        return poll()
+
+    app.store.poll = counted_poll
+    waits = asyncio.gather(*(app.get_task(task_id).wait(30) for task_id in ids.split()))
+    started = time.monotonic()
+    await until(lambda: polls >= 20)  # 300 waiters polling each would get there in one tick
+    elapsed = time.monotonic() - started
+    ticks = elapsed / WATCH_SECONDS + elapsed / MAINTAIN_SECONDS
+    assert polls <= ticks + 3, f"{polls} polls in {elapsed:.2f} s, {ticks:.0f} ticks"
+    (tmp_path / "go").touch()
+    assert await waits == ["completed"] * 300
+    app.close()
+
+
 def test_a_cancel_of_another_kernels_run_that_just_ended_says_it_had_ended(tmp_path):
     """This kernel last saw the run running; its owner has finished it since, and this kernel
     has not polled yet (its maintenance pass is stopped here). The cancel said True, as asked
