@@ -908,6 +908,52 @@ def test_cancel_of_a_dead_owners_waiting_runs_settles_them_at_once(tmp_path):
     app.close()
 
 
+def test_a_cancel_answered_by_a_kernel_killed_before_its_disk_had_the_end_still_stops_the_run(tmp_path):
+    """Another kernel cancels a run with retries left. Its owner stops the run and forgets the
+    request, but its disk is slow: the cancelled record is still queued when the owner is
+    killed. The request was deleted at once, before the record it answered, so recovery found
+    a running run nobody had asked to stop and retried it. The request now leaves the disk
+    with the record, and recovery records the run cancelled."""
+    owner = spawn("""
+        @app.task(retries=2)
+        def work():
+            while True:
+                time.sleep(0.01)
+
+        h = work.submit()
+        while h.snapshot()["status"] != "running":
+            time.sleep(0.01)
+        app.store.flush()
+        slow = threading.Event()
+        commit = app.store._writes._commit
+
+        def slow_commit(batch):  # from here on, nothing this kernel writes reaches its disk
+            slow.wait()
+            commit(batch)
+
+        app.store._writes._commit = slow_commit
+        print(h.task_id, flush=True)
+        print("running", flush=True)
+        while h.task_id not in app.store.cancel_requests():
+            time.sleep(0.01)
+        while h.task_id in app.store.cancel_requests() or h.snapshot()["status"] != "cancelled":
+            time.sleep(0.01)
+        print("answered", flush=True)
+        threading.Event().wait()
+        """, tmp_path)
+    (task_id,) = lines_until(owner, "running")
+    app = cpsl.App(home=tmp_path)
+    assert app.get_task(task_id).cancel()  # asked of its live owner
+    lines_until(owner, "answered")
+    assert record_on_disk(tmp_path, task_id)["status"] == "running"  # the end never reached the disk
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait(10)
+    app.runtime.upkeep.recover()
+    assert record_on_disk(tmp_path, task_id)["status"] == "cancelled"
+    assert app.store.cancel_requests() == {}
+    app.close()
+
+
 def test_an_old_store_s_run_records_move_into_their_table(tmp_path):
     """Records kept as diskcache rows ``run/<id>`` (stores made before the run table) are
     moved into it at open, and read from there."""

@@ -98,6 +98,7 @@ class Store:
             gone = [task_id for task_id in self._unfinished if task_id not in unfinished]  # ended, or deleted
         requests = [key[len(CANCEL) :] for key, value in self._rows.scan(CANCEL) if value is not None]
         with self._lock:
+            requests = [task_id for task_id in requests if self._writes.held(CANCEL + task_id) is not None]
             for key, record in self._writes.queued():  # our own unwritten changes are newer
                 if key.startswith(RUN):
                     unfinished.pop(key[len(RUN) :], None)
@@ -323,10 +324,12 @@ class Store:
             return dict(self._cancel_requests)
 
     def drop_cancel_request(self, task_id: str) -> None:
-        """Forget a request that has been answered: its run is finished (or gone)."""
+        """Forget a request that has been answered: its run is finished (or gone). The row
+        leaves the disk with the run's end (``same_run``), never before it: a process killed
+        in between leaves the request, so recovery still records the run cancelled."""
         with self._lock:
             self._cancel_requests.pop(task_id, None)
-        self._cache.delete(CANCEL + task_id)
+            self._writes.put(CANCEL + task_id, None)
 
     # --------------------------------------------------------------- payloads
 
