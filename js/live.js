@@ -472,7 +472,7 @@ function unheard(model, action, task_id, tell, retrying) {
     }
     model.off("msg:custom", listen);
     const answer = await fileCancel(model, task_id);
-    if (answer?.said) tell(answer.said); // now, not once the cell ends (w50)
+    if (answer?.said) tell(answer.said, answer.asked); // now, not once the cell ends (w50)
   }, HEARD_MS);
 }
 
@@ -503,8 +503,9 @@ const retryWaits = (task_id) => `retry of run ${task_id}: the kernel has not ans
  *
  * Returns { lead(), live(), why(), notice(), act(action, task_id), start(release) }; `act`
  * sends a click to the kernel (one it does not hear: see `unheard`), and `notice()` is what
- * the view says of the last click: the kernel's `notice`, or what the view learned of a click
- * the kernel has not heard (`told()` is called to draw it).
+ * the view says of the last click, as [text, done]: the kernel's `notice` (a refusal), or
+ * what the view learned of a click the kernel has not heard (`told()` is called to draw it),
+ * done when the server did or filed what was asked.
  * `start`, after the first draw, tells the kernel the view is shown and ticks
  * the running clocks under `el`; it returns the teardown, which says "hidden"
  * and runs `release` (the view's own listeners). Neither is sent when the
@@ -514,8 +515,9 @@ const retryWaits = (task_id) => `retry of run ${task_id}: the kernel has not ans
 export function liveView(model, el, { lost, ask, told = () => {} }) {
   ownKeys();
   let said = ""; // what the view says of a click the kernel has not heard (till the kernel says more)
-  const tell = (text) => {
-    said = text;
+  let done = false; // whether that click did what was asked (a notice, not a warning)
+  const tell = (text, asked = false) => {
+    [said, done] = [text, asked];
     told();
   };
   const forget = () => tell("");
@@ -538,7 +540,7 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
     lead,
     live: liveness.live,
     why: liveness.why,
-    notice: () => said || model.get("notice"),
+    notice: () => (said ? [said, done] : [model.get("notice"), false]),
     act: (action, task_id) => {
       if (action === "retry" && retrying.has(task_id)) return tell(retryWaits(task_id));
       said = "";
@@ -546,7 +548,7 @@ export function liveView(model, el, { lost, ask, told = () => {} }) {
       else if (action === "cancel") { // drawn from the store: the process that runs it answers
         fileCancel(model, task_id).then((answer) => {
           tell(!answer ? `cancel of run ${task_id}: the server did not answer`
-            : answer.said || `cancel of run ${task_id}: asked of the process that runs it`);
+            : answer.said || `cancel of run ${task_id}: asked of the process that runs it`, answer?.asked);
           window.dispatchEvent(new Event(FILED));
         });
       }

@@ -239,8 +239,9 @@ export function refocus(focused, fallback) {
   (focused.isConnected ? focused : fallback)?.focus({ preventScroll: true });
 }
 
-/** What the last Cancel or Retry said when it could not act (empty: hidden). */
-export const notice = (text) => h("div", { className: "cnb-notice", textContent: text ?? "" });
+/** What the last Cancel or Retry said (empty: hidden): a warning when it could not act. */
+export const notice = ([text, done]) =>
+  h("div", { className: done ? "cnb-notice cnb-notice-done" : "cnb-notice", textContent: text ?? "" });
 
 export default {
   render({ model, el }) {

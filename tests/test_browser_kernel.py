@@ -406,7 +406,9 @@ def test_a_saved_card_cancels_a_run_another_process_runs(day: Day) -> None:
             # The board drawn from the store on the same page asks again at once too (w62: it kept
             # "stopping…" till its next round, 5 s)
             paged.locator(f".cnb-mini.cnb-is-cancelled[data-task-id='{run.task_id}']").wait_for(timeout=2_500)
-            assert f"cancel of run {run.task_id}: asked of the process that runs it" in wrapper.inner_text()
+            done = wrapper.locator(".cnb-notice")  # it did what was asked: a notice, not a warning
+            assert done.inner_text() == f"cancel of run {run.task_id}: asked of the process that runs it"
+            assert "cnb-notice-done" in done.get_attribute("class")
     finally:
         stop.set()
 
@@ -553,6 +555,7 @@ def test_a_cancel_the_kernel_cannot_hear_of_a_run_ended_elsewhere_says_so_at_onc
             card.locator("button", has_text="Cancel").click()
             notice = day.wrapper("Ends elsewhere", page).locator(".cnb-notice")
             wait_until(lambda: notice.inner_text() == f"run {run.task_id} had already finished", 10, "the notice")
+            assert "cnb-notice-done" not in notice.get_attribute("class")  # refused: a warning
             assert card.locator("button", has_text="Cancel").is_enabled()  # the refused button comes back
         finally:
             os.kill(pid, signal.SIGCONT)
